@@ -1,0 +1,1 @@
+"""Benchmarks: scenarios, the HAProxy baseline and reports."""

@@ -1,0 +1,1 @@
+"""Kiosk emulator: the emulated card, the kiosk issuance flow and the load generator."""

@@ -1,0 +1,129 @@
+"""The topology file's shape: nodes, lines and per-hop allow-lists, as typed structs.
+
+The file is YAML; `topology.load` parses it, keeps line numbers for error messages and
+builds these structs. Everything downstream (launcher, policy compiler, kiosk) reads only
+these structs, never the raw YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+import msgspec
+
+NodeKind = Literal[
+    "kiosk",
+    "store-router",
+    "store-controller",
+    "wifi",
+    "ec-router",
+    "dmz-relay",
+    "issuance-center",
+    "ocsp",
+    "municipality",
+]
+
+# Kinds that listen (run a server); the others only open connections.
+SERVER_KINDS = frozenset(
+    {"store-router", "store-controller", "ec-router", "dmz-relay", "issuance-center", "ocsp", "municipality"}
+)
+# Kinds that forward every allowed request to their `upstream`.
+RELAY_KINDS = frozenset({"store-router", "ec-router", "dmz-relay"})
+# The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
+STORE_KINDS = frozenset({"kiosk", "store-router", "store-controller", "wifi"})
+CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
+
+LineKind = Literal["lan", "wifi", "closed-line", "dmz", "dedicated-line", "lgwan"]
+
+
+class Impairment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """tc netem settings for one line (netns mode). Strings as tc takes them: '20ms', '0.1%', '10mbit'."""
+
+    delay: str | None = None
+    jitter: str | None = None
+    loss: str | None = None
+    rate: str | None = None
+
+
+class Line(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    a: str
+    b: str
+    kind: LineKind = "lan"
+    impair: Impairment = Impairment()
+
+
+class AllowRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True, rename={"sources": "from"}):
+    """One allow-list entry on the receiving node: who may connect, on which port, and ask what.
+
+    `requests` are "METHOD /path" patterns; a trailing `*` matches any suffix.
+    """
+
+    sources: tuple[str, ...]
+    requests: tuple[str, ...]
+    port: int | None = None  # None: the node's own port
+    proto: Literal["h2+tls"] = "h2+tls"
+
+
+class Hours(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    open: str = "06:30"  # HH:MM Asia/Tokyo
+    close: str = "23:00"
+
+
+class Municipality(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Business data of a municipality node (BIZ-1..3)."""
+
+    code: str
+    participating: bool = True
+    hours: Hours = Hours()
+    # certificate type -> fee per copy in yen
+    certificates: dict[str, int] = {}
+
+
+class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: str
+    kind: NodeKind
+    site: str
+    address: str  # loopback mode, inside 127.0.0.0/8
+    netns_address: str | None = None  # netns mode, inside 198.18.0.0/15; derived when absent
+    port: int | None = None  # servers only
+    upstream: str | None = None  # relays and kiosks: the next hop towards the issuance center
+    operator: str | None = None  # store/EC nodes: the operator they belong to
+    allow: tuple[AllowRule, ...] = ()
+    municipality: Municipality | None = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.kind in SERVER_KINDS
+
+
+class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    nodes: dict[str, Node]
+    lines: tuple[Line, ...] = ()
+    service_hours: Hours = Hours()
+    state_dir: str = ".konbini"
+    source: str = "<memory>"  # the file it was loaded from
+
+    def node(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+    def of_kind(self, kind: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.kind == kind]
+
+    def by_address(self, address: str) -> Node | None:
+        for n in self.nodes.values():
+            if n.address == address or n.netns_address == address:
+                return n
+        return None
+
+    def municipalities(self) -> dict[str, Node]:
+        """Municipality nodes by municipality code."""
+        return {n.municipality.code: n for n in self.of_kind("municipality") if n.municipality}
+
+
+def derive_netns_address(loopback: str) -> str:
+    """127.A.B.C -> 198.18.B.C, or 198.19.B.C when A is odd; keeps netns addresses unique when loopback ones are."""
+    a, b, c = ipaddress.IPv4Address(loopback).packed[1:]
+    return str(ipaddress.IPv4Address(bytes([198, 18 + (a & 1), b, c])))
