@@ -97,6 +97,14 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def is_server(self) -> bool:
         return self.kind in SERVER_KINDS
 
+    def address_in(self, mode: str) -> str:
+        """The node's address in `mode`: "loopback" or "netns" (derived when the file gives none)."""
+        if mode == "loopback":
+            return self.address
+        if mode == "netns":
+            return self.netns_address or derive_netns_address(self.address)
+        raise ValueError(f"unknown mode {mode!r}; expected 'loopback' or 'netns'")
+
 
 class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
@@ -127,3 +135,11 @@ def derive_netns_address(loopback: str) -> str:
     """127.A.B.C -> 198.18.B.C, or 198.19.B.C when A is odd; keeps netns addresses unique when loopback ones are."""
     a, b, c = ipaddress.IPv4Address(loopback).packed[1:]
     return str(ipaddress.IPv4Address(bytes([198, 18 + (a & 1), b, c])))
+
+
+def field_path(path: tuple[str | int, ...]) -> str:
+    """A field's name as error messages and rule labels print it: ("nodes", "ocsp", "allow", 0) -> "nodes.ocsp.allow[0]"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out

@@ -1,0 +1,255 @@
+"""Sans-IO HTTP/2 session core shared by the Trio servers and the uvloop load generator.
+
+Theory of operation: `h2` already is the protocol state machine; this module adds what every
+runtime needs on top of it and nothing that touches a socket:
+
+- a table of `StreamState`s that buffer inbound events per stream (bytes, trailers, end, reset);
+- flow control done the streaming way: inbound DATA is acknowledged only when the consumer
+  says so (`ack`), so a relay acks after it forwarded a chunk and a slow reader on one side
+  throttles the writer on the other, keeping memory per stream bounded by the windows;
+- outbound DATA is cut to what the windows allow (`send_data` returns how much it took).
+
+The runtime drivers (`gateway.h2trio`, `kiosk_emu.h2asyncio`) feed bytes in, write
+`data_to_send()` out and wake the tasks whose stream ids `receive_data` returns. Two rules:
+1. every call that changes state may produce output, so drivers flush after each call;
+2. a protocol error from the peer closes the whole connection (GOAWAY) and resets every stream
+   on it, so no request is ever left half-done (INT-1).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+Headers = list[tuple[bytes, bytes]]
+
+# Between our own hops we raise frame size and windows to cut per-frame overhead (DESIGN §3).
+MAX_FRAME_SIZE = 64 * 1024
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_CONCURRENT_STREAMS = 1000
+MAX_HEADER_LIST_SIZE = 16 * 1024  # an oversized header block closes the connection
+
+
+class ConnectionClosed(Exception):
+    """The HTTP/2 connection is gone (peer GOAWAY, protocol error or EOF)."""
+
+
+@dataclass(eq=False)
+class StreamState:
+    """Inbound side of one stream as the consumer sees it."""
+
+    id: int
+    headers: Headers | None = None
+    trailers: Headers | None = None
+    chunks: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, flow-controlled length)
+    ended: bool = False  # remote sent END_STREAM
+    reset_code: int | None = None  # remote (or we) reset the stream
+    buffered: int = 0  # bytes received and not yet taken by the consumer
+
+    @property
+    def finished(self) -> bool:
+        return self.ended or self.reset_code is not None
+
+
+class H2Core:
+    def __init__(self, *, client_side: bool, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.conn.decoder.max_header_list_size = max_header_list_size
+        self.streams: dict[int, StreamState] = {}
+        self.new_requests: deque[StreamState] = deque()  # server side: streams to hand to a handler
+        self.closed = False
+        self.close_reason: str | None = None
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    # -- inbound ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> set[int]:
+        """Feed bytes from the peer; returns the stream ids to wake (0: connection-level change).
+
+        Raises ConnectionClosed when the peer broke the protocol or ended the connection;
+        the GOAWAY for it is already in data_to_send().
+        """
+        if not data:
+            self._close("eof")
+            raise ConnectionClosed("eof")
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # Malformed frames, oversized headers, flow-control abuse: drop this peer only.
+            if isinstance(exc, h2.exceptions.DenialOfServiceError):
+                code, reason = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "oversized-headers"
+            else:
+                code, reason = h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol-error"
+            try:
+                self.conn.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._close(reason)
+            raise ConnectionClosed(reason) from exc
+        woken: set[int] = set()
+        for ev in events:
+            sid = getattr(ev, "stream_id", 0) or 0
+            if isinstance(ev, h2.events.DataReceived):
+                st = self.streams.get(sid)
+                if st is None or st.reset_code is not None:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    continue
+                st.chunks.append((ev.data, ev.flow_controlled_length))
+                st.buffered += len(ev.data)
+                if ev.stream_ended:
+                    st.ended = True
+            elif isinstance(ev, h2.events.RequestReceived):
+                st = StreamState(sid, headers=ev.headers, ended=ev.stream_ended is not None)
+                self.streams[sid] = st
+                self.new_requests.append(st)
+            elif isinstance(ev, (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)):
+                st = self.streams.get(sid)
+                if st is not None and isinstance(ev, h2.events.ResponseReceived):
+                    st.headers = ev.headers
+                    st.ended = ev.stream_ended is not None
+            elif isinstance(ev, h2.events.TrailersReceived):
+                st = self.streams.get(sid)
+                if st is not None:
+                    st.trailers = ev.headers
+                    st.ended = True
+            elif isinstance(ev, h2.events.StreamEnded):
+                st = self.streams.get(sid)
+                if st is not None:
+                    st.ended = True
+            elif isinstance(ev, h2.events.StreamReset):
+                st = self.streams.get(sid)
+                if st is not None and st.reset_code is None:
+                    st.reset_code = ev.error_code
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self._close("goaway")
+                woken.update(self.streams)
+                woken.add(0)
+                continue
+            # WindowUpdated / RemoteSettingsChanged wake writers waiting for window (id 0 = all).
+            woken.add(sid)
+        return woken
+
+    def take_chunk(self, st: StreamState) -> bytes | None:
+        """Next inbound chunk of a stream, or None when none is buffered. Does not ack."""
+        if not st.chunks:
+            return None
+        data, flow_len = st.chunks.popleft()
+        st.buffered -= len(data)
+        if flow_len > len(data):  # padding counts against the window but never reaches the consumer
+            self.ack(st.id, flow_len - len(data))
+        return data
+
+    def ack(self, stream_id: int, nbytes: int) -> None:
+        """The consumer has dealt with nbytes of this stream: reopen the window for them."""
+        if nbytes and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(nbytes, stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass  # stream already gone: the connection window was still credited by h2
+
+    # -- outbound --------------------------------------------------------------------------
+
+    def send_request(self, headers: Headers, end_stream: bool) -> StreamState:
+        self._check_open()
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=end_stream)
+        st = StreamState(sid)
+        self.streams[sid] = st
+        return st
+
+    def can_open_stream(self) -> bool:
+        return self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+        self._check_open()
+        self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
+        """Send as much of data as the windows allow; returns the count taken (END_STREAM only with the last byte)."""
+        self._check_open()
+        window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        if window <= 0 and data:
+            return 0
+        n = min(window, len(data))
+        self.conn.send_data(stream_id, data[:n], end_stream=end_stream and n == len(data))
+        return n
+
+    def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
+        self._check_open()
+        if trailers:
+            self.conn.send_headers(stream_id, trailers, end_stream=True)
+        else:
+            self.conn.end_stream(stream_id)
+
+    def reset(self, stream_id: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Cancel a stream (the whole request, never half of it). Idempotent."""
+        st = self.streams.get(stream_id)
+        if st is not None and st.reset_code is None:
+            st.reset_code = code
+            st.chunks.clear()
+            st.buffered = 0
+        if self.closed:
+            return
+        try:
+            self.conn.reset_stream(stream_id, error_code=code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def forget(self, stream_id: int) -> None:
+        """The consumer is done with the stream; unread data is acked so the connection window recovers."""
+        st = self.streams.pop(stream_id, None)
+        if st is not None and st.chunks:
+            self.ack(stream_id, sum(flow for _, flow in st.chunks))
+            st.chunks.clear()
+
+    def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        if not self.closed:
+            try:
+                self.conn.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._close("local-close")
+
+    def data_to_send(self) -> bytes:
+        return self.conn.data_to_send()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "closed")
+
+    def _close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            for st in self.streams.values():
+                if st.reset_code is None and not st.ended:
+                    st.reset_code = h2.errors.ErrorCodes.CANCEL
+
+
+def header(headers: Headers | None, name: bytes) -> bytes | None:
+    """First value of a header (names are lowercase in HTTP/2)."""
+    for k, v in headers or ():
+        if k == name:
+            return v
+    return None

@@ -1,0 +1,80 @@
+"""The issuance protocol's messages, declared once and validated on entry (kiosk ↔ center ↔ municipality).
+
+Byte fields travel base64-encoded; ids are opaque; nothing here carries personal data.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Challenge(msgspec.Struct, frozen=True):
+    session: str
+    challenge: str  # base64, fresh per session, usable once
+
+
+class AuthRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    certificate: str  # base64 DER of the card's authentication certificate
+    signature: str  # base64 PKCS#1 v1.5 SHA-256 signature over the challenge
+
+
+class AuthOk(msgspec.Struct, frozen=True):
+    status: Literal["authenticated"]
+    card: str  # SHA-256 fingerprint of the card certificate
+
+
+class IssueRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    municipality: str  # municipality code
+    cert_type: str
+    copies: int = 1
+    size: int | None = None  # document size in bytes (benchmarks); None: the municipality's default
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    status: Literal["refused"]
+    reason: str
+    message: str
+
+
+class DocumentRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    issuance_id: str
+    cert_type: str
+    size: int
+
+
+class Binding(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the center's signature covers: the document and everything it belongs to (INT-1)."""
+
+    issuance_id: str
+    session: str
+    kiosk: str
+    card: str
+    sha256: str
+    bytes: int
+    cert_type: str
+    copies: int
+    fee: int
+
+
+class CompletionNotice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    issuance_id: str
+    session: str
+    copies: int
+    fee: int
+    printed_at: str  # ISO 8601, Asia/Tokyo
+
+
+class NoticeAck(msgspec.Struct, frozen=True):
+    status: Literal["acknowledged"]
+    issuance_id: str
+    duplicate: bool
+
+
+class MisdeliveryReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A kiosk refused a document not bound to its session and says so."""
+
+    session: str
+    issuance_id: str
+    problem: str

@@ -1,0 +1,248 @@
+"""The kiosk's issuance flow as a sans-IO state machine, shared by the Trio kiosk and the load generator.
+
+Theory of operation: the driver asks the flow what to send, performs the I/O, and hands the
+answers back; the flow never touches a socket, a file or a clock of its own. Steps follow the
+kiosk flow of seed 000: card read → PIN + challenge signature → request → receive the document
+→ pay → print → receipt → completion notice → erase. Two rules:
+1. every transition is in TRANSITIONS; anything else raises FlowError naming state and event;
+2. a document is accepted only if the center's signature covers exactly this session, this
+   kiosk, this card and these bytes (INT-1); otherwise the flow ends MISDELIVERED and the
+   driver reports it — a kiosk never prints someone else's certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.h2core import Headers, header
+from gateway.messages import AuthOk, AuthRequest, Binding, Challenge, CompletionNotice, IssueRequest, MisdeliveryReport
+from kiosk_emu.card import Card, PinLocked, WrongPin
+
+
+class State(Enum):
+    START = "start"
+    CHALLENGED = "challenged"
+    AUTHENTICATED = "authenticated"
+    RECEIVING = "receiving"
+    VERIFIED = "verified"
+    PAID = "paid"
+    PRINTED = "printed"
+    NOTIFIED = "notified"
+    DONE = "done"  # spool erased
+    REFUSED = "refused"
+    MISDELIVERED = "misdelivered"
+    CANCELLED = "cancelled"
+
+
+S = State
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (S.START, "challenge"): S.CHALLENGED,
+    (S.CHALLENGED, "authenticated"): S.AUTHENTICATED,
+    (S.AUTHENTICATED, "document-start"): S.RECEIVING,
+    (S.RECEIVING, "document-verified"): S.VERIFIED,
+    (S.RECEIVING, "document-rejected"): S.MISDELIVERED,
+    (S.VERIFIED, "paid"): S.PAID,
+    (S.PAID, "printed"): S.PRINTED,
+    (S.PRINTED, "notice-acknowledged"): S.NOTIFIED,
+    (S.NOTIFIED, "erased"): S.DONE,
+}
+# From any non-final state: a refusal, or a cancel/timeout that ends the whole request.
+FINAL = frozenset({S.DONE, S.REFUSED, S.MISDELIVERED, S.CANCELLED})
+ANYTIME = {"refused": S.REFUSED, "cancelled": S.CANCELLED}
+
+KIOSK_MESSAGES = {
+    "pin-wrong": "The PIN is wrong. {tries_left} tries left.",
+    "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
+    "misdelivered": "This document could not be printed. Please ask staff; nothing was charged.",
+    "cancelled": "The request was cancelled. Nothing was charged.",
+}
+
+
+class FlowError(Exception):
+    """A transition the flow does not allow (a driver bug, never user input)."""
+
+    def __init__(self, state: State, event: str) -> None:
+        super().__init__(f"kiosk flow: event {event!r} not allowed in state {state.value!r}")
+
+
+@dataclass
+class Outcome:
+    status: str = "pending"  # issued | refused | misdelivered | cancelled
+    reason: str | None = None
+    message: str | None = None
+    tries_left: int | None = None
+    issuance_id: str | None = None
+    document_bytes: int = 0
+    signature_valid: bool = False
+    fee: int = 0
+    hops: dict[str, float] = field(default_factory=dict)  # node id -> ms, summed over the steps
+
+
+class KioskFlow:
+    def __init__(self, kiosk_id: str, card: Card, pin: str, request: IssueRequest, center_key: ec.EllipticCurvePublicKey):
+        self.kiosk_id = kiosk_id
+        self.card = card
+        self.pin = pin
+        self.request = request
+        self.center_key = center_key
+        self.state = S.START
+        self.session: str | None = None
+        self.outcome = Outcome()
+        self._digest = hashlib.sha256()
+
+    def _go(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None and self.state not in FINAL:
+            nxt = ANYTIME.get(event)
+        if nxt is None:
+            raise FlowError(self.state, event)
+        self.state = nxt
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    def record_timing(self, headers: Headers | None) -> None:
+        """Sum each hop's own time from the server-timing entries every hop adds."""
+        for k, v in headers or ():
+            if k == b"server-timing":
+                name, _, dur = v.decode().partition(";dur=")
+                try:
+                    self.outcome.hops[name] = self.outcome.hops.get(name, 0.0) + float(dur)
+                except ValueError:
+                    pass
+
+    def refuse(self, reason: str, message: str | None = None, tries_left: int | None = None) -> None:
+        self._go("refused")
+        o = self.outcome
+        o.status, o.reason, o.tries_left = "refused", reason, tries_left
+        o.message = message or KIOSK_MESSAGES.get(reason, reason).format(tries_left=tries_left)
+
+    def cancel(self, why: str = "cancelled") -> None:
+        """A timeout or cancel anywhere ends the whole request: nothing is printed or charged."""
+        if not self.finished:
+            self._go("cancelled")
+            self.outcome.status, self.outcome.reason = "cancelled", why
+            self.outcome.message = KIOSK_MESSAGES["cancelled"]
+
+    def _refusal_from(self, status: int, body: bytes) -> None:
+        try:
+            obj = msgspec.json.decode(body)
+            self.refuse(obj.get("reason", f"http-{status}"), obj.get("message"))
+        except (msgspec.DecodeError, AttributeError):
+            self.refuse(f"http-{status}")
+
+    # -- steps (each returns the next request as (method, path, body) or None) --------------
+
+    def start(self) -> tuple[str, str, bytes]:
+        return "POST", "/v1/session", b"{}"
+
+    def on_challenge(self, status: int, body: bytes) -> tuple[str, str, bytes] | None:
+        if status != 200:
+            self._refusal_from(status, body)
+            return None
+        ch = msgspec.json.decode(body, type=Challenge)
+        self._go("challenge")
+        self.session = ch.session
+        try:
+            signature = self.card.sign_challenge(self.pin, base64.b64decode(ch.challenge))
+        except WrongPin as exc:
+            self.refuse("pin-wrong", tries_left=exc.tries_left)
+            return None
+        except PinLocked:
+            self.refuse("pin-locked", tries_left=0)
+            return None
+        auth = AuthRequest(base64.b64encode(self.card.certificate_der).decode(), base64.b64encode(signature).decode())
+        return "POST", f"/v1/session/{ch.session}/auth", msgspec.json.encode(auth)
+
+    def on_auth(self, status: int, body: bytes) -> tuple[str, str, bytes] | None:
+        if status != 200:
+            self._refusal_from(status, body)
+            return None
+        ok = msgspec.json.decode(body, type=AuthOk)
+        if ok.card != self.card.fingerprint:
+            self.refuse("card-mismatch")
+            return None
+        self._go("authenticated")
+        return "POST", f"/v1/session/{self.session}/issue", msgspec.json.encode(self.request)
+
+    def on_document_headers(self, status: int, headers: Headers) -> bool:
+        """True when a document follows; False when it is a refusal (read it with on_refusal_body)."""
+        if status != 200:
+            return False
+        self._go("document-start")
+        self.outcome.issuance_id = (header(headers, b"konbini-issuance-id") or b"").decode()
+        return True
+
+    def on_refusal_body(self, status: int, body: bytes) -> None:
+        self._refusal_from(status, body)
+
+    def on_document_chunk(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.outcome.document_bytes += len(chunk)
+
+    def on_document_end(self, trailers: Headers | None) -> str | None:
+        """Check the binding; returns None when the document is ours, else the problem (and reports)."""
+        problem = self._check_binding(trailers)
+        if problem is None:
+            self._go("document-verified")
+            self.outcome.signature_valid = True
+        else:
+            self._go("document-rejected")
+            o = self.outcome
+            o.status, o.reason, o.message = "misdelivered", problem, KIOSK_MESSAGES["misdelivered"]
+        return problem
+
+    def _check_binding(self, trailers: Headers | None) -> str | None:
+        blob_b64 = header(trailers, b"konbini-binding")
+        sig_b64 = header(trailers, b"konbini-signature")
+        if not blob_b64 or not sig_b64:
+            return "binding-missing"
+        try:
+            blob = base64.b64decode(blob_b64, validate=True)
+            self.center_key.verify(base64.b64decode(sig_b64, validate=True), blob, ec.ECDSA(hashes.SHA256()))
+            b = msgspec.json.decode(blob, type=Binding)
+        except (ValueError, InvalidSignature, msgspec.DecodeError):
+            return "signature-invalid"
+        if b.session != self.session or b.kiosk != self.kiosk_id or b.card != self.card.fingerprint:
+            return "bound-to-another-session"
+        if b.issuance_id != self.outcome.issuance_id:
+            return "issuance-id-mismatch"
+        if b.sha256 != self._digest.hexdigest() or b.bytes != self.outcome.document_bytes:
+            return "document-altered"
+        self.outcome.fee = b.fee
+        return None
+
+    def misdelivery_report(self) -> tuple[str, str, bytes]:
+        report = MisdeliveryReport(self.session or "", self.outcome.issuance_id or "", self.outcome.reason or "")
+        return "POST", f"/v1/session/{self.session}/misdelivery", msgspec.json.encode(report)
+
+    def paid(self) -> None:
+        """Payment is confirmed before printing (BIZ-4); emulated cash in the exact fee."""
+        self._go("paid")
+
+    def printed(self, now: datetime) -> tuple[str, str, bytes]:
+        """The spool is printed; the completion notice follows (BIZ-5). `now` comes from the clock."""
+        self._go("printed")
+        notice = CompletionNotice(
+            self.outcome.issuance_id or "", self.session or "", self.request.copies, self.outcome.fee, now.isoformat()
+        )
+        return "POST", "/v1/notice", msgspec.json.encode(notice)
+
+    def on_notice(self, status: int, body: bytes) -> None:
+        if status != 200:
+            raise FlowError(self.state, f"notice-http-{status}")
+        self._go("notice-acknowledged")
+
+    def erased(self) -> None:
+        self._go("erased")
+        self.outcome.status = "issued"
