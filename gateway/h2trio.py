@@ -246,11 +246,9 @@ class TrioH2:
             stream.cancel_scope = scope
             try:
                 await handler(stream)
-            except StreamReset:
-                pass
-            except ConnectionClosed:
-                pass
-            except Exception:
+            except* (StreamReset, ConnectionClosed):
+                pass  # the peer or the connection ended the request: nothing left to answer
+            except* Exception:
                 log.exception("handler failed on stream %d from %s", stream.id, self.peer)
                 stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         if scope.cancelled_caught and not self.core.closed:

@@ -88,8 +88,8 @@ class Relay(App):
                 ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own)], end_stream=end)
                 if not end:
                     await self._pump(us, ds)
-        except StreamReset:
-            ds.reset(h2.errors.ErrorCodes.CANCEL)  # upstream cancelled: cancel downstream too
+        except* (StreamReset, ConnectionClosed):
+            ds.reset(h2.errors.ErrorCodes.CANCEL)  # one side cancelled or died: cancel the other too
         finally:
             up.release(us)  # resets upstream if unfinished (downstream cancelled or timed out)
 

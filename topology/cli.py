@@ -264,9 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"konbini: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        user = _user_error(exc)
+        if user is None:
+            raise
+        print(f"konbini: {user}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside exc, which may arrive wrapped in Trio's exception groups."""
+    from gateway.server import NodeStartError
+
+    if isinstance(exc, (UserError, NodeStartError)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _user_error(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

@@ -50,9 +50,9 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
         cards = running.cards
         with console.status("making cards (first run only: RSA-2048 keys)…"):
             pool = cards.ensure_pool(CONCURRENT + 3)
-            revoked = cards.new(card_id="demo-revoked") if "demo-revoked" not in cards.list() else cards.load("demo-revoked")
+            revoked = cards.new()  # fresh each run: issued at this run's emulated time
             cards.revoke(revoked.card_id, "key-compromise")
-            expired = cards.new(card_id="demo-expired", expired=True) if "demo-expired" not in cards.list() else cards.load("demo-expired")
+            expired = cards.new(expired=True)
         a, b, c = munis.get("muni-a"), munis.get("muni-b"), munis.get("muni-c")
         plan = [
             (Step("residence record, 1 copy", "issued"), kiosks[0], pool[0], "1234", IssueRequest(a, "residence-record")),

@@ -1,0 +1,36 @@
+# konbini: `make run` sets everything up and runs the main job; `make test` sets up and runs all tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := nftables iproute2 haproxy nghttp2-client
+
+.PHONY: run test setup system clean
+
+run: setup
+	$(BIN)/konbini demo
+
+test: setup
+	$(BIN)/pytest -q
+
+setup: system $(VENV)/.installed
+
+# Debian packages the project uses: nft and ip/tc (netns mode), haproxy (benchmark baseline), h2load (cross-check).
+system:
+	@missing=""; for c in nft ip tc haproxy h2load; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  else \
+	    echo "konbini: not root: skipping apt-get install $(APT_PACKAGES) (netns mode and the HAProxy baseline need them)"; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV) .konbini *.egg-info

@@ -1,0 +1,135 @@
+"""Per-hop enforcement and robustness of the Trio servers: deny early, stream with bounded memory,
+and drop a misbehaving peer without disturbing anyone else."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, header
+from gateway.h2trio import TrioH2
+from gateway.http import request_headers
+from gateway.server import connect_h2
+from gateway.tls import client_context
+from kiosk_emu.kiosk import Kiosk
+
+REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError)
+
+
+@pytest.mark.parametrize("target", ["issuance-center", "dmz-relay-a", "ec-router-a"])
+async def test_kiosk_connecting_around_its_store_router_is_refused(net, target):
+    ctx = net.context("kiosk-a1-1")
+    with pytest.raises(REFUSED):
+        await ctx.connect(net.topo.node(target))
+    assert net.servers[target].denials["peer-address"] == 1  # refused before the TLS handshake
+
+
+async def test_store_router_of_one_operator_cannot_use_the_other_operators_ec_router(net):
+    ctx = net.context("store-router-a1")
+    with pytest.raises(REFUSED):
+        await ctx.connect(net.topo.node("ec-router-b"))
+    assert net.servers["ec-router-b"].denials["peer-address"] == 1
+
+
+def _ctx_with_cert_of(net, node_id: str) -> ssl.SSLContext:
+    chain, key = net.pki.node_paths(node_id)
+    client_context.cache_clear()
+    return client_context(Path(chain), Path(key), Path(net.pki.network_ca_path))
+
+
+async def test_node_presenting_another_nodes_certificate_is_refused(net):
+    # From kiosk-a1-1's address, with kiosk-a1-2's (valid, allowed) certificate: identity and address disagree.
+    router = net.topo.node("store-router-a1")
+    conn = await connect_h2(router.address, router.port, router.id, _ctx_with_cert_of(net, "kiosk-a1-2"),
+                            local_address=net.topo.node("kiosk-a1-1").address)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        with trio.fail_after(5):
+            await conn.closed.wait()  # the router closes right after the handshake
+    assert net.servers["store-router-a1"].denials["peer-identity"] == 1
+
+
+async def test_client_without_a_certificate_is_refused(net):
+    router = net.topo.node("store-router-a1")
+    ctx = ssl.create_default_context(cafile=str(net.pki.network_ca_path))
+    ctx.set_alpn_protocols(["h2"])
+    tcp = await trio.open_tcp_stream(router.address, router.port, local_address=net.topo.node("kiosk-a1-1").address)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=router.id)
+    with pytest.raises(REFUSED):
+        await tls.do_handshake()
+        await tls.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert await tls.receive_some(100) == b""  # TLS 1.3: the refusal arrives after the client's Finished
+        raise ConnectionError("closed")
+    assert net.servers["store-router-a1"].denials["tls-handshake"] == 1
+
+
+async def _open_kiosk(net, kiosk_id: str, nursery) -> TrioH2:
+    conn = await Kiosk(net.context(kiosk_id), net.state_dir).connect()
+    nursery.start_soon(conn.run)
+    return conn
+
+
+async def test_relay_memory_stays_bounded_while_a_large_document_streams_to_a_slow_reader(net):
+    size = 24 << 20  # 24 MiB, about 100x the per-stream window
+    async with trio.open_nursery() as nursery:
+        conn = await _open_kiosk(net, "kiosk-a3-1", nursery)
+        stream = await conn.open_stream(request_headers("GET", f"/bench/blob?size={size}", "store-router-a3"), end_stream=True)
+        await stream.receive_headers()
+        got = 0
+        while (chunk := await stream.receive_chunk()) is not None:
+            got += len(chunk)
+            if got < 4 << 20:
+                await trio.sleep(0.001)  # a slow printer for the first MiBs: back-pressure must reach the center
+        conn.close()
+    assert got == size
+    for relay in ("store-router-a3", "ec-router-a", "dmz-relay-a"):
+        held = net.app(relay).max_buffered
+        assert 0 < held <= STREAM_WINDOW + MAX_FRAME_SIZE, (relay, held)
+
+
+async def test_malformed_http2_from_one_peer_closes_only_that_connection(net):
+    router = net.topo.node("store-router-a1")
+    async with trio.open_nursery() as nursery:
+        good = await _open_kiosk(net, "kiosk-a1-1", nursery)
+        slow = await good.open_stream(request_headers("GET", "/bench/blob?size=4194304", router.id), end_stream=True)
+        await slow.receive_headers()
+        # a second kiosk speaks TLS correctly, then sends garbage instead of HTTP/2 frames
+        ctx = _ctx_with_cert_of(net, "kiosk-a1-2")
+        tcp = await trio.open_tcp_stream(router.address, router.port, local_address=net.topo.node("kiosk-a1-2").address)
+        bad = trio.SSLStream(tcp, ctx, server_hostname=router.id)
+        await bad.do_handshake()
+        # the preface and an empty SETTINGS, then a DATA frame on stream 0 (forbidden by RFC 9113 §6.1)
+        settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        await bad.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello")
+        with trio.fail_after(5):
+            while await bad.receive_some(65536):
+                pass  # GOAWAY, then the router closes
+        got = 0
+        while (chunk := await slow.receive_chunk()) is not None:
+            got += len(chunk)
+        assert got == 4194304  # the well-behaved peer's stream went on
+        good.close()
+    assert net.servers["store-router-a1"].denials["protocol-error"] == 1
+
+
+async def test_oversized_headers_close_that_connection_while_other_streams_go_on(net):
+    router = net.topo.node("store-router-a1")
+    async with trio.open_nursery() as nursery:
+        good = await _open_kiosk(net, "kiosk-a1-1", nursery)
+        slow = await good.open_stream(request_headers("GET", "/bench/blob?size=2097152", router.id), end_stream=True)
+        await slow.receive_headers()
+        bad = await _open_kiosk(net, "kiosk-a1-2", nursery)
+        await bad.open_stream(request_headers("GET", "/bench/blob?size=1", router.id, [(b"x-big", b"a" * 40000)]), end_stream=True)
+        with trio.fail_after(5):
+            await bad.closed.wait()
+        got = 0
+        while (chunk := await slow.receive_chunk()) is not None:
+            got += len(chunk)
+        assert got == 2097152
+        status = header(await (await good.open_stream(request_headers("GET", "/bench/blob?size=10", router.id), end_stream=True)).receive_headers(), b":status")
+        assert status == b"200"  # and new requests still work
+        good.close()
+    assert net.servers["store-router-a1"].denials["oversized-headers"] == 1
