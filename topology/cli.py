@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -76,13 +77,13 @@ def cmd_up(args) -> int:
                 table.add_row(node.id, node.kind, node.site, addr, ready)
             console.print(table)
             console.print(f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops.")
-
-    try:
-        trio.run(main)
-    except NodeStartError as exc:
-        raise UserError(str(exc)) from None
-    except KeyboardInterrupt:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break  # shutdown is a cancel: every node's nursery unwinds
+            nursery.cancel_scope.cancel()
         console.print("stopped; every node shut down.")
+
+    trio.run(main)
     return 0
 
 
