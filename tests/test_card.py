@@ -177,7 +177,7 @@ def test_expired_card_is_refused(pki: PKI, store: CardStore) -> None:
 
 
 def test_card_not_yet_valid_is_refused_as_expired(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
-    assert verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=1)) == "card-expired"
+    assert verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=2)) == "card-expired"  # issued NOW - 1 day
 
 
 def test_card_is_valid_three_years(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
