@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TypeVar
 
 import msgspec
-from typing import TypeVar
 
 from gateway.h2core import Headers, header
 from gateway.h2trio import Stream

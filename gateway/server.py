@@ -18,7 +18,7 @@ import trio
 
 from gateway.clock import Clock
 from gateway.h2trio import Stream, TrioH2
-from gateway.http import refuse, method_path
+from gateway.http import method_path, refuse
 from gateway.tls import client_context, peer_identity, server_context
 from topology.model import Node, Topology
 from topology.policy import AllowList
