@@ -176,6 +176,13 @@ def test_allow_list_entry_for_unknown_peer_is_caught(tmp_path: Path) -> None:
     assert problem.rule is None
 
 
+
+def test_allow_list_port_other_than_the_nodes_own_is_caught(tmp_path: Path) -> None:
+    path, text = edited(tmp_path, ("requests: [\"POST /ocsp\"]\n        port: 8443", "requests: [\"POST /ocsp\"]\n        port: 9443"))
+    problem = only(check_file(path), "nodes.ocsp.allow[0].port")
+    assert problem.line == line_of(text, "port: 9443")
+    assert problem.message == "port 9443 is not the port ocsp listens on (8443)"
+
 ANNEX_CASES = [
     pytest.param(
         ("from: [dmz-relay-a, dmz-relay-b]", "from: [dmz-relay-a, dmz-relay-b, store-router-a1]"),
