@@ -7,7 +7,9 @@ Flow per kiosk session (each step one HTTP/2 request relayed from the kiosk's st
   POST /v1/session/{id}/issue      -> business checks, then the municipality's document streams
                                       through, hashed on the way; the trailers carry the binding
                                       (issuance id, session, kiosk, card, digest) and its signature
-  POST /v1/notice                  -> completion notice, deduplicated by issuance id
+  POST /v1/notice                  -> completion notice, deduplicated by issuance id in the ledger
+                                      (so across restarts too); acknowledged only once durable
+  POST /v1/correction              -> amends a noticed issuance until its month is fixed (BIZ-5/6)
   POST /v1/session/{id}/misdelivery-> a kiosk refused a document; counted, never silent (INT-1)
 A challenge is usable once; a session is usable for one issuance; a cancelled or timed-out
 issuance is cancelled whole and its session closed.
@@ -23,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import msgspec
 import trio
@@ -31,7 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from gateway import ocsp
+from gateway import ocsp, rules
+from gateway.ledger import IssuanceRecord, Ledger, LedgerDB, LedgerError, MonthFixed, ledger_path, month_of
 from gateway.h2core import header
 from gateway.h2trio import Stream, StreamReset
 from gateway.http import BadRequest, decode, method_path, query, refuse, request_headers, send_json, timing
@@ -41,6 +45,8 @@ from gateway.messages import (
     Binding,
     Challenge,
     CompletionNotice,
+    CorrectionAck,
+    CorrectionNotice,
     DocumentRequest,
     IssueRequest,
     MisdeliveryReport,
@@ -75,6 +81,10 @@ MESSAGES = {
     "ocsp-unknown": "This card cannot be used. Please ask your municipality.",
     "municipality-unavailable": "The service is temporarily unavailable.",
     "bad-request": "The request could not be understood.",
+    "month-fixed": "This month's settlement is fixed; its records cannot change.",
+    "notice-mismatch": "The notice does not match the issuance; send a correction instead.",
+    "not-noticed": "This issuance has no completion notice yet; nothing to correct.",
+    "ledger-unavailable": "The service is temporarily unavailable.",
 }
 
 
@@ -107,14 +117,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _within(now: datetime, open_: str, close: str) -> bool:
-    hm = f"{now.hour:02d}:{now.minute:02d}"
-    return open_ <= hm < close
-
-
 class IssuanceCenter(App):
-    def __init__(self, ctx: NodeContext, nursery: trio.Nursery) -> None:
+    def __init__(self, ctx: NodeContext, nursery: trio.Nursery, state_dir: Path | None = None) -> None:
         self.ctx = ctx
+        # The ledger is the center's memory across restarts: issuances, notices, settlement facts.
+        self.ledger = Ledger.open(ledger_path(ctx.topo.ledger, state_dir or ctx.topo.state_dir))
+        nursery.start_soon(self.ledger.run)
         self.sessions: dict[str, Session] = {}
         self.issuances: dict[str, Issuance] = {}
         self.refusals: Counter[str] = Counter()
@@ -154,6 +162,8 @@ class IssuanceCenter(App):
                     await self._refuse(stream, 404, "bad-request", t0)
             elif method == "POST" and parts == ["v1", "notice"]:
                 await self._notice(stream, decode(await stream.read_body(4096), CompletionNotice), t0)
+            elif method == "POST" and parts == ["v1", "correction"]:
+                await self._correction(stream, decode(await stream.read_body(4096), CorrectionNotice), t0)
             elif parts[:1] == ["bench"]:
                 await self._bench(stream, method, t0)
             else:
@@ -260,19 +270,9 @@ class IssuanceCenter(App):
         return ocsp.check_response(answer, cert, self.jpki_ca, now)
 
     def _business_refusal(self, req: IssueRequest, now: datetime) -> tuple[str, dict[str, str]] | None:
-        hours = self.ctx.topo.service_hours
         node = self.munis.get(req.municipality)
-        if node is None or node.municipality is None:
-            return "municipality-unknown", {}
-        muni = node.municipality
-        if not muni.participating:
-            return "municipality-not-participating", {}
-        open_, close = max(hours.open, muni.hours.open), min(hours.close, muni.hours.close)
-        if not _within(now, open_, close):
-            return "outside-hours", {"hours": f"{open_}–{close}"}
-        if req.cert_type not in muni.certificates or not 1 <= req.copies <= 10:
-            return "certificate-type-not-offered", {}
-        return None
+        muni = node.municipality if node is not None else None
+        return rules.refusal(now, self.ctx.topo.service_hours, muni, req.cert_type, req.copies)
 
     async def _issue(self, stream: Stream, s: Session, req: IssueRequest, t0: float) -> None:
         if s.state != "authenticated":
@@ -284,11 +284,22 @@ class IssuanceCenter(App):
             return
         muni = self.munis[req.municipality].municipality
         size = min(req.size or DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE)
-        fee = muni.certificates[req.cert_type] * req.copies
+        fee = rules.fee(muni, req.cert_type, req.copies)
         iss = Issuance(
             "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee
         )
         s.state = "issuing"
+        now = self.ctx.clock.now()
+        kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
+        record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, req.municipality,
+                                req.cert_type, req.copies, fee, month_of(now))
+        try:  # no document leaves the center before the ledger knows of it
+            await self.ledger.call(LedgerDB.create_issuance, record, now)
+        except LedgerError as exc:
+            s.state = "closed"
+            log.error("issuance refused, ledger: %s", exc)
+            await self._refuse(stream, 503, "month-fixed" if isinstance(exc, MonthFixed) else "ledger-unavailable", t0)
+            return
         self.issuances[iss.id] = iss
         link = self.muni_links[req.municipality]
         doc_req = msgspec.json.encode(DocumentRequest(iss.id, req.cert_type, size))
@@ -325,9 +336,11 @@ class IssuanceCenter(App):
             stream.end([(b"konbini-binding", _b64(blob).encode()), (b"konbini-signature", _b64(signature).encode())])
             iss.state = "sent"
             s.state = "done"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "sent", self.ctx.clock.now())
         except (trio.TooSlowError, ConnectionError, OSError, StreamReset) as exc:
             iss.state = "cancelled"
             s.state = "closed"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
             log.warning("issuance %s cancelled whole: %s", iss.id, type(exc).__name__)
             if stream.sent_headers:
                 stream.reset()
@@ -336,21 +349,63 @@ class IssuanceCenter(App):
         except BaseException:
             iss.state = "cancelled"  # the kiosk went away (our scope was cancelled): nothing half-done
             s.state = "closed"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
             raise
         finally:
             if conn is not None and st is not None:
                 conn.release(st)
 
-    async def _notice(self, stream: Stream, notice: CompletionNotice, t0: float) -> None:
-        iss = self.issuances.get(notice.issuance_id)
+    async def _known_issuance(self, issuance_id: str, session: str, stream: Stream) -> IssuanceRecord | Issuance | None:
+        """The issuance a kiosk refers to, from memory or (after a restart) from the ledger, if it is that kiosk's."""
         kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
-        if iss is None or iss.kiosk != kiosk or iss.session != notice.session or iss.state == "cancelled":
+        iss = self.issuances.get(issuance_id)
+        if iss is None:
+            iss = await self.ledger.call(LedgerDB.find_issuance, issuance_id)
+        if iss is None or iss.kiosk != kiosk or iss.session != session or iss.state == "cancelled":
+            return None
+        return iss
+
+    async def _notice(self, stream: Stream, notice: CompletionNotice, t0: float) -> None:
+        iss = await self._known_issuance(notice.issuance_id, notice.session, stream)
+        if iss is None:
             await self._refuse(stream, 404, "session-unknown", t0)
             return
-        duplicate = iss.notices > 0
-        iss.notices += 1
-        iss.state = "completed"
-        await send_json(stream, 200, NoticeAck("acknowledged", iss.id, duplicate), [timing(self.ctx.node.id, t0)])
+        if (notice.copies, notice.fee) != (iss.copies, iss.fee):
+            await self._refuse(stream, 409, "notice-mismatch", t0)
+            return
+        try:  # acknowledged only once durable; a repeat of a known notice is acknowledged as a duplicate
+            new = await self.ledger.call(
+                LedgerDB.record_notice, iss.id, notice.printed_at, notice.copies, notice.fee, notice.refunded
+            )
+        except MonthFixed:
+            await self._refuse(stream, 409, "month-fixed", t0)
+            return
+        except LedgerError as exc:
+            log.error("notice not recorded: %s", exc)
+            await self._refuse(stream, 503, "ledger-unavailable", t0)
+            return
+        if isinstance(iss, Issuance):
+            iss.notices += 1
+            iss.state = "completed"
+        await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0)])
+
+    async def _correction(self, stream: Stream, corr: CorrectionNotice, t0: float) -> None:
+        iss = await self._known_issuance(corr.issuance_id, corr.session, stream)
+        if iss is None:
+            await self._refuse(stream, 404, "session-unknown", t0)
+            return
+        if corr.copies < 0 or corr.fee < 0:
+            await self._refuse(stream, 400, "bad-request", t0)
+            return
+        try:
+            await self.ledger.call(LedgerDB.record_correction, iss.id, self.ctx.clock.now(), corr.copies, corr.fee, corr.reason)
+        except MonthFixed:
+            await self._refuse(stream, 409, "month-fixed", t0)
+            return
+        except LedgerError:
+            await self._refuse(stream, 409, "not-noticed", t0)
+            return
+        await send_json(stream, 200, CorrectionAck("corrected", iss.id), [timing(self.ctx.node.id, t0)])
 
     async def _misdelivery(self, stream: Stream, s: Session, report: MisdeliveryReport, t0: float) -> None:
         self.misdeliveries.append(report)

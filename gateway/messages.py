@@ -64,6 +64,7 @@ class CompletionNotice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     copies: int
     fee: int
     printed_at: str  # ISO 8601, Asia/Tokyo
+    refunded: bool = False  # misprint: fee refunded, every copy stamped 返金済・無効 (BIZ-4)
 
 
 class NoticeAck(msgspec.Struct, frozen=True):
@@ -78,3 +79,18 @@ class MisdeliveryReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     session: str
     issuance_id: str
     problem: str
+
+
+class CorrectionNotice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Amends a noticed issuance's copies and fee before its month is fixed (001 spec §13.2)."""
+
+    issuance_id: str
+    session: str
+    copies: int
+    fee: int
+    reason: str
+
+
+class CorrectionAck(msgspec.Struct, frozen=True):
+    status: Literal["corrected"]
+    issuance_id: str

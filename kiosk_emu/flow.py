@@ -52,7 +52,9 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (S.RECEIVING, "document-rejected"): S.MISDELIVERED,
     (S.VERIFIED, "paid"): S.PAID,
     (S.PAID, "printed"): S.PRINTED,
+    (S.PAID, "misprinted"): S.PRINTED,  # refunded; every copy stamped 返金済・無効 (BIZ-4)
     (S.PRINTED, "notice-acknowledged"): S.NOTIFIED,
+    (S.PRINTED, "notice-queued"): S.NOTIFIED,  # durable in the kiosk's outbox, resent until acknowledged
     (S.NOTIFIED, "erased"): S.DONE,
 }
 # From any non-final state: a refusal, or a cancel/timeout that ends the whole request.
@@ -64,6 +66,7 @@ KIOSK_MESSAGES = {
     "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
     "misdelivered": "This document could not be printed. Please ask staff; nothing was charged.",
     "cancelled": "The request was cancelled. Nothing was charged.",
+    "misprint": "The printer failed. Your fee has been refunded; every copy is stamped 返金済・無効 (void).",
 }
 
 
@@ -84,6 +87,8 @@ class Outcome:
     document_bytes: int = 0
     signature_valid: bool = False
     fee: int = 0
+    refunded: bool = False  # misprint: the fee went back to the resident
+    notice_pending: bool = False  # the notice waits in the outbox for the center's acknowledgement
     hops: dict[str, float] = field(default_factory=dict)  # node id -> ms, summed over the steps
 
 
@@ -238,6 +243,21 @@ class KioskFlow:
         )
         return "POST", "/v1/notice", msgspec.json.encode(notice)
 
+    def misprinted(self, now: datetime) -> tuple[str, str, bytes]:
+        """The printer failed: the fee is refunded and the notice says so (BIZ-4)."""
+        self._go("misprinted")
+        o = self.outcome
+        o.refunded, o.reason, o.message = True, "misprint", KIOSK_MESSAGES["misprint"]
+        notice = CompletionNotice(
+            o.issuance_id or "", self.session or "", self.request.copies, o.fee, now.isoformat(), refunded=True
+        )
+        return "POST", "/v1/notice", msgspec.json.encode(notice)
+
+    def notice_queued(self) -> None:
+        """Not acknowledged yet, but durable in the outbox: the resident need not wait for it."""
+        self._go("notice-queued")
+        self.outcome.notice_pending = True
+
     def on_notice(self, status: int, body: bytes) -> None:
         if status != 200:
             raise FlowError(self.state, f"notice-http-{status}")
@@ -245,4 +265,4 @@ class KioskFlow:
 
     def erased(self) -> None:
         self._go("erased")
-        self.outcome.status = "issued"
+        self.outcome.status = "refunded" if self.outcome.refunded else "issued"

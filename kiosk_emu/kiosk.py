@@ -16,15 +16,18 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from gateway.h2core import header
+from gateway.h2core import ConnectionClosed, header
 from gateway.h2trio import StreamReset, TrioH2
 from gateway.http import request_headers
 from gateway.messages import IssueRequest
 from gateway.server import NodeContext
 from kiosk_emu.card import Card
 from kiosk_emu.flow import KioskFlow
+from kiosk_emu.outbox import Outbox
+from kiosk_emu.printer import Printer
 
 ISSUANCE_TIMEOUT = 15.0  # the whole request, end to end; past it everything is cancelled
+NOTICE_TIMEOUT = 5.0  # one attempt to deliver a notice; after printing, the outbox takes over
 
 
 @dataclass
@@ -41,14 +44,19 @@ class IssuanceResult:
     hops: list[dict] = field(default_factory=list)
     kiosk: str = ""
     spool_erased: bool = True
+    refunded: bool = False
+    notice_pending: bool = False
 
     def as_json(self) -> dict:
         return dict(self.__dict__)
 
 
 class Kiosk:
-    def __init__(self, ctx: NodeContext, state_dir: Path) -> None:
+    def __init__(self, ctx: NodeContext, state_dir: Path, printer: Printer | None = None) -> None:
         self.ctx = ctx
+        self.printer = printer or Printer()
+        self.outbox = Outbox.of_kiosk(state_dir, ctx.node.id)
+        self._outbox_lock = trio.Lock()
         self.node = ctx.node
         self.router = ctx.topo.node(ctx.node.upstream or "")
         self.spool = state_dir / "spool" / self.node.id
@@ -97,15 +105,27 @@ class Kiosk:
                     self._erase(flow, "misdelivery-refused")
                     await self._call(conn, flow, *flow.misdelivery_report())
                 elif flow.state.value == "verified":
-                    flow.paid()
-                    self._log("paid", issuance=flow.outcome.issuance_id, fee=flow.outcome.fee)
-                    notice = flow.printed(self.ctx.clock.now())
-                    self._log(
-                        "printed", issuance=flow.outcome.issuance_id, cert_type=request.cert_type,
-                        copies=request.copies, fee=flow.outcome.fee,
-                    )
-                    status, body = await self._call(conn, flow, *notice)
-                    flow.on_notice(status, body)
+                    flow.paid()  # payment before printing (BIZ-4)
+                    iid = flow.outcome.issuance_id or ""
+                    self._log("paid", issuance=iid, fee=flow.outcome.fee)
+                    job = self.printer.print_job(iid, request.copies)
+                    if job.misprinted:
+                        notice = flow.misprinted(self.ctx.clock.now())
+                        self._log("misprint-refunded", issuance=iid, fee=flow.outcome.fee,
+                                  copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies])
+                    else:
+                        notice = flow.printed(self.ctx.clock.now())
+                    # Durable before the resident is told it is done (BIZ-5); sent below, resent until acknowledged.
+                    await self._outbox(self.outbox.put, iid, notice[1], notice[2])
+                    if not job.misprinted:
+                        self._log(
+                            "printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee,
+                        )
+                    with trio.CancelScope(shield=True):  # printed and paid: nothing left to cancel
+                        if await self._deliver(conn, iid, notice[1], notice[2], flow):
+                            flow.on_notice(200, b"")
+                        else:
+                            flow.notice_queued()
                     self._erase(flow, "spool-erased")
                     flow.erased()
         except (trio.TooSlowError, StreamReset) as exc:
@@ -121,8 +141,60 @@ class Kiosk:
             document_bytes=o.document_bytes, signature_valid=o.signature_valid, fee=o.fee,
             tries_left=o.tries_left, latency_ms=round((time.perf_counter() - t0) * 1000, 3),
             hops=[{"node": k, "ms": round(v, 3)} for k, v in o.hops.items()], kiosk=self.node.id,
-            spool_erased=not self._spool_file(flow).exists(),
+            spool_erased=not self._spool_file(flow).exists(), refunded=o.refunded, notice_pending=o.notice_pending,
         )
+
+    async def _outbox(self, fn, *args):
+        """Outbox writes fsync; run them off the event loop, one at a time."""
+        async with self._outbox_lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def _deliver(self, conn: TrioH2, issuance_id: str, path: str, body: bytes, flow: KioskFlow | None = None) -> bool:
+        """One attempt to deliver a notice from the outbox; True once the center acknowledged it."""
+        status, reason = 0, "timeout"
+        with trio.move_on_after(NOTICE_TIMEOUT):
+            try:
+                stream = await conn.open_stream(request_headers("POST", path, self.router.id), end_stream=False)
+                try:
+                    await stream.send_data(body, end_stream=True)
+                    headers = await stream.receive_headers()
+                    if flow is not None:
+                        flow.record_timing(headers)
+                    status = int(header(headers, b":status") or 0)
+                    answer = await stream.read_body()
+                finally:
+                    conn.release(stream)
+                reason = f"http-{status}"
+            except (StreamReset, ConnectionClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reason = type(exc).__name__
+        if status == 200:
+            await self._outbox(self.outbox.acked, issuance_id)
+            return True
+        if 400 <= status < 500:  # the center refuses it for good: kept for staff, never dropped silently
+            try:
+                reason = json.loads(answer).get("reason", reason)
+            except (ValueError, AttributeError):
+                pass
+            await self._outbox(self.outbox.rejected, issuance_id, reason)
+            self._log("notice-rejected", issuance=issuance_id, reason=reason)
+            return False
+        await self._outbox(self.outbox.failed, issuance_id, time.time(), reason)
+        return False
+
+    async def flush_outbox(self, conn: TrioH2) -> int:
+        """Send every notice that is due; returns how many are still pending."""
+        for p in await self._outbox(self.outbox.due, time.time()):
+            await self._deliver(conn, p.issuance_id, p.path, p.body)
+        return len(await self._outbox(self.outbox.due, float("inf")))
+
+    async def run_outbox(self, conn: TrioH2, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Resend pending notices with backoff until acknowledged; runs until cancelled."""
+        task_status.started()
+        while True:
+            await self.flush_outbox(conn)
+            nxt = await self._outbox(self.outbox.next_due)
+            # Wall-clock times: the outbox outlives this process, so a restarted kiosk resumes its backoff.
+            await trio.sleep(min(max(nxt - time.time(), 0.05), 60.0) if nxt is not None else 1.0)
 
     def _spool_file(self, flow: KioskFlow) -> Path:
         return self.spool / f"{flow.outcome.issuance_id or 'none'}.pdf"
@@ -156,9 +228,11 @@ class Kiosk:
         self._log(event, issuance=flow.outcome.issuance_id, erased=not spool_file.exists())
 
 
-async def issue_at(running, kiosk_id: str, card: Card, pin: str, request: IssueRequest, **kw) -> IssuanceResult:
+async def issue_at(
+    running, kiosk_id: str, card: Card, pin: str, request: IssueRequest, printer: Printer | None = None, **kw
+) -> IssuanceResult:
     """One issuance from a kiosk of a running topology, on a connection of its own."""
-    kiosk = Kiosk(running.context(kiosk_id), running.state_dir)
+    kiosk = Kiosk(running.context(kiosk_id), running.state_dir, printer)
     conn = await kiosk.connect()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)

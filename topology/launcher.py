@@ -50,18 +50,18 @@ class Running:
             self.cancel_scope.cancel()
 
 
-def _make_app(ctx: NodeContext, nursery: trio.Nursery, cards: CardStore) -> App:
+def _make_app(ctx: NodeContext, nursery: trio.Nursery, cards: CardStore, state_dir: Path | None = None) -> App:
     kind = ctx.node.kind
     if kind in ("store-router", "ec-router", "dmz-relay"):
         return Relay(ctx)
     if kind == "issuance-center":
-        return IssuanceCenter(ctx, nursery)
+        return IssuanceCenter(ctx, nursery, state_dir)
     if kind == "municipality":
         return MunicipalityServer(ctx)
     if kind == "ocsp":
         return OcspNode(ctx, cards.revocations)
     if kind == "store-controller":
-        return StoreController(ctx)
+        return StoreController(ctx, nursery)
     raise ValueError(f"no server for node kind {kind}")
 
 
@@ -88,7 +88,7 @@ async def run_topology(
                 if not node.is_server or (only is not None and node.id not in only):
                     continue
                 ctx = NodeContext(topo, node, pki, mode, running.clock)
-                server = NodeServer(ctx, allow[node.id], _make_app(ctx, nursery, cards))
+                server = NodeServer(ctx, allow[node.id], _make_app(ctx, nursery, cards, state_dir))
                 await nursery.start(server.serve)
                 running.servers[node.id] = server
             running.ready_s = time.perf_counter() - t0

@@ -14,6 +14,7 @@ import ipaddress
 import re
 import sys
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from topology.model import (
     RELAY_KINDS,
     Hours,
     Line,
+    Municipality,
     Node,
     Topology,
     derive_netns_address,
@@ -268,6 +270,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
             doc.report((key,), "missing required field")
     name = _convert(doc, data.get("name", ""), str, ("name",))
     state_dir = _convert(doc, data.get("state_dir", ".konbini"), str, ("state_dir",))
+    ledger = _convert(doc, data.get("ledger"), str | None, ("ledger",))
     hours = _convert(doc, data.get("service_hours", {}), Hours, ("service_hours",))
 
     raw_nodes = data.get("nodes") or {}
@@ -303,6 +306,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         lines=tuple(lines),
         service_hours=hours or Hours(),
         state_dir=state_dir or ".konbini",
+        ledger=ledger or None,
         source=source,
     )
     return _Parsed(topo, set(raw_nodes), line_index, derived)
@@ -382,6 +386,8 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
             doc.report(where + ("requests",), "empty: allows nothing")
         if rule.port is not None and not 0 < rule.port < 65536:
             doc.report(where + ("port",), f"port {rule.port} is outside 1-65535")
+        elif rule.port is not None and node.port is not None and rule.port != node.port:
+            doc.report(where + ("port",), f"port {rule.port} is not the port {node.id} listens on ({node.port})")
         for source_index, source in enumerate(rule.sources):
             at = where + ("from", source_index)
             if source not in declared:
@@ -402,6 +408,25 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
         doc.report(path + ("municipality",), f"a {node.kind} is not a municipality; remove municipality:")
     if node.municipality is not None:
         _check_hours(doc, node.municipality.hours, path + ("municipality", "hours"))
+        _check_participation(doc, node.municipality, path + ("municipality",))
+
+
+def _check_participation(doc: _Document, muni: Municipality, path: FieldPath) -> None:
+    """Participation dates are ISO dates, in order; the vaccination fee is 120 yen (seed 000 §13)."""
+    days = {}
+    for name in ("participating_from", "participating_until"):
+        value = getattr(muni, name)
+        if value is None:
+            continue
+        try:
+            days[name] = date.fromisoformat(value)
+        except ValueError:
+            doc.report(path + (name,), f"{value!r} is not a date (YYYY-MM-DD)")
+    if len(days) == 2 and days["participating_until"] < days["participating_from"]:
+        doc.report(path + ("participating_until",), f"{muni.participating_until} is before participating_from {muni.participating_from}")
+    fee = muni.certificates.get("vaccination")
+    if fee is not None and fee != 120:
+        doc.report(path + ("certificates", "vaccination"), f"the vaccination certificate costs 120 yen per copy (seed 000 §13), got {fee}")
 
 
 def _check_hours(doc: _Document, hours: Hours, path: FieldPath) -> bool:

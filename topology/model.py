@@ -76,6 +76,9 @@ class Municipality(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     code: str
     participating: bool = True
+    # ISO dates (inclusive) bounding participation; None: no bound (BIZ-2)
+    participating_from: str | None = None
+    participating_until: str | None = None
     hours: Hours = Hours()
     # certificate type -> fee per copy in yen
     certificates: dict[str, int] = {}
@@ -112,6 +115,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     lines: tuple[Line, ...] = ()
     service_hours: Hours = Hours()
     state_dir: str = ".konbini"
+    ledger: str | None = None  # SQLite file; None: <state_dir>/ledger.sqlite; ":memory:" for comparison runs
     source: str = "<memory>"  # the file it was loaded from
 
     def node(self, node_id: str) -> Node:

@@ -1,0 +1,139 @@
+"""The ledger: migrations, the hash chain, notices exactly once across restarts, batched commits."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+
+import pytest
+import trio
+
+from gateway.clock import JST
+from gateway.ledger import (
+    MEMORY,
+    MIGRATIONS,
+    VOID_STAMP,
+    IssuanceRecord,
+    Ledger,
+    LedgerDB,
+    LedgerTampered,
+    MonthFixed,
+    UnknownIssuance,
+    ledger_path,
+)
+
+AT = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
+
+
+def rec(iid: str, copies: int = 1, fee: int = 200, month: str = "2026-11") -> IssuanceRecord:
+    return IssuanceRecord(iid, "sess", "kiosk-a1-1", "a", "131016", "residence-record", copies, fee, month)
+
+
+def issued(db: LedgerDB, iid: str, copies: int = 1, fee: int = 200) -> None:
+    with db.transaction():
+        db.create_issuance(rec(iid, copies, fee), AT)
+        db.set_state(iid, "sent", AT)
+
+
+def test_schema_is_migrated_once_and_reopening_keeps_it(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    assert db.version == len(MIGRATIONS)
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    issued(db, "i1")
+    db.close()
+    again = LedgerDB(tmp_path / "l.sqlite")
+    assert again.version == len(MIGRATIONS) and again.count("issuance") == 1
+
+
+def test_notice_is_recorded_once_even_after_a_restart(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    issued(db, "i1", copies=2, fee=400)
+    with db.transaction():
+        assert db.record_notice("i1", AT, 2, 400) is True
+        assert db.record_notice("i1", AT, 2, 400) is False
+    db.close()
+    db = LedgerDB(tmp_path / "l.sqlite")
+    with db.transaction():
+        assert db.record_notice("i1", AT, 2, 400) is False
+    assert (db.count("notice"), db.count("payment"), db.count("copy")) == (1, 1, 2)
+    assert db.issuance("i1").state == "completed"
+
+
+def test_misprint_refunds_and_stamps_every_copy_void(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    issued(db, "i1", copies=3, fee=600)
+    with db.transaction():
+        db.record_notice("i1", AT, 3, 600, refunded=True)
+    rows = db.entries("2026-11")
+    copies = [r for r in rows if r["kind"] == "copy"]
+    assert len(copies) == 3 and all(VOID_STAMP in r["detail"] for r in copies)
+    assert [r["amount"] for r in rows if r["kind"] in ("payment", "refund")] == [600, -600]
+    assert db.issuance("i1").state == "refunded"
+
+
+def test_chain_is_intact_then_a_changed_row_is_one_clear_error(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    for i in range(5):
+        issued(db, f"i{i}")
+    assert db.verify() == 10
+    raw = sqlite3.connect(tmp_path / "l.sqlite")
+    raw.execute("UPDATE entries SET amount = 1 WHERE seq = 3")
+    raw.commit()
+    with pytest.raises(LedgerTampered, match=r"row 3 \(issuance\) does not match the hash chain"):
+        db.verify()
+
+
+def test_a_removed_row_breaks_the_chain(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    for i in range(3):
+        issued(db, f"i{i}")
+    db.conn.execute("DELETE FROM entries WHERE seq = 2")
+    with pytest.raises(LedgerTampered, match="row 3"):
+        db.verify()
+
+
+def test_a_refused_operation_leaves_no_trace_and_the_chain_goes_on(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    issued(db, "i1")
+    with pytest.raises(UnknownIssuance):
+        with db.transaction():
+            db.record_notice("nope", AT, 1, 200)
+    with db.transaction():
+        db.fix_month("2026-10", AT, {})
+    with pytest.raises(MonthFixed):
+        with db.transaction():
+            db.create_issuance(rec("old", month="2026-10"), AT)
+    issued(db, "i2")
+    assert db.verify() == db.conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+
+def test_ledger_path_defaults_into_the_state_dir(tmp_path):
+    assert ledger_path(None, tmp_path) == str(tmp_path / "ledger.sqlite")
+    assert ledger_path("x/l.db", tmp_path) == str(tmp_path / "x/l.db")
+    assert ledger_path("/abs/l.db", tmp_path) == "/abs/l.db"
+    assert ledger_path(MEMORY, tmp_path) == MEMORY
+
+
+@pytest.mark.parametrize("where", ["file", MEMORY])
+async def test_writer_batches_concurrent_operations_and_isolates_failures(tmp_path, where):
+    ledger = Ledger.open(tmp_path / "l.sqlite" if where == "file" else MEMORY)
+    results: dict[str, object] = {}
+
+    async def one(i: int) -> None:
+        await ledger.call(LedgerDB.create_issuance, rec(f"i{i}"), AT)
+        try:
+            results[f"i{i}"] = await ledger.call(LedgerDB.record_notice, f"i{i}" if i % 10 else "missing", AT, 1, 200)
+        except UnknownIssuance as exc:
+            results[f"i{i}"] = exc
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ledger.run)
+        async with trio.open_nursery() as burst:
+            for i in range(100):
+                burst.start_soon(one, i)
+        nursery.cancel_scope.cancel()
+    assert ledger.ops == 200 and ledger.batches < 50  # one commit served many operations
+    assert sum(isinstance(v, UnknownIssuance) for v in results.values()) == 10
+    assert sum(v is True for v in results.values()) == 90
+    assert ledger.db.count("notice") == 90 and ledger.db.verify() == 100 + 90 * 3

@@ -1,0 +1,78 @@
+"""The smartphone credential (BIZ-7): one month, reissued at expiry, revoked with the card or on loss."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from gateway.clock import JST
+from gateway.messages import IssueRequest
+from kiosk_emu.card import CardError, CardStore
+from kiosk_emu.kiosk import issue_at
+from kiosk_emu.smartphone import SmartphoneStore, add_month
+from topology.pki import PKI, verify_card_certificate
+from tests.conftest import TEST_TIME
+
+
+class Now:
+    def __init__(self, t: datetime) -> None:
+        self.t = t
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def test_add_month_clamps_to_the_end_of_a_short_month():
+    assert add_month(datetime(2026, 1, 31, 9, tzinfo=JST)) == datetime(2026, 2, 28, 9, tzinfo=JST)
+    assert add_month(datetime(2026, 12, 15, tzinfo=JST)) == datetime(2027, 1, 15, tzinfo=JST)
+
+
+@pytest.fixture
+def phones(state):
+    now = Now(TEST_TIME)
+    cards = CardStore(state, _pki(state), now)
+    return cards, SmartphoneStore(cards), now
+
+
+def _pki(state):
+    from topology.load import DEFAULT_TOPOLOGY, load_topology
+
+    return PKI.ensure(state, load_topology(DEFAULT_TOPOLOGY))
+
+
+def test_valid_one_month_then_reissued_automatically(phones):
+    cards, store, now = phones
+    card = cards.new()
+    phone = store.issue(card.card_id)
+    ca = cards.pki.jpki_ca
+    assert phone.certificate.not_valid_after_utc == add_month(TEST_TIME)
+    assert verify_card_certificate(phone.certificate, ca, TEST_TIME + timedelta(days=29)) is None
+    now.t = TEST_TIME + timedelta(days=31)  # 24 Dec: the month is over
+    assert verify_card_certificate(phone.certificate, ca, now.t) == "card-expired"
+    again = store.current(phone.card_id)
+    assert again.serial != phone.serial and verify_card_certificate(again.certificate, ca, now.t) is None
+
+
+def test_revoked_with_the_card_and_on_loss(phones):
+    cards, store, _ = phones
+    card = cards.new()
+    p1, p2 = store.issue(card.card_id), store.issue(card.card_id)
+    store.report_lost(p1.card_id)
+    assert p1.serial in cards.revocations() and card.serial not in cards.revocations()
+    assert store.revoke_card(card.card_id, "moved-or-died") == sorted([p1.card_id, p2.card_id])
+    assert p2.serial in cards.revocations()
+    with pytest.raises(CardError, match="revoked"):
+        store.current(p2.card_id)
+    with pytest.raises(CardError, match="card-revoked"):
+        store.issue(card.card_id)
+
+
+async def test_a_kiosk_accepts_the_phone_like_a_card_and_refuses_it_once_revoked(net):
+    store = SmartphoneStore(net.cards)
+    phone = store.issue(net.cards.new().card_id)
+    r = await issue_at(net, "kiosk-b2-1", phone, "1234", IssueRequest("131016", "residence-record"))
+    assert r.status == "issued"
+    store.report_lost(phone.card_id)
+    r = await issue_at(net, "kiosk-b2-1", phone, "1234", IssueRequest("131016", "residence-record"))
+    assert (r.status, r.reason) == ("refused", "card-revoked")
