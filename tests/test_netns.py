@@ -1,0 +1,277 @@
+"""Netns mode: the kernel enforces the allow-lists (nftables per namespace), proven by scapy probes.
+
+One netns topology (namespaces `konbini-t<pid>-*`, so a user's `konbini up --netns` is never
+touched) runs for the whole module; every test reads the one probe run or adds its own probes.
+The module always ends with `konbini down` for its tag, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from topology import netns, policycheck
+from topology.netplan import build_plan
+from topology.nft import compile_ruleset
+
+ROOT = os.geteuid() == 0 and shutil.which("ip") and shutil.which("nft")
+needs_root = pytest.mark.skipif(
+    not ROOT, reason="NETNS TESTS SKIPPED: they need root, iproute2 and nftables (netns mode creates namespaces)"
+)
+KONBINI = [str(Path(sys.executable).parent / "konbini")]
+CLOCK = "2026-11-24T10:00:00+09:00"  # inside every service window of the default topology
+TAG = f"t{os.getpid()}"
+
+
+def konbini(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*KONBINI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start_up(tag: str, state: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*KONBINI, "up", "--netns", "--tag", tag, "--state", str(state), "--clock", CLOCK],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    for line in proc.stdout:  # waits on the launcher's own "ready" line, not on a sleep
+        seen.append(line)
+        if line.startswith("ready in"):
+            return proc
+    proc.wait()
+    raise AssertionError("konbini up --netns failed:\n" + "".join(seen))
+
+
+@pytest.fixture(scope="module")
+def netns_up(tmp_path_factory, topo):
+    state = tmp_path_factory.mktemp("konbini-netns")
+    proc = None
+    try:
+        proc = start_up(TAG, state)
+        yield build_plan(topo, TAG), state
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        konbini("down", "--tag", TAG, "--state", str(state))
+
+
+@pytest.fixture(scope="module")
+def probed(netns_up, topo):
+    plan, _ = netns_up
+    probes = policycheck.plan_probes(topo, plan)
+    answered, sites = policycheck.run_probes(plan, probes)
+    return {r.id: r for r in policycheck.compare(probes, answered)}, probes, sites
+
+
+def results(probed, **match):
+    by_id, probes, _ = probed
+    found = [by_id[p.id] for p in probes if all(getattr(p, k) == v for k, v in match.items())]
+    assert found, f"no probe matches {match}"
+    return found
+
+
+# -- pure: the compiled ruleset -------------------------------------------------------------------
+
+
+def test_ruleset_allows_exactly_the_allow_list(topo) -> None:
+    rules = compile_ruleset(topo, "store-a1")
+    assert "policy drop" in rules and "table inet konbini" in rules
+    accepts = [line for line in rules.splitlines() if "ct state new" in line and "input" not in line]
+    # input: 2 kiosks x (router + controller); output adds the router's connection to the EC router
+    assert sum('"nodes.' in a for a in accepts) == 4 + 5
+    assert 'iifname "wifi-a1" ip saddr != 198.18.11.3 counter drop' in rules
+
+
+def test_wifi_namespace_accepts_nothing_new(topo) -> None:
+    rules = compile_ruleset(topo, "wifi-a1")
+    assert "ct state new" not in rules
+
+
+def test_policy_show_prints_one_site() -> None:
+    out = konbini("policy", "show", "--site", "ec-a")
+    assert out.returncode == 0
+    assert "store-router-a1 -> ec-router-a" in out.stdout and "konbini-ec-a" in out.stdout
+
+
+def test_unknown_site_is_one_clear_line() -> None:
+    out = konbini("policy", "show", "--site", "nowhere")
+    assert out.returncode == 2 and out.stderr.startswith("konbini: unknown site 'nowhere'")
+
+
+def test_not_root_names_the_commands_needing_root(monkeypatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(netns.NetnsError, match="needs root.*konbini down"):
+        netns.require_root("`konbini up --netns`")
+
+
+def test_loopback_policy_check_shows_app_level_refusals(topo, state) -> None:
+    app, note = policycheck.app_checks_loopback(topo, state)
+    assert {a["check"] for a in app} == {"plaintext", "no-cert", "kiosk-direct"}
+    for a in app:
+        assert a["refused"], a
+        # the servers' own denial counters, when the check could launch the topology itself
+        assert note is not None or a["denials_counted"] >= 1, a
+
+
+# -- kernel policy, probed -------------------------------------------------------------------------
+
+
+@needs_root
+def test_store_cannot_reach_issuance_center(probed) -> None:
+    for src in ("store-router-a1", "kiosk-a1-1", "store-controller-b2"):
+        (r,) = results(probed, kind="tcp-pair", src=src, dst="issuance-center")
+        assert r.observed == "nothing" and "SEC-SN-3" in r.requirements
+
+
+@needs_root
+def test_issuance_center_cannot_reach_store(probed) -> None:
+    for dst in ("store-router-a1", "store-controller-b3"):
+        (r,) = results(probed, kind="tcp-pair", src="issuance-center", dst=dst)
+        assert r.ok and r.observed == "nothing" and "SEC-EC-2" in r.requirements
+
+
+@needs_root
+def test_wifi_cannot_reach_kiosk(probed) -> None:
+    found = results(probed, kind="wifi-kiosk", src="wifi-a1", dst="kiosk-a1-1")
+    assert {r.proto for r in found} == {"tcp", "udp", "icmp"}
+    assert all(r.observed == "nothing" for r in found)
+    assert all(r.ok for r in results(probed, kind="wifi-kiosk"))
+
+
+@needs_root
+def test_kiosk_cannot_reach_dmz_relay_directly(probed) -> None:
+    (r,) = results(probed, kind="tcp-pair", src="kiosk-a1-1", dst="dmz-relay-a")
+    assert r.observed == "nothing"
+
+
+@needs_root
+def test_spoofed_source_is_dropped(probed) -> None:
+    spoofs = results(probed, kind="spoof")
+    assert all(r.observed == "nothing" for r in spoofs)
+    # the Wi-Fi claiming to be a kiosk, towards the store router that would accept the kiosk
+    assert any(r.sent_from == "wifi-a1" and r.src == "kiosk-a1-1" and r.dst == "store-router-a1" for r in spoofs)
+
+
+@needs_root
+def test_every_allowed_line_is_reachable_on_exactly_its_port(probed, topo) -> None:
+    allowed = [r for r in results(probed, kind="tcp-pair") if r.expected == "syn-ack"]
+    assert len(allowed) == sum(r.allowed for r in policycheck.reachability(topo))
+    assert all(r.observed == "syn-ack" for r in allowed), [r for r in allowed if not r.ok]
+    for kind in ("other-port", "udp", "icmp"):
+        assert all(r.observed == "nothing" for r in results(probed, kind=kind)), kind
+    assert all(r.ok for r in results(probed, kind="tcp-pair"))
+
+
+@needs_root
+def test_no_namespace_has_a_route_out(probed, netns_up) -> None:
+    plan, _ = netns_up
+    _, _, sites = probed
+    assert set(sites) == set(plan.sites)
+    for rows in policycheck.surroundings_results(plan, sites, 0):
+        assert rows.ok, rows
+    assert all(r.observed == "nothing" for r in results(probed, kind="outside"))
+
+
+@needs_root
+def test_a_broken_ruleset_is_caught(netns_up, topo) -> None:
+    plan, state = netns_up
+    ns = plan.namespace("store-a1")
+    wifi, router = plan.address("wifi-a1"), plan.address("store-router-a1")
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "insert", "rule", "inet", "konbini", "input",
+                    "ip", "saddr", wifi, "ip", "daddr", router, "tcp", "dport", "8443", "accept"], check=True)
+    try:
+        out = konbini("policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--json")
+        assert out.returncode == 1, out.stderr
+        report = json.loads(out.stdout)
+        assert not report["ok"]
+        (diff,) = report["differences"]
+        assert (diff["src"], diff["dst"], diff["observed"]) == ("wifi-a1", "store-router-a1", "syn-ack")
+        assert "SEC-ST-4" in diff["requirements"]
+    finally:  # restore the compiled ruleset, whatever happened
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", str(state / "net" / "store-a1.nft")], check=True)
+
+
+@needs_root
+def test_policy_check_cli_passes_and_writes_report(netns_up, tmp_path) -> None:
+    _, state = netns_up
+    t0 = time.monotonic()
+    out = konbini("policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--report", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+    assert time.monotonic() - t0 < 30
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and not report["differences"]
+    for req in ("SEC-EC-1", "SEC-EC-2", "SEC-EC-3", "SEC-SN-1", "SEC-SN-3", "SEC-ST-2", "SEC-ST-4"):
+        assert report["summary"][req]["checks"] > 0 and report["summary"][req]["failed"] == 0, req
+    assert all(a["refused"] for a in report["app"])
+    assert "SEC-ST-4" in (tmp_path / "report.md").read_text()
+
+
+@needs_root
+def test_issuance_end_to_end_in_netns(netns_up) -> None:
+    _, state = netns_up
+    out = konbini("issue", "--netns", "--tag", TAG, "--state", str(state), "--json", "--store", "store-b2", "--clock", CLOCK)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["status"] == "issued" and result["signature_valid"]
+    assert [h["node"] for h in result["hops"]][:4] == ["issuance-center", "dmz-relay-b", "ec-router-b", "store-router-b2"]
+
+
+@needs_root
+def test_up_refuses_existing_namespace_and_leaves_everything_as_it_was(netns_up) -> None:
+    plan, state = netns_up
+    before = netns.list_namespaces(plan.prefix)
+    out = konbini("up", "--netns", "--tag", TAG, "--state", str(state))
+    assert out.returncode == 2 and "already exists" in out.stderr and "konbini down" in out.stderr
+    assert netns.list_namespaces(plan.prefix) == before
+
+
+@needs_root
+def test_down_cleans_up_after_the_launcher_is_killed(tmp_path) -> None:
+    tag = f"k{os.getpid()}"
+    proc = start_up(tag, tmp_path)
+    try:
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+        assert netns.list_namespaces(f"konbini-{tag}-")
+    finally:
+        t0 = time.monotonic()
+        out = konbini("down", "--tag", tag, "--state", str(tmp_path))
+        elapsed = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    assert netns.list_namespaces(f"konbini-{tag}-") == []
+    assert elapsed < 5
+    assert not list((tmp_path / "net" / "pids").glob("*.pid"))
+    stray = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "konbini-node" and _alive(p) and tag in _cmdline_ns(p)]
+    assert stray == []
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except OSError:
+        return False
+
+
+def _cmdline_ns(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
