@@ -1,0 +1,178 @@
+"""The bench report: report.json (machine-readable) and report.html (inline SVG plots, no network)."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+SUMMARY = ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "dropped", "misdelivered")
+
+
+def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j = out_dir / "report.json"
+    j.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    h = out_dir / "report.html"
+    h.write_text(render_html(report))
+    return j, h
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.find("<svg"):]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {n}" for k, n in v.items()) or "0"
+    return html.escape(str(v))
+
+
+def _phases(entry: dict) -> list[tuple[str, dict]]:
+    return [(p, entry[p]) for p in ("konbini", "haproxy") if isinstance(entry.get(p), dict)]
+
+
+def plot_percentiles(name: str, entry: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    phases = _phases(entry)
+    width = 0.8 / max(1, len(phases))
+    for i, (phase, r) in enumerate(phases):
+        vals = [r.get(k) or 0 for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], vals, width, label=phase)
+    ax.set_xticks([x + width * (len(phases) - 1) / 2 for x in range(len(keys))], ["p50", "p90", "p99", "p99.9"])
+    ax.set_ylabel("ms")
+    ax.set_title(f"{name}: latency percentiles")
+    ax.legend()
+    return _svg(fig)
+
+
+def plot_timeline(name: str, entry: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for phase, r in _phases(entry):
+        tl = r.get("timeline") or []
+        xs = [t["second"] for t in tl]
+        ax.plot(xs, [t["p50_ms"] for t in tl], label=f"{phase} p50")
+        ax.plot(xs, [t["p99_ms"] for t in tl], linestyle="--", label=f"{phase} p99")
+    ax.set_xlabel("s after warm-up")
+    ax.set_ylabel("ms")
+    ax.set_title(f"{name}: latency over time")
+    ax.legend(fontsize=7)
+    return _svg(fig)
+
+
+def plot_hops(name: str, entry: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    rows = []
+    for phase, r in _phases(entry):
+        for hop, p in (r.get("hops") or {}).items():
+            rows.append((f"{phase}:{hop}", p.get("p50_ms") or 0, p.get("p99_ms") or 0))
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], 0.4, label="p50")
+    ax.barh([y + 0.2 for y in ys], [r[2] for r in rows], 0.4, label="p99")
+    ax.set_yticks(list(ys), [r[0] for r in rows], fontsize=7)
+    ax.set_xlabel("ms (own time per hop, server-timing)")
+    ax.set_title(f"{name}: per-hop time")
+    ax.legend()
+    return _svg(fig)
+
+
+def plot_sweep(name: str, entry: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    target = None
+    for phase, r in _phases(entry):
+        steps = r.get("steps") or []
+        target = r.get("p99_target_ms")
+        ax.plot([s["rate"] for s in steps], [s["p99_ms"] or 0 for s in steps], marker="o", label=f"{phase} p99")
+        ax.plot([s["rate"] for s in steps], [s["p50_ms"] or 0 for s in steps], marker=".", linestyle="--", label=f"{phase} p50")
+    if target:
+        ax.axhline(target, color="red", linewidth=0.8, label="p99 target")
+    ax.set_xlabel("offered rate (req/s)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"{name}: latency vs rate")
+    ax.legend(fontsize=7)
+    return _svg(fig)
+
+
+def render_html(report: dict) -> str:
+    o = report.get("options", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>konbini bench</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}.plots{display:flex;flex-wrap:wrap;gap:1em}"
+        ".plots svg{width:460px;height:auto}</style></head><body>",
+        f"<h1>konbini bench{' (partial: interrupted)' if report.get('partial') else ''}</h1>",
+        f"<p>{html.escape(report.get('created', ''))} · {o.get('kiosks')} kiosks · {o.get('workers')} generator worker(s) · "
+        f"baseline: {html.escape(str(o.get('baseline')))} · emulated time {html.escape(str(o.get('emulated_time')))} · "
+        f"{report.get('machine', {}).get('cpus')} CPUs</p>",
+    ]
+    for note in report.get("notes", []):
+        parts.append(f"<p><em>{html.escape(note)}</em></p>")
+    parts.append("<table><tr><th>scenario</th><th>phase</th><th>mode</th>" + "".join(f"<th>{k}</th>" for k in SUMMARY)
+                 + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>relay peak RSS MiB</th></tr>")
+    for name, entry in report.get("scenarios", {}).items():
+        for phase, r in _phases(entry):
+            mode = f"{r.get('mode', 'sweep')} " + (f"{r['rate']:g}/s" if r.get("rate") else f"c={r.get('concurrency')}" if r.get("concurrency") else "")
+            gen = r.get("generator", {})
+            srv = r.get("servers", {})
+            parts.append(
+                f"<tr><td>{html.escape(name)}</td><td>{phase}</td><td>{html.escape(mode)}</td>"
+                + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in SUMMARY)
+                + f"<td>{_fmt(r.get('errors'))}</td><td>{_fmt(r.get('refused'))}</td><td>{_fmt(gen.get('cpu_fraction_max'))}</td>"
+                f"<td>{_fmt(gen.get('generator_saturated'))}</td><td>{_fmt(srv.get('relay_cpu_cores'))}</td><td>{_fmt(srv.get('relay_peak_rss_mib'))}</td></tr>"
+            )
+        if "ratios" in entry:
+            parts.append(f"<tr><td>{html.escape(name)}</td><td colspan='{len(SUMMARY) + 8}' style='text-align:left'>konbini ÷ HAProxy: "
+                         + html.escape(", ".join(f"{k} {v}" for k, v in entry["ratios"].items())) + "</td></tr>")
+    parts.append("</table>")
+    for name, entry in report.get("scenarios", {}).items():
+        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(entry.get('what', ''))}</p><div class='plots'>")
+        try:
+            if any("steps" in r for _, r in _phases(entry)):
+                parts.append(plot_sweep(name, entry))
+                for phase, r in _phases(entry):
+                    parts.append(f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>")
+            else:
+                parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
+        except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
+            parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
+        parts.append("</div>")
+    if "h2load" in report:
+        h = report["h2load"]
+        parts.append(f"<h2>h2load cross-check</h2><p>{html.escape(h.get('note', ''))}</p><table><tr><th>phase</th><th>size</th><th>req/s</th><th>bytes/s</th><th>mean ms</th><th>failed</th></tr>")
+        for r in h.get("runs", []):
+            parts.append(f"<tr><td>{r['phase']}</td><td>{r['size']}</td><td>{_fmt(r.get('rps'))}</td><td>{_fmt(r.get('bytes_per_s'))}</td><td>{_fmt(r.get('mean_ms'))}</td><td>{_fmt(r.get('failed'))}</td></tr>")
+        parts.append("</table>")
+    parts.append("<p>JSON twin: report.json</p></body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,451 @@
+"""Run benchmark scenarios: servers in their own processes, the load generator in others.
+
+Process layout (so nothing shares an event loop with the generator):
+- the *origin* process runs the center side (issuance center, OCSP, municipalities) for the
+  whole run, at a fixed emulated time (20:30 JST: muni-a open, muni-b closed);
+- the *front* process is either konbini's relays (store routers, EC routers, DMZ relays) or
+  HAProxy on the same addresses; each phase starts a fresh one and records its CPU and memory;
+- the load generator's worker processes (`kiosk_emu.loadgen.run_load`).
+Phases run back to back per scenario: konbini, then (with --baseline haproxy) HAProxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from bench.scenarios import SCENARIOS, Scenario
+from bench.topology import with_kiosks
+from kiosk_emu.loadgen import KioskSpec, LoadError, LoadSpec, run_load
+from topology.model import CENTER_KINDS, RELAY_KINDS, Topology
+
+log = logging.getLogger("konbini.bench")
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A bench that cannot run; one line for the user."""
+
+
+def bench_clock_start() -> datetime:
+    """Yesterday 20:30 JST: inside muni-a's hours, outside muni-b's, the same whenever it is run."""
+    from gateway.clock import JST
+
+    return (datetime.now(JST) - timedelta(days=1)).replace(hour=20, minute=30, second=0, microsecond=0)
+
+
+# -- server processes ----------------------------------------------------------------------------
+
+
+def _serve(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn) -> None:
+    import trio
+
+    from gateway.clock import Clock
+    from gateway.server import NodeStartError
+    from topology.launcher import run_topology
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    logging.basicConfig(level=logging.ERROR)
+    clock = Clock(datetime.fromisoformat(clock_start))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(
+                lambda task_status: run_topology(topo, Path(state_dir), clock=clock, only=only, task_status=task_status)
+            )
+            conn.send(("ready", running.ready_s))
+
+    try:
+        trio.run(main)
+    except Exception as exc:  # noqa: BLE001 - one line for the parent
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        conn.send(("error", str(exc) if isinstance(exc, NodeStartError) else f"{type(exc).__name__}: {exc}"))
+
+
+def proc_stats(pid: int | None) -> dict:
+    """CPU seconds (user+system) and memory of a process, from /proc."""
+    if not pid:
+        return {}
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    mem = {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M)}
+    return {
+        "cpu_s": (int(stat[11]) + int(stat[12])) / TICK,
+        "rss_mib": round(mem.get("VmRSS", 0) / 1024, 1),
+        "peak_rss_mib": round(mem.get("VmHWM", 0) / 1024, 1),
+    }
+
+
+class NodeProcess:
+    """Some nodes of a topology served by `run_topology` in a child process."""
+
+    def __init__(self, topo: Topology, state_dir: Path, only: set[str], clock_start: datetime, what: str) -> None:
+        self.args = (topo, str(state_dir), only, clock_start.isoformat())
+        self.what = what
+        self.proc = None
+
+    def start(self, timeout: float = 60.0) -> float:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(*self.args, child), daemon=True)
+        self.proc.start()
+        if not parent.poll(timeout):
+            self.stop()
+            raise BenchError(f"the {self.what} did not come up within {timeout:.0f} s")
+        try:
+            kind, payload = parent.recv()
+        except EOFError:
+            self.stop()
+            raise BenchError(f"the {self.what} exited at start (status {self.proc.exitcode})") from None
+        if kind != "ready":
+            self.stop()
+            raise BenchError(f"cannot start the {self.what}: {payload}")
+        return payload
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+
+
+# -- options and setup ---------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    scenarios: list[str]
+    topology: Topology
+    state_dir: Path
+    out_dir: Path
+    rate: float | None = None
+    concurrency: int | None = None
+    duration_s: float = 10.0
+    warmup_s: float | None = None
+    kiosks: int = 24
+    workers: int = 1
+    baseline: str | None = None
+    count: int | None = None
+    p99_target_ms: float = 100.0
+    sweep_steps: int = 8
+    sweep_factor: float = 1.5
+    h2load: bool = False
+    progress: bool = True
+    seed: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def validate(opts: BenchOptions) -> None:
+    unknown = [s for s in opts.scenarios if s not in SCENARIOS]
+    if unknown:
+        raise BenchError(f"unknown scenario {unknown[0]!r}; one of: {', '.join(SCENARIOS)}")
+    if opts.rate is not None and opts.rate <= 0:
+        raise BenchError(f"impossible rate {opts.rate:g}: --rate must be > 0 requests per second")
+    if opts.concurrency is not None and opts.concurrency <= 0:
+        raise BenchError(f"impossible concurrency {opts.concurrency}: --concurrency must be >= 1")
+    if opts.duration_s <= 0:
+        raise BenchError("--duration must be > 0 seconds")
+    if opts.kiosks < 1 or opts.workers < 1:
+        raise BenchError("--kiosks and --workers must be >= 1")
+    if opts.baseline not in (None, "haproxy"):
+        raise BenchError(f"unknown baseline {opts.baseline!r}; only 'haproxy' is supported")
+    if opts.baseline == "haproxy" or opts.h2load:
+        from bench.haproxy import HAProxyError, haproxy_binary
+
+        try:
+            haproxy_binary()
+        except HAProxyError as exc:
+            raise BenchError(str(exc)) from None
+    if opts.h2load and shutil.which("h2load") is None:
+        raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
+
+
+class Bench:
+    def __init__(self, opts: BenchOptions) -> None:
+        validate(opts)
+        self.opts = opts
+        need = opts.kiosks
+        for name in opts.scenarios:  # closed-loop issuance: one customer per kiosk, so enough kiosks
+            sc = SCENARIOS[name]
+            if sc.workload.kind == "issuance" and opts.concurrency and opts.rate is None and opts.concurrency > need:
+                need = opts.concurrency
+                opts.notes.append(f"kiosks raised to {need} so that every issuance in flight has its own kiosk")
+        self.topo, self.kiosk_ids = with_kiosks(opts.topology, need)
+        self.clock_start = bench_clock_start()
+        self.origin: NodeProcess | None = None
+
+    def prepare(self) -> None:
+        from gateway.clock import Clock
+        from kiosk_emu.card import CardStore
+        from topology.pki import PKI
+
+        o = self.opts
+        o.state_dir.mkdir(parents=True, exist_ok=True)
+        self.pki = PKI.ensure(o.state_dir, self.topo)
+        cards = CardStore(o.state_dir, self.pki, Clock(self.clock_start).now)
+        self.cards = [c.card_id for c in cards.ensure_pool(len(self.kiosk_ids))]
+        try:
+            revoked = cards.load("bench-revoked")
+        except Exception:  # noqa: BLE001 - first run: make it
+            revoked = cards.new(card_id="bench-revoked")
+        if revoked.serial not in cards.revocations():
+            cards.revoke("bench-revoked", "key-compromise")
+        munis = self.topo.municipalities()
+        clock = Clock(self.clock_start).now()
+        self.open_muni = self.closed_muni = ""
+        for code, node in munis.items():
+            m = node.municipality
+            if not m or not m.participating or "residence-record" not in m.certificates:
+                continue
+            hm = f"{clock.hour:02d}:{clock.minute:02d}"
+            is_open = max(self.topo.service_hours.open, m.hours.open) <= hm < min(self.topo.service_hours.close, m.hours.close)
+            if is_open and not self.open_muni:
+                self.open_muni = code
+            if not is_open and not self.closed_muni:
+                self.closed_muni = code
+        if not self.open_muni:
+            raise BenchError(f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios")
+
+    def start_origin(self) -> None:
+        center = {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}
+        self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, "issuance center side")
+        self.origin.start()
+
+    def stop(self) -> None:
+        if self.origin is not None:
+            self.origin.stop()
+
+    def _front(self, phase: str):
+        relays = [n for n in self.topo.nodes.values() if n.kind in RELAY_KINDS]
+        if phase == "konbini":
+            return NodeProcess(self.topo, self.opts.state_dir, {n.id for n in relays}, self.clock_start, "konbini relays")
+        from bench.haproxy import HAProxyProcess, config
+
+        cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
+        text = config(self.topo, self.pki, self.opts.state_dir)
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(text)
+        return HAProxyProcess(cfg, [(n.address, n.port or 0) for n in relays])
+
+    def spec(self, sc: Scenario, rate: float | None, concurrency: int | None, duration: float) -> LoadSpec:
+        o = self.opts
+        kiosks = []
+        for kid, card in zip(self.kiosk_ids, self.cards, strict=True):
+            k = self.topo.node(kid)
+            r = self.topo.node(k.upstream or "")
+            kiosks.append(KioskSpec(kid, k.address, r.id, r.address, r.port or 0, card))
+        hop_kinds = {n.id: n.kind for n in self.topo.nodes.values()}
+        warm = o.warmup_s if o.warmup_s is not None else min(2.0, duration * 0.2)
+        return LoadSpec(
+            workload=sc.workload, state_dir=str(o.state_dir), kiosks=kiosks, ca_path=str(self.pki.network_ca_path),
+            rate=rate, concurrency=concurrency, duration_s=duration, warmup_s=warm, count=o.count, seed=o.seed,
+            open_muni=self.open_muni, closed_muni=self.closed_muni or self.open_muni, revoked_card="bench-revoked",
+            hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
+        )
+
+    def load_mode(self, sc: Scenario) -> tuple[float | None, int | None]:
+        o = self.opts
+        if o.rate is not None:
+            return o.rate, None
+        if o.concurrency is not None:
+            return None, o.concurrency
+        if sc.concurrency is not None:
+            return None, sc.concurrency or len(self.kiosk_ids)
+        return sc.rate, None
+
+    def phase(self, sc: Scenario, phase: str, rate: float | None, concurrency: int | None, duration: float) -> dict:
+        front = self._front(phase)
+        front.start()
+        try:
+            before = proc_stats(front.pid)
+            origin_before = proc_stats(self.origin.pid if self.origin else None)
+            t0 = time.perf_counter()
+            result = run_load(self.spec(sc, rate, concurrency, duration), self.opts.workers, progress=self.opts.progress, label=f"{sc.name} [{phase}]")
+            wall = time.perf_counter() - t0
+            after = proc_stats(front.pid)
+            origin_after = proc_stats(self.origin.pid if self.origin else None)
+        finally:
+            front.stop()
+        result["phase"] = phase
+        result["servers"] = {
+            "relay_cpu_s": round(after.get("cpu_s", 0) - before.get("cpu_s", 0), 2),
+            "relay_cpu_cores": round((after.get("cpu_s", 0) - before.get("cpu_s", 0)) / wall, 2) if wall else None,
+            "relay_peak_rss_mib": after.get("peak_rss_mib"),
+            "origin_cpu_s": round(origin_after.get("cpu_s", 0) - origin_before.get("cpu_s", 0), 2),
+            "origin_rss_mib": origin_after.get("rss_mib"),
+        }
+        return result
+
+    def run_scenario(self, sc: Scenario) -> dict:
+        phases = ["konbini"] + (["haproxy"] if self.opts.baseline == "haproxy" else [])
+        entry: dict = {"what": sc.what, "success_only": sc.success_only}
+        if sc.sweep:
+            for phase in phases:
+                entry[phase] = self.sweep(sc, phase)
+        else:
+            rate, conc = self.load_mode(sc)
+            for phase in phases:
+                entry[phase] = self.phase(sc, phase, rate, conc, self.opts.duration_s)
+                if entry[phase].get("partial"):
+                    break
+        if "haproxy" in entry and "konbini" in entry:
+            entry["ratios"] = ratios(entry["konbini"], entry["haproxy"])
+        return entry
+
+    def sweep(self, sc: Scenario, phase: str) -> dict:
+        o = self.opts
+        rate = o.rate or sc.rate or 50.0
+        steps = []
+        best = None
+        for _ in range(o.sweep_steps):
+            r = self.phase(sc, phase, rate, None, o.duration_s)
+            p99 = r.get("p99_ms")
+            ok = (
+                p99 is not None and p99 < o.p99_target_ms and not r["errors"] and r["misdelivered"] == 0
+                and r["dropped"] <= 0.01 * max(1, r["arrivals"])
+            )
+            steps.append({k: r.get(k) for k in ("rate", "throughput_rps", "p50_ms", "p99_ms", "dropped", "arrivals", "misdelivered")}
+                         | {"errors": sum(r["errors"].values()), "pass": ok, "generator_saturated": r["generator"]["generator_saturated"]})
+            if r.get("partial"):
+                break
+            if not ok:
+                break
+            best = rate
+            rate = round(rate * o.sweep_factor, 1)
+        last = steps[-1] if steps else {}
+        return {
+            "scenario": sc.name, "phase": phase, "p99_target_ms": o.p99_target_ms, "best_rate": best, "steps": steps,
+            "throughput_rps": max((s["throughput_rps"] for s in steps if s["pass"]), default=0.0),
+            "p50_ms": last.get("p50_ms"), "p99_ms": last.get("p99_ms"), "misdelivered": sum(s["misdelivered"] for s in steps),
+            "errors": {}, "dropped": sum(s["dropped"] for s in steps), "partial": False,
+        }
+
+    # -- h2load cross-check ----------------------------------------------------------------
+
+    def h2load(self, phases: list[str], duration: float) -> dict:
+        """relay-small and relay-64k with h2load through a cleartext-h2 → mTLS shim (h2load has no client cert option)."""
+        from bench.haproxy import HAProxyProcess, config
+
+        kid = self.kiosk_ids[0]
+        port = 9080
+        shim_topo = self.topo
+        out: dict = {"note": "h2load has no client-certificate option; it drives a local HAProxy shim (cleartext h2 on the "
+                             f"kiosk's address, mTLS as {kid} to its store router), so figures include one extra hop", "runs": []}
+        cfg = self.opts.state_dir / "haproxy" / "h2load-shim.cfg"
+        text = config(shim_topo, self.pki, self.opts.state_dir, shim=(kid, port))
+        # keep only the shim frontend/backend: the relays are whichever phase runs
+        shim_only = text.split("frontend h2load-shim", 1)[1]
+        head = text.split("\nfrontend ", 1)[0]
+        cfg.write_text(head + "\nfrontend h2load-shim" + shim_only)
+        k = self.topo.node(kid)
+        for phase in phases:
+            front = self._front(phase)
+            front.start()
+            shim = HAProxyProcess(cfg, [(k.address, port)])
+            try:
+                shim.start()
+                for size in (0, 64 * 1024):
+                    url = f"http://{k.address}:{port}/bench/blob?size={size}"
+                    cmd = ["h2load", "-D", str(int(duration)), "--warm-up-time", "1", "-c", "4", "-m", "16", url]
+                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+                    out["runs"].append({"phase": phase, "size": size, "command": " ".join(cmd), **parse_h2load(res.stdout)})
+            finally:
+                shim.stop()
+                front.stop()
+        return out
+
+
+def parse_h2load(text: str) -> dict:
+    out: dict = {}
+    m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s, ([\d.]+)(\w+)/s", text)
+    if m:
+        unit = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}.get(m[3], 1)
+        out["rps"] = float(m[1])
+        out["bytes_per_s"] = float(m[2]) * unit
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+    if m:
+        out.update(total=int(m[1]), succeeded=int(m[4]), failed=int(m[5]), errored=int(m[6]))
+    m = re.search(r"time for request:\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)", text)
+    if m:
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+        out["min_ms"] = float(m[1]) * scale.get(m[2], 1)
+        out["max_ms"] = float(m[3]) * scale.get(m[4], 1)
+        out["mean_ms"] = float(m[5]) * scale.get(m[6], 1)
+    if not out:
+        out["raw_tail"] = text[-500:]
+    return out
+
+
+def ratios(k: dict, h: dict) -> dict:
+    """konbini ÷ HAProxy: throughput (>1: konbini faster) and latency (>1: konbini slower)."""
+
+    def div(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    out = {"throughput": div(k.get("throughput_rps"), h.get("throughput_rps"))}
+    if "best_rate" in k:
+        out["best_rate"] = div(k.get("best_rate"), h.get("best_rate"))
+    else:
+        out["p50"] = div(k.get("p50_ms"), h.get("p50_ms"))
+        out["p99"] = div(k.get("p99_ms"), h.get("p99_ms"))
+    return out
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Run the scenarios, write report.json and report.html under opts.out_dir; returns the report."""
+    from bench.report import write_reports
+    from bench.haproxy import HAProxyError
+
+    bench = Bench(opts)
+    report: dict = {
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": os.uname().sysname + " " + os.uname().release},
+        "options": {
+            "scenarios": opts.scenarios, "topology": opts.topology.source, "rate": opts.rate, "concurrency": opts.concurrency,
+            "duration_s": opts.duration_s, "kiosks": len(bench.kiosk_ids), "workers": opts.workers, "baseline": opts.baseline,
+            "p99_target_ms": opts.p99_target_ms, "emulated_time": bench.clock_start.isoformat(),
+        },
+        "notes": opts.notes,
+        "scenarios": {},
+        "partial": False,
+    }
+    try:
+        bench.prepare()
+        bench.start_origin()
+        for name in opts.scenarios:
+            report["scenarios"][name] = entry = bench.run_scenario(SCENARIOS[name])
+            if any(isinstance(v, dict) and v.get("partial") for v in entry.values()):
+                report["partial"] = True
+                break
+        if opts.h2load and not report["partial"]:
+            report["h2load"] = bench.h2load(["konbini"] + (["haproxy"] if opts.baseline else []), min(opts.duration_s, 10))
+    except KeyboardInterrupt:
+        report["partial"] = True
+    except (LoadError, HAProxyError) as exc:
+        raise BenchError(str(exc)) from None
+    finally:
+        bench.stop()
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+        write_reports(report, opts.out_dir)
+    return report

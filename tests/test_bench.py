@@ -1,0 +1,149 @@
+"""`konbini bench` end to end on a tiny load: every scenario's report is complete and consistent,
+the HAProxy baseline runs on the same addresses, and bad input gets one line and a non-zero exit.
+
+The servers listen on a port of their own (not 8443) so a topology running beside the tests
+does not collide with them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from bench.runner import BenchError, BenchOptions, run_bench
+from bench.scenarios import SCENARIOS
+from bench.topology import with_kiosks, with_port
+from topology.cli import main as konbini
+from topology.load import DEFAULT_TOPOLOGY, load_topology
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def options(tmp: Path, scenarios: list[str], **kw) -> BenchOptions:
+    topo = with_port(load_topology(DEFAULT_TOPOLOGY), free_port())
+    base = dict(
+        scenarios=scenarios, topology=topo, state_dir=tmp / "state", out_dir=tmp / "out", rate=8.0,
+        duration_s=0.8, warmup_s=0.2, kiosks=4, workers=1, progress=False, sweep_steps=2,
+    )
+    base.update(kw)
+    return BenchOptions(**base)
+
+
+def outcomes_add_up(r: dict) -> bool:
+    counted = r["ok"] + sum(r["refused"].values()) + sum(r["cancelled"].values()) + r["misdelivered"] + sum(r["errors"].values())
+    return r["arrivals"] == r["dropped"] + counted
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = run_bench(options(tmp, list(SCENARIOS)))
+    out["_dir"] = str(tmp / "out")
+    return out
+
+
+def test_report_files_are_written_and_open_without_network(report: dict) -> None:
+    out = Path(report["_dir"])
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk["scenarios"]) == set(SCENARIOS)
+    page = (out / "report.html").read_text()
+    assert "<svg" in page
+    assert "<script" not in page and "<link" not in page and 'href="http' not in page and 'src="http' not in page
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not s.sweep])
+def test_each_scenario_report_is_complete_and_consistent(report: dict, name: str) -> None:
+    r = report["scenarios"][name]["konbini"]
+    for key in ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors", "misdelivered", "dropped", "hops", "generator"):
+        assert key in r, key
+    assert r["arrivals"] > 0 and not r["partial"]
+    assert outcomes_add_up(r)
+    assert r["misdelivered"] == 0
+    assert r["errors"] == {}
+    assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["p999_ms"]
+    assert "store-router" in r["hops"] and "issuance-center" in r["hops"]
+    if SCENARIOS[name].success_only:
+        assert r["refused"] == {} and r["cancelled"] == {}
+        assert r["ok"] == r["arrivals"] - r["dropped"]
+    if SCENARIOS[name].workload.kind == "relay":
+        assert r["bytes_per_s"] == pytest.approx(r["throughput_rps"] * SCENARIOS[name].workload.size, rel=0.01)
+    else:
+        assert "ocsp" in r["hops"] and "municipality" in r["hops"]
+    assert r["servers"]["relay_peak_rss_mib"] > 0
+
+
+def test_mixed_refusals_are_the_expected_ones(report: dict) -> None:
+    r = report["scenarios"]["mixed"]["konbini"]
+    assert set(r["refused"]) <= {"pin-wrong", "outside-hours", "card-revoked"}
+
+
+def test_injected_timeouts_cancel_whole_requests_and_never_misdeliver(report: dict) -> None:
+    r = report["scenarios"]["issuance-timeouts"]["konbini"]
+    assert set(r["cancelled"]) <= {"timeout"}
+    assert r["misdelivered"] == 0 and r["errors"] == {}
+
+
+def test_sweep_reports_steps_and_a_best_rate(report: dict) -> None:
+    s = report["scenarios"]["sweep"]["konbini"]
+    assert 1 <= len(s["steps"]) <= 2
+    assert s["steps"][0]["rate"] == 8.0
+    assert s["best_rate"] in (None, *[st["rate"] for st in s["steps"] if st["pass"]])
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+def test_haproxy_baseline_runs_on_the_same_addresses_and_gives_ratios(tmp_path: Path) -> None:
+    rep = run_bench(options(tmp_path, ["relay-small"], baseline="haproxy"))
+    entry = rep["scenarios"]["relay-small"]
+    k, h = entry["konbini"], entry["haproxy"]
+    assert h["errors"] == {} and h["ok"] > 0 and outcomes_add_up(h)
+    assert "store-router" not in h["hops"] and "issuance-center" in h["hops"]  # haproxy adds no server-timing
+    assert entry["ratios"]["throughput"] == pytest.approx(k["throughput_rps"] / h["throughput_rps"], rel=0.01)
+    cfg = (tmp_path / "state" / "haproxy" / "haproxy.cfg").read_text()
+    assert "verify required alpn h2" in cfg and "set-header konbini-kiosk" in cfg
+
+
+def test_kiosks_beyond_the_topology_join_their_store() -> None:
+    topo, ids = with_kiosks(load_topology(DEFAULT_TOPOLOGY), 30)
+    assert len(ids) == len(set(ids)) == 30
+    a1 = topo.node("store-router-a1")
+    assert "kiosk-a1-5" in {s for rule in a1.allow for s in rule.sources}
+    assert topo.node("kiosk-a1-5").address == "127.18.11.15"
+
+
+# -- bad input: one line, non-zero exit --------------------------------------------------------
+
+
+def test_unknown_scenario(capsys) -> None:
+    assert konbini(["bench", "relay-huge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("konbini: unknown scenario 'relay-huge'") and "\n" not in err
+
+
+@pytest.mark.parametrize("rate", ["0", "-3"])
+def test_impossible_rate(capsys, rate: str) -> None:
+    assert konbini(["bench", "relay-small", f"--rate={rate}"]) == 2
+    assert "impossible rate" in capsys.readouterr().err
+
+
+def test_haproxy_missing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(BenchError, match="haproxy is not installed"):
+        run_bench(options(tmp_path, ["relay-small"], baseline="haproxy"))
+
+
+def test_topology_that_cannot_start(tmp_path: Path) -> None:
+    opts = options(tmp_path, ["relay-small"])
+    port = opts.topology.node("issuance-center").port
+    with socket.socket() as s:  # someone already listens on the issuance center's address
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.18.0.1", port))
+        s.listen()
+        with pytest.raises(BenchError, match=r"issuance-center: address 127\.18\.0\.1:\d+ is taken"):
+            run_bench(opts)
