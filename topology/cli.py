@@ -58,9 +58,12 @@ def cmd_up(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gateway.server import NodeStartError
     from topology.launcher import run_topology
 
+    if getattr(args, "netns", False):
+        from topology.netns_cli import cmd_up_netns
+
+        return cmd_up_netns(args)
     topo = load(args.file)
     console = Console()
     clock = Clock.parse(args.clock, args.clock_speed)
@@ -112,6 +115,13 @@ def cmd_issue(args) -> int:
     topo = load(args.topology)
     sdir = state_dir(args, topo)
     kiosk_id = pick_kiosk(topo, args.kiosk, args.store)
+    mode = "netns" if getattr(args, "netns", False) else "loopback"
+    if mode == "netns":
+        if args.up:
+            raise UserError("--up and --netns do not mix; start `konbini up --netns` first")
+        from topology.netns_cli import enter_kiosk_namespace
+
+        enter_kiosk_namespace(topo, kiosk_id, getattr(args, "tag", None))
     muni = args.municipality or next(iter(topo.municipalities()), None)
     if args.copies < 1:
         raise UserError("--copies must be at least 1")
@@ -143,7 +153,7 @@ def cmd_issue(args) -> int:
                 nursery.cancel_scope.cancel()
                 return result
         pki = PKI.ensure(sdir, topo)
-        return await once(Running(topo, sdir, pki, CardStore(sdir, pki, clock.now), clock, "loopback"))
+        return await once(Running(topo, sdir, pki, CardStore(sdir, pki, clock.now), clock, mode))
 
     try:
         result = trio.run(main)
@@ -217,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--state", help="state directory (PKI, cards, spools, logs)")
     u.add_argument("--clock", help="start the clock at this time, e.g. 2026-11-24T06:29:50+09:00")
     u.add_argument("--clock-speed", type=float, default=1.0, help="emulated seconds per real second")
+    u.add_argument("--netns", action="store_true", help="network-namespace mode with nftables (root)")
+    u.add_argument("--tag", help="with --netns: name namespaces konbini-TAG-* instead of konbini-*")
     u.set_defaults(func=cmd_up)
 
     i = sub.add_parser("issue", help="run one issuance through the topology")
@@ -233,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--size", type=int, help="document size in bytes (default 64 KiB)")
     i.add_argument("--clock", help="emulated time for this run (with --up)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--netns", action="store_true", help="issue from the kiosk's namespace of a running `konbini up --netns`")
+    i.add_argument("--tag", help="with --netns: namespaces konbini-TAG-*")
     i.set_defaults(func=cmd_issue)
 
     k = sub.add_parser("card", help="emulated My Number cards")
@@ -257,6 +271,18 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--topology", help="topology file")
     d.add_argument("--state", help="state directory (default: a fresh temporary one)")
     d.set_defaults(func=cmd_demo)
+
+    from topology.netns_cli import register as register_netns
+
+    register_netns(sub)
+
+    from topology.business_cli import add_parsers  # settle, sla, ledger
+
+    add_parsers(sub, load, UserError)
+
+    from bench.cli import add_parser as add_bench_parser  # `konbini bench` lives with the benchmarks
+
+    add_bench_parser(sub, UserError)
     return p
 
 
