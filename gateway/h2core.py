@@ -18,6 +18,7 @@ The runtime drivers (`gateway.h2trio`, `kiosk_emu.h2asyncio`) feed bytes in, wri
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -61,8 +62,15 @@ class StreamState:
 
 class H2Core:
     def __init__(self, *, client_side: bool, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        # Inbound headers are validated (peers may misbehave); outbound ones are ours and already
+        # lowercase and well-formed, so their validation is skipped on the hot path.
+        config = h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
         self.conn = h2.connection.H2Connection(config=config)
+        # hpack's Huffman coder is pure Python, char by char; between hops on one machine the
+        # bytes it saves cost more CPU than they save (and peers then skip Huffman decoding too).
+        self.conn.encoder.encode = functools.partial(type(self.conn.encoder).encode, self.conn.encoder, huffman=False)
         self.conn.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
