@@ -43,6 +43,17 @@ class ConnectionClosed(Exception):
     """The HTTP/2 connection is gone (peer GOAWAY, protocol error or EOF)."""
 
 
+class StreamReset(Exception):
+    """The peer reset the stream (or the connection died) before it finished."""
+
+    def __init__(self, stream_id: int, code: int | None) -> None:
+        super().__init__(f"stream {stream_id} reset (code {code})")
+        self.code = code
+
+
+PENDING = object()  # next_chunk: nothing yet, the driver waits for the stream to be woken
+
+
 @dataclass(eq=False)
 class StreamState:
     """Inbound side of one stream as the consumer sees it."""
@@ -167,6 +178,16 @@ class H2Core:
         if flow_len > len(data):  # padding counts against the window but never reaches the consumer
             self.ack(st.id, flow_len - len(data))
         return data
+
+    def next_chunk(self, st: StreamState) -> bytes | None | object:
+        """The consumer's next step on a stream: a chunk (not yet acked), None at the body's
+        end, or PENDING; raises StreamReset once the stream was reset and nothing is left."""
+        data = self.take_chunk(st)
+        if data is not None:
+            return data
+        if st.reset_code is not None:
+            raise StreamReset(st.id, st.reset_code)
+        return None if st.ended else PENDING
 
     def ack(self, stream_id: int, nbytes: int) -> None:
         """The consumer has dealt with nbytes of this stream: reopen the window for them."""

@@ -14,19 +14,11 @@ from collections.abc import Awaitable, Callable
 import h2.errors
 import trio
 
-from gateway.h2core import ConnectionClosed, H2Core, Headers, StreamState
+from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamReset, StreamState
 
 log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
-
-
-class StreamReset(Exception):
-    """The peer reset the stream (or the connection died) before it finished."""
-
-    def __init__(self, stream_id: int, code: int | None) -> None:
-        super().__init__(f"stream {stream_id} reset (code {code})")
-        self.code = code
 
 
 class Stream:
@@ -61,18 +53,11 @@ class Stream:
 
     async def receive_chunk(self, ack: bool = True) -> bytes | None:
         """Next chunk of the body, None at its end. With ack=False the caller acks after forwarding."""
-        core = self.conn.core
-        while True:
-            data = core.take_chunk(self.st)
-            if data is not None:
-                if ack:
-                    self.ack(len(data))
-                return data
-            if self.st.reset_code is not None:
-                raise StreamReset(self.st.id, self.st.reset_code)
-            if self.st.ended:
-                return None
+        while (data := self.conn.core.next_chunk(self.st)) is PENDING:
             await self.conn.wait(self.st.id)
+        if data and ack:
+            self.ack(len(data))
+        return data
 
     async def read_body(self, limit: int = 1 << 20) -> bytes:
         """The whole body, for small messages only (JSON); bounded so a peer cannot make us buffer."""

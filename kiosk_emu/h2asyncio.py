@@ -14,17 +14,9 @@ import ssl
 
 import h2.errors
 
-from gateway.h2core import ConnectionClosed, H2Core, Headers, StreamState, header
+from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamReset, StreamState, header
 
 HANDSHAKE_TIMEOUT = 5.0
-
-
-class StreamReset(Exception):
-    """The peer reset the stream (or the connection died) before it finished."""
-
-    def __init__(self, stream_id: int, code: int | None) -> None:
-        super().__init__(f"stream {stream_id} reset (code {code})")
-        self.code = code
 
 
 class Stream:
@@ -61,18 +53,12 @@ class Stream:
     async def receive_chunk(self) -> bytes | None:
         """Next body chunk (acknowledged at once), None at the end."""
         core = self.conn.core
-        while True:
-            data = core.take_chunk(self.st)
-            if data is not None:
-                if data:
-                    core.ack(self.st.id, len(data))
-                    self.conn.flush()
-                return data
-            if self.st.reset_code is not None:
-                raise StreamReset(self.st.id, self.st.reset_code)
-            if self.st.ended:
-                return None
+        while (data := core.next_chunk(self.st)) is PENDING:
             await self.conn.wait(self.st.id)
+        if data:
+            core.ack(self.st.id, len(data))
+            self.conn.flush()
+        return data
 
     async def read_body(self, limit: int = 1 << 20) -> bytes:
         parts: list[bytes] = []
