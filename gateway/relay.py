@@ -47,10 +47,19 @@ class Relay(App):
             up = None
         async with trio.open_nursery() as nursery:
             if up is not None:
-                nursery.start_soon(up.run)
+                nursery.start_soon(self._run_upstream, up, conn)
             await conn.run(lambda s: server.dispatch(s, peer, partial(self.forward, up=up)))
             if up is not None:
                 up.close()
+
+    @staticmethod
+    async def _run_upstream(up: TrioH2, conn: TrioH2) -> None:
+        try:
+            await up.run()
+        finally:
+            # Paired both ways: once the upstream is gone (the next hop restarted), the downstream is
+            # closed too, so its peer reconnects and gets a fresh upstream instead of 502s for ever.
+            conn.close()
 
     def _rewrite(self, headers: Headers, peer: Peer) -> Headers:
         if not self.first_hop:
@@ -64,12 +73,14 @@ class Relay(App):
         t0 = time.perf_counter()
         if up is None or up.core.closed:
             await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
+            ds.conn.close()  # no upstream on this connection: the peer reconnects, and we try the next hop again
             return
         request_done = ds.st.ended and not ds.st.chunks
         try:
             us = await up.open_stream(self._rewrite(ds.headers or [], peer), end_stream=request_done)
         except ConnectionClosed:
             await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
+            ds.conn.close()
             return
         own = time.perf_counter() - t0
         self.streams_forwarded += 1

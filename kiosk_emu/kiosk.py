@@ -105,19 +105,24 @@ class Kiosk:
                     self._erase(flow, "misdelivery-refused")
                     await self._call(conn, flow, *flow.misdelivery_report())
                 elif flow.state.value == "verified":
-                    flow.paid()  # payment before printing (BIZ-4)
                     iid = flow.outcome.issuance_id or ""
+                    # If this kiosk dies before the print is confirmed, the job counts as refunded:
+                    # that notice is durable before money is taken or paper printed (see Outbox.hold).
+                    await self._outbox(self.outbox.hold, iid, *flow.refund_notice(self.ctx.clock.now())[1:])
+                    flow.paid()  # payment before printing (BIZ-4)
                     self._log("paid", issuance=iid, fee=flow.outcome.fee)
                     job = self.printer.print_job(iid, request.copies)
                     if job.misprinted:
                         notice = flow.misprinted(self.ctx.clock.now())
+                    else:
+                        notice = flow.printed(self.ctx.clock.now())
+                    # Durable before the resident is told it is done (BIZ-5), and before the log says so,
+                    # so a kiosk killed in between never logs a print (or refund) whose notice is lost.
+                    await self._outbox(self.outbox.confirm, iid, notice[1], notice[2])
+                    if job.misprinted:
                         self._log("misprint-refunded", issuance=iid, fee=flow.outcome.fee,
                                   copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies])
                     else:
-                        notice = flow.printed(self.ctx.clock.now())
-                    # Durable before the resident is told it is done (BIZ-5); sent below, resent until acknowledged.
-                    await self._outbox(self.outbox.put, iid, notice[1], notice[2])
-                    if not job.misprinted:
                         self._log(
                             "printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee,
                         )
@@ -221,6 +226,24 @@ class Kiosk:
             flow.record_timing(stream.trailers)
         finally:
             conn.release(stream)
+
+    def recover(self) -> int:
+        """At kiosk start (once per process, not per issuance): release the refund notices of jobs
+        a killed predecessor paid for but never confirmed printed, and erase its spool."""
+        released = self.outbox.release_held()
+        if released:
+            self._log("unconfirmed-prints-refunded", count=released)
+        return self.erase_leftover_spool()
+
+    def erase_leftover_spool(self) -> int:
+        """Erase what a killed predecessor left in the spool (SEC-KI-2); the notice, if the
+        document was paid for, is already in the outbox."""
+        n = 0
+        for leftover in sorted(self.spool.glob("*.pdf")):
+            leftover.unlink(missing_ok=True)
+            self._log("spool-erased-after-restart", issuance=leftover.stem, erased=not leftover.exists())
+            n += 1
+        return n
 
     def _erase(self, flow: KioskFlow, event: str) -> None:
         spool_file = self._spool_file(flow)
