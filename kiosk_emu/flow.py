@@ -243,15 +243,20 @@ class KioskFlow:
         )
         return "POST", "/v1/notice", msgspec.json.encode(notice)
 
+    def refund_notice(self, now: datetime) -> tuple[str, str, bytes]:
+        """The notice for this job refunded, without a transition: held in the outbox while printing."""
+        o = self.outcome
+        notice = CompletionNotice(
+            o.issuance_id or "", self.session or "", self.request.copies, o.fee, now.isoformat(), refunded=True
+        )
+        return "POST", "/v1/notice", msgspec.json.encode(notice)
+
     def misprinted(self, now: datetime) -> tuple[str, str, bytes]:
         """The printer failed: the fee is refunded and the notice says so (BIZ-4)."""
         self._go("misprinted")
         o = self.outcome
         o.refunded, o.reason, o.message = True, "misprint", KIOSK_MESSAGES["misprint"]
-        notice = CompletionNotice(
-            o.issuance_id or "", self.session or "", self.request.copies, o.fee, now.isoformat(), refunded=True
-        )
-        return "POST", "/v1/notice", msgspec.json.encode(notice)
+        return self.refund_notice(now)
 
     def notice_queued(self) -> None:
         """Not acknowledged yet, but durable in the outbox: the resident need not wait for it."""

@@ -60,12 +60,27 @@ class Outbox:
     def close(self) -> None:
         self.conn.close()
 
-    def put(self, issuance_id: str, path: str, body: bytes) -> None:
-        """Durable on return (the commit is fsync'd); a second put of the same notice is a no-op."""
+    def hold(self, issuance_id: str, path: str, body: bytes) -> None:
+        """Before printing: the notice that must go out if the kiosk dies before the print is
+        confirmed (the job refunded). Held, not sent, until `confirm` or `release_held`."""
         self.conn.execute(
-            "INSERT INTO notices (issuance_id, path, body) VALUES (?, ?, ?) ON CONFLICT (issuance_id) DO NOTHING",
+            "INSERT INTO notices (issuance_id, path, body, state) VALUES (?, ?, ?, 'held') "
+            "ON CONFLICT (issuance_id) DO NOTHING",
             (issuance_id, path, body),
         )
+
+    def confirm(self, issuance_id: str, path: str, body: bytes) -> None:
+        """After printing: the held notice becomes the real one, due now (durable on return)."""
+        self.conn.execute(
+            "INSERT INTO notices (issuance_id, path, body) VALUES (?, ?, ?) ON CONFLICT (issuance_id) "
+            "DO UPDATE SET path = excluded.path, body = excluded.body, state = 'pending' WHERE state = 'held'",
+            (issuance_id, path, body),
+        )
+
+    def release_held(self) -> int:
+        """At kiosk start: a held notice means the kiosk died between payment and a confirmed print;
+        the job is refunded and its copies void (BIZ-4), so the held refund notice goes out."""
+        return self.conn.execute("UPDATE notices SET state = 'pending' WHERE state = 'held'").rowcount
 
     def due(self, now: float, limit: int = 100) -> list[Pending]:
         rows = self.conn.execute(

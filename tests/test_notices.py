@@ -14,6 +14,7 @@ from gateway.http import request_headers
 from gateway.ledger import VOID_STAMP, LedgerDB
 from gateway.messages import CorrectionNotice, IssueRequest
 from kiosk_emu.kiosk import Kiosk, issue_at
+from kiosk_emu.outbox import Outbox
 from kiosk_emu.printer import Printer
 from topology.launcher import run_topology
 from tests.conftest import TEST_TIME
@@ -128,3 +129,18 @@ async def test_correction_amends_a_noticed_issuance_until_the_month_is_fixed(net
     # another kiosk cannot amend it
     status, _ = await post(Kiosk(net.context("kiosk-a1-1"), net.state_dir), "/v1/correction", corr)
     assert status == 404
+
+
+def test_a_held_refund_notice_waits_for_the_print_and_goes_out_if_the_kiosk_died(tmp_path):
+    box = Outbox(tmp_path / "k.sqlite")
+    box.hold("iss-1", "/v1/notice", b"refund")
+    assert box.due(float("inf")) == []  # not sent while the printer runs
+    box.confirm("iss-1", "/v1/notice", b"printed")
+    assert [(p.issuance_id, p.body) for p in box.due(float("inf"))] == [("iss-1", b"printed")]
+    box.hold("iss-2", "/v1/notice", b"refund")  # ... and the kiosk is killed before confirming
+    restarted = Outbox(tmp_path / "k.sqlite")
+    assert restarted.release_held() == 1
+    assert sorted((p.issuance_id, p.body) for p in restarted.due(float("inf"))) == [
+        ("iss-1", b"printed"), ("iss-2", b"refund")]
+    box.confirm("iss-2", "/v1/notice", b"printed")  # too late: a released refund is not overwritten
+    assert dict((p.issuance_id, p.body) for p in restarted.due(float("inf")))["iss-2"] == b"refund"
