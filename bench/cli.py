@@ -25,6 +25,8 @@ def add_parser(sub, user_error) -> None:
     b.add_argument("--p99-target", type=float, default=100.0, help="sweep: p99 target in ms (default 100)")
     b.add_argument("--sweep-steps", type=int, default=8, help="sweep: at most this many rate steps")
     b.add_argument("--h2load", action="store_true", help="also cross-check relay-small/relay-64k with h2load")
+    b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
+    b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
     b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
     b.add_argument("--no-progress", action="store_true")
@@ -56,13 +58,15 @@ def cmd_bench(args, user_error) -> int:
         sweep_steps=args.sweep_steps,
         h2load=args.h2load,
         progress=not args.no_progress,
+        netns=args.netns,
+        netns_tag=args.tag,
     )
     try:
         report = run_bench(opts)
     except BenchError as exc:
         raise user_error(str(exc)) from None
     console = Console()
-    table = Table(title="konbini bench" + (" (partial)" if report["partial"] else ""))
+    table = Table(title="konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else ""))
     for col in ("scenario", "phase", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"):
         table.add_column(col)
     for name, entry in report["scenarios"].items():

@@ -7,6 +7,10 @@ Process layout (so nothing shares an event loop with the generator):
   HAProxy on the same addresses; each phase starts a fresh one and records its CPU and memory;
 - the load generator's worker processes (`kiosk_emu.loadgen.run_load`).
 Phases run back to back per scenario: konbini, then (with --baseline haproxy) HAProxy.
+
+With `--netns` (root) the whole topology instead runs in netns mode for the whole run (namespaces
+`konbini-<tag>-<site>`, one nodehost per namespace, as `konbini up --netns`), every load worker
+enters its kiosks' namespace before opening a socket, and everything is torn down at the end.
 """
 
 from __future__ import annotations
@@ -91,6 +95,27 @@ def proc_stats(pid: int | None) -> dict:
     }
 
 
+def procs_stats(pids: list[int]) -> dict:
+    """`proc_stats` added up over several processes (netns mode: one nodehost per namespace)."""
+    out: dict = {}
+    for pid in pids:
+        for k, v in proc_stats(pid).items():
+            out[k] = round(out.get(k, 0) + v, 2)
+    return out
+
+
+class _Running:
+    """The front of a netns bench: already running for the whole bench."""
+
+    pid = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class NodeProcess:
     """Some nodes of a topology served by `run_topology` in a child process."""
 
@@ -153,6 +178,8 @@ class BenchOptions:
     h2load: bool = False
     progress: bool = True
     seed: int = 1
+    netns: bool = False  # run the topology in netns mode (root); the kiosks' workers join their namespaces
+    netns_tag: str = "bench"  # namespaces konbini-<tag>-<site>
     notes: list[str] = field(default_factory=list)
 
 
@@ -179,6 +206,17 @@ def validate(opts: BenchOptions) -> None:
             raise BenchError(str(exc)) from None
     if opts.h2load and shutil.which("h2load") is None:
         raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
+    if opts.netns:
+        from topology.netns import NetnsError, require_root
+        from topology.netplan import PlanError, namespace_prefix
+
+        if opts.baseline or opts.h2load:
+            raise BenchError("--netns runs konbini's relays only: --baseline and --h2load are loopback-only")
+        try:
+            require_root("`konbini bench --netns`")
+            namespace_prefix(opts.netns_tag)
+        except (NetnsError, PlanError) as exc:
+            raise BenchError(str(exc)) from None
 
 
 class Bench:
@@ -194,6 +232,9 @@ class Bench:
         self.topo, self.kiosk_ids = with_kiosks(opts.topology, need)
         self.clock_start = bench_clock_start()
         self.origin: NodeProcess | None = None
+        self.mode = "netns" if opts.netns else "loopback"
+        self.plan = None  # netns mode: the NetPlan once its namespaces exist
+        self.hosts: list = []  # netns mode: the nodehosts
 
     def prepare(self) -> None:
         from gateway.clock import Clock
@@ -228,16 +269,54 @@ class Bench:
             raise BenchError(f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios")
 
     def start_origin(self) -> None:
+        if self.opts.netns:
+            self.start_netns()
+            return
         center = {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}
         self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, "issuance center side")
         self.origin.start()
 
+    def start_netns(self) -> None:
+        """Namespaces and every server of the bench topology (its extra kiosks included), as `up --netns`."""
+        from topology import netns
+        from topology.netplan import build_plan
+
+        plan = build_plan(self.topo, self.opts.netns_tag)
+        netns.create_network(plan, self.opts.state_dir)  # rolls itself back on failure
+        self.plan = plan
+        netns.register_launcher(plan.prefix)
+        self.opts.notes.extend(netns.apply_impairments(plan))
+        self.hosts = netns.start_nodehosts(
+            plan, self.topo.source, self.opts.state_dir, clock=self.clock_start.isoformat(), topo=self.topo
+        )
+
     def stop(self) -> None:
         if self.origin is not None:
             self.origin.stop()
+        if self.plan is not None:  # always, also after an error or Ctrl-C
+            from topology import netns
+
+            try:
+                netns.stop_nodehosts(self.hosts)
+            finally:
+                self.hosts = []
+                netns.teardown(self.plan.prefix, self.opts.state_dir)
+                self.plan = None
+
+    def server_pids(self, front) -> tuple[list[int], list[int]]:
+        """(relay pids, center-side pids) whose CPU and memory the report shows."""
+        if self.plan is None:
+            return [p for p in [front.pid] if p], [p for p in [self.origin.pid if self.origin else None] if p]
+        relay, center = [], []
+        for h in self.hosts:
+            kinds = {self.topo.node(n).kind for n in self.plan.sites[h.site].servers}
+            (relay if kinds & set(RELAY_KINDS) else center).append(h.pid)
+        return relay, center
 
     def _front(self, phase: str):
         relays = [n for n in self.topo.nodes.values() if n.kind in RELAY_KINDS]
+        if self.plan is not None:
+            return _Running()  # netns mode: the relays run in their nodehosts for the whole bench
         if phase == "konbini":
             return NodeProcess(self.topo, self.opts.state_dir, {n.id for n in relays}, self.clock_start, "konbini relays")
         from bench.haproxy import HAProxyProcess, config
@@ -254,7 +333,11 @@ class Bench:
         for kid, card in zip(self.kiosk_ids, self.cards, strict=True):
             k = self.topo.node(kid)
             r = self.topo.node(k.upstream or "")
-            kiosks.append(KioskSpec(kid, k.address, r.id, r.address, r.port or 0, card))
+            if self.plan is not None:
+                ns = self.plan.namespace(k.site)
+                kiosks.append(KioskSpec(kid, k.address_in("netns"), r.id, r.address_in("netns"), r.port or 0, card, ns))
+            else:
+                kiosks.append(KioskSpec(kid, k.address, r.id, r.address, r.port or 0, card))
         hop_kinds = {n.id: n.kind for n in self.topo.nodes.values()}
         warm = o.warmup_s if o.warmup_s is not None else min(2.0, duration * 0.2)
         return LoadSpec(
@@ -278,13 +361,15 @@ class Bench:
         front = self._front(phase)
         front.start()
         try:
-            before = proc_stats(front.pid)
-            origin_before = proc_stats(self.origin.pid if self.origin else None)
+            relay_pids, origin_pids = self.server_pids(front)
+            before = procs_stats(relay_pids)
+            origin_before = procs_stats(origin_pids)
             t0 = time.perf_counter()
-            result = run_load(self.spec(sc, rate, concurrency, duration), self.opts.workers, progress=self.opts.progress, label=f"{sc.name} [{phase}]")
+            label = f"{sc.name} [{phase}{', netns' if self.plan is not None else ''}]"
+            result = run_load(self.spec(sc, rate, concurrency, duration), self.opts.workers, progress=self.opts.progress, label=label)
             wall = time.perf_counter() - t0
-            after = proc_stats(front.pid)
-            origin_after = proc_stats(self.origin.pid if self.origin else None)
+            after = procs_stats(relay_pids)
+            origin_after = procs_stats(origin_pids)
         finally:
             front.stop()
         result["phase"] = phase
@@ -416,15 +501,19 @@ def run_bench(opts: BenchOptions) -> dict:
     """Run the scenarios, write report.json and report.html under opts.out_dir; returns the report."""
     from bench.report import write_reports
     from bench.haproxy import HAProxyError
+    from topology.netns import NetnsError
+    from topology.netplan import PlanError
 
     bench = Bench(opts)
     report: dict = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "mode": bench.mode,
         "machine": {"cpus": os.cpu_count(), "platform": os.uname().sysname + " " + os.uname().release},
         "options": {
             "scenarios": opts.scenarios, "topology": opts.topology.source, "rate": opts.rate, "concurrency": opts.concurrency,
             "duration_s": opts.duration_s, "kiosks": len(bench.kiosk_ids), "workers": opts.workers, "baseline": opts.baseline,
             "p99_target_ms": opts.p99_target_ms, "emulated_time": bench.clock_start.isoformat(),
+            "netns_tag": opts.netns_tag if opts.netns else None,
         },
         "notes": opts.notes,
         "scenarios": {},
@@ -442,7 +531,7 @@ def run_bench(opts: BenchOptions) -> dict:
             report["h2load"] = bench.h2load(["konbini"] + (["haproxy"] if opts.baseline else []), min(opts.duration_s, 10))
     except KeyboardInterrupt:
         report["partial"] = True
-    except (LoadError, HAProxyError) as exc:
+    except (LoadError, HAProxyError, NetnsError, PlanError) as exc:
         raise BenchError(str(exc)) from None
     finally:
         bench.stop()

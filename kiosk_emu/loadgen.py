@@ -23,6 +23,7 @@ import queue as queue_mod
 import random
 import resource
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -134,6 +135,7 @@ class KioskSpec:
     router_address: str
     router_port: int
     card: str  # card id in the state dir's card store
+    namespace: str | None = None  # netns mode: the kiosk's network namespace (its worker enters it)
 
 
 @dataclass
@@ -536,6 +538,16 @@ class _Worker:
 def _worker_main(wid: int, nworkers: int, spec: LoadSpec, out: mp.Queue, go: mp.Event, go_at, stop: mp.Event) -> None:
     import uvloop
 
+    ns = spec.kiosks[0].namespace if spec.kiosks else None
+    if ns:  # netns mode: before any socket (and any thread: setns moves only the calling one)
+        from topology.netns import enter_namespace
+
+        try:
+            enter_namespace(ns)
+        except OSError as exc:
+            out.put(("error", wid, f"cannot enter namespace {ns}: {exc.strerror or exc}"))
+            return
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         w = _Worker(wid, nworkers, spec)
@@ -550,17 +562,25 @@ def _worker_main(wid: int, nworkers: int, spec: LoadSpec, out: mp.Queue, go: mp.
         out.put(("ready", wid, None))
         await loop.run_in_executor(None, go.wait)
 
+        finished = threading.Event()
+
+        def wait_stop() -> bool:  # polls, so the thread ends once we finish; never sets the shared
+            while not finished.is_set():  # `stop` itself: that would cut the other workers short
+                if stop.wait(0.1):
+                    return True
+            return False
+
         async def watch_stop() -> None:
-            await loop.run_in_executor(None, stop.wait)
-            w.stop.set()
+            if await loop.run_in_executor(None, wait_stop):
+                w.stop.set()
 
         watcher = asyncio.create_task(watch_stop())
         try:
             result = await w.run(go_at.value, out.put)
         finally:
             w.close()
+            finished.set()
         out.put(("result", wid, result))
-        stop.set()  # lets the executor thread of the watcher end
         await asyncio.sleep(0)
         watcher.cancel()
 
@@ -592,7 +612,8 @@ def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: 
     out: mp.Queue = ctx.Queue()
     go, stop = ctx.Event(), ctx.Event()
     go_at = ctx.Value("d", 0.0)
-    shares = [spec.kiosks[i::workers] for i in range(workers)]
+    shares = worker_shares(spec.kiosks, workers)
+    workers = len(shares)
     procs = []
     for wid in range(workers):
         part = LoadSpec(**{**spec.__dict__, "kiosks": shares[wid]})
@@ -631,6 +652,16 @@ def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: 
     merged = merge_results(list(results.values()), spec)
     merged["partial"] = interrupted or merged["partial"] or len(results) < workers
     return merged
+
+
+def worker_shares(kiosks: list[KioskSpec], workers: int) -> list[list[KioskSpec]]:
+    """Kiosks per worker, round-robin. A worker lives in one network namespace, so in netns mode
+    kiosks are first grouped by namespace: at least one worker per namespace, `workers` spread over them."""
+    groups: dict[str | None, list[KioskSpec]] = {}
+    for k in kiosks:
+        groups.setdefault(k.namespace, []).append(k)
+    per = max(1, workers // len(groups)) if groups else 1
+    return [g[i::n] for g in groups.values() for n in [min(per, len(g))] for i in range(n)]
 
 
 def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: str, deadline_s: float | None = None) -> dict[int, dict]:

@@ -228,6 +228,29 @@ def test_issuance_end_to_end_in_netns(netns_up) -> None:
 
 
 @needs_root
+def test_bench_runs_in_netns_mode_and_tears_down(tmp_path, topo) -> None:
+    from bench.runner import BenchOptions, run_bench
+
+    tag = f"b{os.getpid()}"
+    opts = BenchOptions(
+        scenarios=["relay-small", "issuance"], topology=topo, state_dir=tmp_path / "state", out_dir=tmp_path / "out",
+        duration_s=1.5, warmup_s=0.3, kiosks=8, progress=False, netns=True, netns_tag=tag,
+    )
+    try:
+        report = run_bench(opts)
+    finally:
+        konbini("down", "--tag", tag, "--state", str(tmp_path / "state"))
+    assert netns.list_namespaces(f"konbini-{tag}-") == []  # run_bench itself tore everything down
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["mode"] == report["mode"] == "netns" and not report["partial"]
+    for name in ("relay-small", "issuance"):
+        r = report["scenarios"][name]["konbini"]
+        assert r["ok"] > 0 and r["errors"] == {} and r["misdelivered"] == 0 and not r["partial"], (name, r)
+        assert "store-router" in r["hops"] and "issuance-center" in r["hops"]
+        assert len(r["generator"]["workers"]) >= 2  # kiosks of several stores: one worker per store namespace
+
+
+@needs_root
 def test_up_refuses_existing_namespace_and_leaves_everything_as_it_was(netns_up) -> None:
     plan, state = netns_up
     before = netns.list_namespaces(plan.prefix)

@@ -194,7 +194,19 @@ class Nodehost:
                 pass
 
 
-def _fork_nodehost(site, namespace: str, argv: list[str], log_path: Path, siblings: list[Nodehost]) -> Nodehost:
+def enter_namespace(namespace: str) -> None:
+    """Move the calling thread (a fresh child, before it opens any socket) into /run/netns/NAMESPACE.
+    ctypes rather than os.setns: that needs Python 3.12."""
+    fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {namespace}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _fork_nodehost(site, namespace: str, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.nodehost`: the child inherits
     the already imported modules, which cuts a 20-namespace start from seconds to well under one."""
     import topology.nodehost  # noqa: F401  (imported before the fork, so children share it)
@@ -219,13 +231,10 @@ def _fork_nodehost(site, namespace: str, argv: list[str], log_path: Path, siblin
             _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(NODEHOST_COMM))
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's; it closes our stdin
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
-            if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns {namespace}")
-            os.close(fd)
+            enter_namespace(namespace)
             from topology import nodehost
 
-            rc = nodehost.main(argv)
+            rc = nodehost.main(argv, topo=topo)
         except BaseException:
             import traceback
 
@@ -241,9 +250,10 @@ def _fork_nodehost(site, namespace: str, argv: list[str], log_path: Path, siblin
 
 
 def start_nodehosts(
-    plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0
+    plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None
 ) -> list[Nodehost]:
-    """One nodehost per namespace with servers; returns once every one said "ready"."""
+    """One nodehost per namespace with servers; returns once every one said "ready".
+    `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks) instead of loading `topo_file`."""
     pid_dir = net_dir(state_dir) / "pids"
     log_dir = net_dir(state_dir) / "logs"
     pid_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +268,7 @@ def start_nodehosts(
                     "--mode", "netns", "--nodes", ",".join(site.servers), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(site.name, site.namespace, argv, log_dir / f"{site.name}.log", hosts)
+            host = _fork_nodehost(site.name, site.namespace, argv, log_dir / f"{site.name}.log", hosts, topo)
             hosts.append(host)
             (pid_dir / f"{site.namespace}.pid").write_text(f"{host.pid}\n")
             sel.register(host.ready_fd, selectors.EVENT_READ, host)

@@ -21,8 +21,8 @@ from topology.launcher import run_topology
 from topology.load import TopologyError, load_topology
 
 
-async def _serve(args) -> None:
-    topo = load_topology(args.topology)
+async def _serve(args, topo=None) -> None:
+    topo = topo if topo is not None else load_topology(args.topology)
     only = {n for n in args.nodes.split(",") if n}
     unknown = sorted(only - set(topo.nodes))
     if unknown:
@@ -32,14 +32,15 @@ async def _serve(args) -> None:
         await nursery.start(
             lambda task_status: run_topology(topo, Path(args.state), mode=args.mode, clock=clock, only=only, task_status=task_status)
         )
-        print("ready", flush=True)
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
+        stdin = trio.lowlevel.FdStream(os.dup(0))  # fd 0 (the launcher's pipe), not sys.stdin (likewise)
         while await stdin.receive_some(4096):
             pass
         nursery.cancel_scope.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, topo=None) -> int:
+    """`topo`: an already loaded topology (a forked nodehost inherits it) instead of --topology's file."""
     p = argparse.ArgumentParser(prog="python -m topology.nodehost")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
-        trio.run(_serve, args)
+        trio.run(_serve, args, topo)
     except (NodeStartError, TopologyError) as exc:
         print(f"nodehost: {exc}", file=sys.stderr)
         return 2
