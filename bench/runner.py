@@ -96,12 +96,37 @@ def proc_stats(pid: int | None) -> dict:
 
 
 def procs_stats(pids: list[int]) -> dict:
-    """`proc_stats` added up over several processes (netns mode: one nodehost per namespace)."""
+    """`proc_stats` added up over several processes (one per operator, or per namespace), plus
+    the largest single process's peak RSS: the per-relay-process memory bound is about that one."""
     out: dict = {}
     for pid in pids:
-        for k, v in proc_stats(pid).items():
+        stats = proc_stats(pid)
+        for k, v in stats.items():
             out[k] = round(out.get(k, 0) + v, 2)
+        out["max_process_peak_rss_mib"] = max(out.get("max_process_peak_rss_mib", 0), stats.get("peak_rss_mib", 0))
     return out
+
+
+class NodeGroup:
+    """Several NodeProcesses started and stopped together (the relays, one process per operator)."""
+
+    def __init__(self, procs: list[NodeProcess]) -> None:
+        self.procs = procs
+
+    def start(self, timeout: float = 60.0) -> float:
+        try:
+            return max(p.start(timeout) for p in self.procs)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
 
 
 class _Running:
@@ -306,7 +331,8 @@ class Bench:
     def server_pids(self, front) -> tuple[list[int], list[int]]:
         """(relay pids, center-side pids) whose CPU and memory the report shows."""
         if self.plan is None:
-            return [p for p in [front.pid] if p], [p for p in [self.origin.pid if self.origin else None] if p]
+            front_pids = front.pids if isinstance(front, NodeGroup) else [front.pid]
+            return [p for p in front_pids if p], [p for p in [self.origin.pid if self.origin else None] if p]
         relay, center = [], []
         for h in self.hosts:
             kinds = {self.topo.node(n).kind for n in self.plan.sites[h.site].servers}
@@ -318,7 +344,15 @@ class Bench:
         if self.plan is not None:
             return _Running()  # netns mode: the relays run in their nodehosts for the whole bench
         if phase == "konbini":
-            return NodeProcess(self.topo, self.opts.state_dir, {n.id for n in relays}, self.clock_start, "konbini relays")
+            # One process per operator's relay chain (SO_REUSEPORT is not needed: every relay has
+            # its own address), so the relays can use both cores as HAProxy's threads do.
+            by_operator: dict[str, set[str]] = {}
+            for n in relays:
+                by_operator.setdefault(n.operator or "", set()).add(n.id)
+            return NodeGroup([
+                NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {op or '-'}")
+                for op, ids in sorted(by_operator.items())
+            ])
         from bench.haproxy import HAProxyProcess, config
 
         cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
@@ -377,6 +411,8 @@ class Bench:
             "relay_cpu_s": round(after.get("cpu_s", 0) - before.get("cpu_s", 0), 2),
             "relay_cpu_cores": round((after.get("cpu_s", 0) - before.get("cpu_s", 0)) / wall, 2) if wall else None,
             "relay_peak_rss_mib": after.get("peak_rss_mib"),
+            "relay_max_process_peak_rss_mib": after.get("max_process_peak_rss_mib"),
+            "relay_processes": len(relay_pids),
             "origin_cpu_s": round(origin_after.get("cpu_s", 0) - origin_before.get("cpu_s", 0), 2),
             "origin_rss_mib": origin_after.get("rss_mib"),
         }
