@@ -71,6 +71,32 @@ class StreamState:
         return self.ended or self.reset_code is not None
 
 
+class StreamHandle:
+    """What both runtimes' stream objects share: a view of one StreamState on one connection."""
+
+    __slots__ = ("conn", "st")
+
+    def __init__(self, conn, st: StreamState) -> None:
+        self.conn = conn
+        self.st = st
+
+    @property
+    def id(self) -> int:
+        return self.st.id
+
+    @property
+    def headers(self) -> Headers | None:
+        return self.st.headers
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self.st.trailers
+
+    def _raise_if_reset(self) -> None:
+        if self.st.reset_code is not None:
+            raise StreamReset(self.st.id, self.st.reset_code)
+
+
 class H2Core:
     def __init__(self, *, client_side: bool, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
         # Inbound headers are validated (peers may misbehave); outbound ones are ours and already

@@ -14,35 +14,22 @@ from collections.abc import Awaitable, Callable
 import h2.errors
 import trio
 
-from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamReset, StreamState
+from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamHandle, StreamReset, StreamState
 
 log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
 
 
-class Stream:
+class Stream(StreamHandle):
     """One HTTP/2 stream seen from a Trio task."""
 
-    __slots__ = ("conn", "st", "cancel_scope", "sent_headers")
+    __slots__ = ("cancel_scope", "sent_headers")
 
     def __init__(self, conn: TrioH2, st: StreamState) -> None:
-        self.conn = conn
-        self.st = st
+        super().__init__(conn, st)
         self.cancel_scope: trio.CancelScope | None = None
         self.sent_headers = False
-
-    @property
-    def id(self) -> int:
-        return self.st.id
-
-    @property
-    def headers(self) -> Headers | None:
-        return self.st.headers
-
-    @property
-    def trailers(self) -> Headers | None:
-        return self.st.trailers
 
     async def receive_headers(self) -> Headers:
         """Client side: wait for the response headers."""
@@ -104,10 +91,6 @@ class Stream:
         self.conn.core.reset(self.st.id, code)
         self.conn.flush()
         self.conn.wake({self.st.id})
-
-    def _raise_if_reset(self) -> None:
-        if self.st.reset_code is not None:
-            raise StreamReset(self.st.id, self.st.reset_code)
 
 
 Handler = Callable[[Stream], Awaitable[None]]

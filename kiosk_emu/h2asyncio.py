@@ -14,31 +14,15 @@ import ssl
 
 import h2.errors
 
-from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamReset, StreamState, header
+from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamHandle, StreamReset, header
 
 HANDSHAKE_TIMEOUT = 5.0
 
 
-class Stream:
+class Stream(StreamHandle):
     """One HTTP/2 stream seen from an asyncio task."""
 
-    __slots__ = ("conn", "st")
-
-    def __init__(self, conn: AsyncioH2, st: StreamState) -> None:
-        self.conn = conn
-        self.st = st
-
-    @property
-    def id(self) -> int:
-        return self.st.id
-
-    @property
-    def headers(self) -> Headers | None:
-        return self.st.headers
-
-    @property
-    def trailers(self) -> Headers | None:
-        return self.st.trailers
+    __slots__ = ()
 
     @property
     def status(self) -> int:
@@ -89,10 +73,6 @@ class Stream:
                 if not view:
                     return
             await self.conn.wait(self.st.id)
-
-    def _raise_if_reset(self) -> None:
-        if self.st.reset_code is not None:
-            raise StreamReset(self.st.id, self.st.reset_code)
 
 
 class AsyncioH2(asyncio.Protocol):
