@@ -25,6 +25,7 @@ Revocations = Callable[[], Mapping[int, tuple[datetime, str]]]
 
 DEFAULT_VALIDITY = timedelta(minutes=10)  # how long a response may be relied on (nextUpdate)
 DEFAULT_SKEW = timedelta(minutes=5)  # tolerated clock difference between responder and checker
+CRL_VALIDITY = timedelta(days=1)  # a CRL's nextUpdate
 
 
 def build_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
@@ -78,6 +79,38 @@ class OcspResponder:
             .sign(self.signer_key, hashes.SHA256())
         )
         return response.public_bytes(serialization.Encoding.DER)
+
+
+def build_crl(
+    issuer_cert: x509.Certificate,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    revocations: Mapping[int, tuple[datetime, str]],
+    now: datetime,
+    validity: timedelta = CRL_VALIDITY,
+) -> bytes:
+    """A DER CRL (RFC 5280) of every revoked serial, signed by the CA itself (BIZ-8).
+
+    Each entry carries its revocation date and CRLReason (the seed-004 cause mapped as in OCSP);
+    the CRL number is the issue time in seconds, so later CRLs have larger numbers."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer_cert.subject)
+        .last_update(now)
+        .next_update(now + validity)
+        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+    )
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    for serial, (revoked_at, cause) in sorted(revocations.items()):
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at)
+        reason = REVOCATION_REASONS.get(cause)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def check_response(

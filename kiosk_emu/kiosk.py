@@ -8,6 +8,7 @@ failure) it is erased and the erase is written to the kiosk's append-only issuan
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,14 @@ from kiosk_emu.flow import KioskFlow
 from kiosk_emu.outbox import Outbox
 from kiosk_emu.printer import Printer
 
+log = logging.getLogger("konbini.kiosk")
+
 ISSUANCE_TIMEOUT = 15.0  # the whole request, end to end; past it everything is cancelled
 NOTICE_TIMEOUT = 5.0  # one attempt to deliver a notice; after printing, the outbox takes over
+HEARTBEAT_TIMEOUT = 5.0  # one heartbeat request; past it the connection is dropped and remade
+_LINK_ERRORS = (
+    StreamReset, ConnectionClosed, ConnectionError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError
+)
 
 
 @dataclass
@@ -59,6 +66,9 @@ class Kiosk:
         self._outbox_lock = trio.Lock()
         self.node = ctx.node
         self.router = ctx.topo.node(ctx.node.upstream or "")
+        self.controller = next(
+            (n for n in ctx.topo.of_kind("store-controller") if n.site == ctx.node.site), None
+        )  # the store controller it reports to (SEC-KI-7, SEC-KI-8)
         self.spool = state_dir / "spool" / self.node.id
         self.spool.mkdir(parents=True, exist_ok=True)
         self.log_path = state_dir / "kiosk-logs" / f"{self.node.id}.jsonl"
@@ -200,6 +210,54 @@ class Kiosk:
             nxt = await self._outbox(self.outbox.next_due)
             # Wall-clock times: the outbox outlives this process, so a restarted kiosk resumes its backoff.
             await trio.sleep(min(max(nxt - time.time(), 0.05), 60.0) if nxt is not None else 1.0)
+
+    async def run_heartbeat(self, interval: float = 10.0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """`POST /v1/heartbeat` to the store controller every `interval` seconds (SEC-KI-8), over one
+        connection, remade after any failure; runs until cancelled. The controller reports a kiosk
+        silent for SILENCE_LIMIT (30 s), so the interval must stay well below it."""
+        if self.controller is None:
+            raise ValueError(f"no store controller in site {self.node.site!r} for {self.node.id}")
+        task_status.started()
+        while True:
+            try:
+                with trio.fail_after(HEARTBEAT_TIMEOUT):
+                    conn = await self.ctx.connect(self.controller)
+            except _LINK_ERRORS as exc:
+                log.warning("%s: store controller unreachable (%s)", self.node.id, type(exc).__name__)
+            else:
+                await self._beat_over(conn, interval)
+            await trio.sleep(interval)
+
+    async def _beat_over(self, conn: TrioH2, interval: float) -> None:
+        """Heartbeats over one connection until it fails or ends."""
+        async with trio.open_nursery() as nursery:
+
+            async def run_conn() -> None:
+                try:
+                    await conn.run()
+                finally:
+                    nursery.cancel_scope.cancel()  # the connection ended: stop sending on it
+
+            nursery.start_soon(run_conn)
+            try:
+                while True:
+                    with trio.fail_after(HEARTBEAT_TIMEOUT):
+                        stream = await conn.open_stream(
+                            request_headers("POST", "/v1/heartbeat", self.controller.id), end_stream=True
+                        )
+                        try:
+                            status = int(header(await stream.receive_headers(), b":status") or 0)
+                            await stream.read_body()
+                        finally:
+                            conn.release(stream)
+                    if status != 200:
+                        log.warning("%s: heartbeat answered %d", self.node.id, status)
+                    await trio.sleep(interval)
+            except _LINK_ERRORS as exc:
+                log.warning("%s: heartbeat failed (%s); reconnecting", self.node.id, type(exc).__name__)
+            finally:
+                conn.close()  # GOAWAY; give the peer a second to close, then drop it
+                nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + 1.0)
 
     def _spool_file(self, flow: KioskFlow) -> Path:
         return self.spool / f"{flow.outcome.issuance_id or 'none'}.pdf"

@@ -72,7 +72,7 @@ def test_default_topology_has_the_documented_nodes_and_lines() -> None:
         "municipality": 3,
     }
     assert len(topo.lines) == 50
-    assert sum(len(n.allow) for n in topo.nodes.values()) == 21
+    assert sum(len(n.allow) for n in topo.nodes.values()) == 22
     assert topo.source == str(DEFAULT_TOPOLOGY)
     assert topo.node("kiosk-a1-1").address == "127.18.11.11"
     assert topo.node("kiosk-b3-2").address == "127.18.23.12"
@@ -123,7 +123,7 @@ def test_dedicated_line_carries_its_impairment() -> None:
 def test_check_main_prints_a_summary_for_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main(str(DEFAULT_TOPOLOGY)) == 0
     out, err = capsys.readouterr()
-    assert out == "OK: default: 39 nodes, 50 lines, 21 allow rules\n"
+    assert out == "OK: default: 39 nodes, 50 lines, 22 allow rules\n"
     assert err == ""
 
 
