@@ -416,7 +416,10 @@ class IssuanceCenter(App):
         """Relay benchmarks: a blob of ?size= bytes, no card auth (measures the chain only)."""
         if method == "POST":
             await stream.read_body(MAX_DOCUMENT_SIZE)
-        size = min(int(query(stream.headers).get("size", "0") or 0), MAX_DOCUMENT_SIZE)
+        try:
+            size = min(max(int(query(stream.headers).get("size", "0") or 0), 0), MAX_DOCUMENT_SIZE)
+        except ValueError:
+            raise BadRequest("size must be an integer") from None
         stream.send_headers(
             [(b":status", b"200"), (b"content-length", str(size).encode()), timing(self.ctx.node.id, t0)],
             end_stream=size == 0,

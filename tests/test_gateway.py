@@ -133,3 +133,13 @@ async def test_oversized_headers_close_that_connection_while_other_streams_go_on
         assert status == b"200"  # and new requests still work
         good.close()
     assert net.servers["store-router-a1"].denials["oversized-headers"] == 1
+
+
+async def test_a_bad_query_is_answered_400_not_a_crash(net):
+    async with trio.open_nursery() as nursery:
+        conn = await _open_kiosk(net, "kiosk-a1-1", nursery)
+        stream = await conn.open_stream(request_headers("GET", "/bench/blob?size=lots", "store-router-a1"), end_stream=True)
+        status = header(await stream.receive_headers(), b":status")
+        body = await stream.read_body()
+        conn.close()
+    assert status == b"400" and b"bad-request" in body
