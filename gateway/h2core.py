@@ -72,7 +72,12 @@ class StreamState:
 
 
 class StreamHandle:
-    """What both runtimes' stream objects share: a view of one StreamState on one connection."""
+    """What both runtimes' stream objects share: a view of one StreamState on one connection.
+
+    `conn` is a runtime driver with `core`, `flush()`, `wake(ids)` and an awaitable
+    `wait(stream_id)`; everything here is written against those alone, so the Trio servers and
+    the uvloop load generator read and write bodies with the same code.
+    """
 
     __slots__ = ("conn", "st")
 
@@ -95,6 +100,56 @@ class StreamHandle:
     def _raise_if_reset(self) -> None:
         if self.st.reset_code is not None:
             raise StreamReset(self.st.id, self.st.reset_code)
+
+    async def receive_headers(self) -> Headers:
+        """Client side: wait for the response headers."""
+        while self.st.headers is None:
+            self._raise_if_reset()
+            await self.conn.wait(self.st.id)
+        return self.st.headers
+
+    async def receive_chunk(self, ack: bool = True) -> bytes | None:
+        """Next chunk of the body, None at its end. With ack=False the caller acks after forwarding."""
+        while (data := self.conn.core.next_chunk(self.st)) is PENDING:
+            await self.conn.wait(self.st.id)
+        if data and ack:
+            self.ack(len(data))
+        return data
+
+    async def read_body(self, limit: int = 1 << 20) -> bytes:
+        """The whole body, for small messages only (JSON); bounded so a peer cannot make us buffer."""
+        parts: list[bytes] = []
+        size = 0
+        while (chunk := await self.receive_chunk()) is not None:
+            size += len(chunk)
+            if size > limit:
+                self.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+                raise StreamReset(self.st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def ack(self, nbytes: int) -> None:
+        self.conn.core.ack(self.st.id, nbytes)
+        self.conn.flush()
+
+    async def send_data(self, data: bytes | memoryview, end_stream: bool = False) -> None:
+        """Send data, waiting for flow-control window as needed (never buffers beyond it)."""
+        core = self.conn.core
+        view = memoryview(data)
+        while True:
+            self._raise_if_reset()
+            n = core.send_data(self.st.id, view, end_stream)
+            view = view[n:]
+            if n or not data:  # an empty DATA frame (END_STREAM) needs no window
+                self.conn.flush()
+                if not view:
+                    return
+            await self.conn.wait(self.st.id)
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        self.conn.core.reset(self.st.id, code)
+        self.conn.flush()
+        self.conn.wake({self.st.id})
 
 
 class H2Core:

@@ -14,7 +14,7 @@ import ssl
 
 import h2.errors
 
-from gateway.h2core import PENDING, ConnectionClosed, H2Core, Headers, StreamHandle, StreamReset, header
+from gateway.h2core import ConnectionClosed, H2Core, Headers, StreamHandle, header
 
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -28,51 +28,12 @@ class Stream(StreamHandle):
     def status(self) -> int:
         return int(header(self.st.headers, b":status") or 0)
 
-    async def receive_headers(self) -> Headers:
-        while self.st.headers is None:
-            self._raise_if_reset()
-            await self.conn.wait(self.st.id)
-        return self.st.headers
-
-    async def receive_chunk(self) -> bytes | None:
-        """Next body chunk (acknowledged at once), None at the end."""
-        core = self.conn.core
-        while (data := core.next_chunk(self.st)) is PENDING:
-            await self.conn.wait(self.st.id)
-        if data:
-            core.ack(self.st.id, len(data))
-            self.conn.flush()
-        return data
-
-    async def read_body(self, limit: int = 1 << 20) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while (chunk := await self.receive_chunk()) is not None:
-            size += len(chunk)
-            if size > limit:
-                raise StreamReset(self.st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
-            parts.append(chunk)
-        return b"".join(parts)
-
     async def drain_body(self) -> int:
         """Read and discard the body; returns its size (relay benchmarks)."""
         n = 0
         while (chunk := await self.receive_chunk()) is not None:
             n += len(chunk)
         return n
-
-    async def send_data(self, data: bytes | memoryview, end_stream: bool = False) -> None:
-        core = self.conn.core
-        view = memoryview(data)
-        while True:
-            self._raise_if_reset()
-            n = core.send_data(self.st.id, view, end_stream)
-            view = view[n:]
-            if n or not data:
-                self.conn.flush()
-                if not view:
-                    return
-            await self.conn.wait(self.st.id)
 
 
 class AsyncioH2(asyncio.Protocol):

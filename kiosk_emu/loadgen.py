@@ -228,7 +228,7 @@ class _Kiosk:
 
 
 async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float]) -> tuple[str, int]:
-    from kiosk_emu.h2asyncio import StreamReset
+    from gateway.h2core import StreamReset
 
     conn = await k.connection()
     st = await conn.open_stream(request_headers("GET", f"/bench/blob?size={w.size}", k.spec.router_id), end_stream=True)
