@@ -19,6 +19,16 @@ def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
     return j, h
 
 
+def _figure():
+    """A small figure on the headless backend (matplotlib is imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(5, 3))
+
+
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -44,13 +54,8 @@ def _phases(entry: dict) -> list[tuple[str, dict]]:
 
 
 def plot_percentiles(name: str, entry: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _figure()
     phases = _phases(entry)
     width = 0.8 / max(1, len(phases))
     for i, (phase, r) in enumerate(phases):
@@ -64,12 +69,7 @@ def plot_percentiles(name: str, entry: dict) -> str:
 
 
 def plot_timeline(name: str, entry: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _figure()
     for phase, r in _phases(entry):
         tl = r.get("timeline") or []
         xs = [t["second"] for t in tl]
@@ -83,12 +83,7 @@ def plot_timeline(name: str, entry: dict) -> str:
 
 
 def plot_hops(name: str, entry: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _figure()
     rows = []
     for phase, r in _phases(entry):
         for hop, p in (r.get("hops") or {}).items():
@@ -104,12 +99,7 @@ def plot_hops(name: str, entry: dict) -> str:
 
 
 def plot_sweep(name: str, entry: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _figure()
     target = None
     for phase, r in _phases(entry):
         steps = r.get("steps") or []
