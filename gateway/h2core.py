@@ -138,13 +138,13 @@ class StreamHandle:
         view = memoryview(data)
         while True:
             self._raise_if_reset()
-            n = core.send_data(self.st.id, view, end_stream)
+            n = core.send_data(self.st.id, view, end_stream)  # everything the windows allow
             view = view[n:]
             if n or not data:  # an empty DATA frame (END_STREAM) needs no window
                 self.conn.flush()
                 if not view:
                     return
-            await self.conn.wait(self.st.id)
+            await self.conn.wait(self.st.id)  # the windows are empty: wait for WINDOW_UPDATE
 
     def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self.conn.core.reset(self.st.id, code)
@@ -296,13 +296,22 @@ class H2Core:
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
-        """Send as much of data as the windows allow; returns the count taken (END_STREAM only with the last byte)."""
+        """Send as much of data as the windows allow, in as many frames as the peer's
+        SETTINGS_MAX_FRAME_SIZE needs; returns the count taken (END_STREAM only with the last byte).
+
+        Taking only one frame per call and then waiting for a window event stalls any peer that
+        keeps the protocol's 16 KiB frames and sends WINDOW_UPDATE rarely (curl, nghttp2)."""
         self._check_open()
-        window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        window = self.conn.local_flow_control_window(stream_id)
         if window <= 0 and data:
             return 0
         n = min(window, len(data))
-        self.conn.send_data(stream_id, data[:n], end_stream=end_stream and n == len(data))
+        frame = self.conn.max_outbound_frame_size
+        for start in range(0, n, frame):
+            stop = min(start + frame, n)
+            self.conn.send_data(stream_id, data[start:stop], end_stream=end_stream and stop == len(data))
+        if not data:
+            self.conn.send_data(stream_id, b"", end_stream=end_stream)
         return n
 
     def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:

@@ -414,14 +414,14 @@ class IssuanceCenter(App):
 
     async def _bench(self, stream: Stream, method: str, t0: float) -> None:
         """Relay benchmarks: a blob of ?size= bytes, no card auth (measures the chain only)."""
-        if method == "POST":
-            await stream.read_body(MAX_DOCUMENT_SIZE)
+        received = len(await stream.read_body(MAX_DOCUMENT_SIZE)) if method == "POST" else 0
         try:
             size = min(max(int(query(stream.headers).get("size", "0") or 0), 0), MAX_DOCUMENT_SIZE)
         except ValueError:
             raise BadRequest("size must be an integer") from None
         stream.send_headers(
-            [(b":status", b"200"), (b"content-length", str(size).encode()), timing(self.ctx.node.id, t0)],
+            [(b":status", b"200"), (b"content-length", str(size).encode()), (b"bench-received", str(received).encode()),
+             timing(self.ctx.node.id, t0)],
             end_stream=size == 0,
         )
         while size > 0:
