@@ -19,15 +19,15 @@ from pathlib import Path
 import msgspec
 import trio
 
-from gateway.clock import Clock
-from gateway.messages import IssueRequest
+from gateway.business.clock import Clock
+from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import CardStore
 from kiosk_emu.kiosk import Kiosk
-from topology.launcher import run_topology
-from topology.load import DEFAULT_TOPOLOGY, load_topology
-from topology.model import Topology
-from topology.pki import PKI
 from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
+from topology.pki import PKI
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
+from topology.spec.model import Topology
 
 
 def shifted(topo: Topology, ledger: str | None) -> Topology:

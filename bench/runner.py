@@ -29,8 +29,8 @@ from pathlib import Path
 
 from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
-from kiosk_emu.loadgen import KioskSpec, LoadError, LoadSpec, run_load
-from topology.model import CENTER_KINDS, RELAY_KINDS, Topology
+from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
+from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Topology
 
 log = logging.getLogger("konbini.bench")
 
@@ -44,7 +44,7 @@ class BenchError(Exception):
 
 def bench_clock_start() -> datetime:
     """Yesterday 20:30 JST: inside muni-a's hours, outside muni-b's, the same whenever it is run."""
-    from gateway.clock import JST
+    from gateway.business.clock import JST
 
     return (datetime.now(JST) - timedelta(days=1)).replace(hour=20, minute=30, second=0, microsecond=0)
 
@@ -55,9 +55,9 @@ def bench_clock_start() -> datetime:
 def _serve(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn) -> None:
     import trio
 
-    from gateway.clock import Clock
-    from gateway.server import NodeStartError
-    from topology.launcher import run_topology
+    from gateway.business.clock import Clock
+    from gateway.node.server import NodeStartError
+    from topology.launch.loopback import run_topology
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     logging.basicConfig(level=logging.ERROR)
@@ -223,7 +223,7 @@ def validate(opts: BenchOptions) -> None:
     if opts.baseline not in (None, "haproxy"):
         raise BenchError(f"unknown baseline {opts.baseline!r}; only 'haproxy' is supported")
     if opts.baseline == "haproxy" or opts.h2load:
-        from bench.haproxy import HAProxyError, haproxy_binary
+        from bench.baselines.haproxy import HAProxyError, haproxy_binary
 
         try:
             haproxy_binary()
@@ -232,8 +232,8 @@ def validate(opts: BenchOptions) -> None:
     if opts.h2load and shutil.which("h2load") is None:
         raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
     if opts.netns:
-        from topology.netns import NetnsError, require_root
-        from topology.netplan import PlanError, namespace_prefix
+        from topology.launch.netns import NetnsError, require_root
+        from topology.netns.plan import PlanError, namespace_prefix
 
         if opts.baseline or opts.h2load:
             raise BenchError("--netns runs konbini's relays only: --baseline and --h2load are loopback-only")
@@ -262,7 +262,7 @@ class Bench:
         self.hosts: list = []  # netns mode: the nodehosts
 
     def prepare(self) -> None:
-        from gateway.clock import Clock
+        from gateway.business.clock import Clock
         from kiosk_emu.card import CardStore
         from topology.pki import PKI
 
@@ -303,8 +303,8 @@ class Bench:
 
     def start_netns(self) -> None:
         """Namespaces and every server of the bench topology (its extra kiosks included), as `up --netns`."""
-        from topology import netns
-        from topology.netplan import build_plan
+        from topology.launch import netns
+        from topology.netns.plan import build_plan
 
         plan = build_plan(self.topo, self.opts.netns_tag)
         netns.create_network(plan, self.opts.state_dir)  # rolls itself back on failure
@@ -319,7 +319,7 @@ class Bench:
         if self.origin is not None:
             self.origin.stop()
         if self.plan is not None:  # always, also after an error or Ctrl-C
-            from topology import netns
+            from topology.launch import netns
 
             try:
                 netns.stop_nodehosts(self.hosts)
@@ -353,7 +353,7 @@ class Bench:
                 NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {op or '-'}")
                 for op, ids in sorted(by_operator.items())
             ])
-        from bench.haproxy import HAProxyProcess, config
+        from bench.baselines.haproxy import HAProxyProcess, config
 
         cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
         text = config(self.topo, self.pki, self.opts.state_dir)
@@ -466,7 +466,7 @@ class Bench:
 
     def h2load(self, phases: list[str], duration: float) -> dict:
         """relay-small and relay-64k with h2load through a cleartext-h2 → mTLS shim (h2load has no client cert option)."""
-        from bench.haproxy import HAProxyProcess, config
+        from bench.baselines.haproxy import HAProxyProcess, config
 
         kid = self.kiosk_ids[0]
         port = 9080
@@ -535,10 +535,10 @@ def ratios(k: dict, h: dict) -> dict:
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run the scenarios, write report.json and report.html under opts.out_dir; returns the report."""
+    from bench.baselines.haproxy import HAProxyError
     from bench.report import write_reports
-    from bench.haproxy import HAProxyError
-    from topology.netns import NetnsError
-    from topology.netplan import PlanError
+    from topology.launch.netns import NetnsError
+    from topology.netns.plan import PlanError
 
     bench = Bench(opts)
     report: dict = {

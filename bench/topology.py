@@ -10,7 +10,7 @@ import ipaddress
 
 import msgspec
 
-from topology.model import AllowRule, Line, Node, Topology
+from topology.spec.model import AllowRule, Line, Node, Topology
 
 
 class BenchTopologyError(Exception):

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.business.clock import JST
 from topology.pki import (
     CARD_VALIDITY_DAYS,
     PKI,
@@ -32,8 +33,6 @@ from topology.pki import (
     verify_card_certificate,
     write_atomic,
 )
-
-from gateway.clock import JST
 
 # The retry counter, not the hash cost, is what protects a 4-digit PIN (10^4 guesses); like the
 # chip it emulates, the card only has to avoid keeping the PIN in clear. 1000 rounds of

@@ -23,8 +23,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.h2core import Headers, header
-from gateway.messages import AuthOk, AuthRequest, Binding, Challenge, CompletionNotice, IssueRequest, MisdeliveryReport
+from gateway.protocol.h2core import Headers, header
+from gateway.protocol.messages import (
+    AuthOk,
+    AuthRequest,
+    Binding,
+    Challenge,
+    CompletionNotice,
+    IssueRequest,
+    MisdeliveryReport,
+)
 from kiosk_emu.card import Card, PinLocked, WrongPin
 
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from gateway.h2core import ConnectionClosed, header
-from gateway.h2trio import StreamReset, TrioH2
-from gateway.http import request_headers
-from gateway.messages import IssueRequest
-from gateway.server import NodeContext
+from gateway.node.server import NodeContext
+from gateway.protocol.h2core import ConnectionClosed, header
+from gateway.protocol.h2trio import StreamReset, TrioH2
+from gateway.protocol.http import request_headers
+from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import Card
+from kiosk_emu.device.outbox import Outbox
+from kiosk_emu.device.printer import Printer
 from kiosk_emu.flow import KioskFlow
-from kiosk_emu.outbox import Outbox
-from kiosk_emu.printer import Printer
 
 log = logging.getLogger("konbini.kiosk")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.clock import JST, Clock
+from gateway.business.clock import JST, Clock
 from kiosk_emu.card import CardStore
-from topology.launcher import Running, run_topology
-from topology.load import DEFAULT_TOPOLOGY, load_topology
-from topology.model import Topology
+from topology.launch.loopback import Running, run_topology
 from topology.pki import PKI
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
+from topology.spec.model import Topology
 
 # Inside every service window of the default topology (center 06:30–23:00, muni-b 08:30–19:00).
 TEST_TIME = datetime(2026, 11, 24, 10, 0, tzinfo=JST)

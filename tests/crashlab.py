@@ -2,7 +2,7 @@
 
     python -m tests.crashlab kiosks --topology F --state DIR --kiosks a,b --seed S [--cards N] [--flush-only]
 
-The server nodes run under `python -m topology.nodehost` (it prints "ready", stops at stdin EOF).
+The server nodes run under `python -m topology.launch.nodehost` (it prints "ready", stops at stdin EOF).
 This module is the kiosk side: every kiosk keeps one connection to its store router (reopened
 whenever it dies), issues seeded requests one after another with its durable outbox running, and
 prints one line per attempt. It prints "ready" once every kiosk is connected. At stdin EOF it
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import trio
 
-from gateway.clock import Clock
-from gateway.h2core import ConnectionClosed
-from gateway.messages import IssueRequest
-from gateway.server import NodeContext
+from gateway.business.clock import Clock
+from gateway.node.server import NodeContext
+from gateway.protocol.h2core import ConnectionClosed
+from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import CardStore
+from kiosk_emu.device.printer import Printer
 from kiosk_emu.kiosk import Kiosk
-from kiosk_emu.printer import Printer
-from topology.load import DEFAULT_TOPOLOGY, load_topology
 from topology.pki import PKI
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 TEST_TIME = "2026-11-24T10:00:00+09:00"  # inside every service window of the default topology (= conftest)
 MUNIS = ("131016", "141003")  # muni-a, muni-b (no family-register: refused there)

@@ -16,8 +16,8 @@ import pytest
 from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from bench.topology import with_kiosks, with_port
-from topology.cli import main as konbini
-from topology.load import DEFAULT_TOPOLOGY, load_topology
+from topology.cli.main import main as konbini
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 
 def free_port() -> int:

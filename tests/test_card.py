@@ -12,10 +12,17 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.clock import JST
-from kiosk_emu.card import Card, CardNotFound, CardProfile, CardStore, PinLocked, WrongPin
-from topology.model import Node, Topology
+from gateway.business.clock import JST
+from kiosk_emu.card import (
+    Card,
+    CardNotFound,
+    CardProfile,
+    CardStore,
+    PinLocked,
+    WrongPin,
+)
 from topology.pki import PKI, verify_card_certificate
+from topology.spec.model import Node, Topology
 
 NOW = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
 CHALLENGE = b"issuance-challenge-0001"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from topology.load import DEFAULT_TOPOLOGY
+from topology.spec.load import DEFAULT_TOPOLOGY
 
 
 def konbini(*args: str, state: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -3,8 +3,8 @@ issuances, restart each at once, then check the ledger against what the kiosks p
 zero lost, zero duplicated, fees exact, hash chain intact.
 
 Three child processes on one shared state directory, on a 127.x block off the default plan:
-  center  `python -m topology.nodehost` with the issuance center, OCSP and the municipalities
-  relays  `python -m topology.nodehost` with operator a's store routers, EC router and DMZ relay
+  center  `python -m topology.launch.nodehost` with the issuance center, OCSP and the municipalities
+  relays  `python -m topology.launch.nodehost` with operator a's store routers, EC router and DMZ relay
   kiosks  `python -m tests.crashlab kiosks` with operator a's six kiosks (outboxes running)
 """
 
@@ -25,14 +25,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.ledger import LedgerDB
-from gateway.messages import CompletionNotice
+from gateway.business.ledger import LedgerDB
+from gateway.protocol.messages import CompletionNotice
 from kiosk_emu.card import CardStore
 from tests.conftest import TEST_TIME
 from tests.crashlab import TEST_TIME as LAB_TIME
 from tests.crashlab import read_jsonl, write_shifted_topology
-from topology.load import load_topology
 from topology.pki import PKI
+from topology.spec.load import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20261124
@@ -88,7 +88,7 @@ class Lab:
 
     def argv(self, role: str, **kw) -> list[str]:
         if role in ("center", "relays"):
-            return [sys.executable, "-m", "topology.nodehost", "--topology", str(self.topo_file), "--state", str(self.state),
+            return [sys.executable, "-m", "topology.launch.nodehost", "--topology", str(self.topo_file), "--state", str(self.state),
                     "--mode", "loopback", "--clock", LAB_TIME, "--nodes", CENTER if role == "center" else RELAYS]
         return [sys.executable, "-m", "tests.crashlab", "kiosks", "--topology", str(self.topo_file), "--state", str(self.state),
                 "--kiosks", KIOSKS, "--seed", str(SEED), "--life", str(self.lives[role]), "--cards", str(CARDS),

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, header
-from gateway.h2trio import TrioH2
-from gateway.http import request_headers
-from gateway.server import connect_h2
-from gateway.tls import client_context
+from gateway.node.server import connect_h2
+from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, header
+from gateway.protocol.h2trio import TrioH2
+from gateway.protocol.http import request_headers
+from gateway.transport.tls import client_context
 from kiosk_emu.kiosk import Kiosk
 
 REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from gateway.heartbeat import SILENCE_LIMIT, HeartbeatMonitor, notify_fault, watch
+from gateway.nodes.heartbeat import SILENCE_LIMIT, HeartbeatMonitor, notify_fault, watch
 
 
 def test_monitor_reports_a_silent_kiosk_once_and_records_its_outage():

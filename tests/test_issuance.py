@@ -12,10 +12,10 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import gateway.issuance
-from gateway.h2core import header
-from gateway.http import request_headers
-from gateway.messages import AuthRequest, Binding, IssueRequest
+import gateway.nodes.issuance
+from gateway.protocol.h2core import header
+from gateway.protocol.http import request_headers
+from gateway.protocol.messages import AuthRequest, Binding, IssueRequest
 from kiosk_emu.flow import KioskFlow, State
 from kiosk_emu.kiosk import Kiosk, issue_at
 from tests.conftest import POOL, TEST_TIME
@@ -76,9 +76,9 @@ async def test_200_concurrent_issuances_each_print_exactly_their_own_document(ne
 async def test_document_bound_to_another_session_is_refused_and_reported(net, monkeypatch):
     # The Kawasaki failure: a later request overwrote an earlier one. Emulate a center that binds
     # the document to someone else's session; the kiosk must refuse it, erase it and report it.
-    real = gateway.issuance.Binding
+    real = gateway.nodes.issuance.Binding
     monkeypatch.setattr(
-        gateway.issuance, "Binding", lambda iid, session, *rest: real(iid, "someone-elses-session", *rest)
+        gateway.nodes.issuance, "Binding", lambda iid, session, *rest: real(iid, "someone-elses-session", *rest)
     )
     r = await issue_at(net, "kiosk-a2-1", pool(net, 1)[0], "1234", IssueRequest(MUNI_A, "residence-record"))
     assert (r.status, r.reason) == ("misdelivered", "bound-to-another-session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from gateway.heartbeat import SILENCE_LIMIT
+from gateway.nodes.heartbeat import SILENCE_LIMIT
 from kiosk_emu.kiosk import Kiosk
 
 

@@ -8,8 +8,8 @@ from datetime import datetime
 import pytest
 import trio
 
-from gateway.clock import JST
-from gateway.ledger import (
+from gateway.business.clock import JST
+from gateway.business.ledger import (
     MEMORY,
     MIGRATIONS,
     VOID_STAMP,

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from kiosk_emu.loadgen import (
+from kiosk_emu.load.generator import (
     KioskSpec,
     LoadSpec,
     Workload,

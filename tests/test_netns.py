@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from topology import netns, policycheck
-from topology.netplan import build_plan
-from topology.nft import compile_ruleset
+from topology.check import policy as policycheck
+from topology.launch import netns
+from topology.netns.plan import build_plan
+from topology.policy.nft import compile_ruleset
 
 ROOT = os.geteuid() == 0 and shutil.which("ip") and shutil.which("nft")
 needs_root = pytest.mark.skipif(

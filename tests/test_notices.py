@@ -8,16 +8,16 @@ import json
 import msgspec
 import trio
 
-from gateway.clock import Clock
-from gateway.h2core import header
-from gateway.http import request_headers
-from gateway.ledger import VOID_STAMP, LedgerDB
-from gateway.messages import CorrectionNotice, IssueRequest
+from gateway.business.clock import Clock
+from gateway.business.ledger import VOID_STAMP, LedgerDB
+from gateway.protocol.h2core import header
+from gateway.protocol.http import request_headers
+from gateway.protocol.messages import CorrectionNotice, IssueRequest
+from kiosk_emu.device.outbox import Outbox
+from kiosk_emu.device.printer import Printer
 from kiosk_emu.kiosk import Kiosk, issue_at
-from kiosk_emu.outbox import Outbox
-from kiosk_emu.printer import Printer
-from topology.launcher import run_topology
 from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
 
 MUNI_A = "131016"
 

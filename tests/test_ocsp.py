@@ -9,11 +9,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509 import ocsp
 
-from gateway.clock import JST
-from gateway.ocsp import OcspResponder, build_request, check_response
+from gateway.business.clock import JST
+from gateway.business.ocsp import OcspResponder, build_request, check_response
 from kiosk_emu.card import Card, CardStore
-from topology.model import Node, Topology
 from topology.pki import PKI, load_private_key
+from topology.spec.model import Node, Topology
 
 NOW = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
 

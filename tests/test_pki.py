@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.clock import JST
-from topology.model import Node, Topology
+from gateway.business.clock import JST
 from topology.pki import PKI, PKIError
+from topology.spec.model import Node, Topology
 
 NODES = {
     "kiosk-1": Node(id="kiosk-1", kind="kiosk", site="store-1", address="127.10.1.2", upstream="store-router-1"),

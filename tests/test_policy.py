@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from topology.load import DEFAULT_TOPOLOGY, load_topology
-from topology.model import CENTER_KINDS, STORE_KINDS, AllowRule, Node, Topology
-from topology.policy import (
+from topology.policy.compiler import (
     DENY_ADDRESS,
     DENY_IDENTITY,
     DENY_REQUEST,
@@ -17,6 +15,8 @@ from topology.policy import (
     parse_request_pattern,
     reachability,
 )
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
+from topology.spec.model import CENTER_KINDS, STORE_KINDS, AllowRule, Node, Topology
 
 TOPO = load_topology(DEFAULT_TOPOLOGY)
 LISTS = compile_allowlists(TOPO)

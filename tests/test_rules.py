@@ -7,11 +7,11 @@ from datetime import datetime
 import pytest
 import yaml
 
-from gateway.clock import JST
-from gateway.rules import fee, refusal
-from gateway.sla import availability, complete_outages
-from topology.load import DEFAULT_TOPOLOGY, check_file
-from topology.model import Hours, Municipality
+from gateway.business.clock import JST
+from gateway.business.rules import fee, refusal
+from gateway.business.sla import availability, complete_outages
+from topology.spec.load import DEFAULT_TOPOLOGY, check_file
+from topology.spec.model import Hours, Municipality
 
 CENTER = Hours("06:30", "23:00")
 MUNI = Municipality("131016", certificates={"residence-record": 200, "vaccination": 120, "family-register": 450})

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.clock import JST
-from gateway.ledger import IssuanceRecord, LedgerDB, MonthFixed
-from gateway.settlement import CONSIGNMENT_FEE, SettlementError, deadlines, is_closed, report, totals
+from gateway.business.clock import JST
+from gateway.business.ledger import IssuanceRecord, LedgerDB, MonthFixed
+from gateway.business.settlement import (
+    CONSIGNMENT_FEE,
+    SettlementError,
+    deadlines,
+    is_closed,
+    report,
+    totals,
+)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,13 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from gateway.clock import JST
-from gateway.messages import IssueRequest
+from gateway.business.clock import JST
+from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.kiosk import issue_at
 from kiosk_emu.smartphone import SmartphoneStore, add_month
-from topology.pki import PKI, verify_card_certificate
 from tests.conftest import TEST_TIME
+from topology.pki import PKI, verify_card_certificate
 
 
 class Now:
@@ -36,7 +36,7 @@ def phones(state):
 
 
 def _pki(state):
-    from topology.load import DEFAULT_TOPOLOGY, load_topology
+    from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
     return PKI.ensure(state, load_topology(DEFAULT_TOPOLOGY))
 

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topology.load import DEFAULT_TOPOLOGY, Problem, TopologyError, check_file, check_main, load_topology
-from topology.model import derive_netns_address
+from topology.spec.load import (
+    DEFAULT_TOPOLOGY,
+    Problem,
+    TopologyError,
+    check_file,
+    check_main,
+    load_topology,
+)
+from topology.spec.model import derive_netns_address
 
 DEFAULT_TEXT = DEFAULT_TOPOLOGY.read_text()
 

@@ -33,10 +33,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    PrivateKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from topology.model import Topology, derive_netns_address
+from topology.spec.model import Topology, derive_netns_address
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
 PRINCIPALS = ("operator", "store-staff")

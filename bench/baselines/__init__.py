@@ -1,0 +1,1 @@
+"""Baselines: the same relay chain served by something konbini did not write (HAProxy), on the same addresses."""

@@ -1,0 +1,64 @@
+"""Business rules of one issuance request (BIZ-1..3), pure: a time, the topology's data, an answer.
+
+Checked in the order a resident meets them: the municipality exists and takes part (on that
+date), the service is open (year-end closure of the general service, then the center's hours
+narrowed by the municipality's), then the certificate type and the number of copies.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from gateway.business.clock import JST
+from gateway.business.settlement import year_end_closure
+from topology.spec.model import Hours, Municipality
+
+MAX_COPIES = 10
+VACCINATION = "vaccination"
+VACCINATION_FEE = 120  # yen per copy, fixed by seed 000 §13
+# The vaccination certificate service runs every day (000 §14); the general service closes Dec 29 - Jan 3.
+CLOSURE_EXEMPT = frozenset({VACCINATION})
+
+Refusal = tuple[str, dict[str, str]]
+
+
+def participates(muni: Municipality, day: date) -> bool:
+    if not muni.participating:
+        return False
+    if muni.participating_from and day < date.fromisoformat(muni.participating_from):
+        return False
+    if muni.participating_until and day > date.fromisoformat(muni.participating_until):
+        return False
+    return True
+
+
+def window(service: Hours, muni: Hours) -> tuple[str, str]:
+    """The hours a municipality's certificates can be issued: the center's, narrowed by its own."""
+    return max(service.open, muni.open), min(service.close, muni.close)
+
+
+def within(now: datetime, open_: str, close: str) -> bool:
+    hm = f"{now.hour:02d}:{now.minute:02d}"
+    return open_ <= hm < close
+
+
+def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type: str, copies: int) -> Refusal | None:
+    """None when the request may go ahead at `now`, else (reason, message fields)."""
+    now = now.astimezone(JST)
+    if muni is None:
+        return "municipality-unknown", {}
+    if not participates(muni, now.date()):
+        return "municipality-not-participating", {}
+    open_, close = window(service, muni.hours)
+    if cert_type not in CLOSURE_EXEMPT and year_end_closure(now.date()):
+        return "outside-hours", {"hours": "closed Dec 29 - Jan 3"}
+    if not within(now, open_, close):
+        return "outside-hours", {"hours": f"{open_}–{close}"}
+    if cert_type not in muni.certificates or not 1 <= copies <= MAX_COPIES:
+        return "certificate-type-not-offered", {}
+    return None
+
+
+def fee(muni: Municipality, cert_type: str, copies: int) -> int:
+    """What the resident pays: the municipality's per-copy fee times the copies (BIZ-3)."""
+    return muni.certificates[cert_type] * copies

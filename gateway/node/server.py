@@ -1,0 +1,174 @@
+"""The per-node server: deny early and cheaply, then serve HTTP/2 over mutual TLS.
+
+Order of checks (DESIGN §3): the peer address before the TLS handshake, the certificate
+identity after it, method and path per request. Every denial closes promptly, is counted
+by reason and logged with the peer's address and node id only (no personal data).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from gateway.business.clock import Clock
+from gateway.protocol.h2trio import Stream, TrioH2
+from gateway.protocol.http import method_path, refuse
+from gateway.transport.tls import client_context, peer_identity, server_context
+from topology.policy.compiler import AllowList
+from topology.spec.model import Node, Topology
+
+log = logging.getLogger("konbini.node")
+
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class NodeStartError(Exception):
+    """A node cannot start (address taken, no such address); one line for the user."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    address: str
+    identity: str
+
+
+@dataclass
+class NodeContext:
+    """What a node needs from its surroundings: the topology, its PKI files, the mode and the clock."""
+
+    topo: Topology
+    node: Node
+    pki: object  # topology.pki.PKI (duck-typed to keep gateway free of key generation)
+    mode: str = "loopback"
+    clock: Clock = field(default_factory=Clock)
+    tls12_floor: bool = False
+
+    def address_of(self, node: Node) -> str:
+        if self.mode == "netns":
+            return node.netns_address or ""
+        return node.address
+
+    @property
+    def address(self) -> str:
+        return self.address_of(self.node)
+
+    def server_tls(self):
+        chain, key = self.pki.node_paths(self.node.id)
+        return server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+
+    def client_tls(self):
+        chain, key = self.pki.node_paths(self.node.id)
+        return client_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+
+    async def connect(self, target: Node) -> TrioH2:
+        """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
+        return await connect_h2(
+            self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=self.address
+        )
+
+
+async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None) -> TrioH2:
+    """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2."""
+    tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    if tls.selected_alpn_protocol() != "h2":
+        await trio.aclose_forcefully(tls)
+        raise ConnectionError(f"{expect_id} did not agree to h2")
+    return TrioH2(tls, client_side=True, peer=expect_id)
+
+
+class App:
+    """What runs behind a NodeServer: override `handle` (per request) or `serve_connection`."""
+
+    async def serve_connection(self, conn: TrioH2, peer: Peer, server: NodeServer) -> None:
+        await conn.run(lambda stream: server.dispatch(stream, peer, self.handle))
+
+    async def handle(self, stream: Stream, peer: Peer) -> None:
+        raise NotImplementedError
+
+
+class NodeServer:
+    def __init__(self, ctx: NodeContext, allowlist: AllowList, app: App) -> None:
+        self.ctx = ctx
+        self.allow = allowlist
+        self.app = app
+        self.denials: Counter[str] = Counter()
+        self.connections = 0
+
+    def deny(self, reason: str, peer: str, identity: str | None = None) -> None:
+        self.denials[reason] += 1
+        log.warning("deny node=%s peer=%s id=%s reason=%s", self.ctx.node.id, peer, identity or "-", reason)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        node = self.ctx.node
+        address = self.ctx.address
+        try:
+            listeners = await trio.open_tcp_listeners(node.port, host=address, backlog=1024)
+        except OSError as exc:
+            what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise NodeStartError(f"{node.id}: address {address}:{node.port} {what}") from None
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                tcp = await listener.accept()
+                nursery.start_soon(self._connection, tcp)
+
+    async def _connection(self, tcp: trio.SocketStream) -> None:
+        try:
+            ip = tcp.socket.getpeername()[0]
+        except OSError:
+            await trio.aclose_forcefully(tcp)
+            return
+        decision = self.allow.check_address(ip)
+        if not decision.allowed:
+            self.deny(decision.reason or "peer-address", ip)
+            await trio.aclose_forcefully(tcp)
+            return
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = trio.SSLStream(tcp, self.ctx.server_tls(), server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
+            self.deny("tls-handshake", ip)
+            await trio.aclose_forcefully(tcp)
+            return
+        identity = peer_identity(tls.getpeercert())
+        decision = self.allow.check_identity(ip, identity or "")
+        if not decision.allowed or tls.selected_alpn_protocol() != "h2":
+            self.deny(decision.reason or "alpn", ip, identity)
+            await trio.aclose_forcefully(tls)
+            return
+        self.connections += 1
+        conn = TrioH2(tls, client_side=False, peer=identity or ip)
+        await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
+        if conn.core.close_reason not in (None, "eof", "goaway", "local-close", "write-failed"):
+            self.deny(conn.core.close_reason, ip, identity)
+
+    async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
+        """Per request: method and path against the allow-list, then the app."""
+        method, path = method_path(stream.headers)
+        decision = self.allow.check_request(peer.identity, method, path)
+        if not decision.allowed:
+            self.deny(decision.reason or "request-not-allowed", peer.address, peer.identity)
+            await refuse(stream, 403, decision.reason or "request-not-allowed", "This request is not allowed on this line.")
+            return
+        await handle(stream, peer)

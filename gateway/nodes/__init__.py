@@ -1,0 +1,1 @@
+"""One module per node kind (store router, EC router, DMZ relay, issuance center, OCSP responder, municipality, store controller)."""

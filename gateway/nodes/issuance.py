@@ -1,0 +1,447 @@
+"""The certificate issuance center: card authentication, business checks, streamed signed documents.
+
+Flow per kiosk session (each step one HTTP/2 request relayed from the kiosk's store router):
+  POST /v1/session                 -> a fresh challenge, bound to the attested kiosk
+  POST /v1/session/{id}/auth       -> card certificate + signature over the challenge; the center
+                                      checks signature, chain, validity and revocation (OCSP)
+  POST /v1/session/{id}/issue      -> business checks, then the municipality's document streams
+                                      through, hashed on the way; the trailers carry the binding
+                                      (issuance id, session, kiosk, card, digest) and its signature
+  POST /v1/notice                  -> completion notice, deduplicated by issuance id in the ledger
+                                      (so across restarts too); acknowledged only once durable
+  POST /v1/correction              -> amends a noticed issuance until its month is fixed (BIZ-5/6)
+  POST /v1/session/{id}/misdelivery-> a kiosk refused a document; counted, never silent (INT-1)
+A challenge is usable once; a session is usable for one issuance; a cancelled or timed-out
+issuance is cancelled whole and its session closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import trio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from gateway.business import ocsp, rules
+from gateway.business.ledger import (
+    IssuanceRecord,
+    Ledger,
+    LedgerDB,
+    LedgerError,
+    MonthFixed,
+    ledger_path,
+    month_of,
+)
+from gateway.node.server import App, NodeContext, Peer
+from gateway.protocol.h2core import header
+from gateway.protocol.h2trio import Stream, StreamReset
+from gateway.protocol.http import (
+    BadRequest,
+    decode,
+    method_path,
+    query,
+    refuse,
+    request_headers,
+    send_json,
+    timing,
+)
+from gateway.protocol.messages import (
+    AuthOk,
+    AuthRequest,
+    Binding,
+    Challenge,
+    CompletionNotice,
+    CorrectionAck,
+    CorrectionNotice,
+    DocumentRequest,
+    IssueRequest,
+    MisdeliveryReport,
+    NoticeAck,
+)
+from gateway.transport.upstream import Upstream
+from topology.pki import verify_card_certificate
+
+log = logging.getLogger("konbini.center")
+
+SESSION_TTL = 120.0  # seconds a kiosk session may stay open
+UPSTREAM_TIMEOUT = 10.0  # OCSP and municipality must answer within this, or the request is cancelled whole
+DEFAULT_DOCUMENT_SIZE = 64 * 1024
+MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
+BENCH_CHUNK = b"k" * (64 * 1024)
+
+MESSAGES = {
+    "municipality-unknown": "This municipality does not offer convenience-store issuance.",
+    "municipality-not-participating": "Your municipality does not take part in convenience-store issuance.",
+    "outside-hours": "The service is not available now. Hours: {hours} (Japan time).",
+    "certificate-type-not-offered": "This certificate is not offered here.",
+    "card-expired": "This card has expired. Please ask your municipality.",
+    "card-revoked": "This card's certificate is no longer valid. Please ask your municipality.",
+    "card-untrusted": "This card cannot be read. Please ask your municipality.",
+    "legacy-profile-refused": "This card's certificate profile is no longer accepted.",
+    "signature-invalid": "Card authentication failed. Please try again.",
+    "session-unknown": "Your session has ended. Please start again.",
+    "session-state": "Your session has ended. Please start again.",
+    "ocsp-unavailable": "The service is temporarily unavailable.",
+    "ocsp-invalid": "The service is temporarily unavailable.",
+    "ocsp-unknown": "This card cannot be used. Please ask your municipality.",
+    "municipality-unavailable": "The service is temporarily unavailable.",
+    "bad-request": "The request could not be understood.",
+    "month-fixed": "This month's settlement is fixed; its records cannot change.",
+    "notice-mismatch": "The notice does not match the issuance; send a correction instead.",
+    "not-noticed": "This issuance has no completion notice yet; nothing to correct.",
+    "ledger-unavailable": "The service is temporarily unavailable.",
+}
+
+
+@dataclass
+class Session:
+    id: str
+    kiosk: str
+    store: str
+    challenge: bytes
+    created: float
+    state: str = "challenged"  # challenged -> authenticated -> issuing -> done | closed
+    card: str | None = None  # certificate fingerprint once authenticated
+
+
+@dataclass
+class Issuance:
+    id: str
+    session: str
+    kiosk: str
+    store: str
+    municipality: str
+    cert_type: str
+    copies: int
+    fee: int
+    state: str = "streaming"  # streaming -> sent -> completed | cancelled
+    notices: int = 0
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class IssuanceCenter(App):
+    def __init__(self, ctx: NodeContext, nursery: trio.Nursery, state_dir: Path | None = None) -> None:
+        self.ctx = ctx
+        # The ledger is the center's memory across restarts: issuances, notices, settlement facts.
+        self.ledger = Ledger.open(ledger_path(ctx.topo.ledger, state_dir or ctx.topo.state_dir))
+        nursery.start_soon(self.ledger.run)
+        self.sessions: dict[str, Session] = {}
+        self.issuances: dict[str, Issuance] = {}
+        self.refusals: Counter[str] = Counter()
+        self.misdeliveries: list[MisdeliveryReport] = []
+        pki = ctx.pki
+        chain, key = pki.node_paths(ctx.node.id)
+        self._sign_key = serialization.load_pem_private_key(open(key, "rb").read(), password=None)
+        self.jpki_ca: x509.Certificate = pki.jpki_ca
+        topo = ctx.topo
+        self.munis = topo.municipalities()
+        ocsp_nodes = topo.of_kind("ocsp")
+        self.ocsp = Upstream(ctx, ocsp_nodes[0], nursery) if ocsp_nodes else None
+        self.muni_links = {code: Upstream(ctx, node, nursery) for code, node in self.munis.items()}
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def handle(self, stream: Stream, peer: Peer) -> None:
+        t0 = time.perf_counter()
+        method, path = method_path(stream.headers)
+        parts = path.strip("/").split("/")
+        try:
+            if method == "POST" and parts == ["v1", "session"]:
+                await stream.read_body(4096)
+                await self._start_session(stream, t0)
+            elif method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "session"]:
+                session = self._session(parts[2], stream)
+                body = await stream.read_body(64 * 1024)
+                if session is None:
+                    await self._refuse(stream, 404, "session-unknown", t0)
+                elif parts[3] == "auth":
+                    await self._authenticate(stream, session, decode(body, AuthRequest), t0)
+                elif parts[3] == "issue":
+                    await self._issue(stream, session, decode(body, IssueRequest), t0)
+                elif parts[3] == "misdelivery":
+                    await self._misdelivery(stream, session, decode(body, MisdeliveryReport), t0)
+                else:
+                    await self._refuse(stream, 404, "bad-request", t0)
+            elif method == "POST" and parts == ["v1", "notice"]:
+                await self._notice(stream, decode(await stream.read_body(4096), CompletionNotice), t0)
+            elif method == "POST" and parts == ["v1", "correction"]:
+                await self._correction(stream, decode(await stream.read_body(4096), CorrectionNotice), t0)
+            elif parts[:1] == ["bench"]:
+                await self._bench(stream, method, t0)
+            else:
+                await self._refuse(stream, 404, "bad-request", t0)
+        except BadRequest as exc:
+            log.info("bad request on %s: %s", path, exc)
+            await self._refuse(stream, 400, "bad-request", t0)
+
+    def _session(self, sid: str, stream: Stream) -> Session | None:
+        s = self.sessions.get(sid)
+        kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
+        if s is None or s.kiosk != kiosk:  # a session belongs to the kiosk that opened it
+            return None
+        if time.monotonic() - s.created > SESSION_TTL:
+            self.sessions.pop(sid, None)
+            return None
+        return s
+
+    async def _refuse(self, stream: Stream, status: int, reason: str, t0: float, **fmt: str) -> None:
+        self.refusals[reason] += 1
+        message = MESSAGES.get(reason, reason).format(**fmt)
+        await refuse(stream, status, reason, message, [timing(self.ctx.node.id, t0)])
+
+    # -- steps -----------------------------------------------------------------------------
+
+    async def _start_session(self, stream: Stream, t0: float) -> None:
+        kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
+        store = (header(stream.headers, b"konbini-store") or b"").decode()
+        if not kiosk:
+            await self._refuse(stream, 400, "bad-request", t0)
+            return
+        self._expire_sessions()
+        s = Session(secrets.token_hex(16), kiosk, store, secrets.token_bytes(32), time.monotonic())
+        self.sessions[s.id] = s
+        await send_json(stream, 200, Challenge(s.id, _b64(s.challenge)), [timing(self.ctx.node.id, t0)])
+
+    def _expire_sessions(self) -> None:
+        if len(self.sessions) < 10_000:
+            return
+        cutoff = time.monotonic() - SESSION_TTL
+        for sid in [sid for sid, s in self.sessions.items() if s.created < cutoff]:
+            del self.sessions[sid]
+
+    async def _authenticate(self, stream: Stream, s: Session, req: AuthRequest, t0: float) -> None:
+        if s.state != "challenged":
+            await self._refuse(stream, 409, "session-state", t0)  # a challenge is answered once
+            return
+        s.state = "closed"  # until proven otherwise: a failed answer burns the challenge
+        try:
+            der = base64.b64decode(req.certificate, validate=True)
+            signature = base64.b64decode(req.signature, validate=True)
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            await self._refuse(stream, 400, "bad-request", t0)
+            return
+        now = self.ctx.clock.now()
+        problem = verify_card_certificate(cert, self.jpki_ca, now)
+        if problem is None:
+            problem = self._check_signature(cert, s.challenge, signature)
+        timings = []
+        if problem is None:
+            t_ocsp = time.perf_counter()
+            problem = await self._check_revocation(cert, now)
+            timings.append(timing("ocsp", t_ocsp))
+        if problem is not None:
+            self.refusals[problem] += 1
+            await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0), *timings])
+            return
+        s.state = "authenticated"
+        s.card = hashlib.sha256(der).hexdigest()
+        await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0), *timings])
+
+    @staticmethod
+    def _check_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> str | None:
+        key = cert.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            return "card-untrusted"
+        try:
+            key.verify(signature, challenge, padding.PKCS1v15(), hashes.SHA256())
+        except InvalidSignature:
+            return "signature-invalid"
+        return None
+
+    async def _check_revocation(self, cert: x509.Certificate, now: datetime) -> str | None:
+        if self.ocsp is None:
+            return "ocsp-unavailable"
+        body = ocsp.build_request(cert, self.jpki_ca)
+        try:
+            with trio.fail_after(UPSTREAM_TIMEOUT):
+                conn, st = await self.ocsp.open(
+                    request_headers("POST", "/ocsp", self.ocsp.target.id, [(b"content-type", b"application/ocsp-request")]),
+                    body,
+                )
+                try:
+                    headers = await st.receive_headers()
+                    answer = await st.read_body(64 * 1024)
+                finally:
+                    conn.release(st)
+        except (trio.TooSlowError, StreamReset, OSError, ConnectionError) as exc:
+            log.warning("ocsp unavailable: %s", type(exc).__name__)
+            return "ocsp-unavailable"
+        if header(headers, b":status") != b"200":
+            return "ocsp-unavailable"
+        return ocsp.check_response(answer, cert, self.jpki_ca, now)
+
+    def _business_refusal(self, req: IssueRequest, now: datetime) -> tuple[str, dict[str, str]] | None:
+        node = self.munis.get(req.municipality)
+        muni = node.municipality if node is not None else None
+        return rules.refusal(now, self.ctx.topo.service_hours, muni, req.cert_type, req.copies)
+
+    async def _issue(self, stream: Stream, s: Session, req: IssueRequest, t0: float) -> None:
+        if s.state != "authenticated":
+            await self._refuse(stream, 403 if s.state == "challenged" else 409, "session-state", t0)
+            return
+        refusal = self._business_refusal(req, self.ctx.clock.now())
+        if refusal is not None:
+            await self._refuse(stream, 403, refusal[0], t0, **refusal[1])
+            return
+        muni = self.munis[req.municipality].municipality
+        size = min(req.size or DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE)
+        fee = rules.fee(muni, req.cert_type, req.copies)
+        iss = Issuance(
+            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee
+        )
+        s.state = "issuing"
+        now = self.ctx.clock.now()
+        kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
+        record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, req.municipality,
+                                req.cert_type, req.copies, fee, month_of(now))
+        try:  # no document leaves the center before the ledger knows of it
+            await self.ledger.call(LedgerDB.create_issuance, record, now)
+        except LedgerError as exc:
+            s.state = "closed"
+            log.error("issuance refused, ledger: %s", exc)
+            await self._refuse(stream, 503, "month-fixed" if isinstance(exc, MonthFixed) else "ledger-unavailable", t0)
+            return
+        self.issuances[iss.id] = iss
+        link = self.muni_links[req.municipality]
+        doc_req = msgspec.json.encode(DocumentRequest(iss.id, req.cert_type, size))
+        conn = st = None
+        try:
+            # The whole issuance runs under one deadline; a timeout or a kiosk reset cancels it whole.
+            with trio.fail_after(UPSTREAM_TIMEOUT):
+                t_muni = time.perf_counter()
+                conn, st = await link.open(request_headers("POST", "/v1/document", link.target.id), doc_req)
+                mh = await st.receive_headers()
+                muni_ms = timing(link.target.id, t_muni)
+                if header(mh, b":status") != b"200":
+                    raise ConnectionError("municipality refused the document request")
+                stream.send_headers(
+                    [
+                        (b":status", b"200"),
+                        (b"content-type", b"application/pdf"),
+                        (b"konbini-issuance-id", iss.id.encode()),
+                        (b"konbini-fee", str(fee).encode()),
+                        timing(self.ctx.node.id, t0),
+                        muni_ms,
+                    ]
+                )
+            digest = hashlib.sha256()
+            nbytes = 0
+            while (chunk := await st.receive_chunk(ack=False)) is not None:
+                digest.update(chunk)
+                nbytes += len(chunk)
+                await stream.send_data(chunk)
+                st.ack(len(chunk))
+            binding = Binding(iss.id, s.id, s.kiosk, s.card or "", digest.hexdigest(), nbytes, req.cert_type, req.copies, fee)
+            blob = msgspec.json.encode(binding)
+            signature = self._sign_key.sign(blob, ec.ECDSA(hashes.SHA256()))
+            stream.end([(b"konbini-binding", _b64(blob).encode()), (b"konbini-signature", _b64(signature).encode())])
+            iss.state = "sent"
+            s.state = "done"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "sent", self.ctx.clock.now())
+        except (trio.TooSlowError, ConnectionError, OSError, StreamReset) as exc:
+            iss.state = "cancelled"
+            s.state = "closed"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
+            log.warning("issuance %s cancelled whole: %s", iss.id, type(exc).__name__)
+            if stream.sent_headers:
+                stream.reset()
+            else:
+                await self._refuse(stream, 503, "municipality-unavailable", t0)
+        except BaseException:
+            iss.state = "cancelled"  # the kiosk went away (our scope was cancelled): nothing half-done
+            s.state = "closed"
+            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
+            raise
+        finally:
+            if conn is not None and st is not None:
+                conn.release(st)
+
+    async def _known_issuance(self, issuance_id: str, session: str, stream: Stream) -> IssuanceRecord | Issuance | None:
+        """The issuance a kiosk refers to, from memory or (after a restart) from the ledger, if it is that kiosk's."""
+        kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
+        iss = self.issuances.get(issuance_id)
+        if iss is None:
+            iss = await self.ledger.call(LedgerDB.find_issuance, issuance_id)
+        if iss is None or iss.kiosk != kiosk or iss.session != session or iss.state == "cancelled":
+            return None
+        return iss
+
+    async def _notice(self, stream: Stream, notice: CompletionNotice, t0: float) -> None:
+        iss = await self._known_issuance(notice.issuance_id, notice.session, stream)
+        if iss is None:
+            await self._refuse(stream, 404, "session-unknown", t0)
+            return
+        if (notice.copies, notice.fee) != (iss.copies, iss.fee):
+            await self._refuse(stream, 409, "notice-mismatch", t0)
+            return
+        try:  # acknowledged only once durable; a repeat of a known notice is acknowledged as a duplicate
+            new = await self.ledger.call(
+                LedgerDB.record_notice, iss.id, notice.printed_at, notice.copies, notice.fee, notice.refunded
+            )
+        except MonthFixed:
+            await self._refuse(stream, 409, "month-fixed", t0)
+            return
+        except LedgerError as exc:
+            log.error("notice not recorded: %s", exc)
+            await self._refuse(stream, 503, "ledger-unavailable", t0)
+            return
+        if isinstance(iss, Issuance):
+            iss.notices += 1
+            iss.state = "completed"
+        await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0)])
+
+    async def _correction(self, stream: Stream, corr: CorrectionNotice, t0: float) -> None:
+        iss = await self._known_issuance(corr.issuance_id, corr.session, stream)
+        if iss is None:
+            await self._refuse(stream, 404, "session-unknown", t0)
+            return
+        if corr.copies < 0 or corr.fee < 0:
+            await self._refuse(stream, 400, "bad-request", t0)
+            return
+        try:
+            await self.ledger.call(LedgerDB.record_correction, iss.id, self.ctx.clock.now(), corr.copies, corr.fee, corr.reason)
+        except MonthFixed:
+            await self._refuse(stream, 409, "month-fixed", t0)
+            return
+        except LedgerError:
+            await self._refuse(stream, 409, "not-noticed", t0)
+            return
+        await send_json(stream, 200, CorrectionAck("corrected", iss.id), [timing(self.ctx.node.id, t0)])
+
+    async def _misdelivery(self, stream: Stream, s: Session, report: MisdeliveryReport, t0: float) -> None:
+        self.misdeliveries.append(report)
+        log.error("misdelivery refused by kiosk=%s session=%s issuance=%s problem=%s", s.kiosk, s.id, report.issuance_id, report.problem)
+        await send_json(stream, 200, {"status": "recorded"}, [timing(self.ctx.node.id, t0)])
+
+    async def _bench(self, stream: Stream, method: str, t0: float) -> None:
+        """Relay benchmarks: a blob of ?size= bytes, no card auth (measures the chain only)."""
+        received = len(await stream.read_body(MAX_DOCUMENT_SIZE)) if method == "POST" else 0
+        try:
+            size = min(max(int(query(stream.headers).get("size", "0") or 0), 0), MAX_DOCUMENT_SIZE)
+        except ValueError:
+            raise BadRequest("size must be an integer") from None
+        stream.send_headers(
+            [(b":status", b"200"), (b"content-length", str(size).encode()), (b"bench-received", str(received).encode()),
+             timing(self.ctx.node.id, t0)],
+            end_stream=size == 0,
+        )
+        while size > 0:
+            n = min(size, len(BENCH_CHUNK))
+            size -= n
+            await stream.send_data(BENCH_CHUNK[:n] if n < len(BENCH_CHUNK) else BENCH_CHUNK, end_stream=size == 0)

@@ -1,0 +1,87 @@
+"""Small request/response helpers over `gateway.h2trio.Stream`: JSON bodies, refusals, timing."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TypeVar
+
+import msgspec
+
+from gateway.protocol.h2core import Headers, header
+from gateway.protocol.h2trio import Stream
+
+JSON = b"application/json"
+T = TypeVar("T")
+
+
+def method_path(headers: Headers | None) -> tuple[str, str]:
+    """(method, path without query) of a request."""
+    method = (header(headers, b":method") or b"").decode("ascii", "replace")
+    path = (header(headers, b":path") or b"").decode("ascii", "replace")
+    return method, path.split("?", 1)[0]
+
+
+def query(headers: Headers | None) -> dict[str, str]:
+    path = (header(headers, b":path") or b"").decode("ascii", "replace")
+    if "?" not in path:
+        return {}
+    out = {}
+    for part in path.split("?", 1)[1].split("&"):
+        k, _, v = part.partition("=")
+        out[k] = v
+    return out
+
+
+def request_headers(method: str, path: str, authority: str, extra: Headers = ()) -> Headers:
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"https"),
+        (b":authority", authority.encode()),
+        (b":path", path.encode()),
+        *extra,
+    ]
+
+
+def timing(node_id: str, started: float) -> tuple[bytes, bytes]:
+    """A server-timing entry for this hop's own time since `started` (time.perf_counter())."""
+    ms = (time.perf_counter() - started) * 1000
+    return (b"server-timing", f"{node_id};dur={ms:.3f}".encode())
+
+
+async def send_json(stream: Stream, status: int, body: object, extra: Headers = ()) -> None:
+    data = msgspec.json.encode(body)
+    stream.send_headers(
+        [(b":status", str(status).encode()), (b"content-type", JSON), (b"content-length", str(len(data)).encode()), *extra]
+    )
+    await stream.send_data(data, end_stream=True)
+
+
+async def refuse(stream: Stream, status: int, reason: str, message: str, extra: Headers = ()) -> None:
+    """A refusal every hop and the kiosk understand: reason code + the kiosk's screen message."""
+    await send_json(
+        stream, status, {"status": "refused", "reason": reason, "message": message},
+        [(b"konbini-reason", reason.encode()), *extra],
+    )
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """A wire message, validated once on entry; BadRequest names what is wrong."""
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"bad {kind.__name__}: {exc}") from exc
+
+
+def parse_json(data: bytes) -> dict:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("body is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise BadRequest("body is not a JSON object")
+    return obj
+
+
+class BadRequest(Exception):
+    """A request a handler cannot act on; answered 400 with the message."""

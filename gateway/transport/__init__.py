@@ -1,0 +1,1 @@
+"""Mutual TLS contexts and connections to upstream nodes."""

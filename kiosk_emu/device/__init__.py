@@ -1,0 +1,1 @@
+"""The kiosk's physical side: printer and spool, the durable notice outbox."""

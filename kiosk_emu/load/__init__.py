@@ -1,0 +1,1 @@
+"""The load generator: uvloop worker processes over the shared HTTP/2 core."""

@@ -1,0 +1,756 @@
+"""The kiosk load generator: many kiosks over worker processes, open or closed loop, HDR histograms.
+
+Theory of operation. Each worker process runs one uvloop loop and owns a share of the kiosks;
+every kiosk keeps one persistent HTTP/2 connection to its store router (`kiosk_emu.h2asyncio`).
+- Open loop: arrivals follow a Poisson process at the worker's share of the rate. Latency is
+  measured from the *intended* start, so a stalled system or a late generator shows up as
+  latency instead of silently lowering the offered load (no coordinated omission). An arrival
+  that finds no free kiosk slot, or that the generator can only start more than `late_s` after
+  its intended time, is counted as `dropped`.
+- Closed loop: a fixed number of requests in flight; each starts when the previous one ended.
+Requests whose intended start falls in the warm-up are run but not recorded. Each worker sends
+encoded histograms (overall, per hop from `server-timing`, per second) and its CPU use back;
+`merge_results` adds them up. The issuance workload drives the same sans-IO `KioskFlow` as
+the Trio kiosk, so a document bound to anyone else is counted as misdelivered (must stay 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing as mp
+import queue as queue_mod
+import random
+import resource
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from hdrh.histogram import HdrHistogram
+
+from gateway.protocol.h2core import ConnectionClosed
+from gateway.protocol.http import request_headers
+
+LOWEST_US = 1
+HIGHEST_US = 120_000_000  # 120 s
+SATURATED = 0.9  # a worker busier than this (CPU time / wall time) may be what limits the run
+
+# -- histograms --------------------------------------------------------------------------------
+
+
+def new_histogram(digits: int = 3) -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, digits)
+
+
+def record_ms(hist: HdrHistogram, ms: float) -> None:
+    hist.record_value(min(max(int(ms * 1000), LOWEST_US), HIGHEST_US))
+
+
+def encode(hist: HdrHistogram) -> str:
+    return hist.encode().decode("ascii") if hist.get_total_count() else ""
+
+
+def merge(encoded: list[str], digits: int = 3) -> HdrHistogram:
+    """One histogram from many workers' encoded ones (empty strings are empty histograms)."""
+    out = new_histogram(digits)
+    for e in encoded:
+        if e:
+            out.add(HdrHistogram.decode(e.encode("ascii")))
+    return out
+
+
+def percentiles(hist: HdrHistogram) -> dict[str, float | int | None]:
+    """p50/p90/p99/p99.9/max/mean in ms (None when nothing was recorded)."""
+    n = hist.get_total_count()
+    if not n:
+        return {"count": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None, "mean_ms": None}
+    at = hist.get_value_at_percentile
+    return {
+        "count": n,
+        "p50_ms": at(50) / 1000,
+        "p90_ms": at(90) / 1000,
+        "p99_ms": at(99) / 1000,
+        "p999_ms": at(99.9) / 1000,
+        "max_ms": hist.get_max_value() / 1000,
+        "mean_ms": round(hist.get_mean_value() / 1000, 3),
+    }
+
+
+# -- arrivals ----------------------------------------------------------------------------------
+
+
+def poisson_arrivals(rate: float, start: float, end: float, rng: random.Random) -> Iterator[float]:
+    """Intended start times of a Poisson process of `rate` per second in [start, end)."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    t = start
+    while True:
+        t += rng.expovariate(rate)
+        if t >= end:
+            return
+        yield t
+
+
+def latency_ms(intended: float, done: float) -> float:
+    """Latency as the user sees it: from when the request *should* have started (open loop)."""
+    return (done - intended) * 1000
+
+
+# -- what to run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One scenario as the generator sees it."""
+
+    name: str
+    kind: str  # "relay": GET /bench/blob?size=N | "issuance": the full card-authenticated flow
+    size: int = 0
+    # issuance: share of each case; the rest are plain successful issuances
+    mix: tuple[tuple[str, float], ...] = ()  # ("pin-wrong" | "outside-hours" | "card-revoked" | "timeout", share)
+    short_timeout_ms: tuple[float, float] = (2.0, 40.0)  # "timeout" case: kiosk timeout drawn from this range
+    timeout_s: float = 15.0  # every request's kiosk timeout otherwise
+    streams_per_kiosk: int = 64  # relay: concurrent streams per kiosk connection; issuance: 1 customer per kiosk
+
+
+EXPECTED = {
+    "ok": {"ok"},
+    "pin-wrong": {"refused:pin-wrong"},
+    "outside-hours": {"refused:outside-hours"},
+    "card-revoked": {"refused:card-revoked"},
+    "timeout": {"ok", "cancelled:timeout"},
+}
+
+
+@dataclass(frozen=True)
+class KioskSpec:
+    id: str
+    address: str
+    router_id: str
+    router_address: str
+    router_port: int
+    card: str  # card id in the state dir's card store
+    namespace: str | None = None  # netns mode: the kiosk's network namespace (its worker enters it)
+
+
+@dataclass
+class LoadSpec:
+    """Everything a worker needs (picklable: it crosses a process boundary)."""
+
+    workload: Workload
+    state_dir: str
+    kiosks: list[KioskSpec]
+    ca_path: str
+    rate: float | None = None  # open loop: arrivals per second (all workers together)
+    concurrency: int | None = None  # closed loop: requests in flight (all workers together)
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    count: int | None = None  # stop after this many measured arrivals (all workers together)
+    late_s: float = 0.2
+    seed: int = 1
+    open_muni: str = ""
+    closed_muni: str = ""
+    revoked_card: str = ""
+    cert_type: str = "residence-record"
+    hop_kinds: dict[str, str] = field(default_factory=dict)  # server-timing name -> hop label
+    clock_start: str | None = None  # emulated time the kiosks print on notices (ISO 8601)
+
+
+# -- one worker ----------------------------------------------------------------------------------
+
+
+class _Stats:
+    def __init__(self, hop_kinds: dict[str, str]) -> None:
+        self.hop_kinds = hop_kinds
+        self.arrivals = 0
+        self.dropped = 0
+        self.outcomes: Counter[str] = Counter()
+        self.bytes = 0
+        self.latency = new_histogram()
+        self.hops: dict[str, HdrHistogram] = {}
+        self.timeline: dict[int, HdrHistogram] = {}
+        self.done = 0  # progress (measured or not)
+
+    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float]) -> None:
+        self.outcomes[outcome] += 1
+        self.bytes += nbytes
+        if outcome.startswith("error:"):
+            return
+        record_ms(self.latency, ms)
+        t = self.timeline.get(second)
+        if t is None:
+            t = self.timeline[second] = new_histogram(2)
+        record_ms(t, ms)
+        for name, hop_ms in hops.items():
+            label = self.hop_kinds.get(name, name)
+            h = self.hops.get(label)
+            if h is None:
+                h = self.hops[label] = new_histogram()
+            record_ms(h, hop_ms)
+
+
+def _hops(headers, into: dict[str, float]) -> None:
+    for k, v in headers or ():
+        if k == b"server-timing":
+            name, _, dur = v.decode().partition(";dur=")
+            try:
+                into[name] = into.get(name, 0.0) + float(dur)
+            except ValueError:
+                pass
+
+
+class _Kiosk:
+    """One emulated kiosk: its persistent connection (reopened if it dies) and its card."""
+
+    def __init__(self, spec: KioskSpec, ctx, card, center_key) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.card = card
+        self.center_key = center_key
+        self.conn = None
+        self._lock = asyncio.Lock()
+
+    async def connection(self):
+        from kiosk_emu.load.h2asyncio import connect_h2
+
+        if self.conn is not None and not self.conn.core.closed:
+            return self.conn
+        async with self._lock:
+            if self.conn is None or self.conn.core.closed:
+                s = self.spec
+                self.conn = await connect_h2(s.router_address, s.router_port, s.router_id, self.ctx, local_address=s.address)
+            return self.conn
+
+
+async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float]) -> tuple[str, int]:
+    from gateway.protocol.h2core import StreamReset
+
+    conn = await k.connection()
+    st = await conn.open_stream(request_headers("GET", f"/bench/blob?size={w.size}", k.spec.router_id), end_stream=True)
+    try:
+        headers = await st.receive_headers()
+        _hops(headers, hops)
+        n = await st.drain_body()
+        status = st.status
+        if status != 200:
+            reason = dict(headers).get(b"konbini-reason", f"http-{status}".encode()).decode()
+            return f"error:{reason}", n
+        return "ok", n
+    except StreamReset:
+        return "error:stream-reset", 0
+    finally:
+        conn.release(st)
+
+
+async def _call(conn, router_id: str, flow, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    st = await conn.open_stream(request_headers(method, path, router_id), end_stream=False)
+    try:
+        await st.send_data(body, end_stream=True)
+        headers = await st.receive_headers()
+        flow.record_timing(headers)
+        return st.status, await st.read_body()
+    finally:
+        conn.release(st)
+
+
+async def _issuance_flow(k: _Kiosk, flow, now: datetime) -> int:
+    """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
+    conn = await k.connection()
+    rid = k.spec.router_id
+    status, body = await _call(conn, rid, flow, *flow.start())
+    step = flow.on_challenge(status, body)
+    if step:
+        status, body = await _call(conn, rid, flow, *step)
+        step = flow.on_auth(status, body)
+    nbytes = 0
+    if step:
+        method, path, req = step
+        st = await conn.open_stream(request_headers(method, path, rid), end_stream=False)
+        try:
+            await st.send_data(req, end_stream=True)
+            headers = await st.receive_headers()
+            flow.record_timing(headers)
+            if not flow.on_document_headers(st.status, headers):
+                flow.on_refusal_body(st.status, await st.read_body())
+            else:
+                while (chunk := await st.receive_chunk()) is not None:
+                    flow.on_document_chunk(chunk)
+                    nbytes += len(chunk)
+                flow.on_document_end(st.trailers)
+                flow.record_timing(st.trailers)
+        finally:
+            conn.release(st)
+    if flow.state.value == "misdelivered":
+        await _call(conn, rid, flow, *flow.misdelivery_report())
+    elif flow.state.value == "verified":
+        flow.paid()
+        status, body = await _call(conn, rid, flow, *flow.printed(now))
+        flow.on_notice(status, body)
+        flow.erased()
+    return nbytes
+
+
+class _Worker:
+    def __init__(self, wid: int, nworkers: int, spec: LoadSpec) -> None:
+        self.wid = wid
+        self.n = nworkers
+        self.spec = spec
+        self.stats = _Stats(spec.hop_kinds)
+        self.rng = random.Random(spec.seed * 1000 + wid)
+        self.stop = asyncio.Event()
+        self.kiosks: list[_Kiosk] = []
+        self.revoked = None
+        self.free: list[_Kiosk] = []  # slots: a kiosk appears once per request it can take now
+        self.t_warm = 0.0
+        self.t_end = 0.0
+        self.measured_cap = None if spec.count is None else max(1, math.ceil(spec.count / nworkers))
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def load_identities(self) -> None:
+        from cryptography import x509
+
+        from gateway.transport.tls import client_context
+        from kiosk_emu.card import CardStore
+
+        state = Path(self.spec.state_dir)
+        nodes = state / "pki" / "nodes"
+        center = x509.load_pem_x509_certificate((nodes / "issuance-center.pem").read_bytes())
+        center_key = center.public_key()
+        cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
+        cards.dir = state / "cards"
+        for ks in self.spec.kiosks:
+            ctx = client_context(nodes / f"{ks.id}.pem", nodes / f"{ks.id}.key", Path(self.spec.ca_path))
+            card = cards.load(ks.card)
+            card.on_counter_change = None  # counters live in memory here; wrong PINs are reset below
+            self.kiosks.append(_Kiosk(ks, ctx, card, center_key))
+        if self.spec.revoked_card:
+            self.revoked = cards.load(self.spec.revoked_card)
+            self.revoked.on_counter_change = None
+
+    async def connect_all(self) -> None:
+        await asyncio.gather(*(k.connection() for k in self.kiosks))
+        per = self.spec.workload.streams_per_kiosk if self.spec.workload.kind == "relay" else 1
+        self.free = [k for _ in range(per) for k in self.kiosks]
+        self.rng.shuffle(self.free)
+
+    # -- one request -----------------------------------------------------------------------
+
+    def _case(self) -> str:
+        r = self.rng.random()
+        for case, share in self.spec.workload.mix:
+            if r < share:
+                return case
+            r -= share
+        return "ok"
+
+    async def one(self, k: _Kiosk, intended: float, measured: bool) -> None:
+        loop = asyncio.get_running_loop()
+        w = self.spec.workload
+        hops: dict[str, float] = {}
+        nbytes = 0
+        case = "ok"
+        try:
+            if w.kind == "relay":
+                async with asyncio.timeout(w.timeout_s):
+                    outcome, nbytes = await _relay_request(k, w, hops)
+            else:
+                case = self._case()
+                outcome, nbytes, hops = await self._issue(k, case)
+        except (ConnectionClosed, OSError, ConnectionError) as exc:
+            outcome = f"error:{type(exc).__name__}"
+        except TimeoutError:
+            outcome = "error:timeout"
+        except Exception as exc:  # a bug in a flow must not stop the run; it is counted
+            outcome = f"error:{type(exc).__name__}"
+        finally:
+            self.free.append(k)
+        if outcome not in EXPECTED[case] and not outcome.startswith("error:") and outcome != "misdelivered":
+            outcome = f"error:expected-{case}-got-{outcome}"
+        done = loop.time()
+        self.stats.done += 1
+        if measured:
+            self.stats.record(int(intended - self.t_warm), latency_ms(intended, done), outcome, nbytes, hops)
+
+    async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float]]:
+        from gateway.protocol.messages import IssueRequest
+        from kiosk_emu.flow import KioskFlow
+
+        w, spec = self.spec.workload, self.spec
+        muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
+        card = self.revoked if case == "card-revoked" and self.revoked is not None else k.card
+        pin = "9999" if case == "pin-wrong" else "1234"
+        flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
+        timeout = w.timeout_s
+        if case == "timeout":
+            lo, hi = w.short_timeout_ms
+            timeout = self.rng.uniform(lo, hi) / 1000
+        nbytes = 0
+        try:
+            async with asyncio.timeout(timeout):
+                nbytes = await _issuance_flow(k, flow, self._now())
+        except TimeoutError:
+            flow.cancel("timeout")
+        except Exception:
+            if case == "pin-wrong":
+                card.tries_left = card.profile.max_tries
+            raise
+        if case == "pin-wrong":
+            card.tries_left = card.profile.max_tries  # the counter procedure, so the card never locks
+        o = flow.outcome
+        if o.status == "issued":
+            outcome = "ok"
+        elif o.status == "misdelivered":
+            outcome = "misdelivered"
+        else:
+            outcome = f"{o.status}:{o.reason}"
+        return outcome, nbytes, o.hops
+
+    def _now(self) -> datetime:
+        from gateway.business.clock import JST
+
+        if self.spec.clock_start:
+            start = datetime.fromisoformat(self.spec.clock_start)
+            return start.astimezone(JST)
+        return datetime.now(JST)
+
+    # -- the loops -------------------------------------------------------------------------
+
+    def _cap_reached(self) -> bool:
+        return self.measured_cap is not None and self.stats.arrivals >= self.measured_cap
+
+    async def open_loop(self, t0: float, tasks: set) -> None:
+        loop = asyncio.get_running_loop()
+        rate = self.spec.rate / self.n
+        for intended in poisson_arrivals(rate, t0, self.t_end, self.rng):
+            if self.stop.is_set() or self._cap_reached():
+                return
+            delay = intended - loop.time()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self.stop.wait(), delay) if delay > 0.05 else await asyncio.sleep(delay)
+                except TimeoutError:
+                    pass
+                if self.stop.is_set():
+                    return
+            measured = intended >= self.t_warm
+            if measured:
+                self.stats.arrivals += 1
+            late = loop.time() - intended
+            if not self.free or late > self.spec.late_s:
+                if measured:
+                    self.stats.dropped += 1
+                continue
+            k = self.free.pop()
+            task = asyncio.create_task(self.one(k, intended, measured))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def closed_loop(self, tasks: set) -> None:
+        loop = asyncio.get_running_loop()
+        total = self.spec.concurrency or 1
+        mine = total // self.n + (1 if self.wid < total % self.n else 0)
+
+        async def user() -> None:
+            while not self.stop.is_set() and loop.time() < self.t_end and not self._cap_reached():
+                while not self.free:
+                    await asyncio.sleep(0.001)
+                k = self.free.pop()
+                start = loop.time()
+                measured = start >= self.t_warm
+                if measured:
+                    self.stats.arrivals += 1
+                await self.one(k, start, measured)
+
+        for _ in range(mine):
+            task = asyncio.create_task(user())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.sleep(0)
+
+    async def run(self, go_wall: float, report) -> dict:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + max(0.0, go_wall - time.time())
+        self.t_warm = t0 + self.spec.warmup_s
+        self.t_end = t0 + self.spec.warmup_s + self.spec.duration_s
+        await asyncio.sleep(max(0.0, t0 - loop.time()))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                report(("progress", self.wid, self.stats.done))
+
+        ticker = asyncio.create_task(progress())
+        if self.spec.rate:
+            await self.open_loop(t0, tasks)
+        else:
+            await self.closed_loop(tasks)
+            while tasks and not self.stop.is_set() and loop.time() < self.t_end and not self._cap_reached():
+                try:
+                    await asyncio.wait_for(self.stop.wait(), max(0.0, min(0.1, self.t_end - loop.time())))
+                except TimeoutError:
+                    pass
+        measured_end = min(loop.time(), self.t_end)
+        # In-flight requests get a grace period, then are cancelled whole and counted.
+        grace = min(self.spec.workload.timeout_s, 5.0)
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+                self.stats.outcomes["error:unfinished"] += len(pending)
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        ticker.cancel()
+        s = self.stats
+        return {
+            "worker": self.wid,
+            "arrivals": s.arrivals,
+            "dropped": s.dropped,
+            "outcomes": dict(s.outcomes),
+            "bytes": s.bytes,
+            "latency": encode(s.latency),
+            "hops": {k: encode(h) for k, h in s.hops.items()},
+            "timeline": {str(sec): encode(h) for sec, h in s.timeline.items()},
+            "measured_s": max(0.0, measured_end - self.t_warm),
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "cpu_fraction": cpu / wall if wall > 0 else 0.0,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "partial": self.stop.is_set(),
+            "kiosks": len(self.kiosks),
+        }
+
+    def close(self) -> None:
+        for k in self.kiosks:
+            if k.conn is not None:
+                k.conn.close()
+
+
+def _worker_main(wid: int, nworkers: int, spec: LoadSpec, out: mp.Queue, go: mp.Event, go_at, stop: mp.Event) -> None:
+    import uvloop
+
+    ns = spec.kiosks[0].namespace if spec.kiosks else None
+    if ns:  # netns mode: before any socket (and any thread: setns moves only the calling one)
+        from topology.netns.enter import enter_namespace
+
+        try:
+            enter_namespace(ns)
+        except OSError as exc:
+            out.put(("error", wid, f"cannot enter namespace {ns}: {exc.strerror or exc}"))
+            return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        w = _Worker(wid, nworkers, spec)
+        loop.add_signal_handler(signal.SIGINT, w.stop.set)
+        try:
+            w.load_identities()
+            await w.connect_all()
+        except Exception as exc:  # noqa: BLE001 - reported as one line by the parent
+            out.put(("error", wid, _describe_connect_error(exc, spec)))
+            w.close()
+            return
+        out.put(("ready", wid, None))
+        await loop.run_in_executor(None, go.wait)
+
+        finished = threading.Event()
+
+        def wait_stop() -> bool:  # polls, so the thread ends once we finish; never sets the shared
+            while not finished.is_set():  # `stop` itself: that would cut the other workers short
+                if stop.wait(0.1):
+                    return True
+            return False
+
+        async def watch_stop() -> None:
+            if await loop.run_in_executor(None, wait_stop):
+                w.stop.set()
+
+        watcher = asyncio.create_task(watch_stop())
+        try:
+            result = await w.run(go_at.value, out.put)
+        finally:
+            w.close()
+            finished.set()
+        out.put(("result", wid, result))
+        await asyncio.sleep(0)
+        watcher.cancel()
+
+    uvloop.run(main())
+
+
+def _describe_connect_error(exc: Exception, spec: LoadSpec) -> str:
+    k = spec.kiosks[0] if spec.kiosks else None
+    where = f"{k.router_id} at {k.router_address}:{k.router_port}" if k else "the store routers"
+    what = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"cannot reach {where}: {what} (is the topology up?)"
+
+
+# -- the coordinator ---------------------------------------------------------------------------
+
+
+class LoadError(Exception):
+    """The load could not be run (kiosks cannot connect, a worker died); one line for the user."""
+
+
+def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: str = "") -> dict:
+    """Run one load across `workers` processes; returns the merged result (see `merge_results`)."""
+    if spec.rate is not None and spec.rate <= 0:
+        raise LoadError(f"impossible rate {spec.rate}: it must be > 0 requests per second")
+    if spec.rate is None and (spec.concurrency or 0) <= 0:
+        raise LoadError("give a rate > 0 (open loop) or a concurrency >= 1 (closed loop)")
+    workers = max(1, min(workers, len(spec.kiosks)))
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    go_at = ctx.Value("d", 0.0)
+    shares = worker_shares(spec.kiosks, workers)
+    workers = len(shares)
+    procs = []
+    for wid in range(workers):
+        part = LoadSpec(**{**spec.__dict__, "kiosks": shares[wid]})
+        p = ctx.Process(target=_worker_main, args=(wid, workers, part, out, go, go_at, stop), daemon=True)
+        p.start()
+        procs.append(p)
+    results: dict[int, dict] = {}
+    interrupted = False
+    try:
+        ready = 0
+        deadline = time.monotonic() + 120
+        while ready < workers:
+            try:
+                kind, wid, payload = out.get(timeout=0.5)
+            except queue_mod.Empty:
+                if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
+                    raise LoadError("a load-generator worker did not start (see the log above)") from None
+                continue
+            if kind == "error":
+                raise LoadError(payload)
+            ready += kind == "ready"
+        go_at.value = time.time() + 0.1
+        go.set()
+        results = _collect(out, procs, spec, workers, progress, label)
+    except KeyboardInterrupt:
+        interrupted = True
+        stop.set()
+        results = _collect(out, procs, spec, workers, False, label, deadline_s=15)
+    finally:
+        stop.set()
+        go.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+    merged = merge_results(list(results.values()), spec)
+    merged["partial"] = interrupted or merged["partial"] or len(results) < workers
+    return merged
+
+
+def worker_shares(kiosks: list[KioskSpec], workers: int) -> list[list[KioskSpec]]:
+    """Kiosks per worker, round-robin. A worker lives in one network namespace, so in netns mode
+    kiosks are first grouped by namespace: at least one worker per namespace, `workers` spread over them."""
+    groups: dict[str | None, list[KioskSpec]] = {}
+    for k in kiosks:
+        groups.setdefault(k.namespace, []).append(k)
+    per = max(1, workers // len(groups)) if groups else 1
+    return [g[i::n] for g in groups.values() for n in [min(per, len(g))] for i in range(n)]
+
+
+def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: str, deadline_s: float | None = None) -> dict[int, dict]:
+    results: dict[int, dict] = {}
+    done_by: dict[int, int] = {}
+    total_s = spec.warmup_s + spec.duration_s
+    limit = time.monotonic() + (deadline_s if deadline_s is not None else total_s + 30)
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]} done"), TimeRemainingColumn(), transient=True)
+        bar.start()
+        task = bar.add_task(label or spec.workload.name, total=total_s, done=0)
+    t0 = time.monotonic()
+    try:
+        while len(results) < workers and time.monotonic() < limit:
+            try:
+                kind, wid, payload = out.get(timeout=0.25)
+            except queue_mod.Empty:
+                if all(not p.is_alive() for p in procs):
+                    break
+                kind = None
+            if kind == "progress":
+                done_by[wid] = payload
+            elif kind == "result":
+                results[wid] = payload
+            if bar is not None:
+                bar.update(task, completed=min(total_s, time.monotonic() - t0), done=sum(done_by.values()))
+    finally:
+        if bar is not None:
+            bar.stop()
+    return results
+
+
+def merge_results(results: list[dict], spec: LoadSpec) -> dict:
+    """Add up the workers' counts and histograms into one scenario result."""
+    lat = merge([r["latency"] for r in results])
+    outcomes: Counter[str] = Counter()
+    for r in results:
+        outcomes.update(r["outcomes"])
+    hop_names = sorted({h for r in results for h in r["hops"]})
+    hops = {h: percentiles(merge([r["hops"].get(h, "") for r in results])) for h in hop_names}
+    seconds = sorted({int(s) for r in results for s in r["timeline"]})
+    timeline = []
+    for s in seconds:
+        h = merge([r["timeline"].get(str(s), "") for r in results], 2)
+        p = percentiles(h)
+        timeline.append({"second": s, "count": p["count"], "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"]})
+    measured_s = max((r["measured_s"] for r in results), default=0.0)
+    arrivals = sum(r["arrivals"] for r in results)
+    dropped = sum(r["dropped"] for r in results)
+    errors = {k[6:]: v for k, v in outcomes.items() if k.startswith("error:")}
+    refused = {k[8:]: v for k, v in outcomes.items() if k.startswith("refused:")}
+    cancelled = {k[10:]: v for k, v in outcomes.items() if k.startswith("cancelled:")}
+    ok = outcomes.get("ok", 0)
+    answered = ok + sum(refused.values())
+    nbytes = sum(r["bytes"] for r in results)
+    workers = [
+        {k: r[k] for k in ("worker", "kiosks", "cpu_s", "wall_s", "cpu_fraction", "max_rss_kib")} for r in results
+    ]
+    return {
+        "scenario": spec.workload.name,
+        "mode": "open" if spec.rate else "closed",
+        "rate": spec.rate,
+        "concurrency": spec.concurrency,
+        "duration_s": spec.duration_s,
+        "warmup_s": spec.warmup_s,
+        "measured_s": round(measured_s, 3),
+        "kiosks": len(spec.kiosks),
+        "arrivals": arrivals,
+        "dropped": dropped,
+        "ok": ok,
+        "refused": refused,
+        "cancelled": cancelled,
+        "misdelivered": outcomes.get("misdelivered", 0),
+        "errors": errors,
+        "throughput_rps": round(answered / measured_s, 2) if measured_s else 0.0,
+        "ok_rps": round(ok / measured_s, 2) if measured_s else 0.0,
+        "bytes_per_s": round(nbytes / measured_s, 1) if measured_s else 0.0,
+        **{k: v for k, v in percentiles(lat).items() if k != "count"},
+        "latency_count": lat.get_total_count(),
+        "latency_hist": encode(lat),
+        "hops": hops,
+        "timeline": timeline,
+        "generator": {
+            "workers": workers,
+            "cpu_fraction_max": round(max((w["cpu_fraction"] for w in workers), default=0.0), 3),
+            "generator_saturated": any(w["cpu_fraction"] > SATURATED for w in workers),
+        },
+        "partial": any(r.get("partial") for r in results),
+    }

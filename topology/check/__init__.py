@@ -1,0 +1,1 @@
+"""Live policy evidence against a running topology: packet probes (scapy) and app-level checks."""

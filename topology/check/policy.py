@@ -1,0 +1,391 @@
+"""`konbini policy check`: the expected reachability matrix, probed, compared, reported.
+
+Expected: `policy.reachability` (the same data the app check and the nftables rules compile
+from). Observed, netns mode: a TCP SYN for every (source node, server node) pair from the
+source's namespace (allowed => SYN-ACK, forbidden => nothing), allowed pairs on other ports,
+over UDP and ICMP (nothing), spoofed sources from neighbouring namespaces (nothing) and
+addresses outside the topology (nothing); each namespace's interfaces and routes (no route
+out). App level, both modes: `topology.appcheck`. Any difference makes the check fail.
+Every result names the requirement IDs it is evidence for (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from topology.netns.plan import NetPlan
+from topology.policy.compiler import _allow_violation, reachability
+from topology.spec.model import Node, Topology
+
+PROBE_TIMEOUT = 0.5  # seconds to wait for replies after the last frame is sent
+OTHER_PORTS = (22, 443)  # probed on every allowed pair: only the allow-listed port may answer
+OUTSIDE = ("198.19.255.254", "198.18.255.254")  # inside 198.18/15 but in no topology (SEC-SN-1)
+NETNS_ONLY = ("SEC-EC-2 kernel filtering", "SEC-SN-1 no route out / spoofing", "SEC-ST-4 Wi-Fi blocked in the kernel")
+
+# the requirement an *allowed* connection to a node of this kind is evidence for
+_ALLOWED_REQS = {
+    "ec-router": ("SEC-EC-1",),
+    "dmz-relay": ("SEC-EC-2", "SEC-EC-3"),
+    "issuance-center": ("SEC-EC-2", "SEC-EC-3"),
+    "store-router": ("SEC-ST-2",),
+    "store-controller": ("SEC-ST-2",),
+    "ocsp": ("SEC-EC-3",),
+    "municipality": ("SEC-EC-3",),
+}
+
+
+@dataclass
+class Probe:
+    id: int
+    kind: str  # "tcp-pair" | "other-port" | "udp" | "icmp" | "spoof" | "outside"
+    site: str  # the namespace it is sent from
+    iface: str | None  # None: no route; sent on every veth of `site`
+    src: str  # node id or "-"
+    dst: str
+    src_ip: str
+    dst_ip: str
+    proto: str
+    port: int
+    expect_answer: bool
+    requirements: tuple[str, ...]
+    rule: str | None = None
+    watch: set[str] = field(default_factory=set)  # sites where a reply would show
+    # set per run (`plan_probes`): a fresh source port and sequence number, so neither a stale
+    # conntrack entry nor a SYN-ACK retransmitted for an earlier run can pass for an answer
+    sport: int = 0
+    seq: int = 0
+
+
+@dataclass
+class Result:
+    id: int
+    kind: str
+    src: str
+    dst: str
+    proto: str
+    port: int
+    sent_from: str
+    expected: str
+    observed: str
+    ok: bool
+    requirements: tuple[str, ...]
+    rule: str | None
+
+
+def _pair_reqs(src: Node, dst: Node, allowed: bool) -> tuple[str, ...]:
+    if allowed:
+        return _ALLOWED_REQS.get(dst.kind, ("SEC-EC-2",))
+    broken = _allow_violation(src, dst)
+    reqs = [broken[0]] if broken else []
+    if src.kind in ("kiosk", "store-router", "store-controller", "wifi") and dst.kind in ("issuance-center", "ocsp", "municipality"):
+        reqs.append("SEC-SN-3")
+    if dst.kind == "ec-router":
+        reqs.append("SEC-EC-1")
+    return tuple(dict.fromkeys(reqs or ["SEC-SN-1"]))
+
+
+def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
+    probes: list[Probe] = []
+
+    def add(**kw) -> None:
+        p = Probe(id=len(probes), **kw)
+        p.watch |= {p.site}
+        probes.append(p)
+
+    def site(node_id: str) -> str:
+        return topo.nodes[node_id].site
+
+    for r in reachability(topo):
+        src, dst = topo.node(r.src), topo.node(r.dst)
+        s_ip, d_ip = plan.address(r.src), plan.address(r.dst)
+        reqs = _pair_reqs(src, dst, r.allowed)
+        egress = plan.egress(src.site, d_ip)
+        common = dict(site=src.site, iface=egress, src=r.src, dst=r.dst, src_ip=s_ip, dst_ip=d_ip, watch={dst.site})
+        add(kind="tcp-pair", proto="tcp", port=r.port, expect_answer=r.allowed, requirements=reqs, rule=r.rule, **common)
+        if not r.allowed:
+            continue
+        # protocol-level filtering: only the allow-listed port and protocol get through
+        for port in OTHER_PORTS:
+            if port != r.port:
+                add(kind="other-port", proto="tcp", port=port, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
+        add(kind="udp", proto="udp", port=r.port, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
+        add(kind="icmp", proto="icmp", port=0, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
+        # spoofing: a neighbour of the destination claims to be the allowed source
+        for other in plan.sites.values():
+            if other.name in (src.site, dst.site):
+                continue
+            for iface in other.interfaces:
+                if iface.peer == r.dst or (site(iface.peer) == dst.site and plan.egress(other.name, d_ip) == iface.name):
+                    extra = ("SEC-ST-4",) if any(topo.node(n).kind == "wifi" for n in other.nodes) else ()
+                    add(kind="spoof", site=other.name, iface=iface.name, src=r.src, dst=r.dst, src_ip=s_ip, dst_ip=d_ip,
+                        proto="tcp", port=r.port, expect_answer=False, requirements=("SEC-SN-1", *extra, *reqs),
+                        watch={dst.site, src.site})
+                    break
+    # in-store Wi-Fi reaches no kiosk, on any protocol (kiosks do not listen, but an unfiltered
+    # kernel would still answer with a RST or an echo reply)
+    for wifi in topo.of_kind("wifi"):
+        for kiosk in topo.of_kind("kiosk"):
+            k_ip = plan.address(kiosk.id)
+            for proto, port in (("tcp", 8443), ("tcp", 22), ("udp", 53), ("icmp", 0)):
+                add(kind="wifi-kiosk", site=wifi.site, iface=plan.egress(wifi.site, k_ip), src=wifi.id, dst=kiosk.id,
+                    src_ip=plan.address(wifi.id), dst_ip=k_ip, proto=proto, port=port, expect_answer=False,
+                    requirements=("SEC-ST-4",), watch={kiosk.site})
+    # nothing outside the topology answers, whatever interface it is tried on
+    for s in plan.sites.values():
+        for addr in OUTSIDE:
+            if topo.by_address(addr) is None:
+                add(kind="outside", site=s.name, iface=None, src=s.nodes[0], dst=addr, src_ip=plan.address(s.nodes[0]),
+                    dst_ip=addr, proto="tcp", port=8443, expect_answer=False, requirements=("SEC-SN-1",))
+    base = random.randrange(10000, 65000 - len(probes))
+    seq = random.randrange(1 << 31)
+    for p in probes:
+        p.sport, p.seq = base + p.id, (seq + p.id * 7919) % (1 << 32)
+    return probes
+
+
+def _frames(plan: NetPlan, probe: Probe) -> list[tuple[str, str]]:
+    """(interface, frame hex) for one probe: built by scapy, as a sender that obeys no rules would."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    ifaces = {i.name: i for i in plan.sites[probe.site].interfaces}
+    names = [probe.iface] if probe.iface else list(ifaces)
+    if probe.proto == "tcp":
+        l4 = TCP(sport=probe.sport, dport=probe.port, flags="S", seq=probe.seq)
+    elif probe.proto == "udp":
+        l4 = UDP(sport=probe.sport, dport=probe.port) / b"konbini-probe"
+    else:
+        l4 = ICMP(type=8, id=probe.sport, seq=1) / b"konbini-probe"
+    out = []
+    for name in names:
+        if name == "lo":
+            ether = Ether(src="00:00:00:00:00:00", dst="00:00:00:00:00:00")
+        else:
+            ether = Ether(src=ifaces[name].mac, dst=ifaces[name].peer_mac)
+        out.append((name, bytes(ether / IP(src=probe.src_ip, dst=probe.dst_ip, ttl=64) / l4).hex()))
+    return out
+
+
+def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT) -> tuple[dict[int, str], dict[str, dict]]:
+    """Start one `topology.probe` per namespace, release them together, gather what they saw."""
+    jobs: dict[str, dict] = {s: {"site": s, "timeout": timeout, "send": [], "watch": []} for s in plan.sites}
+    for p in probes:
+        for iface, frame in _frames(plan, p):
+            jobs[p.site]["send"].append({"id": p.id, "iface": iface, "frame": frame})
+        for s in p.watch:
+            jobs[s]["watch"].append({"id": p.id, "src": p.src_ip, "dst": p.dst_ip, "proto": p.proto, "port": p.port, "sport": p.sport,
+                                      "ack": (p.seq + 1) % (1 << 32)})
+    procs = {}
+    for s, job in jobs.items():
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", plan.namespace(s), sys.executable, "-m", "topology.check.probe"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.flush()
+        procs[s] = proc
+    for s, proc in procs.items():  # every capture socket is open before any frame is sent
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"probe in {plan.namespace(s)} failed: {proc.stderr.read().strip()[-300:]}")
+    for proc in procs.values():
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    answered: dict[int, str] = {}
+    sites: dict[str, dict] = {}
+    for s, proc in procs.items():
+        out, err = proc.communicate(timeout=30)
+        if proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"probe in {plan.namespace(s)} failed: {err.strip()[-300:]}")
+        report = json.loads(out.strip().splitlines()[-1])
+        for pid, what in report.pop("answered").items():
+            answered.setdefault(int(pid), what)
+        sites[s] = report
+    return answered, sites
+
+
+def compare(probes: list[Probe], answered: dict[int, str]) -> list[Result]:
+    results = []
+    for p in probes:
+        seen = answered.get(p.id)
+        expected = "syn-ack" if p.expect_answer else "nothing"
+        ok = seen == "syn-ack" if p.expect_answer else seen is None
+        results.append(Result(p.id, p.kind, p.src, p.dst, p.proto, p.port, p.site, expected, seen or "nothing", ok, p.requirements, p.rule))
+    return results
+
+
+def surroundings_results(plan: NetPlan, sites: dict[str, dict], start_id: int) -> list[Result]:
+    """Per namespace: only lo and the topology's veths, no default route, nothing routable outside."""
+    results = []
+    for s, info in sorted(sites.items()):
+        want = sorted(["lo", *(i.name for i in plan.sites[s].interfaces)])
+        for kind, expected, observed in (
+            ("interfaces", " ".join(want), " ".join(info["interfaces"])),
+            ("default-route", "none", "present" if info["default_route"] else "none"),
+            ("route-out", "unreachable", info["route_out"] or "unreachable"),
+        ):
+            results.append(Result(start_id + len(results), kind, "-", "-", "-", 0, s, expected, observed,
+                                  expected == observed, ("SEC-SN-1",), None))
+        for err in info.get("errors", []):
+            results.append(Result(start_id + len(results), "probe-error", "-", "-", "-", 0, s, "no error", err, False, ("SEC-SN-1",), None))
+    return results
+
+
+# -- app level ------------------------------------------------------------------------------------
+
+
+def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], str | None]:
+    """Launch the topology in-process (loopback) and run the app checks against it, with the
+    servers' denial counters as evidence. If the addresses are taken (`konbini up` is running),
+    check the running one instead, without counters."""
+    import trio
+
+    from gateway.node.server import NodeStartError
+    from topology.check.app import CHECKS, run_check
+    from topology.launch.loopback import run_topology
+    from topology.pki import PKI
+
+    async def checks(pki, running) -> list[dict]:
+        out = []
+        for name in CHECKS:
+            server = running.servers.get(topo.of_kind(CHECKS[name][1])[0].id) if running else None
+            before = server.denials[CHECKS[name][3]] if server else 0
+            res = asdict(await run_check(topo, pki, "loopback", name))
+            if server is not None:
+                with trio.move_on_after(2):
+                    while server.denials[CHECKS[name][3]] == before:
+                        await trio.sleep(0.01)  # the server counts the denial as it closes, just after we see it
+                res["denials_counted"] = server.denials[CHECKS[name][3]] - before
+                res["refused"] = res["refused"] and res["denials_counted"] >= 1
+            out.append(res)
+        return out
+
+    async def main():
+        try:
+            async with trio.open_nursery() as nursery:
+                running = await nursery.start(lambda task_status: run_topology(topo, state_dir, task_status=task_status))
+                out = await checks(running.pki, running)
+                nursery.cancel_scope.cancel()
+                return out, None
+        except (NodeStartError, BaseExceptionGroup) as exc:
+            start_error = _find(exc, NodeStartError)
+            if start_error is None:
+                raise
+        return await checks(PKI.ensure(state_dir, topo), None), f"topology already running ({start_error}); denial counters not read"
+
+    return trio.run(main)
+
+
+def _find(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc` itself or the first `kind` inside an exception group (Trio nurseries wrap errors)."""
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        if (found := _find(inner, kind)) is not None:
+            return found
+    return None
+
+
+def app_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> list[dict]:
+    """The app checks from inside the source nodes' namespaces against the running netns topology."""
+    from topology.check.app import CHECKS, pick
+
+    procs = {}
+    for name in CHECKS:
+        src, _ = pick(topo, name)
+        procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", plan.namespace(topo.node(src).site), sys.executable, "-m", "topology.check.app",
+             "--topology", topo.source, "--state", str(state_dir), "--mode", "netns", name],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    out = []
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            out.append({"check": name, "refused": False, "detail": f"check failed: {stderr.strip()[-200:]}", "requirements": CHECKS[name][2]})
+        else:
+            out.append(json.loads(stdout))
+    return out
+
+
+# -- the whole check and its report -------------------------------------------------------------
+
+
+def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT) -> dict:
+    t0 = time.perf_counter()
+    results: list[Result] = []
+    if netns:
+        assert plan is not None
+        probes = plan_probes(topo, plan)
+        answered, sites = run_probes(plan, probes, timeout)
+        results = compare(probes, answered) + surroundings_results(plan, sites, len(probes))
+        app = app_checks_netns(topo, plan, state_dir)
+        note = None
+    else:
+        app, note = app_checks_loopback(topo, state_dir)
+    summary: dict[str, dict] = {}
+    for r in results:
+        for req in r.requirements:
+            s = summary.setdefault(req, {"checks": 0, "failed": 0})
+            s["checks"] += 1
+            s["failed"] += not r.ok
+    for a in app:
+        for req in a["requirements"]:
+            s = summary.setdefault(req, {"checks": 0, "failed": 0})
+            s["checks"] += 1
+            s["failed"] += not a["refused"]
+    failed = [r for r in results if not r.ok]
+    return {
+        "topology": topo.name,
+        "source": topo.source,
+        "mode": "netns" if netns else "loopback",
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "ok": not failed and all(a["refused"] for a in app),
+        "probes": len(results),
+        "differences": [asdict(r) for r in failed],
+        "summary": dict(sorted(summary.items())),
+        "app": app,
+        "app_note": note,
+        "needs_netns": [] if netns else list(NETNS_ONLY),
+        "results": [asdict(r) for r in results],
+    }
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"# konbini policy check: {report['topology']} ({report['mode']})",
+        "",
+        f"**{'PASS' if report['ok'] else 'FAIL'}** — {report['probes']} kernel-level probes, "
+        f"{len(report['differences'])} differences, {len(report['app'])} app-level checks, {report['elapsed_s']} s.",
+        "",
+        "| requirement | checks | failed |",
+        "|---|---:|---:|",
+        *(f"| {req} | {s['checks']} | {s['failed']} |" for req, s in report["summary"].items()),
+        "",
+        "## App level",
+        "",
+        "| check | from | to | refused | detail | requirements |",
+        "|---|---|---|---|---|---|",
+        *(f"| {a['check']} | {a.get('src', '-')} | {a.get('dst', '-')} | {'yes' if a['refused'] else '**NO**'} | {a['detail']} | {', '.join(a['requirements'])} |" for a in report["app"]),
+    ]
+    if report.get("app_note"):
+        lines += ["", f"Note: {report['app_note']}"]
+    if report["needs_netns"]:
+        lines += ["", "## Needs `--netns` (root)", "", *(f"- {n}" for n in report["needs_netns"])]
+    if report["differences"]:
+        lines += ["", "## Differences", "", "| kind | from site | src | dst | proto/port | expected | observed | requirements |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['kind']} | {d['sent_from']} | {d['src']} | {d['dst']} | {d['proto']}/{d['port']} | {d['expected']} | {d['observed']} | {', '.join(d['requirements'])} |" for d in report["differences"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    md, js = directory / "report.md", directory / "report.json"
+    md.write_text(render_markdown(report))
+    js.write_text(json.dumps(report, indent=1))
+    return md, js

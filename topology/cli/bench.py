@@ -1,0 +1,97 @@
+"""`konbini bench`: argument parsing and the summary table; the work is in `bench.runner`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.scenarios import SCENARIOS
+
+DEFAULT_STATE = ".konbini-bench"
+
+
+def add_parser(sub, user_error) -> None:
+    b = sub.add_parser("bench", help="benchmark scenarios with the kiosk load generator (optionally against HAProxy)")
+    b.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance)")
+    b.add_argument("--topology", help="topology file (default: the shipped default topology)")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sweep: the starting rate)")
+    mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
+    b.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    b.add_argument("--warmup", type=float, help="warm-up seconds, not recorded (default: 20 %% of duration, at most 2)")
+    b.add_argument("--count", type=int, help="stop a run after this many measured requests")
+    b.add_argument("--kiosks", type=int, default=24, help="emulated kiosks, each one connection to its store router (default 24)")
+    b.add_argument("--workers", type=int, default=1, help="load-generator processes (default 1)")
+    b.add_argument("--baseline", choices=["haproxy"], help="run every scenario again with HAProxy as the relay chain")
+    b.add_argument("--p99-target", type=float, default=100.0, help="sweep: p99 target in ms (default 100)")
+    b.add_argument("--sweep-steps", type=int, default=8, help="sweep: at most this many rate steps")
+    b.add_argument("--h2load", action="store_true", help="also cross-check relay-small/relay-64k with h2load")
+    b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
+    b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
+    b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
+    b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=lambda args: cmd_bench(args, user_error))
+
+
+def cmd_bench(args, user_error) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench.runner import BenchError, BenchOptions, run_bench
+    from topology.cli.main import load
+
+    topo = load(args.topology)
+    opts = BenchOptions(
+        scenarios=args.scenarios or ["relay-small", "relay-64k", "issuance"],
+        topology=topo,
+        state_dir=Path(args.state or DEFAULT_STATE),
+        out_dir=Path(args.out),
+        rate=args.rate,
+        concurrency=args.concurrency,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        kiosks=args.kiosks,
+        workers=args.workers,
+        baseline=args.baseline,
+        count=args.count,
+        p99_target_ms=args.p99_target,
+        sweep_steps=args.sweep_steps,
+        h2load=args.h2load,
+        progress=not args.no_progress,
+        netns=args.netns,
+        netns_tag=args.tag,
+    )
+    try:
+        report = run_bench(opts)
+    except BenchError as exc:
+        raise user_error(str(exc)) from None
+    console = Console()
+    table = Table(title="konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else ""))
+    for col in ("scenario", "phase", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"):
+        table.add_column(col)
+    for name, entry in report["scenarios"].items():
+        for phase in ("konbini", "haproxy"):
+            r = entry.get(phase)
+            if not r:
+                continue
+            ratio = entry.get("ratios", {}) if phase == "haproxy" else {}
+            gen = r.get("generator", {})
+            table.add_row(
+                name, phase, f"{r.get('throughput_rps', 0):.1f}", f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
+                _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), str(r.get("dropped", 0)), str(sum((r.get("errors") or {}).values())),
+                str(r.get("misdelivered", 0)),
+                f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
+                " ".join(f"{k}={v}" for k, v in ratio.items()),
+            )
+            if r.get("best_rate") is not None or "steps" in r:
+                table.add_row(name, phase, f"best {r.get('best_rate')}/s", "", "", "", "", "", "", "", "")
+    console.print(table)
+    console.print(f"reports: {opts.out_dir / 'report.json'} and {opts.out_dir / 'report.html'}")
+    failed = any(
+        (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in ("konbini", "haproxy")
+    )
+    return 1 if failed or report["partial"] else 0
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}"

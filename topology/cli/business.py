@@ -1,0 +1,132 @@
+"""`konbini settle`, `konbini sla` and `konbini ledger verify`: reports over the center's ledger.
+
+Each prints a short table, or one JSON object with --json; problems are one line (UserError).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from gateway.business.clock import Clock
+from gateway.business.ledger import MEMORY, LedgerDB, LedgerError, ledger_path
+
+
+def open_ledger(args, topo, UserError) -> LedgerDB:
+    path = ledger_path(topo.ledger, Path(args.state or topo.state_dir))
+    if path == MEMORY:
+        raise UserError("the topology keeps its ledger in memory (ledger: \":memory:\"); there is nothing to report on")
+    if not Path(path).exists():
+        raise UserError(f"no ledger at {path} (run `konbini up` and issue first, or pass --state)")
+    try:
+        db = LedgerDB(path)
+        db.verify()
+    except LedgerError as exc:
+        raise UserError(str(exc)) from None
+    return db
+
+
+def cmd_settle(args, topo, UserError) -> int:
+    from gateway.business.settlement import SettlementError, report
+
+    now = Clock.parse(args.clock).now()
+    db = open_ledger(args, topo, UserError)
+    try:
+        fixed = db.fixed_report(args.month)
+        if fixed is not None:
+            rep, status = fixed, "fixed"
+            if args.fix:
+                raise UserError(f"month {args.month} is already fixed; fixed data is never modified")
+        else:
+            rep, status = report(db.entries(args.month), args.month, now), "open"
+            if args.fix:
+                with db.transaction():
+                    db.fix_month(args.month, now, rep)
+                status = "fixed"
+    except SettlementError as exc:
+        raise UserError(str(exc)) from None
+    except LedgerError as exc:
+        raise UserError(str(exc)) from None
+    rep = {**rep, "status": status}
+    if args.json:
+        print(json.dumps(rep, ensure_ascii=False))
+        return 0
+    print(f"settlement {rep['month']} ({status}); consignment {rep['consignment_fee_per_copy']} yen per copy")
+    print(f"{'operator':<10} {'copies':>7} {'fees':>10} {'consignment':>12} {'amount due':>11}")
+    for op, t in rep["operators"].items():
+        print(f"{op:<10} {t['copies']:>7} {t['fees']:>10} {t['consignment']:>12} {t['amount_due']:>11}")
+    tot = rep["total"]
+    print(f"{'total':<10} {tot['copies']:>7} {tot['fees']:>10} {tot['consignment']:>12} {tot['amount_due']:>11}")
+    d = rep["deadlines"]
+    print(f"deadlines: reconcile {d['reconcile']}, amount fixed {d['fix']}, invoice {d['invoice']}, payment {d['payment']}")
+    return 0
+
+
+def cmd_sla(args, topo, UserError) -> int:
+    from gateway.business.settlement import SettlementError
+    from gateway.business.sla import availability, complete_outages
+
+    db = open_ledger(args, topo, UserError)
+    if args.record_outage:
+        try:
+            start, end = (datetime.fromisoformat(t) for t in args.record_outage)
+        except ValueError:
+            raise UserError("--record-outage START END: ISO times with offset, e.g. 2026-11-03T02:00+09:00") from None
+        if start.tzinfo is None or end.tzinfo is None or end <= start:
+            raise UserError("--record-outage START END: aware times (with +09:00) and END after START")
+        with db.transaction():
+            db.record_outage("service", start, end, "recorded by hand")
+    per_scope: dict[str, list] = {}
+    for scope, start, end in db.outages():
+        per_scope.setdefault(scope, []).append((start, end))
+    kiosks = [n.id for n in topo.of_kind("kiosk")]
+    scopes = kiosks if any(k in per_scope for k in kiosks) else []
+    try:
+        rep = availability(args.month, complete_outages(per_scope, scopes))
+    except SettlementError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(rep, ensure_ascii=False))
+    else:
+        verdict = "met" if rep["met"] else "MISSED"
+        print(f"availability {rep['month']}: {rep['availability_percent']:.4f} % (target {rep['target_percent']:.1f} %: {verdict}); "
+              f"downtime {rep['downtime_minutes']:.1f} of {rep['month_minutes']} minutes; "
+              f"{len(rep['outages_counted'])} outages counted, {rep['outages_ignored_short']} of 10 minutes or less ignored")
+    return 0 if rep["met"] else 1
+
+
+def cmd_ledger(args, topo, UserError) -> int:
+    db = open_ledger(args, topo, UserError)  # verifies the chain
+    print(f"ledger {db.path}: {db.verify()} rows, hash chain intact; schema version {db.version}")
+    return 0
+
+
+def add_parsers(sub, load, UserError) -> None:
+    """Register the subcommands on the `konbini` parser (kept here so cli.py stays small)."""
+
+    def wrap(fn):
+        return lambda args: fn(args, load(args.topology), UserError)
+
+    s = sub.add_parser("settle", help="monthly settlement per operator (BIZ-6)")
+    s.add_argument("--month", required=True, help="YYYY-MM, e.g. 2026-11")
+    s.add_argument("--fix", action="store_true", help="fix the month: its records can never change after this")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--topology", help="topology file")
+    s.add_argument("--state", help="state directory")
+    s.add_argument("--clock", help="emulated now, e.g. 2026-12-09T10:00+09:00 (the month must be over)")
+    s.set_defaults(func=wrap(cmd_settle))
+
+    a = sub.add_parser("sla", help="monthly availability per seed 003 (BIZ-9); exit 1 when the target is missed")
+    a.add_argument("--month", required=True, help="YYYY-MM")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--record-outage", nargs=2, metavar=("START", "END"), help="record a complete service outage first")
+    a.add_argument("--topology", help="topology file")
+    a.add_argument("--state", help="state directory")
+    a.set_defaults(func=wrap(cmd_sla))
+
+    g = sub.add_parser("ledger", help="the center's ledger")
+    g.add_argument("ledger_cmd", choices=["verify"], help="verify: walk the hash chain")
+    g.add_argument("--topology", help="topology file")
+    g.add_argument("--state", help="state directory")
+    g.set_defaults(func=wrap(cmd_ledger))

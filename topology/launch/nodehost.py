@@ -1,0 +1,63 @@
+"""Run some server nodes of a topology in this process (netns mode: one per namespace).
+
+Started by `topology.netns.start_nodehosts` as
+`ip netns exec konbini-SITE python -m topology.launch.nodehost --topology F --state DIR --mode netns --nodes a,b`.
+Prints "ready" on stdout once every listener is bound; stops when stdin reaches EOF (the
+launcher closed the pipe or died) or on SIGTERM. No other control channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from gateway.business.clock import Clock
+from gateway.node.server import NodeStartError
+from topology.launch.loopback import run_topology
+from topology.spec.load import TopologyError, load_topology
+
+
+async def _serve(args, topo=None) -> None:
+    topo = topo if topo is not None else load_topology(args.topology)
+    only = {n for n in args.nodes.split(",") if n}
+    unknown = sorted(only - set(topo.nodes))
+    if unknown:
+        raise NodeStartError(f"unknown node {unknown[0]!r}")
+    clock = Clock.parse(args.clock, args.clock_speed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_topology(topo, Path(args.state), mode=args.mode, clock=clock, only=only, task_status=task_status)
+        )
+        os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
+        stdin = trio.lowlevel.FdStream(os.dup(0))  # fd 0 (the launcher's pipe), not sys.stdin (likewise)
+        while await stdin.receive_some(4096):
+            pass
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None, topo=None) -> int:
+    """`topo`: an already loaded topology (a forked nodehost inherits it) instead of --topology's file."""
+    p = argparse.ArgumentParser(prog="python -m topology.launch.nodehost")
+    p.add_argument("--topology", required=True)
+    p.add_argument("--state", required=True)
+    p.add_argument("--mode", default="netns", choices=["loopback", "netns"])
+    p.add_argument("--nodes", required=True, help="comma-separated server node ids")
+    p.add_argument("--clock")
+    p.add_argument("--clock-speed", type=float, default=1.0)
+    args = p.parse_args(argv)
+    try:
+        trio.run(_serve, args, topo)
+    except (NodeStartError, TopologyError) as exc:
+        print(f"nodehost: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The policy compiler: allow-lists to app checks, nftables rulesets and the reachability matrix. Pure."""

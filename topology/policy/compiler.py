@@ -1,0 +1,267 @@
+"""The policy compiler: a topology's allow-lists as fast per-node checks, a reachability matrix
+and the security-annex audit. Pure: no I/O, so every decision is testable without a socket.
+
+Deny by default. A server checks, from cheapest to dearest (DESIGN §3 "deny early and cheaply"):
+1. the peer address before the TLS handshake (`AllowList.check_address`);
+2. the certificate identity after it, which must be an allowed source *and* own that address
+   (`AllowList.check_identity`);
+3. method and path of every request (`AllowList.check_request`).
+Every allowing `Decision` names the config entry that allowed it ("nodes.ocsp.allow[0]"), so a
+decision traces back to one line of the topology file. The nftables ruleset and the probes
+compile from `reachability`, the same data, so the three layers cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from topology.spec.model import (
+    CENTER_KINDS,
+    STORE_KINDS,
+    AllowRule,
+    Node,
+    Topology,
+    field_path,
+)
+
+# "METHOD /path", a trailing `*` matching any suffix.
+_REQUEST_PATTERN = re.compile(r"(GET|POST|PUT|DELETE|HEAD) (/[^\s*]*)(\*?)")
+
+# Dot segments and encoded dots/slashes/backslashes could make a path that matches a prefix
+# here resolve elsewhere on a later hop; such paths are never allowed.
+_UNSAFE_PATH = re.compile(r"(?:^|/)\.\.?(?:/|$)|%2[eEfF]|%5[cC]|\\")
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str | None = None  # on denial: "peer-address", "peer-identity" or "request-not-allowed"
+    rule: str | None = None  # on allowance: the config entry that allowed it, e.g. "nodes.ocsp.allow[0]"
+
+
+DENY_ADDRESS = Decision(False, "peer-address")
+DENY_IDENTITY = Decision(False, "peer-identity")
+DENY_REQUEST = Decision(False, "request-not-allowed")
+
+
+def rule_label(node_id: str, index: int) -> str:
+    """How decisions name an allow entry: "nodes.ocsp.allow[0]", the field path in the topology file."""
+    return field_path(("nodes", node_id, "allow", index))
+
+
+def parse_request_pattern(pattern: str) -> tuple[str, str, bool]:
+    """Split a request pattern: "POST /v1/*" -> ("POST", "/v1/", True), i.e. method, path, is-a-prefix."""
+    m = _REQUEST_PATTERN.fullmatch(pattern)
+    if m is None:
+        raise ValueError(f"{pattern!r} is not 'METHOD /path' (GET, POST, PUT, DELETE or HEAD; a trailing * matches any suffix)")
+    return m[1], m[2], m[3] == "*"
+
+
+class _RequestRules:
+    """One identity's allowed requests: exact (method, path) pairs, then path prefixes per method."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self) -> None:
+        self.exact: dict[tuple[str, str], Decision] = {}
+        self.prefixes: dict[str, list[tuple[str, Decision]]] = {}
+
+    def add(self, pattern: str, decision: Decision) -> None:
+        method, path, is_prefix = parse_request_pattern(pattern)
+        if is_prefix:
+            self.prefixes.setdefault(method, []).append((path, decision))
+        else:
+            self.exact.setdefault((method, path), decision)
+
+    def match(self, method: str, path: str) -> Decision:
+        decision = self.exact.get((method, path))
+        if decision is not None:
+            return decision
+        for prefix, decision in self.prefixes.get(method, ()):
+            if path.startswith(prefix):
+                return decision
+        return DENY_REQUEST
+
+
+class AllowList:
+    """Who may talk to one server node, and what they may ask. Built by `compile_allowlists`."""
+
+    __slots__ = ("node_id", "port", "sources", "_by_address", "_by_identity", "_requests")
+
+    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+        if node.port is None:
+            raise ValueError(f"server node {node.id!r} has no port")
+        self.node_id = node.id
+        self.port = node.port
+        # identity -> its address in this mode; what nftables and the probes need too
+        self.sources: dict[str, str] = {}
+        self._by_address: dict[str, Decision] = {}
+        self._by_identity: dict[str, tuple[str, Decision]] = {}
+        self._requests: dict[str, _RequestRules] = {}
+        for index, rule in enumerate(node.allow):
+            allowed = Decision(True, rule=rule_label(node.id, index))
+            for source_id in rule.sources:
+                source = topo.nodes.get(source_id)
+                if source is None:
+                    raise ValueError(f"{allowed.rule} allows unknown node {source_id!r}")
+                address = source.address_in(mode)
+                self.sources.setdefault(source_id, address)
+                # the first rule naming a source is the one that lets it connect
+                self._by_address.setdefault(address, allowed)
+                self._by_identity.setdefault(source_id, (address, allowed))
+                requests = self._requests.setdefault(source_id, _RequestRules())
+                for pattern in rule.requests:
+                    requests.add(pattern, allowed)
+
+    def check_address(self, ip: str) -> Decision:
+        """Before the handshake: is `ip` the address of some allowed source node?"""
+        return self._by_address.get(ip, DENY_ADDRESS)
+
+    def check_identity(self, ip: str, identity: str) -> Decision:
+        """After the handshake: `identity` (node id from the peer certificate) is allowed and sits at `ip`."""
+        entry = self._by_identity.get(identity)
+        if entry is None or entry[0] != ip:
+            return DENY_IDENTITY
+        return entry[1]
+
+    def check_request(self, identity: str, method: str, path: str) -> Decision:
+        """Some rule that lists `identity` has a pattern matching `method path` (query string ignored)."""
+        requests = self._requests.get(identity)
+        if requests is None:
+            return DENY_IDENTITY
+        if "?" in path:
+            path = path.partition("?")[0]
+        if not path.startswith("/") or (("/." in path or "%" in path or "\\" in path) and _UNSAFE_PATH.search(path)):
+            return DENY_REQUEST
+        return requests.match(method, path)
+
+    def __repr__(self) -> str:
+        return f"AllowList({self.node_id!r}, sources={sorted(self.sources)})"
+
+
+def compile_allowlists(topo: Topology, mode: str = "loopback") -> dict[str, AllowList]:
+    """One `AllowList` per server node; `mode` "netns" uses the namespace addresses."""
+    return {node.id: AllowList(node, topo, mode) for node in topo.nodes.values() if node.is_server}
+
+
+@dataclass(frozen=True)
+class Reach:
+    src: str
+    dst: str
+    port: int
+    proto: str
+    allowed: bool
+    rule: str | None  # the allowing config entry, None when denied
+
+
+def _first_rule(dst: Node, src_id: str) -> tuple[int, AllowRule] | None:
+    for index, rule in enumerate(dst.allow):
+        if src_id in rule.sources:
+            return index, rule
+    return None
+
+
+def reachability(topo: Topology) -> list[Reach]:
+    """Every (source node, server node) pair on the destination's port: allowed iff an allow rule says so."""
+    matrix: list[Reach] = []
+    for dst in topo.nodes.values():
+        if not dst.is_server:
+            continue
+        if dst.port is None:
+            raise ValueError(f"server node {dst.id!r} has no port")
+        for src in topo.nodes.values():
+            if src.id == dst.id:
+                continue
+            found = _first_rule(dst, src.id)
+            if found is None:
+                matrix.append(Reach(src.id, dst.id, dst.port, "h2+tls", False, None))
+            else:
+                index, rule = found
+                matrix.append(Reach(src.id, dst.id, rule.port or dst.port, rule.proto, True, rule_label(dst.id, index)))
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Security-annex audit (DESIGN §2): which parts of the policy break which requirement.
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str  # requirement ID, e.g. "SEC-SN-3"
+    path: tuple[str | int, ...]  # the config field that breaks it
+    message: str
+
+
+# The hop each forwarding kind must hand traffic to, so every store connection passes the
+# EC router and the DMZ relay (SEC-SN-3, SEC-EC-3).
+_UPSTREAM_KIND = {
+    "kiosk": ("store-router", "SEC-SN-3"),
+    "store-router": ("ec-router", "SEC-SN-3"),
+    "ec-router": ("dmz-relay", "SEC-EC-3"),
+    "dmz-relay": ("issuance-center", "SEC-EC-3"),
+}
+
+
+def _who(node: Node) -> str:
+    """How messages name a node: "kiosk-a1-1" as is, "municipality muni-a" with the kind its id lacks."""
+    return node.id if node.kind in node.id else f"{node.kind} {node.id}"
+
+
+def _allow_violation(src: Node, dst: Node) -> tuple[str, str] | None:
+    """The requirement broken by letting `src` connect to `dst`, the most specific one first."""
+    if src.kind == "wifi":
+        return "SEC-ST-4", f"in-store Wi-Fi {src.id} must reach nothing, yet {_who(dst)} allows it"
+    if src.kind in STORE_KINDS and dst.kind in CENTER_KINDS:
+        return "SEC-SN-3", f"store-side {_who(src)} must not reach {_who(dst)}; stores go through the EC center"
+    if src.kind in CENTER_KINDS and dst.kind in STORE_KINDS:
+        return "SEC-EC-2", f"{_who(src)} must not reach store-side {_who(dst)}"
+    if dst.kind == "ec-router" and not (src.kind == "store-router" and src.operator == dst.operator):
+        return "SEC-EC-1", f"{dst.id} accepts only its operator's store routers, not {_who(src)}"
+    if dst.kind == "store-router" and not (src.kind in ("kiosk", "store-controller") and src.site == dst.site):
+        return "SEC-ST-2", f"{dst.id} accepts only its own store's kiosks and controller, not {_who(src)}"
+    if dst.kind == "dmz-relay" and not (src.kind == "ec-router" and src.operator == dst.operator):
+        return "SEC-EC-3", f"{dst.id} accepts only its operator's ec-router, not {_who(src)}"
+    if dst.kind == "issuance-center" and src.kind != "dmz-relay":
+        return "SEC-EC-3", f"{_who(dst)} accepts only DMZ relays, not {_who(src)}"
+    if dst.kind in ("ocsp", "municipality") and src.kind != "issuance-center":
+        return "SEC-EC-3", f"{_who(dst)} accepts only the issuance center, not {_who(src)}"
+    return None
+
+
+def _line_violation(a: Node, b: Node) -> tuple[str, str] | None:
+    for x, y in ((a, b), (b, a)):
+        if x.kind in STORE_KINDS and y.kind in CENTER_KINDS:
+            return "SEC-SN-3", f"line joins store-side {_who(x)} to {_who(y)}; stores go through the EC center"
+        if x.kind == "wifi" and y.kind != "store-router":
+            return "SEC-ST-4", f"in-store Wi-Fi {x.id} may be joined only to its store router, not {_who(y)}"
+    return None
+
+
+def annex_violations(topo: Topology) -> list[Violation]:
+    """Every place the topology's policy breaks a security-annex rule. Unknown node ids are skipped
+    (the loader reports them); an empty list means the policy passes the audit."""
+    found: list[Violation] = []
+    for dst in topo.nodes.values():
+        for index, rule in enumerate(dst.allow):
+            for source_index, source_id in enumerate(rule.sources):
+                src = topo.nodes.get(source_id)
+                if src is None or src.id == dst.id:
+                    continue
+                broken = _allow_violation(src, dst)
+                if broken:
+                    found.append(Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1]))
+        if dst.upstream is not None and dst.kind in _UPSTREAM_KIND and dst.upstream in topo.nodes:
+            want, rule_id = _UPSTREAM_KIND[dst.kind]
+            got = topo.nodes[dst.upstream].kind
+            if got != want:
+                message = f"a {dst.kind}'s upstream must be a {want}, not {_who(topo.nodes[dst.upstream])}"
+                found.append(Violation(rule_id, ("nodes", dst.id, "upstream"), message))
+    for index, line in enumerate(topo.lines):
+        a, b = topo.nodes.get(line.a), topo.nodes.get(line.b)
+        if a is not None and b is not None:
+            broken = _line_violation(a, b)
+            if broken:
+                found.append(Violation(broken[0], ("lines", index), f"{line.id}: {broken[1]}"))
+    return found
+
