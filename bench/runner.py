@@ -27,9 +27,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import trio
+
+from bench.baselines.haproxy import HAProxyError, HAProxyProcess, config, haproxy_binary
+from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
+from gateway.business.clock import JST, Clock
+from gateway.business.rules import window, within
+from gateway.node.server import NodeStartError
+from kiosk_emu.card import CardStore
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
+from topology.launch import netns
+from topology.launch.loopback import run_topology
+from topology.launch.netns import NetnsError, require_root
+from topology.netns.plan import PlanError, build_plan, namespace_prefix
+from topology.pki import PKI
 from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Topology
 
 log = logging.getLogger("konbini.bench")
@@ -44,8 +57,6 @@ class BenchError(Exception):
 
 def bench_clock_start() -> datetime:
     """Yesterday 20:30 JST: inside muni-a's hours, outside muni-b's, the same whenever it is run."""
-    from gateway.business.clock import JST
-
     return (datetime.now(JST) - timedelta(days=1)).replace(hour=20, minute=30, second=0, microsecond=0)
 
 
@@ -53,12 +64,6 @@ def bench_clock_start() -> datetime:
 
 
 def _serve(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn) -> None:
-    import trio
-
-    from gateway.business.clock import Clock
-    from gateway.node.server import NodeStartError
-    from topology.launch.loopback import run_topology
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     logging.basicConfig(level=logging.ERROR)
     clock = Clock(datetime.fromisoformat(clock_start))
@@ -223,8 +228,6 @@ def validate(opts: BenchOptions) -> None:
     if opts.baseline not in (None, "haproxy"):
         raise BenchError(f"unknown baseline {opts.baseline!r}; only 'haproxy' is supported")
     if opts.baseline == "haproxy" or opts.h2load:
-        from bench.baselines.haproxy import HAProxyError, haproxy_binary
-
         try:
             haproxy_binary()
         except HAProxyError as exc:
@@ -232,9 +235,6 @@ def validate(opts: BenchOptions) -> None:
     if opts.h2load and shutil.which("h2load") is None:
         raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
     if opts.netns:
-        from topology.launch.netns import NetnsError, require_root
-        from topology.netns.plan import PlanError, namespace_prefix
-
         if opts.baseline or opts.h2load:
             raise BenchError("--netns runs konbini's relays only: --baseline and --h2load are loopback-only")
         try:
@@ -262,10 +262,6 @@ class Bench:
         self.hosts: list = []  # netns mode: the nodehosts
 
     def prepare(self) -> None:
-        from gateway.business.clock import Clock
-        from kiosk_emu.card import CardStore
-        from topology.pki import PKI
-
         o = self.opts
         o.state_dir.mkdir(parents=True, exist_ok=True)
         self.pki = PKI.ensure(o.state_dir, self.topo)
@@ -284,8 +280,7 @@ class Bench:
             m = node.municipality
             if not m or not m.participating or "residence-record" not in m.certificates:
                 continue
-            hm = f"{clock.hour:02d}:{clock.minute:02d}"
-            is_open = max(self.topo.service_hours.open, m.hours.open) <= hm < min(self.topo.service_hours.close, m.hours.close)
+            is_open = within(clock, *window(self.topo.service_hours, m.hours))
             if is_open and not self.open_muni:
                 self.open_muni = code
             if not is_open and not self.closed_muni:
@@ -303,9 +298,6 @@ class Bench:
 
     def start_netns(self) -> None:
         """Namespaces and every server of the bench topology (its extra kiosks included), as `up --netns`."""
-        from topology.launch import netns
-        from topology.netns.plan import build_plan
-
         plan = build_plan(self.topo, self.opts.netns_tag)
         netns.create_network(plan, self.opts.state_dir)  # rolls itself back on failure
         self.plan = plan
@@ -319,8 +311,6 @@ class Bench:
         if self.origin is not None:
             self.origin.stop()
         if self.plan is not None:  # always, also after an error or Ctrl-C
-            from topology.launch import netns
-
             try:
                 netns.stop_nodehosts(self.hosts)
             finally:
@@ -353,8 +343,6 @@ class Bench:
                 NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {op or '-'}")
                 for op, ids in sorted(by_operator.items())
             ])
-        from bench.baselines.haproxy import HAProxyProcess, config
-
         cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
         text = config(self.topo, self.pki, self.opts.state_dir)
         cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -466,8 +454,6 @@ class Bench:
 
     def h2load(self, phases: list[str], duration: float) -> dict:
         """relay-small and relay-64k with h2load through a cleartext-h2 → mTLS shim (h2load has no client cert option)."""
-        from bench.baselines.haproxy import HAProxyProcess, config
-
         kid = self.kiosk_ids[0]
         port = 9080
         shim_topo = self.topo
@@ -535,11 +521,6 @@ def ratios(k: dict, h: dict) -> dict:
 
 def run_bench(opts: BenchOptions) -> dict:
     """Run the scenarios, write report.json and report.html under opts.out_dir; returns the report."""
-    from bench.baselines.haproxy import HAProxyError
-    from bench.report import write_reports
-    from topology.launch.netns import NetnsError
-    from topology.netns.plan import PlanError
-
     bench = Bench(opts)
     report: dict = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),

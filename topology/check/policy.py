@@ -19,7 +19,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import trio
+
+from gateway.node.server import NodeStartError
+from topology.check.app import CHECKS, pick, run_check
+from topology.launch.loopback import run_topology
 from topology.netns.plan import NetPlan
+from topology.pki import PKI
 from topology.policy.compiler import _allow_violation, reachability
 from topology.spec.model import Node, Topology
 
@@ -243,13 +249,6 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
     """Launch the topology in-process (loopback) and run the app checks against it, with the
     servers' denial counters as evidence. If the addresses are taken (`konbini up` is running),
     check the running one instead, without counters."""
-    import trio
-
-    from gateway.node.server import NodeStartError
-    from topology.check.app import CHECKS, run_check
-    from topology.launch.loopback import run_topology
-    from topology.pki import PKI
-
     async def checks(pki, running) -> list[dict]:
         out = []
         for name in CHECKS:
@@ -293,8 +292,6 @@ def _find(exc: BaseException, kind: type) -> BaseException | None:
 
 def app_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> list[dict]:
     """The app checks from inside the source nodes' namespaces against the running netns topology."""
-    from topology.check.app import CHECKS, pick
-
     procs = {}
     for name in CHECKS:
         src, _ = pick(topo, name)

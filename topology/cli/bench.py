@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
+from topology.cli.common import UserError, load
 
 DEFAULT_STATE = ".konbini-bench"
 
 
-def add_parser(sub, user_error) -> None:
+def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark scenarios with the kiosk load generator (optionally against HAProxy)")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance)")
     b.add_argument("--topology", help="topology file (default: the shipped default topology)")
@@ -30,15 +32,13 @@ def add_parser(sub, user_error) -> None:
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
     b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
     b.add_argument("--no-progress", action="store_true")
-    b.set_defaults(func=lambda args: cmd_bench(args, user_error))
+    b.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args, user_error) -> int:
+def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from bench.runner import BenchError, BenchOptions, run_bench
-    from topology.cli.main import load
 
     topo = load(args.topology)
     opts = BenchOptions(
@@ -64,7 +64,7 @@ def cmd_bench(args, user_error) -> int:
     try:
         report = run_bench(opts)
     except BenchError as exc:
-        raise user_error(str(exc)) from None
+        raise UserError(str(exc)) from None
     console = Console()
     table = Table(title="konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else ""))
     for col in ("scenario", "phase", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"):

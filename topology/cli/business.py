@@ -11,9 +11,12 @@ from pathlib import Path
 
 from gateway.business.clock import Clock
 from gateway.business.ledger import MEMORY, LedgerDB, LedgerError, ledger_path
+from gateway.business.settlement import SettlementError, report
+from gateway.business.sla import availability, complete_outages
+from topology.cli.common import UserError, load
 
 
-def open_ledger(args, topo, UserError) -> LedgerDB:
+def open_ledger(args, topo) -> LedgerDB:
     path = ledger_path(topo.ledger, Path(args.state or topo.state_dir))
     if path == MEMORY:
         raise UserError("the topology keeps its ledger in memory (ledger: \":memory:\"); there is nothing to report on")
@@ -27,11 +30,9 @@ def open_ledger(args, topo, UserError) -> LedgerDB:
     return db
 
 
-def cmd_settle(args, topo, UserError) -> int:
-    from gateway.business.settlement import SettlementError, report
-
+def cmd_settle(args, topo) -> int:
     now = Clock.parse(args.clock).now()
-    db = open_ledger(args, topo, UserError)
+    db = open_ledger(args, topo)
     try:
         fixed = db.fixed_report(args.month)
         if fixed is not None:
@@ -63,11 +64,8 @@ def cmd_settle(args, topo, UserError) -> int:
     return 0
 
 
-def cmd_sla(args, topo, UserError) -> int:
-    from gateway.business.settlement import SettlementError
-    from gateway.business.sla import availability, complete_outages
-
-    db = open_ledger(args, topo, UserError)
+def cmd_sla(args, topo) -> int:
+    db = open_ledger(args, topo)
     if args.record_outage:
         try:
             start, end = (datetime.fromisoformat(t) for t in args.record_outage)
@@ -96,17 +94,17 @@ def cmd_sla(args, topo, UserError) -> int:
     return 0 if rep["met"] else 1
 
 
-def cmd_ledger(args, topo, UserError) -> int:
-    db = open_ledger(args, topo, UserError)  # verifies the chain
+def cmd_ledger(args, topo) -> int:
+    db = open_ledger(args, topo)  # verifies the chain
     print(f"ledger {db.path}: {db.verify()} rows, hash chain intact; schema version {db.version}")
     return 0
 
 
-def add_parsers(sub, load, UserError) -> None:
-    """Register the subcommands on the `konbini` parser (kept here so cli.py stays small)."""
+def add_parsers(sub) -> None:
+    """Register the subcommands on the `konbini` parser ."""
 
     def wrap(fn):
-        return lambda args: fn(args, load(args.topology), UserError)
+        return lambda args: fn(args, load(args.topology))
 
     s = sub.add_parser("settle", help="monthly settlement per operator (BIZ-6)")
     s.add_argument("--month", required=True, help="YYYY-MM, e.g. 2026-11")

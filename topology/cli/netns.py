@@ -1,11 +1,11 @@
 """The netns-mode commands of `konbini`: up --netns, down, policy show/check, link set, issue --netns.
 
-Kept apart from `topology.cli` so that file only gains a few hooks; the same error style:
-one line `konbini: <what>`, exit status 2.
+The same error style as every command: one line `konbini: <what>`, exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,33 +14,30 @@ import sys
 import time
 from pathlib import Path
 
-
-def _cli():
-    from topology.cli import main as cli
-
-    return cli
+from topology.check import policy as policycheck
+from topology.cli.common import UserError, load, state_dir
+from topology.launch import netns
+from topology.netns.plan import PlanError, build_plan, namespace_prefix
+from topology.pki import PKI
+from topology.policy.nft import compile_ruleset
+from topology.spec.model import Impairment
 
 
 def _plan(topo, tag):
-    from topology.netns.plan import PlanError, build_plan
-
     try:
         return build_plan(topo, tag)
     except PlanError as exc:
-        raise _cli().UserError(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def _user_errors(fn):
     """NetnsError/PlanError -> UserError (one line for the user)."""
 
     def wrapper(args):
-        from topology.launch.netns import NetnsError
-        from topology.netns.plan import PlanError
-
         try:
             return fn(args)
-        except (NetnsError, PlanError) as exc:
-            raise _cli().UserError(str(exc)) from None
+        except (netns.NetnsError, PlanError) as exc:
+            raise UserError(str(exc)) from None
 
     return wrapper
 
@@ -53,14 +50,10 @@ def cmd_up_netns(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from topology.launch import netns
-    from topology.pki import PKI
-
-    cli = _cli()
     netns.require_root("`konbini up --netns`")
-    topo = cli.load(args.file)
+    topo = load(args.file)
     plan = _plan(topo, getattr(args, "tag", None))
-    sdir = cli.state_dir(args, topo)
+    sdir = state_dir(args, topo)
     console = Console()
     t0 = time.perf_counter()
     sdir.mkdir(parents=True, exist_ok=True)
@@ -113,16 +106,12 @@ def cmd_up_netns(args) -> int:
 
 @_user_errors
 def cmd_down(args) -> int:
-    from topology.launch import netns
-    from topology.netns.plan import namespace_prefix
-
-    cli = _cli()
     t0 = time.perf_counter()
     sdir = Path(args.state) if args.state else None
     if sdir is None:
         try:
-            sdir = cli.state_dir(args, cli.load(args.topology))
-        except cli.UserError:
+            sdir = state_dir(args, load(args.topology))
+        except UserError:
             sdir = None
     removed, killed = netns.teardown(namespace_prefix(args.tag), sdir)
     print(f"removed {len(removed)} namespaces, stopped {killed} processes in {(time.perf_counter() - t0) * 1000:.0f} ms")
@@ -133,13 +122,10 @@ def cmd_down(args) -> int:
 
 
 def cmd_policy_show(args) -> int:
-    from topology.policy.nft import compile_ruleset
-
-    cli = _cli()
-    topo = cli.load(args.file)
+    topo = load(args.file)
     plan = _plan(topo, args.tag)
     if args.site and args.site not in plan.sites:
-        raise cli.UserError(f"unknown site {args.site!r}; sites: {', '.join(plan.sites)}")
+        raise UserError(f"unknown site {args.site!r}; sites: {', '.join(plan.sites)}")
     for site in [args.site] if args.site else list(plan.sites):
         print(compile_ruleset(topo, site, plan))
     return 0
@@ -147,19 +133,15 @@ def cmd_policy_show(args) -> int:
 
 @_user_errors
 def cmd_policy_check(args) -> int:
-    from topology.check import policy as policycheck
-    from topology.launch import netns
-
-    cli = _cli()
-    topo = cli.load(args.file)
-    sdir = cli.state_dir(args, topo)
+    topo = load(args.file)
+    sdir = state_dir(args, topo)
     plan = None
     if args.netns:
         netns.require_root("`konbini policy check --netns`")
         plan = _plan(topo, args.tag)
         missing = sorted(set(s.namespace for s in plan.sites.values()) - set(netns.list_namespaces(plan.prefix)))
         if missing:
-            raise cli.UserError(f"namespace {missing[0]} does not exist; start `konbini up --netns` first")
+            raise UserError(f"namespace {missing[0]} does not exist; start `konbini up --netns` first")
     report = policycheck.check(topo, sdir, netns=args.netns, plan=plan, timeout=args.timeout)
     if args.report:
         md, js = policycheck.write_report(report, Path(args.report))
@@ -177,15 +159,11 @@ def cmd_policy_check(args) -> int:
 
 @_user_errors
 def cmd_link_set(args) -> int:
-    from topology.launch import netns
-    from topology.spec.model import Impairment
-
-    cli = _cli()
-    topo = cli.load(args.topology)
+    topo = load(args.topology)
     plan = _plan(topo, args.tag)
     impair = None if args.clear else Impairment(delay=args.delay, jitter=args.jitter, loss=args.loss, rate=args.rate)
     if impair is not None and not netns.netem_args(impair):
-        raise cli.UserError("give --delay, --jitter with --delay, --loss or --rate (or --clear)")
+        raise UserError("give --delay, --jitter with --delay, --loss or --rate (or --clear)")
     for cmd in netns.set_link(plan, args.line, impair):
         print(cmd)
     return 0
@@ -197,8 +175,6 @@ def cmd_link_set(args) -> int:
 def enter_kiosk_namespace(topo, kiosk_id: str, tag: str | None) -> None:
     """Re-run this `konbini issue` inside the kiosk's namespace unless we are already there
     (its netns address is bindable here). Returns only when already inside."""
-    from topology.launch.netns import require_root
-
     addr = topo.node(kiosk_id).address_in("netns")
     s = socket.socket()
     try:
@@ -209,14 +185,14 @@ def enter_kiosk_namespace(topo, kiosk_id: str, tag: str | None) -> None:
     finally:
         s.close()
     if os.environ.get("KONBINI_IN_NETNS"):
-        raise _cli().UserError(f"{addr} ({kiosk_id}) is not an address of this namespace")
+        raise UserError(f"{addr} ({kiosk_id}) is not an address of this namespace")
     try:
-        require_root("`konbini issue --netns`")
+        netns.require_root("`konbini issue --netns`")
     except Exception as exc:
-        raise _cli().UserError(str(exc)) from None
+        raise UserError(str(exc)) from None
     ns = _plan(topo, tag).namespace(topo.node(kiosk_id).site)
     if not Path(f"/run/netns/{ns}").exists():
-        raise _cli().UserError(f"namespace {ns} does not exist; start `konbini up --netns` first")
+        raise UserError(f"namespace {ns} does not exist; start `konbini up --netns` first")
     os.environ["KONBINI_IN_NETNS"] = "1"
     sys.stdout.flush()
     # not `-m topology.cli`: that would load the CLI twice (as __main__ too) and split UserError
@@ -240,7 +216,7 @@ def register(sub) -> None:
     ps = psub.add_parser("show", help="print the nftables ruleset of every site (or one)")
     ps.add_argument("file", nargs="?", help="topology file")
     ps.add_argument("--site", help="only this site's namespace")
-    ps.add_argument("--tag", help=argparse_suppress())
+    ps.add_argument("--tag", help=argparse.SUPPRESS)
     ps.set_defaults(func=cmd_policy_show)
     pc = psub.add_parser("check", help="probe the expected reachability matrix; exit 1 on any difference")
     pc.add_argument("file", nargs="?", help="topology file")
@@ -264,9 +240,3 @@ def register(sub) -> None:
     ls.add_argument("--rate")
     ls.add_argument("--clear", action="store_true", help="remove the impairment")
     ls.set_defaults(func=cmd_link_set)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS

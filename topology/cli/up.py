@@ -1,0 +1,43 @@
+"""`konbini up`: launch every server node of a topology in loopback mode and run until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from gateway.business.clock import Clock
+from topology.cli.common import load, state_dir
+from topology.cli.netns import cmd_up_netns
+from topology.launch.loopback import run_topology
+
+
+def cmd_up(args) -> int:
+    if getattr(args, "netns", False):
+        return cmd_up_netns(args)
+    topo = load(args.file)
+    console = Console()
+    clock = Clock.parse(args.clock, args.clock_speed)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(lambda task_status: run_topology(topo, state_dir(args, topo), clock=clock, task_status=task_status))
+            table = Table(title=f"konbini topology {topo.name!r} ({running.mode})")
+            for col in ("node", "kind", "site", "address", "ready"):
+                table.add_column(col)
+            for node in topo.nodes.values():
+                ready = "listening" if node.id in running.servers else "client"
+                addr = f"{node.address}:{node.port}" if node.port else node.address
+                table.add_row(node.id, node.kind, node.site, addr, ready)
+            console.print(table)
+            console.print(f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops.")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break  # shutdown is a cancel: every node's nursery unwinds
+            nursery.cancel_scope.cancel()
+        console.print("stopped; every node shut down.")
+
+    trio.run(main)
+    return 0
