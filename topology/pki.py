@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from topology.spec.model import Topology, derive_netns_address
+from topology.spec.model import Topology
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
 PRINCIPALS = ("operator", "store-staff")
@@ -121,8 +121,7 @@ class PKI:
                 node_ids=frozenset(topology.nodes),
             )
             for node in topology.nodes.values():
-                netns = node.netns_address or derive_netns_address(node.address)
-                pki._ensure_leaf(pki_dir / "nodes" / node.id, node.id, "node", [node.address, netns])
+                pki._ensure_leaf(pki_dir / "nodes" / node.id, node.id, "node", [node.address, node.address_in("netns")])
             for issued in (pki_dir / "principals").glob("*.pem"):
                 pki._ensure_leaf(issued.with_suffix(""), issued.stem, "principal", [])
             pki._ensure_ocsp_signer()

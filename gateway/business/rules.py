@@ -15,7 +15,6 @@ from topology.spec.model import Hours, Municipality
 
 MAX_COPIES = 10
 VACCINATION = "vaccination"
-VACCINATION_FEE = 120  # yen per copy, fixed by seed 000 §13
 # The vaccination certificate service runs every day (000 §14); the general service closes Dec 29 - Jan 3.
 CLOSURE_EXEMPT = frozenset({VACCINATION})
 

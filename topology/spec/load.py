@@ -24,12 +24,12 @@ import yaml
 from topology.policy import compiler as policy
 from topology.spec.model import (
     RELAY_KINDS,
+    VACCINATION_FEE,
     Hours,
     Line,
     Municipality,
     Node,
     Topology,
-    derive_netns_address,
     field_path,
 )
 
@@ -284,7 +284,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         if node is None:
             continue
         if node.netns_address is None and _ipv4(node.address) is not None:
-            node = msgspec.structs.replace(node, netns_address=derive_netns_address(node.address))
+            node = msgspec.structs.replace(node, netns_address=node.address_in("netns"))
             derived.add(node_id)
         nodes[node_id] = node
 
@@ -425,8 +425,9 @@ def _check_participation(doc: _Document, muni: Municipality, path: FieldPath) ->
     if len(days) == 2 and days["participating_until"] < days["participating_from"]:
         doc.report(path + ("participating_until",), f"{muni.participating_until} is before participating_from {muni.participating_from}")
     fee = muni.certificates.get("vaccination")
-    if fee is not None and fee != 120:
-        doc.report(path + ("certificates", "vaccination"), f"the vaccination certificate costs 120 yen per copy (seed 000 §13), got {fee}")
+    if fee is not None and fee != VACCINATION_FEE:
+        doc.report(path + ("certificates", "vaccination"),
+                   f"the vaccination certificate costs {VACCINATION_FEE} yen per copy (seed 000 §13), got {fee}")
 
 
 def _check_hours(doc: _Document, hours: Hours, path: FieldPath) -> bool:

@@ -37,6 +37,8 @@ CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
 LineKind = Literal["lan", "wifi", "closed-line", "dmz", "dedicated-line", "lgwan"]
 
 
+VACCINATION_FEE = 120  # yen per copy, fixed by seed 000 §13; the file format refuses any other
+
 class Impairment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """tc netem settings for one line (netns mode). Strings as tc takes them: '20ms', '0.1%', '10mbit'."""
 
@@ -126,7 +128,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     def by_address(self, address: str) -> Node | None:
         for n in self.nodes.values():
-            if n.address == address or n.netns_address == address:
+            if address in (n.address, n.address_in("netns")):
                 return n
         return None
 

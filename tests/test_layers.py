@@ -1,0 +1,168 @@
+"""The import contract: konbini's rooms import one way only (docs/architecture.md).
+
+An `ast` walk over every module, counting imports inside functions too, so that neither a new
+module-level import nor a lazy one hidden in a function can quietly run against the layers.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("gateway", "topology", "kiosk_emu", "bench")
+
+# Top to bottom: a module may import its own layer and the layers below it, never one above.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("topology.cli",),  # the only argparse / rich / print code
+    ("bench",),  # scenarios, runner, baselines, reports
+    ("topology.launch", "topology.check"),  # wiring nodes into a running topology; live evidence
+    ("kiosk_emu",),  # the card, the kiosk flow and device, the load generator
+    ("gateway.nodes",),  # one module per node kind
+    ("gateway.node", "gateway.transport"),  # a node's deny-early listener; TLS and upstreams
+    ("gateway.protocol", "gateway.business"),  # HTTP/2 core and messages; the business domain
+    ("topology.pki",),  # the test PKI
+    ("topology.spec", "topology.policy", "topology.netns"),  # the file format, the policy compiler, the netns plan
+)
+# The model: no event loop, no sockets, no processes (topology.netns.enter is a single setns call).
+PURE = ("topology.spec", "topology.policy", "topology.netns.plan")
+IMPURE_IMPORTS = {"trio", "socket", "subprocess", "asyncio", "uvloop", "multiprocessing", "ssl"}
+# Third-party imports that may stay inside functions, for start-up cost only (and the standard library).
+LAZY_ALLOWED = {"rich", "matplotlib", "scapy", "uvloop"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layers.py")
+
+
+def _imports(module: str) -> list[tuple[str, int, bool]]:
+    """(imported module, line, inside a function) for every import in `module`."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    out: list[tuple[str, int, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((a.name, child.lineno, in_function) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                out.append((child.module, child.lineno, in_function))
+                # `from pkg import module` names a module too
+                out.extend((f"{child.module}.{a.name}", child.lineno, in_function)
+                           for a in child.names if f"{child.module}.{a.name}" in MODULES)
+            visit(child, inner)
+
+    visit(tree, False)
+    return out
+
+
+def _project(name: str) -> str | None:
+    """The project module an import refers to (a module, or the package holding a name)."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def test_every_module_sits_in_a_layer():
+    for module in MODULES:
+        if module in PACKAGES:
+            continue
+        _layer(module)
+
+
+def test_imports_run_downwards_only():
+    upward = []
+    for module in MODULES:
+        if module in PACKAGES:
+            continue
+        for name, line, _ in _imports(module):
+            target = _project(name)
+            if target is None or target in PACKAGES:
+                continue
+            if _layer(target) < _layer(module):
+                upward.append(f"{MODULES[module].relative_to(ROOT)}:{line}: {module} imports {target} (a higher layer)")
+    assert upward == []
+
+
+def test_no_project_import_hides_inside_a_function():
+    """Imports inside functions only for start-up cost of heavy libraries, never to dodge a cycle."""
+    hidden = []
+    for module in MODULES:
+        for name, line, in_function in _imports(module):
+            if not in_function:
+                continue
+            top = name.split(".")[0]
+            if _project(name) is not None or top not in LAZY_ALLOWED | sys.stdlib_module_names:
+                hidden.append(f"{MODULES[module].relative_to(ROOT)}:{line}: import {name}")
+    assert hidden == []
+
+
+def test_no_import_cycle_between_modules():
+    graph = {m: {t for n, _, _ in _imports(m) if (t := _project(n)) and t != m and t not in PACKAGES} for m in MODULES}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                walk(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("prefix", PURE)
+def test_model_modules_do_no_io(prefix):
+    for module in MODULES:
+        if module == prefix or module.startswith(prefix + "."):
+            bad = [f"{module}:{line} imports {name}" for name, line, _ in _imports(module)
+                   if name.split(".")[0] in IMPURE_IMPORTS]
+            assert bad == []
+
+
+def test_model_imports_nothing_from_gateway_kiosk_or_bench():
+    for module in MODULES:
+        if module.startswith(("topology.spec", "topology.policy")):
+            for name, line, _ in _imports(module):
+                assert name.split(".")[0] not in ("gateway", "kiosk_emu", "bench"), f"{module}:{line} imports {name}"
+
+
+def test_the_contract_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check itself can fail: a model module importing a gateway node is reported."""
+    fake = tmp_path / "model.py"
+    fake.write_text("from gateway.nodes.relay import Relay\n\ndef f():\n    from topology.cli.main import main\n")
+    monkeypatch.setitem(MODULES, "topology.spec.fake", fake)
+    imports = _imports("topology.spec.fake")
+    assert ("gateway.nodes.relay", 1, False) in imports and ("topology.cli.main", 4, True) in imports
+    assert _layer(_project("gateway.nodes.relay")) < _layer("topology.spec.fake")
