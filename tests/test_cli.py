@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,22 @@ def test_up_on_a_taken_address_is_one_clear_line(tmp_path, state):
 @pytest.mark.parametrize("args", [["card", "new", "--pin", "12"], ["card", "unlock", "nobody-here"]])
 def test_card_bad_input_is_one_clear_line(state, args):
     assert_one_clear_line(konbini(*args, state=state), "konbini:")
+
+
+def test_clock_against_a_running_topology_is_refused_not_ignored(state):
+    assert_one_clear_line(konbini("issue", "--clock", "2026-11-24T10:00:00+09:00", state=state), "--clock", "--up")
+
+
+def test_outside_hours_refusal_shows_the_emulated_time_and_how_to_set_it(state):
+    p = konbini("issue", "--up", "--clock", "2026-11-24T23:30:00+09:00", state=state)
+    assert p.returncode == 1 and "outside-hours" in p.stdout
+    assert "emulated time: 2026-11-24 23:30 JST" in p.stdout and "--clock" in p.stdout
+
+
+def test_demo_piped_to_a_file_prints_whole_records_not_truncated_columns(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "topology.cli", "demo", "--state", str(tmp_path)],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "…" not in p.stdout  # rich truncates cells with an ellipsis when columns do not fit
+    assert "wrong PIN: expected pin-wrong, status refused, reason pin-wrong" in p.stdout
+    assert "demo passed" in p.stdout

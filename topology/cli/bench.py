@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
+from topology.cli.render import show
 
 DEFAULT_STATE = ".konbini-bench"
 
@@ -36,10 +39,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-
     topo = load(args.topology)
     opts = BenchOptions(
         scenarios=args.scenarios or ["relay-small", "relay-64k", "issuance"],
@@ -65,10 +64,7 @@ def cmd_bench(args) -> int:
         report = run_bench(opts)
     except BenchError as exc:
         raise UserError(str(exc)) from None
-    console = Console()
-    table = Table(title="konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else ""))
-    for col in ("scenario", "phase", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"):
-        table.add_column(col)
+    rows = []
     for name, entry in report["scenarios"].items():
         for phase in ("konbini", "haproxy"):
             r = entry.get(phase)
@@ -76,16 +72,18 @@ def cmd_bench(args) -> int:
                 continue
             ratio = entry.get("ratios", {}) if phase == "haproxy" else {}
             gen = r.get("generator", {})
-            table.add_row(
-                name, phase, f"{r.get('throughput_rps', 0):.1f}", f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
+            rows.append((
+                f"{name} {phase}", f"{r.get('throughput_rps', 0):.1f}", f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
                 _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), str(r.get("dropped", 0)), str(sum((r.get("errors") or {}).values())),
                 str(r.get("misdelivered", 0)),
                 f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
-                " ".join(f"{k}={v}" for k, v in ratio.items()),
-            )
+                " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
+            ))
             if r.get("best_rate") is not None or "steps" in r:
-                table.add_row(name, phase, f"best {r.get('best_rate')}/s", "", "", "", "", "", "", "", "")
-    console.print(table)
+                rows.append((f"{name} {phase}", f"best {r.get('best_rate')}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
+    console = Console()
+    title = "konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else "")
+    show(console, title, ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"), rows)
     console.print(f"reports: {opts.out_dir / 'report.json'} and {opts.out_dir / 'report.html'}")
     failed = any(
         (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in ("konbini", "haproxy")

@@ -115,7 +115,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--clock", help="emulated now, e.g. 2026-12-09T10:00+09:00 (the month must be over)")
     s.set_defaults(func=wrap(cmd_settle))
 
-    a = sub.add_parser("sla", help="monthly availability per seed 003 (BIZ-9); exit 1 when the target is missed")
+    a = sub.add_parser("sla", help="monthly availability under the MynaSign service terms (BIZ-9): 43,200-minute month, outages over 10 minutes count, target 99.9 %%; exit 1 when missed")
     a.add_argument("--month", required=True, help="YYYY-MM")
     a.add_argument("--json", action="store_true")
     a.add_argument("--record-outage", nargs=2, metavar=("START", "END"), help="record a complete service outage first")

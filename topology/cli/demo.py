@@ -6,7 +6,6 @@ when it is run; one step moves the clock to the evening to show the outside-hour
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import trio
 from rich.console import Console
-from rich.table import Table
 
 from gateway.business.clock import JST, Clock
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.kiosk import IssuanceResult, issue_at
+from topology.cli.render import show
 from topology.launch.loopback import Running, run_topology
 from topology.spec.model import Topology
 
@@ -88,19 +87,15 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
 
 
 def run_demo(topo: Topology, state: Path | None) -> int:
-    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = Console()
     with tempfile.TemporaryDirectory(prefix="konbini-demo-") as tmp:
         steps, burst, elapsed = trio.run(_demo, topo, state or Path(tmp), console)
-    table = Table(title="issuances")
-    for col in ("step", "expected", "status", "reason", "bytes", "fee", "latency ms", "kiosk screen"):
-        table.add_column(col)
-    for s in steps:
-        r = s.result
-        table.add_row(
-            s.title, s.expect, f"[{'green' if s.ok else 'red'}]{r.status}[/]", r.reason or "-", str(r.document_bytes),
-            str(r.fee), f"{r.latency_ms:.1f}", r.message if r.status != "issued" else "printed; spool erased",
-        )
-    console.print(table)
+    show(console, "issuances", ("step", "expected", "status", "reason", "bytes", "fee", "latency ms", "kiosk screen"), [
+        (s.title, s.expect, s.result.status if s.ok else f"{s.result.status} (UNEXPECTED)", s.result.reason or "-",
+         str(s.result.document_bytes), str(s.result.fee), f"{s.result.latency_ms:.1f}",
+         s.result.message if s.result.status != "issued" else "printed; spool erased")
+        for s in steps
+    ])
     issued = sum(r.status == "issued" for r in burst)
     misdelivered = sum(r.status == "misdelivered" for r in burst)
     lat = sorted(r.latency_ms for r in burst)

@@ -40,6 +40,9 @@ def cmd_issue(args) -> int:
     muni = args.municipality or next(iter(topo.municipalities()), None)
     if args.copies < 1:
         raise UserError("--copies must be at least 1")
+    if args.clock and not args.up:
+        raise UserError("--clock sets the emulated time of a topology launched for this run: add --up, "
+                        "or start the running one with `konbini up --clock …`")
     clock = Clock.parse(args.clock, 1.0)
 
     async def once(running: Running):
@@ -83,4 +86,8 @@ def cmd_issue(args) -> int:
         print(f"{line} latency={result.latency_ms:.1f} ms")
         if result.message and result.status != "issued":
             print(f"kiosk screen: {result.message}")
+        if result.reason == "outside-hours":
+            when = f"{clock.now():%Y-%m-%d %H:%M} JST" if args.up else "the running topology's clock"
+            print(f"emulated time: {when}; the center serves 06:30–23:00 Japan time (a municipality may narrow it). "
+                  "Try `--up --clock 2026-11-24T10:00:00+09:00`.")
     return 0 if result.status == "issued" else 1

@@ -6,11 +6,11 @@ import signal
 
 import trio
 from rich.console import Console
-from rich.table import Table
 
 from gateway.business.clock import Clock
 from topology.cli.common import load, state_dir
 from topology.cli.netns import cmd_up_netns
+from topology.cli.render import show
 from topology.launch.loopback import run_topology
 
 
@@ -24,14 +24,11 @@ def cmd_up(args) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(lambda task_status: run_topology(topo, state_dir(args, topo), clock=clock, task_status=task_status))
-            table = Table(title=f"konbini topology {topo.name!r} ({running.mode})")
-            for col in ("node", "kind", "site", "address", "ready"):
-                table.add_column(col)
-            for node in topo.nodes.values():
-                ready = "listening" if node.id in running.servers else "client"
-                addr = f"{node.address}:{node.port}" if node.port else node.address
-                table.add_row(node.id, node.kind, node.site, addr, ready)
-            console.print(table)
+            show(console, f"konbini topology {topo.name!r} ({running.mode})", ("node", "kind", "site", "address", "ready"), [
+                (node.id, node.kind, node.site, f"{node.address}:{node.port}" if node.port else node.address,
+                 "listening" if node.id in running.servers else "client")
+                for node in topo.nodes.values()
+            ])
             console.print(f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops.")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
