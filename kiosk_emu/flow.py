@@ -16,7 +16,7 @@ import base64
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import Enum, StrEnum
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -69,6 +69,17 @@ TRANSITIONS: dict[tuple[State, str], State] = {
 FINAL = frozenset({S.DONE, S.REFUSED, S.MISDELIVERED, S.CANCELLED})
 ANYTIME = {"refused": S.REFUSED, "cancelled": S.CANCELLED}
 
+
+class Status(StrEnum):
+    """How the request ended, as the resident (and the issuance log) sees it."""
+
+    PENDING = "pending"
+    ISSUED = "issued"
+    REFUNDED = "refunded"  # printed, but the printer failed: the fee went back (BIZ-4)
+    REFUSED = "refused"
+    MISDELIVERED = "misdelivered"
+    CANCELLED = "cancelled"
+
 KIOSK_MESSAGES = {
     "pin-wrong": "The PIN is wrong. {tries_left} tries left.",
     "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
@@ -87,7 +98,7 @@ class FlowError(Exception):
 
 @dataclass
 class Outcome:
-    status: str = "pending"  # issued | refused | misdelivered | cancelled
+    status: Status = Status.PENDING
     reason: str | None = None
     message: str | None = None
     tries_left: int | None = None
@@ -98,6 +109,17 @@ class Outcome:
     refunded: bool = False  # misprint: the fee went back to the resident
     notice_pending: bool = False  # the notice waits in the outbox for the center's acknowledgement
     hops: dict[str, float] = field(default_factory=dict)  # node id -> ms, summed over the steps
+
+
+def add_server_timing(headers: Headers | None, into: dict[str, float]) -> None:
+    """Add each `server-timing: <node>;dur=<ms>` entry of a header block to `into` (node -> ms)."""
+    for k, v in headers or ():
+        if k == b"server-timing":
+            name, _, dur = v.decode().partition(";dur=")
+            try:
+                into[name] = into.get(name, 0.0) + float(dur)
+            except ValueError:
+                pass
 
 
 class KioskFlow:
@@ -126,25 +148,19 @@ class KioskFlow:
 
     def record_timing(self, headers: Headers | None) -> None:
         """Sum each hop's own time from the server-timing entries every hop adds."""
-        for k, v in headers or ():
-            if k == b"server-timing":
-                name, _, dur = v.decode().partition(";dur=")
-                try:
-                    self.outcome.hops[name] = self.outcome.hops.get(name, 0.0) + float(dur)
-                except ValueError:
-                    pass
+        add_server_timing(headers, self.outcome.hops)
 
     def refuse(self, reason: str, message: str | None = None, tries_left: int | None = None) -> None:
         self._go("refused")
         o = self.outcome
-        o.status, o.reason, o.tries_left = "refused", reason, tries_left
+        o.status, o.reason, o.tries_left = Status.REFUSED, reason, tries_left
         o.message = message or KIOSK_MESSAGES.get(reason, reason).format(tries_left=tries_left)
 
     def cancel(self, why: str = "cancelled") -> None:
         """A timeout or cancel anywhere ends the whole request: nothing is printed or charged."""
         if not self.finished:
             self._go("cancelled")
-            self.outcome.status, self.outcome.reason = "cancelled", why
+            self.outcome.status, self.outcome.reason = Status.CANCELLED, why
             self.outcome.message = KIOSK_MESSAGES["cancelled"]
 
     def _refusal_from(self, status: int, body: bytes) -> None:
@@ -212,7 +228,7 @@ class KioskFlow:
         else:
             self._go("document-rejected")
             o = self.outcome
-            o.status, o.reason, o.message = "misdelivered", problem, KIOSK_MESSAGES["misdelivered"]
+            o.status, o.reason, o.message = Status.MISDELIVERED, problem, KIOSK_MESSAGES["misdelivered"]
         return problem
 
     def _check_binding(self, trailers: Headers | None) -> str | None:
@@ -278,4 +294,4 @@ class KioskFlow:
 
     def erased(self) -> None:
         self._go("erased")
-        self.outcome.status = "refunded" if self.outcome.refunded else "issued"
+        self.outcome.status = Status.REFUNDED if self.outcome.refunded else Status.ISSUED

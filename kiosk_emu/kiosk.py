@@ -1,5 +1,8 @@
 """The Trio kiosk: drives `KioskFlow` over HTTP/2 to its store router, spools, prints and erases.
 
+The request order is `kiosk_emu.driver.FlowDriver`'s (the load generator drives the same one);
+this module adds what the kiosk has besides a connection: its spool, printer, outbox and log.
+
 The spool holds certificate data only between receipt and printing; after printing (or any
 failure) it is erased and the erase is written to the kiosk's append-only issuance log
 (SEC-KI-2, SEC-KI-5). The log holds opaque ids, types, copies and fees; never personal data.
@@ -11,6 +14,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +23,14 @@ import trio
 from cryptography import x509
 
 from gateway.node.server import NodeContext
-from gateway.protocol.h2core import ConnectionClosed, header
+from gateway.protocol.h2core import ConnectionClosed
 from gateway.protocol.h2trio import StreamReset, TrioH2
-from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import Card
 from kiosk_emu.device.outbox import Outbox
-from kiosk_emu.device.printer import Printer
-from kiosk_emu.flow import KioskFlow
+from kiosk_emu.device.printer import Printer, PrintJob
+from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
+from kiosk_emu.flow import KioskFlow, Status
 
 log = logging.getLogger("konbini.kiosk")
 
@@ -87,72 +92,25 @@ class Kiosk:
         with open(self.log_path, "a", encoding="utf-8") as f:  # append-only by construction
             f.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
-    async def _call(self, conn: TrioH2, flow: KioskFlow, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        stream = await conn.open_stream(request_headers(method, path, self.router.id), end_stream=False)
-        try:
-            await stream.send_data(body, end_stream=True)
-            headers = await stream.receive_headers()
-            flow.record_timing(headers)
-            return int(header(headers, b":status") or 0), await stream.read_body()
-        finally:
-            conn.release(stream)
-
     async def issue(
         self, conn: TrioH2, card: Card, pin: str, request: IssueRequest, *, timeout: float = ISSUANCE_TIMEOUT
     ) -> IssuanceResult:
         flow = KioskFlow(self.node.id, card, pin, request, self.center_key)
+        driver = FlowDriver(conn, self.router.id, _Devices(self, conn))
         t0 = time.perf_counter()
         try:
             with trio.fail_after(timeout):
-                status, body = await self._call(conn, flow, *flow.start())
-                step = flow.on_challenge(status, body)
-                if step:
-                    status, body = await self._call(conn, flow, *step)
-                    step = flow.on_auth(status, body)
-                if step:
-                    await self._receive_document(conn, flow, step)
-                if flow.state.value == "misdelivered":
-                    self._erase(flow, "misdelivery-refused")
-                    await self._call(conn, flow, *flow.misdelivery_report())
-                elif flow.state.value == "verified":
-                    iid = flow.outcome.issuance_id or ""
-                    # If this kiosk dies before the print is confirmed, the job counts as refunded:
-                    # that notice is durable before money is taken or paper printed (see Outbox.hold).
-                    await self._outbox(self.outbox.hold, iid, *flow.refund_notice(self.ctx.clock.now())[1:])
-                    flow.paid()  # payment before printing (BIZ-4)
-                    self._log("paid", issuance=iid, fee=flow.outcome.fee)
-                    job = self.printer.print_job(iid, request.copies)
-                    if job.misprinted:
-                        notice = flow.misprinted(self.ctx.clock.now())
-                    else:
-                        notice = flow.printed(self.ctx.clock.now())
-                    # Durable before the resident is told it is done (BIZ-5), and before the log says so,
-                    # so a kiosk killed in between never logs a print (or refund) whose notice is lost.
-                    await self._outbox(self.outbox.confirm, iid, notice[1], notice[2])
-                    if job.misprinted:
-                        self._log("misprint-refunded", issuance=iid, fee=flow.outcome.fee,
-                                  copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies])
-                    else:
-                        self._log(
-                            "printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee,
-                        )
-                    with trio.CancelScope(shield=True):  # printed and paid: nothing left to cancel
-                        if await self._deliver(conn, iid, notice[1], notice[2], flow):
-                            flow.on_notice(200, b"")
-                        else:
-                            flow.notice_queued()
-                    self._erase(flow, "spool-erased")
-                    flow.erased()
+                await driver.run(flow, self.ctx.clock.now)
         except (trio.TooSlowError, StreamReset) as exc:
             flow.cancel("timeout" if isinstance(exc, trio.TooSlowError) else "stream-reset")
         finally:
             if self._spool_file(flow).exists():  # cancelled midway: nothing half-received stays on the kiosk
                 self._erase(flow, "spool-erased-after-cancel")
-            if flow.outcome.status == "refused":
+            if flow.outcome.status is Status.REFUSED:
                 self._log("refused", reason=flow.outcome.reason)
         o = flow.outcome
         return IssuanceResult(
-            status=o.status, reason=o.reason, message=o.message, issuance_id=o.issuance_id,
+            status=o.status.value, reason=o.reason, message=o.message, issuance_id=o.issuance_id,
             document_bytes=o.document_bytes, signature_valid=o.signature_valid, fee=o.fee,
             tries_left=o.tries_left, latency_ms=round((time.perf_counter() - t0) * 1000, 3),
             hops=[{"node": k, "ms": round(v, 3)} for k, v in o.hops.items()], kiosk=self.node.id,
@@ -169,16 +127,7 @@ class Kiosk:
         status, reason = 0, "timeout"
         with trio.move_on_after(NOTICE_TIMEOUT):
             try:
-                stream = await conn.open_stream(request_headers("POST", path, self.router.id), end_stream=False)
-                try:
-                    await stream.send_data(body, end_stream=True)
-                    headers = await stream.receive_headers()
-                    if flow is not None:
-                        flow.record_timing(headers)
-                    status = int(header(headers, b":status") or 0)
-                    answer = await stream.read_body()
-                finally:
-                    conn.release(stream)
+                status, answer = await exchange(conn, self.router.id, "POST", path, body, flow)
                 reason = f"http-{status}"
             except (StreamReset, ConnectionClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 reason = type(exc).__name__
@@ -242,14 +191,7 @@ class Kiosk:
             try:
                 while True:
                     with trio.fail_after(HEARTBEAT_TIMEOUT):
-                        stream = await conn.open_stream(
-                            request_headers("POST", "/v1/heartbeat", self.controller.id), end_stream=True
-                        )
-                        try:
-                            status = int(header(await stream.receive_headers(), b":status") or 0)
-                            await stream.read_body()
-                        finally:
-                            conn.release(stream)
+                        status, _ = await exchange(conn, self.controller.id, "POST", "/v1/heartbeat", None)
                     if status != 200:
                         log.warning("%s: heartbeat answered %d", self.node.id, status)
                     await trio.sleep(interval)
@@ -262,28 +204,13 @@ class Kiosk:
     def _spool_file(self, flow: KioskFlow) -> Path:
         return self.spool / f"{flow.outcome.issuance_id or 'none'}.pdf"
 
-    async def _receive_document(self, conn: TrioH2, flow: KioskFlow, step: tuple[str, str, bytes]) -> None:
-        method, path, body = step
-        stream = await conn.open_stream(request_headers(method, path, self.router.id), end_stream=False)
+    @contextmanager
+    def _spool_writer(self, flow: KioskFlow) -> Iterator[SpoolWriter]:
+        fd = os.open(self._spool_file(flow), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            await stream.send_data(body, end_stream=True)
-            headers = await stream.receive_headers()
-            flow.record_timing(headers)
-            status = int(header(headers, b":status") or 0)
-            if not flow.on_document_headers(status, headers):
-                flow.on_refusal_body(status, await stream.read_body())
-                return
-            fd = os.open(self._spool_file(flow), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                while (chunk := await stream.receive_chunk()) is not None:
-                    flow.on_document_chunk(chunk)
-                    os.write(fd, chunk)
-            finally:
-                os.close(fd)
-            flow.on_document_end(stream.trailers)
-            flow.record_timing(stream.trailers)
+            yield lambda chunk: os.write(fd, chunk)
         finally:
-            conn.release(stream)
+            os.close(fd)
 
     def recover(self) -> int:
         """At kiosk start (once per process, not per issuance): release the refund notices of jobs
@@ -307,6 +234,49 @@ class Kiosk:
         spool_file = self._spool_file(flow)
         spool_file.unlink(missing_ok=True)
         self._log(event, issuance=flow.outcome.issuance_id, erased=not spool_file.exists())
+
+
+class _Devices:
+    """A kiosk's devices for one issuance (`kiosk_emu.driver.KioskDevices`): its spool file,
+    printer, outbox and log."""
+
+    def __init__(self, kiosk: Kiosk, conn: TrioH2) -> None:
+        self.kiosk = kiosk
+        self.conn = conn
+        self.job: PrintJob | None = None
+
+    def spool(self, flow: KioskFlow) -> AbstractContextManager[SpoolWriter]:
+        return self.kiosk._spool_writer(flow)
+
+    def erase(self, flow: KioskFlow, event: str) -> None:
+        self.kiosk._erase(flow, event)
+
+    async def pay(self, flow: KioskFlow) -> None:
+        k, iid = self.kiosk, flow.outcome.issuance_id or ""
+        # If this kiosk dies before the print is confirmed, the job counts as refunded:
+        # that notice is durable before money is taken or paper printed (see Outbox.hold).
+        await k._outbox(k.outbox.hold, iid, *flow.refund_notice(k.ctx.clock.now())[1:])
+        k._log("paid", issuance=iid, fee=flow.outcome.fee)
+
+    def print(self, flow: KioskFlow) -> bool:
+        self.job = self.kiosk.printer.print_job(flow.outcome.issuance_id or "", flow.request.copies)
+        return self.job.misprinted
+
+    async def printed(self, flow: KioskFlow, path: str, body: bytes) -> None:
+        # Durable before the resident is told it is done (BIZ-5), and before the log says so,
+        # so a kiosk killed in between never logs a print (or refund) whose notice is lost.
+        k, iid, job, request = self.kiosk, flow.outcome.issuance_id or "", self.job, flow.request
+        await k._outbox(k.outbox.confirm, iid, path, body)
+        if job is not None and job.misprinted:
+            k._log("misprint-refunded", issuance=iid, fee=flow.outcome.fee,
+                   copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies])
+        else:
+            k._log("printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee)
+
+    async def deliver(self, flow: KioskFlow, path: str, body: bytes) -> tuple[int, bytes] | None:
+        with trio.CancelScope(shield=True):  # printed and paid: nothing left to cancel
+            acked = await self.kiosk._deliver(self.conn, flow.outcome.issuance_id or "", path, body, flow)
+        return (200, b"") if acked else None
 
 
 async def issue_at(

@@ -9,8 +9,10 @@ runtime needs on top of it and nothing that touches a socket:
   throttles the writer on the other, keeping memory per stream bounded by the windows;
 - outbound DATA is cut to what the windows allow (`send_data` returns how much it took).
 
-The runtime drivers (`gateway.h2trio`, `kiosk_emu.h2asyncio`) feed bytes in, write
-`data_to_send()` out and wake the tasks whose stream ids `receive_data` returns. Two rules:
+The runtime drivers (`gateway.protocol.h2trio`, `kiosk_emu.load.h2asyncio`) feed bytes in,
+write `data_to_send()` out and wake the tasks whose stream ids `receive_data` returns; what they
+share (waiting, waking, opening and releasing streams) is `H2Driver`, written against a one-shot
+event each runtime supplies, and stream bodies are read and written by `StreamHandle`. Two rules:
 1. every call that changes state may produce output, so drivers flush after each call;
 2. a protocol error from the peer closes the whole connection (GOAWAY) and resets every stream
    on it, so no request is ever left half-done (INT-1).
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import h2.config
 import h2.connection
@@ -74,9 +78,9 @@ class StreamState:
 class StreamHandle:
     """What both runtimes' stream objects share: a view of one StreamState on one connection.
 
-    `conn` is a runtime driver with `core`, `flush()`, `wake(ids)` and an awaitable
-    `wait(stream_id)`; everything here is written against those alone, so the Trio servers and
-    the uvloop load generator read and write bodies with the same code.
+    `conn` is an `H2Driver` (`core`, `flush()`, `wake(ids)`, awaitable `wait(stream_id)`);
+    everything here is written against those alone, so the Trio servers and the uvloop load
+    generator read and write bodies with the same code.
     """
 
     __slots__ = ("conn", "st")
@@ -150,6 +154,100 @@ class StreamHandle:
         self.conn.core.reset(self.st.id, code)
         self.conn.flush()
         self.conn.wake({self.st.id})
+
+
+class OneShot(Protocol):
+    """The runtime's event primitive: set once, awaited by any number of tasks (trio.Event, asyncio.Event)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self) -> Awaitable[object]: ...
+
+
+class H2Driver:
+    """What both runtimes' connection drivers share: per-stream waits and wakes, opening streams
+    within the peer's concurrency limit, and releasing them.
+
+    A runtime driver subclasses it and supplies `new_event()` (a fresh `OneShot`) and `flush()`
+    (get `core.data_to_send()` onto the wire soon), then feeds the core and calls `wake` with the
+    ids `receive_data` returns. A task waits on one event per stream id; a wake pops and sets it,
+    so the next wait makes a new one (id 0: every stream, and the tasks waiting for a free slot).
+    """
+
+    stream_class: type[StreamHandle] = StreamHandle
+
+    def __init__(self, core: H2Core) -> None:
+        self.core = core
+        self._waiters: dict[int, OneShot] = {}
+        self._slot_free: OneShot | None = None  # made only while a task waits for a stream slot
+
+    def new_event(self) -> OneShot:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    # -- waiting and waking ----------------------------------------------------------------
+
+    async def wait(self, stream_id: int) -> None:
+        """Until something happens on the stream; at once (the stream reset) once the connection is gone."""
+        if self.core.closed:
+            st = self.core.streams.get(stream_id)
+            if st is not None and st.reset_code is None and not st.ended:
+                st.reset_code = h2.errors.ErrorCodes.CANCEL
+            return
+        ev = self._waiters.get(stream_id)
+        if ev is None or ev.is_set():
+            ev = self._waiters[stream_id] = self.new_event()
+        await ev.wait()
+
+    def wake(self, stream_ids: set[int]) -> None:
+        if 0 in stream_ids:  # connection-level: window, settings (a higher stream limit) or its end
+            waiters, self._waiters = self._waiters, {}
+            for ev in waiters.values():
+                ev.set()
+            self._stream_done()
+            return
+        for sid in stream_ids:
+            ev = self._waiters.pop(sid, None)
+            if ev is not None:
+                ev.set()
+
+    def _stream_done(self) -> None:
+        """A stream slot may be free: let the tasks waiting in `open_stream` look again."""
+        ev, self._slot_free = self._slot_free, None
+        if ev is not None:
+            ev.set()
+
+    # -- client side -----------------------------------------------------------------------
+
+    async def open_stream(self, headers: Headers, end_stream: bool = False) -> StreamHandle:
+        """Start a request; waits while the peer's concurrent-stream limit is reached."""
+        while not self.core.can_open_stream():
+            if self.core.closed:
+                raise ConnectionClosed(self.core.close_reason or "closed")
+            if self._slot_free is None:
+                self._slot_free = self.new_event()
+            await self._slot_free.wait()
+        st = self.core.send_request(headers, end_stream)
+        self.flush()
+        return self.stream_class(self, st)
+
+    def release(self, stream: StreamHandle) -> None:
+        """Client side: done with a stream (reset it if unfinished, so every hop stops work on it)."""
+        st = stream.st
+        if not st.finished:
+            stream.reset(h2.errors.ErrorCodes.CANCEL)
+        self.core.forget(st.id)
+        self._stream_done()
+
+    def close(self) -> None:
+        """GOAWAY; every waiting task wakes and finds its stream reset."""
+        self.core.close()
+        self.wake({0})
+        self.flush()
 
 
 class H2Core:

@@ -1,9 +1,10 @@
-"""Trio driver for `gateway.h2core`: one reader task, one writer task, a cancel scope per stream.
+"""Trio driver for `gateway.protocol.h2core`: one reader task, one writer task, a cancel scope per stream.
 
 The reader feeds bytes into the core and wakes the tasks whose streams changed. The writer
 sends whatever the core has queued, so many streams' frames go out in one write. A request
 handler runs in its own cancel scope: a RST_STREAM from the peer or the connection dying
 cancels the handler, so a cancelled request is cancelled whole (INT-1), never half-done.
+Waiting, waking, opening and releasing streams are `H2Driver`'s, on `trio.Event`s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import trio
 from gateway.protocol.h2core import (
     ConnectionClosed,
     H2Core,
+    H2Driver,
     Headers,
     StreamHandle,
     StreamReset,
@@ -53,43 +55,20 @@ class Stream(StreamHandle):
 Handler = Callable[[Stream], Awaitable[None]]
 
 
-class TrioH2:
+class TrioH2(H2Driver):
     """An HTTP/2 connection over any Trio stream (here: a mutual-TLS SSLStream)."""
 
+    stream_class = Stream
+    new_event = staticmethod(trio.Event)
+
     def __init__(self, transport: trio.abc.Stream, *, client_side: bool, peer: str = "?") -> None:
+        super().__init__(H2Core(client_side=client_side))
         self.transport = transport
-        self.core = H2Core(client_side=client_side)
         self.peer = peer
-        self._waiters: dict[int, trio.Event] = {}
         self._output = trio.Event()
         self._handlers: dict[int, Stream] = {}
-        self._slot_free = trio.Event()
         self._reader_scope = trio.CancelScope()  # the writer ends reading once our GOAWAY is out
         self.closed = trio.Event()
-
-    # -- waiting and waking ----------------------------------------------------------------
-
-    async def wait(self, stream_id: int) -> None:
-        if self.core.closed and stream_id in self.core.streams:
-            st = self.core.streams[stream_id]
-            if st.reset_code is None and not st.ended:
-                st.reset_code = h2.errors.ErrorCodes.CANCEL
-            return
-        ev = self._waiters.get(stream_id)
-        if ev is None:
-            ev = self._waiters[stream_id] = trio.Event()
-        await ev.wait()
-
-    def wake(self, stream_ids: set[int]) -> None:
-        if 0 in stream_ids:
-            waiters, self._waiters = self._waiters, {}
-            for ev in waiters.values():
-                ev.set()
-            return
-        for sid in stream_ids:
-            ev = self._waiters.pop(sid, None)
-            if ev is not None:
-                ev.set()
 
     def flush(self) -> None:
         self._output.set()
@@ -181,32 +160,3 @@ class TrioH2:
         self._handlers.pop(stream.id, None)
         self.core.forget(stream.id)
         self._stream_done()
-
-    # -- client side -----------------------------------------------------------------------
-
-    async def open_stream(self, headers: Headers, end_stream: bool = False) -> Stream:
-        """Start a request; waits while the peer's concurrent-stream limit is reached."""
-        while not self.core.can_open_stream():
-            if self.core.closed:
-                raise ConnectionClosed(self.core.close_reason or "closed")
-            await self._slot_free.wait()
-        st = self.core.send_request(headers, end_stream)
-        self.flush()
-        return Stream(self, st)
-
-    def release(self, stream: Stream) -> None:
-        """Client side: done with a stream (reset it if unfinished, so the peer stops work)."""
-        st = stream.st
-        if not st.finished:
-            stream.reset(h2.errors.ErrorCodes.CANCEL)
-        self.core.forget(st.id)
-        self._stream_done()
-
-    def _stream_done(self) -> None:
-        self._slot_free.set()
-        self._slot_free = trio.Event()
-
-    def close(self) -> None:
-        self.core.close()
-        self.wake({0})
-        self.flush()

@@ -1,7 +1,7 @@
 """The kiosk load generator: many kiosks over worker processes, open or closed loop, HDR histograms.
 
 Theory of operation. Each worker process runs one uvloop loop and owns a share of the kiosks;
-every kiosk keeps one persistent HTTP/2 connection to its store router (`kiosk_emu.h2asyncio`).
+every kiosk keeps one persistent HTTP/2 connection to its store router (`kiosk_emu.load.h2asyncio`).
 - Open loop: arrivals follow a Poisson process at the worker's share of the rate. Latency is
   measured from the *intended* start, so a stalled system or a late generator shows up as
   latency instead of silently lowering the offered load (no coordinated omission). An arrival
@@ -10,8 +10,11 @@ every kiosk keeps one persistent HTTP/2 connection to its store router (`kiosk_e
 - Closed loop: a fixed number of requests in flight; each starts when the previous one ended.
 Requests whose intended start falls in the warm-up are run but not recorded. Each worker sends
 encoded histograms (overall, per hop from `server-timing`, per second) and its CPU use back;
-`merge_results` adds them up. The issuance workload drives the same sans-IO `KioskFlow` as
-the Trio kiosk, so a document bound to anyone else is counted as misdelivered (must stay 0).
+`merge_results` adds them up. The issuance workload runs the Trio kiosk's own driver
+(`kiosk_emu.driver.FlowDriver`, same requests, same order) with devices that print nothing, so
+a document bound to anyone else is counted as misdelivered (must stay 0).
+Workers are spawned, not forked: each imports this module afresh, and in netns mode enters its
+namespace before it opens a socket or starts a thread, so nothing imported here may do either.
 """
 
 from __future__ import annotations
@@ -27,14 +30,24 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from cryptography import x509
 from hdrh.histogram import HdrHistogram
 
-from gateway.protocol.h2core import ConnectionClosed
+from gateway.business.clock import JST
+from gateway.protocol.h2core import ConnectionClosed, StreamReset
 from gateway.protocol.http import request_headers
+from gateway.protocol.messages import IssueRequest
+from gateway.transport.tls import client_context
+from kiosk_emu.card import CardStore
+from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
+from kiosk_emu.flow import KioskFlow, Status, add_server_timing
+from kiosk_emu.load.h2asyncio import AsyncioH2, connect_h2
+from topology.netns.enter import enter_namespace
 
 LOWEST_US = 1
 HIGHEST_US = 120_000_000  # 120 s
@@ -194,16 +207,6 @@ class _Stats:
             record_ms(h, hop_ms)
 
 
-def _hops(headers, into: dict[str, float]) -> None:
-    for k, v in headers or ():
-        if k == b"server-timing":
-            name, _, dur = v.decode().partition(";dur=")
-            try:
-                into[name] = into.get(name, 0.0) + float(dur)
-            except ValueError:
-                pass
-
-
 class _Kiosk:
     """One emulated kiosk: its persistent connection (reopened if it dies) and its card."""
 
@@ -212,12 +215,10 @@ class _Kiosk:
         self.ctx = ctx
         self.card = card
         self.center_key = center_key
-        self.conn = None
+        self.conn: AsyncioH2 | None = None
         self._lock = asyncio.Lock()
 
-    async def connection(self):
-        from kiosk_emu.load.h2asyncio import connect_h2
-
+    async def connection(self) -> AsyncioH2:
         if self.conn is not None and not self.conn.core.closed:
             return self.conn
         async with self._lock:
@@ -228,13 +229,11 @@ class _Kiosk:
 
 
 async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float]) -> tuple[str, int]:
-    from gateway.protocol.h2core import StreamReset
-
     conn = await k.connection()
     st = await conn.open_stream(request_headers("GET", f"/bench/blob?size={w.size}", k.spec.router_id), end_stream=True)
     try:
         headers = await st.receive_headers()
-        _hops(headers, hops)
+        add_server_timing(headers, hops)
         n = await st.drain_body()
         status = st.status
         if status != 200:
@@ -247,52 +246,35 @@ async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float]) -> tupl
         conn.release(st)
 
 
-async def _call(conn, router_id: str, flow, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-    st = await conn.open_stream(request_headers(method, path, router_id), end_stream=False)
-    try:
-        await st.send_data(body, end_stream=True)
-        headers = await st.receive_headers()
-        flow.record_timing(headers)
-        return st.status, await st.read_body()
-    finally:
-        conn.release(st)
+def _discard(chunk: bytes) -> None:
+    pass
 
 
-async def _issuance_flow(k: _Kiosk, flow, now: datetime) -> int:
-    """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
-    conn = await k.connection()
-    rid = k.spec.router_id
-    status, body = await _call(conn, rid, flow, *flow.start())
-    step = flow.on_challenge(status, body)
-    if step:
-        status, body = await _call(conn, rid, flow, *step)
-        step = flow.on_auth(status, body)
-    nbytes = 0
-    if step:
-        method, path, req = step
-        st = await conn.open_stream(request_headers(method, path, rid), end_stream=False)
-        try:
-            await st.send_data(req, end_stream=True)
-            headers = await st.receive_headers()
-            flow.record_timing(headers)
-            if not flow.on_document_headers(st.status, headers):
-                flow.on_refusal_body(st.status, await st.read_body())
-            else:
-                while (chunk := await st.receive_chunk()) is not None:
-                    flow.on_document_chunk(chunk)
-                    nbytes += len(chunk)
-                flow.on_document_end(st.trailers)
-                flow.record_timing(st.trailers)
-        finally:
-            conn.release(st)
-    if flow.state.value == "misdelivered":
-        await _call(conn, rid, flow, *flow.misdelivery_report())
-    elif flow.state.value == "verified":
-        flow.paid()
-        status, body = await _call(conn, rid, flow, *flow.printed(now))
-        flow.on_notice(status, body)
-        flow.erased()
-    return nbytes
+class _Paperless:
+    """The load generator's kiosk devices (`kiosk_emu.driver.KioskDevices`): nothing is spooled
+    or printed, no fee is taken, and there is no outbox, so the notice is sent once, answered or not."""
+
+    def __init__(self, conn: AsyncioH2, authority: str) -> None:
+        self.conn = conn
+        self.authority = authority
+
+    def spool(self, flow: KioskFlow) -> AbstractContextManager[SpoolWriter]:
+        return nullcontext(_discard)
+
+    def erase(self, flow: KioskFlow, event: str) -> None:
+        pass
+
+    async def pay(self, flow: KioskFlow) -> None:
+        pass
+
+    def print(self, flow: KioskFlow) -> bool:
+        return False
+
+    async def printed(self, flow: KioskFlow, path: str, body: bytes) -> None:
+        pass
+
+    async def deliver(self, flow: KioskFlow, path: str, body: bytes) -> tuple[int, bytes]:
+        return await exchange(self.conn, self.authority, "POST", path, body, flow)
 
 
 class _Worker:
@@ -313,11 +295,6 @@ class _Worker:
     # -- setup -----------------------------------------------------------------------------
 
     def load_identities(self) -> None:
-        from cryptography import x509
-
-        from gateway.transport.tls import client_context
-        from kiosk_emu.card import CardStore
-
         state = Path(self.spec.state_dir)
         nodes = state / "pki" / "nodes"
         center = x509.load_pem_x509_certificate((nodes / "issuance-center.pem").read_bytes())
@@ -366,7 +343,7 @@ class _Worker:
             outcome = f"error:{type(exc).__name__}"
         except TimeoutError:
             outcome = "error:timeout"
-        except Exception as exc:  # a bug in a flow must not stop the run; it is counted
+        except Exception as exc:  # noqa: BLE001 - a bug in a flow must not stop the run; it is counted
             outcome = f"error:{type(exc).__name__}"
         finally:
             self.free.append(k)
@@ -378,9 +355,7 @@ class _Worker:
             self.stats.record(int(intended - self.t_warm), latency_ms(intended, done), outcome, nbytes, hops)
 
     async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float]]:
-        from gateway.protocol.messages import IssueRequest
-        from kiosk_emu.flow import KioskFlow
-
+        """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
         w, spec = self.spec.workload, self.spec
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
         card = self.revoked if case == "card-revoked" and self.revoked is not None else k.card
@@ -393,7 +368,9 @@ class _Worker:
         nbytes = 0
         try:
             async with asyncio.timeout(timeout):
-                nbytes = await _issuance_flow(k, flow, self._now())
+                conn = await k.connection()
+                await FlowDriver(conn, k.spec.router_id, _Paperless(conn, k.spec.router_id)).run(flow, self._now)
+                nbytes = flow.outcome.document_bytes
         except TimeoutError:
             flow.cancel("timeout")
         except Exception:
@@ -403,17 +380,15 @@ class _Worker:
         if case == "pin-wrong":
             card.tries_left = card.profile.max_tries  # the counter procedure, so the card never locks
         o = flow.outcome
-        if o.status == "issued":
+        if o.status is Status.ISSUED:
             outcome = "ok"
-        elif o.status == "misdelivered":
+        elif o.status is Status.MISDELIVERED:
             outcome = "misdelivered"
         else:
             outcome = f"{o.status}:{o.reason}"
         return outcome, nbytes, o.hops
 
     def _now(self) -> datetime:
-        from gateway.business.clock import JST
-
         if self.spec.clock_start:
             start = datetime.fromisoformat(self.spec.clock_start)
             return start.astimezone(JST)
@@ -540,8 +515,6 @@ def _worker_main(wid: int, nworkers: int, spec: LoadSpec, out: mp.Queue, go: mp.
 
     ns = spec.kiosks[0].namespace if spec.kiosks else None
     if ns:  # netns mode: before any socket (and any thread: setns moves only the calling one)
-        from topology.netns.enter import enter_namespace
-
         try:
             enter_namespace(ns)
         except OSError as exc:

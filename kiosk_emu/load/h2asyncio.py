@@ -1,10 +1,11 @@
-"""asyncio (uvloop) driver for `gateway.h2core`, client side: the load generator's kiosks.
+"""asyncio (uvloop) driver for `gateway.protocol.h2core`, client side: the load generator's kiosks.
 
-Mirror of `gateway.h2trio` with an asyncio Protocol instead of reader/writer tasks:
+Mirror of `gateway.protocol.h2trio` with an asyncio Protocol instead of reader/writer tasks:
 `data_received` feeds the core and wakes the streams it names; output is flushed once per
-loop turn (`call_soon`), so many streams' frames leave in one write. A stream wait is one
-future per stream id. Releasing an unfinished stream resets it, so a kiosk timeout cancels
-the whole request on every hop (INT-1).
+loop turn (`call_soon`), so many streams' frames leave in one write. Waiting, waking, opening
+and releasing streams are `H2Driver`'s, on `asyncio.Event`s (one per waiting stream; a cancelled
+waiter leaves its event usable, which a shared future would not). Releasing an unfinished
+stream resets it, so a kiosk timeout cancels the whole request on every hop (INT-1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import h2.errors
 from gateway.protocol.h2core import (
     ConnectionClosed,
     H2Core,
-    Headers,
+    H2Driver,
     StreamHandle,
     header,
 )
@@ -42,16 +43,17 @@ class Stream(StreamHandle):
         return n
 
 
-class AsyncioH2(asyncio.Protocol):
+class AsyncioH2(H2Driver, asyncio.Protocol):
     """An HTTP/2 client connection over an asyncio TLS transport."""
 
+    stream_class = Stream
+    new_event = staticmethod(asyncio.Event)
+
     def __init__(self, peer: str = "?") -> None:
+        super().__init__(H2Core(client_side=True))
         self.peer = peer
-        self.core = H2Core(client_side=True)
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
-        self._waiters: dict[int, asyncio.Future] = {}
-        self._slot_waiters: list[asyncio.Future] = []
         self._flush_pending = False
         self.closed = self._loop.create_future()
 
@@ -85,34 +87,10 @@ class AsyncioH2(asyncio.Protocol):
     def _lost(self) -> None:
         self.core._close("eof")
         self.wake({0})
-        self._wake_slots()
         if not self.closed.done():
             self.closed.set_result(None)
 
-    # -- waiting and waking ----------------------------------------------------------------
-
-    async def wait(self, stream_id: int) -> None:
-        if self.core.closed:
-            st = self.core.streams.get(stream_id)
-            if st is not None and st.reset_code is None and not st.ended:
-                st.reset_code = h2.errors.ErrorCodes.CANCEL
-            return
-        fut = self._waiters.get(stream_id)
-        if fut is None or fut.done():
-            fut = self._waiters[stream_id] = self._loop.create_future()
-        await fut
-
-    def wake(self, stream_ids: set[int]) -> None:
-        if 0 in stream_ids:
-            waiters, self._waiters = self._waiters, {}
-            for fut in waiters.values():
-                if not fut.done():
-                    fut.set_result(None)
-            return
-        for sid in stream_ids:
-            fut = self._waiters.pop(sid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+    # -- output --------------------------------------------------------------------------
 
     def flush(self) -> None:
         if not self._flush_pending:
@@ -125,43 +103,11 @@ class AsyncioH2(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def _wake_slots(self) -> None:
-        waiters, self._slot_waiters = self._slot_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    # -- streams ---------------------------------------------------------------------------
-
-    async def open_stream(self, headers: Headers, end_stream: bool = False) -> Stream:
-        """Start a request; waits while the peer's concurrent-stream limit is reached."""
-        while not self.core.can_open_stream():
-            if self.core.closed:
-                raise ConnectionClosed(self.core.close_reason or "closed")
-            fut = self._loop.create_future()
-            self._slot_waiters.append(fut)
-            await fut
-        st = self.core.send_request(headers, end_stream)
-        self.flush()
-        return Stream(self, st)
-
-    def release(self, stream: Stream) -> None:
-        """Done with a stream: reset it if unfinished, so every hop stops work on it."""
-        st = stream.st
-        if not st.finished:
-            self.core.reset(st.id, h2.errors.ErrorCodes.CANCEL)
-            self.flush()
-        self.core.forget(st.id)
-        self._waiters.pop(st.id, None)
-        if self._slot_waiters:
-            self._wake_slots()
-
     def close(self) -> None:
-        self.core.close()
-        self._flush()
+        super().close()
+        self._flush()  # the GOAWAY, now: the transport closes next
         if self.transport is not None:
             self.transport.close()
-        self.wake({0})
 
 
 async def connect_h2(
