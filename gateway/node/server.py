@@ -113,55 +113,53 @@ class NodeServer:
         log.warning("deny node=%s peer=%s id=%s reason=%s", self.ctx.node.id, peer, identity or "-", reason)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report ready (with the listeners), then serve each connection in its own task.
+
+        `trio.serve_listeners` logs and backs off for 100 ms when accept() runs out of descriptors
+        or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS): a flood of connections slows this node
+        down instead of raising out of the listener and cancelling every node in the process."""
         node = self.ctx.node
         address = self.ctx.address
+        self.ctx.server_tls()  # read the PKI files now, not at a first connection that may find no descriptor free
         try:
             listeners = await trio.open_tcp_listeners(node.port, host=address, backlog=1024)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{node.id}: address {address}:{node.port} {what}") from None
-        async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, nursery)
-            task_status.started()
-
-    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                tcp = await listener.accept()
-                nursery.start_soon(self._connection, tcp)
+        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
+        """One accepted connection: the peer address before the TLS handshake, the certificate
+        identity after it, then HTTP/2. Whichever way it ends, the `finally` closes it."""
         try:
-            ip = tcp.socket.getpeername()[0]
-        except OSError:
-            await trio.aclose_forcefully(tcp)
-            return
-        decision = self.allow.check_address(ip)
-        if not decision.allowed:
-            self.deny(decision.reason or "peer-address", ip)
-            await trio.aclose_forcefully(tcp)
-            return
-        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = trio.SSLStream(tcp, self.ctx.server_tls(), server_side=True)
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
-            self.deny("tls-handshake", ip)
-            await trio.aclose_forcefully(tcp)
-            return
-        identity = peer_identity(tls.getpeercert())
-        decision = self.allow.check_identity(ip, identity or "")
-        if not decision.allowed or tls.selected_alpn_protocol() != "h2":
-            self.deny(decision.reason or "alpn", ip, identity)
-            await trio.aclose_forcefully(tls)
-            return
-        self.connections += 1
-        conn = TrioH2(tls, client_side=False, peer=identity or ip)
-        await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
-        if conn.core.close_reason not in (None, "eof", "goaway", "local-close", "write-failed"):
-            self.deny(conn.core.close_reason, ip, identity)
+            try:
+                ip = tcp.socket.getpeername()[0]
+            except OSError:
+                return  # the peer left before we looked
+            decision = self.allow.check_address(ip)
+            if not decision.allowed:
+                self.deny(decision.reason or "peer-address", ip)
+                return
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = trio.SSLStream(tcp, self.ctx.server_tls(), server_side=True)
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError, OSError):
+                self.deny("tls-handshake", ip)
+                return
+            identity = peer_identity(tls.getpeercert())
+            decision = self.allow.check_identity(ip, identity or "")
+            if not decision.allowed or tls.selected_alpn_protocol() != "h2":
+                self.deny(decision.reason or "alpn", ip, identity)
+                return
+            self.connections += 1
+            conn = TrioH2(tls, client_side=False, peer=identity or ip)
+            await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
+            if conn.core.close_reason not in (None, "eof", "goaway", "local-close", "write-failed"):
+                self.deny(conn.core.close_reason, ip, identity)
+        finally:
+            await trio.aclose_forcefully(tcp)  # a no-op once TrioH2.run closed TLS politely
 
     async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
         """Per request: method and path against the allow-list, then the app."""

@@ -424,6 +424,9 @@ class H2Core:
         st = self.streams.get(stream_id)
         if st is not None and st.reset_code is None:
             st.reset_code = code
+            # unread bytes still count against the connection window: give them back, or every
+            # reset of a stream with data buffered shrinks the window until the connection stalls
+            self.ack(stream_id, sum(flow for _, flow in st.chunks))
             st.chunks.clear()
             st.buffered = 0
         if self.closed:
