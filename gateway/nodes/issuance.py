@@ -12,7 +12,9 @@ Flow per kiosk session (each step one HTTP/2 request relayed from the kiosk's st
   POST /v1/correction              -> amends a noticed issuance until its month is fixed (BIZ-5/6)
   POST /v1/session/{id}/misdelivery-> a kiosk refused a document; counted, never silent (INT-1)
 A challenge is usable once; a session is usable for one issuance; a cancelled or timed-out
-issuance is cancelled whole and its session closed.
+issuance is cancelled whole and its session closed. Those rules are the state machines of
+gateway/business/session.py; this module does the I/O around them. /bench/* is the relay
+benchmarks' origin (gateway/nodes/bench_origin.py), served at this node's address.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -44,14 +46,22 @@ from gateway.business.ledger import (
     ledger_path,
     month_of,
 )
+from gateway.business.session import (
+    Issuance,
+    IssuanceEvent,
+    IssuanceState,
+    Session,
+    SessionEvent,
+    SessionState,
+)
 from gateway.node.server import App, NodeContext, Peer
-from gateway.protocol.h2core import header
+from gateway.nodes.bench_origin import serve_bench
+from gateway.protocol.h2core import Headers, header
 from gateway.protocol.h2trio import Stream, StreamReset
 from gateway.protocol.http import (
     BadRequest,
     decode,
     method_path,
-    query,
     refuse,
     request_headers,
     send_json,
@@ -72,6 +82,7 @@ from gateway.protocol.messages import (
 )
 from gateway.transport.upstream import Upstream
 from topology.pki import verify_card_certificate
+from topology.spec.model import Hours, Node
 
 log = logging.getLogger("konbini.center")
 
@@ -79,7 +90,8 @@ SESSION_TTL = 120.0  # seconds a kiosk session may stay open
 UPSTREAM_TIMEOUT = 10.0  # OCSP and municipality must answer within this, or the request is cancelled whole
 DEFAULT_DOCUMENT_SIZE = 64 * 1024
 MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
-BENCH_CHUNK = b"k" * (64 * 1024)
+# Any of these while the municipality's document is requested or streamed cancels the issuance whole.
+UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
 
 MESSAGES = {
     "municipality-unknown": "This municipality does not offer convenience-store issuance.",
@@ -105,33 +117,54 @@ MESSAGES = {
 }
 
 
-@dataclass
-class Session:
-    id: str
-    kiosk: str
-    store: str
-    challenge: bytes
-    created: float
-    state: str = "challenged"  # challenged -> authenticated -> issuing -> done | closed
-    card: str | None = None  # certificate fingerprint once authenticated
-
-
-@dataclass
-class Issuance:
-    id: str
-    session: str
-    kiosk: str
-    store: str
-    municipality: str
-    cert_type: str
-    copies: int
-    fee: int
-    state: str = "streaming"  # streaming -> sent -> completed | cancelled
-    notices: int = 0
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+# -- the issue request's two pure steps ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The decision: refuse, with this status, reason and message fields."""
+
+    status: int
+    reason: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Go:
+    """The decision: issue, for this fee, a document of this size."""
+
+    fee: int
+    size: int
+
+
+def decide(s: Session, req: IssueRequest, now: datetime, service_hours: Hours, munis: dict[str, Node]) -> Refuse | Go:
+    """Whether an issue request may go: the session must be authenticated and unused, then the
+    business rules (BIZ-1..3) must allow it at `now`. Pure; a refusal leaves the session as it was."""
+    if not s.can(SessionEvent.ISSUE):
+        return Refuse(403 if s.state is SessionState.CHALLENGED else 409, "session-state")
+    node = munis.get(req.municipality)
+    muni = node.municipality if node is not None else None
+    refusal = rules.refusal(now, service_hours, muni, req.cert_type, req.copies)
+    if refusal is not None:
+        return Refuse(403, *refusal)  # among them an unknown municipality: `muni` is known below
+    return Go(rules.fee(muni, req.cert_type, req.copies), min(req.size or DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE))
+
+
+def seal(sign_key: ec.EllipticCurvePrivateKey, s: Session, iss: Issuance, sha256: str, nbytes: int) -> Headers:
+    """The trailers that deliver a document: the binding of these bytes to this issuance, this
+    session, this kiosk and this card, and the center's signature over it (INT-1). Pure; raises
+    LifecycleError unless the session is issuing and the issuance streaming, so nothing cancelled
+    or already delivered is ever sealed."""
+    s.require(SessionEvent.SEAL)
+    iss.require(IssuanceEvent.SEAL)
+    binding = Binding(iss.id, s.id, s.kiosk, s.card or "", sha256, nbytes, iss.cert_type, iss.copies, iss.fee)
+    blob = msgspec.json.encode(binding)
+    signature = sign_key.sign(blob, ec.ECDSA(hashes.SHA256()))
+    return [(b"konbini-binding", _b64(blob).encode()), (b"konbini-signature", _b64(signature).encode())]
 
 
 class IssuanceCenter(App):
@@ -145,8 +178,8 @@ class IssuanceCenter(App):
         self.refusals: Counter[str] = Counter()
         self.misdeliveries: list[MisdeliveryReport] = []
         pki = ctx.pki
-        chain, key = pki.node_paths(ctx.node.id)
-        self._sign_key = serialization.load_pem_private_key(open(key, "rb").read(), password=None)
+        key = pki.node_paths(ctx.node.id)[1]
+        self._sign_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
         self.jpki_ca: x509.Certificate = pki.jpki_ca
         topo = ctx.topo
         self.munis = topo.municipalities()
@@ -181,8 +214,8 @@ class IssuanceCenter(App):
                 await self._notice(stream, decode(await stream.read_body(4096), CompletionNotice), t0)
             elif method == "POST" and parts == ["v1", "correction"]:
                 await self._correction(stream, decode(await stream.read_body(4096), CorrectionNotice), t0)
-            elif parts[:1] == ["bench"]:
-                await self._bench(stream, method, t0)
+            elif parts[:1] == ["bench"]:  # the relay benchmarks' origin lives at the center's address
+                await serve_bench(stream, method, self.ctx.node.id, t0)
             else:
                 await self._refuse(stream, 404, "bad-request", t0)
         except BadRequest as exc:
@@ -204,7 +237,7 @@ class IssuanceCenter(App):
         message = MESSAGES.get(reason, reason).format(**fmt)
         await refuse(stream, status, reason, message, [timing(self.ctx.node.id, t0)])
 
-    # -- steps -----------------------------------------------------------------------------
+    # -- session and card authentication ----------------------------------------------------
 
     async def _start_session(self, stream: Stream, t0: float) -> None:
         kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
@@ -225,15 +258,23 @@ class IssuanceCenter(App):
             del self.sessions[sid]
 
     async def _authenticate(self, stream: Stream, s: Session, req: AuthRequest, t0: float) -> None:
-        if s.state != "challenged":
+        if not s.can(SessionEvent.ANSWER):
             await self._refuse(stream, 409, "session-state", t0)  # a challenge is answered once
             return
-        s.state = "closed"  # until proven otherwise: a failed answer burns the challenge
+        s.fire(SessionEvent.ANSWER)  # from here the challenge is spent: a failed answer burns it
+        try:
+            await self._verify_answer(stream, s, req, t0)
+        except BaseException:
+            s.fire(SessionEvent.CANCEL)  # the kiosk went away mid-answer: the session closes
+            raise
+
+    async def _verify_answer(self, stream: Stream, s: Session, req: AuthRequest, t0: float) -> None:
         try:
             der = base64.b64decode(req.certificate, validate=True)
             signature = base64.b64decode(req.signature, validate=True)
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
+            s.fire(SessionEvent.REJECTED)
             await self._refuse(stream, 400, "bad-request", t0)
             return
         now = self.ctx.clock.now()
@@ -246,10 +287,11 @@ class IssuanceCenter(App):
             problem = await self._check_revocation(cert, now)
             timings.append(timing("ocsp", t_ocsp))
         if problem is not None:
+            s.fire(SessionEvent.REJECTED)
             self.refusals[problem] += 1
             await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0), *timings])
             return
-        s.state = "authenticated"
+        s.fire(SessionEvent.VERIFIED)
         s.card = hashlib.sha256(der).hexdigest()
         await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0), *timings])
 
@@ -286,43 +328,55 @@ class IssuanceCenter(App):
             return "ocsp-unavailable"
         return ocsp.check_response(answer, cert, self.jpki_ca, now)
 
-    def _business_refusal(self, req: IssueRequest, now: datetime) -> tuple[str, dict[str, str]] | None:
-        node = self.munis.get(req.municipality)
-        muni = node.municipality if node is not None else None
-        return rules.refusal(now, self.ctx.topo.service_hours, muni, req.cert_type, req.copies)
+    # -- issuance: decide, record, stream, seal; or cancel whole ----------------------------
 
     async def _issue(self, stream: Stream, s: Session, req: IssueRequest, t0: float) -> None:
-        if s.state != "authenticated":
-            await self._refuse(stream, 403 if s.state == "challenged" else 409, "session-state", t0)
+        verdict = decide(s, req, self.ctx.clock.now(), self.ctx.topo.service_hours, self.munis)
+        if isinstance(verdict, Refuse):
+            await self._refuse(stream, verdict.status, verdict.reason, t0, **verdict.fields)
             return
-        refusal = self._business_refusal(req, self.ctx.clock.now())
-        if refusal is not None:
-            await self._refuse(stream, 403, refusal[0], t0, **refusal[1])
-            return
-        muni = self.munis[req.municipality].municipality
-        size = min(req.size or DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE)
-        fee = rules.fee(muni, req.cert_type, req.copies)
+        s.fire(SessionEvent.ISSUE)
+        iss: Issuance | None = None
+        # One cancellation path (INT-1): whatever fails or times out, wherever, cancels the request whole.
+        try:
+            iss = await self._record_issuance(s, req, verdict.fee)
+            sha256, nbytes = await self._stream_document(stream, iss, verdict.size, t0)
+            self._deliver(stream, s, iss, seal(self._sign_key, s, iss, sha256, nbytes))
+        except LedgerError as exc:
+            self._cancel(s, iss)
+            log.error("issuance refused, ledger: %s", exc)
+            await self._refuse(stream, 503, "month-fixed" if isinstance(exc, MonthFixed) else "ledger-unavailable", t0)
+        except UPSTREAM_FAILURES as exc:
+            self._cancel(s, iss)
+            log.warning("issuance %s cancelled whole: %s", iss.id if iss else "-", type(exc).__name__)
+            if stream.sent_headers:
+                stream.reset()
+            else:
+                await self._refuse(stream, 503, "municipality-unavailable", t0)
+        except BaseException:
+            self._cancel(s, iss)  # the kiosk went away (our scope was cancelled): nothing half-done
+            raise
+
+    async def _record_issuance(self, s: Session, req: IssueRequest, fee: int) -> Issuance:
+        """No document leaves the center before the ledger knows of its issuance."""
         iss = Issuance(
             "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee
         )
-        s.state = "issuing"
         now = self.ctx.clock.now()
         kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
         record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, req.municipality,
                                 req.cert_type, req.copies, fee, month_of(now))
-        try:  # no document leaves the center before the ledger knows of it
-            await self.ledger.call(LedgerDB.create_issuance, record, now)
-        except LedgerError as exc:
-            s.state = "closed"
-            log.error("issuance refused, ledger: %s", exc)
-            await self._refuse(stream, 503, "month-fixed" if isinstance(exc, MonthFixed) else "ledger-unavailable", t0)
-            return
+        await self.ledger.call(LedgerDB.create_issuance, record, now)
         self.issuances[iss.id] = iss
-        link = self.muni_links[req.municipality]
-        doc_req = msgspec.json.encode(DocumentRequest(iss.id, req.cert_type, size))
+        return iss
+
+    async def _stream_document(self, stream: Stream, iss: Issuance, size: int, t0: float) -> tuple[str, int]:
+        """The municipality's document streamed through to the kiosk, hashed on the way: (sha256, bytes).
+        Everything but the trailers goes out here; the municipality must answer within UPSTREAM_TIMEOUT."""
+        link = self.muni_links[iss.municipality]
+        doc_req = msgspec.json.encode(DocumentRequest(iss.id, iss.cert_type, size))
         conn = st = None
         try:
-            # The whole issuance runs under one deadline; a timeout or a kiosk reset cancels it whole.
             with trio.fail_after(UPSTREAM_TIMEOUT):
                 t_muni = time.perf_counter()
                 conn, st = await link.open(request_headers("POST", "/v1/document", link.target.id), doc_req)
@@ -335,7 +389,7 @@ class IssuanceCenter(App):
                         (b":status", b"200"),
                         (b"content-type", b"application/pdf"),
                         (b"konbini-issuance-id", iss.id.encode()),
-                        (b"konbini-fee", str(fee).encode()),
+                        (b"konbini-fee", str(iss.fee).encode()),
                         timing(self.ctx.node.id, t0),
                         muni_ms,
                     ]
@@ -347,30 +401,27 @@ class IssuanceCenter(App):
                 nbytes += len(chunk)
                 await stream.send_data(chunk)
                 st.ack(len(chunk))
-            binding = Binding(iss.id, s.id, s.kiosk, s.card or "", digest.hexdigest(), nbytes, req.cert_type, req.copies, fee)
-            blob = msgspec.json.encode(binding)
-            signature = self._sign_key.sign(blob, ec.ECDSA(hashes.SHA256()))
-            stream.end([(b"konbini-binding", _b64(blob).encode()), (b"konbini-signature", _b64(signature).encode())])
-            iss.state = "sent"
-            s.state = "done"
-            self.ledger.submit(LedgerDB.set_state, iss.id, "sent", self.ctx.clock.now())
-        except (trio.TooSlowError, ConnectionError, OSError, StreamReset) as exc:
-            iss.state = "cancelled"
-            s.state = "closed"
-            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
-            log.warning("issuance %s cancelled whole: %s", iss.id, type(exc).__name__)
-            if stream.sent_headers:
-                stream.reset()
-            else:
-                await self._refuse(stream, 503, "municipality-unavailable", t0)
-        except BaseException:
-            iss.state = "cancelled"  # the kiosk went away (our scope was cancelled): nothing half-done
-            s.state = "closed"
-            self.ledger.submit(LedgerDB.set_state, iss.id, "cancelled", self.ctx.clock.now())
-            raise
+            return digest.hexdigest(), nbytes
         finally:
             if conn is not None and st is not None:
                 conn.release(st)
+
+    def _deliver(self, stream: Stream, s: Session, iss: Issuance, trailers: Headers) -> None:
+        stream.end(trailers)  # the document is delivered here, with its signed binding
+        # no await between the trailers and SENT: a completion notice cannot overtake the delivery
+        s.fire(SessionEvent.SEAL)
+        iss.fire(IssuanceEvent.SEAL)
+        self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
+
+    def _cancel(self, s: Session, iss: Issuance | None) -> None:
+        """The one way a request ends early: the session closes, an undelivered issuance is cancelled."""
+        s.fire(SessionEvent.CANCEL)
+        if iss is not None:
+            was = iss.state
+            if iss.fire(IssuanceEvent.CANCEL) is not was:  # a delivered document stays delivered
+                self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
+
+    # -- after delivery: notices, corrections, misdeliveries --------------------------------
 
     async def _known_issuance(self, issuance_id: str, session: str, stream: Stream) -> IssuanceRecord | Issuance | None:
         """The issuance a kiosk refers to, from memory or (after a restart) from the ledger, if it is that kiosk's."""
@@ -378,14 +429,15 @@ class IssuanceCenter(App):
         iss = self.issuances.get(issuance_id)
         if iss is None:
             iss = await self.ledger.call(LedgerDB.find_issuance, issuance_id)
-        if iss is None or iss.kiosk != kiosk or iss.session != session or iss.state == "cancelled":
+        # a ledger record's state is the text of an IssuanceState (the center writes .value)
+        if iss is None or iss.kiosk != kiosk or iss.session != session or iss.state == IssuanceState.CANCELLED:
             return None
         return iss
 
     async def _notice(self, stream: Stream, notice: CompletionNotice, t0: float) -> None:
         iss = await self._known_issuance(notice.issuance_id, notice.session, stream)
-        if iss is None:
-            await self._refuse(stream, 404, "session-unknown", t0)
+        if iss is None or (isinstance(iss, Issuance) and not iss.can(IssuanceEvent.NOTICE)):
+            await self._refuse(stream, 404, "session-unknown", t0)  # nothing delivered, nothing to notice
             return
         if (notice.copies, notice.fee) != (iss.copies, iss.fee):
             await self._refuse(stream, 409, "notice-mismatch", t0)
@@ -403,7 +455,7 @@ class IssuanceCenter(App):
             return
         if isinstance(iss, Issuance):
             iss.notices += 1
-            iss.state = "completed"
+            iss.fire(IssuanceEvent.NOTICE)
         await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0)])
 
     async def _correction(self, stream: Stream, corr: CorrectionNotice, t0: float) -> None:
@@ -428,20 +480,3 @@ class IssuanceCenter(App):
         self.misdeliveries.append(report)
         log.error("misdelivery refused by kiosk=%s session=%s issuance=%s problem=%s", s.kiosk, s.id, report.issuance_id, report.problem)
         await send_json(stream, 200, {"status": "recorded"}, [timing(self.ctx.node.id, t0)])
-
-    async def _bench(self, stream: Stream, method: str, t0: float) -> None:
-        """Relay benchmarks: a blob of ?size= bytes, no card auth (measures the chain only)."""
-        received = len(await stream.read_body(MAX_DOCUMENT_SIZE)) if method == "POST" else 0
-        try:
-            size = min(max(int(query(stream.headers).get("size", "0") or 0), 0), MAX_DOCUMENT_SIZE)
-        except ValueError:
-            raise BadRequest("size must be an integer") from None
-        stream.send_headers(
-            [(b":status", b"200"), (b"content-length", str(size).encode()), (b"bench-received", str(received).encode()),
-             timing(self.ctx.node.id, t0)],
-            end_stream=size == 0,
-        )
-        while size > 0:
-            n = min(size, len(BENCH_CHUNK))
-            size -= n
-            await stream.send_data(BENCH_CHUNK[:n] if n < len(BENCH_CHUNK) else BENCH_CHUNK, end_stream=size == 0)

@@ -1,0 +1,154 @@
+"""The issuance center's side of a kiosk session and of its one issuance, as sans-IO state machines.
+
+Theory of operation: the center keeps two small machines. A kiosk *session* is opened with a
+fresh challenge, answered once with the card's signature, and then usable for exactly one
+issuance. An *issuance* is born when the business rules let a request go, streams the
+municipality's document through, and is delivered when the signed binding leaves with the
+document's last bytes; the kiosk's completion notice then completes it. The center's I/O code
+fires events at the machines and asks them what is allowed; the machines never touch a socket,
+a clock, the ledger or the network. Two rules:
+1. every transition is in SESSION_TRANSITIONS or ISSUANCE_TRANSITIONS; anything else raises
+   LifecycleError naming the role, the state and the event;
+2. CANCEL is allowed in every state and cancels the whole request (INT-1): before delivery it
+   ends the session CLOSED and the issuance CANCELLED, from where nothing can be sealed,
+   delivered or noticed; after delivery (or once final) it changes nothing, because a document
+   that has left cannot be called back and its notice still has to settle it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import ClassVar
+
+
+class SessionState(StrEnum):
+    CHALLENGED = "challenged"  # a fresh challenge is out, unanswered
+    VERIFYING = "verifying"  # the answer is being checked; the challenge is spent either way
+    AUTHENTICATED = "authenticated"  # the card is proven; one issuance may start
+    ISSUING = "issuing"  # the session's issuance is streaming
+    DONE = "done"  # its issuance was sealed and delivered
+    CLOSED = "closed"  # refused or cancelled: usable for nothing more
+
+
+class SessionEvent(Enum):
+    ANSWER = "answer"  # the kiosk answers the challenge
+    VERIFIED = "verified"  # signature, chain, validity and revocation all good
+    REJECTED = "rejected"  # any of those failed
+    ISSUE = "issue"  # the business rules let an issuance go
+    SEAL = "seal"  # the signed binding went out with the document
+    CANCEL = "cancel"  # a timeout, reset or failure anywhere in the request
+
+
+class IssuanceState(StrEnum):
+    STREAMING = "streaming"  # recorded in the ledger; the document is on its way
+    SENT = "sent"  # delivered with its signed binding
+    COMPLETED = "completed"  # the kiosk's completion notice is in
+    CANCELLED = "cancelled"  # cancelled whole; never delivered
+
+
+class IssuanceEvent(Enum):
+    SEAL = "seal"
+    NOTICE = "notice"  # a completion notice (a repeat is a duplicate, acknowledged again)
+    CANCEL = "cancel"
+
+
+SS, SE = SessionState, SessionEvent
+IS, IE = IssuanceState, IssuanceEvent
+
+SESSION_TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
+    (SS.CHALLENGED, SE.ANSWER): SS.VERIFYING,
+    (SS.VERIFYING, SE.VERIFIED): SS.AUTHENTICATED,
+    (SS.VERIFYING, SE.REJECTED): SS.CLOSED,
+    (SS.AUTHENTICATED, SE.ISSUE): SS.ISSUING,
+    (SS.ISSUING, SE.SEAL): SS.DONE,
+    # rule 2: a cancel ends every unfinished session; a finished one stays as it is
+    (SS.CHALLENGED, SE.CANCEL): SS.CLOSED,
+    (SS.VERIFYING, SE.CANCEL): SS.CLOSED,
+    (SS.AUTHENTICATED, SE.CANCEL): SS.CLOSED,
+    (SS.ISSUING, SE.CANCEL): SS.CLOSED,
+    (SS.DONE, SE.CANCEL): SS.DONE,
+    (SS.CLOSED, SE.CANCEL): SS.CLOSED,
+}
+SESSION_FINAL = frozenset({SS.DONE, SS.CLOSED})
+
+ISSUANCE_TRANSITIONS: dict[tuple[IssuanceState, IssuanceEvent], IssuanceState] = {
+    (IS.STREAMING, IE.SEAL): IS.SENT,
+    (IS.SENT, IE.NOTICE): IS.COMPLETED,
+    (IS.COMPLETED, IE.NOTICE): IS.COMPLETED,
+    # rule 2: before delivery a cancel cancels whole; a delivered document cannot be called back
+    (IS.STREAMING, IE.CANCEL): IS.CANCELLED,
+    (IS.SENT, IE.CANCEL): IS.SENT,
+    (IS.COMPLETED, IE.CANCEL): IS.COMPLETED,
+    (IS.CANCELLED, IE.CANCEL): IS.CANCELLED,
+}
+ISSUANCE_DELIVERED = frozenset({IS.SENT, IS.COMPLETED})
+
+
+class LifecycleError(Exception):
+    """An event the center's machines do not allow in this state (a center bug or a replayed
+    request, never something to act on): names the role, the state and the event."""
+
+    def __init__(self, role: str, state: Enum, event: Enum) -> None:
+        self.role, self.state, self.event = role, state, event
+        super().__init__(f"{role}: event {event.name} not allowed in state {state.name}")
+
+
+class _Lifecycle:
+    """What Session and Issuance share: a state, a table, and the one way to move."""
+
+    ROLE: ClassVar[str]
+    TABLE: ClassVar[dict]
+    state: Enum
+
+    def can(self, event: Enum) -> bool:
+        return (self.state, event) in self.TABLE
+
+    def require(self, event: Enum) -> None:
+        """Raise LifecycleError unless `event` is allowed now (checks before an irreversible step)."""
+        if (self.state, event) not in self.TABLE:
+            raise LifecycleError(self.ROLE, self.state, event)
+
+    def fire(self, event: Enum):
+        self.require(event)
+        self.state = self.TABLE[self.state, event]
+        return self.state
+
+
+@dataclass
+class Session(_Lifecycle):
+    ROLE: ClassVar[str] = "session"
+    TABLE: ClassVar[dict] = SESSION_TRANSITIONS
+
+    id: str
+    kiosk: str
+    store: str
+    challenge: bytes
+    created: float  # monotonic seconds, for the session's time to live
+    state: SessionState = SS.CHALLENGED
+    card: str | None = None  # certificate fingerprint once authenticated
+
+    @property
+    def finished(self) -> bool:
+        return self.state in SESSION_FINAL
+
+
+@dataclass
+class Issuance(_Lifecycle):
+    ROLE: ClassVar[str] = "issuance"
+    TABLE: ClassVar[dict] = ISSUANCE_TRANSITIONS
+
+    id: str
+    session: str
+    kiosk: str
+    store: str
+    municipality: str
+    cert_type: str
+    copies: int
+    fee: int
+    state: IssuanceState = IS.STREAMING
+    notices: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.state in ISSUANCE_DELIVERED
