@@ -83,8 +83,9 @@ def test_card_bad_input_is_one_clear_line(state, args):
     assert_one_clear_line(konbini(*args, state=state), "konbini:")
 
 
-def test_clock_against_a_running_topology_is_refused_not_ignored(state):
-    assert_one_clear_line(konbini("issue", "--clock", "2026-11-24T10:00:00+09:00", state=state), "--clock", "--up")
+def test_clock_against_a_running_topology_is_said_to_apply_to_the_kiosk_only(state):
+    p = konbini("issue", "--clock", "2026-11-24T10:00:00+09:00", state=state)
+    assert "--clock sets this kiosk's time only" in p.stderr and "konbini up --clock" in p.stderr
 
 
 def test_outside_hours_refusal_shows_the_emulated_time_and_how_to_set_it(state):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import trio
 
@@ -40,9 +41,9 @@ def cmd_issue(args) -> int:
     muni = args.municipality or next(iter(topo.municipalities()), None)
     if args.copies < 1:
         raise UserError("--copies must be at least 1")
-    if args.clock and not args.up:
-        raise UserError("--clock sets the emulated time of a topology launched for this run: add --up, "
-                        "or start the running one with `konbini up --clock …`")
+    if args.clock and not args.up:  # said, not silently ignored: the servers keep their own clock
+        print("konbini: note: --clock sets this kiosk's time only (its cards and notices); the running topology "
+              "keeps its own clock (start it with `konbini up --clock …`, or use --up)", file=sys.stderr)
     clock = Clock.parse(args.clock, 1.0)
 
     async def once(running: Running):

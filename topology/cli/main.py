@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--municipality", help="municipality code (default: the first in the topology)")
     i.add_argument("--copies", type=int, default=1)
     i.add_argument("--size", type=int, help="document size in bytes (default 64 KiB)")
-    i.add_argument("--clock", help="emulated time for this run (with --up)")
+    i.add_argument("--clock", help="emulated time: with --up, of the whole topology; else of this kiosk only")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--netns", action="store_true", help="issue from the kiosk's namespace of a running `konbini up --netns`")
     i.add_argument("--tag", help="with --netns: namespaces konbini-TAG-*")
