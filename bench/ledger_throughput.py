@@ -21,7 +21,7 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.protocol.messages import IssueRequest
-from kiosk_emu.card import CardStore
+from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.kiosk import Kiosk
 from tests.conftest import TEST_TIME
 from topology.launch.loopback import run_topology
@@ -58,7 +58,7 @@ async def run_mode(topo: Topology, state: Path, n: int, concurrency: int) -> dic
             kiosk, conn = conns[w % len(conns)]
             while queue:
                 i = queue.pop()
-                r = await kiosk.issue(conn, cards[i], "1234", IssueRequest("131016", "residence-record"), timeout=60)
+                r = await kiosk.issue(conn, cards[i], DEFAULT_PIN, IssueRequest("131016", "residence-record"), timeout=60)
                 statuses.append(r.status)
 
         t0 = time.perf_counter()

@@ -42,6 +42,8 @@ _CARD_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _FORMAT = 1
 
 
+DEFAULT_PIN = "1234"  # the PIN of pool cards, and of a new card unless one is given
+
 class CardProfile(StrEnum):
     """Which secret guards the key and how many wrong tries it takes (BIZ-2)."""
 
@@ -164,7 +166,7 @@ class CardStore:
 
     def new(
         self,
-        pin: str = "1234",
+        pin: str = DEFAULT_PIN,
         profile: CardProfile | str = CardProfile.MYNUMBER_AUTH,
         card_id: str | None = None,
         expired: bool = False,
@@ -254,7 +256,7 @@ class CardStore:
         self.save(card)
         return card
 
-    def ensure_pool(self, n: int, pin: str = "1234") -> list[Card]:
+    def ensure_pool(self, n: int, pin: str = DEFAULT_PIN) -> list[Card]:
         """Cards "pool-0000".. ready for issuance: PIN `pin`, counter full, certificate valid now and
         not revoked. Existing cards are repaired without key generation; only missing ones are created."""
         now = self.clock()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kiosk_emu.card import Card, CardError, CardStore, _PinHash
+from kiosk_emu.card import DEFAULT_PIN, Card, CardError, CardStore, _PinHash
 from topology.pki import file_lock, verify_card_certificate, write_atomic
 
 
@@ -46,7 +46,7 @@ class SmartphoneStore:
             return "card-revoked"
         return verify_card_certificate(card.certificate, self.cards.pki.jpki_ca, now)
 
-    def issue(self, card_id: str, pin: str = "1234") -> Card:
+    def issue(self, card_id: str, pin: str = DEFAULT_PIN) -> Card:
         """A new phone credential for a card whose certificate is valid now."""
         now = self.cards.clock()
         parent = self.cards.load(card_id)

@@ -43,7 +43,7 @@ from gateway.protocol.h2core import ConnectionClosed, StreamReset
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from gateway.transport.tls import client_context
-from kiosk_emu.card import CardStore
+from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
 from kiosk_emu.flow import KioskFlow, Status, add_server_timing
 from kiosk_emu.load.h2asyncio import AsyncioH2, connect_h2
@@ -359,7 +359,7 @@ class _Worker:
         w, spec = self.spec.workload, self.spec
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
         card = self.revoked if case == "card-revoked" and self.revoked is not None else k.card
-        pin = "9999" if case == "pin-wrong" else "1234"
+        pin = "9999" if case == "pin-wrong" else DEFAULT_PIN
         flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
         timeout = w.timeout_s
         if case == "timeout":

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from gateway.business.clock import JST, Clock
 from gateway.protocol.messages import IssueRequest
+from kiosk_emu.card import DEFAULT_PIN
 from kiosk_emu.kiosk import IssuanceResult, issue_at
 from topology.cli.render import show
 from topology.launch.loopback import Running, run_topology
@@ -54,13 +55,13 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
             expired = cards.new(expired=True)
         a, b, c = munis.get("muni-a"), munis.get("muni-b"), munis.get("muni-c")
         plan = [
-            (Step("residence record, 1 copy", "issued"), kiosks[0], pool[0], "1234", IssueRequest(a, "residence-record")),
-            (Step("seal registration, 2 copies", "issued"), kiosks[-1], pool[1], "1234", IssueRequest(b, "seal-registration", 2)),
+            (Step("residence record, 1 copy", "issued"), kiosks[0], pool[0], DEFAULT_PIN, IssueRequest(a, "residence-record")),
+            (Step("seal registration, 2 copies", "issued"), kiosks[-1], pool[1], DEFAULT_PIN, IssueRequest(b, "seal-registration", 2)),
             (Step("wrong PIN", "pin-wrong"), kiosks[1], pool[2], "9999", IssueRequest(a, "residence-record")),
-            (Step("municipality not participating", "municipality-not-participating"), kiosks[2], pool[0], "1234", IssueRequest(c, "residence-record")),
-            (Step("certificate type not offered", "certificate-type-not-offered"), kiosks[3], pool[0], "1234", IssueRequest(b, "family-register")),
-            (Step("revoked card", "card-revoked"), kiosks[4], revoked, "1234", IssueRequest(a, "residence-record")),
-            (Step("expired card", "card-expired"), kiosks[5], expired, "1234", IssueRequest(a, "residence-record")),
+            (Step("municipality not participating", "municipality-not-participating"), kiosks[2], pool[0], DEFAULT_PIN, IssueRequest(c, "residence-record")),
+            (Step("certificate type not offered", "certificate-type-not-offered"), kiosks[3], pool[0], DEFAULT_PIN, IssueRequest(b, "family-register")),
+            (Step("revoked card", "card-revoked"), kiosks[4], revoked, DEFAULT_PIN, IssueRequest(a, "residence-record")),
+            (Step("expired card", "card-expired"), kiosks[5], expired, DEFAULT_PIN, IssueRequest(a, "residence-record")),
         ]
         steps = []
         for step, kiosk, card, pin, req in plan:
@@ -68,7 +69,7 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
             steps.append(step)
         clock.set(EVENING)
         evening = Step("20:30, municipality open 08:30–19:00", "outside-hours")
-        evening.result = await issue_at(running, kiosks[0], pool[0], "1234", IssueRequest(b, "residence-record"))
+        evening.result = await issue_at(running, kiosks[0], pool[0], DEFAULT_PIN, IssueRequest(b, "residence-record"))
         steps.append(evening)
         clock.set(DEMO_TIME)
 
@@ -76,7 +77,7 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
         t0 = trio.current_time()
 
         async def one(i: int) -> None:
-            results.append(await issue_at(running, kiosks[i % len(kiosks)], pool[3 + i], "1234", IssueRequest(a, "residence-record")))
+            results.append(await issue_at(running, kiosks[i % len(kiosks)], pool[3 + i], DEFAULT_PIN, IssueRequest(a, "residence-record")))
 
         async with trio.open_nursery() as burst:
             for i in range(CONCURRENT):

@@ -10,7 +10,7 @@ import trio
 from gateway.business.clock import Clock
 from gateway.node.server import NodeStartError
 from gateway.protocol.messages import IssueRequest
-from kiosk_emu.card import CardError, CardStore
+from kiosk_emu.card import DEFAULT_PIN, CardError, CardStore
 from kiosk_emu.kiosk import Kiosk
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import enter_kiosk_namespace
@@ -48,7 +48,7 @@ def cmd_issue(args) -> int:
 
     async def once(running: Running):
         try:
-            card = running.cards.load(args.card) if args.card else running.cards.ensure_pool(1, pin=args.pin or "1234")[0]
+            card = running.cards.load(args.card) if args.card else running.cards.ensure_pool(1, pin=args.pin or DEFAULT_PIN)[0]
         except CardError as exc:
             raise UserError(str(exc)) from None
         kiosk = Kiosk(running.context(kiosk_id), sdir)
@@ -59,7 +59,7 @@ def cmd_issue(args) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.run)
             req = IssueRequest(municipality=muni or "", cert_type=args.cert, copies=args.copies, size=args.size)
-            result = await kiosk.issue(conn, card, args.pin or "1234", req)
+            result = await kiosk.issue(conn, card, args.pin or DEFAULT_PIN, req)
             running.cards.save(card)
             conn.close()
         return result

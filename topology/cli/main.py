@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from kiosk_emu.card import DEFAULT_PIN
 from topology.cli import bench, business, netns
 from topology.cli.card import cmd_card
 from topology.cli.common import default_topology_path, load, user_error
@@ -60,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--up", action="store_true", help="launch the topology for this run, tear it down after")
     i.add_argument("--store", help="store site (e.g. store-a1); default: the first store")
     i.add_argument("--kiosk", help="kiosk node id (e.g. kiosk-a1-1)")
-    i.add_argument("--card", help="card id (see `konbini card list`); default: a pool card with PIN 1234")
-    i.add_argument("--pin", help="PIN typed at the kiosk (default 1234)")
+    i.add_argument("--card", help=f"card id (see `konbini card list`); default: a pool card with PIN {DEFAULT_PIN}")
+    i.add_argument("--pin", help=f"PIN typed at the kiosk (default {DEFAULT_PIN})")
     i.add_argument("--cert", default="residence-record", help="certificate type (default residence-record)")
     i.add_argument("--municipality", help="municipality code (default: the first in the topology)")
     i.add_argument("--copies", type=int, default=1)
@@ -78,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="card_cmd", required=True)
     kn = ksub.add_parser("new", help="create a card")
     kn.add_argument("--id", help="card id (default: random opaque id)")
-    kn.add_argument("--pin", default="1234")
+    kn.add_argument("--pin", default=DEFAULT_PIN)
     kn.add_argument("--profile", default="mynumber-auth", choices=["mynumber-auth", "jpki-2004-password"])
     kn.add_argument("--expired", action="store_true", help="a card whose certificate has expired")
     kn.add_argument("--legacy", action="store_true", help="legacy SHA-1/RSA-1024 profile (refused by default)")

@@ -15,11 +15,7 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.server import App, NodeContext, NodeServer
-from gateway.nodes.issuance import IssuanceCenter
-from gateway.nodes.municipality import MunicipalityServer
-from gateway.nodes.ocsp_responder import OcspNode
-from gateway.nodes.relay import Relay
-from gateway.nodes.store_controller import StoreController
+from gateway.nodes.registry import NodeEnv, make_app
 from kiosk_emu.card import CardStore
 from topology.pki import PKI
 from topology.policy.compiler import compile_allowlists
@@ -50,21 +46,6 @@ class Running:
             self.cancel_scope.cancel()
 
 
-def _make_app(ctx: NodeContext, nursery: trio.Nursery, cards: CardStore, state_dir: Path | None = None) -> App:
-    kind = ctx.node.kind
-    if kind in ("store-router", "ec-router", "dmz-relay"):
-        return Relay(ctx)
-    if kind == "issuance-center":
-        return IssuanceCenter(ctx, nursery, state_dir)
-    if kind == "municipality":
-        return MunicipalityServer(ctx)
-    if kind == "ocsp":
-        return OcspNode(ctx, cards.revocations)
-    if kind == "store-controller":
-        return StoreController(ctx, nursery)
-    raise ValueError(f"no server for node kind {kind}")
-
-
 async def run_topology(
     topo: Topology,
     state_dir: Path,
@@ -84,11 +65,12 @@ async def run_topology(
     with trio.CancelScope() as scope:
         running.cancel_scope = scope
         async with trio.open_nursery() as nursery:
+            env = NodeEnv(nursery, state_dir, cards.revocations)
             for node in topo.nodes.values():
                 if not node.is_server or (only is not None and node.id not in only):
                     continue
                 ctx = NodeContext(topo, node, pki, mode, running.clock)
-                server = NodeServer(ctx, allow[node.id], _make_app(ctx, nursery, cards, state_dir))
+                server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
                 await nursery.start(server.serve)
                 running.servers[node.id] = server
             running.ready_s = time.perf_counter() - t0
