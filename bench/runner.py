@@ -47,7 +47,6 @@ from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Topology
 
 log = logging.getLogger("konbini.bench")
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -13,7 +13,6 @@ import calendar
 import json
 import secrets
 from datetime import datetime
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -103,8 +102,3 @@ class SmartphoneStore:
         self.cards.revoke(phone_id, "key-compromise")
 
 
-def phone_ids(state_dir: Path) -> list[str]:
-    try:
-        return sorted(json.loads((Path(state_dir) / "phones.json").read_bytes()))
-    except FileNotFoundError:
-        return []

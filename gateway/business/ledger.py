@@ -285,9 +285,6 @@ class LedgerDB:
             sql, args = sql + " WHERE month = ?", (month,)
         return [dict(r) for r in self.conn.execute(sql + " ORDER BY seq", args)]
 
-    def is_fixed(self, month: str) -> bool:
-        return month in self._fixed
-
     def fixed_report(self, month: str) -> dict | None:
         row = self.conn.execute("SELECT report FROM months WHERE month = ?", (month,)).fetchone()
         return json.loads(row[0]) if row else None

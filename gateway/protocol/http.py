@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TypeVar
 
@@ -71,16 +70,6 @@ def decode(data: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(data, type=kind)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"bad {kind.__name__}: {exc}") from exc
-
-
-def parse_json(data: bytes) -> dict:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("body is not JSON") from exc
-    if not isinstance(obj, dict):
-        raise BadRequest("body is not a JSON object")
-    return obj
 
 
 class BadRequest(Exception):

@@ -68,12 +68,6 @@ class NetPlan:
     def namespace(self, site: str) -> str:
         return self.sites[site].namespace
 
-    def site_of(self, node_id: str) -> Site:
-        node = self.topo.nodes.get(node_id)
-        if node is None:
-            raise PlanError(f"unknown node {node_id!r} (see `konbini up` for the node list)")
-        return self.sites[node.site]
-
     def address(self, node_id: str) -> str:
         return self.topo.nodes[node_id].address_in("netns")
 
