@@ -201,7 +201,7 @@ class CardStore:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise CardNotFound(
-                f"card {card_id!r} not found in {self.dir}; `CardStore.list()` shows the cards there"
+                f"card {card_id!r} not found in {self.dir}; `konbini card list` shows the cards there"
             ) from None
         key = load_private_key(data["key"].encode())
         if not isinstance(key, rsa.RSAPrivateKey):

@@ -81,7 +81,7 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 KIOSK_MESSAGES = {
-    "pin-wrong": "The PIN is wrong. {tries_left} tries left.",
+    "pin-wrong": "The PIN is wrong. {tries} left.",
     "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
     "misdelivered": "This document could not be printed. Please ask staff; nothing was charged.",
     "cancelled": "The request was cancelled. Nothing was charged.",
@@ -154,7 +154,9 @@ class KioskFlow:
         self._go("refused")
         o = self.outcome
         o.status, o.reason, o.tries_left = Status.REFUSED, reason, tries_left
-        o.message = message or KIOSK_MESSAGES.get(reason, reason).format(tries_left=tries_left)
+        o.message = message or KIOSK_MESSAGES.get(reason, reason).format(
+            tries_left=tries_left, tries=f"{tries_left} {'try' if tries_left == 1 else 'tries'}"
+        )
 
     def cancel(self, why: str = "cancelled") -> None:
         """A timeout or cancel anywhere ends the whole request: nothing is printed or charged."""

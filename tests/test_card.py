@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.business.clock import JST
+from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import (
     Card,
     CardNotFound,
@@ -21,6 +22,7 @@ from kiosk_emu.card import (
     PinLocked,
     WrongPin,
 )
+from kiosk_emu.flow import KioskFlow
 from topology.pki import PKI, verify_card_certificate
 from topology.spec.model import Node, Topology
 
@@ -183,8 +185,9 @@ def test_expired_card_is_refused(pki: PKI, store: CardStore) -> None:
     assert verify_card_certificate(card.certificate, pki.jpki_ca, NOW) == "card-expired"
 
 
-def test_card_not_yet_valid_is_refused_as_expired(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
-    assert verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=2)) == "card-expired"  # issued NOW - 1 day
+def test_card_not_yet_valid_is_refused_with_its_own_reason(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
+    # issued NOW - 1 day; 'card-expired' would send the resident to the municipality for nothing
+    assert verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=2)) == "card-not-yet-valid"
 
 
 def test_card_is_valid_three_years(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
@@ -244,3 +247,10 @@ def test_pool_replaces_revoked_or_expired_certificates_but_keeps_keys(pki: PKI, 
     assert after.serial != before.serial and after.key.private_numbers() == before.key.private_numbers()
     later = CardStore(tmp_path, pki, clock=lambda: NOW + timedelta(days=4 * 365)).ensure_pool(1)[0]
     assert verify_card_certificate(later.certificate, pki.jpki_ca, NOW + timedelta(days=4 * 365)) is None
+
+
+@pytest.mark.parametrize("left, screen", [(2, "The PIN is wrong. 2 tries left."), (1, "The PIN is wrong. 1 try left.")])
+def test_the_kiosk_screen_counts_tries_left_in_english(left, screen) -> None:
+    flow = KioskFlow("kiosk-a1-1", None, "0000", IssueRequest("131016", "residence-record"), None)
+    flow.refuse("pin-wrong", tries_left=left)
+    assert flow.outcome.message == screen

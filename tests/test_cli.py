@@ -44,6 +44,11 @@ def test_wrong_pin_is_one_line_with_tries_left_and_exit_1(state):
     assert "pin-wrong" in p.stdout and "tries left" in p.stdout and "Traceback" not in p.stderr
 
 
+def test_too_many_copies_says_so_with_the_limit(state):
+    p = konbini("issue", "--up", "--copies", "1000", "--clock", "2026-11-24T10:00:00+09:00", state=state)
+    assert p.returncode == 1 and "copies-out-of-range" in p.stdout and "1 to 10 copies" in p.stdout
+
+
 def test_unknown_certificate_type_is_refused_cleanly(state):
     p = konbini("issue", "--up", "--cert", "moon-deed", "--clock", "2026-11-24T10:00:00+09:00", state=state)
     assert p.returncode == 1 and "certificate-type-not-offered" in p.stdout

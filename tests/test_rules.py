@@ -67,8 +67,8 @@ def test_participation_has_start_and_stop_dates():
 @pytest.mark.parametrize("muni, cert, copies, reason", [
     (None, "residence-record", 1, "municipality-unknown"),
     (MUNI, "tax-certificate", 1, "certificate-type-not-offered"),
-    (MUNI, "residence-record", 0, "certificate-type-not-offered"),
-    (MUNI, "residence-record", 11, "certificate-type-not-offered"),
+    (MUNI, "residence-record", 0, "copies-out-of-range"),  # the copy count's own reason, with the limit
+    (MUNI, "residence-record", 11, "copies-out-of-range"),
 ])
 def test_unknown_municipality_type_and_copy_count_are_refused(muni, cert, copies, reason):
     assert refusal(at(2026, 11, 24, 10, 0), CENTER, muni, cert, copies)[0] == reason

@@ -284,7 +284,9 @@ def verify_card_certificate(
     legacy = isinstance(hash_alg, hashes.SHA1) or (isinstance(card_key, rsa.RSAPublicKey) and card_key.key_size < 2048)
     if legacy and not allow_legacy:
         return "legacy-profile-refused"
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    if now < cert.not_valid_before_utc:
+        return "card-not-yet-valid"
+    if now > cert.not_valid_after_utc:
         return "card-expired"
     return None
 

@@ -53,8 +53,10 @@ def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type:
         return "outside-hours", {"hours": "closed Dec 29 - Jan 3"}
     if not within(now, open_, close):
         return "outside-hours", {"hours": f"{open_}–{close}"}
-    if cert_type not in muni.certificates or not 1 <= copies <= MAX_COPIES:
+    if cert_type not in muni.certificates:
         return "certificate-type-not-offered", {}
+    if not 1 <= copies <= MAX_COPIES:
+        return "copies-out-of-range", {"max_copies": str(MAX_COPIES)}
     return None
 
 

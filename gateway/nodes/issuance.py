@@ -99,6 +99,8 @@ MESSAGES = {
     "outside-hours": "The service is not available now. Hours: {hours} (Japan time).",
     "certificate-type-not-offered": "This certificate is not offered here.",
     "card-expired": "This card has expired. Please ask your municipality.",
+    "card-not-yet-valid": "This card is not valid yet. Please check the date, or ask your municipality.",
+    "copies-out-of-range": "From 1 to {max_copies} copies can be printed at a time.",
     "card-revoked": "This card's certificate is no longer valid. Please ask your municipality.",
     "card-untrusted": "This card cannot be read. Please ask your municipality.",
     "legacy-profile-refused": "This card's certificate profile is no longer accepted.",
