@@ -19,14 +19,15 @@ def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
     return j, h
 
 
-def _figure():
-    """A small figure on the headless backend (matplotlib is imported only when plotting)."""
+def _figure(ncols: int = 1):
+    """A small figure (ncols plots side by side) on the headless backend (matplotlib is imported
+    only when plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(5, 3))
+    return plt.subplots(1, ncols, figsize=(4.5 * ncols if ncols > 1 else 5, 3))
 
 
 def _svg(fig) -> str:
@@ -115,6 +116,25 @@ def plot_sweep(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
+def plot_soak(name: str, entry: dict) -> str:
+    """RSS (left) and open descriptors (right) of every node process over the soak."""
+    fig, (rss, fds) = _figure(ncols=2)
+    for phase, r in _phases(entry):
+        for proc, p in ((r.get("soak") or {}).get("processes") or {}).items():
+            series = p.get("series") or []
+            xs = [x["s"] for x in series]
+            rss.plot(xs, [x["rss_mib"] for x in series], label=f"{phase}:{proc}")
+            fds.plot(xs, [x["fds"] for x in series], label=f"{phase}:{proc}")
+    rss.set_xlabel("s")
+    rss.set_ylabel("RSS MiB")
+    fds.set_xlabel("s")
+    fds.set_ylabel("open descriptors")
+    rss.set_title(f"{name}: memory per node process")
+    fds.set_title(f"{name}: descriptors per node process")
+    rss.legend(fontsize=6)
+    return _svg(fig)
+
+
 def render_html(report: dict) -> str:
     o = report.get("options", {})
     parts = [
@@ -155,6 +175,13 @@ def render_html(report: dict) -> str:
                     parts.append(f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>")
             else:
                 parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
+            for phase, r in _phases(entry):
+                if soak := r.get("soak"):
+                    parts.append(plot_soak(name, entry))
+                    worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
+                    parts.append(f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
+                                 f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
+                                 f"misdelivered {soak['misdelivered']}</p>")
         except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
             parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
         parts.append("</div>")

@@ -147,3 +147,22 @@ def test_topology_that_cannot_start(tmp_path: Path) -> None:
         s.listen()
         with pytest.raises(BenchError, match=r"issuance-center: address 127\.18\.0\.1:\d+ is taken"):
             run_bench(opts)
+
+
+def test_soak_report_samples_every_node_process_and_its_verdict_follows_its_numbers(tmp_path) -> None:
+    """The 30-second version of `konbini bench soak --duration 600` (the long one is a benchmark)."""
+    report = run_bench(options(tmp_path, ["soak"], duration_s=30.0, warmup_s=2.0, rate=10.0))
+    r = report["scenarios"]["soak"]["konbini"]
+    soak = r["soak"]
+    assert set(soak["processes"]) == {"relays-0", "relays-1", "origin-0"}  # one relay process per operator, the center side
+    for name, p in soak["processes"].items():
+        series = p["series"]
+        assert p["samples"] == len(series) >= 30, name  # about one sample every 0.5 s over 30+ s
+        assert [x["s"] for x in series] == sorted(x["s"] for x in series)
+        assert all(x["rss_mib"] > 0 and x["fds"] > 0 for x in series)
+        assert p["rss_growth_pct"] == round((p["rss_mib_at_90pct"] - p["rss_mib_at_20pct"]) / p["rss_mib_at_20pct"] * 100, 2)
+        assert p["ok"] == (p["rss_growth_pct"] < soak["rss_growth_limit_pct"] and p["fds_at_90pct"] - p["fds_at_20pct"] <= soak["fd_slack"])
+    assert soak["errors"] == sum(r["errors"].values()) == 0
+    assert soak["misdelivered"] == r["misdelivered"] == 0
+    assert soak["ok"] == all(p["ok"] for p in soak["processes"].values())
+    assert "descriptors per node process" in (tmp_path / "out" / "report.html").read_text()

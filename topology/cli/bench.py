@@ -64,7 +64,7 @@ def cmd_bench(args) -> int:
         report = run_bench(opts)
     except BenchError as exc:
         raise UserError(str(exc)) from None
-    rows = []
+    rows, soaks = [], []
     for name, entry in report["scenarios"].items():
         for phase in ("konbini", "haproxy"):
             r = entry.get(phase)
@@ -79,16 +79,27 @@ def cmd_bench(args) -> int:
                 f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
                 " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
             ))
+            if soak := r.get("soak"):
+                worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
+                fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
+                soaks.append(f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
+                             f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
+                             f"errors {soak['errors']}, misdelivered {soak['misdelivered']}")
             if r.get("best_rate") is not None or "steps" in r:
                 rows.append((f"{name} {phase}", f"best {r.get('best_rate')}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
     console = Console()
     title = "konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else "")
     show(console, title, ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"), rows)
+    for line in soaks:
+        console.print(line, markup=False, highlight=False)
     console.print(f"reports: {opts.out_dir / 'report.json'} and {opts.out_dir / 'report.html'}")
     failed = any(
         (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in ("konbini", "haproxy")
     )
-    return 1 if failed or report["partial"] else 0
+    soak_failed = any(
+        not (entry.get(p) or {}).get("soak", {"ok": True})["ok"] for entry in report["scenarios"].values() for p in ("konbini", "haproxy")
+    )
+    return 1 if failed or soak_failed or report["partial"] else 0
 
 
 def _ms(v) -> str:
