@@ -16,7 +16,9 @@ from pathlib import Path
 
 from topology.check import policy as policycheck
 from topology.cli.common import UserError, load, state_dir
-from topology.launch import netns
+from topology.cli.render import show
+from topology.launch import impair, netns
+from topology.netns.impair import ImpairError, Shape
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
 from topology.policy.nft import compile_ruleset
@@ -62,7 +64,8 @@ def cmd_up_netns(args) -> int:
     netns.register_launcher(plan.prefix)
     hosts = []
     try:
-        warnings = netns.apply_impairments(plan)
+        warnings = netns.apply_impairments(plan, sdir)
+        lines = impair.Impairments(topo, "netns", plan, sdir)
         hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed)
         up_s = time.perf_counter() - t0
         table = Table(title=f"konbini topology {topo.name!r} (netns)")
@@ -74,7 +77,7 @@ def cmd_up_netns(args) -> int:
                           "listening" if node.is_server else "client")
         console.print(table)
         for w in warnings:
-            console.print(f"[yellow]warning[/] {w}")
+            console.print(f"[yellow]lines[/] {w}")
         console.print(
             f"[bold green]ready[/] in {up_s * 1000:.0f} ms ({len(plan.sites)} namespaces, {len(plan.veths)} veths, "
             f"network {net_s * 1000:.0f} ms); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
@@ -87,7 +90,16 @@ def cmd_up_netns(args) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        restarts, reported_down = 0, False
+        watch = (lines.dir / "supervisor.pid").exists()  # a daemon runs: say when it restarts or goes down
         while not stop["now"]:
+            daemon = lines.daemon() if watch else {}
+            if daemon and (daemon["restarts"] or 0) > restarts:
+                restarts = daemon["restarts"]
+                console.print(f"[yellow]impairment daemon restarted[/] ({restarts} so far; see {lines.dir / 'impaird.log'})")
+            if daemon and daemon["down"] and not reported_down:
+                reported_down = True
+                console.print(f"[red]impairment daemon down[/]: {daemon.get('note') or 'supervisor gone'}; lines pass unimpaired")
             if any(h.poll() is not None for h in hosts):
                 dead = next(h for h in hosts if h.poll() is not None)
                 console.print(f"[red]nodes of {dead.site} exited[/] (see {netns.net_dir(sdir) / 'logs' / dead.site}.log); stopping.")
@@ -154,18 +166,80 @@ def cmd_policy_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
-# -- link set --------------------------------------------------------------------------------------
+# -- link set / reset / show ----------------------------------------------------------------------
 
 
-@_user_errors
-def cmd_link_set(args) -> int:
+def _running_lines(args) -> impair.Impairments:
+    """The impairments of the running topology these arguments name: netns (--netns/--tag, or the
+    only run there is) or loopback (--loopback, or the state directory's run)."""
     topo = load(args.topology)
-    plan = _plan(topo, args.tag)
-    impair = None if args.clear else Impairment(delay=args.delay, jitter=args.jitter, loss=args.loss, rate=args.rate)
-    if impair is not None and not netns.netem_args(impair):
-        raise UserError("give --delay, --jitter with --delay, --loss or --rate (or --clear)")
-    for cmd in netns.set_link(plan, args.line, impair):
-        print(cmd)
+    sdir = state_dir(args, topo)
+    netns_run = impair.run_dir("netns", namespace_prefix(args.tag)) / "state.json"
+    loop_run = impair.run_dir("loopback", state_dir=sdir) / "state.json"
+    if args.netns or args.tag:
+        mode = "netns"
+    elif args.loopback:
+        mode = "loopback"
+    elif netns_run.exists() and loop_run.exists():
+        raise UserError("a netns and a loopback topology are both running; say --netns or --loopback")
+    else:
+        mode = "netns" if netns_run.exists() else "loopback"
+    if os.geteuid() != 0:
+        raise UserError("`konbini link` needs root (line impairments are kernel rules); run it with sudo")
+    plan = _plan(topo, args.tag) if mode == "netns" else None
+    return impair.Impairments.attach(topo, mode, plan, sdir)
+
+
+def _link_errors(fn):
+    def wrapper(args):
+        try:
+            return fn(args)
+        except (impair.LineError, ImpairError, PlanError) as exc:
+            raise UserError(str(exc)) from None
+
+    return wrapper
+
+
+@_link_errors
+def cmd_link_set(args) -> int:
+    value = Impairment(delay=args.delay, jitter=args.jitter, loss=args.loss, rate=args.rate)
+    if not args.clear and Shape.of(value).empty:
+        raise UserError("give --delay (and --jitter), --loss or --rate, or --clear")
+    lines = _running_lines(args)
+    print(lines.change(args.line, None if args.clear else value))
+    return 0
+
+
+@_link_errors
+def cmd_link_reset(args) -> int:
+    lines = _running_lines(args)
+    print(lines.change(args.line, None, reset=True))
+    return 0
+
+
+@_link_errors
+def cmd_link_show(args) -> int:
+    from rich.console import Console
+
+    lines = _running_lines(args)
+    rows = lines.show()
+    daemon = lines.daemon()
+    if args.json:
+        print(json.dumps({"mode": lines.mode, "netem": lines.netem, "daemon": {k: v for k, v in daemon.items() if k != "queues"},
+                          "lines": rows}))
+        return 0
+    if not args.all:
+        rows = [r for r in rows if r["impair"] != "-"]
+    fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
+    show(Console(), f"lines of {lines.topo.name!r} ({lines.mode})",
+         ("line", "direction", "kind", "in force", "from", "by", "packets", "held", "dropped", "lag mean/max ms"),
+         [(r["line"], r["dir"], r["kind"], r["impair"], r["from"], r["mechanism"], fmt(r["packets"]), fmt(r["held_now"]),
+           fmt(r["dropped"]), "-" if r["lag_mean_ms"] is None else f"{r['lag_mean_ms']:.2f}/{r['lag_max_ms']:.2f}") for r in rows])
+    if daemon["down"]:
+        print(f"impairment daemon DOWN: {daemon.get('note') or 'its supervisor is gone'}; queued lines pass unimpaired (queue bypass)")
+    else:
+        print(f"impairment daemon pid {daemon['daemon_pid']}, restarts {daemon['restarts']}, CPU {fmt(daemon['cpu_s'], '.2f')} s"
+              f"; changes: {lines.dir / 'changes.log'}")
     return 0
 
 
@@ -228,15 +302,32 @@ def register(sub) -> None:
     pc.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for replies (default 0.5)")
     pc.set_defaults(func=cmd_policy_check)
 
-    lk = sub.add_parser("link", help="line impairments of a running netns topology (root)")
+    lk = sub.add_parser("link", help="line impairments (delay, jitter, loss, rate) of a running topology, both modes (root)")
     lsub = lk.add_subparsers(dest="link_cmd", required=True)
-    ls = lsub.add_parser("set", help="tc netem on both ends of LINE, e.g. --delay 20ms --loss 0.1%%")
+
+    def target(q):
+        q.add_argument("--topology", help="topology file")
+        q.add_argument("--state", help="state directory (loopback mode)")
+        q.add_argument("--tag", help="netns namespaces konbini-TAG-*")
+        m = q.add_mutually_exclusive_group()
+        m.add_argument("--netns", action="store_true", help="the running netns topology")
+        m.add_argument("--loopback", action="store_true", help="the running loopback topology (root)")
+
+    ls = lsub.add_parser("set", help="give LINE exactly these values, e.g. --delay 20ms --jitter 5ms --loss 0.5%% --rate 10mbit")
     ls.add_argument("line")
-    ls.add_argument("--topology", help="topology file")
-    ls.add_argument("--tag", help="namespaces konbini-TAG-*")
-    ls.add_argument("--delay")
-    ls.add_argument("--jitter")
-    ls.add_argument("--loss")
-    ls.add_argument("--rate")
-    ls.add_argument("--clear", action="store_true", help="remove the impairment")
+    target(ls)
+    ls.add_argument("--delay", help="one way, e.g. 20ms")
+    ls.add_argument("--jitter", help="± around the delay, e.g. 5ms (packets keep their order)")
+    ls.add_argument("--loss", help="per direction, e.g. 0.5%%")
+    ls.add_argument("--rate", help="e.g. 10mbit (tc units)")
+    ls.add_argument("--clear", action="store_true", help="no impairment at all")
     ls.set_defaults(func=cmd_link_set)
+    lr = lsub.add_parser("reset", help="LINE back to the topology file's values")
+    lr.add_argument("line")
+    target(lr)
+    lr.set_defaults(func=cmd_link_reset)
+    lw = lsub.add_parser("show", help="impaired lines: values in force, mechanism, counters, the daemon")
+    target(lw)
+    lw.add_argument("--all", action="store_true", help="lines without impairment too")
+    lw.add_argument("--json", action="store_true")
+    lw.set_defaults(func=cmd_link_show)

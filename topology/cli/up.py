@@ -11,6 +11,7 @@ from gateway.business.clock import Clock
 from topology.cli.common import load, state_dir
 from topology.cli.netns import cmd_up_netns
 from topology.cli.render import show
+from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import run_topology
 
 
@@ -20,6 +21,11 @@ def cmd_up(args) -> int:
     topo = load(args.file)
     console = Console()
     clock = Clock.parse(args.clock, args.clock_speed)
+    lines = Impairments(topo, "loopback", state_dir=state_dir(args, topo))  # root: per address pair on lo
+    try:
+        notes = lines.start()
+    except LineError as exc:
+        notes = [f"line impairments not applied: {exc}"]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -29,6 +35,8 @@ def cmd_up(args) -> int:
                  "listening" if node.id in running.servers else "client")
                 for node in topo.nodes.values()
             ])
+            for note in notes:
+                console.print(f"[yellow]lines[/] {note}")
             console.print(f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops.")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -36,5 +44,8 @@ def cmd_up(args) -> int:
             nursery.cancel_scope.cancel()
         console.print("stopped; every node shut down.")
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        lines.stop()
     return 0

@@ -20,11 +20,11 @@ import time
 import traceback
 from pathlib import Path
 
-from topology.launch import nodehost
+from topology.launch import impair, nodehost
 from topology.netns.enter import enter_namespace
+from topology.netns.impair import ImpairError
 from topology.netns.plan import NS_PREFIX, NetPlan
 from topology.policy.nft import compile_ruleset
-from topology.spec.model import Impairment
 
 ROOT_COMMANDS = "`konbini up --netns`, `konbini down`, `konbini policy check --netns`, `konbini link set` and `konbini issue --netns`"
 READY_TIMEOUT = 30.0
@@ -89,19 +89,8 @@ def net_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "net"
 
 
-def netem_args(impair: Impairment) -> list[str]:
-    args: list[str] = []
-    if impair.delay:
-        args += ["delay", impair.delay] + ([impair.jitter] if impair.jitter else [])
-    if impair.loss:
-        args += ["loss", impair.loss]
-    if impair.rate:
-        args += ["rate", impair.rate]
-    return args
-
-
 def _site_script(plan: NetPlan, site: str, files: Path) -> str:
-    """Shell run inside one namespace: sysctls, then the ruleset, then links, addresses, routes, netem."""
+    """Shell run inside one namespace: sysctls, then the ruleset, then links, addresses, routes."""
     info = plan.sites[site]
     batch = ["link set lo up"]
     batch += [f"addr add {a}/32 dev lo" for a in plan.local_addresses(site)]
@@ -113,17 +102,14 @@ def _site_script(plan: NetPlan, site: str, files: Path) -> str:
     return " && ".join(lines)
 
 
-def apply_impairments(plan: NetPlan) -> list[str]:
-    """netem on both ends of every impaired line; returns warnings (a kernel without sch_netem
-    cannot impair lines, which must not stop the topology from coming up)."""
-    warnings = []
-    for veth in plan.veths:
-        if netem_args(veth.impair):
-            try:
-                set_link(plan, veth.line, veth.impair)
-            except NetnsError as exc:
-                warnings.append(f"line {veth.line}: impairment not applied: {exc}")
-    return warnings
+def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]:
+    """Every line's `impair:` in the namespaces (topology.launch.impair: NFQUEUE daemon, numgen,
+    tbf; netem where the kernel has it), the daemon supervised until `teardown`. Returns notes:
+    what carries the impairments, or why they are not applied (that must not stop the topology)."""
+    try:
+        return impair.Impairments(plan.topo, "netns", plan, state_dir).start()
+    except (impair.LineError, ImpairError) as exc:
+        return [f"line impairments not applied: {exc}"]
 
 
 def create_network(plan: NetPlan, state_dir: Path) -> float:
@@ -381,6 +367,7 @@ def teardown(prefix: str = NS_PREFIX, state_dir: Path | None = None) -> tuple[li
         live = _live_tagged_prefixes()
         skipped = [ns for ns in namespaces if any(ns.startswith(p) for p in live)]
         namespaces = [ns for ns in namespaces if ns not in skipped]
+    impair.stop_netns_runs(prefix, _live_tagged_prefixes() if prefix == NS_PREFIX else set())  # the impairment daemon
     pids = _pids_in(namespaces) | _nodehost_pids(state_dir)
     pids.discard(os.getpid())
     _kill(pids)
@@ -392,29 +379,3 @@ def teardown(prefix: str = NS_PREFIX, state_dir: Path | None = None) -> tuple[li
     if not skipped:
         (RUN_DIR / f"{prefix.rstrip('-')}.pid").unlink(missing_ok=True)
     return namespaces, len(pids)
-
-
-def set_link(plan: NetPlan, line_id: str, impair: Impairment | None) -> list[str]:
-    """Change a running line's netem on both veth ends; None clears it. Returns the commands run."""
-    require_root("`konbini link set`")
-    veth = plan.veth(line_id)
-    existing = set(list_namespaces(plan.prefix))
-    done = []
-    for site in (veth.site_a, veth.site_b):
-        ns = plan.namespace(site)
-        if ns not in existing:
-            raise NetnsError(f"namespace {ns} does not exist; is `konbini up --netns` running?")
-        args = netem_args(impair) if impair else []
-        if args:
-            cmd = ["tc", "-n", ns, "qdisc", "replace", "dev", veth.name, "root", "netem", *args]
-            try:
-                _run(cmd)
-            except NetnsError as exc:
-                if "qdisc kind is unknown" in str(exc):
-                    raise NetnsError("this kernel has no netem qdisc (sch_netem); line impairments are unavailable here") from None
-                raise
-        else:
-            cmd = ["tc", "-n", ns, "qdisc", "del", "dev", veth.name, "root"]
-            subprocess.run(cmd, capture_output=True, check=False)  # nothing to clear is fine
-        done.append(" ".join(cmd))
-    return done

@@ -10,6 +10,7 @@ it comes from ("nodes.ocsp.allow[0]"), so a rule traces back to one line of the 
 
 from __future__ import annotations
 
+from topology.netns.impair import Hop, LineImpairment
 from topology.netns.plan import NetPlan, build_plan
 from topology.policy.compiler import reachability
 from topology.spec.model import Topology
@@ -93,3 +94,50 @@ def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> s
         "}",
     ]
     return "\n".join(out) + "\n"
+
+
+# -- line impairments (topology.netns.impair): loss and queue rules on the receiving side -----------
+
+IMPAIR_TABLE = "konbini_impair"  # its own table: replacing it never touches the policy above
+IMPAIR_CHAIN = "KONBINI-IMP"  # iptables-nft chain in table mangle (nft has no `queue` here; xt NFQUEUE does)
+LOSS_PRIORITY = -160  # after anti-spoofing (raw, -300), just before the hold (mangle, -150)
+LOSS_SCALE = 1_000_000  # numgen draws per million: 0.001 % is the finest loss
+
+
+def _hop_match(hop: Hop) -> str:
+    return f'iifname "{hop.iif}" ip saddr {hop.saddr} ip daddr {hop.daddr}'
+
+
+def compile_impair_ruleset(lines: list[LineImpairment], namespace: str | None, table: str = IMPAIR_TABLE) -> str | None:
+    """The `nft -f` text of one namespace's loss rules (None: the namespace has none, delete the table)."""
+    rules = [
+        f"\t\t{_hop_match(h)} numgen random mod {LOSS_SCALE} < {round(li.shape.loss * LOSS_SCALE)} counter drop "
+        + _comment(f"line {li.line} {h.direction}: loss {li.shape.loss * 100:g}%")
+        for li in lines if li.shape.loss and not li.netem
+        for h in li.hops if h.namespace == namespace
+    ]
+    if not rules:
+        return None
+    return "\n".join([
+        f"table inet {table}",
+        f"delete table inet {table}",
+        f"table inet {table} {{",
+        "\tchain loss {",
+        f"\t\ttype filter hook prerouting priority {LOSS_PRIORITY}; policy accept;",
+        *rules,
+        "\t}",
+        "}",
+    ]) + "\n"
+
+
+def compile_queue_rules(lines: list[LineImpairment], namespace: str | None, chain: str = IMPAIR_CHAIN) -> str:
+    """The `iptables-restore --noflush` text of one namespace's NFQUEUE rules (an empty chain when none).
+    `--queue-bypass`: with no daemon bound the line passes unimpaired instead of going dead."""
+    out = ["*mangle", f":{chain} - [0:0]"]
+    out += [
+        f"-A {chain} -i {h.iif} -s {h.saddr}/32 -d {h.daddr}/32 -m comment --comment \"line {li.line} {h.direction}\" "
+        f"-j NFQUEUE --queue-num {h.queue} --queue-bypass"
+        for li in lines if li.queued
+        for h in li.hops if h.namespace == namespace
+    ]
+    return "\n".join(out + ["COMMIT"]) + "\n"

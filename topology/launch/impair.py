@@ -1,0 +1,381 @@
+"""Line impairments on the machine: apply a topology's `impair:` (and live `link set` changes) as
+nftables loss rules, iptables-nft NFQUEUE rules, tc qdiscs and the supervised impairment daemon,
+and take them all away again. Root only. What goes where is planned in `topology.netns.impair`.
+
+A run keeps its state in one directory (`run_dir`): state.json (mode, live changes), the
+daemon's config and status, its log, and changes.log (every `link set`/`link reset`). A later
+`konbini link …` process finds the running topology there; a restarted topology starts from the
+file again (its run directory is replaced).
+
+Netns mode: rules live in the topology's namespaces and die with them. Loopback mode: rules
+live on the launcher's own `lo` (run the tests inside `unshare -n`); the daemon's supervisor
+removes them when it stops, also when the launcher was SIGKILLed (it dies with its parent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from topology.launch.impaird import die_with_parent, run_cleanup
+from topology.netns.impair import (
+    ImpairError,
+    LineImpairment,
+    impairments,
+    netem_args,
+    plan_impairments,
+    tbf_args,
+)
+from topology.netns.plan import NetPlan
+from topology.policy.nft import (
+    IMPAIR_CHAIN,
+    IMPAIR_TABLE,
+    compile_impair_ruleset,
+    compile_queue_rules,
+)
+from topology.spec.model import Impairment, Topology
+
+RUN_ROOT = Path("/run/konbini/impair")  # netns runs, by namespace prefix (the state dir may differ per command)
+APPLY_TIMEOUT = 1.0  # `link set` returns once the daemon runs the new config, at most this later
+DAEMON_MARK = b"topology.launch.impaird"
+log = logging.getLogger("konbini.impair")
+
+
+class LineError(Exception):
+    """Impairments cannot be applied or changed (one line for the user)."""
+
+
+def run_dir(mode: str, prefix: str | None = None, state_dir: Path | None = None) -> Path:
+    if mode == "netns":
+        return RUN_ROOT / (prefix or "konbini-").rstrip("-")
+    return Path(state_dir or ".konbini").resolve() / "impair"
+
+
+def _run(cmd: list[str], stdin: str | None = None, check: bool = True) -> str:
+    try:
+        done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise LineError(f"{cmd[0]} not found; line impairments need nftables, iproute2 and iptables (Debian's iptables package)") from None
+    if check and done.returncode != 0:
+        first = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[0]
+        raise LineError(f"{' '.join(cmd[:6])}…: {first}")
+    return done.stdout
+
+
+def _in(namespace: str | None, cmd: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *cmd] if namespace else cmd
+
+
+def kernel_has_netem(namespace: str | None) -> bool:
+    """Try a netem qdisc on the namespace's own lo and remove it again. KONBINI_IMPAIR=daemon skips it."""
+    if os.environ.get("KONBINI_IMPAIR") == "daemon" or namespace is None:
+        return False
+    done = subprocess.run(["tc", "-n", namespace, "qdisc", "add", "dev", "lo", "root", "handle", "9:", "netem", "delay", "1ms"],
+                          capture_output=True, check=False)
+    if done.returncode == 0:
+        subprocess.run(["tc", "-n", namespace, "qdisc", "del", "dev", "lo", "root"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def loopback_cleanup() -> list[list[str]]:
+    """Commands that remove loopback-mode rules from this namespace (idempotent; run by the supervisor)."""
+    chain = IMPAIR_CHAIN
+    return [
+        ["nft", "delete", "table", "inet", IMPAIR_TABLE],
+        ["iptables", "-t", "mangle", "-D", "PREROUTING", "-j", chain],
+        ["iptables", "-t", "mangle", "-F", chain],
+        ["iptables", "-t", "mangle", "-X", chain],
+        # iptables-nft leaves its (now empty) `ip mangle` table behind; drop it when nothing else uses it
+        ["sh", "-c", "nft -j list table ip mangle 2>/dev/null | grep -q '\"rule\"' || nft delete table ip mangle 2>/dev/null; true"],
+    ]
+
+
+def _pid_alive(pid: int | None, mark: bytes = DAEMON_MARK) -> bool:
+    if not pid:
+        return False
+    try:
+        return mark in Path(f"/proc/{pid}/cmdline").read_bytes() and not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class Impairments:
+    """One running topology's line impairments: its plan, its rules and its daemon."""
+
+    def __init__(self, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None,
+                 overrides: dict[str, Impairment] | None = None, netem: bool = False) -> None:
+        self.topo, self.mode, self.plan = topo, mode, plan
+        self.dir = run_dir(mode, plan.prefix if plan else None, state_dir)
+        self.overrides = dict(overrides or {})
+        self.netem = netem
+        self.config = self.dir / "daemon.json"
+        self.status_file = self.dir / "status.json"
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None) -> Impairments:
+        """The impairments of a running topology (for `konbini link …`)."""
+        run = cls(topo, mode, plan, state_dir)
+        saved = _read_json(run.dir / "state.json")
+        if not saved:
+            where = f"--netns with namespaces {plan.prefix}*" if plan else f"loopback, state {run.dir.parent}"
+            raise LineError(f"no running topology with line impairments ({where}); start `konbini up` first")
+        run.overrides = {k: Impairment(**v) for k, v in saved.get("overrides", {}).items()}
+        run.netem = saved.get("netem", False)
+        return run
+
+    def _save(self) -> None:
+        _write_json(self.dir / "state.json", {
+            "mode": self.mode, "prefix": self.plan.prefix if self.plan else None, "topology": self.topo.source,
+            "netem": self.netem, "overrides": {k: {f: getattr(v, f) for f in v.__struct_fields__} for k, v in self.overrides.items()},
+            "queued_namespaces": sorted(self._queued_namespaces, key=str),
+        })
+
+    def lines(self) -> list[LineImpairment]:
+        try:
+            return plan_impairments(self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem)
+        except ImpairError as exc:
+            raise LineError(str(exc)) from None
+
+    def namespaces(self) -> list[str | None]:
+        return [s.namespace for s in self.plan.sites.values()] if self.plan else [None]
+
+    # -- applying ------------------------------------------------------------------------------
+
+    def _daemon_config(self, lines: list[LineImpairment]) -> None:
+        queues = [q for li in lines for q in li.daemon_queues()]
+        on_exit = loopback_cleanup() if self.mode == "loopback" else []  # netns: the namespaces take them along
+        _write_json(self.config, {"queues": queues, "on_exit": on_exit})
+
+    def _apply_namespace(self, lines: list[LineImpairment], namespace: str | None) -> None:
+        nft = compile_impair_ruleset(lines, namespace)
+        if nft:
+            _run(_in(namespace, ["nft", "-f", "-"]), nft)
+        else:
+            _run(_in(namespace, ["nft", "delete", "table", "inet", IMPAIR_TABLE]), check=False)
+        queued = any(h.namespace == namespace for li in lines if li.queued for h in li.hops)
+        if queued:
+            _run(_in(namespace, ["iptables-restore", "--noflush"]), compile_queue_rules(lines, namespace))
+            jump = ["iptables", "-t", "mangle", "-C", "PREROUTING", "-j", IMPAIR_CHAIN]
+            if subprocess.run(_in(namespace, jump), capture_output=True, check=False).returncode != 0:
+                _run(_in(namespace, ["iptables", "-t", "mangle", "-I", "PREROUTING", "1", "-j", IMPAIR_CHAIN]))
+            self._queued_namespaces.add(namespace)
+        elif namespace in self._queued_namespaces:
+            for cmd in loopback_cleanup()[1:]:
+                subprocess.run(_in(namespace, cmd), capture_output=True, check=False)
+            self._queued_namespaces.discard(namespace)
+
+    def _apply_qdiscs(self, li: LineImpairment, changed: bool) -> None:
+        """tbf (or netem) on both veth ends; `changed`: also clear a qdisc the line no longer needs."""
+        if li.veth is None:
+            return
+        ns_a, ns_b, dev = li.veth
+        for ns in (ns_a, ns_b):
+            if li.netem and not li.shape.empty:
+                imp = impairments(self.topo, self.overrides)[li.line]
+                _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "netem", *netem_args(imp)])
+            elif li.tbf:
+                _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", *tbf_args(li.shape.rate_bps)])
+            elif changed:
+                subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True, check=False)
+
+    def _wait_daemon(self, timeout: float = APPLY_TIMEOUT) -> bool:
+        """Until the daemon runs the config just written (its status echoes the file's mtime)."""
+        want = os.stat(self.config).st_mtime_ns
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _read_json(self.status_file).get("config_mtime_ns") == want:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def start(self) -> list[str]:
+        """Apply every line's impairment and start the daemon; returns notes for the user."""
+        if os.geteuid() != 0:
+            n = sum(1 for li in self.lines() if not li.shape.empty)
+            return [f"lines are not impaired: {n} lines declare impairments, applying them needs root "
+                    f"(run `sudo konbini up`, or `konbini up --netns`)"] if n else []
+        self.stop_stale()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._queued_namespaces: set[str | None] = set()
+        if self.plan is not None and os.environ.get("KONBINI_IMPAIR") != "daemon":
+            self.netem = kernel_has_netem(self.plan.namespace(next(iter(self.plan.sites))))
+        lines = self.lines()
+        self._daemon_config(lines)
+        self._save()
+        self._start_supervisor()
+        if any(li.queued for li in lines) and not self._wait_daemon(5.0):
+            raise LineError(f"impairment daemon not running after 5 s (see {self.dir / 'impaird.log'})")
+        for ns in self.namespaces():
+            self._apply_namespace(lines, ns)
+        for li in lines:
+            self._apply_qdiscs(li, changed=False)
+        self._save()
+        return self.notes(lines)
+
+    def notes(self, lines: list[LineImpairment]) -> list[str]:
+        impaired = [li for li in lines if not li.shape.empty]
+        if not impaired:
+            return []
+        how = ("netem on the veth ends (the kernel has sch_netem), the daemon for lines on one lo" if self.netem else
+               "delay/jitter: NFQUEUE + impairment daemon on the receiving side; loss: nft numgen; "
+               + ("rate: tbf on the veth ends" if self.mode == "netns" else "rate: the daemon's clock"))
+        return [f"{len(impaired)} lines impaired ({how}); `konbini link show` for counters"]
+
+    def change(self, line_id: str, impair: Impairment | None, reset: bool = False) -> str:
+        """`link set` (impair), `link set --clear` (None) or `link reset` (back to the file's value)."""
+        if line_id not in {li.id for li in self.topo.lines}:
+            raise LineError(f"unknown line {line_id!r}; lines: {', '.join(li.id for li in self.topo.lines)}")
+        saved = _read_json(self.dir / "state.json")
+        self._queued_namespaces = set(saved.get("queued_namespaces", []))
+        before = {li.line: li for li in self.lines()}[line_id]
+        if reset:
+            self.overrides.pop(line_id, None)
+        else:
+            self.overrides[line_id] = impair or Impairment()
+        lines = self.lines()
+        after = {li.line: li for li in lines}[line_id]
+        self._daemon_config(lines)
+        applied = self._wait_daemon() if (before.queued or after.queued) else True
+        for ns in {h.namespace for h in after.hops}:
+            self._apply_namespace(lines, ns)
+        self._apply_qdiscs(after, changed=True)
+        self._save()
+        what = "reset to the file's value" if reset else "set"
+        entry = f"line {line_id} {what}: {before.shape.describe()} -> {after.shape.describe()} ({after.mechanism or 'none'})"
+        if not applied:
+            entry += "; the daemon has not confirmed it yet (is it down? `konbini link show`)"
+        with open(self.dir / "changes.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} pid {os.getpid()} {entry}\n")
+        log.info(entry)
+        return entry
+
+    # -- the daemon ----------------------------------------------------------------------------
+
+    def _start_supervisor(self) -> None:
+        logf = open(self.dir / "impaird.log", "a")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "topology.launch.impaird", "--supervise", str(self.config), str(self.status_file)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, preexec_fn=die_with_parent,
+            )
+        finally:
+            logf.close()
+        (self.dir / "supervisor.pid").write_text(f"{proc.pid}\n")
+        self._proc = proc
+
+    def daemon(self) -> dict:
+        """The supervisor's and the daemon's state, for `link show` and the launchers' watch loops."""
+        sup = _read_json(self.status_file.with_name(self.status_file.name + ".supervisor"))
+        status = _read_json(self.status_file)
+        alive = _pid_alive(sup.get("pid"))
+        return {"supervisor_alive": alive, "daemon_alive": alive and _pid_alive(sup.get("daemon_pid")),
+                "down": sup.get("down", False) or not alive, **{k: sup.get(k) for k in ("daemon_pid", "restarts", "last_exit", "note")},
+                "cpu_s": status.get("cpu_s"), "queues": status.get("queues", []), "updated": status.get("updated"),
+                "status_pid": status.get("pid")}  # == daemon_pid once a restarted daemon has bound its queues
+
+    def stop(self) -> None:
+        """Stop the daemon (its supervisor runs the loopback cleanup) and forget the run."""
+        stop_run(self.dir)
+        if self.mode == "loopback" and os.geteuid() == 0:
+            for cmd in loopback_cleanup():  # also when the supervisor was gone already
+                subprocess.run(cmd, capture_output=True, check=False)
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            proc.poll()
+
+    def stop_stale(self) -> None:
+        """A previous run of the same topology that was never stopped (its launcher SIGKILLed)."""
+        stop_run(self.dir)
+
+    # -- show ------------------------------------------------------------------------------------
+
+    def loss_counters(self) -> dict[tuple[str, str], int]:
+        """(line, direction) -> packets dropped by the numgen rules, from nft's counters."""
+        out: dict[tuple[str, str], int] = {}
+        for ns in self.namespaces():
+            text = _run(_in(ns, ["nft", "-j", "list", "table", "inet", IMPAIR_TABLE]), check=False)
+            try:
+                items = json.loads(text).get("nftables", []) if text else []
+            except ValueError:
+                continue
+            for item in items:
+                rule = item.get("rule")
+                if not rule or not str(rule.get("comment", "")).startswith("line "):
+                    continue
+                line, direction = rule["comment"].split()[1], rule["comment"].split()[2].rstrip(":")
+                for expr in rule.get("expr", []):
+                    if "counter" in expr:
+                        out[(line, direction)] = out.get((line, direction), 0) + expr["counter"]["packets"]
+        return out
+
+    def show(self) -> list[dict]:
+        """One row per line direction: what is in force, by which mechanism, and its counters."""
+        daemon = self.daemon()
+        queues = {(q["line"], q["dir"]): q for q in daemon["queues"]}
+        losses = self.loss_counters()
+        rows = []
+        for li in self.lines():
+            for h in li.hops:
+                q = queues.get((li.line, h.direction), {})
+                rows.append({
+                    "line": li.line, "dir": f"{h.src} -> {h.dst}", "kind": li.kind, "impair": li.shape.describe(),
+                    "from": "link set" if li.line in self.overrides else "file", "mechanism": li.mechanism,
+                    "packets": q.get("packets"), "held_now": q.get("held_now"),
+                    "dropped": losses.get((li.line, h.direction), 0) + (q.get("dropped") or 0),
+                    "lag_mean_ms": q.get("lag_mean_ms"), "lag_max_ms": q.get("lag_max_ms"),
+                })
+        return rows
+
+
+def stop_run(directory: Path, grace: float = 2.0) -> None:
+    """SIGTERM a run's supervisor (it stops the daemon and cleans up), SIGKILL after `grace`; remove the run's state."""
+    pid_file = directory / "supervisor.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    sup = _read_json(directory / "status.json.supervisor")
+    if _pid_alive(sup.get("daemon_pid")):  # the supervisor was killed before its daemon
+        os.kill(sup["daemon_pid"], signal.SIGKILL)
+    if (directory / "daemon.json").exists() and pid is not None:
+        run_cleanup(str(directory / "daemon.json"))
+    for name in ("state.json", "supervisor.pid", "daemon.json", "status.json", "status.json.supervisor"):
+        (directory / name).unlink(missing_ok=True)
+
+
+def stop_netns_runs(prefix: str, spare: set[str] = frozenset()) -> None:
+    """Every netns run whose namespaces `konbini down` removes (prefix), but those of `spare` prefixes."""
+    if not RUN_ROOT.exists():
+        return
+    for d in RUN_ROOT.iterdir():
+        p = d.name + "-"
+        if d.is_dir() and p.startswith(prefix) and not any(p.startswith(s) for s in spare):
+            stop_run(d)
