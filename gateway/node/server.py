@@ -17,15 +17,17 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
-from gateway.protocol.h2trio import Stream, TrioH2
+from gateway.protocol.h2trio import LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.policy.compiler import AllowList
-from topology.spec.model import Node, Topology
+from topology.spec.model import Limits, Node, Topology
 
 log = logging.getLogger("konbini.node")
 
-HANDSHAKE_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 5.0  # as a client; as a server, the node's `Limits.handshake_timeout`
+# close reasons that are no one's fault, so not denials
+ORDINARY_CLOSE = (None, "eof", "goaway", "local-close", "write-failed", "idle")
 
 
 class NodeStartError(Exception):
@@ -57,6 +59,11 @@ class NodeContext:
     @property
     def address(self) -> str:
         return self.address_of(self.node)
+
+    @property
+    def limits(self) -> Limits:
+        """What this node grants one peer: the topology's `limits:` for its kind, or the defaults."""
+        return self.topo.limits_for(self.node.kind)
 
     def server_tls(self):
         chain, key = self.pki.node_paths(self.node.id)
@@ -107,10 +114,20 @@ class NodeServer:
         self.app = app
         self.denials: Counter[str] = Counter()
         self.connections = 0
+        self.limits = ctx.limits
+        self._per_peer: Counter[str] = Counter()  # open connections by peer address
+        self._denied = trio.Event()  # set (and renewed) at every denial, for `until_denied`
 
     def deny(self, reason: str, peer: str, identity: str | None = None) -> None:
         self.denials[reason] += 1
+        self._denied, denied = trio.Event(), self._denied
+        denied.set()
         log.warning("deny node=%s peer=%s id=%s reason=%s", self.ctx.node.id, peer, identity or "-", reason)
+
+    async def until_denied(self, reason: str, count: int = 1) -> None:
+        """Wait until `reason` has been counted `count` times (tests and checks wait on it, never sleep)."""
+        while self.denials[reason] < count:
+            await self._denied.wait()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report ready (with the listeners), then serve each connection in its own task.
@@ -140,26 +157,45 @@ class NodeServer:
             if not decision.allowed:
                 self.deny(decision.reason or "peer-address", ip)
                 return
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = trio.SSLStream(tcp, self.ctx.server_tls(), server_side=True)
+            if self._per_peer[ip] >= self.limits.max_connections_per_peer:
+                self.deny("too-many-connections", ip)
+                return
+            self._per_peer[ip] += 1
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError, OSError):
-                self.deny("tls-handshake", ip)
-                return
-            identity = peer_identity(tls.getpeercert())
-            decision = self.allow.check_identity(ip, identity or "")
-            if not decision.allowed or tls.selected_alpn_protocol() != "h2":
-                self.deny(decision.reason or "alpn", ip, identity)
-                return
-            self.connections += 1
-            conn = TrioH2(tls, client_side=False, peer=identity or ip)
-            await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
-            if conn.core.close_reason not in (None, "eof", "goaway", "local-close", "write-failed"):
-                self.deny(conn.core.close_reason, ip, identity)
+                await self._admitted(tcp, ip)
+            finally:
+                self._per_peer[ip] -= 1
+                if not self._per_peer[ip]:
+                    del self._per_peer[ip]
         finally:
             await trio.aclose_forcefully(tcp)  # a no-op once TrioH2.run closed TLS politely
+
+    async def _admitted(self, tcp: trio.SocketStream, ip: str) -> None:
+        """An allowed address within its connection limit: TLS, the certificate, then HTTP/2."""
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = trio.SSLStream(LingeringSocket(tcp), self.ctx.server_tls(), server_side=True)
+        try:
+            with trio.fail_after(self.limits.handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            self.deny("handshake-timeout", ip)  # slow handshake: TCP open, TLS never finished
+            return
+        except (trio.BrokenResourceError, OSError):
+            self.deny("tls-handshake", ip)
+            return
+        identity = peer_identity(tls.getpeercert())
+        decision = self.allow.check_identity(ip, identity or "")
+        if not decision.allowed or tls.selected_alpn_protocol() != "h2":
+            self.deny(decision.reason or "alpn", ip, identity)
+            return
+        self.connections += 1
+
+        def ended(reason: str | None) -> None:  # counted before the (lingering) close, as the peer sees it
+            if reason not in ORDINARY_CLOSE:
+                self.deny(reason, ip, identity)
+
+        conn = TrioH2(tls, client_side=False, peer=identity or ip, limits=self.limits, on_end=ended)
+        await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
 
     async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
         """Per request: method and path against the allow-list, then the app."""

@@ -16,13 +16,20 @@ event each runtime supplies, and stream bodies are read and written by `StreamHa
 1. every call that changes state may produce output, so drivers flush after each call;
 2. a protocol error from the peer closes the whole connection (GOAWAY) and resets every stream
    on it, so no request is ever left half-done (INT-1).
+
+On the server side the core also counts what costs us work and the peer nothing (RST_STREAM,
+PING, SETTINGS, empty DATA) per connection in a window (`Limits`); one too many closes the
+connection with GOAWAY ENHANCE_YOUR_CALM and a `close_reason` the node counts as a denial.
+Timeouts need a clock and live in the drivers; the core says what they need to know
+(`preface_received`, `receiving_partial`).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +39,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from topology.spec.model import Limits
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -53,6 +62,22 @@ class StreamReset(Exception):
     def __init__(self, stream_id: int, code: int | None) -> None:
         super().__init__(f"stream {stream_id} reset (code {code})")
         self.code = code
+
+
+class Flood:
+    """At most `limit` events per `window` seconds (a fixed window: cheap, and a burst of twice
+    the limit across a window boundary is still bounded)."""
+
+    __slots__ = ("limit", "window", "start", "count")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window, self.start, self.count = limit, window, float("-inf"), 0
+
+    def over(self, now: float) -> bool:
+        if now - self.start >= self.window:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count > self.limit
 
 
 PENDING = object()  # next_chunk: nothing yet, the driver waits for the stream to be woken
@@ -140,6 +165,7 @@ class StreamHandle:
         """Send data, waiting for flow-control window as needed (never buffers beyond it)."""
         core = self.conn.core
         view = memoryview(data)
+        stalled_since: float | None = None
         while True:
             self._raise_if_reset()
             n = core.send_data(self.st.id, view, end_stream)  # everything the windows allow
@@ -148,7 +174,10 @@ class StreamHandle:
                 self.conn.flush()
                 if not view:
                     return
-            await self.conn.wait(self.st.id)  # the windows are empty: wait for WINDOW_UPDATE
+                stalled_since = None
+            if stalled_since is None:
+                stalled_since = self.conn.now()
+            await self.conn.wait_window(self.st.id, stalled_since)  # the windows are empty: wait for WINDOW_UPDATE
 
     def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self.conn.core.reset(self.st.id, code)
@@ -189,6 +218,8 @@ class H2Driver:
     def flush(self) -> None:
         raise NotImplementedError
 
+    now = staticmethod(time.monotonic)  # the runtime's clock (trio.current_time in Trio)
+
     # -- waiting and waking ----------------------------------------------------------------
 
     async def wait(self, stream_id: int) -> None:
@@ -202,6 +233,10 @@ class H2Driver:
         if ev is None or ev.is_set():
             ev = self._waiters[stream_id] = self.new_event()
         await ev.wait()
+
+    async def wait_window(self, stream_id: int, stalled_since: float) -> None:
+        """A writer waits for window since `stalled_since`; a driver may bound it (slow read)."""
+        await self.wait(stream_id)
 
     def wake(self, stream_ids: set[int]) -> None:
         if 0 in stream_ids:  # connection-level: window, settings (a higher stream limit) or its end
@@ -251,7 +286,17 @@ class H2Driver:
 
 
 class H2Core:
-    def __init__(self, *, client_side: bool, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        max_header_list_size: int = MAX_HEADER_LIST_SIZE,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        max_streams = MAX_CONCURRENT_STREAMS
+        if limits is not None:
+            max_header_list_size, max_streams = limits.max_header_list_size, limits.max_concurrent_streams
         # Inbound headers are validated (peers may misbehave); outbound ones are ours and already
         # lowercase and well-formed, so their validation is skipped on the hot path.
         config = h2.config.H2Configuration(
@@ -266,19 +311,64 @@ class H2Core:
             initial_values={
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
         self.conn.decoder.max_header_list_size = max_header_list_size
+        self._bound_header_blocks(2 * max_header_list_size + 4096)
+        self.clock = clock
+        self.preface_received = client_side  # server side: until the client's first SETTINGS
+        # Only a server guards itself: a client's peers are our own upstream hops.
+        self.floods: dict[type, tuple[Flood, str]] = {}
+        if limits is not None and not client_side:
+            w = limits.flood_window
+            self.floods = {
+                h2.events.StreamReset: (Flood(limits.max_resets, w), "rapid-reset"),
+                h2.events.PingReceived: (ping := Flood(limits.max_pings, w), "ping-flood"),
+                h2.events.PingAckReceived: (ping, "ping-flood"),
+                h2.events.RemoteSettingsChanged: (Flood(limits.max_settings, w), "settings-flood"),
+                h2.events.DataReceived: (Flood(limits.max_empty_data, w), "empty-data-flood"),
+            }
         self.streams: dict[int, StreamState] = {}
         self.new_requests: deque[StreamState] = deque()  # server side: streams to hand to a handler
         self.closed = False
         self.close_reason: str | None = None
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    def _bound_header_blocks(self, max_bytes: int) -> None:
+        """h2 buffers up to 64 CONTINUATION frames of a block before decoding it (up to 4 MiB at
+        our frame size); cap the compressed block too, so a CONTINUATION flood holds little."""
+        buf = self.conn.incoming_buffer
+        update = getattr(buf, "_update_header_buffer", None)
+        if update is None or not hasattr(buf, "_headers_buffer"):
+            return  # another h2: its own CONTINUATION_BACKLOG still applies
+
+        def bounded(frame):
+            out = update(frame)
+            if sum(len(f.data) for f in buf._headers_buffer) > max_bytes:
+                raise h2.exceptions.ProtocolError("Too many continuation frames received: header block too large.")
+            return out
+
+        buf._update_header_buffer = bounded
+
+    @property
+    def receiving_partial(self) -> bool:
+        """A frame or a header block has begun arriving and is not complete yet."""
+        buf = self.conn.incoming_buffer
+        return bool(getattr(buf, "_data", b"")) or bool(getattr(buf, "_headers_buffer", ()))
+
+    def abort(self, reason: str, code: int = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        """Close because of what the peer did (or failed to do): GOAWAY with `code`, reason kept."""
+        if not self.closed:
+            try:
+                self.conn.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._close(reason)
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -295,19 +385,28 @@ class H2Core:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             # Malformed frames, oversized headers, flow-control abuse: drop this peer only.
-            if isinstance(exc, h2.exceptions.DenialOfServiceError):
-                code, reason = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "oversized-headers"
+            calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            if isinstance(exc, h2.exceptions.DenialOfServiceError):  # hpack: decoded too large (HPACK bomb too)
+                code, reason = calm, "oversized-headers"
+            elif str(exc).lower().startswith("too many continuation"):
+                code, reason = calm, "continuation-flood"
+            elif isinstance(exc, h2.exceptions.TooManyStreamsError):
+                code, reason = h2.errors.ErrorCodes.REFUSED_STREAM, "too-many-streams"
             else:
                 code, reason = h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol-error"
-            try:
-                self.conn.close_connection(error_code=code)
-            except h2.exceptions.ProtocolError:
-                pass
-            self._close(reason)
+            self.abort(reason, code)
             raise ConnectionClosed(reason) from exc
         woken: set[int] = set()
+        now = self.clock() if self.floods else 0.0
         for ev in events:
             sid = getattr(ev, "stream_id", 0) or 0
+            if (flood := self.floods.get(type(ev))) is not None:
+                if not isinstance(ev, h2.events.DataReceived) or not (ev.data or ev.stream_ended):
+                    if flood[0].over(now):
+                        self.abort(flood[1])
+                        raise ConnectionClosed(flood[1])
+            if isinstance(ev, h2.events.RemoteSettingsChanged):
+                self.preface_received = True
             if isinstance(ev, h2.events.DataReceived):
                 st = self.streams.get(sid)
                 if st is None or st.reset_code is not None:

@@ -5,11 +5,17 @@ sends whatever the core has queued, so many streams' frames go out in one write.
 handler runs in its own cancel scope: a RST_STREAM from the peer or the connection dying
 cancels the handler, so a cancelled request is cancelled whole (INT-1), never half-done.
 Waiting, waking, opening and releasing streams are `H2Driver`'s, on `trio.Event`s.
+
+A server connection (given `Limits`) also bounds time: every read runs under the one deadline
+that applies (preface, a frame or header block left incomplete, idle), every write and every
+wait for window under `slow_read_timeout`; each is a cancel scope, and running out closes the
+connection with GOAWAY and a `close_reason` the node counts.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import h2.errors
@@ -24,10 +30,46 @@ from gateway.protocol.h2core import (
     StreamReset,
     StreamState,
 )
+from topology.spec.model import Limits
 
 log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
+# After closing on a hostile peer: how long its bytes are read and dropped (raw TCP, no TLS work)
+# so that closing with unread input does not reset the connection and lose our GOAWAY.
+LINGER = 0.5
+ORDINARY_ENDS = frozenset({"eof", "goaway", "local-close", "write-failed"})
+
+
+class LingeringSocket(trio.abc.Stream):
+    """A server's TCP stream under TLS. Closing a socket with unread input makes the kernel reset
+    the connection and drop what we had still to send (our GOAWAY, TLS close_notify); so when the
+    connection ends on a hostile peer (`linger`), close half-closes first and drops the peer's
+    bytes for at most LINGER seconds, raw, without TLS work."""
+
+    def __init__(self, tcp: trio.SocketStream) -> None:
+        self.tcp = tcp
+        self.linger = False
+
+    async def send_all(self, data) -> None:
+        await self.tcp.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.tcp.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        if self.linger:
+            with trio.CancelScope(shield=True), trio.move_on_after(LINGER):
+                try:
+                    await self.tcp.send_eof()
+                    while await self.tcp.receive_some(READ_SIZE):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        await self.tcp.aclose()
 
 
 class Stream(StreamHandle):
@@ -61,14 +103,27 @@ class TrioH2(H2Driver):
     stream_class = Stream
     new_event = staticmethod(trio.Event)
 
-    def __init__(self, transport: trio.abc.Stream, *, client_side: bool, peer: str = "?") -> None:
-        super().__init__(H2Core(client_side=client_side))
+    now = staticmethod(trio.current_time)
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        *,
+        client_side: bool,
+        peer: str = "?",
+        limits: Limits | None = None,
+        on_end: Callable[[str | None], None] | None = None,
+    ) -> None:
+        super().__init__(H2Core(client_side=client_side, limits=limits, clock=trio.current_time))
+        self.limits = limits  # None: no timeouts (our own client connections)
         self.transport = transport
         self.peer = peer
         self._output = trio.Event()
         self._handlers: dict[int, Stream] = {}
         self._reader_scope = trio.CancelScope()  # the writer ends reading once our GOAWAY is out
         self.closed = trio.Event()
+        self._writes_blocked = False
+        self._on_end = on_end  # told the close reason as soon as HTTP/2 is over, before the socket closes
 
     def flush(self) -> None:
         self._output.set()
@@ -91,19 +146,61 @@ class TrioH2(H2Driver):
                     self.flush()  # the writer sends the GOAWAY, then ends
         finally:
             self.closed.set()
+            if self._on_end is not None:
+                self._on_end(self.core.close_reason)
+            tcp = getattr(self.transport, "transport_stream", None)
+            if isinstance(tcp, LingeringSocket):  # we gave up on the peer: let GOAWAY reach it
+                tcp.linger = self.core.close_reason not in ORDINARY_ENDS and not self._writes_blocked
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
                     await self.transport.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
+    def _read_deadline(self, started: float, last_read: float, partial_since: float | None) -> tuple[float, str]:
+        """The one deadline the next read runs under, and the close reason when it passes."""
+        lim = self.limits
+        if lim is None:
+            return math.inf, ""
+        if not self.core.preface_received:
+            return started + lim.preface_timeout, "preface-timeout"
+        if partial_since is not None:
+            return partial_since + lim.headers_timeout, "slow-headers"
+        if not self._handlers:
+            return last_read + lim.idle_timeout, "idle"
+        return math.inf, ""
+
+    def abort(self, reason: str) -> None:
+        """Close for what the peer did: GOAWAY (ENHANCE_YOUR_CALM, or NO_ERROR when idle), every stream ends."""
+        if not self.core.closed:
+            log.info("closing connection from %s: %s", self.peer, reason)
+            self.core.abort(reason, h2.errors.ErrorCodes.NO_ERROR if reason == "idle" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.wake({0})
+        self.flush()
+
+    async def wait_window(self, stream_id: int, stalled_since: float) -> None:
+        if self.limits is None:
+            return await self.wait(stream_id)
+        with trio.move_on_at(stalled_since + self.limits.slow_read_timeout):
+            return await self.wait(stream_id)
+        self.abort("slow-read")  # the peer keeps its window shut: it will not read this
+        raise ConnectionClosed("slow-read")
+
     async def _reader(self, nursery: trio.Nursery, handler: Handler | None) -> None:
         core = self.core
+        started = last_read = trio.current_time()
+        partial_since: float | None = None
         while True:
-            try:
-                data = await self.transport.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
+            deadline, reason = self._read_deadline(started, last_read, partial_since)
+            with trio.move_on_at(deadline) as timer:
+                try:
+                    data = await self.transport.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+            if timer.cancelled_caught:
+                self.abort(reason)
+                return
+            last_read = trio.current_time()
             try:
                 woken = core.receive_data(data)
             except ConnectionClosed as exc:
@@ -112,10 +209,14 @@ class TrioH2(H2Driver):
                 return
             if core.closed:  # peer sent GOAWAY: finish, the writer flushes what is left
                 return
+            partial_since = (partial_since or last_read) if core.receiving_partial else None
             while core.new_requests:
                 st = core.new_requests.popleft()
                 if handler is None:  # a client does not take requests
                     core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                if st.reset_code is not None:  # opened and cancelled in one read (Rapid Reset): no task for it
+                    core.forget(st.id)
                     continue
                 stream = Stream(self, st)
                 self._handlers[st.id] = stream
@@ -133,13 +234,22 @@ class TrioH2(H2Driver):
         while True:
             await self._output.wait()
             self._output = trio.Event()
-            data = self.core.data_to_send()
-            if data:
+            # loop: what was queued while the last write was under way (our GOAWAY, say) goes too
+            while data := self.core.data_to_send():
+                limit = self.limits.slow_read_timeout if self.limits is not None else math.inf
                 try:
-                    await self.transport.send_all(data)
+                    with trio.move_on_after(limit) as timer:
+                        await self.transport.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self.core._close("write-failed")
                     self.wake({0})
+                    return
+                if timer.cancelled_caught:  # the peer stopped reading TCP: nothing more can reach it
+                    log.info("closing connection from %s: slow-read (writes blocked)", self.peer)
+                    self.core._close("slow-read")
+                    self._writes_blocked = True
+                    self.wake({0})
+                    self._reader_scope.cancel()
                     return
             if self.core.closed:
                 self._reader_scope.cancel()

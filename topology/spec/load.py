@@ -23,9 +23,11 @@ import yaml
 
 from topology.policy import compiler as policy
 from topology.spec.model import (
+    LIMIT_SCOPES,
     RELAY_KINDS,
     VACCINATION_FEE,
     Hours,
+    Limits,
     Line,
     Municipality,
     Node,
@@ -251,6 +253,23 @@ def _node(doc: _Document, node_id: str, raw: Any) -> Node | None:
     return _convert(doc, raw, Node, path)
 
 
+def _limits(doc: _Document, raw: Any) -> dict[str, Limits]:
+    """`limits: {defaults: {...}, <node kind>: {...}}`; a kind's fields override the file's defaults."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        doc.report(("limits",), f"expected a mapping of defaults / node kind -> limits, got {_kind(raw)}")
+        return {}
+    defaults = _convert(doc, raw.get("defaults") or {}, Limits, ("limits", "defaults")) or Limits()
+    out = {"defaults": defaults}
+    for scope, fields in raw.items():
+        if scope not in LIMIT_SCOPES:
+            doc.report(("limits", scope), f"unknown node kind; expected defaults or one of {', '.join(LIMIT_SCOPES[1:])}")
+        elif scope != "defaults" and (own := _convert(doc, fields or {}, Limits, ("limits", scope))) is not None:
+            out[scope] = msgspec.structs.replace(defaults, **{k: getattr(own, k) for k in fields or {}})
+    return out
+
+
 @dataclass
 class _Parsed:
     topo: Topology
@@ -272,6 +291,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     state_dir = _convert(doc, data.get("state_dir", ".konbini"), str, ("state_dir",))
     ledger = _convert(doc, data.get("ledger"), str | None, ("ledger",))
     hours = _convert(doc, data.get("service_hours", {}), Hours, ("service_hours",))
+    limits = _limits(doc, data.get("limits"))
 
     raw_nodes = data.get("nodes") or {}
     if not isinstance(raw_nodes, dict):
@@ -308,6 +328,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         state_dir=state_dir or ".konbini",
         ledger=ledger or None,
         source=source,
+        limits=limits,
     )
     return _Parsed(topo, set(raw_nodes), line_index, derived)
 

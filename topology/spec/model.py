@@ -8,7 +8,7 @@ these structs, never the raw YAML.
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -111,6 +111,35 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         raise ValueError(f"unknown mode {mode!r}; expected 'loopback' or 'netns'")
 
 
+Count = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What one node grants a single peer before it closes the connection (README "Hostile peers").
+
+    Floods are counted per connection over `flood_window` seconds; one more than the `max_*` in a
+    window closes it with GOAWAY ENHANCE_YOUR_CALM. Timeouts are in seconds.
+    """
+
+    max_connections_per_peer: Count = 256  # per peer address, before the TLS handshake
+    max_concurrent_streams: Count = 1000  # SETTINGS_MAX_CONCURRENT_STREAMS
+    max_header_list_size: Count = 16 * 1024  # decoded bytes (SETTINGS_MAX_HEADER_LIST_SIZE); an HPACK bomb stops here
+    handshake_timeout: Seconds = 5.0  # TCP accepted -> TLS handshake done
+    preface_timeout: Seconds = 5.0  # TLS done -> the client's preface and SETTINGS
+    headers_timeout: Seconds = 10.0  # a frame or header block begun -> complete (slowloris)
+    idle_timeout: Seconds = 600.0  # no stream open and nothing received
+    slow_read_timeout: Seconds = 30.0  # a response stalled on a zero window, or a write the peer never reads
+    flood_window: Seconds = 10.0
+    max_resets: Count = 500  # RST_STREAM from the peer (Rapid Reset, CVE-2023-44487)
+    max_pings: Count = 100
+    max_settings: Count = 100
+    max_empty_data: Count = 100  # DATA frames with no payload and no END_STREAM
+
+
+LIMIT_SCOPES = ("defaults", *NodeKind.__args__)  # keys of the topology's `limits:` mapping
+
+
 class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: str
     nodes: dict[str, Node]
@@ -119,6 +148,10 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_dir: str = ".konbini"
     ledger: str | None = None  # SQLite file; None: <state_dir>/ledger.sqlite; ":memory:" for comparison runs
     source: str = "<memory>"  # the file it was loaded from
+    limits: dict[str, Limits] = {}  # "defaults" and node kinds, each already merged over the defaults
+
+    def limits_for(self, kind: str) -> Limits:
+        return self.limits.get(kind) or self.limits.get("defaults") or Limits()
 
     def node(self, node_id: str) -> Node:
         return self.nodes[node_id]
