@@ -44,6 +44,7 @@ from gateway.protocol.http import send_json
 from tests.conftest import TEST_TIME
 from topology.pki import PKI
 from topology.policy.compiler import compile_allowlists
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 KIOSK, ROUTER = "kiosk-a1-1", "store-router-a1"
@@ -350,11 +351,6 @@ async def test_refused_tls_client_is_closed_and_counted(net, tmp_path: Path, cas
 
 
 @needs_openssl
-@pytest.mark.xfail(strict=True, reason=(
-    "no TLS alert reaches the client: trio.SSLStream.do_handshake (trio/_ssl.py _retry) raises "
-    "BrokenResourceError on the SSLError without sending the alert OpenSSL left in its outgoing BIO, and "
-    "gateway/node/server.py (the handshake that counts 'tls-handshake') then closes the TCP socket: the client sees "
-    "'unexpected eof while reading' instead of why it was refused"))
 @pytest.mark.parametrize("case", REFUSALS)
 async def test_refused_tls_client_is_told_why_in_a_tls_alert(net, tmp_path: Path, case: str):
     rc, out = await _run_s_client(_refused_client(net, tmp_path, case))
@@ -399,12 +395,14 @@ class _Net:
 
 
 @needs_curl
-async def test_tls_1_2_client_is_accepted_where_the_node_has_a_1_2_floor(topo, state: Path):
-    # No topology field sets the floor yet (NodeContext.tls12_floor is never set by topology/launch):
-    # this checks the server side of gateway/transport/tls.py's tls12_floor directly.
+async def test_tls_1_2_client_is_accepted_where_the_topology_asks_for_a_1_2_floor(state: Path, tmp_path: Path):
+    # the topology file's `tls_min_version: "1.2"`, as a user would set it
+    floor = tmp_path / "tls12.yaml"
+    floor.write_text(DEFAULT_TOPOLOGY.read_text() + '\ntls_min_version: "1.2"\n')
+    topo = load_topology(floor)
     pki = PKI.ensure(state, topo)
     node = topo.node(ROUTER)
-    ctx = NodeContext(topo, node, pki, "loopback", Clock(TEST_TIME), tls12_floor=True)
+    ctx = NodeContext(topo, node, pki, "loopback", Clock(TEST_TIME))
     server = NodeServer(ctx, compile_allowlists(topo, "loopback")[ROUTER], _Hello())
     net = _Net(topo, pki)
     async with trio.open_nursery() as serving:

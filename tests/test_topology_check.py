@@ -486,3 +486,11 @@ def test_addresses_outside_their_ranges_are_caught(tmp_path: Path) -> None:
 def test_scalar_from_means_a_one_element_list() -> None:
     topo = load_topology(DEFAULT_TOPOLOGY)
     assert topo.node("ocsp").allow[0].sources == ("issuance-center",)
+
+
+def test_tls_floor_is_1_3_unless_the_file_asks_for_1_2(tmp_path):
+    assert load_topology(DEFAULT_TOPOLOGY).tls_min_version == "1.3"
+    bad = tmp_path / "tls11.yaml"
+    bad.write_text(DEFAULT_TEXT + '\ntls_min_version: "1.1"\n')
+    problems = check_file(bad)
+    assert len(problems) == 1 and "tls_min_version" in str(problems[0])

@@ -49,12 +49,14 @@ class NodeContext:
     pki: object  # topology.pki.PKI (duck-typed to keep gateway free of key generation)
     mode: str = "loopback"
     clock: Clock = field(default_factory=Clock)
-    tls12_floor: bool = False
+
+    @property
+    def tls12_floor(self) -> bool:
+        """TLS 1.3 only unless the topology asks for a 1.2 floor (`tls_min_version: "1.2"`)."""
+        return self.topo.tls_min_version == "1.2"
 
     def address_of(self, node: Node) -> str:
-        if self.mode == "netns":
-            return node.netns_address or ""
-        return node.address
+        return node.address_in(self.mode)
 
     @property
     def address(self) -> str:
@@ -181,6 +183,7 @@ class NodeServer:
             self.deny("handshake-timeout", ip)  # slow handshake: TCP open, TLS never finished
             return
         except (trio.BrokenResourceError, OSError):
+            await _send_alert(tls, tcp)
             self.deny("tls-handshake", ip)
             return
         identity = peer_identity(tls.getpeercert())
@@ -206,3 +209,17 @@ class NodeServer:
             await refuse(stream, 403, decision.reason or "request-not-allowed", "This request is not allowed on this line.")
             return
         await handle(stream, peer)
+
+
+async def _send_alert(tls: trio.SSLStream, tcp: trio.SocketStream) -> None:
+    """Tell a refused client why (protocol version, certificate required, unknown CA …): RFC 8446
+    §6.2 says a server SHOULD. OpenSSL has queued the alert, but trio's SSLStream marks itself
+    broken on the handshake error before writing it, so the alert goes out from its buffer here."""
+    alert = getattr(tls, "_outgoing", None)  # trio's outgoing MemoryBIO (private, hence getattr)
+    data = alert.read() if alert is not None else b""
+    if data:
+        with trio.move_on_after(1):
+            try:
+                await tcp.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass

@@ -31,6 +31,7 @@ from topology.spec.model import (
     Line,
     Municipality,
     Node,
+    TlsVersion,
     Topology,
     field_path,
 )
@@ -292,6 +293,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     ledger = _convert(doc, data.get("ledger"), str | None, ("ledger",))
     hours = _convert(doc, data.get("service_hours", {}), Hours, ("service_hours",))
     limits = _limits(doc, data.get("limits"))
+    tls_min = _convert(doc, data.get("tls_min_version", "1.3"), TlsVersion, ("tls_min_version",))
 
     raw_nodes = data.get("nodes") or {}
     if not isinstance(raw_nodes, dict):
@@ -329,6 +331,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         ledger=ledger or None,
         source=source,
         limits=limits,
+        tls_min_version=tls_min or "1.3",
     )
     return _Parsed(topo, set(raw_nodes), line_index, derived)
 

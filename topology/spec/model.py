@@ -36,6 +36,7 @@ CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
 
 LineKind = Literal["lan", "wifi", "closed-line", "dmz", "dedicated-line", "lgwan"]
 
+TlsVersion = Literal["1.2", "1.3"]
 
 VACCINATION_FEE = 120  # yen per copy, fixed by seed 000 §13; the file format refuses any other
 
@@ -149,6 +150,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ledger: str | None = None  # SQLite file; None: <state_dir>/ledger.sqlite; ":memory:" for comparison runs
     source: str = "<memory>"  # the file it was loaded from
     limits: dict[str, Limits] = {}  # "defaults" and node kinds, each already merged over the defaults
+    tls_min_version: TlsVersion = "1.3"  # SEC-SN-2: TLS 1.3 only, unless a topology asks for a 1.2 floor
 
     def limits_for(self, kind: str) -> Limits:
         return self.limits.get(kind) or self.limits.get("defaults") or Limits()
