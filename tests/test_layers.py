@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gateway.nodes",),  # one module per node kind
     ("gateway.node", "gateway.transport"),  # a node's deny-early listener; TLS and upstreams
     ("gateway.protocol", "gateway.business"),  # HTTP/2 core and messages; the business domain
+    ("topology.export",),  # manifests for other engines (Kubernetes, compose); reads the PKI's files
     ("topology.pki",),  # the test PKI
     ("topology.spec", "topology.policy", "topology.netns"),  # the file format, the policy compiler, the netns plan
 )

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kiosk_emu.card import DEFAULT_PIN
-from topology.cli import bench, business, netns
+from topology.cli import bench, business, export, netns
 from topology.cli.card import cmd_card
 from topology.cli.common import default_topology_path, load, user_error
 from topology.cli.demo import run_demo
@@ -99,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     netns.register(sub)  # down, policy, link
     business.add_parsers(sub)  # settle, sla, ledger
     bench.add_parser(sub)
+    export.register(sub)  # export k8s, export compose
     return p
 
 
