@@ -51,7 +51,7 @@ def _fmt(v) -> str:
 
 
 def _phases(entry: dict) -> list[tuple[str, dict]]:
-    return [(p, entry[p]) for p in ("konbini", "haproxy") if isinstance(entry.get(p), dict)]
+    return [(p, entry[p]) for p in ("konbini", "lines", "haproxy") if isinstance(entry.get(p), dict)]
 
 
 def plot_percentiles(name: str, entry: dict) -> str:
@@ -135,6 +135,23 @@ def plot_soak(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
+def plot_split(name: str, entry: dict) -> str:
+    """The mean latency split into its parts, one stacked bar per phase: the parts add up to the mean latency."""
+    fig, ax = _figure()
+    phases = [(p, r) for p, r in _phases(entry) if r.get("latency_split")]
+    parts = sorted({k for _, r in phases for k in r["latency_split"]})
+    bottoms = [0.0] * len(phases)
+    for part in parts:
+        vals = [max(0.0, r["latency_split"].get(part, 0.0)) for _, r in phases]
+        ax.bar(range(len(phases)), vals, 0.6, bottom=bottoms, label=part)
+        bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
+    ax.set_xticks(range(len(phases)), [p for p, _ in phases])
+    ax.set_ylabel("mean ms")
+    ax.set_title(f"{name}: where the time goes")
+    ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1, 1))
+    return _svg(fig)
+
+
 def render_html(report: dict) -> str:
     o = report.get("options", {})
     parts = [
@@ -175,6 +192,8 @@ def render_html(report: dict) -> str:
                     parts.append(f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>")
             else:
                 parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
+                if any(r.get("latency_split") for _, r in _phases(entry)):
+                    parts.append(plot_split(name, entry))
             for phase, r in _phases(entry):
                 if soak := r.get("soak"):
                     parts.append(plot_soak(name, entry))

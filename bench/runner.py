@@ -40,15 +40,19 @@ from gateway.node.server import NodeStartError
 from kiosk_emu.card import CardStore
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
 from topology.launch import netns
+from topology.launch.impair import Impairments
 from topology.launch.loopback import run_topology
 from topology.launch.netns import NetnsError, require_root
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
-from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Topology
+from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Impairment, Topology
 
 log = logging.getLogger("konbini.bench")
 
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+PHASES = ("konbini", "lines", "haproxy")  # konbini's relays; the same with the lines impaired; HAProxy's relays
 
 
 class BenchError(Exception):
@@ -278,6 +282,7 @@ class BenchOptions:
     seed: int = 1
     netns: bool = False  # run the topology in netns mode (root); the kiosks' workers join their namespaces
     netns_tag: str = "bench"  # namespaces konbini-<tag>-<site>
+    lines: dict[str, str] | None = None  # line kind -> delay ("20ms"): repeat konbini's phase with those lines impaired (root)
     notes: list[str] = field(default_factory=list)
 
 
@@ -302,6 +307,14 @@ def validate(opts: BenchOptions) -> None:
             raise BenchError(str(exc)) from None
     if opts.h2load and shutil.which("h2load") is None:
         raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
+    if opts.lines is not None:
+        if os.geteuid() != 0:
+            raise BenchError("--line impairs lines per address pair on lo, which needs root")
+        kinds = {line.kind for line in opts.topology.lines}
+        if unknown := sorted(set(opts.lines) - kinds):
+            raise BenchError(f"no line of kind {unknown[0]!r} in {opts.topology.source}; kinds: {', '.join(sorted(kinds))}")
+        if opts.netns:
+            raise BenchError("--line runs in loopback mode; in netns mode set the lines with `konbini link set`")
     if opts.netns:
         if opts.baseline or opts.h2load:
             raise BenchError("--netns runs konbini's relays only: --baseline and --h2load are loopback-only")
@@ -397,6 +410,14 @@ class Bench:
             (relay if kinds & set(RELAY_KINDS) else center).append(h.pid)
         return relay, center
 
+    def impairments(self) -> Impairments:
+        """Every line of the kinds in --line impaired with its delay, per address pair on lo (root)."""
+        overrides = {
+            line.id: Impairment(delay=self.opts.lines[line.kind])
+            for line in self.topo.lines if line.kind in (self.opts.lines or {})
+        }
+        return Impairments(self.topo, "loopback", state_dir=self.opts.state_dir, overrides=overrides)
+
     def _front(self, phase: str):
         relays = [n for n in self.topo.nodes.values() if n.kind in RELAY_KINDS]
         if self.plan is not None:
@@ -448,6 +469,16 @@ class Bench:
         return sc.rate, None
 
     def phase(self, sc: Scenario, phase: str, rate: float | None, concurrency: int | None, duration: float) -> dict:
+        if phase == "lines":
+            impairments = self.impairments()
+            notes = impairments.start()
+            try:
+                result = self.phase(sc, "konbini", rate, concurrency, duration)
+            finally:
+                impairments.stop()
+            result["phase"] = "lines"
+            result["lines"] = {"in_force": {k: v for k, v in sorted((self.opts.lines or {}).items())}, "notes": notes}
+            return result
         front = self._front(phase)
         front.start()
         try:
@@ -482,7 +513,7 @@ class Bench:
         return result
 
     def run_scenario(self, sc: Scenario) -> dict:
-        phases = ["konbini"] + (["haproxy"] if self.opts.baseline == "haproxy" else [])
+        phases = ["konbini"] + (["lines"] if self.opts.lines else []) + (["haproxy"] if self.opts.baseline == "haproxy" else [])
         entry: dict = {"what": sc.what, "success_only": sc.success_only}
         if sc.sweep:
             for phase in phases:

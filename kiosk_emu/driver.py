@@ -14,6 +14,7 @@ order is made here once. Two rules:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -53,14 +54,19 @@ async def exchange(
 ) -> tuple[int, bytes]:
     """One request with a small body (None: none at all), answered with a small one: (status, body).
     The stream is released whatever happens, so an unfinished one is reset on every hop."""
+    t0 = time.perf_counter()
     stream = await conn.open_stream(request_headers(method, path, authority), end_stream=body is None)
     try:
         if body is not None:
             await stream.send_data(body, end_stream=True)
         headers = await stream.receive_headers()
+        t1 = time.perf_counter()
         if flow is not None:
             flow.record_timing(headers)
-        return int(header(headers, b":status") or 0), await stream.read_body()
+        answer = int(header(headers, b":status") or 0), await stream.read_body()
+        if flow is not None:
+            flow.record_request(headers, (t1 - t0) * 1000, (time.perf_counter() - t0) * 1000)
+        return answer
     finally:
         conn.release(stream)
 
@@ -95,10 +101,13 @@ class FlowDriver:
     async def receive_document(self, flow: KioskFlow, step: tuple[str, str, bytes]) -> None:
         """The issue request, answered by the streamed document (or a refusal)."""
         method, path, body = step
+        t0 = time.perf_counter()
         stream = await self.conn.open_stream(request_headers(method, path, self.authority), end_stream=False)
+        headers = None
         try:
             await stream.send_data(body, end_stream=True)
             headers = await stream.receive_headers()
+            t1 = time.perf_counter()
             flow.record_timing(headers)
             status = int(header(headers, b":status") or 0)
             if not flow.on_document_headers(status, headers):
@@ -112,6 +121,8 @@ class FlowDriver:
             flow.record_timing(stream.trailers)
         finally:
             self.conn.release(stream)
+            if headers is not None:
+                flow.record_request(headers, (t1 - t0) * 1000, (time.perf_counter() - t0) * 1000)
 
     async def settle(self, flow: KioskFlow, now: Callable[[], datetime]) -> None:
         """A verified document: payment before printing (BIZ-4), the notice (BIZ-5), then the erase."""

@@ -33,7 +33,9 @@ from gateway.protocol.messages import (
     IssueRequest,
     MisdeliveryReport,
 )
+from kiosk_emu import latency
 from kiosk_emu.card import Card, PinLocked, WrongPin
+from kiosk_emu.latency import add_server_timing
 
 
 class State(Enum):
@@ -109,17 +111,8 @@ class Outcome:
     refunded: bool = False  # misprint: the fee went back to the resident
     notice_pending: bool = False  # the notice waits in the outbox for the center's acknowledgement
     hops: dict[str, float] = field(default_factory=dict)  # node id -> ms, summed over the steps
-
-
-def add_server_timing(headers: Headers | None, into: dict[str, float]) -> None:
-    """Add each `server-timing: <node>;dur=<ms>` entry of a header block to `into` (node -> ms)."""
-    for k, v in headers or ():
-        if k == b"server-timing":
-            name, _, dur = v.decode().partition(";dur=")
-            try:
-                into[name] = into.get(name, 0.0) + float(dur)
-            except ValueError:
-                pass
+    split: dict[str, float] = field(default_factory=dict)  # latency part -> ms, summed over the requests
+    requests_ms: float = 0.0  # time inside requests (open to end); the rest of the flow is the kiosk's own
 
 
 class KioskFlow:
@@ -132,6 +125,7 @@ class KioskFlow:
         self.state = S.START
         self.session: str | None = None
         self.outcome = Outcome()
+        self.hop_kinds: dict[str, str] = {}
         self._digest = hashlib.sha256()
 
     def _go(self, event: str) -> None:
@@ -149,6 +143,12 @@ class KioskFlow:
     def record_timing(self, headers: Headers | None) -> None:
         """Sum each hop's own time from the server-timing entries every hop adds."""
         add_server_timing(headers, self.outcome.hops)
+
+    def record_request(self, headers: Headers | None, ttfb_ms: float, total_ms: float) -> None:
+        """One request's latency split (kiosk_emu.latency) into the flow's running sum, its hops
+        labelled by `hop_kinds` (server-timing name -> label; the load generator uses node kinds)."""
+        latency.split(ttfb_ms, total_ms, headers, self.hop_kinds, self.outcome.split)
+        self.outcome.requests_ms += total_ms
 
     def refuse(self, reason: str, message: str | None = None, tries_left: int | None = None) -> None:
         self._go("refused")

@@ -10,7 +10,7 @@ and issues only what is missing (a node added to the topology, a principal asked
       jpki-ca.pem     .key        RSA-2048, issues card authentication certificates (SEC-KI-1)
       ocsp-signer.pem .key        ECDSA P-256, delegated OCSP signer issued by the JPKI CA
       nodes/<node id>.pem .key    one identity per topology node (CN, DNS and IP SANs)
-      principals/<name>.pem .key  people, not nodes: "operator", "store-staff"
+      principals/<name>.pem .key  people, not nodes: "operator", "store-staff", "monitoring"
 
 Private keys are PKCS#8 PEM, mode 0600, written atomically (temporary file + rename), so a
 crash never leaves half a key behind.
@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from topology.spec.model import Topology
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
-PRINCIPALS = ("operator", "store-staff")
+PRINCIPALS = ("operator", "store-staff", "monitoring")  # monitoring: scrapes metrics (topology/policy/monitoring.py)
 
 # Seed 004's revocation causes -> RFC 5280 CRLReason, as carried in OCSP responses (BIZ-8).
 REVOCATION_REASONS: dict[str, x509.ReasonFlags] = {

@@ -17,10 +17,18 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node.metrics import (
+    CONTENT_TYPE,
+    DETACHED,
+    NodeMetrics,
+    http_response,
+    read_request_head,
+)
 from gateway.protocol.h2trio import LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.policy.compiler import AllowList
+from topology.policy.monitoring import MetricsAllowList
 from topology.spec.model import Limits, Node, Topology
 
 log = logging.getLogger("konbini.node")
@@ -67,9 +75,9 @@ class NodeContext:
         """What this node grants one peer: the topology's `limits:` for its kind, or the defaults."""
         return self.topo.limits_for(self.node.kind)
 
-    def server_tls(self):
+    def server_tls(self, alpn: str = "h2"):
         chain, key = self.pki.node_paths(self.node.id)
-        return server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+        return server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor, alpn)
 
     def client_tls(self):
         chain, key = self.pki.node_paths(self.node.id)
@@ -102,6 +110,8 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
 class App:
     """What runs behind a NodeServer: override `handle` (per request) or `serve_connection`."""
 
+    metrics: NodeMetrics = DETACHED  # the NodeServer's own, bound when it takes this app
+
     async def serve_connection(self, conn: TrioH2, peer: Peer, server: NodeServer) -> None:
         await conn.run(lambda stream: server.dispatch(stream, peer, self.handle))
 
@@ -114,6 +124,10 @@ class NodeServer:
         self.ctx = ctx
         self.allow = allowlist
         self.app = app
+        self.metrics = app.metrics = NodeMetrics(ctx.node.id, ctx.node.kind)
+        if callable(getattr(app, "collect", None)):  # an app with state to read at scrape time
+            self.metrics.registry.register(app)
+        self.scrape_allow = MetricsAllowList(ctx.topo, ctx.mode)
         self.denials: Counter[str] = Counter()
         self.connections = 0
         self.limits = ctx.limits
@@ -122,6 +136,7 @@ class NodeServer:
 
     def deny(self, reason: str, peer: str, identity: str | None = None) -> None:
         self.denials[reason] += 1
+        self.metrics.denials.labels(reason).inc()
         self._denied, denied = trio.Event(), self._denied
         denied.set()
         log.warning("deny node=%s peer=%s id=%s reason=%s", self.ctx.node.id, peer, identity or "-", reason)
@@ -138,14 +153,21 @@ class NodeServer:
         or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS): a flood of connections slows this node
         down instead of raising out of the listener and cancelling every node in the process."""
         node = self.ctx.node
-        address = self.ctx.address
         self.ctx.server_tls()  # read the PKI files now, not at a first connection that may find no descriptor free
+        self._scrape_tls = self.ctx.server_tls("http/1.1")  # Prometheus and curl speak HTTP/1.1 to the scrape port
+        listeners = await self._listen(node.port)
+        scrape = await self._listen(self.scrape_allow.port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._scrape, scrape)
+            task_status.started(await nursery.start(trio.serve_listeners, self._connection, listeners))
+
+    async def _listen(self, port: int | None) -> list[trio.SocketListener]:
+        address = self.ctx.address
         try:
-            listeners = await trio.open_tcp_listeners(node.port, host=address, backlog=1024)
+            return await trio.open_tcp_listeners(port, host=address, backlog=1024)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
-            raise NodeStartError(f"{node.id}: address {address}:{node.port} {what}") from None
-        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
+            raise NodeStartError(f"{self.ctx.node.id}: address {address}:{port} {what}") from None
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
         """One accepted connection: the peer address before the TLS handshake, the certificate
@@ -180,35 +202,81 @@ class NodeServer:
             with trio.fail_after(self.limits.handshake_timeout):
                 await tls.do_handshake()
         except trio.TooSlowError:
+            self.metrics.tls_handshakes.labels("timeout").inc()
             self.deny("handshake-timeout", ip)  # slow handshake: TCP open, TLS never finished
             return
         except (trio.BrokenResourceError, OSError):
+            self.metrics.tls_handshakes.labels("failed").inc()
             await _send_alert(tls, tcp)
             self.deny("tls-handshake", ip)
             return
+        self.metrics.tls_handshakes.labels("ok").inc()
         identity = peer_identity(tls.getpeercert())
         decision = self.allow.check_identity(ip, identity or "")
         if not decision.allowed or tls.selected_alpn_protocol() != "h2":
             self.deny(decision.reason or "alpn", ip, identity)
             return
         self.connections += 1
+        self.metrics.connections.inc()
 
         def ended(reason: str | None) -> None:  # counted before the (lingering) close, as the peer sees it
             if reason not in ORDINARY_CLOSE:
                 self.deny(reason, ip, identity)
 
         conn = TrioH2(tls, client_side=False, peer=identity or ip, limits=self.limits, on_end=ended)
-        await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
+        with self.metrics.connections_open.track_inprogress():
+            await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
 
     async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
         """Per request: method and path against the allow-list, then the app."""
         method, path = method_path(stream.headers)
+        self.metrics.request(method)
         decision = self.allow.check_request(peer.identity, method, path)
         if not decision.allowed:
             self.deny(decision.reason or "request-not-allowed", peer.address, peer.identity)
             await refuse(stream, 403, decision.reason or "request-not-allowed", "This request is not allowed on this line.")
             return
-        await handle(stream, peer)
+        with self.metrics.streams_in_flight.track_inprogress():
+            await handle(stream, peer)
+
+    async def _scrape(self, tcp: trio.SocketStream) -> None:
+        """One connection to the scrape port: the monitoring address before TLS, the monitoring
+        principal after it, then one HTTP/1.1 `GET /metrics` answered with this node's counters.
+        Nothing here forwards, so the scrape port is never a path (topology/policy/monitoring.py)."""
+        try:
+            try:
+                ip = tcp.socket.getpeername()[0]
+            except OSError:
+                return
+            decision = self.scrape_allow.check_address(ip)
+            if not decision.allowed:
+                self.deny(decision.reason or "peer-address", ip)
+                return
+            tls = trio.SSLStream(tcp, self._scrape_tls, server_side=True)
+            with trio.move_on_after(self.limits.handshake_timeout) as late:
+                try:
+                    await tls.do_handshake()
+                    identity = peer_identity(tls.getpeercert())
+                    decision = self.scrape_allow.check_identity(ip, identity or "")
+                    if not decision.allowed:
+                        self.deny(decision.reason or "peer-identity", ip, identity)
+                        return
+                    head = await read_request_head(tls)
+                    decision = self.scrape_allow.check_request(*head) if head else None
+                    if decision is None or not decision.allowed:
+                        self.deny("request-not-allowed", ip, identity)
+                        answer = http_response(400 if head is None else 403, b"request-not-allowed\n")
+                    else:
+                        self.metrics.scrapes.inc()
+                        answer = http_response(200, self.metrics.exposition(), CONTENT_TYPE)
+                    await tls.send_all(answer)
+                    await tls.aclose()  # close_notify: the client reads the whole answer, then EOF
+                except (trio.BrokenResourceError, OSError):
+                    self.deny("tls-handshake", ip)
+            if late.cancelled_caught:
+                self.deny("handshake-timeout", ip)
+        finally:
+            await trio.aclose_forcefully(tcp)
 
 
 async def _send_alert(tls: trio.SSLStream, tcp: trio.SocketStream) -> None:

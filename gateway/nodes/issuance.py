@@ -25,6 +25,7 @@ import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway.business import ocsp, rules
 from gateway.business.ledger import (
@@ -189,6 +191,12 @@ class IssuanceCenter(App):
         self.ocsp = Upstream(ctx, ocsp_nodes[0], nursery) if ocsp_nodes else None
         self.muni_links = {code: Upstream(ctx, node, nursery) for code, node in self.munis.items()}
 
+    def collect(self) -> Iterator[Metric]:
+        """Read at scrape time (the NodeServer registers the app as a collector): what the center
+        knows of the kiosks' notice outboxes, documents delivered whose completion notice is not in."""
+        awaited = sum(1 for iss in self.issuances.values() if iss.state is IssuanceState.SENT)
+        yield GaugeMetricFamily("konbini_notices_awaited", "Delivered documents whose completion notice is not in yet.", value=awaited)
+
     # -- routing ---------------------------------------------------------------------------
 
     async def handle(self, stream: Stream, peer: Peer) -> None:
@@ -236,8 +244,9 @@ class IssuanceCenter(App):
 
     async def _refuse(self, stream: Stream, status: int, reason: str, t0: float, **fmt: str) -> None:
         self.refusals[reason] += 1
+        self.metrics.refusals.labels(reason).inc()
         message = MESSAGES.get(reason, reason).format(**fmt)
-        await refuse(stream, status, reason, message, [timing(self.ctx.node.id, t0)])
+        await refuse(stream, status, reason, message, [timing(self.ctx.node.id, t0, stream)])
 
     # -- session and card authentication ----------------------------------------------------
 
@@ -250,7 +259,7 @@ class IssuanceCenter(App):
         self._expire_sessions()
         s = Session(secrets.token_hex(16), kiosk, store, secrets.token_bytes(32), time.monotonic())
         self.sessions[s.id] = s
-        await send_json(stream, 200, Challenge(s.id, _b64(s.challenge)), [timing(self.ctx.node.id, t0)])
+        await send_json(stream, 200, Challenge(s.id, _b64(s.challenge)), [timing(self.ctx.node.id, t0, stream)])
 
     def _expire_sessions(self) -> None:
         if len(self.sessions) < 10_000:
@@ -291,11 +300,12 @@ class IssuanceCenter(App):
         if problem is not None:
             s.fire(SessionEvent.REJECTED)
             self.refusals[problem] += 1
-            await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0), *timings])
+            self.metrics.refusals.labels(problem).inc()
+            await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0, stream), *timings])
             return
         s.fire(SessionEvent.VERIFIED)
         s.card = hashlib.sha256(der).hexdigest()
-        await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0), *timings])
+        await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0, stream), *timings])
 
     @staticmethod
     def _check_signature(cert: x509.Certificate, challenge: bytes, signature: bytes) -> str | None:
@@ -392,7 +402,7 @@ class IssuanceCenter(App):
                         (b"content-type", b"application/pdf"),
                         (b"konbini-issuance-id", iss.id.encode()),
                         (b"konbini-fee", str(iss.fee).encode()),
-                        timing(self.ctx.node.id, t0),
+                        timing(self.ctx.node.id, t0, stream),
                         muni_ms,
                     ]
                 )
@@ -413,6 +423,7 @@ class IssuanceCenter(App):
         # no await between the trailers and SENT: a completion notice cannot overtake the delivery
         s.fire(SessionEvent.SEAL)
         iss.fire(IssuanceEvent.SEAL)
+        self.metrics.issuances.labels(iss.cert_type).inc()
         self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
 
     def _cancel(self, s: Session, iss: Issuance | None) -> None:
@@ -455,10 +466,11 @@ class IssuanceCenter(App):
             log.error("notice not recorded: %s", exc)
             await self._refuse(stream, 503, "ledger-unavailable", t0)
             return
+        self.metrics.notices.labels("new" if new else "duplicate").inc()
         if isinstance(iss, Issuance):
             iss.notices += 1
             iss.fire(IssuanceEvent.NOTICE)
-        await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0)])
+        await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0, stream)])
 
     async def _correction(self, stream: Stream, corr: CorrectionNotice, t0: float) -> None:
         iss = await self._known_issuance(corr.issuance_id, corr.session, stream)
@@ -476,9 +488,10 @@ class IssuanceCenter(App):
         except LedgerError:
             await self._refuse(stream, 409, "not-noticed", t0)
             return
-        await send_json(stream, 200, CorrectionAck("corrected", iss.id), [timing(self.ctx.node.id, t0)])
+        await send_json(stream, 200, CorrectionAck("corrected", iss.id), [timing(self.ctx.node.id, t0, stream)])
 
     async def _misdelivery(self, stream: Stream, s: Session, report: MisdeliveryReport, t0: float) -> None:
         self.misdeliveries.append(report)
+        self.metrics.misdeliveries.inc()
         log.error("misdelivery refused by kiosk=%s session=%s issuance=%s problem=%s", s.kiosk, s.id, report.issuance_id, report.problem)
-        await send_json(stream, 200, {"status": "recorded"}, [timing(self.ctx.node.id, t0)])
+        await send_json(stream, 200, {"status": "recorded"}, [timing(self.ctx.node.id, t0, stream)])

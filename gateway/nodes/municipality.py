@@ -53,7 +53,7 @@ class MunicipalityServer(App):
         except BadRequest:
             await refuse(stream, 400, "bad-request", "bad document request")
             return
-        stream.send_headers([(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0)])
+        stream.send_headers([(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0, stream)])
         for piece in document_chunks(req.issuance_id, req.cert_type, max(req.size, 0)):
             await stream.send_data(piece)
         stream.end()

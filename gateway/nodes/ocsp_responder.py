@@ -38,7 +38,7 @@ class OcspNode(App):
         if route == ("GET", "/crl"):
             answer = self.crl()
             stream.send_headers(
-                [(b":status", b"200"), (b"content-type", b"application/pkix-crl"), timing(self.ctx.node.id, t0)]
+                [(b":status", b"200"), (b"content-type", b"application/pkix-crl"), timing(self.ctx.node.id, t0, stream)]
             )
             await stream.send_data(answer, end_stream=True)
             return
@@ -47,6 +47,6 @@ class OcspNode(App):
             return
         answer = self.responder.respond(await stream.read_body(16 * 1024))
         stream.send_headers(
-            [(b":status", b"200"), (b"content-type", b"application/ocsp-response"), timing(self.ctx.node.id, t0)]
+            [(b":status", b"200"), (b"content-type", b"application/ocsp-response"), timing(self.ctx.node.id, t0, stream)]
         )
         await stream.send_data(answer, end_stream=True)

@@ -35,22 +35,36 @@ class Relay(App):
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.upstream = ctx.topo.node(ctx.node.upstream or "")
+        self.hops = [ctx.topo.node(h) for h in ctx.node.hops] or [self.upstream]  # redundancy: several next hops
+        self._turn = -1
         self.first_hop = ctx.node.kind == "store-router"
         self.streams_forwarded = 0
         self.max_buffered = 0  # high-water mark of bytes held for one stream (tests check the bound)
 
     async def serve_connection(self, conn: TrioH2, peer: Peer, server: NodeServer) -> None:
-        try:
-            up: TrioH2 | None = await self.ctx.connect(self.upstream)
-        except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
-            log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, self.upstream.id, exc)
-            up = None
+        up = await self._connect_upstream()
         async with trio.open_nursery() as nursery:
             if up is not None:
                 nursery.start_soon(self._run_upstream, up, conn)
             await conn.run(lambda s: server.dispatch(s, peer, partial(self.forward, up=up)))
             if up is not None:
                 up.close()
+
+    async def _connect_upstream(self) -> TrioH2 | None:
+        """The first next hop that answers, tried in the declared order ("failover") or starting one
+        further along for each connection ("balance"); None when none does (the peer gets 502s and
+        reconnects, and the hops are tried again)."""
+        hops = self.hops
+        if self.ctx.node.upstream_policy == "balance" and len(hops) > 1:
+            self._turn = (self._turn + 1) % len(hops)
+            hops = hops[self._turn :] + hops[: self._turn]
+        for hop in hops:
+            try:
+                return await self.ctx.connect(hop)
+            except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
+                log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, hop.id, exc)
+                self.metrics.upstream_failures.labels("unreachable").inc()
+        return None
 
     @staticmethod
     async def _run_upstream(up: TrioH2, conn: TrioH2) -> None:
@@ -72,6 +86,7 @@ class Relay(App):
     async def forward(self, ds: Stream, peer: Peer, up: TrioH2 | None) -> None:
         t0 = time.perf_counter()
         if up is None or up.core.closed:
+            self.metrics.upstream_failures.labels("unavailable").inc()
             await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
             ds.conn.close()  # no upstream on this connection: the peer reconnects, and we try the next hop again
             return
@@ -79,6 +94,7 @@ class Relay(App):
         try:
             us = await up.open_stream(self._rewrite(ds.headers or [], peer), end_stream=request_done)
         except ConnectionClosed:
+            self.metrics.upstream_failures.labels("unavailable").inc()
             await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
             ds.conn.close()
             return
@@ -87,25 +103,27 @@ class Relay(App):
         try:
             async with trio.open_nursery() as nursery:
                 if not request_done:
-                    nursery.start_soon(self._pump, ds, us)
+                    nursery.start_soon(self._pump, ds, us, "request")
                 with trio.move_on_after(RESPONSE_TIMEOUT) as timeout:
                     headers = await us.receive_headers()
                 if timeout.cancelled_caught:
                     nursery.cancel_scope.cancel()
+                    self.metrics.upstream_failures.labels("timeout").inc()
                     await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")
                     return
                 t2 = time.perf_counter()
                 end = us.st.ended and not us.st.chunks and us.st.trailers is None
-                ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own)], end_stream=end)
+                ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own, upstream=t2 - t0 - own, queue=t0 - ds.st.received_at)], end_stream=end)
                 if not end:
-                    await self._pump(us, ds)
+                    await self._pump(us, ds, "response")
         except* (StreamReset, ConnectionClosed):
             ds.reset(h2.errors.ErrorCodes.CANCEL)  # one side cancelled or died: cancel the other too
         finally:
             up.release(us)  # resets upstream if unfinished (downstream cancelled or timed out)
 
-    async def _pump(self, src: Stream, dst: Stream) -> None:
+    async def _pump(self, src: Stream, dst: Stream, direction: str) -> None:
         """Move one direction's body; ack each chunk to its sender only once the other side took it."""
+        relayed = self.metrics.bytes_relayed.labels(direction)
         while (chunk := await src.receive_chunk(ack=False)) is not None:
             if chunk:
                 held = len(chunk) + src.st.buffered
@@ -113,4 +131,5 @@ class Relay(App):
                     self.max_buffered = held
                 await dst.send_data(chunk)
                 src.ack(len(chunk))
+                relayed.inc(len(chunk))
         dst.end(src.trailers)

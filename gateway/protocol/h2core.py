@@ -94,6 +94,7 @@ class StreamState:
     ended: bool = False  # remote sent END_STREAM
     reset_code: int | None = None  # remote (or we) reset the stream
     buffered: int = 0  # bytes received and not yet taken by the consumer
+    received_at: float = 0.0  # time.perf_counter() when the driver read the request's HEADERS (server side)
 
     @property
     def finished(self) -> bool:
@@ -285,6 +286,15 @@ class H2Driver:
         self.flush()
 
 
+class _Connection(h2.connection.H2Connection):
+    """h2 remembers how every closed stream ended (to answer late frames on it precisely), up to
+    65,536 per connection: on a long-lived kiosk or relay connection that is memory growing with
+    every request for hours (the soak bench saw +30 % RSS in 10 minutes). A frame for a stream
+    older than those kept is still refused as closed, only less precisely."""
+
+    MAX_CLOSED_STREAMS = 2 * MAX_CONCURRENT_STREAMS
+
+
 class H2Core:
     def __init__(
         self,
@@ -302,7 +312,7 @@ class H2Core:
         config = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
         )
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _Connection(config=config)
         # hpack's Huffman coder is pure Python, char by char; between hops on one machine the
         # bytes it saves cost more CPU than they save (and peers then skip Huffman decoding too).
         self.conn.encoder.encode = functools.partial(type(self.conn.encoder).encode, self.conn.encoder, huffman=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 import h2.errors
@@ -201,6 +202,7 @@ class TrioH2(H2Driver):
                 self.abort(reason)
                 return
             last_read = trio.current_time()
+            read_at = time.perf_counter()  # a request's queue time runs from here to its handler's start
             try:
                 woken = core.receive_data(data)
             except ConnectionClosed as exc:
@@ -218,6 +220,7 @@ class TrioH2(H2Driver):
                 if st.reset_code is not None:  # opened and cancelled in one read (Rapid Reset): no task for it
                     core.forget(st.id)
                     continue
+                st.received_at = read_at
                 stream = Stream(self, st)
                 self._handlers[st.id] = stream
                 nursery.start_soon(self._serve_stream, handler, stream)

@@ -42,10 +42,20 @@ def request_headers(method: str, path: str, authority: str, extra: Headers = ())
     ]
 
 
-def timing(node_id: str, started: float) -> tuple[bytes, bytes]:
-    """A server-timing entry for this hop's own time since `started` (time.perf_counter())."""
-    ms = (time.perf_counter() - started) * 1000
-    return (b"server-timing", f"{node_id};dur={ms:.3f}".encode())
+def timing(node_id: str, started: float, stream: Stream | None = None, *, upstream: float | None = None,
+           queue: float | None = None) -> tuple[bytes, bytes]:
+    """A server-timing entry for this hop: `dur`, its own time since `started` (time.perf_counter());
+    `queue`, the time from reading the request's HEADERS to the handler's start (event-loop
+    backlog; from `stream` when `started` is the handler's start, else given); `up`, seconds spent waiting for the next hop's answer (relays). Together
+    with the client's own clock these let the latency be split so that its parts add up."""
+    entry = f"{node_id};dur={(time.perf_counter() - started) * 1000:.3f}"
+    if queue is None and stream is not None and stream.st.received_at:
+        queue = started - stream.st.received_at
+    if queue is not None:
+        entry += f";queue={max(0.0, queue) * 1000:.3f}"
+    if upstream is not None:
+        entry += f";up={upstream * 1000:.3f}"
+    return (b"server-timing", entry.encode())
 
 
 async def send_json(stream: Stream, status: int, body: object, extra: Headers = ()) -> None:

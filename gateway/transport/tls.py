@@ -17,8 +17,10 @@ def _base(ctx: ssl.SSLContext, chain: Path, key: Path, ca: Path, tls12_floor: bo
 
 
 @lru_cache(maxsize=256)
-def server_context(chain: Path, key: Path, ca: Path, tls12_floor: bool = False) -> ssl.SSLContext:
+def server_context(chain: Path, key: Path, ca: Path, tls12_floor: bool = False, alpn: str = "h2") -> ssl.SSLContext:
+    """`alpn` "http/1.1" only for the metrics scrape port (gateway/node/metrics.py)."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key, ca, tls12_floor)
+    ctx.set_alpn_protocols([alpn])
     # Tickets would let a client resume without presenting its certificate again; we want
     # every connection authenticated by certificate, and connections are long-lived anyway.
     ctx.options |= ssl.OP_NO_TICKET

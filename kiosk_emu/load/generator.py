@@ -43,9 +43,11 @@ from gateway.protocol.h2core import ConnectionClosed, StreamReset
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from gateway.transport.tls import client_context
+from kiosk_emu import latency
 from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
-from kiosk_emu.flow import KioskFlow, Status, add_server_timing
+from kiosk_emu.flow import KioskFlow, Status
+from kiosk_emu.latency import add_server_timing
 from kiosk_emu.load.h2asyncio import AsyncioH2, connect_h2
 from topology.netns.enter import enter_namespace
 
@@ -188,12 +190,20 @@ class _Stats:
         self.hops: dict[str, HdrHistogram] = {}
         self.timeline: dict[int, HdrHistogram] = {}
         self.done = 0  # progress (measured or not)
+        self.split: dict[str, float] = {}  # latency part -> ms summed over the measured requests
+        self.split_n = 0
+        self.split_total_ms = 0.0
 
-    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float]) -> None:
+    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float]) -> None:
         self.outcomes[outcome] += 1
         self.bytes += nbytes
         if outcome.startswith("error:"):
             return
+        if split:
+            self.split_n += 1
+            self.split_total_ms += ms
+            for part, part_ms in split.items():
+                self.split[part] = self.split.get(part, 0.0) + part_ms
         record_ms(self.latency, ms)
         t = self.timeline.get(second)
         if t is None:
@@ -228,13 +238,16 @@ class _Kiosk:
             return self.conn
 
 
-async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float]) -> tuple[str, int]:
+async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float], split: dict[str, float], kinds: dict[str, str]) -> tuple[str, int]:
     conn = await k.connection()
+    t0 = time.perf_counter()
     st = await conn.open_stream(request_headers("GET", f"/bench/blob?size={w.size}", k.spec.router_id), end_stream=True)
     try:
         headers = await st.receive_headers()
+        t1 = time.perf_counter()
         add_server_timing(headers, hops)
         n = await st.drain_body()
+        latency.split((t1 - t0) * 1000, (time.perf_counter() - t0) * 1000, headers, kinds, split)
         status = st.status
         if status != 200:
             reason = dict(headers).get(b"konbini-reason", f"http-{status}".encode()).decode()
@@ -330,15 +343,17 @@ class _Worker:
         loop = asyncio.get_running_loop()
         w = self.spec.workload
         hops: dict[str, float] = {}
+        split: dict[str, float] = {}
         nbytes = 0
         case = "ok"
+        started = loop.time()
         try:
             if w.kind == "relay":
                 async with asyncio.timeout(w.timeout_s):
-                    outcome, nbytes = await _relay_request(k, w, hops)
+                    outcome, nbytes = await _relay_request(k, w, hops, split, self.spec.hop_kinds)
             else:
                 case = self._case()
-                outcome, nbytes, hops = await self._issue(k, case)
+                outcome, nbytes, hops, split = await self._issue(k, case)
         except (ConnectionClosed, OSError, ConnectionError) as exc:
             outcome = f"error:{type(exc).__name__}"
         except TimeoutError:
@@ -352,15 +367,20 @@ class _Worker:
         done = loop.time()
         self.stats.done += 1
         if measured:
-            self.stats.record(int(intended - self.t_warm), latency_ms(intended, done), outcome, nbytes, hops)
+            total = latency_ms(intended, done)
+            if split:  # what the parts do not explain: waiting for a free kiosk, or the kiosk's own work
+                split["generator wait"] = (started - intended) * 1000
+                split["kiosk / generator own"] = total - sum(split.values())
+            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split)
 
-    async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float]]:
+    async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float], dict[str, float]]:
         """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
         w, spec = self.spec.workload, self.spec
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
         card = self.revoked if case == "card-revoked" and self.revoked is not None else k.card
         pin = "9999" if case == "pin-wrong" else DEFAULT_PIN
         flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
+        flow.hop_kinds = spec.hop_kinds
         timeout = w.timeout_s
         if case == "timeout":
             lo, hi = w.short_timeout_ms
@@ -386,7 +406,7 @@ class _Worker:
             outcome = "misdelivered"
         else:
             outcome = f"{o.status}:{o.reason}"
-        return outcome, nbytes, o.hops
+        return outcome, nbytes, o.hops, o.split
 
     def _now(self) -> datetime:
         if self.spec.clock_start:
@@ -494,6 +514,9 @@ class _Worker:
             "bytes": s.bytes,
             "latency": encode(s.latency),
             "hops": {k: encode(h) for k, h in s.hops.items()},
+            "split": s.split,
+            "split_n": s.split_n,
+            "split_total_ms": s.split_total_ms,
             "timeline": {str(sec): encode(h) for sec, h in s.timeline.items()},
             "measured_s": max(0.0, measured_end - self.t_warm),
             "cpu_s": cpu,
@@ -678,6 +701,9 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         outcomes.update(r["outcomes"])
     hop_names = sorted({h for r in results for h in r["hops"]})
     hops = {h: percentiles(merge([r["hops"].get(h, "") for r in results])) for h in hop_names}
+    split_n = sum(r.get("split_n", 0) for r in results)
+    parts = sorted({p for r in results for p in r.get("split", {})})
+    split = {p: round(sum(r["split"].get(p, 0.0) for r in results) / split_n, 3) for p in parts} if split_n else {}
     seconds = sorted({int(s) for r in results for s in r["timeline"]})
     timeline = []
     for s in seconds:
@@ -719,6 +745,9 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         "latency_count": lat.get_total_count(),
         "latency_hist": encode(lat),
         "hops": hops,
+        # mean ms per part of a request's latency; the parts add up to latency_split_total_ms (the mean latency)
+        "latency_split": split,
+        "latency_split_total_ms": round(sum(r.get("split_total_ms", 0.0) for r in results) / split_n, 3) if split_n else None,
         "timeline": timeline,
         "generator": {
             "workers": workers,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.runner import BenchError, BenchOptions, run_bench
+from bench.runner import PHASES, BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
 from topology.cli.render import show
@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
     b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
+    b.add_argument("--line", action="append", metavar="KIND=DELAY",
+                   help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -59,6 +61,7 @@ def cmd_bench(args) -> int:
         progress=not args.no_progress,
         netns=args.netns,
         netns_tag=args.tag,
+        lines=_lines(args.line),
     )
     try:
         report = run_bench(opts)
@@ -66,7 +69,7 @@ def cmd_bench(args) -> int:
         raise UserError(str(exc)) from None
     rows, soaks = [], []
     for name, entry in report["scenarios"].items():
-        for phase in ("konbini", "haproxy"):
+        for phase in PHASES:
             r = entry.get(phase)
             if not r:
                 continue
@@ -79,6 +82,10 @@ def cmd_bench(args) -> int:
                 f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
                 " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
             ))
+            if split := r.get("latency_split"):
+                top = sorted(split.items(), key=lambda kv: -abs(kv[1]))
+                soaks.append(f"{name} {phase} where the time goes (mean ms, adds up to {r.get('latency_split_total_ms')}): "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in top))
             if soak := r.get("soak"):
                 worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
                 fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
@@ -94,13 +101,25 @@ def cmd_bench(args) -> int:
         console.print(line, markup=False, highlight=False)
     console.print(f"reports: {opts.out_dir / 'report.json'} and {opts.out_dir / 'report.html'}")
     failed = any(
-        (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in ("konbini", "haproxy")
+        (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES
     )
     soak_failed = any(
-        not (entry.get(p) or {}).get("soak", {"ok": True})["ok"] for entry in report["scenarios"].values() for p in ("konbini", "haproxy")
+        not (entry.get(p) or {}).get("soak", {"ok": True})["ok"] for entry in report["scenarios"].values() for p in PHASES
     )
     return 1 if failed or soak_failed or report["partial"] else 0
 
 
 def _ms(v) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+def _lines(given: list[str] | None) -> dict[str, str] | None:
+    if not given:
+        return None
+    out = {}
+    for item in given:
+        kind, sep, delay = item.partition("=")
+        if not sep or not kind or not delay:
+            raise UserError(f"--line {item!r}: give KIND=DELAY, e.g. closed-line=20ms")
+        out[kind] = delay
+    return out

@@ -24,6 +24,7 @@ from topology.export.netpol import (
     selector,
 )
 from topology.pki import PKI
+from topology.policy.monitoring import METRICS_PATH, METRICS_PORT
 from topology.spec.model import RELAY_KINDS, Node, Topology
 
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -189,7 +190,11 @@ def _workload(node: Node, files: list[str], opts: KubeOptions, topo: Topology) -
 
 def _template_meta(node: Node, topo: Topology) -> dict:
     meta: dict = {"labels": node_labels(node)}
-    if notes := impairment_annotations(topo, node.id):
+    notes = impairment_annotations(topo, node.id)
+    if node.is_server:  # the scrape port answers only the monitoring principal's certificate (topology/policy/monitoring.py)
+        notes = {**notes, "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+                 "prometheus.io/scheme": "https", "prometheus.io/path": METRICS_PATH}
+    if notes:
         meta["annotations"] = notes
     return meta
 
