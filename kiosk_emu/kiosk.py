@@ -23,6 +23,7 @@ import trio
 from cryptography import x509
 
 from gateway.node.server import NodeContext
+from gateway.nodes.heartbeat import deliver
 from gateway.protocol.h2core import ConnectionClosed
 from gateway.protocol.h2trio import StreamReset, TrioH2
 from gateway.protocol.messages import IssueRequest
@@ -200,6 +201,30 @@ class Kiosk:
             finally:
                 conn.close()  # GOAWAY; give the peer a second to close, then drop it
                 nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, trio.current_time() + 1.0)
+
+    async def report_fault(self, fault: str, *, timeout: float = 3 * NOTICE_TIMEOUT) -> int:
+        """Tell the store controller about a device fault (SEC-KI-7), which pushes it on to the store
+        register and the maintenance center; retried (`deliver`) until acknowledged or `timeout`.
+        Returns the attempts it took. `fault` is a code ("printer-jam"), never personal data."""
+        if self.controller is None:
+            raise ValueError(f"no store controller in site {self.node.site!r} for {self.node.id}")
+        body = json.dumps({"fault": fault, "at": self.ctx.clock.now().isoformat()}).encode()
+
+        async def send(data: bytes) -> None:
+            conn = await self.ctx.connect(self.controller)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.run)
+                try:
+                    status, _ = await exchange(conn, self.controller.id, "POST", "/v1/fault", data)
+                finally:
+                    conn.close()
+            if status != 200:
+                raise ConnectionError(f"http-{status}")
+
+        with trio.fail_after(timeout):
+            attempts = await deliver(send, body, what="fault")
+        self._log("fault-reported", fault=fault, attempts=attempts)
+        return attempts
 
     def _spool_file(self, flow: KioskFlow) -> Path:
         return self.spool / f"{flow.outcome.issuance_id or 'none'}.pdf"

@@ -14,10 +14,11 @@ import trio
 
 from gateway.node.server import App, NodeContext
 from gateway.nodes.issuance import IssuanceCenter
+from gateway.nodes.kiosk_maintenance import KioskMaintenance
 from gateway.nodes.municipality import MunicipalityServer
 from gateway.nodes.ocsp_responder import OcspNode
 from gateway.nodes.relay import Relay
-from gateway.nodes.store_controller import StoreController
+from gateway.nodes.store_controller import StoreController, StoreControllerAdmin
 from topology.spec.model import RELAY_KINDS
 
 
@@ -40,6 +41,24 @@ FACTORIES: dict[str, Factory] = {
     "ocsp": lambda ctx, env: OcspNode(ctx, env.revocations),
     "store-controller": lambda ctx, env: StoreController(ctx, env.nursery),
 }
+
+
+# Node kind -> the App behind its admin_port (gateway/nodes/admin_server.py); it gets the node's main
+# App too (None for a kiosk, which has no server of its own).
+AdminFactory = Callable[[NodeContext, NodeEnv, App | None], App]
+
+ADMIN_FACTORIES: dict[str, AdminFactory] = {
+    "store-controller": lambda ctx, env, app: StoreControllerAdmin(app),
+    "kiosk": lambda ctx, env, app: KioskMaintenance(ctx, env.state_dir),
+}
+
+
+def make_admin_app(ctx: NodeContext, env: NodeEnv, main: App | None) -> App:
+    try:
+        factory = ADMIN_FACTORIES[ctx.node.kind]
+    except KeyError:
+        raise ValueError(f"no admin surface for node kind {ctx.node.kind}") from None
+    return factory(ctx, env, main)
 
 
 def make_app(ctx: NodeContext, env: NodeEnv) -> App:

@@ -11,27 +11,60 @@ Every result names the requirement IDs it is evidence for (DESIGN §2).
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import trio
 
+from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeStartError
+from topology.check.annex import run_annex_checks
 from topology.check.app import CHECKS, pick, run_check
+from topology.check.matrix import check_matrix
 from topology.launch.loopback import run_topology
 from topology.netns.plan import NetPlan
 from topology.pki import PKI
-from topology.policy.compiler import _allow_violation, reachability
+from topology.policy.compiler import (
+    _allow_violation,
+    compile_admin_allowlists,
+    compile_allowlists,
+    reachability,
+)
 from topology.spec.model import Node, Topology
 
 PROBE_TIMEOUT = 0.5  # seconds to wait for replies after the last frame is sent
 OTHER_PORTS = (22, 443)  # probed on every allowed pair: only the allow-listed port may answer
 OUTSIDE = ("198.19.255.254", "198.18.255.254")  # inside 198.18/15 but in no topology (SEC-SN-1)
+# DESIGN §2, every security-annex ID: the rule in a few words, as the report prints it
+REQUIREMENTS = {
+    "SEC-EC-1": "EC center router dedicated to the service; other routers refused",
+    "SEC-EC-2": "DMZ: only DMZ<->issuance center and DMZ<->store; issuance center<->store forbidden",
+    "SEC-EC-3": "a DMZ relay mediates between the store network and the issuance center",
+    "SEC-SN-1": "closed dedicated lines, no third-party access",
+    "SEC-SN-2": "certificate data encrypted in transit (TLS 1.3, mutual authentication)",
+    "SEC-SN-3": "every store connection goes through the EC center",
+    "SEC-ST-2": "the store router restricts in-store traffic at protocol level",
+    "SEC-ST-3/KI-6": "store staff cannot operate store-controller / kiosk programs",
+    "SEC-ST-4": "in-store wireless cannot reach kiosks",
+    "SEC-KI-1": "issuance requires the card's authentication (signed challenge after PIN)",
+    "SEC-KI-2": "certificate data erased from the kiosk after printing, verifiably",
+    "SEC-KI-4": "only maintenance staff reach the kiosk system (password, rate-limited)",
+    "SEC-KI-5": "the kiosk's issuance log, without personal data",
+    "SEC-KI-7": "kiosk faults notified to the store register and the maintenance center",
+    "SEC-KI-8": "the store controller reports a silent kiosk within a bound",
+}
+OUT_OF_SCOPE = {
+    "SEC-ST-1, SEC-KI-3 and the annex's other physical/organisational items":
+        "locks, cameras, ISMS certification, franchise rules: DESIGN §2 leaves them out; no network "
+        "emulation can show them, so they are audited on site, not by konbini",
+}
 NETNS_ONLY = ("SEC-EC-2 kernel filtering", "SEC-SN-1 no route out / spoofing", "SEC-ST-4 Wi-Fi blocked in the kernel")
 
 # the requirement an *allowed* connection to a node of this kind is evidence for
@@ -280,6 +313,32 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
     return trio.run(main)
 
 
+def business_clock() -> Clock:
+    """Today 10:00 in Tokyo: inside every service window, so the issuances of SEC-KI-2 can go."""
+    now = datetime.now(JST)
+    return Clock(now.replace(hour=10, minute=0, second=0, microsecond=0))
+
+
+def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str | None]:
+    """Launch the topology (loopback, in-process: its admin and maintenance servers too) and run the
+    annex's live checks against it (topology/check/annex.py)."""
+    async def main():
+        try:
+            async with trio.open_nursery() as nursery:
+                running = await nursery.start(
+                    lambda task_status: run_topology(topo, state_dir, clock=business_clock(), task_status=task_status))
+                out = await run_annex_checks(running)
+                nursery.cancel_scope.cancel()
+                return out, None
+        except (NodeStartError, BaseExceptionGroup) as exc:
+            start_error = _find(exc, NodeStartError)
+            if start_error is None:
+                raise
+        return [], f"annex checks not run: topology already running ({start_error})"
+
+    return trio.run(main)
+
+
 def _find(exc: BaseException, kind: type) -> BaseException | None:
     """`exc` itself or the first `kind` inside an exception group (Trio nurseries wrap errors)."""
     if isinstance(exc, kind):
@@ -313,7 +372,14 @@ def app_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> list[dic
 # -- the whole check and its report -------------------------------------------------------------
 
 
-def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT) -> dict:
+def annex_note_is_failure(annex: list[dict], note: str | None) -> bool:
+    """No annex evidence at all is a failure, not a pass."""
+    return not annex
+
+
+def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT,
+          extra: list[dict] | None = None) -> dict:
+    """`extra`: evidence from outside tools (testssl.sh, nmap), as annex checks are shaped."""
     t0 = time.perf_counter()
     results: list[Result] = []
     if netns:
@@ -325,6 +391,12 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
         note = None
     else:
         app, note = app_checks_loopback(topo, state_dir)
+    annex, annex_note = annex_checks_live(topo, state_dir)
+    mode = "netns" if netns else "loopback"
+    matrix = check_matrix(topo, compile_allowlists(topo, mode), compile_admin_allowlists(topo, mode), mode)
+    if netns and annex:
+        annex_note = ("the kiosk and store checks ran against a loopback launch of the same topology "
+                      "(admin and maintenance servers are not yet started in namespaces)")
     summary: dict[str, dict] = {}
     for r in results:
         for req in r.requirements:
@@ -336,21 +408,55 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
             s = summary.setdefault(req, {"checks": 0, "failed": 0})
             s["checks"] += 1
             s["failed"] += not a["refused"]
+    tools: dict[str, set[str]] = {}
+    for r in results:
+        for req in r.requirements:
+            tools.setdefault(req, set()).add("scapy probes (topology/check/probe.py)" if r.kind not in
+                                             ("interfaces", "default-route", "route-out") else "ip link/route in each namespace")
+    for a in app:
+        for req in a["requirements"]:
+            tools.setdefault(req, set()).add("konbini app check (topology/check/app.py)")
+    for c in annex:
+        s = summary.setdefault(c["requirement"], {"checks": 0, "failed": 0})
+        s["checks"] += 1
+        s["failed"] += not c["ok"]
+        tools.setdefault(c["requirement"], set()).add(c["tool"])
+    for c in extra or ():
+        s = summary.setdefault(c["requirement"], {"checks": 0, "failed": 0})
+        s["checks"] += 1
+        s["failed"] += not c["ok"]
+        tools.setdefault(c["requirement"], set()).add(c["tool"])
+    requirements = []
+    for req, rule in REQUIREMENTS.items():
+        s = summary.get(req, {"checks": 0, "failed": 0})
+        status = "FAIL" if s["failed"] else ("pass" if s["checks"] else ("needs --netns" if not netns else "NOT CHECKED"))
+        requirements.append({"id": req, "rule": rule, **s, "status": status, "tools": sorted(tools.get(req, ()))})
     failed = [r for r in results if not r.ok]
     return {
         "topology": topo.name,
         "source": topo.source,
         "mode": "netns" if netns else "loopback",
         "elapsed_s": round(time.perf_counter() - t0, 3),
-        "ok": not failed and all(a["refused"] for a in app),
+        "ok": not failed and all(a["refused"] for a in app) and all(c["ok"] for c in annex)
+        and all(c["ok"] for c in extra or ()) and not annex_note_is_failure(annex, annex_note) and all(m.ok for m in matrix),
         "probes": len(results),
         "differences": [asdict(r) for r in failed],
         "summary": dict(sorted(summary.items())),
         "app": app,
         "app_note": note,
+        "annex": annex,
+        "matrix": {"pairs": len(matrix), "differences": [asdict(m) for m in matrix if not m.ok]},
+        "annex_note": annex_note,
+        "evidence": list(extra or ()),
+        "requirements": requirements,
+        "out_of_scope": OUT_OF_SCOPE,
         "needs_netns": [] if netns else list(NETNS_ONLY),
         "results": [asdict(r) for r in results],
     }
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(report: dict) -> str:
@@ -360,9 +466,24 @@ def render_markdown(report: dict) -> str:
         f"**{'PASS' if report['ok'] else 'FAIL'}** — {report['probes']} kernel-level probes, "
         f"{len(report['differences'])} differences, {len(report['app'])} app-level checks, {report['elapsed_s']} s.",
         "",
-        "| requirement | checks | failed |",
-        "|---|---:|---:|",
-        *(f"| {req} | {s['checks']} | {s['failed']} |" for req, s in report["summary"].items()),
+        "## Every requirement of the security annex (DESIGN §2)",
+        "",
+        "| requirement | rule | checks | failed | status | observed by |",
+        "|---|---|---:|---:|---|---|",
+        *(f"| {r['id']} | {r['rule']} | {r['checks']} | {r['failed']} | {r['status']} | {'; '.join(r['tools'])} |"
+          for r in report.get("requirements", ())),
+        "",
+        "Out of scope: " + "; ".join(f"{k}: {v}" for k, v in report.get("out_of_scope", {}).items()) + ".",
+        "",
+        f"Compiled policy against the expected matrix (allow-lists and admin surfaces, every principal): "
+        f"{report['matrix']['pairs']} pairs, {len(report['matrix']['differences'])} differences.",
+        "",
+        "## Kiosk and store checks (live, against the running topology)",
+        "",
+        "| requirement | check | expected | observed | ok | tool |",
+        "|---|---|---|---|---|---|",
+        *(f"| {c['requirement']} | {_cell(c['check'])} | {_cell(c['expected'])} | {_cell(c['observed'])} | "
+          f"{'yes' if c['ok'] else '**NO**'} | {c['tool']} |" for c in [*report.get("annex", ()), *report.get("evidence", ())]),
         "",
         "## App level",
         "",
@@ -372,6 +493,8 @@ def render_markdown(report: dict) -> str:
     ]
     if report.get("app_note"):
         lines += ["", f"Note: {report['app_note']}"]
+    if report.get("annex_note"):
+        lines += ["", f"Note: {report['annex_note']}"]
     if report["needs_netns"]:
         lines += ["", "## Needs `--netns` (root)", "", *(f"- {n}" for n in report["needs_netns"])]
     if report["differences"]:
@@ -380,9 +503,49 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_html(report: dict) -> str:
+    """The same report as one self-contained HTML page (no scripts, no outside resources)."""
+    esc = html.escape
+
+    def table(head: tuple[str, ...], rows: list[tuple]) -> str:
+        th = "".join(f"<th>{esc(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><tr>{th}</tr>{trs}</table>"
+
+    verdict = "PASS" if report["ok"] else "FAIL"
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>konbini policy check: {esc(report['topology'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #999;padding:3px 6px;font-size:90%;vertical-align:top}"
+        ".FAIL,.NO{color:#b00;font-weight:bold}</style>",
+        f"<h1>konbini policy check: {esc(report['topology'])} ({esc(report['mode'])})</h1>",
+        f"<p class='{verdict}'>{verdict}: {report['probes']} kernel-level probes, {len(report['differences'])} differences, "
+        f"{len(report['app'])} app-level checks, {len(report.get('annex', ()))} kiosk/store checks, {report['elapsed_s']} s.</p>",
+        "<h2>Every requirement of the security annex (DESIGN §2)</h2>",
+        table(("requirement", "rule", "checks", "failed", "status", "observed by"),
+              [(r["id"], r["rule"], r["checks"], r["failed"], r["status"], "; ".join(r["tools"])) for r in report.get("requirements", ())]),
+        "<h3>Out of scope</h3><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in report.get("out_of_scope", {}).items()) + "</ul>",
+        "<h2>Kiosk and store checks</h2>",
+        table(("requirement", "check", "expected", "observed", "ok", "tool"),
+              [(c["requirement"], c["check"], c["expected"], c["observed"], "yes" if c["ok"] else "NO", c["tool"])
+               for c in [*report.get("annex", ()), *report.get("evidence", ())]]),
+        "<h2>App level</h2>",
+        table(("check", "from", "to", "refused", "detail", "requirements"),
+              [(a["check"], a.get("src", "-"), a.get("dst", "-"), "yes" if a["refused"] else "NO", a["detail"], ", ".join(a["requirements"]))
+               for a in report["app"]]),
+    ]
+    if report["differences"]:
+        parts += ["<h2>Differences</h2>", table(("kind", "from site", "src", "dst", "proto/port", "expected", "observed"),
+                  [(d["kind"], d["sent_from"], d["src"], d["dst"], f"{d['proto']}/{d['port']}", d["expected"], d["observed"])
+                   for d in report["differences"]])]
+    return "\n".join(parts) + "\n"
+
+
 def write_report(report: dict, directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     md, js = directory / "report.md", directory / "report.json"
     md.write_text(render_markdown(report))
+    (directory / "report.html").write_text(render_html(report))
     js.write_text(json.dumps(report, indent=1))
     return md, js

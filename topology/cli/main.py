@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from kiosk_emu.card import DEFAULT_PIN
-from topology.cli import bench, business, export, netns
+from topology.cli import bench, business, export, graph, netns
+from topology.cli import expand as expand_cmd
 from topology.cli.card import cmd_card
 from topology.cli.common import default_topology_path, load, user_error
 from topology.cli.demo import run_demo
@@ -100,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     business.add_parsers(sub)  # settle, sla, ledger
     bench.add_parser(sub)
     export.register(sub)  # export k8s, export compose
+    expand_cmd.register(sub)  # expand, schema
+    graph.register(sub)
     return p
 
 

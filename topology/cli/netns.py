@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from topology.check import policy as policycheck
+from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.render import show
 from topology.launch import impair, netns
@@ -166,6 +167,24 @@ def cmd_policy_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_policy_mutate(args) -> int:
+    topo = load(args.file)
+    result = run_mutations(topo)
+    if args.report:
+        Path(args.report).mkdir(parents=True, exist_ok=True)
+        (Path(args.report) / "mutation.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"mutation score {result['score']} %: {result['caught']} of {result['mutants']} mutants caught "
+              f"({result['pairs_checked']} pairs checked per mutant, {result['elapsed_s']} s)")
+        for kind, k in result["by_kind"].items():
+            print(f"  {kind}: {k['caught']}/{k['mutants']}")
+        for m in result["survivors"]:
+            print(f"  SURVIVED {m['kind']}: {m['description']}")
+    return 0 if result["caught"] == result["mutants"] else 1
+
+
 # -- link set / reset / show ----------------------------------------------------------------------
 
 
@@ -301,6 +320,12 @@ def register(sub) -> None:
     pc.add_argument("--report", help="write report.md and report.json into this directory")
     pc.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for replies (default 0.5)")
     pc.set_defaults(func=cmd_policy_check)
+
+    pm = psub.add_parser("mutate", help="every single-rule mutation of the compiled policy; exit 1 unless the check catches all")
+    pm.add_argument("file", nargs="?", help="topology file")
+    pm.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    pm.add_argument("--report", help="write mutation.json into this directory")
+    pm.set_defaults(func=cmd_policy_mutate)
 
     lk = sub.add_parser("link", help="line impairments (delay, jitter, loss, rate) of a running topology, both modes (root)")
     lsub = lk.add_subparsers(dest="link_cmd", required=True)

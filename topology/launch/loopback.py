@@ -15,10 +15,11 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.server import App, NodeContext, NodeServer
-from gateway.nodes.registry import NodeEnv, make_app
+from gateway.nodes.admin_server import AdminServer, admin_context
+from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
 from kiosk_emu.card import CardStore
 from topology.pki import PKI
-from topology.policy.compiler import compile_allowlists
+from topology.policy.compiler import compile_admin_allowlists, compile_allowlists
 from topology.spec.model import Topology
 
 
@@ -31,6 +32,7 @@ class Running:
     clock: Clock
     mode: str
     servers: dict[str, NodeServer] = field(default_factory=dict)
+    admin_servers: dict[str, NodeServer] = field(default_factory=dict)  # admin API / maintenance endpoints, by node
     ready_s: float = 0.0
     cancel_scope: trio.CancelScope | None = None
 
@@ -73,5 +75,14 @@ async def run_topology(
                 server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
                 await nursery.start(server.serve)
                 running.servers[node.id] = server
+            admin_allow = compile_admin_allowlists(topo, mode)
+            for node in topo.nodes.values():  # admin / maintenance surfaces (a kiosk's too)
+                if node.admin_port is None or (only is not None and node.id not in only):
+                    continue
+                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock))
+                main = running.servers[node.id].app if node.id in running.servers else None
+                server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main))
+                await nursery.start(server.serve)
+                running.admin_servers[node.id] = server
             running.ready_s = time.perf_counter() - t0
             task_status.started(running)

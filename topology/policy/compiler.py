@@ -43,6 +43,10 @@ class Decision:
 DENY_ADDRESS = Decision(False, "peer-address")
 DENY_IDENTITY = Decision(False, "peer-identity")
 DENY_REQUEST = Decision(False, "request-not-allowed")
+DENY_PRINCIPAL = Decision(False, "principal-not-allowed")  # a person's certificate this surface does not admit
+# A principal no admin rule names (store staff at the store console) gets through TLS so that each
+# request is refused with a reason it can read (`principal-not-allowed`), counted like any denial.
+ADMIT_TO_REFUSE = Decision(True, rule=None)
 
 
 def rule_label(node_id: str, index: int) -> str:
@@ -145,6 +149,77 @@ def compile_allowlists(topo: Topology, mode: str = "loopback") -> dict[str, Allo
     return {node.id: AllowList(node, topo, mode) for node in topo.nodes.values() if node.is_server}
 
 
+def admin_label(node_id: str, index: int) -> str:
+    """How decisions name an admin entry: "nodes.kiosk-a1-1.admin[0]"."""
+    return field_path(("nodes", node_id, "admin", index))
+
+
+class AdminAllowList:
+    """Who may use one node's administration / maintenance surface (`Node.admin`), with
+    `AllowList`'s interface so the same `NodeServer` enforces it, in the same order: the console
+    address before TLS, then the certificate (a principal, never a node's), then each request."""
+
+    __slots__ = ("node_id", "port", "consoles", "_nodes", "_by_address", "_principals", "_requests")
+
+    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+        if node.admin_port is None:
+            raise ValueError(f"node {node.id!r} has no admin_port")
+        self.node_id = node.id
+        self.port = node.admin_port
+        self.consoles: dict[str, str] = {}  # console node id -> its address in this mode
+        self._nodes = frozenset(topo.nodes)
+        self._by_address: dict[str, Decision] = {}
+        self._principals: dict[tuple[str, str], Decision] = {}  # (principal, console address)
+        self._requests: dict[str, _RequestRules] = {}
+        for index, rule in enumerate(node.admin):
+            allowed = Decision(True, rule=admin_label(node.id, index))
+            for console_id in rule.at:
+                console = topo.nodes.get(console_id)
+                if console is None:
+                    raise ValueError(f"{allowed.rule} names unknown console {console_id!r}")
+                address = console.address_in(mode)
+                self.consoles.setdefault(console_id, address)
+                self._by_address.setdefault(address, allowed)
+                for principal in rule.principals:
+                    self._principals.setdefault((principal, address), allowed)
+            for principal in rule.principals:
+                requests = self._requests.setdefault(principal, _RequestRules())
+                for pattern in rule.requests:
+                    requests.add(pattern, allowed)
+
+    def check_address(self, ip: str) -> Decision:
+        return self._by_address.get(ip, DENY_ADDRESS)
+
+    def check_identity(self, ip: str, identity: str) -> Decision:
+        if not identity or identity in self._nodes or ip not in self._by_address:
+            return DENY_IDENTITY  # a node's certificate is never a person's
+        if identity in self._requests:  # a listed principal, from one of its own consoles only
+            return self._principals.get((identity, ip), DENY_IDENTITY)
+        return ADMIT_TO_REFUSE
+
+    def check_request(self, identity: str, method: str, path: str) -> Decision:
+        if identity in self._nodes:
+            return DENY_IDENTITY
+        requests = self._requests.get(identity)
+        if requests is None:
+            return DENY_PRINCIPAL
+        path = path.partition("?")[0]
+        if not path.startswith("/") or _UNSAFE_PATH.search(path):
+            return DENY_REQUEST
+        return requests.match(method, path)
+
+    def principals(self) -> set[str]:
+        return set(self._requests)
+
+    def __repr__(self) -> str:
+        return f"AdminAllowList({self.node_id!r}, principals={sorted(self._requests)}, consoles={sorted(self.consoles)})"
+
+
+def compile_admin_allowlists(topo: Topology, mode: str = "loopback") -> dict[str, AdminAllowList]:
+    """One `AdminAllowList` per node with an `admin_port` (store controllers, kiosks)."""
+    return {node.id: AdminAllowList(node, topo, mode) for node in topo.nodes.values() if node.admin_port is not None}
+
+
 @dataclass(frozen=True)
 class Reach:
     src: str
@@ -180,6 +255,49 @@ def reachability(topo: Topology) -> list[Reach]:
                 index, rule = found
                 matrix.append(Reach(src.id, dst.id, rule.port or dst.port, rule.proto, True, rule_label(dst.id, index)))
     return matrix
+
+
+def admin_reachability(topo: Topology) -> list[Reach]:
+    """Every (node, admin surface) pair on the admin port: allowed iff the node is a console an
+    admin rule names. Kept apart from `reachability`: these are people's paths, not the network's."""
+    matrix: list[Reach] = []
+    for dst in topo.nodes.values():
+        if dst.admin_port is None:
+            continue
+        consoles = {c: index for index, rule in reversed(list(enumerate(dst.admin))) for c in rule.at}
+        for src in topo.nodes.values():
+            if src.id == dst.id:
+                continue
+            index = consoles.get(src.id)
+            label = admin_label(dst.id, index) if index is not None else None
+            matrix.append(Reach(src.id, dst.id, dst.admin_port, "h2+tls", index is not None, label))
+    return matrix
+
+
+@dataclass(frozen=True)
+class PrincipalReach:
+    """One (principal, console, surface) triple: may that person, at that console, use it?"""
+
+    principal: str
+    console: str
+    dst: str
+    allowed: bool
+    requests: tuple[str, ...]  # the patterns allowed (empty when refused)
+    rule: str | None
+
+
+def principal_matrix(topo: Topology, principals: tuple[str, ...]) -> list[PrincipalReach]:
+    """For every admin surface and each of its consoles: which of `principals` it admits, for what."""
+    out: list[PrincipalReach] = []
+    for dst in topo.nodes.values():
+        consoles = dict.fromkeys(c for rule in dst.admin for c in rule.at)
+        for console in consoles:
+            for principal in principals:
+                rules = [(i, r) for i, r in enumerate(dst.admin) if principal in r.principals and console in r.at]
+                patterns = tuple(p for _, r in rules for p in r.requests)
+                out.append(PrincipalReach(principal, console, dst.id, bool(rules), patterns,
+                                          admin_label(dst.id, rules[0][0]) if rules else None))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +347,19 @@ def _allow_violation(src: Node, dst: Node) -> tuple[str, str] | None:
     return None
 
 
+# Who may use which surface: the operator administers the store controller (SEC-ST-3), maintenance
+# staff maintain kiosks (SEC-KI-4); store staff use neither (SEC-ST-3/KI-6).
+ADMIN_PRINCIPALS = {"store-controller": ("operator", "SEC-ST-3/KI-6"), "kiosk": ("maintenance", "SEC-KI-4")}
+
+
+def _admin_violation(dst: Node, principal: str) -> tuple[str, str] | None:
+    want = ADMIN_PRINCIPALS.get(dst.kind)
+    if want is not None and principal != want[0]:
+        rule = "SEC-ST-3/KI-6" if principal == "store-staff" else want[1]
+        return rule, f"only the {want[0]} principal may use {_who(dst)}'s admin surface, not {principal!r}"
+    return None
+
+
 def _line_violation(a: Node, b: Node) -> tuple[str, str] | None:
     for x, y in ((a, b), (b, a)):
         if x.kind in STORE_KINDS and y.kind in CENTER_KINDS:
@@ -238,11 +369,15 @@ def _line_violation(a: Node, b: Node) -> tuple[str, str] | None:
     return None
 
 
-def annex_violations(topo: Topology) -> list[Violation]:
+def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list[Violation]:
     """Every place the topology's policy breaks a security-annex rule. Unknown node ids are skipped
-    (the loader reports them); an empty list means the policy passes the audit."""
+    (the loader reports them); an empty list means the policy passes the audit. `skip`: nodes
+    audited through another that stands for them (members of one compact-format group, whose
+    first member carries the group's verdict), with their lines."""
     found: list[Violation] = []
     for dst in topo.nodes.values():
+        if dst.id in skip:
+            continue
         for index, rule in enumerate(dst.allow):
             for source_index, source_id in enumerate(rule.sources):
                 src = topo.nodes.get(source_id)
@@ -251,13 +386,22 @@ def annex_violations(topo: Topology) -> list[Violation]:
                 broken = _allow_violation(src, dst)
                 if broken:
                     found.append(Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1]))
-        if dst.upstream is not None and dst.kind in _UPSTREAM_KIND and dst.upstream in topo.nodes:
+        if dst.kind in _UPSTREAM_KIND:
             want, rule_id = _UPSTREAM_KIND[dst.kind]
-            got = topo.nodes[dst.upstream].kind
-            if got != want:
-                message = f"a {dst.kind}'s upstream must be a {want}, not {_who(topo.nodes[dst.upstream])}"
-                found.append(Violation(rule_id, ("nodes", dst.id, "upstream"), message))
+            for hop_index, hop in enumerate(dst.hops):
+                if hop not in topo.nodes or topo.nodes[hop].kind == want:
+                    continue
+                message = f"a {dst.kind}'s upstream must be a {want}, not {_who(topo.nodes[hop])}"
+                where = ("nodes", dst.id, "upstreams", hop_index) if dst.upstreams else ("nodes", dst.id, "upstream")
+                found.append(Violation(rule_id, where, message))
+        for index, rule in enumerate(dst.admin):
+            for principal_index, principal in enumerate(rule.principals):
+                broken = _admin_violation(dst, principal)
+                if broken:
+                    found.append(Violation(broken[0], ("nodes", dst.id, "admin", index, "principals", principal_index), broken[1]))
     for index, line in enumerate(topo.lines):
+        if line.a in skip or line.b in skip:
+            continue
         a, b = topo.nodes.get(line.a), topo.nodes.get(line.b)
         if a is not None and b is not None:
             broken = _line_violation(a, b)

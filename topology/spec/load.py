@@ -22,7 +22,9 @@ import msgspec
 import yaml
 
 from topology.policy import compiler as policy
+from topology.spec import expand as compact
 from topology.spec.model import (
+    ADMIN_KINDS,
     LIMIT_SCOPES,
     RELAY_KINDS,
     VACCINATION_FEE,
@@ -44,7 +46,7 @@ _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _NETNS = ipaddress.IPv4Network("198.18.0.0/15")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # also a TLS identity and a netns name part
 _HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]")
-_TOP_FIELDS = {f.encode_name for f in msgspec.structs.fields(Topology)} - {"source"}
+_TOP_FIELDS = {f.encode_name for f in msgspec.structs.fields(Topology)} - {"source", "rule_origins"}
 _FORWARDING_KINDS = RELAY_KINDS | {"kiosk"}
 
 
@@ -245,6 +247,9 @@ def _node(doc: _Document, node_id: str, raw: Any) -> Node | None:
     if raw.get("id", node_id) != node_id:
         doc.report(path + ("id",), f"id {raw['id']!r} differs from the key {node_id!r}; leave it out")
     raw = {**raw, "id": node_id}
+    upstreams = raw.get("upstreams")
+    if isinstance(upstreams, list) and upstreams and "upstream" not in raw:
+        raw["upstream"] = upstreams[0]  # several upstreams: `upstream` is the first, for one-hop readers
     if isinstance(raw.get("allow"), list):
         raw["allow"] = [
             {**rule, "from": [rule["from"]]} if isinstance(rule, dict) and isinstance(rule.get("from"), str) else rule
@@ -275,16 +280,24 @@ def _limits(doc: _Document, raw: Any) -> dict[str, Limits]:
 class _Parsed:
     topo: Topology
     declared: set[str]  # every node id the file names, including nodes that failed to convert
-    line_index: list[int]  # topo.lines[i] is lines[line_index[i]] in the file
+    line_paths: list[FieldPath]  # where the file spells out topo.lines[i]: ("lines", n), or a group's range
     derived_netns: set[str]  # nodes whose netns address the file leaves out
+    bulk: frozenset[str] = frozenset()  # compact-format members checked once at their template (expand.py)
+    pooled: frozenset[str] = frozenset()  # compact-format members: addresses from a pool, netns ones derived, unchecked
 
 
 def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     if not isinstance(data, dict):
         doc.report((), f"expected a mapping with name, nodes and lines, got {_kind(data)}")
         return None
-    for key in data.keys() - _TOP_FIELDS:
-        doc.report((key,), f"unknown field; expected one of {', '.join(sorted(_TOP_FIELDS))}")
+    expanded = None
+    if compact.is_compact(data):
+        expanded = compact.expand(data, doc.file, doc.report, lambda v, t, p: _convert(doc, v, t, p), doc.line_of)
+        for member_path, template_path in expanded.member_paths.items():
+            doc.lines[member_path] = doc.line_of(template_path)
+    fields = _TOP_FIELDS | compact.COMPACT_FIELDS if expanded is not None else _TOP_FIELDS
+    for key in data.keys() - fields:
+        doc.report((key,), f"unknown field; expected one of {', '.join(sorted(fields))}")
     for key in ("name", "nodes"):
         if key not in data:
             doc.report((key,), "missing required field")
@@ -295,7 +308,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     limits = _limits(doc, data.get("limits"))
     tls_min = _convert(doc, data.get("tls_min_version", "1.3"), TlsVersion, ("tls_min_version",))
 
-    raw_nodes = data.get("nodes") or {}
+    raw_nodes = (expanded.raw_nodes if expanded is not None else data.get("nodes")) or {}
     if not isinstance(raw_nodes, dict):
         doc.report(("nodes",), f"expected a mapping of node id -> node, got {_kind(raw_nodes)}")
         raw_nodes = {}
@@ -309,18 +322,26 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
             node = msgspec.structs.replace(node, netns_address=node.address_in("netns"))
             derived.add(node_id)
         nodes[node_id] = node
+    declared = set(raw_nodes)
+    if expanded is not None:
+        for node_id, node in expanded.members.items():
+            nodes.setdefault(node_id, node)
+        declared.update(expanded.members)
 
-    raw_lines = data.get("lines") or []
+    raw_lines = (expanded.raw_lines if expanded is not None else data.get("lines")) or []
     if not isinstance(raw_lines, list):
         doc.report(("lines",), f"expected a list of lines, got {_kind(raw_lines)}")
         raw_lines = []
     lines: list[Line] = []
-    line_index: list[int] = []
+    line_paths: list[FieldPath] = []
     for index, raw in enumerate(raw_lines):
         line = _convert(doc, raw, Line, ("lines", index))
         if line is not None:
             lines.append(line)
-            line_index.append(index)
+            line_paths.append(("lines", index))
+    if expanded is not None:
+        lines.extend(expanded.member_lines)
+        line_paths.extend(expanded.member_line_paths)
 
     topo = Topology(
         name=name or "",
@@ -332,8 +353,11 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         source=source,
         limits=limits,
         tls_min_version=tls_min or "1.3",
+        rule_origins=expanded.origins if expanded is not None else {},
     )
-    return _Parsed(topo, set(raw_nodes), line_index, derived)
+    if expanded is None:
+        return _Parsed(topo, declared, line_paths, derived)
+    return _Parsed(topo, declared, line_paths, derived, frozenset(expanded.bulk), frozenset(expanded.members))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +374,10 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
 def _check_addresses(doc: _Document, parsed: _Parsed) -> None:
     loopback: dict[ipaddress.IPv4Address, str] = {}
     netns: dict[ipaddress.IPv4Address, str] = {}
+    bulk = parsed.bulk
     for node in parsed.topo.nodes.values():
+        if node.id in bulk:
+            continue  # allocated from a pool, block by block: unique by construction
         path: FieldPath = ("nodes", node.id)
         address = _ipv4(node.address)
         if address is None:
@@ -362,8 +389,8 @@ def _check_addresses(doc: _Document, parsed: _Parsed) -> None:
             continue  # its derived netns address repeats the clash; one problem is enough
         else:
             loopback[address] = node.id
-        if node.netns_address is None:
-            continue
+        if node.netns_address is None or node.id in parsed.pooled:
+            continue  # a pool's members: 198.18.0.0/15 holds 131,072 addresses, a national file far more
         derived = node.id in parsed.derived_netns
         where = path + (("address",) if derived else ("netns_address",))
         what = f"derived netns address {node.netns_address}" if derived else f"netns address {node.netns_address}"
@@ -391,13 +418,19 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
     if node.kind in _FORWARDING_KINDS:
         if node.upstream is None:
             doc.report(path + ("upstream",), f"a {node.kind} needs an upstream: the next hop towards the issuance center")
-        elif node.upstream not in declared:
-            doc.report(path + ("upstream",), f"unknown node {node.upstream!r}")
-        elif node.upstream == node.id:
-            doc.report(path + ("upstream",), "a node cannot be its own upstream")
-        elif frozenset((node.id, node.upstream)) not in joined:
-            doc.report(path + ("upstream",), f"upstream {node.upstream} is not joined to {node.id} by a line")
-    elif node.upstream is not None:
+        if node.upstreams and node.upstream != node.upstreams[0]:
+            doc.report(path + ("upstream",), f"upstream {node.upstream} is not the first of upstreams; leave it out")
+        if len(set(node.hops)) != len(node.hops):
+            doc.report(path + ("upstreams",), "the same upstream is named twice")
+        for index, hop in enumerate(node.hops):
+            at = path + (("upstreams", index) if node.upstreams else ("upstream",))
+            if hop not in declared:
+                doc.report(at, f"unknown node {hop!r}")
+            elif hop == node.id:
+                doc.report(at, "a node cannot be its own upstream")
+            elif frozenset((node.id, hop)) not in joined:
+                doc.report(at, f"upstream {hop} is not joined to {node.id} by a line")
+    elif node.hops:
         doc.report(path + ("upstream",), f"a {node.kind} forwards nothing; remove the upstream")
 
     if node.allow and not node.is_server:
@@ -435,6 +468,42 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
         _check_participation(doc, node.municipality, path + ("municipality",))
 
 
+def _check_admin(doc: _Document, parsed: _Parsed, node: Node) -> None:
+    """The administration / maintenance surface: only where ADMIN_KINDS have one, on its own port,
+    used by principals (never node ids) from the console of a node in the same site."""
+    path: FieldPath = ("nodes", node.id)
+    if node.admin_port is not None:
+        if node.kind not in ADMIN_KINDS:
+            doc.report(path + ("admin_port",), f"a {node.kind} has no administration surface; remove admin_port")
+        elif not 0 < node.admin_port < 65536:
+            doc.report(path + ("admin_port",), f"port {node.admin_port} is outside 1-65535")
+        elif node.admin_port == node.port:
+            doc.report(path + ("admin_port",), f"admin_port {node.admin_port} is the node's own port; use another")
+    if node.admin and node.admin_port is None:
+        doc.report(path + ("admin",), f"{node.id} has no admin_port for these rules to guard")
+    for index, rule in enumerate(node.admin):
+        where = path + ("admin", index)
+        if not rule.principals:
+            doc.report(where + ("principals",), "empty: admits no one")
+        for i, name in enumerate(rule.principals):
+            if name in parsed.declared:
+                doc.report(where + ("principals", i), f"{name!r} is a node; admin rules name principals (people)")
+        if not rule.at:
+            doc.report(where + ("at",), "empty: no console to connect from")
+        for i, console in enumerate(rule.at):
+            if console not in parsed.declared:
+                doc.report(where + ("at", i), f"unknown node {console!r}")
+            elif console in parsed.topo.nodes and parsed.topo.nodes[console].site != node.site:
+                doc.report(where + ("at", i), f"console {console} is not in {node.id}'s site {node.site!r}")
+        if not rule.requests:
+            doc.report(where + ("requests",), "empty: allows nothing")
+        for i, pattern in enumerate(rule.requests):
+            try:
+                policy.parse_request_pattern(pattern)
+            except ValueError as e:
+                doc.report(where + ("requests", i), str(e))
+
+
 def _check_participation(doc: _Document, muni: Municipality, path: FieldPath) -> None:
     """Participation dates are ISO dates, in order; the vaccination fee is 120 yen (seed 000 §13)."""
     days = {}
@@ -469,13 +538,16 @@ def _check_hours(doc: _Document, hours: Hours, path: FieldPath) -> bool:
 
 def _check_meaning(doc: _Document, parsed: _Parsed) -> None:
     topo = parsed.topo
-    joined = {frozenset((line.a, line.b)) for line in topo.lines}
+    bulk = parsed.bulk
+    # lines between two members of one group are made by the expansion and needed by no check
+    joined = {frozenset((line.a, line.b)) for line in topo.lines if line.a not in bulk or line.b not in bulk}
     seen_lines: set[str] = set()
-    for line, index in zip(topo.lines, parsed.line_index, strict=True):
-        path: FieldPath = ("lines", index)
+    for line, path in zip(topo.lines, parsed.line_paths, strict=True):
         if line.id in seen_lines:
-            doc.report(path + ("id",), f"duplicate line id {line.id!r}")
+            doc.report(path + ("id",) if path[0] == "lines" else path, f"duplicate line id {line.id!r}")
         seen_lines.add(line.id)
+        if line.a in bulk or line.b in bulk:
+            continue  # a group member's line, made by the expansion between nodes it made
         for end in ("a", "b"):
             if getattr(line, end) not in parsed.declared:
                 doc.report(path + (end,), f"line to nowhere: unknown node {getattr(line, end)!r}")
@@ -484,7 +556,9 @@ def _check_meaning(doc: _Document, parsed: _Parsed) -> None:
 
     _check_addresses(doc, parsed)
     for node in topo.nodes.values():
-        _check_node(doc, parsed, node, joined)
+        if node.id not in bulk:
+            _check_node(doc, parsed, node, joined)
+        _check_admin(doc, parsed, node)
 
     service_ok = _check_hours(doc, topo.service_hours, ("service_hours",))
     codes: dict[str, str] = {}
@@ -493,8 +567,9 @@ def _check_meaning(doc: _Document, parsed: _Parsed) -> None:
         if muni is None:
             continue
         path = ("nodes", node.id, "municipality")
-        if muni.code in codes:
-            doc.report(path + ("code",), f"duplicate municipality code {muni.code!r}, already {codes[muni.code]}'s")
+        if muni.code in codes and topo.nodes[codes[muni.code]].municipality != muni:
+            doc.report(path + ("code",), f"duplicate municipality code {muni.code!r}, already {codes[muni.code]}'s "
+                       "(several document servers of one municipality carry the same municipality data)")
         codes.setdefault(muni.code, node.id)
         hours, service = muni.hours, topo.service_hours
         if service_ok and _HHMM.fullmatch(hours.open) and _HHMM.fullmatch(hours.close):
@@ -505,10 +580,10 @@ def _check_meaning(doc: _Document, parsed: _Parsed) -> None:
                     "a municipality may only narrow them",
                 )
 
-    for violation in policy.annex_violations(topo):
+    for violation in policy.annex_violations(topo, skip=bulk):
         where = violation.path
         if where[0] == "lines":  # policy counts converted lines; the file may hold broken ones too
-            where = ("lines", parsed.line_index[int(where[1])]) + where[2:]
+            where = parsed.line_paths[int(where[1])] + where[2:]
         doc.report(where, violation.message, violation.rule)
 
 

@@ -7,6 +7,7 @@ these structs, never the raw YAML.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Annotated, Literal
 
@@ -30,9 +31,15 @@ SERVER_KINDS = frozenset(
 )
 # Kinds that forward every allowed request to their `upstream`.
 RELAY_KINDS = frozenset({"store-router", "ec-router", "dmz-relay"})
+# Kinds with an administration (store controller) or maintenance (kiosk) surface on `admin_port`.
+ADMIN_KINDS = frozenset({"store-controller", "kiosk"})
 # The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
 STORE_KINDS = frozenset({"kiosk", "store-router", "store-controller", "wifi"})
 CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
+
+# How a node with several upstreams uses them: the first that answers ("failover", in the
+# order given) or spread connections over all of them ("balance").
+UpstreamPolicy = Literal["failover", "balance"]
 
 LineKind = Literal["lan", "wifi", "closed-line", "dmz", "dedicated-line", "lgwan"]
 
@@ -69,6 +76,19 @@ class AllowRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True, rename=
     proto: Literal["h2+tls"] = "h2+tls"
 
 
+class AdminRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Who may use a node's administration or maintenance surface (SEC-ST-3/KI-6, SEC-KI-4).
+
+    People, not nodes: `principals` are client-certificate names ("operator", "maintenance"),
+    each connecting from the console of a node listed in `at` (its address), to the node's
+    `admin_port`, asking `requests` ("METHOD /path", a trailing `*` matching any suffix).
+    """
+
+    principals: tuple[str, ...]
+    at: tuple[str, ...]
+    requests: tuple[str, ...]
+
+
 class Hours(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     open: str = "06:30"  # HH:MM Asia/Tokyo
     close: str = "23:00"
@@ -95,13 +115,25 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     netns_address: str | None = None  # netns mode, inside 198.18.0.0/15; derived when absent
     port: int | None = None  # servers only
     upstream: str | None = None  # relays and kiosks: the next hop towards the issuance center
+    # several next hops (redundancy); the loader keeps `upstream` == upstreams[0] and vice versa
+    upstreams: tuple[str, ...] = ()
+    upstream_policy: UpstreamPolicy = "failover"
     operator: str | None = None  # store/EC nodes: the operator they belong to
     allow: tuple[AllowRule, ...] = ()
+    admin_port: int | None = None  # store controllers and kiosks: the administration / maintenance surface
+    admin: tuple[AdminRule, ...] = ()  # who may use it; empty: no one
     municipality: Municipality | None = None
 
     @property
     def is_server(self) -> bool:
         return self.kind in SERVER_KINDS
+
+    @property
+    def hops(self) -> tuple[str, ...]:
+        """Every next hop, in the declared order: `upstreams`, or the one `upstream`."""
+        if self.upstreams:
+            return self.upstreams
+        return (self.upstream,) if self.upstream is not None else ()
 
     def address_in(self, mode: str) -> str:
         """The node's address in `mode`: "loopback" or "netns" (derived when the file gives none)."""
@@ -141,7 +173,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 LIMIT_SCOPES = ("defaults", *NodeKind.__args__)  # keys of the topology's `limits:` mapping
 
 
-class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=True):
     name: str
     nodes: dict[str, Node]
     lines: tuple[Line, ...] = ()
@@ -151,6 +183,8 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     source: str = "<memory>"  # the file it was loaded from
     limits: dict[str, Limits] = {}  # "defaults" and node kinds, each already merged over the defaults
     tls_min_version: TlsVersion = "1.3"  # SEC-SN-2: TLS 1.3 only, unless a topology asks for a 1.2 floor
+    # allow entry label ("nodes.x.allow[0]") -> "file:line" of the template it was expanded from
+    rule_origins: dict[str, str] = {}
 
     def limits_for(self, kind: str) -> Limits:
         return self.limits.get(kind) or self.limits.get("defaults") or Limits()
@@ -162,10 +196,16 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return [n for n in self.nodes.values() if n.kind == kind]
 
     def by_address(self, address: str) -> Node | None:
-        for n in self.nodes.values():
-            if address in (n.address, n.address_in("netns")):
-                return n
-        return None
+        return self._address_index.get(address)
+
+    @functools.cached_property
+    def _address_index(self) -> dict[str, Node]:
+        """Address (loopback or netns) -> node, built once: a linear scan per lookup does not scale."""
+        index: dict[str, Node] = {}
+        for n in reversed(list(self.nodes.values())):  # the first node in file order wins, as the scan found
+            index[n.address_in("netns")] = n
+            index[n.address] = n
+        return index
 
     def municipalities(self) -> dict[str, Node]:
         """Municipality nodes by municipality code."""

@@ -1,0 +1,35 @@
+"""A node's administration / maintenance surface: the store controller's admin API, a kiosk's
+maintenance endpoint (SEC-ST-3/KI-6, SEC-KI-4).
+
+The same `NodeServer` checks (console address before TLS, principal certificate after it, each
+request), compiled from the node's `admin:` rules (`compiler.AdminAllowList`), on the node's
+`admin_port` only: the node's main server already owns its scrape port.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import msgspec
+import trio
+
+from gateway.node.server import NodeContext, NodeServer, NodeStartError
+
+
+def admin_context(ctx: NodeContext) -> NodeContext:
+    """The node's own context (address, certificate, clock), listening on its admin port."""
+    if ctx.node.admin_port is None:
+        raise ValueError(f"node {ctx.node.id!r} has no admin_port")
+    node = msgspec.structs.replace(ctx.node, port=ctx.node.admin_port)
+    return NodeContext(ctx.topo, node, ctx.pki, ctx.mode, ctx.clock)
+
+
+class AdminServer(NodeServer):
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.ctx.server_tls()  # read the PKI files now
+        try:
+            listeners = await trio.open_tcp_listeners(self.ctx.node.port, host=self.ctx.address, backlog=64)
+        except OSError as exc:
+            what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise NodeStartError(f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}") from None
+        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
