@@ -297,20 +297,26 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
             out.append(res)
         return out
 
-    async def main():
-        try:
-            async with trio.open_nursery() as nursery:
-                running = await nursery.start(lambda task_status: run_topology(topo, state_dir, task_status=task_status))
-                out = await checks(running.pki, running)
-                nursery.cancel_scope.cancel()
-                return out, None
-        except (NodeStartError, BaseExceptionGroup) as exc:
-            start_error = _find(exc, NodeStartError)
-            if start_error is None:
-                raise
+    async def taken(start_error):
         return await checks(PKI.ensure(state_dir, topo), None), f"topology already running ({start_error}); denial counters not read"
 
-    return trio.run(main)
+    return trio.run(_launched, topo, state_dir, None, lambda running: checks(running.pki, running), taken)
+
+
+async def _launched(topo: Topology, state_dir: Path, clock: Clock | None, run, taken):
+    """`run(running)` against the topology launched in-process (loopback); `taken(error)` instead
+    when its addresses are already in use (a `konbini up` is running). Returns (results, note)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(lambda task_status: run_topology(topo, state_dir, clock=clock, task_status=task_status))
+            out = await run(running)
+            nursery.cancel_scope.cancel()
+            return out, None
+    except (NodeStartError, BaseExceptionGroup) as exc:
+        start_error = _find(exc, NodeStartError)
+        if start_error is None:
+            raise
+    return await taken(start_error)
 
 
 def business_clock() -> Clock:
@@ -322,21 +328,10 @@ def business_clock() -> Clock:
 def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str | None]:
     """Launch the topology (loopback, in-process: its admin and maintenance servers too) and run the
     annex's live checks against it (topology/check/annex.py)."""
-    async def main():
-        try:
-            async with trio.open_nursery() as nursery:
-                running = await nursery.start(
-                    lambda task_status: run_topology(topo, state_dir, clock=business_clock(), task_status=task_status))
-                out = await run_annex_checks(running)
-                nursery.cancel_scope.cancel()
-                return out, None
-        except (NodeStartError, BaseExceptionGroup) as exc:
-            start_error = _find(exc, NodeStartError)
-            if start_error is None:
-                raise
+    async def taken(start_error):
         return [], f"annex checks not run: topology already running ({start_error})"
 
-    return trio.run(main)
+    return trio.run(_launched, topo, state_dir, business_clock(), run_annex_checks, taken)
 
 
 def _find(exc: BaseException, kind: type) -> BaseException | None:
