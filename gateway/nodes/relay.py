@@ -101,25 +101,34 @@ class Relay(App):
         own = time.perf_counter() - t0
         self.streams_forwarded += 1
         try:
-            async with trio.open_nursery() as nursery:
-                if not request_done:
+            if request_done:  # most requests: no body to pump, so no nursery to open
+                await self._answer(ds, us, t0, own)
+            else:
+                async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump, ds, us, "request")
-                with trio.move_on_after(RESPONSE_TIMEOUT) as timeout:
-                    headers = await us.receive_headers()
-                if timeout.cancelled_caught:
-                    nursery.cancel_scope.cancel()
-                    self.metrics.upstream_failures.labels("timeout").inc()
-                    await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")
-                    return
-                t2 = time.perf_counter()
-                end = us.st.ended and not us.st.chunks and us.st.trailers is None
-                ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own, upstream=t2 - t0 - own, queue=t0 - ds.st.received_at)], end_stream=end)
-                if not end:
-                    await self._pump(us, ds, "response")
+                    await self._answer(ds, us, t0, own, request_body=nursery.cancel_scope)
         except* (StreamReset, ConnectionClosed):
             ds.reset(h2.errors.ErrorCodes.CANCEL)  # one side cancelled or died: cancel the other too
         finally:
             up.release(us)  # resets upstream if unfinished (downstream cancelled or timed out)
+
+    async def _answer(self, ds: Stream, us: Stream, t0: float, own: float, request_body: trio.CancelScope | None = None) -> None:
+        """The next hop's answer back to the peer, with this hop's server-timing. No headers within
+        RESPONSE_TIMEOUT: the request body stops (`request_body`, the scope of its pump), the peer
+        gets a 504 and the caller's release resets the upstream stream, so the request ends whole."""
+        with trio.move_on_after(RESPONSE_TIMEOUT) as timeout:
+            headers = await us.receive_headers()
+        if timeout.cancelled_caught:
+            if request_body is not None:
+                request_body.cancel()
+            self.metrics.upstream_failures.labels("timeout").inc()
+            await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")
+            return
+        t2 = time.perf_counter()
+        end = us.st.ended and not us.st.chunks and us.st.trailers is None
+        ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own, upstream=t2 - t0 - own, queue=t0 - ds.st.received_at)], end_stream=end)
+        if not end:
+            await self._pump(us, ds, "response")
 
     async def _pump(self, src: Stream, dst: Stream, direction: str) -> None:
         """Move one direction's body; ack each chunk to its sender only once the other side took it."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -59,7 +60,9 @@ class LingeringSocket(trio.abc.Stream):
         await self.tcp.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.tcp.receive_some(max_bytes)
+        # trio's SSLStream asks for no size (trio's default, 64 KiB); a bigger read lets one
+        # receive carry a whole 64 KiB response and its frames in one pass through h2
+        return await self.tcp.receive_some(max_bytes or READ_SIZE)
 
     async def aclose(self) -> None:
         if self.linger:
@@ -133,6 +136,8 @@ class TrioH2(H2Driver):
 
     async def run(self, handler: Handler | None = None) -> None:
         """Serve until the connection ends; with a handler, each request runs in its own task."""
+        self.flush()  # our preface and SETTINGS at once: an upstream opened ahead of its first request
+        # would otherwise say nothing until then, and its server drops it for preface-timeout
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -157,6 +162,41 @@ class TrioH2(H2Driver):
                     await self.transport.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+
+    async def _receive(self) -> bytes:
+        """One read from the peer, plus every TLS record already received behind it.
+
+        trio's SSLStream hands out one TLS record (at most 16 KiB) per call, and each call is a
+        trip through the scheduler, h2's frame buffer and our wakes: a 64 KiB response took five.
+        The records already in the SSL object's buffer are decrypted here in one go, without
+        I/O; whatever error a record holds is left for trio's next read to raise properly."""
+        data = await self.transport.receive_some(READ_SIZE)
+        tls = getattr(self.transport, "_ssl_object", None)  # trio's SSLObject (private, hence getattr)
+        if not data or tls is None:
+            return data
+        parts, size = [data], len(data)
+        while size < READ_SIZE:
+            try:
+                more = tls.read(READ_SIZE - size)
+            except ssl.SSLError:  # SSLWantReadError: no whole record left (or one for trio to report)
+                break
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
+
+    async def _read(self, deadline: float) -> bytes | None:
+        """The next bytes (b"" at the end), or None once `deadline` passed. An unbounded read
+        opens no cancel scope: on a client connection that is every read."""
+        try:
+            if deadline == math.inf:
+                return await self._receive()
+            with trio.move_on_at(deadline):
+                return await self._receive()
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
 
     def _read_deadline(self, started: float, last_read: float, partial_since: float | None) -> tuple[float, str]:
         """The one deadline the next read runs under, and the close reason when it passes."""
@@ -193,12 +233,8 @@ class TrioH2(H2Driver):
         partial_since: float | None = None
         while True:
             deadline, reason = self._read_deadline(started, last_read, partial_since)
-            with trio.move_on_at(deadline) as timer:
-                try:
-                    data = await self.transport.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    data = b""
-            if timer.cancelled_caught:
+            data = await self._read(deadline)
+            if data is None:
                 self.abort(reason)
                 return
             last_read = trio.current_time()
@@ -239,15 +275,13 @@ class TrioH2(H2Driver):
             self._output = trio.Event()
             # loop: what was queued while the last write was under way (our GOAWAY, say) goes too
             while data := self.core.data_to_send():
-                limit = self.limits.slow_read_timeout if self.limits is not None else math.inf
                 try:
-                    with trio.move_on_after(limit) as timer:
-                        await self.transport.send_all(data)
+                    sent = await self._write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self.core._close("write-failed")
                     self.wake({0})
                     return
-                if timer.cancelled_caught:  # the peer stopped reading TCP: nothing more can reach it
+                if not sent:  # the peer stopped reading TCP: nothing more can reach it
                     log.info("closing connection from %s: slow-read (writes blocked)", self.peer)
                     self.core._close("slow-read")
                     self._writes_blocked = True
@@ -257,6 +291,17 @@ class TrioH2(H2Driver):
             if self.core.closed:
                 self._reader_scope.cancel()
                 return
+
+    async def _write(self, data: bytes) -> bool:
+        """Send it all; False when a server's peer kept its TCP window shut past `slow_read_timeout`.
+        A client connection (no limits) writes without a cancel scope."""
+        if self.limits is None:
+            await self.transport.send_all(data)
+            return True
+        with trio.move_on_after(self.limits.slow_read_timeout):
+            await self.transport.send_all(data)
+            return True
+        return False
 
     async def _serve_stream(self, handler: Handler, stream: Stream) -> None:
         with trio.CancelScope() as scope:
