@@ -1,4 +1,6 @@
-"""The bench report: report.json (machine-readable) and report.html (inline SVG plots, no network)."""
+"""The bench report: report.json (machine-readable), report.html (inline SVG plots, no network),
+report.md (the tables to paste: summary, latency split, cost model, cross-check) and
+latency-split.png (the split as stacked bars, every scenario, konbini and the baseline side by side)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,22 @@ from pathlib import Path
 SUMMARY = ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "dropped", "misdelivered")
 
 
+SPLIT_PNG = "latency-split.png"
+
+
 def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(r.get("latency_split") for e in report.get("scenarios", {}).values() for _, r in _phases(e)):
+        try:
+            plot_split_png(report, out_dir / SPLIT_PNG)
+            report["split_plot"] = SPLIT_PNG
+        except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
+            report.setdefault("notes", []).append(f"latency split plot failed: {exc!r}")
     j = out_dir / "report.json"
     j.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
     h = out_dir / "report.html"
     h.write_text(render_html(report))
+    (out_dir / "report.md").write_text(render_markdown(report))
     return j, h
 
 
@@ -152,6 +164,188 @@ def plot_split(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
+CHAIN = ("kiosk", "store-router", "ec-router", "dmz-relay", "issuance-center")
+
+
+def part_rank(part: str) -> tuple[float, str]:
+    """Where a split part sits on the path, so a stacked bar reads from the kiosk inwards: the
+    generator's own parts first, then each line before the hop it leads to, the body last."""
+    if part == "body":
+        return (99.0, part)
+    if part.startswith(("generator", "kiosk")):
+        return (0.0, part)
+    if part.startswith("line "):
+        dest = part[5:].split("→", 1)[-1].split(" ", 1)[0]
+        return (CHAIN.index(dest) - 0.5 if dest in CHAIN else 50.0, part)
+    kind = part.split(" ", 1)[0]
+    return (float(CHAIN.index(kind)) if kind in CHAIN else 50.0, part)
+
+
+def split_parts(report: dict) -> list[str]:
+    parts = {k for e in report.get("scenarios", {}).values() for _, r in _phases(e) for k in (r.get("latency_split") or {})}
+    return sorted(parts, key=part_rank)
+
+
+def plot_split_png(report: dict, path: Path) -> None:
+    """One stacked bar per scenario and phase (konbini, lines, haproxy side by side), a colour per
+    part of the latency split; the bar's height is the mean latency (the parts add up to it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(name, phase, r["latency_split"]) for name, e in report.get("scenarios", {}).items()
+            for phase, r in _phases(e) if r.get("latency_split")]
+    parts = split_parts(report)
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(bars) + 3), 4.5))
+    bottoms = [0.0] * len(bars)
+    for i, part in enumerate(parts):
+        vals = [max(0.0, split.get(part, 0.0)) for _, _, split in bars]
+        ax.bar(range(len(bars)), vals, 0.7, bottom=bottoms, label=part, color=colours[i % 20],
+               hatch="//" if i >= 20 or "(haproxy)" in part else None, edgecolor="white", linewidth=0.3)
+        bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
+    ax.set_xticks(range(len(bars)), [f"{name}\n{phase}" for name, phase, _ in bars], fontsize=7)
+    ax.set_ylabel("mean ms per request")
+    ax.set_title("where the time goes: the latency split")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+
+
+def _md(v, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {n}" for k, n in v.items()) or "0"
+    return str(v).replace("|", "\\|")
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+
+
+def md_summary(report: dict) -> list[str]:
+    rows = []
+    for name, e in report.get("scenarios", {}).items():
+        for phase, r in _phases(e):
+            gen = r.get("generator") or {}
+            rows.append([name, phase, r.get("throughput_rps"), r.get("p50_ms"), r.get("p99_ms"), r.get("dropped"),
+                         sum((r.get("errors") or {}).values()), r.get("misdelivered"), gen.get("cpu_fraction_max")])
+        if "ratios" in e:
+            rows.append([name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", ""][:9])
+    return _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu"], rows)
+
+
+def md_split(report: dict) -> list[str]:
+    """Per scenario: the mean ms of every part, one column per phase, and the total they add up to."""
+    out = []
+    for name, e in report.get("scenarios", {}).items():
+        phases = [(p, r) for p, r in _phases(e) if r.get("latency_split")]
+        if not phases:
+            continue
+        parts = sorted({k for _, r in phases for k in r["latency_split"]}, key=part_rank)
+        rows = [[part, *[r["latency_split"].get(part) for _, r in phases]] for part in parts]
+        rows.append(["**total (mean latency)**", *[r.get("latency_split_total_ms") for _, r in phases]])
+        rows.append(["p50 / p99 ms", *[f"{_md(r.get('p50_ms'))} / {_md(r.get('p99_ms'))}" for _, r in phases]])
+        out += [f"**{name}** (mean ms per request)", "", *_table(["part", *[p for p, _ in phases]], rows), ""]
+        for phase, r in phases:
+            if r.get("haproxy_timers"):
+                out.append(f"{phase}: HAProxy's hops come from its log timers (%Tw+%Tc+%Tr, one request in "
+                           f"{r['haproxy_timers'].get('log_sample')} logged); a hop's own work and the line in front of it "
+                           "are one part there, because HAProxy does not log when it read a request from its socket.")
+                out.append("")
+    return out
+
+
+def md_costs(report: dict) -> list[str]:
+    rows, notes = [], []
+    for name, e in report.get("scenarios", {}).items():
+        for phase, r in _phases(e):
+            c = r.get("costs")
+            if not c:
+                continue
+            for p in c["processes"]:
+                rows.append([name, phase, p["name"], " ".join(p["hops"]) or "–", p["cores"], p["us_per_request"]])
+            hops = ", ".join(f"{k} {v:,.0f}" for k, v in c.get("per_hop_us", {}).items() if v is not None)
+            rows.append([name, phase, "**relay chain**", hops or "per hop: not separable (one process serves several hops)",
+                         None, c.get("chain_us_per_request")])
+            notes += [f"- {name} {phase}: {n}" for n in c.get("notes", [])]
+    if not rows:
+        return []
+    return [*_table(["scenario", "phase", "process", "hops (per-hop µs)", "cores", "CPU µs / request"], rows), "", *notes]
+
+
+def md_cross_check(report: dict) -> list[str]:
+    cc = report.get("cross_check")
+    if not cc:
+        return []
+    rows = []
+    for name, e in cc["scenarios"].items():
+        k, h, r = e["konbini"], e["haproxy"], e["ratios"]
+        rows.append([name, e["concurrency"], k.get("rps"), h.get("rps"), k.get("p50_ms"), h.get("p50_ms"),
+                     (k.get("costs") or {}).get("chain_us_per_request"), (h.get("costs") or {}).get("chain_us_per_request"),
+                     r["compiled_client"], r["generator"], r["agree"]])
+    head = ["scenario", "c", "konbini req/s", "HAProxy req/s", "konbini p50 ms", "HAProxy p50 ms", "konbini chain µs/req",
+            "HAProxy µs/req", "ratio (compiled client)", "ratio (konbini generator)", "agree"]
+    out = [f"Compiled client: {cc['client']}, {cc['duration_s']:g} s per run; ratio = konbini ÷ HAProxy throughput.", "",
+           *_table(head, rows), ""]
+    for name, e in cc["scenarios"].items():
+        r = e["ratios"]
+        if r["agree"] is False:
+            out.append(f"- {name}: the ratios disagree ({r['generator']} with konbini's generator, {r['compiled_client']} "
+                       "with the compiled client): both are shown; the compiled client's is free of the Python generator's CPU.")
+        elif r["generator"] is None:
+            out.append(f"- {name}: no generator ratio (the scenario did not run with --baseline haproxy).")
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    o = report.get("options", {})
+    out = [f"# konbini bench{' (partial: interrupted)' if report.get('partial') else ''}", "",
+           f"{report.get('created', '')} · {report.get('mode', 'loopback')} · {o.get('kiosks')} kiosks · "
+           f"{o.get('workers')} generator worker(s) · {report.get('machine', {}).get('cpus')} CPUs · "
+           f"scenarios {' '.join(o.get('scenarios') or [])}", ""]
+    out += [f"- {n}" for n in report.get("notes", [])]
+    out += ["", "## Summary", "", *md_summary(report), ""]
+    if split := md_split(report):
+        out += ["## Where the time goes (latency split)", "", *split]
+        if report.get("split_plot"):
+            out += [f"![latency split]({report['split_plot']})", ""]
+    if costs := md_costs(report):
+        out += ["## Cost model (CPU per completed request, measured window)", "", *costs, ""]
+    if cc := md_cross_check(report):
+        out += ["## Cross-check with the compiled client", "", *cc, ""]
+    return "\n".join(out) + "\n"
+
+
+def html_costs(entry_name: str, entry: dict) -> list[str]:
+    """The cost model of a scenario's phases as a table, and its notes."""
+    out = []
+    for phase, r in _phases(entry):
+        c = r.get("costs")
+        if not c or not c.get("processes"):
+            continue
+        out.append(f"<table><tr><th colspan='5' style='text-align:left'>{html.escape(entry_name)} {phase}: CPU per completed "
+                   f"request over {c['window_s']:.1f} s, {c['completed']} requests</th></tr>"
+                   "<tr><th>process</th><th>hops</th><th>cores</th><th>µs / request</th></tr>")
+        for p in c["processes"]:
+            out.append(f"<tr><td>{html.escape(p['name'])}</td><td>{html.escape(' '.join(p['hops']))}</td>"
+                       f"<td>{_fmt(p['cores'])}</td><td>{_fmt(p['us_per_request'])}</td></tr>")
+        hops = ", ".join(f"{k} {v:,.0f}" for k, v in c.get("per_hop_us", {}).items() if v is not None)
+        out.append(f"<tr><td><b>relay chain</b></td><td>{html.escape(hops or 'per hop: one process serves several hops')}</td>"
+                   f"<td></td><td>{_fmt(c.get('chain_us_per_request'))}</td></tr></table>")
+        out += [f"<p><em>{phase}: {html.escape(n)}</em></p>" for n in c.get("notes", [])]
+    return out
+
+
 def render_html(report: dict) -> str:
     o = report.get("options", {})
     parts = [
@@ -204,6 +398,17 @@ def render_html(report: dict) -> str:
         except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
             parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
         parts.append("</div>")
+        parts += html_costs(name, entry)
+    if report.get("split_plot"):
+        parts.append(f"<h2>Where the time goes</h2><img src='{html.escape(report['split_plot'])}' alt='latency split' style='max-width:100%'>")
+    if cc := report.get("cross_check"):
+        parts.append(f"<h2>Cross-check: {html.escape(cc['client'])}</h2><table><tr><th>scenario</th><th>konbini req/s</th>"
+                     "<th>HAProxy req/s</th><th>ratio (compiled client)</th><th>ratio (konbini generator)</th><th>agree</th></tr>")
+        for name, e in cc["scenarios"].items():
+            r = e["ratios"]
+            parts.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(e['konbini'].get('rps'))}</td><td>{_fmt(e['haproxy'].get('rps'))}</td>"
+                         f"<td>{_fmt(r['compiled_client'])}</td><td>{_fmt(r['generator'])}</td><td>{_fmt(r['agree'])}</td></tr>")
+        parts.append("</table>")
     if "h2load" in report:
         h = report["h2load"]
         parts.append(f"<h2>h2load cross-check</h2><p>{html.escape(h.get('note', ''))}</p><table><tr><th>phase</th><th>size</th><th>req/s</th><th>bytes/s</th><th>mean ms</th><th>failed</th></tr>")

@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,16 @@ from pathlib import Path
 
 import trio
 
-from bench.baselines.haproxy import HAProxyError, HAProxyProcess, config, haproxy_binary
+from bench import crosscheck
+from bench.baselines.haproxy import (
+    LOG_SAMPLE,
+    HAProxyError,
+    HAProxyProcess,
+    config,
+    haproxy_binary,
+    hop_timers,
+)
+from bench.costs import CostProcess, CostWindow
 from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
@@ -38,6 +48,7 @@ from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
 from gateway.node.server import NodeStartError
 from kiosk_emu.card import CardStore
+from kiosk_emu.latency import with_relay_waits
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
 from topology.launch import netns
 from topology.launch.impair import Impairments
@@ -52,6 +63,7 @@ log = logging.getLogger("konbini.bench")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+RELAY_CHAIN = ("store-router", "ec-router", "dmz-relay")  # the relay kinds from the kiosk's router inwards
 PHASES = ("konbini", "lines", "haproxy")  # konbini's relays; the same with the lines impaired; HAProxy's relays
 
 
@@ -224,6 +236,7 @@ class NodeProcess:
     def __init__(self, topo: Topology, state_dir: Path, only: set[str], clock_start: datetime, what: str) -> None:
         self.args = (topo, str(state_dir), only, clock_start.isoformat())
         self.what = what
+        self.hops = tuple(sorted({topo.node(n).kind for n in only}))  # the node kinds it serves (cost model)
         self.proc = None
 
     def start(self, timeout: float = 60.0) -> float:
@@ -283,6 +296,8 @@ class BenchOptions:
     netns: bool = False  # run the topology in netns mode (root); the kiosks' workers join their namespaces
     netns_tag: str = "bench"  # namespaces konbini-<tag>-<site>
     lines: dict[str, str] | None = None  # line kind -> delay ("20ms"): repeat konbini's phase with those lines impaired (root)
+    cross_check: bool = False  # drive the relay scenarios again with the compiled Go client, both chains
+    relay_processes: str = "operator"  # konbini's relays: one process per operator, or per (operator, hop kind)
     notes: list[str] = field(default_factory=list)
 
 
@@ -304,6 +319,16 @@ def validate(opts: BenchOptions) -> None:
         try:
             haproxy_binary()
         except HAProxyError as exc:
+            raise BenchError(str(exc)) from None
+    if opts.relay_processes not in ("operator", "hop"):
+        raise BenchError(f"--relay-processes {opts.relay_processes!r}: one of operator, hop")
+    if opts.cross_check:
+        if opts.netns:
+            raise BenchError("--cross-check runs in loopback mode (the compiled client has no namespace support)")
+        try:
+            haproxy_binary()
+            crosscheck.go_binary()
+        except (HAProxyError, crosscheck.CrossCheckError) as exc:
             raise BenchError(str(exc)) from None
     if opts.h2load and shutil.which("h2load") is None:
         raise BenchError("h2load is not installed (apt-get install nghttp2-client), needed for --h2load")
@@ -410,6 +435,42 @@ class Bench:
             (relay if kinds & set(RELAY_KINDS) else center).append(h.pid)
         return relay, center
 
+    def cost_processes(self, front) -> list[CostProcess]:
+        """The server processes of a phase, named and with the hops they serve, for the cost model."""
+        if self.plan is not None:
+            out = []
+            for h in self.hosts:
+                kinds = tuple(sorted({self.topo.node(n).kind for n in self.plan.sites[h.site].servers}))
+                role = "relays" if set(kinds) & set(RELAY_KINDS) else "origin"
+                out.append(CostProcess(f"nodehost {h.site}", role, h.pid, kinds))
+            return out
+        out = []
+        if isinstance(front, NodeGroup):
+            out += [CostProcess(p.what.removeprefix("konbini "), "relays", p.pid, p.hops) for p in front.procs if p.pid]
+        elif isinstance(front, HAProxyProcess) and front.pid:
+            kinds = tuple(sorted({n.kind for n in self.topo.nodes.values() if n.kind in RELAY_KINDS}))
+            out.append(CostProcess("haproxy (every relay hop)", "baseline", front.pid, kinds, threads=True))
+        if self.origin is not None and self.origin.pid:
+            out.append(CostProcess("center side", "origin", self.origin.pid, self.origin.hops))
+        return out
+
+    def haproxy_split(self, result: dict, front: HAProxyProcess, window: CostWindow) -> None:
+        """HAProxy's hops in the latency split, from its logged timers over the cost window."""
+        kinds = {n.id: n.kind for n in self.topo.nodes.values() if n.kind in RELAY_KINDS}
+        try:
+            text = front.log_path.read_text(errors="replace")
+        except OSError:
+            return
+        timers = hop_timers(text, kinds, window.t_start, window.t_end)
+        flows = result["ok"] + sum(result["refused"].values()) + sum(result["cancelled"].values())
+        result["haproxy_timers"] = {k: t.as_json() for k, t in timers.items()} | {"log_sample": LOG_SAMPLE}
+        if not timers or not flows or not result.get("latency_split"):
+            return
+        order = [k for k in RELAY_CHAIN if k in timers]
+        waits = [(k, timers[k].up_ms * LOG_SAMPLE / flows) for k in order]
+        # the relay chain ends at the issuance center (the bench origin answers on its address)
+        result["latency_split"] = with_relay_waits(result["latency_split"], "issuance-center", waits, "haproxy")
+
     def impairments(self) -> Impairments:
         """Every line of the kinds in --line impaired with its delay, per address pair on lo (root)."""
         overrides = {
@@ -424,13 +485,15 @@ class Bench:
             return _Running()  # netns mode: the relays run in their nodehosts for the whole bench
         if phase == "konbini":
             # One process per operator's relay chain (SO_REUSEPORT is not needed: every relay has
-            # its own address), so the relays can use both cores as HAProxy's threads do.
-            by_operator: dict[str, set[str]] = {}
+            # its own address), so the relays can use both cores as HAProxy's threads do; with
+            # --relay-processes hop one per operator and hop kind, so the cost model has each hop's CPU.
+            groups: dict[str, set[str]] = {}
             for n in relays:
-                by_operator.setdefault(n.operator or "", set()).add(n.id)
+                key = n.operator or "-"
+                groups.setdefault(key if self.opts.relay_processes == "operator" else f"{key} {n.kind}", set()).add(n.id)
             return NodeGroup([
-                NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {op or '-'}")
-                for op, ids in sorted(by_operator.items())
+                NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {key}")
+                for key, ids in sorted(groups.items())
             ])
         cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
         text = config(self.topo, self.pki, self.opts.state_dir)
@@ -483,24 +546,36 @@ class Bench:
         front.start()
         try:
             relay_pids, origin_pids = self.server_pids(front)
+            window = CostWindow(self.cost_processes(front))
             before = procs_stats(relay_pids)
             origin_before = procs_stats(origin_pids)
             t0 = time.perf_counter()
             label = f"{sc.name} [{phase}{', netns' if self.plan is not None else ''}]"
             spec = self.spec(sc, rate, concurrency, duration)
-            if sc.soak:
-                names = {f"relays-{i}": pid for i, pid in enumerate(relay_pids)} | {f"origin-{i}": pid for i, pid in enumerate(origin_pids)}
-                with ProcessSampler(names, interval=max(0.2, min(5.0, duration / 60))) as sampler:
-                    result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label)
-                result["soak"] = sampler.summary(result)
-            else:
-                result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label)
+
+            def on_go(go: float) -> None:  # the CPU window is the measured window
+                window.arm(go + spec.warmup_s, go + spec.warmup_s + spec.duration_s)
+
+            try:
+                if sc.soak:
+                    names = {f"relays-{i}": pid for i, pid in enumerate(relay_pids)} | {f"origin-{i}": pid for i, pid in enumerate(origin_pids)}
+                    with ProcessSampler(names, interval=max(0.2, min(5.0, duration / 60))) as sampler:
+                        result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
+                    result["soak"] = sampler.summary(result)
+                else:
+                    result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
+            finally:
+                window.close()
             wall = time.perf_counter() - t0
             after = procs_stats(relay_pids)
             origin_after = procs_stats(origin_pids)
         finally:
             front.stop()
         result["phase"] = phase
+        completed = result["ok"] + sum(result["refused"].values()) + sum(result["cancelled"].values())
+        result["costs"] = window.model(completed)
+        if isinstance(front, HAProxyProcess):
+            self.haproxy_split(result, front, window)
         result["servers"] = {
             "relay_cpu_s": round(after.get("cpu_s", 0) - before.get("cpu_s", 0), 2),
             "relay_cpu_cores": round((after.get("cpu_s", 0) - before.get("cpu_s", 0)) / wall, 2) if wall else None,
@@ -555,6 +630,57 @@ class Bench:
             "p50_ms": last.get("p50_ms"), "p99_ms": last.get("p99_ms"), "misdelivered": sum(s["misdelivered"] for s in steps),
             "errors": {}, "dropped": sum(s["dropped"] for s in steps), "partial": False,
         }
+
+    # -- compiled-client cross-check ---------------------------------------------------------
+
+    def cross_check(self, scenarios: dict) -> dict:
+        """relay-small, relay-64k and relay-1m with the compiled Go client, konbini's relays then
+        HAProxy's; both ratios (this client's and the generator's, where the scenario ran with
+        --baseline haproxy) side by side."""
+        o = self.opts
+        try:
+            binary = crosscheck.build(o.state_dir / "tools")
+        except crosscheck.CrossCheckError as exc:
+            raise BenchError(str(exc)) from None
+        out: dict = {"client": "h2mtls_load (Go net/http, compiled)", "duration_s": o.duration_s, "scenarios": {}}
+        for name in crosscheck.SCENARIOS:
+            sc = SCENARIOS[name]
+            conc = o.concurrency or sc.concurrency or len(self.kiosk_ids)
+            cmd = crosscheck.command(binary, self.topo, self.pki, self.kiosk_ids, sc.workload.size, conc, o.duration_s)
+            entry: dict = {"concurrency": conc, "command": " ".join(cmd[:8]) + " -pairs <one per kiosk>"}
+            for phase in ("konbini", "haproxy"):
+                entry[phase] = self._client_run(phase, cmd, o.duration_s)
+            client = (entry["konbini"]["rps"] / entry["haproxy"]["rps"]) if entry["haproxy"].get("rps") else None
+            generator = ((scenarios.get(name) or {}).get("ratios") or {}).get("throughput")
+            entry["ratios"] = crosscheck.compare(generator, round(client, 3) if client is not None else None)
+            out["scenarios"][name] = entry
+        return out
+
+    def _client_run(self, phase: str, cmd: list[str], duration: float) -> dict:
+        front = self._front(phase)
+        front.start()
+        try:
+            window = CostWindow(self.cost_processes(front))
+            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            window.begin()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"the compiled client did not finish within {duration + 60:.0f} s") from None
+            window.finish()
+            children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        finally:
+            front.stop()
+        if done.returncode != 0:
+            raise BenchError(f"the compiled client failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+        try:
+            result = crosscheck.parse(done.stdout)
+        except crosscheck.CrossCheckError as exc:
+            raise BenchError(str(exc)) from None
+        client_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+        client = CostProcess("compiled client", "client", 0)
+        result["costs"] = window.model(int(result.get("ok", 0)), extra=[(client, client_cpu)])
+        return result
 
     # -- h2load cross-check ----------------------------------------------------------------
 
@@ -636,7 +762,8 @@ def run_bench(opts: BenchOptions) -> dict:
             "scenarios": opts.scenarios, "topology": opts.topology.source, "rate": opts.rate, "concurrency": opts.concurrency,
             "duration_s": opts.duration_s, "kiosks": len(bench.kiosk_ids), "workers": opts.workers, "baseline": opts.baseline,
             "p99_target_ms": opts.p99_target_ms, "emulated_time": bench.clock_start.isoformat(),
-            "netns_tag": opts.netns_tag if opts.netns else None,
+            "netns_tag": opts.netns_tag if opts.netns else None, "relay_processes": opts.relay_processes,
+            "cross_check": opts.cross_check,
         },
         "notes": opts.notes,
         "scenarios": {},
@@ -650,6 +777,8 @@ def run_bench(opts: BenchOptions) -> dict:
             if any(isinstance(v, dict) and v.get("partial") for v in entry.values()):
                 report["partial"] = True
                 break
+        if opts.cross_check and not report["partial"]:
+            report["cross_check"] = bench.cross_check(report["scenarios"])
         if opts.h2load and not report["partial"]:
             report["h2load"] = bench.h2load(["konbini"] + (["haproxy"] if opts.baseline else []), min(opts.duration_s, 10))
     except KeyboardInterrupt:

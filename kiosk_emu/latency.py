@@ -83,3 +83,23 @@ def split(ttfb_ms: float, total_ms: float, headers: Headers | None, kinds: dict[
     else:
         add(f"line {outer}→?", waited)  # no server said anything: all of it is unexplained
     add("body", total_ms - ttfb_ms)
+
+
+def with_relay_waits(split_ms: dict[str, float], origin_kind: str, waits: list[tuple[str, float]], tag: str) -> dict[str, float]:
+    """A split whose relays said nothing (HAProxy adds no server-timing), refined with each relay's
+    own log of its wait on its upstream: `waits` is (relay kind, mean ms per request flow), from
+    the kiosk's router inwards. The one part `line kiosk→<origin>` becomes, per relay, the line in
+    front of it plus its own work (its log cannot tell those apart), and the line to the origin.
+    The rest is kept, so the parts still add up to the same total."""
+    whole = f"line kiosk→{origin_kind}"
+    if whole not in split_ms or not waits:
+        return dict(split_ms)
+    origin = sum(v for k, v in split_ms.items() if k.startswith(f"{origin_kind} "))
+    ttfb = split_ms[whole] + origin
+    out = {k: v for k, v in split_ms.items() if k != whole}
+    outer, waited = "kiosk", ttfb
+    for kind, up in waits:
+        out[f"line {outer}→{kind} + {kind} ({tag})"] = round(waited - up, 3)
+        outer, waited = kind, up
+    out[f"line {outer}→{origin_kind}"] = round(waited - origin, 3)
+    return out

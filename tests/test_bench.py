@@ -99,7 +99,8 @@ def test_sweep_reports_steps_and_a_best_rate(report: dict) -> None:
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
 def test_haproxy_baseline_runs_on_the_same_addresses_and_gives_ratios(tmp_path: Path) -> None:
-    rep = run_bench(options(tmp_path, ["relay-small"], baseline="haproxy"))
+    # enough requests that HAProxy's 1-in-10 timer log has some inside the measured window
+    rep = run_bench(options(tmp_path, ["relay-small"], baseline="haproxy", rate=60.0, duration_s=1.5))
     entry = rep["scenarios"]["relay-small"]
     k, h = entry["konbini"], entry["haproxy"]
     assert h["errors"] == {} and h["ok"] > 0 and outcomes_add_up(h)
@@ -107,6 +108,18 @@ def test_haproxy_baseline_runs_on_the_same_addresses_and_gives_ratios(tmp_path: 
     assert entry["ratios"]["throughput"] == pytest.approx(k["throughput_rps"] / h["throughput_rps"], rel=0.01)
     cfg = (tmp_path / "state" / "haproxy" / "haproxy.cfg").read_text()
     assert "verify required alpn h2" in cfg and "set-header konbini-kiosk" in cfg
+    # the cost model: both chains' processes, µs per completed request over the measured window
+    for r, role in ((k, "relays"), (h, "baseline")):
+        c = r["costs"]
+        roles = {p["role"] for p in c["processes"]}
+        assert {role, "origin", "generator"} <= roles, roles
+        assert c["completed"] == r["ok"] and c["window_s"] > 0
+        chain_cpu = sum(p["cpu_s"] for p in c["processes"] if p["role"] == role)  # whole clock ticks: may be 0 on a tiny load
+        assert c["chain_us_per_request"] == pytest.approx(chain_cpu / c["completed"] * 1e6, abs=0.1)
+    # HAProxy's hops in the split, from its logged timers; the parts still add up to the mean latency
+    assert any(part.endswith("(haproxy)") for part in h["latency_split"]), h["latency_split"]
+    assert sum(h["latency_split"].values()) == pytest.approx(h["latency_split_total_ms"], abs=0.05)
+    assert (tmp_path / "out" / "latency-split.png").exists() and "Cost model" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_kiosks_beyond_the_topology_join_their_store() -> None:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
 import ssl
-import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bench import crosscheck
 from gateway.business.clock import Clock
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.protocol.http import send_json
@@ -121,22 +120,14 @@ async def test_curl_uploads_every_byte_through_the_chain(net, tmp_path: Path, si
 
 @pytest.fixture(scope="session")
 def h2mtls_load(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """../shared/tools/h2mtls_load built once per session with Debian's Go; nothing is downloaded."""
-    go = shutil.which("go")
-    if go is None:
+    """../shared/tools/h2mtls_load built once per session with Debian's Go (bench.crosscheck, which
+    `konbini bench --cross-check` uses too); nothing is downloaded."""
+    if shutil.which("go") is None:
         pytest.skip("LOUD SKIP: `go` is not installed: the Go interop tests did not run (make setup installs golang-go)")
-    source = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if (p / "tools/h2mtls_load/main.go").exists()),
-                  None)
-    if source is None:
-        pytest.fail(f"no tools/h2mtls_load/main.go under {ROOT / 'shared'} or {ROOT.parent / 'shared'}")
-    build = tmp_path_factory.mktemp("h2mtls_load")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0",
-           "GOCACHE": str(build / "cache"), "GOPATH": str(build / "gopath")}
-    binary = build / "h2mtls_load"
-    done = subprocess.run([go, "build", "-o", str(binary), "."], cwd=source / "tools/h2mtls_load", env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"go build failed:\n{done.stderr}"
-    return binary
+    try:
+        return crosscheck.build(tmp_path_factory.mktemp("h2mtls_load"))
+    except crosscheck.CrossCheckError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.mark.parametrize("size", [1 * KiB, 64 * KiB, MiB])

@@ -6,6 +6,11 @@ from the network CA; its backend connects from the node's address to the node's 
 same certificate, verifying the upstream's node id. The allow-lists become ACLs (address before
 the handshake, certificate identity and request after it) and the store router's attestation
 headers are set as konbini's store router sets them, so the issuance center sees the same requests.
+
+Every frontend logs its request timers (`TIMERS_FORMAT`, one request in `LOG_SAMPLE`) to stdout,
+which the bench captures: each hop's wait on its upstream (%Tw + %Tc + %Tr) is what HAProxy can
+tell of the latency split (`hop_timers`). It cannot tell when it read a request from its socket,
+so a hop's own work and the line in front of it stay one part.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from topology.policy.compiler import parse_request_pattern
@@ -50,6 +56,12 @@ def relay_nodes(topo: Topology):
     return [n for n in topo.nodes.values() if n.kind in RELAY_KINDS]
 
 
+LOG_SAMPLE = 10  # log one request in ten: the timers' means, at a tenth of the logging cost
+TIMERS_TAG = "konbini-timers"
+# accept time (s.ms), frontend (= relay node id), then HAProxy's timers in ms and the status
+TIMERS_FORMAT = f"{TIMERS_TAG} %Ts.%ms %f %TR %Tw %Tc %Tr %Ta %ST"
+
+
 def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None = None) -> str:
     """The haproxy.cfg text. `shim`: (kiosk id, port) adds a cleartext h2 frontend on the kiosk's
     address that speaks mTLS as that kiosk to its store router (h2load has no client-certificate option)."""
@@ -65,9 +77,12 @@ def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None
         "    ssl-default-bind-options ssl-min-ver TLSv1.3 no-tls-tickets",
         "    ssl-default-server-options ssl-min-ver TLSv1.3",
         "    tune.h2.initial-window-size 262144",
+        f"    log stdout format raw sample 1:{LOG_SAMPLE} local0 info",
         "",
         "defaults",
         "    mode http",
+        "    log global",
+        f'    log-format "{TIMERS_FORMAT}"',
         "    timeout connect 5s",
         "    timeout client 60s",
         "    timeout server 60s",
@@ -134,8 +149,9 @@ class HAProxyProcess:
         if check.returncode != 0:
             first = next((l for l in (check.stderr + check.stdout).splitlines() if "ALERT" in l), check.stderr.strip()[:300])
             raise HAProxyError(f"haproxy refused {self.cfg_path}: {first}")
-        log = open(self.cfg_path.with_suffix(".log"), "w")
-        self.proc = subprocess.Popen([binary, "-db", "-f", str(self.cfg_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([binary, "-db", "-f", str(self.cfg_path)], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         pending = list(self.wait_for)
         while pending:
@@ -155,6 +171,11 @@ class HAProxyProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def log_path(self) -> Path:
+        """haproxy's stdout and stderr: its alerts and the request timers (`TIMERS_FORMAT`)."""
+        return self.cfg_path.with_suffix(".log")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -163,3 +184,41 @@ class HAProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@dataclass
+class HopTimers:
+    """One relay kind's logged timers, added up over the sampled requests of a window."""
+
+    logged: int = 0
+    up_ms: float = 0.0  # Tw + Tc + Tr: from the request being ready to forward to the upstream's headers
+    receive_ms: float = 0.0  # TR: receiving the request headers (about 0 over h2)
+    active_ms: float = 0.0  # Ta: the whole request, body included
+
+    def as_json(self) -> dict:
+        n = self.logged or 1
+        return {"logged": self.logged, "mean_up_ms": round(self.up_ms / n, 3), "mean_receive_ms": round(self.receive_ms / n, 3),
+                "mean_active_ms": round(self.active_ms / n, 3)}
+
+
+def hop_timers(log_text: str, kinds: dict[str, str], t0: float, t1: float) -> dict[str, HopTimers]:
+    """Relay kind -> its timers, from the lines of `TIMERS_FORMAT` accepted between t0 and t1
+    (epoch seconds). A request HAProxy never got an answer for (Tr -1) tells nothing and is skipped."""
+    out: dict[str, HopTimers] = {}
+    for line in log_text.splitlines():
+        f = line.split()
+        if len(f) != 9 or f[0] != TIMERS_TAG or f[2] not in kinds:
+            continue
+        try:
+            at = float(f[1])
+            tr_recv, tw, tc, tr, ta = (int(x) for x in f[3:8])
+        except ValueError:
+            continue
+        if not t0 <= at <= t1 or tr < 0:
+            continue
+        h = out.setdefault(kinds[f[2]], HopTimers())
+        h.logged += 1
+        h.up_ms += max(0, tw) + max(0, tc) + tr
+        h.receive_ms += max(0, tr_recv)
+        h.active_ms += max(0, ta)
+    return out

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -597,8 +597,11 @@ class LoadError(Exception):
     """The load could not be run (kiosks cannot connect, a worker died); one line for the user."""
 
 
-def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: str = "") -> dict:
-    """Run one load across `workers` processes; returns the merged result (see `merge_results`)."""
+def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: str = "",
+             on_go: Callable[[float], None] | None = None) -> dict:
+    """Run one load across `workers` processes; returns the merged result (see `merge_results`).
+    `on_go(wall_time)` is told when the workers start (warm-up begins): the bench's cost model
+    times its CPU window from it."""
     if spec.rate is not None and spec.rate <= 0:
         raise LoadError(f"impossible rate {spec.rate}: it must be > 0 requests per second")
     if spec.rate is None and (spec.concurrency or 0) <= 0:
@@ -633,6 +636,8 @@ def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: 
             ready += kind == "ready"
         go_at.value = time.time() + 0.1
         go.set()
+        if on_go is not None:
+            on_go(go_at.value)
         results = _collect(out, procs, spec, workers, progress, label)
     except KeyboardInterrupt:
         interrupted = True

@@ -30,6 +30,12 @@ def add_parser(sub) -> None:
     b.add_argument("--p99-target", type=float, default=100.0, help="sweep: p99 target in ms (default 100)")
     b.add_argument("--sweep-steps", type=int, default=8, help="sweep: at most this many rate steps")
     b.add_argument("--h2load", action="store_true", help="also cross-check relay-small/relay-64k with h2load")
+    b.add_argument("--cross-check", action="store_true",
+                   help="also drive relay-small/relay-64k/relay-1m with the compiled Go client against konbini's and "
+                        "HAProxy's relays; the report shows its ratios beside the generator's (needs golang-go, haproxy)")
+    b.add_argument("--relay-processes", choices=["operator", "hop"], default="operator",
+                   help="konbini's relays: one process per operator (default), or per operator and hop kind, so the "
+                        "cost model shows each hop's CPU per request")
     b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
     b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
@@ -58,6 +64,8 @@ def cmd_bench(args) -> int:
         p99_target_ms=args.p99_target,
         sweep_steps=args.sweep_steps,
         h2load=args.h2load,
+        cross_check=args.cross_check,
+        relay_processes=args.relay_processes,
         progress=not args.no_progress,
         netns=args.netns,
         netns_tag=args.tag,
@@ -86,6 +94,8 @@ def cmd_bench(args) -> int:
                 top = sorted(split.items(), key=lambda kv: -abs(kv[1]))
                 soaks.append(f"{name} {phase} where the time goes (mean ms, adds up to {r.get('latency_split_total_ms')}): "
                              + ", ".join(f"{k} {v:.1f}" for k, v in top))
+            if costs := r.get("costs"):
+                soaks.append(f"{name} {phase} CPU µs per request: " + cost_line(costs))
             if soak := r.get("soak"):
                 worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
                 fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
@@ -99,7 +109,12 @@ def cmd_bench(args) -> int:
     show(console, title, ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"), rows)
     for line in soaks:
         console.print(line, markup=False, highlight=False)
-    console.print(f"reports: {opts.out_dir / 'report.json'} and {opts.out_dir / 'report.html'}")
+    for name, entry in (report.get("cross_check") or {}).get("scenarios", {}).items():
+        ratios = entry["ratios"]
+        console.print(f"cross-check {name}: konbini ÷ HAProxy with the compiled client {ratios['compiled_client']}, "
+                      f"with konbini's generator {ratios['generator'] if ratios['generator'] is not None else '- (no --baseline haproxy)'}"
+                      + ("" if ratios["agree"] is not False else "  (they disagree: see report.md)"), markup=False, highlight=False)
+    console.print(f"reports: {opts.out_dir / 'report.json'}, {opts.out_dir / 'report.html'} and {opts.out_dir / 'report.md'}")
     failed = any(
         (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES
     )
@@ -107,6 +122,12 @@ def cmd_bench(args) -> int:
         not (entry.get(p) or {}).get("soak", {"ok": True})["ok"] for entry in report["scenarios"].values() for p in PHASES
     )
     return 1 if failed or soak_failed or report["partial"] else 0
+
+
+def cost_line(costs: dict) -> str:
+    """Every process's µs per completed request, and the notes that say what limits the phase."""
+    procs = ", ".join(f"{p['name']} {p['us_per_request']:,.0f}" for p in costs["processes"] if p.get("us_per_request") is not None)
+    return (procs or "no requests completed") + "".join(f"; NOTE {n}" for n in costs.get("notes", []))
 
 
 def _ms(v) -> str:

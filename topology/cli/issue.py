@@ -8,14 +8,16 @@ import sys
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node.cluster import CLUSTER
 from gateway.node.server import NodeStartError
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import DEFAULT_PIN, CardError, CardStore
 from kiosk_emu.kiosk import Kiosk
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import enter_kiosk_namespace
+from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
-from topology.pki import PKI
+from topology.pki import PKI, PKIError
 
 
 def pick_kiosk(topo, kiosk: str | None, store: str | None) -> str:
@@ -33,7 +35,7 @@ def cmd_issue(args) -> int:
     topo = load(args.topology)
     sdir = state_dir(args, topo)
     kiosk_id = pick_kiosk(topo, args.kiosk, args.store)
-    mode = "netns" if getattr(args, "netns", False) else "loopback"
+    mode = "netns" if getattr(args, "netns", False) else CLUSTER if getattr(args, "cluster", False) else "loopback"
     if mode == "netns":
         if args.up:
             raise UserError("--up and --netns do not mix; start `konbini up --netns` first")
@@ -71,13 +73,25 @@ def cmd_issue(args) -> int:
                 result = await once(running)
                 nursery.cancel_scope.cancel()
                 return result
-        pki = PKI.ensure(sdir, topo)
+        pki = PKI.load(sdir, topo) if mode == CLUSTER else PKI.ensure(sdir, topo)  # a pod's Secret is read-only
         return await once(Running(topo, sdir, pki, CardStore(sdir, pki, clock.now), clock, mode))
 
+    # --up launches the topology as `konbini up` does: with the file's line impairments (root)
+    lines = Impairments(topo, "loopback", state_dir=sdir) if args.up else None
+    if lines is not None:
+        try:
+            notes = lines.start()
+        except LineError as exc:
+            notes = [f"line impairments not applied: {exc}"]
+        for note in notes:
+            print(f"konbini: lines: {note}", file=sys.stderr)
     try:
         result = trio.run(main)
-    except NodeStartError as exc:
+    except (NodeStartError, PKIError) as exc:
         raise UserError(str(exc)) from None
+    finally:
+        if lines is not None:
+            lines.stop()
     if args.json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
     else:
