@@ -22,10 +22,32 @@ from cryptography import x509
 
 from topology.cli.main import main
 from topology.export.compose import export_compose
-from topology.export.k8s import ExportError, KubeOptions, dump, export_k8s, pki_files
-from topology.export.netpol import NODE_LABEL, impairment_text, node_labels
+from topology.export.k8s import (
+    ExportError,
+    KubeOptions,
+    dump,
+    export_k8s,
+    exported_nodes,
+    grouped,
+    monitoring_files,
+    pki_files,
+    pki_topology,
+)
+from topology.export.netpol import (
+    GROUP_LABEL,
+    NODE_LABEL,
+    ROLE_LABEL,
+    allowed_pairs,
+    impairment_text,
+    node_labels,
+)
 from topology.pki import PKI
 from topology.policy.compiler import reachability
+from topology.policy.monitoring import (
+    METRICS_PORT,
+    MONITORING_PRINCIPAL,
+    metrics_reachability,
+)
 from topology.spec.load import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +62,7 @@ def _export(name, tmp_path_factory):
     pki = PKI.ensure(tmp_path_factory.mktemp("state"), topo)
     files = {n.id: pki_files(pki, n) for n in topo.nodes.values() if n.is_server or n.kind == "kiosk"}
     opts = KubeOptions(namespace="konbini", image="registry.example/konbini:1", topology_text=path.read_text())
-    return topo, export_k8s(topo, opts, files)
+    return topo, export_k8s(topo, opts, files, monitoring_files(pki))
 
 
 @pytest.fixture(scope="module", params=TOPOLOGIES)
@@ -59,6 +81,11 @@ def _all(manifests):
 
 def _of_kind(manifests, *kinds):
     return [d for d in _all(manifests) if d["kind"] in kinds]
+
+
+def _node_workloads(manifests):
+    """The topology nodes' workloads: every one but the monitoring principal's scraper."""
+    return [w for w in _of_kind(manifests, "Deployment", "StatefulSet", "Job") if NODE_LABEL in w["spec"]["template"]["metadata"]["labels"]]
 
 
 # -- schemas ----------------------------------------------------------------------------------
@@ -105,6 +132,7 @@ def test_services_carry_node_ids_so_the_certificates_still_verify(exported):
         node = topo.node(name)
         assert service["spec"]["selector"] == {NODE_LABEL: name}
         assert node.port in [p["port"] for p in service["spec"]["ports"]]
+        assert {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"} in service["spec"]["ports"]
         pem = base64.b64decode(secrets[f"{name}-pki"]["data"][f"nodes.{name}.pem"])
         sans = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert name in sans.get_values_for_type(x509.DNSName)  # what the client's server_hostname checks
@@ -112,7 +140,7 @@ def test_services_carry_node_ids_so_the_certificates_still_verify(exported):
 
 def test_workloads_are_labelled_probed_and_mount_their_pki_read_only(exported):
     topo, manifests = exported
-    workloads = _of_kind(manifests, "Deployment", "StatefulSet", "Job")
+    workloads = _node_workloads(manifests)
     assert {w["spec"]["template"]["metadata"]["labels"][NODE_LABEL] for w in workloads} == {
         n.id for n in topo.nodes.values() if n.is_server or n.kind == "kiosk"}
     secrets = {s["metadata"]["name"] for s in _of_kind(manifests, "Secret")}
@@ -201,13 +229,18 @@ def _ports(text: str | None) -> set[int | str]:
     return out
 
 
-def analyzed_connectivity(manifests, topo, workdir: Path) -> set[tuple[str, str, str, int | str]]:
+def _endpoint(labels: dict) -> str | None:
+    """A pod's name in the matrices: its node id, or the monitoring principal for the scraper."""
+    return MONITORING_PRINCIPAL if labels.get(ROLE_LABEL) == MONITORING_PRINCIPAL else labels.get(NODE_LABEL)
+
+
+def analyzed_connectivity(manifests, topo, workdir: Path, stand_ins: list[dict] | None = None) -> set[tuple[str, str, str, int | str]]:
     """(source, destination, protocol, port) the policies let through, by network-config-analyzer.
 
     Endpoints are named by node id (from the workloads' labels); outside the namespace by
     "ns/name", and "*" for any address (an ip block)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    workloads = _of_kind(manifests, "Deployment", "StatefulSet", "Job") + _stand_ins(topo, "konbini")
+    workloads = _of_kind(manifests, "Deployment", "StatefulSet", "Job") + (_stand_ins(topo, "konbini") if stand_ins is None else stand_ins)
     (workdir / "policies.yaml").write_text(dump(_of_kind(manifests, "NetworkPolicy")))
     (workdir / "pods.yaml").write_text(dump(workloads + _of_kind(manifests, "Namespace")) + "---\n" + _CLUSTER)
     report = workdir / "connectivity.txt"
@@ -217,7 +250,7 @@ def analyzed_connectivity(manifests, topo, workdir: Path) -> set[tuple[str, str,
         capture_output=True, text=True, timeout=120,
     )
     assert report.exists(), run.stdout + run.stderr
-    node_of = {f"{w['metadata']['namespace']}/{w['metadata']['name']}": w["spec"]["template"]["metadata"]["labels"].get(NODE_LABEL)
+    node_of = {f"{w['metadata']['namespace']}/{w['metadata']['name']}": _endpoint(w["spec"]["template"]["metadata"]["labels"])
                for w in workloads}
     found: set[tuple[str, str, str, int | str]] = set()
     for line in report.read_text().splitlines():
@@ -241,16 +274,19 @@ def analyzed_connectivity(manifests, topo, workdir: Path) -> set[tuple[str, str,
 
 
 def policy_differences(topo, connectivity) -> list[str]:
-    """Where the analysed connectivity and the compiler's reachability matrix disagree, pair by pair."""
-    nodes = set(topo.nodes)
+    """Where the analysed connectivity and the compiler's reachability matrix disagree, pair by pair;
+    the matrix includes the scrape port's (the monitoring principal to every server's METRICS_PORT,
+    no topology node to any)."""
+    matrix = reachability(topo) + metrics_reachability(topo)
+    nodes = set(topo.nodes) | {MONITORING_PRINCIPAL}
     inside = {c for c in connectivity if c[0] in nodes or c[1] in nodes}
     diffs = []
-    for r in reachability(topo):
+    for r in matrix:
         got = (r.src, r.dst, "TCP", r.port) in inside
         if got != r.allowed:
             diffs.append(f"{r.src} -> {r.dst}:{r.port}: matrix says {'allow' if r.allowed else 'deny'}, policies {'allow' if got else 'deny'}")
-    pairs = {(r.src, r.dst, "TCP", r.port) for r in reachability(topo)}  # reported above
-    dialers = {r.src for r in reachability(topo) if r.allowed}
+    pairs = {(r.src, r.dst, "TCP", r.port) for r in matrix}  # reported above
+    dialers = {r.src for r in matrix if r.allowed}
     dns = {(src, "kube-system/coredns", proto, 53) for src in dialers for proto in ("TCP", "UDP")}
     diffs += [f"{c[0]} -> {c[1]} {c[2]}/{c[3]}: allowed by the policies, in no allow-list" for c in sorted(inside - pairs - dns, key=str)]
     diffs += [f"{c[0]} -> {c[1]} {c[2]}/{c[3]}: DNS missing" for c in sorted(dns - inside, key=str)]
@@ -291,6 +327,49 @@ def test_the_equivalence_check_catches_a_removed_allow_and_an_added_forbidden_pa
     assert added == ["kiosk-a1-1 -> issuance-center:8443: matrix says deny, policies allow"]
 
 
+def test_the_equivalence_check_catches_the_metrics_port_opened_to_a_kiosk(default_exported, tmp_path):
+    """A kiosk admitted to its store router's scrape port (both ends opened) is a path the annex
+    forbids metrics to become; and a scraper that lost one server is caught too."""
+    topo, manifests = default_exported
+    metrics = {"protocol": "TCP", "port": METRICS_PORT}
+
+    def kiosk_to_metrics(p):
+        p["kiosk-a1-1-egress"]["spec"]["egress"].append(
+            {"to": [{"podSelector": {"matchLabels": {NODE_LABEL: "store-router-a1"}}}], "ports": [metrics]})
+        p["metrics-ingress"]["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {NODE_LABEL: "kiosk-a1-1"}}})
+
+    def center_unscraped(p):
+        p["metrics-ingress"]["spec"]["podSelector"]["matchExpressions"].append(
+            {"key": NODE_LABEL, "operator": "NotIn", "values": ["issuance-center"]})
+
+    opened = policy_differences(topo, analyzed_connectivity(_mutated(manifests, kiosk_to_metrics), topo, tmp_path / "kiosk"))
+    assert opened == [f"kiosk-a1-1 -> store-router-a1:{METRICS_PORT}: matrix says deny, policies allow"]
+    closed = policy_differences(topo, analyzed_connectivity(_mutated(manifests, center_unscraped), topo, tmp_path / "center"))
+    assert closed == [f"monitoring -> issuance-center:{METRICS_PORT}: matrix says allow, policies deny"]
+
+
+def test_the_monitoring_pod_scrapes_every_server_with_the_monitoring_certificate(exported):
+    """70-monitoring.yaml: the `monitoring` principal's certificate (the only one the scrape port
+    answers) as a Secret, mounted where the scrape config's tls_config looks, targets the Service
+    names of every server, and the pod labelled as `metrics-ingress` admits."""
+    topo, manifests = exported
+    secret, config, deployment = manifests["70-monitoring.yaml"]
+    pem = base64.b64decode(secret["data"][f"{MONITORING_PRINCIPAL}.pem"])
+    cn = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    assert cn == MONITORING_PRINCIPAL and set(secret["data"]) == {"network-ca.pem", "monitoring.pem", "monitoring.key"}
+    (job,) = yaml.safe_load(config["data"]["prometheus.yml"])["scrape_configs"]
+    assert job["scheme"] == "https"
+    assert {t for c in job["static_configs"] for t in c["targets"]} == {
+        f"{n.id}:{METRICS_PORT}" for n in topo.nodes.values() if n.is_server}
+    pod = deployment["spec"]["template"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert {Path(job["tls_config"][k]).parent.as_posix() for k in ("ca_file", "cert_file", "key_file")} == {mounts["pki"]}
+    assert {Path(job["tls_config"][k]).name for k in ("ca_file", "cert_file", "key_file")} == set(secret["data"])
+    ingress = next(p for p in manifests["30-network-policies.yaml"] if p["metadata"]["name"] == "metrics-ingress")
+    assert ingress["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {ROLE_LABEL: "monitoring"}}}]
+    assert pod["metadata"]["labels"][ROLE_LABEL] == "monitoring"
+
+
 # -- the CLI, the image, compose --------------------------------------------------------------
 
 
@@ -322,3 +401,67 @@ def test_compose_networks_mirror_the_lines(tmp_path):
     for name, service in doc["services"].items():
         assert set(service["networks"]) == {line.id for line in topo.lines if name in (line.a, line.b)}
         assert service["read_only"] and service["user"] == "10001:10001"
+
+
+# -- grouped (the national topology) ----------------------------------------------------------
+
+
+def test_allowed_pairs_are_the_allowed_entries_of_the_reachability_matrix():
+    """netpol finds the allowed pairs from the rules (the national matrix is too big to walk); the
+    same set, rule for rule, as `reachability` on the shipped per-node topologies."""
+    for name in TOPOLOGIES:
+        topo = load_topology(ROOT / "topology" / name)
+        assert set(allowed_pairs(topo)) == {r for r in reachability(topo) if r.allowed}, name
+
+
+def _grouped_default(tmp_path_factory):
+    path = ROOT / "topology" / "default.yaml"
+    topo = load_topology(path)
+    opts = KubeOptions(topology_text=path.read_text(), group_stores=True)
+    pki = PKI.ensure(tmp_path_factory.mktemp("grouped"), pki_topology(topo, opts))
+    return topo, export_k8s(topo, opts, {n.id: pki_files(pki, n) for n in exported_nodes(topo, opts)}, monitoring_files(pki))
+
+
+def test_grouped_policies_open_exactly_the_matrix_widened_to_the_operators_store_side(tmp_path_factory, tmp_path):
+    """Grouped, network-config-analyzer on the default topology: every allowed pair still passes,
+    and what passes beyond the matrix is only a kiosk reaching another store of its own operator
+    (the node's certificate check refuses it there)."""
+    topo, manifests = _grouped_default(tmp_path_factory)
+    assert not any(n.kind in ("store-router", "store-controller", "kiosk") for n in
+                   (topo.node(w["spec"]["template"]["metadata"]["labels"][NODE_LABEL]) for w in _node_workloads(manifests)))
+    groups = {}
+    for node in topo.nodes.values():
+        if node.kind in ("kiosk", "store-router", "store-controller", "wifi"):
+            groups[node.id] = f"{node.kind}-{node.operator}"
+    pods = [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": n.id, "namespace": "konbini"},
+             "spec": {"selector": {"matchLabels": {NODE_LABEL: n.id}},
+                      "template": {"metadata": {"labels": {**node_labels(n), GROUP_LABEL: groups[n.id]}},
+                                   "spec": {"containers": [{"name": "x", "image": "x"}]}}}}
+            for n in topo.nodes.values() if n.id in groups]  # stand-ins: each store-side node a pod of its group
+    diffs = policy_differences(topo, analyzed_connectivity(manifests, topo, tmp_path, stand_ins=pods))
+    widened = re.compile(r"^(kiosk-(\w)\d-\d) -> (store-router|store-controller)-\2\d:8443: matrix says deny, policies allow$")
+    assert diffs and all(widened.match(d) for d in diffs), [d for d in diffs if not widened.match(d)]
+
+
+def test_national_export_is_bounded_and_its_manifests_validate(tmp_path):
+    """The national file (248k nodes): the core runs node by node, the store side is policy groups.
+    Every policy and every kind of manifest validated strictly; Secrets, Services and Deployments
+    sampled (their shape is the per-node export's, validated in full above)."""
+    path = ROOT / "topology" / "national.yaml"
+    topo = load_topology(path)
+    opts = KubeOptions(topology_text=path.read_text())
+    assert grouped(topo, opts)
+    pki = PKI.ensure(tmp_path, pki_topology(topo, opts))
+    nodes = exported_nodes(topo, opts)
+    manifests = export_k8s(topo, opts, {n.id: pki_files(pki, n) for n in nodes}, monitoring_files(pki))
+    assert len(nodes) < 2000 and all(n.kind not in ("kiosk", "store-router", "store-controller") for n in nodes)
+    policies = manifests["30-network-policies.yaml"]
+    assert len(policies) < 2 * len(nodes) + 50
+    for doc in policies + manifests["00-namespace.yaml"] + manifests["10-topology.yaml"] + manifests["70-monitoring.yaml"]:
+        _validate(doc)
+    for name in ("20-pki-secrets.yaml", "40-services.yaml", "50-nodes.yaml"):
+        for doc in manifests[name][::100]:
+            _validate(doc)
+    ec = next(p for p in policies if p["metadata"]["name"] == "ec-router-a-ingress")
+    assert ec["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {GROUP_LABEL: "store-router-a"}}}]
+    assert sum(len(dump(docs)) for docs in manifests.values()) < 64 << 20

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node.cluster import BIND_ALL, CLUSTER, scrape_allowlist
 from gateway.node.metrics import (
     CONTENT_TYPE,
     DETACHED,
@@ -27,8 +28,8 @@ from gateway.node.metrics import (
 from gateway.protocol.h2trio import LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
+from topology.export.names import service_name
 from topology.policy.compiler import AllowList
-from topology.policy.monitoring import MetricsAllowList
 from topology.spec.model import Limits, Node, Topology
 
 log = logging.getLogger("konbini.node")
@@ -50,13 +51,17 @@ class Peer:
 
 @dataclass
 class NodeContext:
-    """What a node needs from its surroundings: the topology, its PKI files, the mode and the clock."""
+    """What a node needs from its surroundings: the topology, its PKI files, the mode and the clock.
+
+    Mode "cluster" (a Kubernetes pod, gateway/node/cluster.py): bind `bind` (all addresses by
+    default), dial upstreams by Service name, identify peers by certificate only."""
 
     topo: Topology
     node: Node
     pki: object  # topology.pki.PKI (duck-typed to keep gateway free of key generation)
     mode: str = "loopback"
     clock: Clock = field(default_factory=Clock)
+    bind: str | None = None  # cluster mode: the address to listen on instead of all
 
     @property
     def tls12_floor(self) -> bool:
@@ -64,10 +69,14 @@ class NodeContext:
         return self.topo.tls_min_version == "1.2"
 
     def address_of(self, node: Node) -> str:
-        return node.address_in(self.mode)
+        """Where to dial `node`: its address in this mode, or in cluster mode its Service name."""
+        return service_name(node.id) if self.mode == CLUSTER else node.address_in(self.mode)
 
     @property
     def address(self) -> str:
+        """Where this node listens (and dials from, outside cluster mode)."""
+        if self.mode == CLUSTER:
+            return self.bind or BIND_ALL
         return self.address_of(self.node)
 
     @property
@@ -85,9 +94,8 @@ class NodeContext:
 
     async def connect(self, target: Node) -> TrioH2:
         """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
-        return await connect_h2(
-            self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=self.address
-        )
+        local = None if self.mode == CLUSTER else self.address  # a pod dials from whatever address it has
+        return await connect_h2(self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=local)
 
 
 async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None) -> TrioH2:
@@ -127,7 +135,7 @@ class NodeServer:
         self.metrics = app.metrics = NodeMetrics(ctx.node.id, ctx.node.kind)
         if callable(getattr(app, "collect", None)):  # an app with state to read at scrape time
             self.metrics.registry.register(app)
-        self.scrape_allow = MetricsAllowList(ctx.topo, ctx.mode)
+        self.scrape_allow = scrape_allowlist(ctx.topo, ctx.mode)
         self.denials: Counter[str] = Counter()
         self.connections = 0
         self.limits = ctx.limits

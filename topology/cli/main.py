@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--clock", help="emulated time: with --up, of the whole topology; else of this kiosk only")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--netns", action="store_true", help="issue from the kiosk's namespace of a running `konbini up --netns`")
+    i.add_argument("--cluster", action="store_true", help="from a Kubernetes pod: dial Service names, PKI read-only from STATE/pki")
     i.add_argument("--tag", help="with --netns: namespaces konbini-TAG-*")
     i.set_defaults(func=cmd_issue)
 

@@ -33,7 +33,7 @@ def export_compose(topo: Topology, image: str, topology_file: str, pki_dir: str)
                        "--mode", NODE_MODE, "--nodes", node.id]
         else:
             command = ["konbini", "issue", "--topology", TOPOLOGY_PATH, "--state", STATE, "--kiosk", node.id,
-                       "--store", node.site, "--json"]
+                       "--store", node.site, "--cluster", "--json"]
         service: dict = {
             "image": image,
             "command": command,

@@ -14,12 +14,13 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node.cluster import CLUSTER, node_allowlists
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.nodes.admin_server import AdminServer, admin_context
 from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
 from kiosk_emu.card import CardStore
 from topology.pki import PKI
-from topology.policy.compiler import compile_admin_allowlists, compile_allowlists
+from topology.policy.compiler import compile_admin_allowlists
 from topology.spec.model import Topology
 
 
@@ -55,15 +56,19 @@ async def run_topology(
     mode: str = "loopback",
     clock: Clock | None = None,
     only: set[str] | None = None,
+    bind: str | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
+    and never written, nodes listen on `bind` (all addresses by default), and admin surfaces,
+    reached from in-store consoles by address, are not started."""
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
-    pki = PKI.ensure(state_dir, topo)
+    pki = PKI.load(state_dir, topo) if mode == CLUSTER else PKI.ensure(state_dir, topo)
     clock = clock or Clock()
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
     running = Running(topo, state_dir, pki, cards, clock, mode)
-    allow = compile_allowlists(topo, mode)
+    allow = node_allowlists(topo, mode)
     with trio.CancelScope() as scope:
         running.cancel_scope = scope
         async with trio.open_nursery() as nursery:
@@ -71,17 +76,18 @@ async def run_topology(
             for node in topo.nodes.values():
                 if not node.is_server or (only is not None and node.id not in only):
                     continue
-                ctx = NodeContext(topo, node, pki, mode, running.clock)
+                ctx = NodeContext(topo, node, pki, mode, running.clock, bind)
                 server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
                 await nursery.start(server.serve)
                 running.servers[node.id] = server
-            admin_allow = compile_admin_allowlists(topo, mode)
+            admin_allow = compile_admin_allowlists(topo, mode) if mode != CLUSTER else {}
             for node in topo.nodes.values():  # admin / maintenance surfaces (a kiosk's too)
-                if node.admin_port is None or (only is not None and node.id not in only):
+                if node.id not in admin_allow or (only is not None and node.id not in only):
                     continue
                 ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock))
                 main = running.servers[node.id].app if node.id in running.servers else None
-                server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main))
+                shared = running.servers[node.id].metrics if main is not None else None  # one scrape per node
+                server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main), metrics=shared)
                 await nursery.start(server.serve)
                 running.admin_servers[node.id] = server
             running.ready_s = time.perf_counter() - t0

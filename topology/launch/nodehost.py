@@ -18,6 +18,7 @@ import trio
 from gateway.business.clock import Clock
 from gateway.node.server import NodeStartError
 from topology.launch.loopback import run_topology
+from topology.pki import PKIError
 from topology.spec.load import TopologyError, load_topology
 
 
@@ -30,7 +31,9 @@ async def _serve(args, topo=None) -> None:
     clock = Clock.parse(args.clock, args.clock_speed)
     async with trio.open_nursery() as nursery:
         await nursery.start(
-            lambda task_status: run_topology(topo, Path(args.state), mode=args.mode, clock=clock, only=only, task_status=task_status)
+            lambda task_status: run_topology(
+                topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, task_status=task_status
+            )
         )
         os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
         stdin = trio.lowlevel.FdStream(os.dup(0))  # fd 0 (the launcher's pipe), not sys.stdin (likewise)
@@ -44,14 +47,16 @@ def main(argv: list[str] | None = None, topo=None) -> int:
     p = argparse.ArgumentParser(prog="python -m topology.launch.nodehost")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
-    p.add_argument("--mode", default="netns", choices=["loopback", "netns"])
+    p.add_argument("--mode", default="netns", choices=["loopback", "netns", "cluster"],
+                   help="cluster: a Kubernetes pod (bind all, dial Service names, read-only PKI under STATE/pki)")
+    p.add_argument("--bind", help="cluster mode: listen on this address instead of all (tests on one loopback)")
     p.add_argument("--nodes", required=True, help="comma-separated server node ids")
     p.add_argument("--clock")
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
         trio.run(_serve, args, topo)
-    except (NodeStartError, TopologyError) as exc:
+    except (NodeStartError, TopologyError, PKIError) as exc:
         print(f"nodehost: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
