@@ -13,6 +13,7 @@ import errno
 import msgspec
 import trio
 
+from gateway.node.metrics import NodeMetrics
 from gateway.node.server import NodeContext, NodeServer, NodeStartError
 
 
@@ -25,6 +26,14 @@ def admin_context(ctx: NodeContext) -> NodeContext:
 
 
 class AdminServer(NodeServer):
+    """`metrics`: the node's main server's, so its admin denials show in the node's one scrape
+    (a store controller); None for a node without a main server (a kiosk): counted only here."""
+
+    def __init__(self, ctx: NodeContext, allowlist, app, metrics: NodeMetrics | None = None) -> None:
+        super().__init__(ctx, allowlist, app)
+        if metrics is not None:
+            self.metrics = app.metrics = metrics
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.ctx.server_tls()  # read the PKI files now
         try:

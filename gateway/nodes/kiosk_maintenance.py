@@ -14,6 +14,7 @@ attempt is counted by outcome. A login gives a short-lived token for the other e
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -56,17 +57,24 @@ class MaintenanceCredentials:
         path = d / "credentials.json"
         if not path.exists():
             d.mkdir(parents=True, exist_ok=True)
-            password = secrets.token_urlsafe(18)
-            creds = cls.of(password)
-            fd = os.open(d / "password", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(password + "\n")
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"kdf": "scrypt", "salt": creds.salt.hex(), "digest": creds.digest.hex(),
-                                       "n": creds.n, "r": creds.r, "p": creds.p}))
-            tmp.replace(path)
+            with open(d / ".lock", "w") as lock:  # netns mode: one nodehost per namespace starts at once
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.exists():
+                    cls._create(d, path)
         data = json.loads(path.read_text())
         return cls(bytes.fromhex(data["salt"]), bytes.fromhex(data["digest"]), data["n"], data["r"], data["p"])
+
+    @classmethod
+    def _create(cls, d: Path, path: Path) -> None:
+        password = secrets.token_urlsafe(18)
+        creds = cls.of(password)
+        fd = os.open(d / "password", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"kdf": "scrypt", "salt": creds.salt.hex(), "digest": creds.digest.hex(),
+                                   "n": creds.n, "r": creds.r, "p": creds.p}))
+        tmp.replace(path)
 
     @classmethod
     def of(cls, password: str) -> MaintenanceCredentials:

@@ -25,18 +25,22 @@ import trio
 
 from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeStartError
-from topology.check.annex import run_annex_checks
+from topology.check.annex import AnnexCheck, first_store, run_annex_checks, store_site
 from topology.check.app import CHECKS, pick, run_check
 from topology.check.matrix import check_matrix
+from topology.check.scrape import ScrapeError, sample, scrape_in_namespace
 from topology.launch.loopback import run_topology
-from topology.netns.plan import NetPlan
+from topology.launch.netns import read_clock
+from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (
     _allow_violation,
+    admin_reachability,
     compile_admin_allowlists,
     compile_allowlists,
     reachability,
 )
+from topology.policy.monitoring import METRICS_PORT
 from topology.spec.model import Node, Topology
 
 PROBE_TIMEOUT = 0.5  # seconds to wait for replies after the last frame is sent
@@ -166,6 +170,32 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
                         proto="tcp", port=r.port, expect_answer=False, requirements=("SEC-SN-1", *extra, *reqs),
                         watch={dst.site, src.site})
                     break
+    # the metrics port: only the monitoring namespace opens it (no line's source does), and the
+    # admin ports: only their consoles (packets from anywhere else are dropped before any TLS)
+    for r in reachability(topo):
+        if r.allowed:
+            src, dst = topo.node(r.src), topo.node(r.dst)
+            d_ip = plan.address(r.dst)
+            add(kind="metrics-port", site=src.site, iface=plan.egress(src.site, d_ip), src=r.src, dst=r.dst,
+                src_ip=plan.address(r.src), dst_ip=d_ip, proto="tcp", port=METRICS_PORT, expect_answer=False,
+                requirements=("SEC-SN-3", "SEC-EC-2"), watch={dst.site})
+    if plan.monitoring is not None:
+        for site in plan.monitoring.links:
+            for node_id in plan.sites[site].servers:
+                d_ip = plan.address(node_id)
+                add(kind="metrics-port", site=MONITORING_SITE, iface=plan.monitoring.links[site].mon_ifname, src="monitoring",
+                    dst=node_id, src_ip=plan.monitoring.address, dst_ip=d_ip, proto="tcp", port=METRICS_PORT,
+                    expect_answer=True, requirements=("SEC-SN-3",), rule="monitoring", watch={site})
+    for r in admin_reachability(topo):
+        src, dst = topo.node(r.src), topo.node(r.dst)
+        d_ip = plan.address(r.dst)
+        egress = plan.egress(src.site, d_ip)
+        if egress is None:
+            continue  # no line carries it at all: the "tcp-pair" probes show that for the main port
+        add(kind="admin-port", site=src.site, iface=egress, src=r.src, dst=r.dst, src_ip=plan.address(r.src), dst_ip=d_ip,
+            proto="tcp", port=r.port, expect_answer=r.allowed, rule=r.rule,
+            requirements=("SEC-ST-3/KI-6",) + (() if r.allowed else ("SEC-KI-4",) if dst.kind == "kiosk" else ()),
+            watch={dst.site})
     # in-store Wi-Fi reaches no kiosk, on any protocol (kiosks do not listen, but an unfiltered
     # kernel would still answer with a RST or an echo reply)
     for wifi in topo.of_kind("wifi"):
@@ -193,8 +223,8 @@ def _frames(plan: NetPlan, probe: Probe) -> list[tuple[str, str]]:
     from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.layers.l2 import Ether
 
-    ifaces = {i.name: i for i in plan.sites[probe.site].interfaces}
-    names = [probe.iface] if probe.iface else list(ifaces)
+    ifaces = _macs(plan, probe.site)
+    names = [probe.iface] if probe.iface else [i.name for i in plan.sites[probe.site].interfaces]
     if probe.proto == "tcp":
         l4 = TCP(sport=probe.sport, dport=probe.port, flags="S", seq=probe.seq)
     elif probe.proto == "udp":
@@ -206,14 +236,33 @@ def _frames(plan: NetPlan, probe: Probe) -> list[tuple[str, str]]:
         if name == "lo":
             ether = Ether(src="00:00:00:00:00:00", dst="00:00:00:00:00:00")
         else:
-            ether = Ether(src=ifaces[name].mac, dst=ifaces[name].peer_mac)
+            ether = Ether(src=ifaces[name][0], dst=ifaces[name][1])
         out.append((name, bytes(ether / IP(src=probe.src_ip, dst=probe.dst_ip, ttl=64) / l4).hex()))
     return out
+
+
+def _macs(plan: NetPlan, site: str) -> dict[str, tuple[str, str]]:
+    """interface -> (its MAC, the far end's) for a site's namespace or the monitoring namespace."""
+    if site == MONITORING_SITE and plan.monitoring is not None:
+        return {link.mon_ifname: (link.mon_mac, link.site_mac) for link in plan.monitoring.links.values()}
+    out = {i.name: (i.mac, i.peer_mac) for i in plan.sites[site].interfaces}
+    link = plan.monitor_link(site)
+    if link is not None:
+        out[link.site_ifname] = (link.site_mac, link.mon_mac)
+    return out
+
+
+def _namespace(plan: NetPlan, site: str) -> str:
+    if site == MONITORING_SITE and plan.monitoring is not None:
+        return plan.monitoring.namespace
+    return plan.namespace(site)
 
 
 def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT) -> tuple[dict[int, str], dict[str, dict]]:
     """Start one `topology.probe` per namespace, release them together, gather what they saw."""
     jobs: dict[str, dict] = {s: {"site": s, "timeout": timeout, "send": [], "watch": []} for s in plan.sites}
+    if plan.monitoring is not None:
+        jobs[MONITORING_SITE] = {"site": MONITORING_SITE, "timeout": timeout, "send": [], "watch": []}
     for p in probes:
         for iface, frame in _frames(plan, p):
             jobs[p.site]["send"].append({"id": p.id, "iface": iface, "frame": frame})
@@ -223,7 +272,7 @@ def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOU
     procs = {}
     for s, job in jobs.items():
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", plan.namespace(s), sys.executable, "-m", "topology.check.probe"],
+            ["ip", "netns", "exec", _namespace(plan, s), sys.executable, "-m", "topology.check.probe"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         proc.stdin.write(json.dumps(job) + "\n")
@@ -231,7 +280,7 @@ def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOU
         procs[s] = proc
     for s, proc in procs.items():  # every capture socket is open before any frame is sent
         if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"probe in {plan.namespace(s)} failed: {proc.stderr.read().strip()[-300:]}")
+            raise RuntimeError(f"probe in {_namespace(plan, s)} failed: {proc.stderr.read().strip()[-300:]}")
     for proc in procs.values():
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -240,7 +289,7 @@ def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOU
     for s, proc in procs.items():
         out, err = proc.communicate(timeout=30)
         if proc.returncode != 0 or not out.strip():
-            raise RuntimeError(f"probe in {plan.namespace(s)} failed: {err.strip()[-300:]}")
+            raise RuntimeError(f"probe in {_namespace(plan, s)} failed: {err.strip()[-300:]}")
         report = json.loads(out.strip().splitlines()[-1])
         for pid, what in report.pop("answered").items():
             answered.setdefault(int(pid), what)
@@ -262,7 +311,10 @@ def surroundings_results(plan: NetPlan, sites: dict[str, dict], start_id: int) -
     """Per namespace: only lo and the topology's veths, no default route, nothing routable outside."""
     results = []
     for s, info in sorted(sites.items()):
-        want = sorted(["lo", *(i.name for i in plan.sites[s].interfaces)])
+        if s == MONITORING_SITE and plan.monitoring is not None:
+            want = sorted(["lo", *(link.mon_ifname for link in plan.monitoring.links.values())])
+        else:
+            want = sorted(plan.interface_names(s))
         for kind, expected, observed in (
             ("interfaces", " ".join(want), " ".join(info["interfaces"])),
             ("default-route", "none", "present" if info["default_route"] else "none"),
@@ -334,6 +386,44 @@ def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str 
     return trio.run(_launched, topo, state_dir, business_clock(), run_annex_checks, taken)
 
 
+def annex_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> tuple[list[dict], str | None]:
+    """The annex's live checks from the store's namespace against the nodehosts, with the store
+    controller's `principal-not-allowed` denials read before and after through its metrics scrape
+    from the monitoring namespace (the servers are other processes here)."""
+    site = store_site(topo)
+    ctl = first_store(topo)[0]
+    clock, speed = read_clock(state_dir)
+
+    def denials() -> float | None:
+        if plan.monitoring is None:
+            return None
+        try:
+            text = scrape_in_namespace(plan.monitoring.namespace, topo.source, state_dir, ctl, plan.address(ctl),
+                                       plan.monitoring.address)
+        except ScrapeError:
+            return None
+        return sample(text, "konbini_denials_total", reason="principal-not-allowed")
+
+    before = denials()
+    cmd = ["ip", "netns", "exec", plan.namespace(site), sys.executable, "-m", "topology.check.annex",
+           "--topology", topo.source, "--state", str(state_dir), "--clock-speed", str(speed)]
+    done = subprocess.run(cmd + (["--clock", clock] if clock else []), capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return [], f"annex checks failed in {plan.namespace(site)}: {(done.stderr.strip().splitlines() or ['no output'])[-1][:300]}"
+    annex = json.loads(done.stdout.strip().splitlines()[-1])
+    after = denials()
+    refused_calls = sum(c["numbers"].get("calls", 0) for c in annex
+                        if c["requirement"] == "SEC-ST-3/KI-6" and "admin API as store-staff" in c["check"])
+    counted = None if before is None or after is None else int(after - before)
+    annex.append(asdict(AnnexCheck(
+        "SEC-ST-3/KI-6", f"{ctl}'s refusals of store staff, in its metrics (scraped from {plan.monitoring.namespace if plan.monitoring else '-'})",
+        f"konbini_denials_total{{reason=\"principal-not-allowed\"}} up by at least {refused_calls}",
+        f"up by {counted}" if counted is not None else "scrape failed", counted is not None and counted >= refused_calls > 0,
+        tool="Prometheus scrape as the monitoring principal (topology/check/scrape.py)",
+        numbers={"before": before, "after": after, "refused_calls": refused_calls})))
+    return annex, f"kiosk and store checks ran inside {plan.namespace(site)} against the running nodes"
+
+
 def _find(exc: BaseException, kind: type) -> BaseException | None:
     """`exc` itself or the first `kind` inside an exception group (Trio nurseries wrap errors)."""
     if isinstance(exc, kind):
@@ -386,12 +476,9 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
         note = None
     else:
         app, note = app_checks_loopback(topo, state_dir)
-    annex, annex_note = annex_checks_live(topo, state_dir)
+    annex, annex_note = annex_checks_netns(topo, plan, state_dir) if netns and plan else annex_checks_live(topo, state_dir)
     mode = "netns" if netns else "loopback"
     matrix = check_matrix(topo, compile_allowlists(topo, mode), compile_admin_allowlists(topo, mode), mode)
-    if netns and annex:
-        annex_note = ("the kiosk and store checks ran against a loopback launch of the same topology "
-                      "(admin and maintenance servers are not yet started in namespaces)")
     summary: dict[str, dict] = {}
     for r in results:
         for req in r.requirements:

@@ -84,6 +84,15 @@ def cmd_up_netns(args) -> int:
             f"network {net_s * 1000:.0f} ms); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
             f"konbini issue --netns`; Ctrl-C or `konbini down` stops."
         )
+        if plan.monitoring is not None:  # issue 14: where to scrape (only from the monitoring namespace)
+            cert, key = PKI.ensure(sdir, topo).principal_paths("monitoring")
+            first = next((n for n in topo.nodes.values() if n.is_server), None)
+            console.print(
+                f"[bold]metrics[/] https://<node address>:9464/metrics on every listening node, only from namespace "
+                f"{plan.monitoring.namespace} ({plan.monitoring.address}) with the monitoring certificate:\n"
+                f"  ip netns exec {plan.monitoring.namespace} curl --cacert {PKI.ensure(sdir, topo).network_ca_path} --cert {cert} "
+                f"--key {key} --resolve {first.id}:9464:{first.address_in('netns')} https://{first.id}:9464/metrics"
+                if first else "", soft_wrap=True)
         stop = {"now": False}
 
         def on_signal(signum, frame):

@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 import traceback
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from topology.launch import impair, nodehost
 from topology.netns.enter import enter_namespace
 from topology.netns.impair import ImpairError
-from topology.netns.plan import NS_PREFIX, NetPlan
+from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
 from topology.policy.nft import compile_ruleset
 
 ROOT_COMMANDS = "`konbini up --netns`, `konbini down`, `konbini policy check --netns`, `konbini link set` and `konbini issue --netns`"
@@ -96,10 +97,32 @@ def _site_script(plan: NetPlan, site: str, files: Path) -> str:
     batch += [f"addr add {a}/32 dev lo" for a in plan.local_addresses(site)]
     batch += [f"link set {i.name} up" for i in info.interfaces]
     batch += [f"route add {a}/32 dev {ifname}" for a, ifname in plan.routes(site)]
-    (files / f"{site}.ip").write_text("\n".join(batch) + "\n")
-    (files / f"{site}.nft").write_text(compile_ruleset(plan.topo, site, plan))
-    lines = [f"sysctl -q -w {' '.join(_SYSCTLS)}", f"nft -f {files / f'{site}.nft'}", f"ip -b {files / f'{site}.ip'}"]
+    link = plan.monitor_link(site)
+    if link is not None and plan.monitoring is not None:
+        batch += [f"link set {link.site_ifname} up", f"route add {plan.monitoring.address}/32 dev {link.site_ifname}"]
+    return _script(files, site, batch, compile_ruleset(plan.topo, site, plan))
+
+
+def _monitoring_script(plan: NetPlan, files: Path) -> str:
+    """The monitoring namespace: its one address, a veth per site with servers, a route to each server."""
+    mon = plan.monitoring
+    assert mon is not None
+    batch = ["link set lo up", f"addr add {mon.address}/32 dev lo"]
+    batch += [f"link set {link.mon_ifname} up" for link in mon.links.values()]
+    batch += [f"route add {a}/32 dev {ifname}" for a, ifname in plan.monitoring_routes()]
+    return _script(files, MONITORING_SITE, batch, compile_ruleset(plan.topo, MONITORING_SITE, plan))
+
+
+def _script(files: Path, name: str, batch: list[str], ruleset: str) -> str:
+    (files / f"{name}.ip").write_text("\n".join(batch) + "\n")
+    (files / f"{name}.nft").write_text(ruleset)
+    lines = [f"sysctl -q -w {' '.join(_SYSCTLS)}", f"nft -f {files / f'{name}.nft'}", f"ip -b {files / f'{name}.ip'}"]
     return " && ".join(lines)
+
+
+def all_namespaces(plan: NetPlan) -> list[str]:
+    """Every namespace netns mode makes for `plan`: one per site, then the monitoring one."""
+    return [s.namespace for s in plan.sites.values()] + ([plan.monitoring.namespace] if plan.monitoring else [])
 
 
 def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]:
@@ -117,7 +140,7 @@ def create_network(plan: NetPlan, state_dir: Path) -> float:
     Line impairments come after, from `apply_impairments`."""
     require_root("building namespaces")
     t0 = time.perf_counter()
-    wanted = [s.namespace for s in plan.sites.values()]
+    wanted = all_namespaces(plan)
     clash = sorted(set(wanted) & set(list_namespaces(plan.prefix)))
     if clash:
         raise NetnsError(f"namespace {clash[0]} already exists ({len(clash)} of ours do); run `konbini down` first")
@@ -133,6 +156,12 @@ def create_network(plan: NetPlan, state_dir: Path) -> float:
             f"peer name {v.name} netns {plan.namespace(v.site_b)} address {v.mac_b}"
             for v in plan.veths
         ]
+        if plan.monitoring is not None:
+            veths += [
+                f"link add {link.site_ifname} netns {plan.namespace(site)} address {link.site_mac} type veth "
+                f"peer name {link.mon_ifname} netns {plan.monitoring.namespace} address {link.mon_mac}"
+                for site, link in plan.monitoring.links.items()
+            ]
         if veths:
             _run(["ip", "-b", "-"], "\n".join(veths) + "\n")
         procs = {
@@ -142,6 +171,11 @@ def create_network(plan: NetPlan, state_dir: Path) -> float:
             )
             for site in plan.sites
         }
+        if plan.monitoring is not None:
+            procs[MONITORING_SITE] = subprocess.Popen(
+                ["ip", "netns", "exec", plan.monitoring.namespace, "sh", "-ec", _monitoring_script(plan, files)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
         failed = []
         for site, proc in procs.items():
             _, err = proc.communicate()
@@ -221,6 +255,30 @@ to well under one."""
     return Nodehost(site, pid, ready_r, stdin_w)
 
 
+def write_clock(state_dir: Path, clock: str | None, speed: float) -> None:
+    """The nodes' emulated clock, for processes that join the topology later (the policy check's kiosks)."""
+    (net_dir(state_dir) / "clock.json").write_text(json.dumps({"clock": clock, "speed": speed, "started": time.time()}))
+
+
+def read_clock(state_dir: Path):
+    """The running nodes' clock as (ISO start now, speed), or (None, 1.0) when they run on real time."""
+    try:
+        data = json.loads((net_dir(state_dir) / "clock.json").read_text())
+    except (OSError, ValueError):
+        return None, 1.0
+    if not data.get("clock"):
+        return None, 1.0
+    start = datetime.fromisoformat(data["clock"]) + timedelta(seconds=(time.time() - data["started"]) * data["speed"])
+    return start.isoformat(), data["speed"]
+
+
+def hosted_nodes(plan: NetPlan, site: str) -> list[str]:
+    """What a site's nodehost serves: its server nodes, and the nodes (kiosks) with only an admin
+    surface, whose maintenance endpoint `run_topology` starts for them."""
+    nodes = plan.sites[site].nodes
+    return [n for n in nodes if n in plan.sites[site].servers or plan.topo.nodes[n].admin_port is not None]
+
+
 def start_nodehosts(
     plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None
 ) -> list[Nodehost]:
@@ -231,13 +289,15 @@ def start_nodehosts(
     pid_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
+    write_clock(state_dir, clock, clock_speed)
     sel = selectors.DefaultSelector()
     try:
         for site in plan.sites.values():
-            if not site.servers:
+            hosted = hosted_nodes(plan, site.name)
+            if not hosted:
                 continue
             argv = ["--topology", str(Path(topo_file).resolve()), "--state", str(Path(state_dir).resolve()),
-                    "--mode", "netns", "--nodes", ",".join(site.servers), "--clock-speed", str(clock_speed)]
+                    "--mode", "netns", "--nodes", ",".join(hosted), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
             host = _fork_nodehost(site.name, site.namespace, argv, log_dir / f"{site.name}.log", hosts, topo)

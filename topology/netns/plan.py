@@ -6,6 +6,10 @@ One namespace per site (the nodes of a site share it and talk over its `lo`); on
 per line whose two ends stand on different sites. A namespace gets a /32 host route only to
 the far end of each of its lines: there is no default route and nothing else to reach, so
 traffic can only ever cross one line, and each hop is filtered by the receiving namespace.
+
+One more namespace, `<prefix>monitoring`, holds the monitoring principal's address and one veth
+(`mon`) to every namespace with servers: the only way to a node's metrics port. It is no site
+of the topology, forwards nothing, and its own ruleset lets it open only metrics connections.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from topology.policy.monitoring import monitoring_address
 from topology.spec.model import Impairment, Topology
 
 NS_PREFIX = "konbini-"
+MONITORING_SITE = "monitoring"  # the monitoring namespace's name after the prefix; no topology site may take it
+MONITOR_IFNAME = "mon"  # a site's end of its monitoring veth
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # Linux IFNAMSIZ is 16 with the NUL
 _NS_PART = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -58,12 +65,42 @@ class Site:
     interfaces: list[Interface] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class MonitorLink:
+    """The veth between one site's namespace (`site_ifname`) and the monitoring namespace (`mon_ifname`)."""
+
+    site: str
+    site_ifname: str
+    mon_ifname: str
+    site_mac: str
+    mon_mac: str
+
+
+@dataclass
+class Monitoring:
+    """The monitoring namespace: one address (the principal's), one link per site with servers."""
+
+    namespace: str
+    address: str
+    links: dict[str, MonitorLink] = field(default_factory=dict)  # by site
+
+
 @dataclass
 class NetPlan:
     topo: Topology
     prefix: str
     sites: dict[str, Site]
     veths: list[Veth]
+    monitoring: Monitoring | None = None
+
+    def monitor_link(self, site: str) -> MonitorLink | None:
+        return self.monitoring.links.get(site) if self.monitoring else None
+
+    def monitoring_routes(self) -> list[tuple[str, str]]:
+        """(address, interface) host routes of the monitoring namespace: every server node's address."""
+        if self.monitoring is None:
+            return []
+        return [(self.address(n), link.mon_ifname) for site, link in self.monitoring.links.items() for n in self.sites[site].servers]
 
     def namespace(self, site: str) -> str:
         return self.sites[site].namespace
@@ -93,6 +130,11 @@ class NetPlan:
             if addr == address:
                 return ifname
         return None
+
+    def interface_names(self, site: str) -> list[str]:
+        """Every interface of a site's namespace: lo, its lines' veths, its monitoring veth."""
+        link = self.monitor_link(site)
+        return ["lo", *(i.name for i in self.sites[site].interfaces), *([link.site_ifname] if link else [])]
 
     def veth(self, line_id: str) -> Veth:
         for v in self.veths:
@@ -145,4 +187,21 @@ def build_plan(topo: Topology, tag: str | None = None) -> NetPlan:
         veths.append(Veth(line.id, name, a.site, b.site, mac_a, mac_b, line.impair))
         sa.interfaces.append(Interface(name, mac_a, mac_b, line.id, b.site, a.id, b.id))
         sb.interfaces.append(Interface(name, mac_b, mac_a, line.id, a.site, b.id, a.id))
-    return NetPlan(topo, prefix, sites, veths)
+    return NetPlan(topo, prefix, sites, veths, _monitoring(topo, prefix, sites, used))
+
+
+def _monitoring(topo: Topology, prefix: str, sites: dict[str, Site], used: dict[str, set[str]]) -> Monitoring:
+    if MONITORING_SITE in sites:
+        raise PlanError(f"site {MONITORING_SITE!r} is reserved for netns mode's monitoring namespace; rename it")
+    address = monitoring_address("netns")
+    holder = topo.by_address(address)
+    if holder is not None:
+        raise PlanError(f"node {holder.id!r} holds {address}, the monitoring principal's netns address; move it")
+    mon = Monitoring(prefix + MONITORING_SITE, address)
+    for index, site in enumerate(s for s in sites.values() if s.servers):
+        if MONITOR_IFNAME in used[site.name]:
+            raise PlanError(f"line interface name {MONITOR_IFNAME!r} in site {site.name} is reserved for the monitoring veth")
+        mon_ifname = f"mon{index}"
+        mon.links[site.name] = MonitorLink(site.name, MONITOR_IFNAME, mon_ifname,
+                                           _mac(site.namespace, MONITOR_IFNAME), _mac(mon.namespace, mon_ifname))
+    return mon

@@ -6,16 +6,65 @@ disagree. Deny by default on input, forward and output; allow exactly the allow-
 established/related packets. Before any of that, anti-spoofing: a packet arriving on a veth
 must come from the one node at the far end of that line. Every accept names the allow entry
 it comes from ("nodes.ocsp.allow[0]"), so a rule traces back to one line of the topology file.
+Besides the lines' pairs: each admin surface's consoles on its `admin_port` (`admin_reachability`)
+and the monitoring namespace on every server's metrics port (`topology.policy.monitoring`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from topology.netns.impair import Hop, LineImpairment
-from topology.netns.plan import NetPlan, build_plan
-from topology.policy.compiler import reachability
+from topology.netns.plan import MONITORING_SITE, NetPlan, build_plan
+from topology.policy.compiler import admin_label, admin_reachability, reachability
+from topology.policy.monitoring import METRICS_PORT, MONITORING_PRINCIPAL
+from topology.policy.monitoring import RULE as MONITORING_RULE
 from topology.spec.model import Topology
 
 TABLE = "konbini"
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One allowed new connection as the kernel sees it: addresses, port, and the entry allowing it."""
+
+    src: str  # node id, or "monitoring"
+    dst: str
+    src_site: str  # the monitoring namespace's is MONITORING_SITE
+    dst_site: str
+    src_ip: str
+    dst_ip: str
+    port: int
+    rule: str
+    surface: str  # "line" | "admin" | "metrics"
+
+
+def allowed_flows(topo: Topology, plan: NetPlan) -> list[Flow]:
+    """Every connection the rulesets accept: the allow-lists' pairs, the admin consoles, the scrapes."""
+    flows = []
+    for surface, matrix in (("line", reachability(topo)), ("admin", admin_reachability(topo))):
+        for r in matrix:
+            if r.allowed:
+                flows.append(Flow(r.src, r.dst, topo.nodes[r.src].site, topo.nodes[r.dst].site, plan.address(r.src),
+                                  plan.address(r.dst), r.port, r.rule or "", surface))
+    for node in topo.nodes.values():  # a console at the node itself (the store controller's own console)
+        index = next((i for i, rule in enumerate(node.admin) if node.id in rule.at), None)
+        if index is not None and node.admin_port is not None:
+            addr = plan.address(node.id)
+            flows.append(Flow(node.id, node.id, node.site, node.site, addr, addr, node.admin_port,
+                              admin_label(node.id, index), "admin"))
+    if plan.monitoring is not None:
+        for site in plan.monitoring.links:
+            for node_id in plan.sites[site].servers:
+                flows.append(Flow(MONITORING_PRINCIPAL, node_id, MONITORING_SITE, site, plan.monitoring.address,
+                                  plan.address(node_id), METRICS_PORT, MONITORING_RULE, "metrics"))
+    return flows
+
+
+def accept_rule(flow: Flow) -> str:
+    """The one nft rule that lets `flow` open a connection (in the input or the output chain alike)."""
+    return (f"ip saddr {flow.src_ip} ip daddr {flow.dst_ip} tcp dport {flow.port} ct state new counter accept "
+            + _comment(f"{flow.rule}: {flow.src} -> {flow.dst}"))
 
 
 def _comment(text: str) -> str:
@@ -25,58 +74,23 @@ def _comment(text: str) -> str:
 
 def _allow_rules(topo: Topology, plan: NetPlan, site: str, side: str) -> list[str]:
     """accept rules for new connections whose destination (side "dst") or source ("src") is on `site`."""
-    rules = []
-    for reach in reachability(topo):
-        if not reach.allowed:
-            continue
-        here = reach.dst if side == "dst" else reach.src
-        if topo.nodes[here].site != site:
-            continue
-        src, dst = plan.address(reach.src), plan.address(reach.dst)
-        rules.append(
-            f'ip saddr {src} ip daddr {dst} tcp dport {reach.port} ct state new counter accept '
-            + _comment(f"{reach.rule}: {reach.src} -> {reach.dst}")
-        )
-    return rules
+    return [accept_rule(f) for f in allowed_flows(topo, plan) if (f.dst_site if side == "dst" else f.src_site) == site]
 
 
-def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> str:
-    """The `nft -f` text for the namespace of `site`."""
-    plan = plan or build_plan(topo)
-    if site not in plan.sites:
-        raise ValueError(f"unknown site {site!r}; sites: {', '.join(sorted(plan.sites))}")
-    info = plan.sites[site]
-    local = ", ".join(plan.local_addresses(site))
-    out = [
-        f"# konbini {topo.name}: site {site} (namespace {info.namespace}); nodes {', '.join(info.nodes)}",
-        f"# compiled from the allow-lists of {topo.source}; default drop, every accept names its allow entry",
-        f"table inet {TABLE}",
-        f"delete table inet {TABLE}",
-        f"table inet {TABLE} {{",
-        "\tset local {",
-        "\t\ttype ipv4_addr",
-        f"\t\telements = {{ {local} }}",
-        "\t}",
-        "",
+def _chains(antispoof: list[str], names: list[str], inputs: list[str], outputs: list[str]) -> list[str]:
+    """The four chains every ruleset has: anti-spoofing, then input/forward/output, default drop."""
+    quoted = ", ".join(f'"{n}"' for n in names)
+    return [
         "\tchain antispoof {",
         "\t\ttype filter hook prerouting priority raw; policy accept;",
-        '\t\tiifname "lo" ip saddr != @local counter drop comment "anti-spoofing: lo carries only local sources"',
-    ]
-    for iface in info.interfaces:
-        peer = plan.address(iface.peer)
-        out.append(
-            f'\t\tiifname "{iface.name}" ip saddr != {peer} counter drop '
-            + _comment(f"anti-spoofing: line {iface.line} reaches only {iface.peer}")
-        )
-    names = ", ".join(f'"{n}"' for n in ["lo", *(i.name for i in info.interfaces)])
-    out += [
-        f'\t\tiifname != {{ {names} }} counter drop comment "not an interface of this topology"',
+        *(f"\t\t{r}" for r in antispoof),
+        f'\t\tiifname != {{ {quoted} }} counter drop comment "not an interface of this topology"',
         "\t}",
         "",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy drop;",
         "\t\tct state established,related accept",
-        *(f"\t\t{r}" for r in _allow_rules(topo, plan, site, "dst")),
+        *(f"\t\t{r}" for r in inputs),
         '\t\tcounter comment "default drop"',
         "\t}",
         "",
@@ -88,11 +102,65 @@ def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> s
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy drop;",
         "\t\tct state established,related accept",
-        *(f"\t\t{r}" for r in _allow_rules(topo, plan, site, "src")),
+        *(f"\t\t{r}" for r in outputs),
         '\t\tcounter comment "default drop"',
         "\t}",
         "}",
     ]
+
+
+def _header(lines: list[str], local: str) -> list[str]:
+    return [
+        *lines,
+        f"table inet {TABLE}",
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        "\tset local {",
+        "\t\ttype ipv4_addr",
+        f"\t\telements = {{ {local} }}",
+        "\t}",
+        "",
+    ]
+
+
+def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> str:
+    """The `nft -f` text for the namespace of `site` (or of the monitoring namespace, MONITORING_SITE)."""
+    plan = plan or build_plan(topo)
+    if site == MONITORING_SITE and plan.monitoring is not None:
+        return compile_monitoring_ruleset(topo, plan)
+    if site not in plan.sites:
+        raise ValueError(f"unknown site {site!r}; sites: {', '.join(sorted(plan.sites))}")
+    info = plan.sites[site]
+    antispoof = ['iifname "lo" ip saddr != @local counter drop comment "anti-spoofing: lo carries only local sources"']
+    for iface in info.interfaces:
+        antispoof.append(f'iifname "{iface.name}" ip saddr != {plan.address(iface.peer)} counter drop '
+                         + _comment(f"anti-spoofing: line {iface.line} reaches only {iface.peer}"))
+    link = plan.monitor_link(site)
+    if link is not None and plan.monitoring is not None:
+        antispoof.append(f'iifname "{link.site_ifname}" ip saddr != {plan.monitoring.address} counter drop '
+                         + _comment("anti-spoofing: the monitoring veth carries only the monitoring principal"))
+    head = _header([f"# konbini {topo.name}: site {site} (namespace {info.namespace}); nodes {', '.join(info.nodes)}",
+                    f"# compiled from the allow-lists of {topo.source}; default drop, every accept names its allow entry"],
+                   ", ".join(plan.local_addresses(site)))
+    out = head + _chains(antispoof, plan.interface_names(site), _allow_rules(topo, plan, site, "dst"),
+                         _allow_rules(topo, plan, site, "src"))
+    return "\n".join(out) + "\n"
+
+
+def compile_monitoring_ruleset(topo: Topology, plan: NetPlan) -> str:
+    """The monitoring namespace: it may open scrapes to every server's metrics port and nothing else;
+    nothing may open a connection to it."""
+    mon = plan.monitoring
+    assert mon is not None
+    antispoof = ['iifname "lo" ip saddr != @local counter drop comment "anti-spoofing: lo carries only local sources"']
+    for site, link in mon.links.items():
+        servers = ", ".join(plan.address(n) for n in plan.sites[site].servers)
+        antispoof.append(f'iifname "{link.mon_ifname}" ip saddr != {{ {servers} }} counter drop '
+                         + _comment(f"anti-spoofing: this veth reaches only the servers of {site}"))
+    head = _header([f"# konbini {topo.name}: the monitoring namespace {mon.namespace} ({mon.address})",
+                    "# compiled from topology/policy/monitoring.py: scrapes out, nothing in; default drop"], mon.address)
+    names = ["lo", *(link.mon_ifname for link in mon.links.values())]
+    out = head + _chains(antispoof, names, [], _allow_rules(topo, plan, MONITORING_SITE, "src"))
     return "\n".join(out) + "\n"
 
 
