@@ -10,6 +10,7 @@ and issues only what is missing (a node added to the topology, a principal asked
       jpki-ca.pem     .key        RSA-2048, issues card authentication certificates (SEC-KI-1)
       ocsp-signer.pem .key        ECDSA P-256, delegated OCSP signer issued by the JPKI CA
       nodes/<node id>.pem .key    one identity per topology node (CN, DNS and IP SANs)
+      nodes.manifest.json         what nodes/ holds (IP SANs, notAfter): `ensure` reads it, not 250,000 files
       principals/<name>.pem .key  people, not nodes: "operator", "store-staff", "monitoring"
 
 Private keys are PKCS#8 PEM, mode 0600, written atomically (temporary file + rename), so a
@@ -20,10 +21,13 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import json
+import multiprocessing
 import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -78,8 +82,8 @@ class PKI:
     network_ca: x509.Certificate
     network_ca_path: Path
     jpki_ca: x509.Certificate
-    jpki_ca_key: rsa.RSAPrivateKey = field(repr=False)
-    network_ca_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    jpki_ca_key: rsa.RSAPrivateKey | None = field(repr=False)  # None when loaded read-only without it
+    network_ca_key: ec.EllipticCurvePrivateKey | None = field(repr=False)  # likewise: a pod issues nothing
     node_ids: frozenset[str] = frozenset()
     _ocsp_signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
 
@@ -120,12 +124,33 @@ class PKI:
                 network_ca_key=net_key,
                 node_ids=frozenset(topology.nodes),
             )
-            for node in topology.nodes.values():
-                pki._ensure_leaf(pki_dir / "nodes" / node.id, node.id, "node", [node.address, node.address_in("netns")])
+            pki._ensure_nodes(topology)
             for issued in (pki_dir / "principals").glob("*.pem"):
                 pki._ensure_leaf(issued.with_suffix(""), issued.stem, "principal", [])
             pki._ensure_ocsp_signer()
         return pki
+
+    @classmethod
+    def load(cls, state_dir: Path, topology: Topology) -> PKI:
+        """Read-only: what a node's mounted Secret holds under `state_dir/pki` (cluster mode,
+        `topology/export/k8s.py` `pki_files`), with no lock, no issuing, no write. CA keys stay
+        None unless the Secret carries them (the OCSP responder and kiosks get the JPKI CA key)."""
+        state_dir = Path(state_dir)
+        pki_dir = state_dir / "pki"
+        ca_path = pki_dir / "network-ca.pem"
+        jpki_path = pki_dir / "jpki-ca.pem"
+        if not ca_path.exists():
+            raise PKIError(f"{ca_path} is missing: mount the node's PKI Secret there (konbini export k8s writes it)")
+        jpki_key = _load_key(jpki_path.with_suffix(".key")) if jpki_path.with_suffix(".key").exists() else None
+        return cls(
+            state_dir=state_dir,
+            network_ca=_load_cert(ca_path),
+            network_ca_path=ca_path,
+            jpki_ca=_load_cert(jpki_path) if jpki_path.exists() else None,  # type: ignore[arg-type]
+            jpki_ca_key=jpki_key if isinstance(jpki_key, rsa.RSAPrivateKey) else None,
+            network_ca_key=None,
+            node_ids=frozenset(topology.nodes),
+        )
 
     def node_paths(self, node_id: str) -> tuple[Path, Path]:
         """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`."""
@@ -193,43 +218,24 @@ class PKI:
         if cert_path.exists() and key_path.exists():
             if _leaf_is_current(_load_cert(cert_path), self.network_ca, name, ips):
                 return
-        # Reuse an existing key: the certificate is written after the key, so a crash between
-        # the two leaves a key whose next certificate still matches it.
-        key = _load_key(key_path) if key_path.exists() else None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            key = ec.generate_private_key(ec.SECP256R1())
-            write_atomic(key_path, _key_pem(key), 0o600)
-        now = datetime.now(UTC)
-        # Nodes are TLS servers and clients (relays are both); principals only ever connect.
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if role == "node":
-            usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-        sans: list[x509.GeneralName] = [x509.DNSName(name), *(x509.IPAddress(ip) for ip in ips)]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "konbini test PKI"),
-                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                        x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    ]
-                )
-            )
-            .issuer_name(self.network_ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=_LEAF_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(_aki(self.network_ca), critical=False)
-            .sign(self.network_ca_key, hashes.SHA256())
-        )
-        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        _issue_leaf(self.network_ca, self.network_ca_key, base, name, role, ips)
+
+    def _ensure_nodes(self, topology: Topology) -> None:
+        """Every node's certificate current, at national size too (250,000 nodes): checked against
+        the manifest instead of parsing every file, and what is missing or stale issued in bulk."""
+        manifest = NodeManifest.read(self.dir, self.network_ca)
+        stale = [(node.id, _node_ips(node)) for node in topology.nodes.values() if not manifest.current(node.id, _node_ips(node))]
+        if not stale:
+            return
+        todo = []
+        for node_id, ips in stale:  # files the manifest does not vouch for (an older state dir): read them
+            not_after = _current_leaf_on_disk(self.dir / "nodes" / node_id, self.network_ca, node_id, ips)
+            if not_after is None:
+                todo.append((node_id, ips))
+            else:
+                manifest.add(node_id, ips, not_after)
+        manifest.update(issue_node_leaves(self.network_ca, self.network_ca_key, self.dir / "nodes", todo))
+        manifest.write()
 
     def _ensure_ocsp_signer(self) -> None:
         base = self.dir / "ocsp-signer"
@@ -354,6 +360,159 @@ def _ensure_ca(
     )
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key
+
+
+# -- node certificates in bulk -------------------------------------------------------------
+
+MANIFEST = "nodes.manifest.json"  # in pki/, beside nodes/: a change inside nodes/ makes it older
+_BULK_CHUNK = 2000  # leaves per worker task; below one chunk everything is issued in this process
+
+
+class NodeManifest:
+    """What nodes/ holds, as written by the last `ensure`: node id -> (its IP SANs, notAfter), for
+    the CA it names. Trusted only while nodes/ has not changed since (mtime): a file removed or
+    replaced by hand makes every entry be checked against the files again."""
+
+    def __init__(self, pki_dir: Path, ca_id: str, entries: dict[str, list], fresh: bool) -> None:
+        self.path = pki_dir / MANIFEST
+        self.ca_id = ca_id
+        self.entries = entries
+        self._fresh = fresh  # entries may be trusted without looking at the files
+        self._renew_at = (datetime.now(UTC) + _RENEW_BEFORE).timestamp()
+
+    @classmethod
+    def read(cls, pki_dir: Path, ca: x509.Certificate) -> NodeManifest:
+        ca_id = _aki(ca).key_identifier.hex()
+        path = pki_dir / MANIFEST
+        try:
+            data = json.loads(path.read_bytes())
+            fresh = data.get("ca") == ca_id and path.stat().st_mtime >= (pki_dir / "nodes").stat().st_mtime
+            return cls(pki_dir, ca_id, dict(data.get("nodes", {})) if fresh else {}, fresh)
+        except (OSError, ValueError):
+            return cls(pki_dir, ca_id, {}, False)
+
+    def current(self, node_id: str, ips: list[str]) -> bool:
+        entry = self.entries.get(node_id)
+        return entry is not None and entry[0] == ips and entry[1] > self._renew_at
+
+    def add(self, node_id: str, ips: list[str], not_after: float) -> None:
+        self.entries[node_id] = [ips, not_after]
+
+    def update(self, issued: dict[str, list]) -> None:
+        self.entries.update(issued)
+
+    def write(self) -> None:
+        """After the leaves are on disk (one `sync` for all of them, not an fsync per file)."""
+        os.sync()
+        write_atomic(self.path, json.dumps({"ca": self.ca_id, "nodes": self.entries}, separators=(",", ":")).encode())
+
+
+def issue_node_leaves(ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]) -> dict[str, list]:
+    """Issue `todo` (node id, IP SANs) leaves; over one chunk, in one process per core (a leaf
+    costs ~0.2 ms of Python, so 250,000 take ~50 s on one core). Returns their manifest entries."""
+    chunks = [todo[i : i + _BULK_CHUNK] for i in range(0, len(todo), _BULK_CHUNK)]
+    if len(chunks) <= 1:
+        return _issue_chunk(ca, ca_key, nodes_dir, todo)
+    issued: dict[str, list] = {}
+    ca_pem, key_pem = ca.public_bytes(serialization.Encoding.PEM), _key_pem(ca_key)
+    fork = multiprocessing.get_context("fork")  # the children need no imports; nothing of trio runs in them
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=fork) as pool:
+        for part in pool.map(_issue_chunk_pem, [(ca_pem, key_pem, nodes_dir, chunk) for chunk in chunks]):
+            issued.update(part)
+    return issued
+
+
+def _issue_chunk_pem(job: tuple[bytes, bytes, Path, list[tuple[str, list[str]]]]) -> dict[str, list]:
+    ca_pem, key_pem, nodes_dir, todo = job
+    return _issue_chunk(x509.load_pem_x509_certificate(ca_pem), load_private_key(key_pem), nodes_dir, todo)
+
+
+def _issue_chunk(ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for node_id, ips in todo:
+        cert = _issue_leaf(ca, ca_key, nodes_dir / node_id, node_id, "node", [ipaddress.ip_address(a) for a in ips], durable=False)
+        out[node_id] = [ips, cert.not_valid_after_utc.timestamp()]
+    return out
+
+
+def _node_ips(node) -> list[str]:
+    """A node certificate's IP SANs, as the manifest keeps them: both addresses, sorted."""
+    return sorted({node.address, node.address_in("netns")})
+
+
+def _current_leaf_on_disk(base: Path, ca: x509.Certificate, name: str, ips: list[str]) -> float | None:
+    """notAfter of the leaf at `base` if it is current for `name` and `ips`, else None."""
+    cert_path = base.with_suffix(".pem")
+    if not (cert_path.exists() and base.with_suffix(".key").exists()):
+        return None
+    try:
+        cert = _load_cert(cert_path)
+    except ValueError:  # empty or torn (a crash before the sync): issue it again
+        return None
+    if not _leaf_is_current(cert, ca, name, [ipaddress.ip_address(a) for a in ips]):
+        return None
+    return cert.not_valid_after_utc.timestamp()
+
+
+def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list, *, durable: bool = True) -> x509.Certificate:
+    """Issue the leaf at `base` (.pem, .key). `durable=False`: no fsync per file; the bulk caller
+    syncs once before the manifest vouches for them."""
+    cert_path, key_path = base.with_suffix(".pem"), base.with_suffix(".key")
+    write = write_atomic if durable else _write_replace
+    # Reuse an existing key: the certificate is written after the key, so a crash between
+    # the two leaves a key whose next certificate still matches it.
+    try:
+        key = _load_key(key_path) if key_path.exists() else None
+    except ValueError:
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(key_path, _key_pem(key), 0o600)
+    now = datetime.now(UTC)
+    # Nodes are TLS servers and clients (relays are both); principals only ever connect.
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if role == "node":
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    sans: list[x509.GeneralName] = [x509.DNSName(name), *(x509.IPAddress(ip) for ip in ips)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "konbini test PKI"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=_LEAF_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_aki(ca), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert
+
+
+def _write_replace(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """`write_atomic` without its fsync: readers still never see a part (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
