@@ -190,3 +190,45 @@ async def _read_until(tls, conn, done, responded: set[int]) -> None:
         await tls.send_all(conn.data_to_send())
 
 
+
+
+RACE_ROUNDS = 320  # x one 64 KiB chunk a hop would lose per round: past each hop's 16 MiB connection window
+
+
+async def _reset_once_window_full(tls, conn, sid: int, window: int) -> None:
+    """Read stream `sid`'s DATA without acking it until the router has filled our stream window
+    (so the router waits for window with a chunk in hand), then reset the stream: the reset races
+    the next DATA frame at every hop behind it."""
+    received = 0
+    while received < window:
+        data = await tls.receive_some(256 * KiB)
+        if not data:
+            raise ConnectionError(f"{ROUTER} closed the connection")
+        for event in conn.receive_data(data):
+            assert not isinstance(event, (h2.events.ConnectionTerminated, h2.events.StreamReset)), event
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == sid:
+                received += event.flow_controlled_length
+    conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+    await tls.send_all(conn.data_to_send())
+
+
+async def test_resets_racing_data_give_back_every_byte_of_window_on_every_hop(net):
+    # Each round: a 3 MiB download that the peer stops reading once its 65,535-byte stream window
+    # is full, then cancels. Every relay then holds a chunk taken from its upstream and not yet
+    # sent on; unless the cancelled chunk is acked upstream anyway, each round shrinks every
+    # hop's connection window by a chunk, and after RACE_ROUNDS the connection stalls for good.
+    tls, conn = await _raw_client(net, 16 * KiB)
+    conn.increment_flow_control_window(2**31 - 1 - 65535)  # our connection window never limits: only the stream's
+    await tls.send_all(conn.data_to_send())
+    with trio.fail_after(120):
+        for _ in range(RACE_ROUNDS):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, _headers("GET", f"/bench/blob?size={3 * MiB}"), end_stream=True)
+            await tls.send_all(conn.data_to_send())
+            await _reset_once_window_full(tls, conn, sid, 65535)
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, _headers("GET", f"/bench/blob?size={3 * MiB}"), end_stream=True)
+    with trio.fail_after(30):
+        headers, body, _ = await _exchange(tls, conn, sid)
+    assert headers[b":status"] == b"200" and body == b"k" * (3 * MiB)
+    await tls.aclose()

@@ -434,13 +434,14 @@ class IssuanceCenter(App):
                     ]
                 )
             digest = hashlib.sha256()
-            nbytes = 0
-            while (chunk := await st.receive_chunk(ack=False)) is not None:
+            sizes: list[int] = []
+
+            def observe(chunk: bytes) -> None:
                 digest.update(chunk)
-                nbytes += len(chunk)
-                await stream.send_data(chunk)
-                st.ack(len(chunk))
-            return digest.hexdigest(), nbytes
+                sizes.append(len(chunk))
+
+            await st.forward_body(stream, observe)
+            return digest.hexdigest(), sum(sizes)
         finally:
             if conn is not None and st is not None:
                 conn.release(st)

@@ -131,14 +131,14 @@ class Relay(App):
             await self._pump(us, ds, "response")
 
     async def _pump(self, src: Stream, dst: Stream, direction: str) -> None:
-        """Move one direction's body; ack each chunk to its sender only once the other side took it."""
+        """Move one direction's body; each chunk is acked to its sender only once the other side took it."""
         relayed = self.metrics.bytes_relayed.labels(direction)
-        while (chunk := await src.receive_chunk(ack=False)) is not None:
-            if chunk:
-                held = len(chunk) + src.st.buffered
-                if held > self.max_buffered:
-                    self.max_buffered = held
-                await dst.send_data(chunk)
-                src.ack(len(chunk))
-                relayed.inc(len(chunk))
+
+        def observe(chunk: bytes) -> None:
+            held = len(chunk) + src.st.buffered
+            if held > self.max_buffered:
+                self.max_buffered = held
+            relayed.inc(len(chunk))
+
+        await src.forward_body(dst, observe)
         dst.end(src.trailers)

@@ -166,6 +166,25 @@ class StreamHandle:
         self.conn.core.ack(self.st.id, nbytes)
         self.conn.flush()
 
+    async def forward_body(self, dst: StreamHandle, observe: Callable[[bytes], None] | None = None) -> None:
+        """Move this stream's body on to `dst` chunk by chunk, acking each chunk here only once
+        `dst` took it, so this side's window follows what the far peer reads and nothing is
+        buffered beyond the windows. `observe` sees each chunk before it is sent.
+
+        A chunk is acked even when its send fails (a reset or a cancel while waiting for window):
+        it is already out of this stream's buffer, so the reset cannot give its bytes back, and
+        every such race would shrink the connection's window for good (about 230 cancelled
+        downloads stalled a kiosk's connection through the relays)."""
+        while (chunk := await self.receive_chunk(ack=False)) is not None:
+            if not chunk:
+                continue
+            if observe is not None:
+                observe(chunk)
+            try:
+                await dst.send_data(chunk)
+            finally:
+                self.ack(len(chunk))
+
     async def send_data(self, data: bytes | memoryview, end_stream: bool = False) -> None:
         """Send data, waiting for flow-control window as needed (never buffers beyond it)."""
         core = self.conn.core
