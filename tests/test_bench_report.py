@@ -100,7 +100,8 @@ def test_issue_up_applies_the_topology_files_line_impairments(tmp_path) -> None:
     topo = tmp_path / "slow.yaml"
     topo.write_text(text)
     done = subprocess.run([sys.executable, "-m", "topology.cli", "issue", "--up", "--json", "--topology", str(topo),
-                           "--state", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+                           "--state", str(tmp_path / "s"), "--clock", "2026-11-25T10:00:00+09:00"],  # in service hours
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
     assert "lines impaired" in done.stderr
     assert json.loads(done.stdout)["latency_ms"] >= 4 * 2 * 30

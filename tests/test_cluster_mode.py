@@ -195,6 +195,9 @@ def _denials(metrics: str, reason: str) -> float:
     return 0.0
 
 
+IN_HOURS = "2026-11-25T10:00:00+09:00"  # within service hours whatever the wall clock says
+
+
 @needs_root
 def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_certificate(tmp_path):
     topo = load_topology(DEFAULT)
@@ -204,11 +207,11 @@ def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {name}\n" for name, ip in CHAIN.items()))
     secret_files = {node_id: sorted(p.relative_to(s) for p in (s / "pki").rglob("*")) for node_id, s in states.items()}
-    procs = {node_id: _in_pod(pods[node_id], hosts, ["--bind", CHAIN[node_id]], stdin=subprocess.PIPE) for node_id in CHAIN}
+    procs = {node_id: _in_pod(pods[node_id], hosts, ["--bind", CHAIN[node_id], "--clock", IN_HOURS], stdin=subprocess.PIPE) for node_id in CHAIN}
     try:
         _wait_ready(procs)
         # the kiosk's load Job, as exported: `konbini issue --cluster`, one whole issuance by name
-        job = _in_pod(pods[KIOSK], hosts, ["--clock", "2026-11-25T10:00:00+09:00"], stdin=subprocess.DEVNULL)
+        job = _in_pod(pods[KIOSK], hosts, ["--clock", IN_HOURS], stdin=subprocess.DEVNULL)
         job_out, job_err = job.communicate(timeout=120)
         assert job.returncode == 0, job_out.decode() + job_err.decode()[-2000:]
         issued = json.loads(job_out)
