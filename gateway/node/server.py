@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ class NodeContext:
     mode: str = "loopback"
     clock: Clock = field(default_factory=Clock)
     bind: str | None = None  # cluster mode: the address to listen on instead of all
+    # this node's TLS contexts by role, made once: tls.py's LRU holds 256, and a topology with
+    # more server nodes in one process made a new context (files read, key parsed) per connection
+    _tls: dict[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
 
     @property
     def tls12_floor(self) -> bool:
@@ -84,13 +88,17 @@ class NodeContext:
         """What this node grants one peer: the topology's `limits:` for its kind, or the defaults."""
         return self.topo.limits_for(self.node.kind)
 
-    def server_tls(self, alpn: str = "h2"):
-        chain, key = self.pki.node_paths(self.node.id)
-        return server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor, alpn)
+    def server_tls(self, alpn: str = "h2") -> ssl.SSLContext:
+        if (ctx := self._tls.get(alpn)) is None:
+            chain, key = self.pki.node_paths(self.node.id)
+            ctx = self._tls[alpn] = server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor, alpn)
+        return ctx
 
-    def client_tls(self):
-        chain, key = self.pki.node_paths(self.node.id)
-        return client_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+    def client_tls(self) -> ssl.SSLContext:
+        if (ctx := self._tls.get("client")) is None:
+            chain, key = self.pki.node_paths(self.node.id)
+            ctx = self._tls["client"] = client_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+        return ctx
 
     async def connect(self, target: Node) -> TrioH2:
         """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
@@ -162,7 +170,6 @@ class NodeServer:
         down instead of raising out of the listener and cancelling every node in the process."""
         node = self.ctx.node
         self.ctx.server_tls()  # read the PKI files now, not at a first connection that may find no descriptor free
-        self._scrape_tls = self.ctx.server_tls("http/1.1")  # Prometheus and curl speak HTTP/1.1 to the scrape port
         listeners = await self._listen(node.port)
         scrape = await self._listen(self.scrape_allow.port)
         async with trio.open_nursery() as nursery:
@@ -260,7 +267,10 @@ class NodeServer:
             if not decision.allowed:
                 self.deny(decision.reason or "peer-address", ip)
                 return
-            tls = trio.SSLStream(tcp, self._scrape_tls, server_side=True)
+            # Prometheus and curl speak HTTP/1.1 to the scrape port. Its context is made at the first
+            # scrape (then cached by server_context): half of `up`'s start time on a large file
+            # went to contexts, and most nodes of a large topology are never scraped.
+            tls = trio.SSLStream(tcp, self.ctx.server_tls("http/1.1"), server_side=True)
             with trio.move_on_after(self.limits.handshake_timeout) as late:
                 try:
                     await tls.do_handshake()

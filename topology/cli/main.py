@@ -18,7 +18,7 @@ from topology.cli.card import cmd_card
 from topology.cli.common import default_topology_path, load, user_error
 from topology.cli.demo import run_demo
 from topology.cli.issue import cmd_issue
-from topology.cli.up import cmd_up
+from topology.cli.up import PLANNED_CONNECTIONS, cmd_preflight, cmd_up
 from topology.spec.load import check_main
 
 # -- check -----------------------------------------------------------------------------------
@@ -54,7 +54,13 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--clock-speed", type=float, default=1.0, help="emulated seconds per real second")
     u.add_argument("--netns", action="store_true", help="network-namespace mode with nftables (root)")
     u.add_argument("--tag", help="with --netns: name namespaces konbini-TAG-* instead of konbini-*")
+    u.add_argument("--no-preflight", action="store_true", help="start even when the pre-flight check finds a limit too low")
     u.set_defaults(func=cmd_up)
+
+    pf = sub.add_parser("preflight", help="the machine limits a topology will hit (open files, ports, memory), and how to raise them")
+    pf.add_argument("file", nargs="?", help="topology file (default: the shipped default topology)")
+    pf.add_argument("--connections", type=int, default=PLANNED_CONNECTIONS, help="concurrent connections to plan for (default %(default)s)")
+    pf.set_defaults(func=cmd_preflight)
 
     i = sub.add_parser("issue", help="run one issuance through the topology")
     i.add_argument("--topology", help="topology file")

@@ -9,19 +9,49 @@ from rich.console import Console
 
 from gateway.business.clock import Clock
 from gateway.node.metrics import ImpairmentStatus
-from topology.cli.common import load, state_dir
+from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import cmd_up_netns
 from topology.cli.render import show
+from topology.launch import preflight
 from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
 from topology.policy.monitoring import METRICS_PORT, monitoring_address
 
+PLANNED_CONNECTIONS = 512  # concurrent connections `up` plans for (a bench's in-flight requests x hops)
+
+
+def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTIONS, enforce: bool = True) -> None:
+    """Name every limit too low for this topology before anything starts (topology/launch/preflight.py)."""
+    needs, notes = preflight.check(topo, connections=connections)
+    for note in notes:
+        console.print(f"[yellow]pre-flight[/] {note}")
+    for need in needs:
+        if not need.ok:
+            console.print(f"[yellow]pre-flight[/] {need.line()}", soft_wrap=True)
+    stop = preflight.refusals(needs)
+    if stop and enforce:
+        raise UserError(f"pre-flight: {len(stop)} limit(s) too low for {topo.name!r} (above); raise them, "
+                        "or start anyway with --no-preflight")
+
+
+def cmd_preflight(args) -> int:
+    topo = load(args.file)
+    console = Console()
+    needs, notes = preflight.check(topo, connections=args.connections, raise_soft=False)
+    for need in needs:
+        console.print(("[green]ok[/]   " if need.ok else "[red]LOW[/]  ") + need.line(), soft_wrap=True)
+    stop = preflight.refusals(needs)
+    console.print(f"{topo.name}: {len(topo.nodes):,} nodes, {preflight.listeners(topo):,} listeners; "
+                  + (f"{len(stop)} limit(s) would stop `konbini up`" if stop else "`konbini up` fits this machine"))
+    return 1 if stop else 0
+
 
 def cmd_up(args) -> int:
     if getattr(args, "netns", False):
-        return cmd_up_netns(args)
+        return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     topo = load(args.file)
     console = Console()
+    run_preflight(topo, console, enforce=not getattr(args, "no_preflight", False))
     clock = Clock.parse(args.clock, args.clock_speed)
     lines = Impairments(topo, "loopback", state_dir=state_dir(args, topo))  # root: per address pair on lo
     try:

@@ -46,9 +46,10 @@ class MetricsAllowList:
     def __init__(self, topo: Topology, mode: str) -> None:
         self.address = monitoring_address(mode)
         self.port = METRICS_PORT
-        for node in topo.nodes.values():
-            if node.address_in(mode) == self.address:
-                raise ValueError(f"node {node.id!r} holds {self.address}, the monitoring principal's address; move it")
+        # the address index, not a scan: every server builds one of these (a scan made `up` O(n²))
+        holder = topo.by_address(self.address)
+        if holder is not None and holder.address_in(mode) == self.address:
+            raise ValueError(f"node {holder.id!r} holds {self.address}, the monitoring principal's address; move it")
 
     def check_address(self, ip: str) -> Decision:
         return ALLOW if ip == self.address else DENY_ADDRESS

@@ -1,0 +1,89 @@
+"""The pre-flight check: the limits a topology will hit, counted from the file and compared with
+what this process and kernel grant, before `konbini up` starts anything."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from topology.launch import preflight
+from topology.policy.monitoring import METRICS_PORT
+from topology.spec.load import load_topology
+
+NATIONAL = Path(__file__).resolve().parent.parent / "topology" / "national.yaml"
+
+
+def _listening() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN in this network namespace (/proc/net/tcp)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":
+            ip_hex, port_hex = local.split(":")
+            ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            out.add((ip, int(port_hex, 16)))
+    return out
+
+
+async def test_the_listener_count_is_what_a_running_topology_opens(net, topo):
+    expected = set()
+    for node in topo.nodes.values():
+        if node.is_server:
+            expected |= {(node.address, node.port), (node.address, METRICS_PORT)}
+            if node.admin_port is not None:
+                expected.add((node.address, node.admin_port))
+    assert expected <= _listening()  # the running default topology opened each of them
+    assert preflight.listeners(topo) == len(expected) == 48
+
+
+def test_the_default_topology_fits_this_machine(topo):
+    needs, _ = preflight.check(topo, raise_soft=False)
+    assert preflight.refusals(needs) == [], [n.line() for n in needs]
+    assert {n.limit.split(" (")[0] for n in needs} >= {"open files", "memory"}
+
+
+def test_the_national_file_names_open_files_and_the_ports_behind_its_largest_operator(monkeypatch):
+    national = load_topology(NATIONAL)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (20_000, 20_000))
+    needs, notes = preflight.check(national, raise_soft=False)
+    by = {n.limit.split(" (")[0]: n for n in needs}
+    files = by["open files"]
+    assert not files.ok and files.needed > 220_000 and "ulimit -n" in files.line()
+    ports = next(n for n in needs if n.limit.startswith("ephemeral ports"))
+    # operator a: 21,000 stores with 1-2 kiosks, every kiosk's connection paired at ec-router-a
+    assert "ec-router-a" in ports.limit and 21_000 < ports.needed < 42_000
+    assert not ports.blocking  # a peak figure: reported, never a reason to refuse `up`
+    assert files in preflight.refusals(needs) and ports not in preflight.refusals(needs)
+    assert notes == []
+
+
+def test_up_refuses_and_says_which_limit_when_it_cannot_raise_it(tmp_path):
+    # a process that may not raise its hard limit (as a non-root user): `up` stops before starting
+    script = (
+        "import os, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "os.geteuid = lambda: 1000\n"
+        "from topology.cli.main import main\n"
+        f"sys.exit(main(['up', '--state', {str(tmp_path / 's')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "open files" in done.stdout and "needs 1,328" in done.stdout and "ulimit -n 1328" in done.stdout
+    assert "pre-flight: 1 limit(s) too low" in done.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was made
+
+
+def test_a_soft_limit_below_the_need_is_raised_for_the_run(tmp_path):
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))\n"
+        "from topology.launch import preflight\n"
+        "from topology.spec.load import DEFAULT_TOPOLOGY, load_topology\n"
+        "needs, notes = preflight.check(load_topology(DEFAULT_TOPOLOGY))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], notes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1328 ") and "raised from 64 to 1,328" in done.stdout

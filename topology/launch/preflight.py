@@ -1,0 +1,152 @@
+"""The pre-flight check: the machine limits a topology will hit, named before anything starts.
+
+`konbini up` on a large file fails late and obscurely without it: EMFILE after minutes of
+starting listeners, EADDRNOTAVAIL when a relay's upstream connections use up the ephemeral
+ports of its one source address, or the OOM killer. Each `Need` compares what the topology
+asks for (counted from the file, with the per-listener cost measured on this machine kind)
+with what the kernel grants, and says how to raise it. A soft open-files limit below what is
+needed but within the hard limit is raised here, in this process, and reported.
+
+In loopback mode every node shares one process, so both ends of every connection count
+against that process's open files.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from topology.spec.model import Topology
+
+FD_RESERVE = 256  # the interpreter, logs, the ledger, the PKI files being read
+CONNECTION_FDS = 2  # loopback: both ends of a connection are in this one process
+MIB = 1 << 20
+# Measured on this machine kind, RSS of `konbini up` at "ready": 64 MiB with the default
+# topology's 48 listeners, 223 MiB with a 1,000-store file's 4,440 (PKI made beforehand):
+# (223 - 64) MiB / 4,392 listeners = 36 KiB a listener (its TLS context, socket, serving task
+# and its node's share of the model).
+RSS_PER_LISTENER = 36 * 1024
+BASE_RSS = 64 * MIB
+
+
+@dataclass(frozen=True)
+class Need:
+    limit: str  # what the kernel limits
+    needed: int
+    granted: int | None  # None: not knowable here
+    unit: str
+    how: str  # how to raise it
+    note: str = ""
+    blocking: bool = True  # False: a peak figure (every kiosk connected at once), reported, not refused
+
+    @property
+    def ok(self) -> bool:
+        return self.granted is None or self.needed <= self.granted
+
+    def line(self) -> str:
+        granted = "unknown" if self.granted is None else f"{self.granted:,}"
+        verdict = "ok" if self.ok else ("TOO LOW" if self.blocking else "too low at peak")
+        text = f"{self.limit}: needs {self.needed:,} {self.unit}, has {granted} ({verdict})"
+        if self.note:
+            text += f"; {self.note}"
+        if not self.ok:
+            text += f"; {self.how}"
+        return text
+
+
+def listeners(topo: Topology, metrics: bool = True) -> int:
+    """Listening sockets the topology opens: each server's port, its admin port, its metrics port."""
+    n = 0
+    for node in topo.nodes.values():
+        if node.is_server:
+            n += 1 + (node.admin_port is not None) + metrics
+    return n
+
+
+def upstream_fanout(topo: Topology) -> tuple[str, int]:
+    """The relay with the most kiosks behind it, and how many. A relay pairs each downstream
+    connection with an upstream connection of its own from its one address to its next hop,
+    so with every kiosk connected that many connections share one (source address, next hop)
+    pair, and with it the ephemeral port range."""
+    behind: Counter[str] = Counter()
+    for node in topo.nodes.values():
+        if node.kind != "kiosk":
+            continue
+        seen: set[str] = set()
+        hop = topo.nodes.get(node.upstream) if node.upstream else None
+        while hop is not None and hop.id not in seen and hop.upstream is not None:
+            seen.add(hop.id)
+            behind[hop.id] += 1
+            hop = topo.nodes.get(hop.upstream)
+    if not behind:
+        return "", 0
+    relay, count = behind.most_common(1)[0]
+    return relay, count
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _port_range() -> int | None:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return hi - lo + 1
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check(topo: Topology, *, connections: int = 512, raise_soft: bool = True) -> tuple[list[Need], list[str]]:
+    """(every limit with its verdict, notes on what was changed here). `connections`: the
+    concurrent connections to plan for (a bench's in-flight requests times the hops)."""
+    notes: list[str] = []
+    n_listen = listeners(topo)
+    fds = n_listen + CONNECTION_FDS * connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nr_open = _read_int("/proc/sys/fs/nr_open")
+    if raise_soft and soft < fds:
+        # within the hard limit anyone may raise the soft one; root may raise the hard one up to fs.nr_open
+        new_hard = hard if fds <= hard else (fds if os.geteuid() == 0 and nr_open and fds <= nr_open else None)
+        if new_hard is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fds, new_hard))
+            notes.append(f"open files: limit raised from {soft:,} to {fds:,} for this run"
+                         + (f" (hard limit {hard:,} -> {new_hard:,}, as root)" if new_hard != hard else f" (hard limit {hard:,})"))
+            soft = fds
+    needs = [
+        Need("open files (RLIMIT_NOFILE, one process)", fds, soft, "descriptors",
+             f"run `ulimit -n {fds}` first (as root, or raise the hard limit in /etc/security/limits.conf"
+             + (f"; fs.nr_open is {nr_open:,}" if nr_open else "") + ")",
+             f"{n_listen:,} listeners + {connections:,} connections x {CONNECTION_FDS} + {FD_RESERVE} spare"),
+        Need("system-wide open files (fs.file-max)", fds, _read_int("/proc/sys/fs/file-max"), "descriptors",
+             f"`sysctl -w fs.file-max={2 * fds}`"),
+    ]
+    relay, fan = upstream_fanout(topo)
+    if relay:
+        needs.append(Need(f"ephemeral ports per source address ({relay} to its next hop)", fan, _port_range(), "ports",
+                          '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
+                          f"{fan:,} kiosks behind it, each connection paired with an upstream one", blocking=False))
+    mem = BASE_RSS + RSS_PER_LISTENER * n_listen
+    needs.append(Need("memory (MemAvailable)", mem // MIB, (m // MIB) if (m := _mem_available()) else None, "MiB",
+                      "free memory, or bring up part of the file", f"~{RSS_PER_LISTENER // 1024} KiB a listener, measured"))
+    return needs, notes
+
+
+def refusals(needs: list[Need]) -> list[Need]:
+    """The limits that stop a launch: blocking ones not met."""
+    return [n for n in needs if n.blocking and not n.ok]
