@@ -307,6 +307,51 @@ def md_cross_check(report: dict) -> list[str]:
     return out
 
 
+def md_failover(report: dict) -> list[str]:
+    """The failover runs: per second completions, failures (by reason) and who served, the kills
+    and restarts at their second; then per fault its failures by reason and time to recover."""
+    out = []
+    for name, e in report.get("scenarios", {}).items():
+        for phase, r in _phases(e):
+            fo = r.get("failover")
+            if not fo:
+                continue
+            watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
+            marks: dict[int, list[str]] = {}
+            for ev in fo["events"]:
+                marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
+            rows = [[row["second"], row["ok"], row["failed"], row["reasons"] or "", *[row["via"].get(w, 0) for w in watched],
+                     "; ".join(marks.get(row["second"], []))] for row in fo["per_second"]]
+            out += [f"**{name} {phase}**: {r.get('rate')}/s open loop, {r.get('ok')} issued, misdelivered "
+                    f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}. Seconds from the end of "
+                    "warm-up, issuances counted in the second they ended.", "",
+                    *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows), ""]
+            frows = [[f["node"], f["killed_at_s"], f["restarted_at_s"], f["pid_gone"], f["failures"] or "none",
+                      f["time_to_recover_s"], f["ok_while_down"], f"{f['ok_while_down_via_survivor']} via {f['survivor']}"]
+                     for f in fo["faults"]]
+            out += _table(["killed (SIGKILL)", "at s", "restarted at s", "pid gone", "failures by reason",
+                           "time to recover s", "started while down, issued", "served by the survivor"], frows)
+            out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
+    return out
+
+
+def plot_failover(name: str, r: dict) -> str:
+    """Completions and failures per second, the kills and restarts as vertical lines."""
+    fig, ax = _figure()
+    fo = r["failover"]
+    xs = [row["second"] for row in fo["per_second"]]
+    ax.bar(xs, [row["ok"] for row in fo["per_second"]], 0.8, label="ok")
+    ax.bar(xs, [row["failed"] for row in fo["per_second"]], 0.8, bottom=[row["ok"] for row in fo["per_second"]], label="failed")
+    for ev in fo["events"]:
+        ax.axvline(ev["at_s"], color="red" if ev["event"] == "kill" else "green", linewidth=0.8)
+        ax.text(ev["at_s"], ax.get_ylim()[1] * 0.95, f" {ev['event']} {ev['node']}", fontsize=6, rotation=90, va="top")
+    ax.set_xlabel("s after warm-up (by end time)")
+    ax.set_ylabel("issuances per second")
+    ax.set_title(f"{name}: failover")
+    ax.legend(fontsize=7)
+    return _svg(fig)
+
+
 def render_markdown(report: dict) -> str:
     o = report.get("options", {})
     out = [f"# konbini bench{' (partial: interrupted)' if report.get('partial') else ''}", "",
@@ -323,6 +368,8 @@ def render_markdown(report: dict) -> str:
         out += ["## Cost model (CPU per completed request, measured window)", "", *costs, ""]
     if cc := md_cross_check(report):
         out += ["## Cross-check with the compiled client", "", *cc, ""]
+    if fo := md_failover(report):
+        out += ["## Failover (a server SIGKILLed and restarted under load)", "", *fo]
     return "\n".join(out) + "\n"
 
 
@@ -389,6 +436,8 @@ def render_html(report: dict) -> str:
                 if any(r.get("latency_split") for _, r in _phases(entry)):
                     parts.append(plot_split(name, entry))
             for phase, r in _phases(entry):
+                if r.get("failover"):
+                    parts.append(plot_failover(f"{name} {phase}", r))
                 if soak := r.get("soak"):
                     parts.append(plot_soak(name, entry))
                     worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)

@@ -41,6 +41,7 @@ from bench.baselines.haproxy import (
     hop_timers,
 )
 from bench.costs import CostProcess, CostWindow
+from bench.failover import FailoverError, FaultSchedule, Targets, analyse, targets
 from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
@@ -340,6 +341,8 @@ def validate(opts: BenchOptions) -> None:
             raise BenchError(f"no line of kind {unknown[0]!r} in {opts.topology.source}; kinds: {', '.join(sorted(kinds))}")
         if opts.netns:
             raise BenchError("--line runs in loopback mode; in netns mode set the lines with `konbini link set`")
+    if any(SCENARIOS[s].failover for s in opts.scenarios) and (opts.netns or opts.baseline):
+        raise BenchError("the failover scenario kills konbini's own node processes: loopback mode, no --baseline")
     if opts.netns:
         if opts.baseline or opts.h2load:
             raise BenchError("--netns runs konbini's relays only: --baseline and --h2load are loopback-only")
@@ -366,6 +369,13 @@ class Bench:
         self.mode = "netns" if opts.netns else "loopback"
         self.plan = None  # netns mode: the NetPlan once its namespaces exist
         self.hosts: list = []  # netns mode: the nodehosts
+        self.failover: Targets | None = None  # the failover scenario: the servers it kills, each alone in a process
+        self.isolated: dict[str, NodeProcess] = {}  # center-side servers in a process of their own (failover)
+        if any(SCENARIOS[s].failover for s in opts.scenarios):
+            try:
+                self.failover = targets(self.topo)
+            except FailoverError as exc:
+                raise BenchError(str(exc)) from None
 
     def prepare(self) -> None:
         o = self.opts
@@ -391,6 +401,11 @@ class Bench:
                 self.open_muni = code
             if not is_open and not self.closed_muni:
                 self.closed_muni = code
+        if self.failover is not None:  # the load goes to the municipality with two document servers
+            node = munis[self.failover.municipality]
+            if not within(clock, *window(self.topo.service_hours, node.municipality.hours)):
+                raise BenchError(f"{self.topo.source}: municipality {self.failover.municipality} is closed at 20:30 JST")
+            self.open_muni = self.failover.municipality
         if not self.open_muni:
             raise BenchError(f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios")
 
@@ -398,9 +413,13 @@ class Bench:
         if self.opts.netns:
             self.start_netns()
             return
-        center = {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}
+        alone = self.failover.isolated if self.failover is not None else set()
+        center = {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS and n.id not in alone}
         self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, "issuance center side")
         self.origin.start()
+        for nid in sorted(alone & {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}):
+            self.isolated[nid] = NodeProcess(self.topo, self.opts.state_dir, {nid}, self.clock_start, nid)
+            self.isolated[nid].start()
 
     def start_netns(self) -> None:
         """Namespaces and every server of the bench topology (its extra kiosks included), as `up --netns`."""
@@ -416,6 +435,8 @@ class Bench:
     def stop(self) -> None:
         if self.origin is not None:
             self.origin.stop()
+        for proc in self.isolated.values():
+            proc.stop()
         if self.plan is not None:  # always, also after an error or Ctrl-C
             try:
                 netns.stop_nodehosts(self.hosts)
@@ -428,7 +449,8 @@ class Bench:
         """(relay pids, center-side pids) whose CPU and memory the report shows."""
         if self.plan is None:
             front_pids = front.pids if isinstance(front, NodeGroup) else [front.pid]
-            return [p for p in front_pids if p], [p for p in [self.origin.pid if self.origin else None] if p]
+            origin = [self.origin.pid if self.origin else None, *(p.pid for p in self.isolated.values())]
+            return [p for p in front_pids if p], [p for p in origin if p]
         relay, center = [], []
         for h in self.hosts:
             kinds = {self.topo.node(n).kind for n in self.plan.sites[h.site].servers}
@@ -452,6 +474,7 @@ class Bench:
             out.append(CostProcess("haproxy (every relay hop)", "baseline", front.pid, kinds, threads=True))
         if self.origin is not None and self.origin.pid:
             out.append(CostProcess("center side", "origin", self.origin.pid, self.origin.hops))
+        out += [CostProcess(nid, "origin", p.pid, p.hops) for nid, p in self.isolated.items() if p.pid]
         return out
 
     def haproxy_split(self, result: dict, front: HAProxyProcess, window: CostWindow) -> None:
@@ -488,9 +511,14 @@ class Bench:
             # its own address), so the relays can use both cores as HAProxy's threads do; with
             # --relay-processes hop one per operator and hop kind, so the cost model has each hop's CPU.
             groups: dict[str, set[str]] = {}
+            alone = self.failover.isolated if self.failover is not None else set()
             for n in relays:
                 key = n.operator or "-"
-                groups.setdefault(key if self.opts.relay_processes == "operator" else f"{key} {n.kind}", set()).add(n.id)
+                if n.id in alone:  # the failover bench kills it: nothing else in its process
+                    key = f"{key} {n.id}"
+                elif self.opts.relay_processes != "operator":
+                    key = f"{key} {n.kind}"
+                groups.setdefault(key, set()).add(n.id)
             return NodeGroup([
                 NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {key}")
                 for key, ids in sorted(groups.items())
@@ -519,6 +547,7 @@ class Bench:
             rate=rate, concurrency=concurrency, duration_s=duration, warmup_s=warm, count=o.count, seed=o.seed,
             open_muni=self.open_muni, closed_muni=self.closed_muni or self.open_muni, revoked_card="bench-revoked",
             hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
+            trace=self.failover.watched if sc.failover and self.failover is not None else None,
         )
 
     def load_mode(self, sc: Scenario) -> tuple[float | None, int | None]:
@@ -553,8 +582,12 @@ class Bench:
             label = f"{sc.name} [{phase}{', netns' if self.plan is not None else ''}]"
             spec = self.spec(sc, rate, concurrency, duration)
 
+            faults = self.fault_schedule(front, spec) if sc.failover else None
+
             def on_go(go: float) -> None:  # the CPU window is the measured window
                 window.arm(go + spec.warmup_s, go + spec.warmup_s + spec.duration_s)
+                if faults is not None:
+                    faults.go(go)
 
             try:
                 if sc.soak:
@@ -566,6 +599,12 @@ class Bench:
                     result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
             finally:
                 window.close()
+                if faults is not None:
+                    faults.stop()
+            if faults is not None:
+                result["failover"] = analyse(result.pop("trace", []), faults.events, self.failover, duration)
+                result["failover"]["errors"] = faults.errors
+                result["failover"]["ok"] = result["failover"]["ok"] and not faults.errors and result["misdelivered"] == 0
             wall = time.perf_counter() - t0
             after = procs_stats(relay_pids)
             origin_after = procs_stats(origin_pids)
@@ -586,6 +625,11 @@ class Bench:
             "origin_rss_mib": origin_after.get("rss_mib"),
         }
         return result
+
+    def fault_schedule(self, front, spec: LoadSpec) -> FaultSchedule:
+        """The failover scenario's kills and restarts: each target's own process, relay or center side."""
+        procs = {nid: p for p in front.procs for nid in p.args[2] if nid in self.failover.isolated} | self.isolated
+        return FaultSchedule(self.failover, procs, spec.warmup_s, spec.duration_s)
 
     def run_scenario(self, sc: Scenario) -> dict:
         phases = ["konbini"] + (["lines"] if self.opts.lines else []) + (["haproxy"] if self.opts.baseline == "haproxy" else [])

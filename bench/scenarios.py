@@ -18,6 +18,9 @@ class Scenario:
     success_only: bool = True  # any error or refusal is a failure of the run
     sweep: bool = False  # raise the open-loop rate stepwise instead of one run
     soak: bool = False  # sample every node process's RSS and open descriptors over the run
+    failover: bool = False  # kill and restart one of two DMZ relays and one of two document servers (bench.failover)
+    duration_s: float | None = None  # measured seconds when --duration is not given (else 10)
+    topology: str | None = None  # a file in topology/ used when --topology is not given (else the default one)
 
     @property
     def name(self) -> str:
@@ -52,6 +55,17 @@ SCENARIOS: dict[str, Scenario] = {
             rate=50,
             success_only=False,
             soak=True,
+        ),
+        Scenario(
+            Workload("failover", "issuance", size=DOC_64K),
+            "issuance while one of an operator's two DMZ relays (at 20 % of the run) and then one of a municipality's "
+            "two document servers (at 60 %) is SIGKILLed and restarted 20 % later: completions and failures per "
+            "second, failures by reason, time to recover; 0 misdelivered",
+            rate=10,
+            success_only=False,
+            failover=True,
+            duration_s=24.0,
+            topology="redundant.yaml",
         ),
     )
 }

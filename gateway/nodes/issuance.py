@@ -59,7 +59,7 @@ from gateway.business.session import (
 from gateway.node.server import App, NodeContext, Peer
 from gateway.nodes.bench_origin import serve_bench
 from gateway.protocol.h2core import Headers, header
-from gateway.protocol.h2trio import Stream, StreamReset
+from gateway.protocol.h2trio import Stream, StreamReset, TrioH2
 from gateway.protocol.http import (
     BadRequest,
     decode,
@@ -191,7 +191,12 @@ class IssuanceCenter(App):
         self.munis = topo.municipalities()
         ocsp_nodes = topo.of_kind("ocsp")
         self.ocsp = Upstream(ctx, ocsp_nodes[0], nursery) if ocsp_nodes else None
-        self.muni_links = {code: Upstream(ctx, node, nursery) for code, node in self.munis.items()}
+        # A municipality may run several document servers (the same municipality data): every one,
+        # in file order, so that the next is tried when one is down (`_open_document`).
+        self.muni_links: dict[str, list[Upstream]] = {}
+        for node in topo.of_kind("municipality"):
+            if node.municipality is not None:
+                self.muni_links.setdefault(node.municipality.code, []).append(Upstream(ctx, node, nursery))
 
     def collect(self) -> Iterator[Metric]:
         """Read at scrape time (the NodeServer registers the app as a collector): what the center
@@ -412,17 +417,11 @@ class IssuanceCenter(App):
     async def _stream_document(self, stream: Stream, iss: Issuance, size: int, t0: float) -> tuple[str, int]:
         """The municipality's document streamed through to the kiosk, hashed on the way: (sha256, bytes).
         Everything but the trailers goes out here; the municipality must answer within UPSTREAM_TIMEOUT."""
-        link = self.muni_links[iss.municipality]
         doc_req = msgspec.json.encode(DocumentRequest(iss.id, iss.cert_type, size))
         conn = st = None
         try:
             with trio.fail_after(UPSTREAM_TIMEOUT):
-                t_muni = time.perf_counter()
-                conn, st = await link.open(request_headers("POST", "/v1/document", link.target.id), doc_req)
-                mh = await st.receive_headers()
-                muni_ms = timing(link.target.id, t_muni)
-                if header(mh, b":status") != b"200":
-                    raise ConnectionError("municipality refused the document request")
+                conn, st, muni_ms = await self._open_document(self.muni_links[iss.municipality], doc_req)
                 stream.send_headers(
                     [
                         (b":status", b"200"),
@@ -445,6 +444,30 @@ class IssuanceCenter(App):
         finally:
             if conn is not None and st is not None:
                 conn.release(st)
+
+    async def _open_document(self, links: list[Upstream], doc_req: bytes) -> tuple[TrioH2, Stream, tuple[bytes, bytes]]:
+        """The first of the municipality's document servers, in file order, that answers 200 to the
+        document request: (connection, stream, its server-timing entry). One that cannot be reached,
+        resets or refuses is passed over for the next: nothing has reached the kiosk yet, so the
+        issuance stays whole, and every server holds the same municipality data. None answering:
+        ConnectionError, which cancels the issuance."""
+        for i, link in enumerate(links):
+            conn = st = None
+            t_muni = time.perf_counter()
+            try:
+                conn, st = await link.open(request_headers("POST", "/v1/document", link.target.id), doc_req)
+                mh = await st.receive_headers()
+                if header(mh, b":status") != b"200":
+                    raise ConnectionError(f"{link.target.id} refused the document request")
+                return conn, st, timing(link.target.id, t_muni)
+            except (ConnectionError, OSError, StreamReset, trio.BrokenResourceError) as exc:
+                if conn is not None and st is not None:
+                    conn.release(st)
+                if i == len(links) - 1:
+                    raise ConnectionError(f"no document server answered: {type(exc).__name__}") from exc
+                log.warning("document server %s unavailable (%s); trying the next", link.target.id, type(exc).__name__)
+                self.metrics.upstream_failures.labels("document-server-down").inc()
+        raise AssertionError("unreachable: every municipality has a document server")
 
     def _deliver(self, stream: Stream, s: Session, iss: Issuance, trailers: Headers) -> None:
         stream.end(trailers)  # the document is delivered here, with its signed binding

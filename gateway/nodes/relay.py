@@ -25,6 +25,7 @@ from gateway.protocol.http import refuse, timing
 
 log = logging.getLogger("konbini.relay")
 
+CONNECT_TIMEOUT = 5.0  # TCP + TLS to one next hop; then the next one is tried
 RESPONSE_TIMEOUT = 30.0  # upstream must answer with headers within this; then the request is cancelled whole
 
 # Headers a kiosk may not set itself: the store router vouches for who asked (INT-1 binding).
@@ -60,7 +61,8 @@ class Relay(App):
             hops = hops[self._turn :] + hops[: self._turn]
         for hop in hops:
             try:
-                return await self.ctx.connect(hop)
+                with trio.fail_after(CONNECT_TIMEOUT):  # a hop that drops SYNs must not hold the failover for minutes
+                    return await self.ctx.connect(hop)
             except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
                 log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, hop.id, exc)
                 self.metrics.upstream_failures.labels("unreachable").inc()

@@ -174,6 +174,9 @@ class LoadSpec:
     cert_type: str = "residence-record"
     hop_kinds: dict[str, str] = field(default_factory=dict)  # server-timing name -> hop label
     clock_start: str | None = None  # emulated time the kiosks print on notices (ISO 8601)
+    # keep every measured request as (start s, end s, outcome, those of these node ids its
+    # server-timing names), times from the end of warm-up (the failover bench reads who served when)
+    trace: tuple[str, ...] | None = None
 
 
 # -- one worker ----------------------------------------------------------------------------------
@@ -304,6 +307,7 @@ class _Worker:
         self.t_warm = 0.0
         self.t_end = 0.0
         self.measured_cap = None if spec.count is None else max(1, math.ceil(spec.count / nworkers))
+        self.trace: list[tuple[float, float, str, list[str]]] | None = [] if spec.trace is not None else None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -372,6 +376,9 @@ class _Worker:
                 split["generator wait"] = (started - intended) * 1000
                 split["kiosk / generator own"] = total - sum(split.values())
             self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split)
+            if self.trace is not None:
+                seen = [h for h in hops if h in self.spec.trace]
+                self.trace.append((round(intended - self.t_warm, 3), round(done - self.t_warm, 3), outcome, seen))
 
     async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float], dict[str, float]]:
         """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
@@ -525,6 +532,7 @@ class _Worker:
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "partial": self.stop.is_set(),
             "kiosks": len(self.kiosks),
+            "trace": self.trace or [],
         }
 
     def close(self) -> None:
@@ -760,4 +768,5 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
             "generator_saturated": any(w["cpu_fraction"] > SATURATED for w in workers),
         },
         "partial": any(r.get("partial") for r in results),
+        **({"trace": sorted(x for r in results for x in r.get("trace", []))} if spec.trace is not None else {}),
     }

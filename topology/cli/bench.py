@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -10,6 +11,7 @@ from bench.runner import PHASES, BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
 from topology.cli.render import show
+from topology.spec.load import DEFAULT_TOPOLOGY
 
 DEFAULT_STATE = ".konbini-bench"
 
@@ -17,11 +19,11 @@ DEFAULT_STATE = ".konbini-bench"
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark scenarios with the kiosk load generator (optionally against HAProxy)")
     b.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance)")
-    b.add_argument("--topology", help="topology file (default: the shipped default topology)")
+    b.add_argument("--topology", help="topology file (default: the shipped default topology; failover: topology/redundant.yaml)")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sweep: the starting rate)")
     mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
-    b.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    b.add_argument("--duration", type=float, help="measured seconds per run (default 10; failover 24)")
     b.add_argument("--warmup", type=float, help="warm-up seconds, not recorded (default: 20 %% of duration, at most 2)")
     b.add_argument("--count", type=int, help="stop a run after this many measured requests")
     b.add_argument("--kiosks", type=int, default=24, help="emulated kiosks, each one connection to its store router (default 24)")
@@ -47,15 +49,19 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    topo = load(args.topology)
+    scenarios = args.scenarios or ["relay-small", "relay-64k", "issuance"]
+    chosen = [SCENARIOS[s] for s in scenarios if s in SCENARIOS]  # an unknown name is the runner's error
+    own = next((str(DEFAULT_TOPOLOGY.parent / sc.topology) for sc in chosen if sc.topology), None)
+    topo = load(args.topology or own)
+    duration = args.duration if args.duration is not None else max((sc.duration_s or 10.0 for sc in chosen), default=10.0)
     opts = BenchOptions(
-        scenarios=args.scenarios or ["relay-small", "relay-64k", "issuance"],
+        scenarios=scenarios,
         topology=topo,
         state_dir=Path(args.state or DEFAULT_STATE),
         out_dir=Path(args.out),
         rate=args.rate,
         concurrency=args.concurrency,
-        duration_s=args.duration,
+        duration_s=duration,
         warmup_s=args.warmup,
         kiosks=args.kiosks,
         workers=args.workers,
@@ -75,7 +81,7 @@ def cmd_bench(args) -> int:
         report = run_bench(opts)
     except BenchError as exc:
         raise UserError(str(exc)) from None
-    rows, soaks = [], []
+    rows, soaks, failovers = [], [], []
     for name, entry in report["scenarios"].items():
         for phase in PHASES:
             r = entry.get(phase)
@@ -102,6 +108,8 @@ def cmd_bench(args) -> int:
                 soaks.append(f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
                              f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
                              f"errors {soak['errors']}, misdelivered {soak['misdelivered']}")
+            if fo := r.get("failover"):
+                failovers += failover_lines(f"{name} {phase}", fo)
             if r.get("best_rate") is not None or "steps" in r:
                 rows.append((f"{name} {phase}", f"best {r.get('best_rate')}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
     console = Console()
@@ -109,6 +117,8 @@ def cmd_bench(args) -> int:
     show(console, title, ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"), rows)
     for line in soaks:
         console.print(line, markup=False, highlight=False)
+    for line in failovers:  # a table of its own: one line a second, not wrapped
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     for name, entry in (report.get("cross_check") or {}).get("scenarios", {}).items():
         ratios = entry["ratios"]
         console.print(f"cross-check {name}: konbini ÷ HAProxy with the compiled client {ratios['compiled_client']}, "
@@ -119,9 +129,39 @@ def cmd_bench(args) -> int:
         (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES
     )
     soak_failed = any(
-        not (entry.get(p) or {}).get("soak", {"ok": True})["ok"] for entry in report["scenarios"].values() for p in PHASES
+        not (entry.get(p) or {}).get(check, {"ok": True})["ok"]
+        for entry in report["scenarios"].values() for p in PHASES for check in ("soak", "failover")
     )
     return 1 if failed or soak_failed or report["partial"] else 0
+
+
+def failover_lines(label: str, fo: dict) -> list[str]:
+    """The failover run: completions and failures per second, with the kills and restarts marked
+    at their second, then each fault's failures by reason and its time to recover."""
+    marks: dict[int, list[str]] = {}
+    for e in fo["events"]:
+        marks.setdefault(int(e["at_s"]), []).append(f"{e['event'].upper()} {e['node']} @{e['at_s']:.1f}s")
+    watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
+    out = [f"{label}: per second (by end time, from the end of warm-up); ok via " + ", ".join(watched)]
+    peak = max((row["ok"] + row["failed"] for row in fo["per_second"]), default=0)
+    scale = min(1.0, 40 / peak) if peak else 1.0  # the bar: # ok, x failed, at most 40 wide
+    for row in fo["per_second"]:
+        via = "/".join(str(row["via"].get(w, 0)) for w in watched)
+        reasons = ", ".join(f"{k} {v}" for k, v in row["reasons"].items())
+        bar = "#" * round(row["ok"] * scale) + "x" * math.ceil(row["failed"] * scale)
+        out.append(f"  {row['second']:3d}s ok {row['ok']:3d} failed {row['failed']:3d}  via {via:<11} {bar:<40} "
+                   f"{reasons}{'  <- ' + '; '.join(marks[row['second']]) if row['second'] in marks else ''}")
+    for f in fo["faults"]:
+        ttr = f["time_to_recover_s"]
+        out.append(f"{label}: {f['node']} SIGKILLed at {f['killed_at_s']:.1f} s (pid {f['pid']} "
+                   f"{'gone' if f['pid_gone'] else 'STILL THERE'}), restarted at {f['restarted_at_s']} s: failures "
+                   f"{', '.join(f'{k} {v}' for k, v in f['failures'].items()) or 'none'}; time to recover "
+                   f"{'NOT RECOVERED' if ttr is None else f'{ttr:.3f} s'}; of the issuances started while it was down "
+                   f"{f['ok_while_down']} succeeded, {f['ok_while_down_via_survivor']} via {f['survivor']}")
+    for err in fo.get("errors", []):
+        out.append(f"{label}: fault schedule error: {err}")
+    out.append(f"{label}: failover {'passed' if fo['ok'] else 'FAILED'}")
+    return out
 
 
 def cost_line(costs: dict) -> str:

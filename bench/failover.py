@@ -1,0 +1,200 @@
+"""The failover bench: kill one of two redundant servers under load, restart it, and see what it cost.
+
+During an open-loop issuance run the process hosting one DMZ relay of an operator with two is
+SIGKILLed at 20 % of the measured window and started again at 40 %; the same for one of a
+municipality's two document servers at 60 % and 80 %. Each of those servers runs alone in its own
+process for this (bench.runner isolates them), so a kill takes nothing else with it. The load
+generator keeps every measured issuance as (start, end, outcome, which of the watched servers its
+server-timing names); `analyse` turns that into completions and failures per second, who served
+in each stretch of the run, the failures of each switch by reason and the time to recover.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from topology.spec.model import Topology
+
+# When each fault happens, as a fraction of the measured window: kill, then restart. A restart
+# costs a process start (seconds of CPU on two cores), so it ends well before the next kill.
+RELAY_FAULT = (0.20, 0.40)
+SERVER_FAULT = (0.60, 0.80)
+
+
+class FailoverError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The redundant pairs the bench kills one of: (killed, survivor) each."""
+
+    operator: str
+    relays: tuple[str, str]  # DMZ relays of `operator`; the first is killed
+    municipality: str  # its code
+    servers: tuple[str, str]  # its document servers; the first is killed
+
+    @property
+    def watched(self) -> tuple[str, ...]:
+        return (*self.relays, *self.servers)
+
+    @property
+    def isolated(self) -> set[str]:
+        """Nodes that must each run alone in a process."""
+        return set(self.watched)
+
+
+def targets(topo: Topology) -> Targets:
+    """The first operator with two DMZ relays (the one its EC router tries first is killed) and the
+    first participating municipality with two document servers (file order: the one the center
+    tries first is killed)."""
+    relays: dict[str, list[str]] = {}
+    for n in topo.of_kind("dmz-relay"):
+        relays.setdefault(n.operator or "-", []).append(n.id)
+    pair = None
+    for op, ids in relays.items():
+        if len(ids) < 2:
+            continue
+        first = next((h for ec in topo.of_kind("ec-router") if ec.operator == op for h in ec.hops if h in ids), ids[0])
+        pair = (op, (first, next(i for i in ids if i != first)))
+        break
+    servers: dict[str, list[str]] = {}
+    for n in topo.of_kind("municipality"):
+        if n.municipality is not None and n.municipality.participating:
+            servers.setdefault(n.municipality.code, []).append(n.id)
+    muni = next(((code, ids) for code, ids in servers.items() if len(ids) >= 2), None)
+    if pair is None or muni is None:
+        raise FailoverError(f"{topo.source}: the failover bench needs an operator with two DMZ relays and a "
+                            "municipality with two document servers (try --topology topology/redundant.yaml)")
+    return Targets(pair[0], pair[1], muni[0], (muni[1][0], muni[1][1]))
+
+
+class FaultSchedule:
+    """Kills and restarts `procs` (node id -> bench.runner.NodeProcess) on a thread while the load
+    runs, at fractions of the measured window; every event is timed from the window's start."""
+
+    def __init__(self, t: Targets, procs: dict, warmup_s: float, duration_s: float) -> None:
+        self.plan = [(RELAY_FAULT, t.relays[0]), (SERVER_FAULT, t.servers[0])]
+        self.procs = procs
+        self.warmup_s = warmup_s
+        self.duration_s = duration_s
+        self.events: list[dict] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def go(self, go_wall: float) -> None:
+        """The load's workers start at `go_wall` (time.time()); the measured window after warm-up.
+        One thread per fault: a restart waits for its process to be ready (seconds under load),
+        which must not delay the other fault."""
+        self.t0 = go_wall + self.warmup_s
+        for at, node in self.plan:
+            thread = threading.Thread(target=self._fault, args=(at, node), name=f"failover-{node}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _fault(self, at: tuple[float, float], node: str) -> None:
+        for frac, what in zip(at, ("kill", "restart"), strict=True):
+            if self._stop.wait(max(0.0, self.t0 + frac * self.duration_s - time.time())):
+                return
+            try:
+                self.events.append(self._kill(node) if what == "kill" else self._restart(node))
+            except Exception as exc:  # noqa: BLE001 - the run goes on; the report says what failed
+                self.errors.append(f"{what} {node}: {type(exc).__name__}: {exc}")
+                return
+
+    def _kill(self, node: str) -> dict:
+        proc = self.procs[node]
+        pid = proc.pid
+        at = time.time() - self.t0
+        os.kill(pid, signal.SIGKILL)
+        proc.proc.join(5)
+        return {"event": "kill", "node": node, "pid": pid, "at_s": round(at, 3), "signal": "SIGKILL",
+                "exitcode": proc.proc.exitcode, "pid_gone": not Path(f"/proc/{pid}").exists()}
+
+    def _restart(self, node: str) -> dict:
+        at = time.time() - self.t0
+        ready_s = self.procs[node].start()
+        return {"event": "restart", "node": node, "pid": self.procs[node].pid, "at_s": round(at, 3),
+                "up_at_s": round(time.time() - self.t0, 3), "ready_s": round(ready_s, 3)}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> dict:
+    """The run seen through its issuances: per second (by end time) completions, failures by reason
+    and which watched servers served; per stretch between events the same counts. Per kill: the
+    failures ending between it and the restart, by reason; the issuances started in that time and
+    who served them; the time to recover: from the kill until the first issuance that started after
+    it completed through the survivor, no earlier than the last of those failures."""
+    seconds = math.ceil(duration_s) + 6  # the last issuances end after the window (the grace period)
+    per_second = [{"second": s, "ok": 0, "failed": 0, "reasons": Counter(), "via": Counter()} for s in range(seconds)]
+    # an unexpected answer is "error:expected-ok-got-refused:X" to the generator; here it is its reason
+    trace = [(start, end, outcome.removeprefix("error:expected-ok-got-"), via) for start, end, outcome, via in trace]
+    events = sorted(events, key=lambda e: e["at_s"])
+    for start, end, outcome, via in trace:
+        row = per_second[min(max(0, int(end)), seconds - 1)]
+        if outcome == "ok":
+            row["ok"] += 1
+            row["via"].update(via)
+        else:
+            row["failed"] += 1
+            row["reasons"][outcome] += 1
+    while per_second and not (per_second[-1]["ok"] or per_second[-1]["failed"]):
+        per_second.pop()
+    marks = sorted((e["at_s"], f"{e['event']} {e['node']}") for e in events)
+    stretches = []
+    bounds = [0.0, *[m[0] for m in marks], math.inf]
+    names = ["before", *[m[1] for m in marks]]
+    for (lo, hi), name in zip(zip(bounds, bounds[1:], strict=False), names, strict=True):
+        inside = [r for r in trace if lo <= r[1] < hi]
+        stretches.append({
+            "from": name, "from_s": lo, "to_s": None if hi == math.inf else hi,
+            "ok": sum(1 for r in inside if r[2] == "ok"),
+            "failed": dict(Counter(r[2] for r in inside if r[2] != "ok")),
+            "via": dict(Counter(v for r in inside if r[2] == "ok" for v in r[3])),
+        })
+    faults = []
+    for kill in (e for e in events if e["event"] == "kill"):
+        restart = next((e for e in events if e["event"] == "restart" and e["node"] == kill["node"]), None)
+        k0, k1 = kill["at_s"], restart["at_s"] if restart else math.inf
+        survivor = next(p[1] for p in (t.relays, t.servers) if p[0] == kill["node"])
+        failures = [r for r in trace if k0 <= r[1] < k1 and r[2] != "ok"]
+        last_failure = max((r[1] for r in failures), default=k0)
+        ok = [r for r in trace if r[2] == "ok"]
+        recovered = min((r[1] for r in ok if r[0] >= k0 and survivor in r[3] and r[1] >= last_failure), default=None)
+        started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the restart (a slow machine)
+        faults.append({
+            "node": kill["node"], "survivor": survivor, "pid": kill["pid"], "pid_gone": kill["pid_gone"],
+            "killed_at_s": k0, "restarted_at_s": restart["at_s"] if restart else None,
+            "up_again_at_s": restart.get("up_at_s") if restart else None,
+            "failures": dict(Counter(r[2] for r in failures)),
+            "time_to_recover_s": round(recovered - k0, 3) if recovered is not None else None,
+            "ok_before_via_killed": sum(1 for r in ok if r[0] < k0 and kill["node"] in r[3]),
+            "ok_while_down": len(started_down),
+            "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
+            # ended before the restart began: the killed one did not exist then, so this must be 0
+            "ok_while_down_via_killed": sum(1 for r in started_down if r[1] < k1 and kill["node"] in r[3]),
+        })
+    return {
+        "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality, "servers": list(t.servers)},
+        "events": events,
+        "per_second": [{**r, "reasons": dict(r["reasons"]), "via": dict(r["via"])} for r in per_second],
+        "stretches": stretches,
+        "faults": faults,
+        "trace": [list(r) for r in trace],  # every measured issuance: start s, end s, outcome, watched servers seen
+        "ok": len(faults) == 2 and all(
+            f["pid_gone"] and f["ok_before_via_killed"] > 0 and f["time_to_recover_s"] is not None
+            and f["ok_while_down_via_survivor"] > 0 and f["ok_while_down_via_killed"] == 0 for f in faults
+        ) and bool(stretches) and stretches[-1]["ok"] > 0,
+    }

@@ -1,0 +1,193 @@
+"""`konbini bench failover` on topology/redundant.yaml: one DMZ relay of operator a, then one of
+Takamatsu's two document servers, is SIGKILLed under an open-loop issuance load and restarted;
+issuances go on through the other one, every failure is counted under its reason, nothing is
+misdelivered. With the EC router given only one upstream the same kill stops every issuance
+until the restart: the bench sees failover, it does not assume it. The center's choice of
+document server is also checked directly, with fake servers.
+
+The servers listen on a port of their own (as in tests/test_bench.py); run this file inside
+`unshare -n` to keep it off the machine's loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from bench.runner import Bench, BenchError, BenchOptions, run_bench
+from bench.topology import with_port
+from gateway.nodes.issuance import IssuanceCenter
+from gateway.nodes.relay import CONNECT_TIMEOUT, Relay
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
+
+REDUNDANT = DEFAULT_TOPOLOGY.parent / "redundant.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def failover_run(tmp: Path, topo, duration_s: float) -> dict:
+    opts = BenchOptions(scenarios=["failover"], topology=with_port(topo, free_port()), state_dir=tmp / "state",
+                        out_dir=tmp / "out", rate=6.0, duration_s=duration_s, warmup_s=1.0, kiosks=24, progress=False)
+    report = run_bench(opts)
+    report["_dir"] = str(tmp / "out")
+    return report
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    report = failover_run(tmp_path_factory.mktemp("failover"), load_topology(REDUNDANT), duration_s=15.0)
+    return report["scenarios"]["failover"]["konbini"] | {"_dir": report["_dir"]}
+
+
+def fault(r: dict, node: str) -> dict:
+    return next(f for f in r["failover"]["faults"] if f["node"] == node)
+
+
+def test_issuances_continue_through_the_surviving_dmz_relay(run: dict) -> None:
+    fo = run["failover"]
+    assert fo["targets"]["relays"] == ["dmz-relay-a1", "dmz-relay-a2"]
+    before = fo["stretches"][0]
+    assert before["via"].get("dmz-relay-a1", 0) == before["ok"]  # failover order: a1 first, while it is up
+    relay = fault(run, "dmz-relay-a1")
+    assert relay["ok_before_via_killed"] > 0  # issued through a1 before the kill
+    assert relay["ok_while_down_via_survivor"] > 0 and relay["ok_while_down_via_killed"] == 0  # through a2 after it
+    assert relay["time_to_recover_s"] is not None
+    assert fo["stretches"][-1]["ok"] > 0  # still issuing at the end, after both restarts
+
+
+def test_issuances_continue_through_the_other_document_server(run: dict) -> None:
+    server = fault(run, "muni-takamatsu-1")
+    assert server["survivor"] == "muni-takamatsu-2"
+    assert server["ok_before_via_killed"] > 0
+    assert server["ok_while_down_via_survivor"] > 0 and server["ok_while_down_via_killed"] == 0
+    assert server["time_to_recover_s"] is not None
+    before_kill = [r for r in run["failover"]["trace"] if r[1] < server["killed_at_s"] and r[2] == "ok"]
+    assert all("muni-takamatsu-1" in r[3] for r in before_kill)  # the first server, while it is up
+
+
+def test_the_killed_processes_really_died_and_came_back(run: dict) -> None:
+    fo = run["failover"]
+    assert not fo["errors"]
+    kills = [e for e in fo["events"] if e["event"] == "kill"]
+    restarts = [e for e in fo["events"] if e["event"] == "restart"]
+    assert {e["node"] for e in kills} == {e["node"] for e in restarts} == {"dmz-relay-a1", "muni-takamatsu-1"}
+    for e in kills:
+        assert e["signal"] == "SIGKILL" and e["exitcode"] == -9 and e["pid_gone"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+    for e in restarts:
+        assert e["pid"] not in {k["pid"] for k in kills} and e["up_at_s"] >= e["at_s"]
+
+
+def test_every_failure_is_counted_under_its_reason_and_nothing_is_misdelivered(run: dict) -> None:
+    fo = run["failover"]
+    assert run["misdelivered"] == 0
+    failed = [r for r in fo["trace"] if r[2] != "ok"]
+    assert sum(row["failed"] for row in fo["per_second"]) == len(failed)
+    assert sum(sum(row["reasons"].values()) for row in fo["per_second"]) == len(failed)
+    generator = sum(v for k, v in run["errors"].items() if k != "unfinished") + sum(run["refused"].values()) + sum(run["cancelled"].values())
+    assert generator == len(failed)  # the generator's own counts agree with the trace
+    for f in fo["faults"]:
+        assert all(reason and n > 0 for reason, n in f["failures"].items())
+    assert sum(row["ok"] for row in fo["per_second"]) == run["ok"]
+
+
+def test_the_report_shows_the_run_second_by_second(run: dict) -> None:
+    md = (Path(run["_dir"]) / "report.md").read_text()
+    assert "## Failover" in md and "kill dmz-relay-a1 at" in md and "restart muni-takamatsu-1 at" in md
+    assert "time to recover s" in md
+    assert "<svg" in (Path(run["_dir"]) / "report.html").read_text()
+
+
+def test_with_one_upstream_the_same_kill_stops_every_issuance_until_the_restart(tmp_path) -> None:
+    topo = load_topology(REDUNDANT)
+    ec = topo.node("ec-router-a")
+    single = msgspec.structs.replace(topo, nodes={**topo.nodes, ec.id: msgspec.structs.replace(ec, upstreams=("dmz-relay-a1",))})
+    r = failover_run(tmp_path, single, duration_s=8.0)["scenarios"]["failover"]["konbini"]
+    relay = fault(r, "dmz-relay-a1")
+    assert relay["ok_while_down"] == 0 and relay["failures"]  # every arrival while a1 is down fails, with a reason
+    assert not r["failover"]["ok"] and r["misdelivered"] == 0
+
+
+def test_the_failover_bench_needs_a_redundant_topology_in_loopback_mode(tmp_path) -> None:
+    def opts(topo, **kw):
+        return BenchOptions(scenarios=["failover"], topology=topo, state_dir=tmp_path, out_dir=tmp_path, progress=False, **kw)
+
+    with pytest.raises(BenchError, match="two DMZ relays and a municipality with two document servers"):
+        Bench(opts(load_topology(DEFAULT_TOPOLOGY)))
+    with pytest.raises(BenchError, match="loopback mode"):
+        Bench(opts(load_topology(REDUNDANT), netns=True))
+
+
+class _FakeServer:
+    """A document server as `Upstream` shows it to the center: up (answers 200) or down (refuses)."""
+
+    def __init__(self, node_id: str, up: bool, asked: list[str]) -> None:
+        self.target = SimpleNamespace(id=node_id)
+        self.up = up
+        self.asked = asked
+
+    async def open(self, headers, body):
+        self.asked.append(self.target.id)
+        if not self.up:
+            raise ConnectionRefusedError(111, "refused")
+
+        async def receive_headers():
+            return [(b":status", b"200")]
+
+        return SimpleNamespace(release=lambda st: None), SimpleNamespace(receive_headers=receive_headers)
+
+
+def _center() -> IssuanceCenter:
+    center = IssuanceCenter.__new__(IssuanceCenter)  # only `_open_document`: no ledger, no PKI
+    center.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+    return center
+
+
+def test_the_center_asks_the_next_document_server_when_the_first_is_down() -> None:
+    asked: list[str] = []
+    links = [_FakeServer("muni-1", False, asked), _FakeServer("muni-2", True, asked)]
+    _, _, entry = trio.run(_center()._open_document, links, b"{}")
+    assert asked == ["muni-1", "muni-2"] and entry[1].startswith(b"muni-2;")
+    asked.clear()
+    links = [_FakeServer("muni-1", True, asked), _FakeServer("muni-2", True, asked)]
+    trio.run(_center()._open_document, links, b"{}")
+    assert asked == ["muni-1"]  # file order: the first server while it is up
+    asked.clear()
+    with pytest.raises(ConnectionError):
+        trio.run(_center()._open_document, [_FakeServer("muni-1", False, asked), _FakeServer("muni-2", False, asked)], b"{}")
+    assert asked == ["muni-1", "muni-2"]
+
+
+def test_a_relay_gives_up_on_a_silent_upstream_and_dials_the_next() -> None:
+    """A next hop that drops SYNs (a dead host, not a dead process) costs CONNECT_TIMEOUT, not the
+    kernel's minutes of SYN retries, before the EC router dials the second DMZ relay."""
+    topo = load_topology(REDUNDANT)
+    dialled: list[tuple[str, float]] = []
+
+    async def connect(node):
+        dialled.append((node.id, trio.current_time()))
+        if node.id == "dmz-relay-a1":
+            await trio.sleep_forever()
+        return f"conn-to-{node.id}"
+
+    relay = Relay(SimpleNamespace(topo=topo, node=topo.node("ec-router-a"), connect=connect))
+    relay.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+
+    async def dial() -> str | None:
+        with trio.fail_after(10 * CONNECT_TIMEOUT):  # without the relay's own timeout: fail, not hang
+            return await relay._connect_upstream()
+
+    assert trio.run(dial, clock=trio.testing.MockClock(autojump_threshold=0)) == "conn-to-dmz-relay-a2"
+    (first, t0), (second, t1) = dialled
+    assert (first, second) == ("dmz-relay-a1", "dmz-relay-a2") and t1 - t0 == pytest.approx(CONNECT_TIMEOUT)
