@@ -55,11 +55,14 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--netns", action="store_true", help="network-namespace mode with nftables (root)")
     u.add_argument("--tag", help="with --netns: name namespaces konbini-TAG-* instead of konbini-*")
     u.add_argument("--no-preflight", action="store_true", help="start even when the pre-flight check finds a limit too low")
+    u.add_argument("--processes", type=int, default=1,
+                   help="loopback mode: spread the nodes over this many processes (cores; open-file limits per process)")
     u.set_defaults(func=cmd_up)
 
     pf = sub.add_parser("preflight", help="the machine limits a topology will hit (open files, ports, memory), and how to raise them")
     pf.add_argument("file", nargs="?", help="topology file (default: the shipped default topology)")
     pf.add_argument("--connections", type=int, default=PLANNED_CONNECTIONS, help="concurrent connections to plan for (default %(default)s)")
+    pf.add_argument("--processes", type=int, default=1, help="as `konbini up --processes`: the limits per process")
     pf.set_defaults(func=cmd_preflight)
 
     i = sub.add_parser("issue", help="run one issuance through the topology")

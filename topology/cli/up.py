@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import time
+from collections import Counter
 
 import trio
 from rich.console import Console
@@ -12,17 +14,19 @@ from gateway.node.metrics import ImpairmentStatus
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import cmd_up_netns
 from topology.cli.render import show
-from topology.launch import preflight
+from topology.launch import preflight, spread
 from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
+from topology.launch.netns import NetnsError, stop_nodehosts
 from topology.policy.monitoring import METRICS_PORT, monitoring_address
 
 PLANNED_CONNECTIONS = 512  # concurrent connections `up` plans for (a bench's in-flight requests x hops)
 
 
-def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTIONS, enforce: bool = True) -> None:
+def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTIONS, processes: int = 1,
+                  enforce: bool = True) -> None:
     """Name every limit too low for this topology before anything starts (topology/launch/preflight.py)."""
-    needs, notes = preflight.check(topo, connections=connections)
+    needs, notes = preflight.check(topo, connections=connections, processes=processes)
     for note in notes:
         console.print(f"[yellow]pre-flight[/] {note}")
     for need in needs:
@@ -37,7 +41,7 @@ def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTI
 def cmd_preflight(args) -> int:
     topo = load(args.file)
     console = Console()
-    needs, notes = preflight.check(topo, connections=args.connections, raise_soft=False)
+    needs, notes = preflight.check(topo, connections=args.connections, processes=args.processes, raise_soft=False)
     for need in needs:
         console.print(("[green]ok[/]   " if need.ok else "[red]LOW[/]  ") + need.line(), soft_wrap=True)
     stop = preflight.refusals(needs)
@@ -51,22 +55,26 @@ def cmd_up(args) -> int:
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     topo = load(args.file)
     console = Console()
-    run_preflight(topo, console, enforce=not getattr(args, "no_preflight", False))
+    processes = getattr(args, "processes", 1)
+    if processes < 1:
+        raise UserError(f"--processes must be at least 1, not {processes}")
+    run_preflight(topo, console, processes=processes, enforce=not getattr(args, "no_preflight", False))
     clock = Clock.parse(args.clock, args.clock_speed)
     lines = Impairments(topo, "loopback", state_dir=state_dir(args, topo))  # root: per address pair on lo
     try:
         notes = lines.start()
     except LineError as exc:
         notes = [f"line impairments not applied: {exc}"]
+    if processes > 1:
+        try:
+            return _up_spread(args, topo, console, processes, notes)
+        finally:
+            lines.stop()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(lambda task_status: run_topology(topo, state_dir(args, topo), clock=clock, task_status=task_status))
-            show(console, f"konbini topology {topo.name!r} ({running.mode})", ("node", "kind", "site", "address", "ready"), [
-                (node.id, node.kind, node.site, f"{node.address}:{node.port}" if node.port else node.address,
-                 "listening" if node.id in running.servers else "client")
-                for node in topo.nodes.values()
-            ])
+            show_nodes(console, topo, f"konbini topology {topo.name!r} ({running.mode})", running.servers)
             for note in notes:
                 console.print(f"[yellow]lines[/] {note}")
             console.print(scrape_hint(running, lines.status_file), soft_wrap=True)
@@ -81,6 +89,66 @@ def cmd_up(args) -> int:
         trio.run(main)
     finally:
         lines.stop()
+    return 0
+
+
+TABLE_LIMIT = 200  # nodes; a larger topology is shown counted by kind
+
+
+def show_nodes(console: Console, topo, title: str, listening) -> None:
+    """Every node with its address, or for a large file the count of each kind."""
+    if len(topo.nodes) <= TABLE_LIMIT:
+        show(console, title, ("node", "kind", "site", "address", "ready"), [
+            (node.id, node.kind, node.site, f"{node.address}:{node.port}" if node.port else node.address,
+             "listening" if node.id in listening else "client")
+            for node in topo.nodes.values()
+        ])
+        return
+    kinds = Counter(node.kind for node in topo.nodes.values())
+    up = Counter(node.kind for node in topo.nodes.values() if node.id in listening)
+    show(console, title, ("kind", "nodes", "listening"), [(k, f"{n:,}", f"{up[k]:,}") for k, n in kinds.most_common()])
+
+
+def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -> int:
+    """`up --processes N`: the nodes in N forked nodehosts (topology/launch/spread.py) until Ctrl-C."""
+    t0 = time.perf_counter()
+    sdir = state_dir(args, topo)
+    parts = spread.partition(topo, processes)
+    console.print(f"starting {len(topo.nodes):,} nodes in {len(parts)} processes "
+                  f"({', '.join(f'{len(p):,}' for p in parts)} nodes each)")
+
+    def progress(done: int, total: int) -> None:
+        console.print(f"  {done}/{total} processes ready ({time.perf_counter() - t0:.1f} s)")
+
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        hosts = spread.start(topo, sdir, processes, args.clock, args.clock_speed, progress)
+    except NetnsError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        ready_s = time.perf_counter() - t0
+        show_nodes(console, topo, f"konbini topology {topo.name!r} (loopback, {len(hosts)} processes)",
+                   {n for n in topo.nodes if topo.nodes[n].is_server})
+        for note in notes:
+            console.print(f"[yellow]lines[/] {note}")
+        console.print(f"[bold green]ready[/] in {ready_s * 1000:.0f} ms; {len(hosts)} processes "
+                      f"(pids {' '.join(str(h.pid) for h in hosts)}; logs {sdir / 'processes'}); Ctrl-C stops.")
+        while not stop["now"]:
+            dead = [h for h in hosts if h.poll() is not None]
+            if dead:
+                console.print(f"[red]{dead[0].site} exited[/] ({dead[0].returncode}); see {sdir / 'processes' / dead[0].site}.log; "
+                              "stopping the rest")
+                return 1
+            time.sleep(0.5)
+    finally:
+        stop_nodehosts(hosts)
+    console.print("stopped; every node shut down.")
     return 0
 
 

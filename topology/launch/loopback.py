@@ -57,6 +57,7 @@ async def run_topology(
     clock: Clock | None = None,
     only: set[str] | None = None,
     bind: str | None = None,
+    allow: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
@@ -68,7 +69,8 @@ async def run_topology(
     clock = clock or Clock()
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
     running = Running(topo, state_dir, pki, cards, clock, mode)
-    allow = node_allowlists(topo, mode)
+    if allow is None:  # a forked nodehost may inherit its parent's (a large file's take seconds)
+        allow = node_allowlists(topo, mode)
     with trio.CancelScope() as scope:
         running.cancel_scope = scope
         async with trio.open_nursery() as nursery:

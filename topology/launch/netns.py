@@ -217,7 +217,8 @@ class Nodehost:
                 pass
 
 
-def _fork_nodehost(site, namespace: str, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None) -> Nodehost:
+def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
+                   allow=None) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
     the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
 to well under one."""
@@ -241,8 +242,9 @@ to well under one."""
             _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(NODEHOST_COMM))
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's; it closes our stdin
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            enter_namespace(namespace)
-            rc = nodehost.main(argv, topo=topo)
+            if namespace is not None:  # None: loopback mode, several processes (topology/launch/spread.py)
+                enter_namespace(namespace)
+            rc = nodehost.main(argv, topo=topo, allow=allow)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -304,27 +306,36 @@ def start_nodehosts(
             hosts.append(host)
             (pid_dir / f"{site.namespace}.pid").write_text(f"{host.pid}\n")
             sel.register(host.ready_fd, selectors.EVENT_READ, host)
-        waiting = {h.site for h in hosts}
-        deadline = time.monotonic() + READY_TIMEOUT
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NetnsError(f"nodes of {', '.join(sorted(waiting))} not ready after {READY_TIMEOUT:.0f} s (see {log_dir})")
-            for key, _ in sel.select(left):
-                host = key.data
-                data = os.read(host.ready_fd, 64)
-                if data.startswith(b"ready"):
-                    waiting.discard(host.site)
-                    sel.unregister(host.ready_fd)
-                elif not data:
-                    log = (log_dir / f"{host.site}.log").read_text(errors="replace").strip().splitlines()
-                    raise NetnsError(f"nodes of {host.site} exited: {log[-1] if log else 'no output'} (see {log_dir / host.site}.log)")
+        wait_ready(hosts, sel, log_dir, READY_TIMEOUT)
         return hosts
     except BaseException:
         stop_nodehosts(hosts)
         raise
     finally:
         sel.close()
+
+
+def wait_ready(hosts: list[Nodehost], sel: selectors.BaseSelector, log_dir: Path, timeout: float,
+               progress=None) -> None:
+    """Until every nodehost in `sel` said "ready"; NetnsError naming the first that exited, or
+    those still starting after `timeout`. `progress(ready, total)` after each one."""
+    waiting = {h.site for h in hosts}
+    deadline = time.monotonic() + timeout
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NetnsError(f"nodes of {', '.join(sorted(waiting))} not ready after {timeout:.0f} s (see {log_dir})")
+        for key, _ in sel.select(left):
+            host = key.data
+            data = os.read(host.ready_fd, 64)
+            if data.startswith(b"ready"):
+                waiting.discard(host.site)
+                sel.unregister(host.ready_fd)
+                if progress is not None:
+                    progress(len(hosts) - len(waiting), len(hosts))
+            elif not data:
+                log = (log_dir / f"{host.site}.log").read_text(errors="replace").strip().splitlines()
+                raise NetnsError(f"nodes of {host.site} exited: {log[-1] if log else 'no output'} (see {log_dir / host.site}.log)")
 
 
 def stop_nodehosts(hosts: list[Nodehost], grace: float = 1.0) -> None:

@@ -30,6 +30,10 @@ MIB = 1 << 20
 # and its node's share of the model).
 RSS_PER_LISTENER = 36 * 1024
 BASE_RSS = 64 * MIB
+# The loaded and compiled model, in every process (forked children share it until Python's
+# reference counts have touched its pages, so count it whole): national.yaml, 247,989 nodes,
+# peaked at 538 MiB after load + compile_allowlists = ~2.2 KiB a node.
+MODEL_PER_NODE = 2200
 
 
 @dataclass(frozen=True)
@@ -112,38 +116,49 @@ def _mem_available() -> int | None:
     return None
 
 
-def check(topo: Topology, *, connections: int = 512, raise_soft: bool = True) -> tuple[list[Need], list[str]]:
+def check(topo: Topology, *, connections: int = 512, processes: int = 1, raise_soft: bool = True) -> tuple[list[Need], list[str]]:
     """(every limit with its verdict, notes on what was changed here). `connections`: the
-    concurrent connections to plan for (a bench's in-flight requests times the hops)."""
+    concurrent connections to plan for (a bench's in-flight requests times the hops);
+    `processes`: `up --processes`, the nodes spread over that many (the open-files limit is per
+    process, and the spread is balanced by listeners)."""
     notes: list[str] = []
     n_listen = listeners(topo)
-    fds = n_listen + CONNECTION_FDS * connections + FD_RESERVE
+    per_process = -(-n_listen // processes)
+    fds = per_process + CONNECTION_FDS * connections + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     nr_open = _read_int("/proc/sys/fs/nr_open")
     if raise_soft and soft < fds:
         # within the hard limit anyone may raise the soft one; root may raise the hard one up to fs.nr_open
         new_hard = hard if fds <= hard else (fds if os.geteuid() == 0 and nr_open and fds <= nr_open else None)
         if new_hard is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fds, new_hard))
-            notes.append(f"open files: limit raised from {soft:,} to {fds:,} for this run"
-                         + (f" (hard limit {hard:,} -> {new_hard:,}, as root)" if new_hard != hard else f" (hard limit {hard:,})"))
-            soft = fds
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (fds, new_hard))
+            except (ValueError, OSError):  # root without CAP_SYS_RESOURCE (a container) may not raise the hard limit
+                notes.append(f"open files: could not raise the hard limit {hard:,} (no CAP_SYS_RESOURCE here)")
+            else:
+                notes.append(f"open files: limit raised from {soft:,} to {fds:,} for this run"
+                             + (f" (hard limit {hard:,} -> {new_hard:,}, as root)" if new_hard != hard else f" (hard limit {hard:,})"))
+                soft = fds
     needs = [
         Need("open files (RLIMIT_NOFILE, one process)", fds, soft, "descriptors",
              f"run `ulimit -n {fds}` first (as root, or raise the hard limit in /etc/security/limits.conf"
-             + (f"; fs.nr_open is {nr_open:,}" if nr_open else "") + ")",
-             f"{n_listen:,} listeners + {connections:,} connections x {CONNECTION_FDS} + {FD_RESERVE} spare"),
-        Need("system-wide open files (fs.file-max)", fds, _read_int("/proc/sys/fs/file-max"), "descriptors",
-             f"`sysctl -w fs.file-max={2 * fds}`"),
+             + (f"; fs.nr_open is {nr_open:,}" if nr_open else "") + ")"
+             + (f", or spread the nodes: `--processes {-(-n_listen // max(1, soft - CONNECTION_FDS * connections - FD_RESERVE))}`"
+                if soft > CONNECTION_FDS * connections + FD_RESERVE else ""),
+             (f"{per_process:,} of {n_listen:,} listeners in each of {processes} processes" if processes > 1 else f"{n_listen:,} listeners")
+             + f" + {connections:,} connections x {CONNECTION_FDS} + {FD_RESERVE} spare"),
+        Need("system-wide open files (fs.file-max)", n_listen + fds * processes - per_process * processes,
+             _read_int("/proc/sys/fs/file-max"), "descriptors", f"`sysctl -w fs.file-max={2 * (n_listen + fds)}`"),
     ]
     relay, fan = upstream_fanout(topo)
     if relay:
         needs.append(Need(f"ephemeral ports per source address ({relay} to its next hop)", fan, _port_range(), "ports",
                           '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
                           f"{fan:,} kiosks behind it, each connection paired with an upstream one", blocking=False))
-    mem = BASE_RSS + RSS_PER_LISTENER * n_listen
+    mem = (BASE_RSS + MODEL_PER_NODE * len(topo.nodes)) * processes + RSS_PER_LISTENER * n_listen
     needs.append(Need("memory (MemAvailable)", mem // MIB, (m // MIB) if (m := _mem_available()) else None, "MiB",
-                      "free memory, or bring up part of the file", f"~{RSS_PER_LISTENER // 1024} KiB a listener, measured"))
+                      "free memory, or fewer processes", f"~{RSS_PER_LISTENER // 1024} KiB a listener and "
+                      f"~{MODEL_PER_NODE / 1024:.1f} KiB a node in each process, measured"))
     return needs, notes
 
 

@@ -1,0 +1,80 @@
+"""`konbini up --processes N`: loopback mode with the server nodes spread over N processes.
+
+One process is one core and one open-files limit: a large file needs both cores, and more
+listening sockets than one process may hold (national.yaml: ~224,000 descriptors against a
+hard limit of 20,000 here, which root in a container may not raise). Nodes talk to each other
+over their own addresses whichever process holds them, so a split changes nothing they see.
+
+The parent loads the topology, makes the PKI and compiles the allow-lists once, then forks:
+the children inherit all three (copy on write) instead of each doing it again. A site's nodes
+stay in one process (a store's router, controller and kiosks' maintenance endpoints); sites
+go to the least loaded process, largest first, counted in listeners.
+"""
+
+from __future__ import annotations
+
+import heapq
+import selectors
+from pathlib import Path
+
+from gateway.node.cluster import node_allowlists
+from topology.launch.netns import Nodehost, _fork_nodehost, stop_nodehosts, wait_ready
+from topology.pki import PKI
+from topology.spec.model import Topology
+
+READY_TIMEOUT = 1800.0  # a national file starts for minutes; a process that exits is reported at once
+
+
+def hosted(topo: Topology) -> dict[str, list[str]]:
+    """Site -> the nodes a nodehost serves for it: servers, and nodes with an admin surface only (kiosks)."""
+    out: dict[str, list[str]] = {}
+    for node in topo.nodes.values():
+        if node.is_server or node.admin_port is not None:
+            out.setdefault(node.site, []).append(node.id)
+    return out
+
+
+def _weight(topo: Topology, ids: list[str]) -> int:
+    """Listeners of these nodes: port, admin port, and a server's metrics port."""
+    return sum((2 if (n := topo.nodes[i]).is_server else 0) + (n.admin_port is not None) for i in ids)
+
+
+def partition(topo: Topology, processes: int) -> list[list[str]]:
+    """Node ids per process, whole sites each, balanced by listeners (greedy, largest first)."""
+    sites = sorted(hosted(topo).values(), key=lambda ids: -_weight(topo, ids))
+    heap = [(0, i) for i in range(max(1, min(processes, len(sites))))]
+    parts: list[list[str]] = [[] for _ in heap]
+    for ids in sites:
+        load, i = heapq.heappop(heap)
+        parts[i].extend(ids)
+        heapq.heappush(heap, (load + _weight(topo, ids), i))
+    return [p for p in parts if p]
+
+
+def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = None, clock_speed: float = 1.0,
+          progress=None) -> list[Nodehost]:
+    """Fork `processes` loopback nodehosts over the topology; returns once each said "ready"."""
+    state_dir = Path(state_dir).resolve()
+    PKI.ensure(state_dir, topo)  # once, here: the children only read it
+    allow = node_allowlists(topo, "loopback")
+    logs = state_dir / "processes"
+    logs.mkdir(parents=True, exist_ok=True)
+    hosts: list[Nodehost] = []
+    sel = selectors.DefaultSelector()
+    try:
+        for i, ids in enumerate(partition(topo, processes)):
+            argv = ["--topology", topo.source or "-", "--state", str(state_dir), "--mode", "loopback",
+                    "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
+            if clock:
+                argv += ["--clock", clock]
+            name = f"process-{i}"
+            host = _fork_nodehost(name, None, argv, logs / f"{name}.log", hosts, topo, allow)
+            hosts.append(host)
+            sel.register(host.ready_fd, selectors.EVENT_READ, host)
+        wait_ready(hosts, sel, logs, READY_TIMEOUT, progress)
+        return hosts
+    except BaseException:
+        stop_nodehosts(hosts)
+        raise
+    finally:
+        sel.close()
