@@ -287,26 +287,38 @@ def start_nodehosts(
     """One nodehost per namespace with servers; returns once every one said "ready".
     `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks) instead of loading `topo_file`."""
     pid_dir = net_dir(state_dir) / "pids"
-    log_dir = net_dir(state_dir) / "logs"
     pid_dir.mkdir(parents=True, exist_ok=True)
+    write_clock(state_dir, clock, clock_speed)
+    jobs = [(site.name, site.namespace, hosted) for site in plan.sites.values() if (hosted := hosted_nodes(plan, site.name))]
+
+    def started(host: Nodehost, namespace: str | None) -> None:
+        (pid_dir / f"{namespace}.pid").write_text(f"{host.pid}\n")
+
+    return fork_nodehosts(jobs, "netns", topo_file, state_dir, net_dir(state_dir) / "logs", READY_TIMEOUT,
+                          clock, clock_speed, topo, started=started)
+
+
+def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
+                   clock: str | None = None, clock_speed: float = 1.0, topo=None, allow=None,
+                   started=None, progress=None) -> list[Nodehost]:
+    """A forked nodehost per job (name, namespace or None, node ids), each logging to
+    `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
+    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
-    write_clock(state_dir, clock, clock_speed)
     sel = selectors.DefaultSelector()
     try:
-        for site in plan.sites.values():
-            hosted = hosted_nodes(plan, site.name)
-            if not hosted:
-                continue
+        for name, namespace, ids in jobs:
             argv = ["--topology", str(Path(topo_file).resolve()), "--state", str(Path(state_dir).resolve()),
-                    "--mode", "netns", "--nodes", ",".join(hosted), "--clock-speed", str(clock_speed)]
+                    "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(site.name, site.namespace, argv, log_dir / f"{site.name}.log", hosts, topo)
+            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow)
             hosts.append(host)
-            (pid_dir / f"{site.namespace}.pid").write_text(f"{host.pid}\n")
+            if started is not None:
+                started(host, namespace)
             sel.register(host.ready_fd, selectors.EVENT_READ, host)
-        wait_ready(hosts, sel, log_dir, READY_TIMEOUT)
+        wait_ready(hosts, sel, log_dir, timeout, progress)
         return hosts
     except BaseException:
         stop_nodehosts(hosts)

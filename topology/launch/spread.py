@@ -14,11 +14,10 @@ go to the least loaded process, largest first, counted in listeners.
 from __future__ import annotations
 
 import heapq
-import selectors
 from pathlib import Path
 
 from gateway.node.cluster import node_allowlists
-from topology.launch.netns import Nodehost, _fork_nodehost, stop_nodehosts, wait_ready
+from topology.launch.netns import Nodehost, fork_nodehosts
 from topology.pki import PKI
 from topology.spec.model import Topology
 
@@ -57,24 +56,6 @@ def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = N
     state_dir = Path(state_dir).resolve()
     PKI.ensure(state_dir, topo)  # once, here: the children only read it
     allow = node_allowlists(topo, "loopback")
-    logs = state_dir / "processes"
-    logs.mkdir(parents=True, exist_ok=True)
-    hosts: list[Nodehost] = []
-    sel = selectors.DefaultSelector()
-    try:
-        for i, ids in enumerate(partition(topo, processes)):
-            argv = ["--topology", topo.source or "-", "--state", str(state_dir), "--mode", "loopback",
-                    "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
-            if clock:
-                argv += ["--clock", clock]
-            name = f"process-{i}"
-            host = _fork_nodehost(name, None, argv, logs / f"{name}.log", hosts, topo, allow)
-            hosts.append(host)
-            sel.register(host.ready_fd, selectors.EVENT_READ, host)
-        wait_ready(hosts, sel, logs, READY_TIMEOUT, progress)
-        return hosts
-    except BaseException:
-        stop_nodehosts(hosts)
-        raise
-    finally:
-        sel.close()
+    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes))]
+    return fork_nodehosts(jobs, "loopback", topo.source or "-", state_dir, state_dir / "processes", READY_TIMEOUT,
+                          clock, clock_speed, topo, allow, progress=progress)
