@@ -2,7 +2,8 @@
 
 Expected: `policy.reachability` (the same data the app check and the nftables rules compile
 from). Observed, netns mode: a TCP SYN for every (source node, server node) pair from the
-source's namespace (allowed => SYN-ACK, forbidden => nothing), allowed pairs on other ports,
+source's namespace (allowed => SYN-ACK, forbidden => nothing), each allowed connection across a
+line once more through the sender's own stack (its output chain), allowed pairs on other ports,
 over UDP and ICMP (nothing), spoofed sources from neighbouring namespaces (nothing) and
 addresses outside the topology (nothing); each namespace's interfaces and routes (no route
 out). App level, both modes: `topology.appcheck`. Any difference makes the check fail.
@@ -11,9 +12,11 @@ Every result names the requirement IDs it is evidence for (DESIGN §2).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import random
+import select
 import subprocess
 import sys
 import time
@@ -41,9 +44,13 @@ from topology.policy.compiler import (
     reachability,
 )
 from topology.policy.monitoring import METRICS_PORT
+from topology.policy.nft import allowed_flows
 from topology.spec.model import Node, Topology
 
 PROBE_TIMEOUT = 0.5  # seconds to wait for replies after the last frame is sent
+# probe.py sends a probe on "lo" as raw IP through the namespace's own stack: routing and the output
+# chain decide, so to an address on another site it leaves by that line's veth, as a node's would
+OWN_STACK = "lo"
 OTHER_PORTS = (22, 443)  # probed on every allowed pair: only the allow-listed port may answer
 OUTSIDE = ("198.19.255.254", "198.18.255.254")  # inside 198.18/15 but in no topology (SEC-SN-1)
 # DESIGN §2, every security-annex ID: the rule in a few words, as the report prints it
@@ -86,7 +93,7 @@ _ALLOWED_REQS = {
 @dataclass
 class Probe:
     id: int
-    kind: str  # "tcp-pair" | "other-port" | "udp" | "icmp" | "spoof" | "outside"
+    kind: str  # "tcp-pair" | "sender-stack" | "other-port" | "udp" | "icmp" | "spoof" | "outside" | "metrics-port" | ...
     site: str  # the namespace it is sent from
     iface: str | None  # None: no route; sent on every veth of `site`
     src: str  # node id or "-"
@@ -196,6 +203,10 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
             proto="tcp", port=r.port, expect_answer=r.allowed, rule=r.rule,
             requirements=("SEC-ST-3/KI-6",) + (() if r.allowed else ("SEC-KI-4",) if dst.kind == "kiosk" else ()),
             watch={dst.site})
+    for f in allowed_flows(topo, plan):  # a node's own console (the store controller's): not a pair of nodes above
+        if f.surface == "admin" and f.src == f.dst:
+            add(kind="admin-port", site=f.src_site, iface=OWN_STACK, src=f.src, dst=f.dst, src_ip=f.src_ip, dst_ip=f.dst_ip,
+                proto="tcp", port=f.port, expect_answer=True, rule=f.rule, requirements=("SEC-ST-3/KI-6",))
     # in-store Wi-Fi reaches no kiosk, on any protocol (kiosks do not listen, but an unfiltered
     # kernel would still answer with a RST or an echo reply)
     for wifi in topo.of_kind("wifi"):
@@ -211,10 +222,24 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
             if topo.by_address(addr) is None:
                 add(kind="outside", site=s.name, iface=None, src=s.nodes[0], dst=addr, src_ip=plan.address(s.nodes[0]),
                     dst_ip=addr, proto="tcp", port=8443, expect_answer=False, requirements=("SEC-SN-1",))
+    # every connection the rulesets accept across a line, sent through the *sender's* own stack:
+    # the frame probes above leave below the sender's output chain, so only these show that the
+    # sending namespace lets its allowed connections out (an output accept rule dropped is caught)
+    for f in allowed_flows(topo, plan):
+        if f.src_site != f.dst_site:
+            reqs = (_ALLOWED_REQS.get(topo.node(f.dst).kind, ("SEC-EC-2",)) if f.surface == "line"
+                    else ("SEC-ST-3/KI-6",) if f.surface == "admin" else ("SEC-SN-3",))
+            add(kind="sender-stack", site=f.src_site, iface=OWN_STACK, src=f.src, dst=f.dst, src_ip=f.src_ip, dst_ip=f.dst_ip,
+                proto="tcp", port=f.port, expect_answer=True, requirements=reqs, rule=f.rule, watch={f.dst_site})
+    return renumber(probes)
+
+
+def renumber(probes: list[Probe]) -> list[Probe]:
+    """A fresh source port and sequence number for every probe, before each run of them."""
     base = random.randrange(10000, 65000 - len(probes))
     seq = random.randrange(1 << 31)
-    for p in probes:
-        p.sport, p.seq = base + p.id, (seq + p.id * 7919) % (1 << 32)
+    for i, p in enumerate(probes):
+        p.sport, p.seq = base + i, (seq + p.id * 7919) % (1 << 32)
     return probes
 
 
@@ -260,41 +285,98 @@ def _namespace(plan: NetPlan, site: str) -> str:
 
 def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT) -> tuple[dict[int, str], dict[str, dict]]:
     """Start one `topology.probe` per namespace, release them together, gather what they saw."""
-    jobs: dict[str, dict] = {s: {"site": s, "timeout": timeout, "send": [], "watch": []} for s in plan.sites}
-    if plan.monitoring is not None:
-        jobs[MONITORING_SITE] = {"site": MONITORING_SITE, "timeout": timeout, "send": [], "watch": []}
-    for p in probes:
-        for iface, frame in _frames(plan, p):
-            jobs[p.site]["send"].append({"id": p.id, "iface": iface, "frame": frame})
-        for s in p.watch:
-            jobs[s]["watch"].append({"id": p.id, "src": p.src_ip, "dst": p.dst_ip, "proto": p.proto, "port": p.port, "sport": p.sport,
-                                      "ack": (p.seq + 1) % (1 << 32)})
-    procs = {}
-    for s, job in jobs.items():
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", _namespace(plan, s), sys.executable, "-m", "topology.check.probe"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        proc.stdin.write(json.dumps(job) + "\n")
-        proc.stdin.flush()
-        procs[s] = proc
-    for s, proc in procs.items():  # every capture socket is open before any frame is sent
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"probe in {_namespace(plan, s)} failed: {proc.stderr.read().strip()[-300:]}")
-    for proc in procs.values():
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-    answered: dict[int, str] = {}
-    sites: dict[str, dict] = {}
-    for s, proc in procs.items():
-        out, err = proc.communicate(timeout=30)
-        if proc.returncode != 0 or not out.strip():
-            raise RuntimeError(f"probe in {_namespace(plan, s)} failed: {err.strip()[-300:]}")
-        report = json.loads(out.strip().splitlines()[-1])
-        for pid, what in report.pop("answered").items():
-            answered.setdefault(int(pid), what)
-        sites[s] = report
-    return answered, sites
+    with ProbeAgents(plan) as agents:
+        return agents.run(probes, timeout)
+
+
+class AgentError(RuntimeError):
+    """A namespace's probe agent exited or stopped answering (the run, not the policy, failed)."""
+
+
+class ProbeAgents:
+    """One `topology.check.probe` per namespace, started on first use and kept for the next run:
+    `policy mutate --netns` probes once per mutant, and a start costs more than a run."""
+
+    def __init__(self, plan: NetPlan) -> None:
+        self.plan = plan
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> ProbeAgents:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every agent; the next run starts them again (after a failed run, whose other agents
+        are left mid-job)."""
+        for proc in self.procs.values():
+            with contextlib.suppress(OSError):  # an agent that died leaves a broken pipe
+                proc.stdin.close()  # the agent's loop ends at end of input
+        for proc in self.procs.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def _agent(self, site: str) -> subprocess.Popen:
+        if site not in self.procs:
+            self.procs[site] = subprocess.Popen(
+                ["ip", "netns", "exec", _namespace(self.plan, site), sys.executable, "-m", "topology.check.probe"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        return self.procs[site]
+
+    def _line(self, site: str, seconds: float) -> str:
+        proc = self.procs[site]
+        if select.select([proc.stdout], [], [], seconds)[0] and (line := proc.stdout.readline()):
+            return line.strip()
+        try:
+            state = f"exited with status {proc.wait(1)}"
+        except subprocess.TimeoutExpired:
+            state = f"no answer in {seconds:.0f} s"
+        proc.kill()
+        err = proc.stderr.read().strip()[-300:]
+        self.close()
+        raise AgentError(f"probe in {_namespace(self.plan, site)} failed ({state}): {err}")
+
+    def run(self, probes: list[Probe], timeout: float = PROBE_TIMEOUT,
+            only_used: bool = False) -> tuple[dict[int, str], dict[str, dict]]:
+        """`only_used`: only in the namespaces these probes are sent from or watched in (a partial
+        run, as `policy mutate --netns` makes; its surroundings then cover only those namespaces)."""
+        plan = self.plan
+        names = [*plan.sites, *([MONITORING_SITE] if plan.monitoring is not None else [])]
+        if only_used:
+            used = {p.site for p in probes} | {s for p in probes for s in p.watch}
+            names = [s for s in names if s in used]
+        jobs: dict[str, dict] = {s: {"site": s, "timeout": timeout, "send": [], "watch": []} for s in names}
+        for p in probes:
+            for iface, frame in _frames(plan, p):
+                jobs[p.site]["send"].append({"id": p.id, "iface": iface, "frame": frame})
+            for s in p.watch:
+                jobs[s]["watch"].append({"id": p.id, "src": p.src_ip, "dst": p.dst_ip, "proto": p.proto, "port": p.port,
+                                          "sport": p.sport, "ack": (p.seq + 1) % (1 << 32)})
+        for s, job in jobs.items():
+            proc = self._agent(s)
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+        for s in jobs:  # every capture socket is open before any frame is sent
+            if (line := self._line(s, 30)) != "ready":
+                self.close()
+                raise AgentError(f"probe in {_namespace(plan, s)} said {line[:200]!r} instead of ready")
+        for s in jobs:
+            self.procs[s].stdin.write("go\n")
+            self.procs[s].stdin.flush()
+        answered: dict[int, str] = {}
+        sites: dict[str, dict] = {}
+        for s in jobs:
+            report = json.loads(self._line(s, 30 + timeout))
+            for pid, what in report.pop("answered").items():
+                answered.setdefault(int(pid), what)
+            sites[s] = report
+        return answered, sites
 
 
 def compare(probes: list[Probe], answered: dict[int, str]) -> list[Result]:

@@ -3,8 +3,9 @@
 Run as `ip netns exec konbini-SITE python -m topology.check.probe`. Protocol on the pipes:
 stdin line 1: the job (JSON, below); stdout "ready" once the capture socket is open; stdin "go";
 then the frames are sent, replies are watched for `timeout` seconds, and one JSON line with the
-result is printed. The frames are built by scapy in the parent (`topology.policycheck`), so this
-child imports nothing heavy and twenty of them start in a blink.
+result is printed; then the next job, until stdin is closed. The frames are built by scapy in
+the parent (`topology.policycheck`), so this child imports nothing heavy and twenty of them
+start in a blink.
 
 Frames for a veth leave through AF_PACKET sockets, below this namespace's own nftables output
 hook: what is tested is whether the *receiving* namespace lets them in (a compromised sender
@@ -170,13 +171,12 @@ def run(job: dict, wait_go) -> dict:
 
 
 def main() -> int:
-    job = json.loads(sys.stdin.readline())
-
     def wait_go() -> None:
         print("ready", flush=True)
         sys.stdin.readline()
 
-    print(json.dumps(run(job, wait_go)), flush=True)
+    while line := sys.stdin.readline():  # job after job until stdin closes (`policy mutate --netns` reuses one)
+        print(json.dumps(run(json.loads(line), wait_go)), flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from topology.check import outside
 from topology.check import policy as policycheck
 from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
@@ -153,18 +154,25 @@ def cmd_policy_show(args) -> int:
     return 0
 
 
+def _running_plan(topo, tag, what: str):
+    """The plan of the running netns topology (root; its namespaces must exist)."""
+    netns.require_root(what)
+    plan = _plan(topo, tag)
+    missing = sorted(set(netns.all_namespaces(plan)) - set(netns.list_namespaces(plan.prefix)))
+    if missing:
+        raise UserError(f"namespace {missing[0]} does not exist; start `konbini up --netns` first")
+    return plan
+
+
 @_user_errors
 def cmd_policy_check(args) -> int:
     topo = load(args.file)
     sdir = state_dir(args, topo)
-    plan = None
-    if args.netns:
-        netns.require_root("`konbini policy check --netns`")
-        plan = _plan(topo, args.tag)
-        missing = sorted(set(s.namespace for s in plan.sites.values()) - set(netns.list_namespaces(plan.prefix)))
-        if missing:
-            raise UserError(f"namespace {missing[0]} does not exist; start `konbini up --netns` first")
-    report = policycheck.check(topo, sdir, netns=args.netns, plan=plan, timeout=args.timeout)
+    plan = _running_plan(topo, args.tag, "`konbini policy check --netns`") if args.netns else None
+    extra = None
+    if args.netns and not args.no_outside_tools:
+        extra = outside.run_outside_tools(topo, plan, sdir)
+    report = policycheck.check(topo, sdir, netns=args.netns, plan=plan, timeout=args.timeout, extra=extra)
     if args.report:
         md, js = policycheck.write_report(report, Path(args.report))
     if args.json:
@@ -176,9 +184,14 @@ def cmd_policy_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+@_user_errors
 def cmd_policy_mutate(args) -> int:
     topo = load(args.file)
-    result = run_mutations(topo)
+    plan = _running_plan(topo, args.tag, "`konbini policy mutate --netns`") if args.netns else None
+    try:
+        result = run_mutations(topo, "netns" if args.netns else "loopback", plan, args.timeout)
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
     if args.report:
         Path(args.report).mkdir(parents=True, exist_ok=True)
         (Path(args.report) / "mutation.json").write_text(json.dumps(result, indent=1))
@@ -189,9 +202,15 @@ def cmd_policy_mutate(args) -> int:
               f"({result['pairs_checked']} pairs checked per mutant, {result['elapsed_s']} s)")
         for kind, k in result["by_kind"].items():
             print(f"  {kind}: {k['caught']}/{k['mutants']}")
+        if "netns" in result:
+            live = result["netns"]
+            print(f"  nft-rule-dropped: {len(live['mutants'])} accept rules in {live['namespaces']} namespaces, each probed and "
+                  f"restored, {live['elapsed_s']} s; full probe plan ({live['probes_full_run']} probes) before: pass, "
+                  f"after: {'pass' if live['after_ok'] else 'FAIL'}; differences off the dropped rule's connection: {live['unexplained']} "
+                  f"(after {live['reruns']} reruns)")
         for m in result["survivors"]:
             print(f"  SURVIVED {m['kind']}: {m['description']}")
-    return 0 if result["caught"] == result["mutants"] else 1
+    return 0 if result["caught"] == result["mutants"] and result.get("netns", {}).get("after_ok", True) else 1
 
 
 # -- link set / reset / show ----------------------------------------------------------------------
@@ -328,12 +347,17 @@ def register(sub) -> None:
     pc.add_argument("--json", action="store_true", help="print the report summary as one JSON object")
     pc.add_argument("--report", help="write report.md and report.json into this directory")
     pc.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for replies (default 0.5)")
+    pc.add_argument("--no-outside-tools", action="store_true", help="with --netns: skip the testssl.sh and nmap evidence")
     pc.set_defaults(func=cmd_policy_check)
 
     pm = psub.add_parser("mutate", help="every single-rule mutation of the compiled policy; exit 1 unless the check catches all")
     pm.add_argument("file", nargs="?", help="topology file")
     pm.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pm.add_argument("--report", help="write mutation.json into this directory")
+    pm.add_argument("--netns", action="store_true", help="also drop each nftables accept rule of the running netns topology in turn (root)")
+    pm.add_argument("--tag", help="namespaces konbini-TAG-* (as given to `up --netns --tag`)")
+    pm.add_argument("--timeout", type=float, default=0.3,
+                    help="with --netns: seconds to wait for probe replies, per mutant (default 0.3; replies take well under 1 ms)")
     pm.set_defaults(func=cmd_policy_mutate)
 
     lk = sub.add_parser("link", help="line impairments (delay, jitter, loss, rate) of a running topology, both modes (root)")
