@@ -42,6 +42,39 @@ async def test_silent_kiosk_is_reported_within_30_seconds(autojump_clock):
     assert reports[0][1] - (t0 + 15) <= SILENCE_LIMIT
 
 
+class _CountingMonitor(HeartbeatMonitor):
+    wakeups = 0
+
+    def next_deadline(self):
+        self.wakeups += 1
+        return super().next_deadline()
+
+
+async def test_a_watcher_with_nothing_to_watch_sleeps_until_a_kiosk_is_seen(autojump_clock):
+    # no polling: a national topology has 55,000 store controllers, most with no kiosk running
+    m = _CountingMonitor()
+    reports: list[tuple[str, float]] = []
+
+    async def report(kiosk: str) -> None:
+        reports.append((kiosk, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, m, report)
+        await trio.sleep(3600)
+        assert m.wakeups == 1  # an hour with no kiosk: it looked once
+        seen_at = trio.current_time()
+        m.seen("kiosk-a1-1", seen_at)
+        await trio.sleep(SILENCE_LIMIT + 1)
+        assert reports == [("kiosk-a1-1", seen_at + SILENCE_LIMIT)]  # at the limit, not a poll later
+        await trio.sleep(3600)
+        assert m.wakeups <= 4  # reported: asleep again until it speaks
+        back = trio.current_time()
+        m.seen("kiosk-a1-1", back)
+        await trio.sleep(SILENCE_LIMIT + 1)
+        nursery.cancel_scope.cancel()
+    assert reports[1] == ("kiosk-a1-1", back + SILENCE_LIMIT) and m.outages == [("kiosk-a1-1", seen_at, back)]
+
+
 async def test_fault_reaches_register_and_maintenance_center_despite_failures(autojump_clock):
     got: dict[str, list[float]] = {"register": [], "maintenance": []}
     failures = {"register": 3, "maintenance": 0}
