@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -150,8 +151,21 @@ def cmd_policy_show(args) -> int:
     if args.site and args.site not in plan.sites:
         raise UserError(f"unknown site {args.site!r}; sites: {', '.join(plan.sites)}")
     for site in [args.site] if args.site else list(plan.sites):
-        print(compile_ruleset(topo, site, plan))
+        ruleset = compile_ruleset(topo, site, plan)
+        print(ruleset)
+        for line in rule_origin_lines(topo, ruleset):
+            print(line)
     return 0
+
+
+def rule_origin_lines(topo, ruleset: str) -> list[str]:
+    """For a compact file: the template line each allow entry named in `ruleset` came from (an
+    auditor reads the expanded rule and where it was written). Explicit files: none to add, the
+    entry is where its name says."""
+    if not topo.rule_origins:
+        return []
+    named = dict.fromkeys(re.findall(r"nodes\.[\w.-]+\.allow\[\d+\]", ruleset))
+    return [f"# {rule} <- {topo.rule_origins[rule]}" for rule in named if rule in topo.rule_origins]
 
 
 def _running_plan(topo, tag, what: str):
