@@ -120,6 +120,13 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
     def progress(done: int, total: int) -> None:
         console.print(f"  {done}/{total} processes ready ({time.perf_counter() - t0:.1f} s)")
 
+    try:  # Ctrl-C while starting (minutes, for a national file) stops the processes started so far
+        hosts = spread.start(topo, sdir, processes, args.clock, args.clock_speed, progress)
+    except NetnsError as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        console.print("interrupted while starting; every process stopped.")
+        return 130
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -127,10 +134,6 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        hosts = spread.start(topo, sdir, processes, args.clock, args.clock_speed, progress)
-    except NetnsError as exc:
-        raise UserError(str(exc)) from None
     try:
         ready_s = time.perf_counter() - t0
         show_nodes(console, topo, f"konbini topology {topo.name!r} (loopback, {len(hosts)} processes)",
