@@ -62,11 +62,11 @@ class Need:
 
 
 def listeners(topo: Topology, metrics: bool = True) -> int:
-    """Listening sockets the topology opens: each server's port, its admin port, its metrics port."""
+    """Listening sockets the topology opens: each server's port and metrics port, and every admin
+    or maintenance port (a kiosk's too, though a kiosk is no server)."""
     n = 0
     for node in topo.nodes.values():
-        if node.is_server:
-            n += 1 + (node.admin_port is not None) + metrics
+        n += (node.is_server * (1 + metrics)) + (node.admin_port is not None)
     return n
 
 
