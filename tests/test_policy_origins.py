@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,3 +27,18 @@ def test_policy_show_names_the_template_line_of_each_rule_in_the_ruleset(capsys)
 def test_an_explicit_file_adds_no_origin_lines(capsys):
     assert main(["policy", "show", "--site", "store-a1"]) == 0
     assert "<-" not in capsys.readouterr().out
+
+
+def test_policy_check_reports_origins_and_says_not_run_where_the_file_has_no_admin_surfaces(tmp_path, capsys):
+    # redundant.yaml declares no store admin API nor kiosk maintenance endpoint: the annex checks
+    # that need them are failed NOT RUN items (before: a traceback), and the verdict is FAIL
+    rc = main(["policy", "check", str(REDUNDANT), "--state", str(tmp_path / "s"), "--report", str(tmp_path / "r")])
+    assert rc == 1
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["ok"] is False
+    not_run = {c["requirement"] for c in report["annex"] if c["observed"].startswith("NOT RUN")}
+    assert not_run == {"SEC-ST-3/KI-6", "SEC-KI-4", "SEC-KI-2", "SEC-KI-7", "SEC-KI-8"}
+    assert all(not c["ok"] for c in report["annex"] if c["requirement"] in not_run)
+    origin = report["rule_origins"]["nodes.store-router-a1.allow[0]"]
+    assert origin == f"{REDUNDANT}:41"  # the file as given, and the template entry's line
+    assert f"| nodes.store-router-a1.allow[0] | {origin} |" in (tmp_path / "r" / "report.md").read_text()

@@ -615,6 +615,8 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
         "requirements": requirements,
         "out_of_scope": OUT_OF_SCOPE,
         "needs_netns": [] if netns else list(NETNS_ONLY),
+        # a compact file: where each expanded allow entry was written (file:line of its template)
+        "rule_origins": dict(sorted(topo.rule_origins.items())),
         "results": [asdict(r) for r in results],
     }
 
@@ -661,6 +663,9 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Note: {report['annex_note']}"]
     if report["needs_netns"]:
         lines += ["", "## Needs `--netns` (root)", "", *(f"- {n}" for n in report["needs_netns"])]
+    if report.get("rule_origins"):
+        lines += ["", "## Allow entries and the template lines they came from", "", "| allow entry | written at |", "|---|---|"]
+        lines += [f"| {rule} | {origin} |" for rule, origin in report["rule_origins"].items()]
     if report["differences"]:
         lines += ["", "## Differences", "", "| kind | from site | src | dst | proto/port | expected | observed | requirements |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {d['kind']} | {d['sent_from']} | {d['src']} | {d['dst']} | {d['proto']}/{d['port']} | {d['expected']} | {d['observed']} | {', '.join(d['requirements'])} |" for d in report["differences"]]
@@ -699,6 +704,9 @@ def render_html(report: dict) -> str:
               [(a["check"], a.get("src", "-"), a.get("dst", "-"), "yes" if a["refused"] else "NO", a["detail"], ", ".join(a["requirements"]))
                for a in report["app"]]),
     ]
+    if report.get("rule_origins"):
+        parts += ["<h2>Allow entries and the template lines they came from</h2>",
+                  table(("allow entry", "written at"), list(report["rule_origins"].items()))]
     if report["differences"]:
         parts += ["<h2>Differences</h2>", table(("kind", "from site", "src", "dst", "proto/port", "expected", "observed"),
                   [(d["kind"], d["sent_from"], d["src"], d["dst"], f"{d['proto']}/{d['port']}", d["expected"], d["observed"])
