@@ -9,11 +9,11 @@ import ssl
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.kiosk import issue_at
+from topology.check.scrape import sample
 from topology.policy.monitoring import (
     METRICS_PORT,
     MONITORING_ADDRESS,
@@ -53,15 +53,6 @@ async def scrape(net, node_id: str, *, source: str = MONITORING_ADDRESS, identit
     if not head.startswith(b"HTTP/1.1 200"):
         raise ConnectionError(f"scrape of {node_id} answered {head[:40]!r}")
     return body.decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample (0.0 when the series does not exist yet)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 async def test_scrape_answers_prometheus_text_for_every_server_node(net):

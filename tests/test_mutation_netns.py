@@ -7,15 +7,13 @@ Its own netns topology (namespaces `konbini-m<pid>-*`), torn down at the end wha
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 
 import pytest
 
-from tests.test_netns import konbini, needs_root, start_up
+from tests.test_netns import needs_root, netns_running
 from topology.check.mutate import run_nft_mutations
-from topology.netns.plan import MONITORING_SITE, build_plan
+from topology.netns.plan import MONITORING_SITE
 from topology.policy.nft import compile_ruleset
 
 TAG = f"m{os.getpid()}"
@@ -24,19 +22,7 @@ BOUND_S = 120  # 154 mutants on the default topology: ~90 s on two busy cores
 
 @pytest.fixture(scope="module")
 def netns_up(tmp_path_factory, topo):
-    state = tmp_path_factory.mktemp("konbini-mutate")
-    proc = None
-    try:
-        proc = start_up(TAG, state)
-        yield build_plan(topo, TAG), state
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        konbini("down", "--tag", TAG, "--state", str(state))
+    yield from netns_running(topo, TAG, tmp_path_factory.mktemp("konbini-mutate"))
 
 
 @needs_root

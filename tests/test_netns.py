@@ -51,13 +51,13 @@ def start_up(tag: str, state: Path) -> subprocess.Popen:
     raise AssertionError("konbini up --netns failed:\n" + "".join(seen))
 
 
-@pytest.fixture(scope="module")
-def netns_up(tmp_path_factory, topo):
-    state = tmp_path_factory.mktemp("konbini-netns")
+def netns_running(topo, tag: str, state: Path):
+    """`konbini up --netns --tag TAG` for a module's tests: yields (plan, state), then Ctrl-C and
+    `konbini down`, whatever happened."""
     proc = None
     try:
-        proc = start_up(TAG, state)
-        yield build_plan(topo, TAG), state
+        proc = start_up(tag, state)
+        yield build_plan(topo, tag), state
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -65,7 +65,12 @@ def netns_up(tmp_path_factory, topo):
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        konbini("down", "--tag", TAG, "--state", str(state))
+        konbini("down", "--tag", tag, "--state", str(state))
+
+
+@pytest.fixture(scope="module")
+def netns_up(tmp_path_factory, topo):
+    yield from netns_running(topo, TAG, tmp_path_factory.mktemp("konbini-netns"))
 
 
 @pytest.fixture(scope="module")

@@ -297,15 +297,17 @@ def verify_card_certificate(
     return None
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` in one step: readers see the old or the new file, never a part."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `data` in one step: readers see the old or the new file, never a part.
+    `durable=False` skips the fsync (bulk files that can be made again, e.g. a national PKI)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -458,7 +460,6 @@ def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, 
     """Issue the leaf at `base` (.pem, .key). `durable=False`: no fsync per file; the bulk caller
     syncs once before the manifest vouches for them."""
     cert_path, key_path = base.with_suffix(".pem"), base.with_suffix(".key")
-    write = write_atomic if durable else _write_replace
     # Reuse an existing key: the certificate is written after the key, so a crash between
     # the two leaves a key whose next certificate still matches it.
     try:
@@ -467,7 +468,7 @@ def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, 
         key = None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         key = ec.generate_private_key(ec.SECP256R1())
-        write(key_path, _key_pem(key), 0o600)
+        write_atomic(key_path, _key_pem(key), 0o600, durable)
     now = datetime.now(UTC)
     # Nodes are TLS servers and clients (relays are both); principals only ever connect.
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -498,21 +499,8 @@ def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, 
         .add_extension(_aki(ca), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, durable)
     return cert
-
-
-def _write_replace(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """`write_atomic` without its fsync: readers still never see a part (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
