@@ -225,6 +225,19 @@ def test_a_broken_ruleset_is_caught(netns_up, topo) -> None:
         subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", str(state / "net" / "store-a1.nft")], check=True)
 
 
+def _failing_rows(report_file: Path) -> str:
+    """What a failed policy check report holds against the annex, for the assertion message."""
+    report = json.loads(report_file.read_text())
+    failing = {
+        "summary": {req: row for req, row in report.get("summary", {}).items() if row.get("failed")},
+        "annex": [c for c in report.get("annex", []) if not c.get("ok")],
+        "evidence": [c for c in report.get("evidence", []) if not c.get("ok")],
+        "app": [a for a in report.get("app", []) if not a.get("refused")],
+        "differences": report.get("differences", []),
+    }
+    return json.dumps(failing, indent=1, default=str)[-6000:]
+
+
 @needs_root
 def test_policy_check_cli_passes_and_writes_report(netns_up, tmp_path, topo) -> None:
     _, state = netns_up
@@ -233,9 +246,10 @@ def test_policy_check_cli_passes_and_writes_report(netns_up, tmp_path, topo) -> 
     # annex run against the same running nodes, and the outside tools take 60-120 s (testssl.sh
     # against seven nodes is CPU-bound on two cores), so the bound allows for both.
     out = konbini("policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--report", str(tmp_path), timeout=420)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+    report_file = tmp_path / "report.json"
+    assert out.returncode == 0, (_failing_rows(report_file) if report_file.exists() else out.stdout[-2000:]) + out.stderr
     assert time.monotonic() - t0 < 360
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads(report_file.read_text())
     assert report["ok"] and not report["differences"]
     for req in ("SEC-EC-1", "SEC-EC-2", "SEC-EC-3", "SEC-SN-1", "SEC-SN-2", "SEC-SN-3", "SEC-ST-2", "SEC-ST-3/KI-6", "SEC-ST-4",
                 "SEC-KI-1", "SEC-KI-2", "SEC-KI-4", "SEC-KI-5", "SEC-KI-7", "SEC-KI-8"):

@@ -6,7 +6,13 @@ from the Wi-Fi and store namespaces (pass) and against a host with an open and c
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from topology.check.outside import (
     OPENSSL_WRAPPER,
@@ -94,3 +100,45 @@ def test_testssl_that_could_not_connect_says_so() -> None:
                 {"id": "scanTime", "finding": "Scan interrupted"}]
     v = read_testssl(findings)
     assert not v["ok"] and not v["scanned"] and "cannot connect" in v["summary"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_openssl_wrapper_reads_a_tls13_client_auth_handshake_as_connected(tmp_path) -> None:
+    """testssl.sh's "can I connect" probe against a TLS 1.3 server that requires a client
+    certificate: plain s_client's exit status is a race the alert usually wins; the wrapper's
+    is 0 every time, and a refused protocol or a closed port still fail."""
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=node", "-days", "1"], check=True, capture_output=True)
+    wrapper = tmp_path / "openssl"
+    wrapper.write_text(OPENSSL_WRAPPER)
+    wrapper.chmod(0o755)
+    port = _free_port()
+    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key),
+                               "-Verify", "1", "-tls1_3", "-quiet"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):  # until it listens
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+
+        def probe(binary: str, *extra: str) -> int:
+            return subprocess.run([binary, "s_client", "-connect", f"127.0.0.1:{port}", "-msg", *extra], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=15).returncode
+
+        plain = [probe("openssl") for _ in range(10)]
+        wrapped = [probe(str(wrapper)) for _ in range(10)]
+        assert wrapped == [0] * 10, (plain, wrapped)
+        assert probe(str(wrapper), "-tls1_2") != 0  # refused before the client-certificate check
+    finally:
+        server.kill()
+        server.wait()
+    assert probe(str(wrapper)) != 0  # nothing listening
