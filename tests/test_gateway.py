@@ -3,18 +3,21 @@ and drop a misbehaving peer without disturbing anyone else."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
 from pathlib import Path
 
 import pytest
 import trio
 
-from gateway.node.server import connect_h2
+from gateway.business.clock import Clock
+from gateway.node.server import NodeContext, NodeStartError, connect_h2
 from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, header
 from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
 from gateway.transport.tls import client_context
 from kiosk_emu.kiosk import Kiosk
+from topology.pki import PKI
 
 REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError)
 
@@ -143,3 +146,20 @@ async def test_a_bad_query_is_answered_400_not_a_crash(net):
         body = await stream.read_body()
         conn.close()
     assert status == b"400" and b"bad-request" in body
+
+
+async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(topo, state, tmp_path):
+    """Start only checks that the PKI files are there (a large topology's start went mostly to
+    OpenSSL key decoding for nodes never dialled); the context is made when a peer connects."""
+    pki = PKI.ensure(state, topo)
+    ctx = NodeContext(topo, topo.node("store-router-a1"), pki, "loopback", Clock())
+    ctx.check_tls_files()
+    assert not ctx._tls  # nothing made yet
+    assert ctx.server_tls() is ctx.server_tls()  # made once, then the same one
+
+    copy = tmp_path / "state"
+    shutil.copytree(state / "pki", copy / "pki")
+    moved = PKI.ensure(copy, topo)
+    (copy / "pki" / "nodes" / "store-router-a1.key").unlink()
+    with pytest.raises(NodeStartError, match="store-router-a1: its certificate or key .*store-router-a1.key is missing"):
+        NodeContext(topo, topo.node("store-router-a1"), moved, "loopback", Clock()).check_tls_files()

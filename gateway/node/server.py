@@ -8,6 +8,7 @@ by reason and logged with the peer's address and node id only (no personal data)
 from __future__ import annotations
 
 import errno
+import os
 import logging
 import socket
 import ssl
@@ -87,6 +88,15 @@ class NodeContext:
     def limits(self) -> Limits:
         """What this node grants one peer: the topology's `limits:` for its kind, or the defaults."""
         return self.topo.limits_for(self.node.kind)
+
+    def check_tls_files(self) -> None:
+        """At start, instead of making the contexts: are this node's certificate and key there?
+        A context is made at the node's first connection (`server_tls`): `load_cert_chain` costs
+        ~3 ms of OpenSSL 3 key decoding, most of a large topology's start, for nodes most of which
+        are never dialled. A missing file is still a start error, naming the node."""
+        for path in self.pki.node_paths(self.node.id):
+            if not os.path.isfile(path):
+                raise NodeStartError(f"{self.node.id}: its certificate or key {path} is missing (a state dir made for another topology?)")
 
     def server_tls(self, alpn: str = "h2") -> ssl.SSLContext:
         if (ctx := self._tls.get(alpn)) is None:
@@ -169,7 +179,7 @@ class NodeServer:
         or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS): a flood of connections slows this node
         down instead of raising out of the listener and cancelling every node in the process."""
         node = self.ctx.node
-        self.ctx.server_tls()  # read the PKI files now, not at a first connection that may find no descriptor free
+        self.ctx.check_tls_files()  # the context itself is made at the first connection
         listeners = await self._listen(node.port)
         scrape = await self._listen(self.scrape_allow.port)
         async with trio.open_nursery() as nursery:
@@ -212,7 +222,12 @@ class NodeServer:
     async def _admitted(self, tcp: trio.SocketStream, ip: str) -> None:
         """An allowed address within its connection limit: TLS, the certificate, then HTTP/2."""
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = trio.SSLStream(LingeringSocket(tcp), self.ctx.server_tls(), server_side=True)
+        try:
+            ctx = self.ctx.server_tls()  # made at the node's first connection, then cached
+        except OSError:  # no descriptor free to read the PKI files (ssl.SSLError is an OSError too)
+            self.deny("tls-context", ip)
+            return
+        tls = trio.SSLStream(LingeringSocket(tcp), ctx, server_side=True)
         try:
             with trio.fail_after(self.limits.handshake_timeout):
                 await tls.do_handshake()
@@ -270,7 +285,12 @@ class NodeServer:
             # Prometheus and curl speak HTTP/1.1 to the scrape port. Its context is made at the first
             # scrape (then cached by server_context): half of `up`'s start time on a large file
             # went to contexts, and most nodes of a large topology are never scraped.
-            tls = trio.SSLStream(tcp, self.ctx.server_tls("http/1.1"), server_side=True)
+            try:
+                ctx = self.ctx.server_tls("http/1.1")
+            except OSError:
+                self.deny("tls-context", ip)
+                return
+            tls = trio.SSLStream(tcp, ctx, server_side=True)
             with trio.move_on_after(self.limits.handshake_timeout) as late:
                 try:
                     await tls.do_handshake()

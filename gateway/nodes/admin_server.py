@@ -35,7 +35,7 @@ class AdminServer(NodeServer):
             self.metrics = app.metrics = metrics
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.ctx.server_tls()  # read the PKI files now
+        self.ctx.check_tls_files()  # the context is made at the first connection
         try:
             listeners = await trio.open_tcp_listeners(self.ctx.node.port, host=self.ctx.address, backlog=64)
         except OSError as exc:

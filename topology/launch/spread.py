@@ -25,11 +25,15 @@ from topology.spec.model import Topology
 READY_TIMEOUT = 1800.0  # a national file starts for minutes; a process that exits is reported at once
 
 
-def hosted(topo: Topology) -> dict[str, list[str]]:
-    """Site -> the nodes a nodehost serves for it: servers, and nodes with an admin surface only (kiosks)."""
+def hosted(topo: Topology, kinds: frozenset[str] | None = None) -> dict[str, list[str]]:
+    """Site -> the nodes a nodehost serves for it: servers, and nodes with an admin surface only
+    (kiosks); with `kinds`, only the servers of those kinds (a bench that needs the issuance path only)."""
     out: dict[str, list[str]] = {}
     for node in topo.nodes.values():
-        if node.is_server or node.admin_port is not None:
+        if kinds is not None:
+            if node.is_server and node.kind in kinds:
+                out.setdefault(node.site, []).append(node.id)
+        elif node.is_server or node.admin_port is not None:
             out.setdefault(node.site, []).append(node.id)
     return out
 
@@ -39,9 +43,9 @@ def _weight(topo: Topology, ids: list[str]) -> int:
     return sum((2 if (n := topo.nodes[i]).is_server else 0) + (n.admin_port is not None) for i in ids)
 
 
-def partition(topo: Topology, processes: int) -> list[list[str]]:
+def partition(topo: Topology, processes: int, kinds: frozenset[str] | None = None) -> list[list[str]]:
     """Node ids per process, whole sites each, balanced by listeners (greedy, largest first)."""
-    sites = sorted(hosted(topo).values(), key=lambda ids: -_weight(topo, ids))
+    sites = sorted(hosted(topo, kinds).values(), key=lambda ids: -_weight(topo, ids))
     heap = [(0, i) for i in range(max(1, min(processes, len(sites))))]
     parts: list[list[str]] = [[] for _ in heap]
     for ids in sites:
@@ -52,12 +56,13 @@ def partition(topo: Topology, processes: int) -> list[list[str]]:
 
 
 def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = None, clock_speed: float = 1.0,
-          progress=None) -> list[Nodehost]:
-    """Fork `processes` loopback nodehosts over the topology; returns once each said "ready"."""
+          progress=None, kinds: frozenset[str] | None = None) -> list[Nodehost]:
+    """Fork `processes` loopback nodehosts over the topology (its servers of `kinds` only, if
+    given); returns once each said "ready"."""
     state_dir = Path(state_dir).resolve()
     PKI.ensure(state_dir, topo)  # once, here: the children only read it
     allow = node_allowlists(topo, "loopback")
-    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes))]
+    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
     # The model and allow-lists are millions of objects the children only read: out of the
     # collector's reach, no child's collection walks them (or writes to their pages)
     gc.collect()
