@@ -28,7 +28,7 @@ import resource
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -111,6 +111,17 @@ def poisson_arrivals(rate: float, start: float, end: float, rng: random.Random) 
         yield t
 
 
+def piecewise_arrivals(segments: list[tuple[float, float]], start: float, rng: random.Random) -> Iterator[float]:
+    """Intended start times of a Poisson process whose rate is `rate` for `seconds`, segment by
+    segment, from `start` (a segment of rate 0 has no arrivals)."""
+    t0 = start
+    for seconds, rate in segments:
+        end = t0 + seconds
+        if rate > 0:
+            yield from poisson_arrivals(rate, t0, end, rng)
+        t0 = end
+
+
 def latency_ms(intended: float, done: float) -> float:
     """Latency as the user sees it: from when the request *should* have started (open loop)."""
     return (done - intended) * 1000
@@ -149,8 +160,9 @@ class KioskSpec:
     router_id: str
     router_address: str
     router_port: int
-    card: str  # card id in the state dir's card store
+    card: str  # card id in the state dir's card store ("" in fleet mode: the resident brings one)
     namespace: str | None = None  # netns mode: the kiosk's network namespace (its worker enters it)
+    group: str = ""  # fleet mode: what the results are broken down by (the store's operator)
 
 
 @dataclass
@@ -177,6 +189,18 @@ class LoadSpec:
     # keep every measured request as (start s, end s, outcome, those of these node ids its
     # server-timing names), times from the end of warm-up (the failover bench reads who served when)
     trace: tuple[str, ...] | None = None
+    # Fleet mode (`konbini bench national-peak`): `kiosks` is every kiosk of the country; each
+    # arrival goes to one drawn at random that has no customer, which dials its store router at
+    # its first customer (its TLS context made then) and keeps the connection while it is among
+    # the `max_open` most recently used; the resident brings a card from `cards` and asks for a
+    # certificate of a municipality drawn from `munis`.
+    fleet: bool = False
+    cards: tuple[str, ...] = ()
+    munis: tuple[str, ...] = ()
+    max_open: int = 2000  # per worker
+    # open loop with a rate that changes: (seconds, arrivals per second) after the warm-up (at the
+    # first one's rate); their seconds add up to duration_s
+    segments: tuple[tuple[float, float], ...] = ()
 
 
 # -- one worker ----------------------------------------------------------------------------------
@@ -196,9 +220,17 @@ class _Stats:
         self.split: dict[str, float] = {}  # latency part -> ms summed over the measured requests
         self.split_n = 0
         self.split_total_ms = 0.0
+        self.groups: dict[str, tuple[Counter[str], HdrHistogram]] = {}  # fleet mode: per operator
+        self.connects = 0  # fleet mode: kiosks that dialled their store router during the run
 
-    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float]) -> None:
+    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float],
+               group: str = "") -> None:
         self.outcomes[outcome] += 1
+        if group:
+            counts, hist = self.groups.get(group) or self.groups.setdefault(group, (Counter(), new_histogram()))
+            counts[outcome] += 1
+            if not outcome.startswith("error:"):
+                record_ms(hist, ms)
         self.bytes += nbytes
         if outcome.startswith("error:"):
             return
@@ -230,15 +262,25 @@ class _Kiosk:
         self.center_key = center_key
         self.conn: AsyncioH2 | None = None
         self._lock = asyncio.Lock()
+        self.make_ctx = None  # fleet mode: KioskSpec -> its client context
 
-    async def connection(self) -> AsyncioH2:
+    async def connection(self, stats: _Stats | None = None) -> AsyncioH2:
         if self.conn is not None and not self.conn.core.closed:
             return self.conn
         async with self._lock:
             if self.conn is None or self.conn.core.closed:
                 s = self.spec
+                if self.ctx is None:  # fleet mode: made at the kiosk's first customer
+                    self.ctx = self.make_ctx(s)
                 self.conn = await connect_h2(s.router_address, s.router_port, s.router_id, self.ctx, local_address=s.address)
+                if stats is not None:
+                    stats.connects += 1
             return self.conn
+
+    def hang_up(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float], split: dict[str, float], kinds: dict[str, str]) -> tuple[str, int]:
@@ -308,6 +350,8 @@ class _Worker:
         self.t_end = 0.0
         self.measured_cap = None if spec.count is None else max(1, math.ceil(spec.count / nworkers))
         self.trace: list[tuple[float, float, str, list[str]]] | None = [] if spec.trace is not None else None
+        self.card_pool: list = []  # fleet mode: the residents' cards not in a kiosk now
+        self.idle: OrderedDict[str, _Kiosk] = OrderedDict()  # fleet mode: connected kiosks with no customer, oldest first
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -318,7 +362,21 @@ class _Worker:
         center_key = center.public_key()
         cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
         cards.dir = state / "cards"
-        for ks in self.spec.kiosks:
+        if self.spec.fleet:
+            ca = Path(self.spec.ca_path)
+
+            def make_ctx(ks: KioskSpec):
+                return client_context(nodes / f"{ks.id}.pem", nodes / f"{ks.id}.key", ca)
+
+            for ks in self.spec.kiosks:
+                k = _Kiosk(ks, None, None, center_key)
+                k.make_ctx = make_ctx
+                self.kiosks.append(k)
+            for card_id in self.spec.cards[self.wid::self.n]:
+                card = cards.load(card_id)
+                card.on_counter_change = None
+                self.card_pool.append(card)
+        for ks in () if self.spec.fleet else self.spec.kiosks:
             ctx = client_context(nodes / f"{ks.id}.pem", nodes / f"{ks.id}.key", Path(self.spec.ca_path))
             card = cards.load(ks.card)
             card.on_counter_change = None  # counters live in memory here; wrong PINs are reset below
@@ -328,6 +386,9 @@ class _Worker:
             self.revoked.on_counter_change = None
 
     async def connect_all(self) -> None:
+        if self.spec.fleet:  # a kiosk dials at its first customer
+            self.free = list(self.kiosks)
+            return
         await asyncio.gather(*(k.connection() for k in self.kiosks))
         per = self.spec.workload.streams_per_kiosk if self.spec.workload.kind == "relay" else 1
         self.free = [k for _ in range(per) for k in self.kiosks]
@@ -351,13 +412,14 @@ class _Worker:
         nbytes = 0
         case = "ok"
         started = loop.time()
+        card = self.card_pool.pop() if self.spec.fleet else None
         try:
             if w.kind == "relay":
                 async with asyncio.timeout(w.timeout_s):
                     outcome, nbytes = await _relay_request(k, w, hops, split, self.spec.hop_kinds)
             else:
                 case = self._case()
-                outcome, nbytes, hops, split = await self._issue(k, case)
+                outcome, nbytes, hops, split = await self._issue(k, case, card)
         except (ConnectionClosed, OSError, ConnectionError) as exc:
             outcome = f"error:{type(exc).__name__}"
         except TimeoutError:
@@ -366,6 +428,9 @@ class _Worker:
             outcome = f"error:{type(exc).__name__}"
         finally:
             self.free.append(k)
+            if card is not None:
+                self.card_pool.append(card)
+                self._idle(k)
         if outcome not in EXPECTED[case] and not outcome.startswith("error:") and outcome != "misdelivered":
             outcome = f"error:expected-{case}-got-{outcome}"
         done = loop.time()
@@ -375,16 +440,30 @@ class _Worker:
             if split:  # what the parts do not explain: waiting for a free kiosk, or the kiosk's own work
                 split["generator wait"] = (started - intended) * 1000
                 split["kiosk / generator own"] = total - sum(split.values())
-            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split)
+            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split, k.spec.group)
             if self.trace is not None:
                 seen = [h for h in hops if h in self.spec.trace]
                 self.trace.append((round(intended - self.t_warm, 3), round(done - self.t_warm, 3), outcome, seen))
 
-    async def _issue(self, k: _Kiosk, case: str) -> tuple[str, int, dict[str, float], dict[str, float]]:
-        """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed)."""
+    def _idle(self, k: _Kiosk) -> None:
+        """Fleet mode: a kiosk whose customer left keeps its line while it is among the
+        `max_open` most recently used; the oldest idle one hangs up."""
+        if k.conn is None:
+            return
+        self.idle[k.spec.id] = k
+        self.idle.move_to_end(k.spec.id)
+        while len(self.idle) > self.spec.max_open:
+            _, oldest = self.idle.popitem(last=False)
+            oldest.hang_up()
+
+    async def _issue(self, k: _Kiosk, case: str, resident=None) -> tuple[str, int, dict[str, float], dict[str, float]]:
+        """`kiosk_emu.kiosk.Kiosk.issue` over asyncio, spool and log left out (nothing is printed).
+        `resident`: fleet mode's card (the kiosk has none of its own) and a municipality drawn for it."""
         w, spec = self.spec.workload, self.spec
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
-        card = self.revoked if case == "card-revoked" and self.revoked is not None else k.card
+        if resident is not None and spec.munis:
+            muni = self.rng.choice(spec.munis)
+        card = self.revoked if case == "card-revoked" and self.revoked is not None else resident or k.card
         pin = "9999" if case == "pin-wrong" else DEFAULT_PIN
         flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
         flow.hop_kinds = spec.hop_kinds
@@ -395,7 +474,7 @@ class _Worker:
         nbytes = 0
         try:
             async with asyncio.timeout(timeout):
-                conn = await k.connection()
+                conn = await k.connection(self.stats)
                 await FlowDriver(conn, k.spec.router_id, _Paperless(conn, k.spec.router_id)).run(flow, self._now)
                 nbytes = flow.outcome.document_bytes
         except TimeoutError:
@@ -429,7 +508,13 @@ class _Worker:
     async def open_loop(self, t0: float, tasks: set) -> None:
         loop = asyncio.get_running_loop()
         rate = self.spec.rate / self.n
-        for intended in poisson_arrivals(rate, t0, self.t_end, self.rng):
+        if self.spec.segments:
+            first = self.spec.segments[0][1]
+            plan = [(self.spec.warmup_s, first), *self.spec.segments]
+            arrivals = piecewise_arrivals([(sec, r / self.n) for sec, r in plan], t0, self.rng)
+        else:
+            arrivals = poisson_arrivals(rate, t0, self.t_end, self.rng)
+        for intended in arrivals:
             if self.stop.is_set() or self._cap_reached():
                 return
             delay = intended - loop.time()
@@ -444,11 +529,17 @@ class _Worker:
             if measured:
                 self.stats.arrivals += 1
             late = loop.time() - intended
-            if not self.free or late > self.spec.late_s:
+            if not self.free or late > self.spec.late_s or (self.spec.fleet and not self.card_pool):
                 if measured:
                     self.stats.dropped += 1
                 continue
-            k = self.free.pop()
+            if self.spec.fleet:  # a kiosk drawn at random among those with no customer
+                i = self.rng.randrange(len(self.free))
+                self.free[i], self.free[-1] = self.free[-1], self.free[i]
+                k = self.free.pop()
+                self.idle.pop(k.spec.id, None)
+            else:
+                k = self.free.pop()
             task = asyncio.create_task(self.one(k, intended, measured))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -533,6 +624,8 @@ class _Worker:
             "partial": self.stop.is_set(),
             "kiosks": len(self.kiosks),
             "trace": self.trace or [],
+            "connects": s.connects,
+            "groups": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.groups.items()},
         }
 
     def close(self) -> None:
@@ -706,6 +799,24 @@ def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: st
     return results
 
 
+def merge_groups(results: list[dict]) -> dict[str, dict]:
+    """Fleet mode: outcomes and latency percentiles per group (operator), over the workers."""
+    out = {}
+    for g in sorted({g for r in results for g in r.get("groups", {})}):
+        outcomes: Counter[str] = Counter()
+        for r in results:
+            outcomes.update(r.get("groups", {}).get(g, {}).get("outcomes", {}))
+        lat = merge([r["groups"][g]["latency"] for r in results if g in r.get("groups", {})])
+        out[g] = {
+            "issued": outcomes.get("ok", 0),
+            "misdelivered": outcomes.get("misdelivered", 0),
+            "refused": sum(v for k, v in outcomes.items() if k.startswith("refused:")),
+            "errors": {k[6:]: v for k, v in outcomes.items() if k.startswith("error:")},
+            **{k: v for k, v in percentiles(lat).items() if k in ("p50_ms", "p99_ms", "count")},
+        }
+    return out
+
+
 def merge_results(results: list[dict], spec: LoadSpec) -> dict:
     """Add up the workers' counts and histograms into one scenario result."""
     lat = merge([r["latency"] for r in results])
@@ -768,5 +879,7 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
             "generator_saturated": any(w["cpu_fraction"] > SATURATED for w in workers),
         },
         "partial": any(r.get("partial") for r in results),
+        "connections_opened": sum(r.get("connects", 0) for r in results),
+        "by_group": merge_groups(results),
         **({"trace": sorted(x for r in results for x in r.get("trace", []))} if spec.trace is not None else {}),
     }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from bench.national import NationalBenchError, NationalOptions, run_national_peak
 from bench.runner import PHASES, BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
@@ -14,11 +15,16 @@ from topology.cli.render import show
 from topology.spec.load import DEFAULT_TOPOLOGY
 
 DEFAULT_STATE = ".konbini-bench"
+NATIONAL = "national-peak"
+NATIONAL_STATE = ".konbini-bench-national"  # its PKI (2 GB for national.yaml) is made once and reused
 
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark scenarios with the kiosk load generator (optionally against HAProxy)")
-    b.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance)")
+    b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance); or {NATIONAL} alone: "
+                        "issuances over every store of topology/national.yaml at the national rate (a compressed day) and at "
+                        "--levels x its peak, p50/p99 and misdelivered per operator")
     b.add_argument("--topology", help="topology file (default: the shipped default topology; failover: topology/redundant.yaml)")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sweep: the starting rate)")
@@ -44,11 +50,17 @@ def add_parser(sub) -> None:
     b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
     b.add_argument("--line", action="append", metavar="KIND=DELAY",
                    help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)")
+    b.add_argument("--levels", default="1,10,100", help=f"{NATIONAL}: multiples of the peak hour's rate, comma-separated (default 1,10,100)")
+    b.add_argument("--hour-s", type=float, default=2.0, help=f"{NATIONAL}: seconds per service hour of the compressed day (default 2; 0: none)")
+    b.add_argument("--processes", type=int, default=12, help=f"{NATIONAL}: node processes for the issuance path (default 12)")
+    b.add_argument("--max-open", type=int, default=2000, help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    if NATIONAL in args.scenarios:
+        return cmd_national(args)
     scenarios = args.scenarios or ["relay-small", "relay-64k", "issuance"]
     chosen = [SCENARIOS[s] for s in scenarios if s in SCENARIOS]  # an unknown name is the runner's error
     own = next((str(DEFAULT_TOPOLOGY.parent / sc.topology) for sc in chosen if sc.topology), None)
@@ -133,6 +145,39 @@ def cmd_bench(args) -> int:
         for entry in report["scenarios"].values() for p in PHASES for check in ("soak", "failover")
     )
     return 1 if failed or soak_failed or report["partial"] else 0
+
+
+def cmd_national(args) -> int:
+    if args.scenarios != [NATIONAL]:
+        raise UserError(f"{NATIONAL} runs alone: it brings up its own (large) topology")
+    try:
+        levels = tuple(float(x) for x in args.levels.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--levels {args.levels!r}: give multiples of the peak rate, e.g. 1,10,100") from None
+    topo = load(args.topology or str(DEFAULT_TOPOLOGY.parent / "national.yaml"))
+    opts = NationalOptions(
+        topology=topo, state_dir=Path(args.state or NATIONAL_STATE), out_dir=Path(args.out), levels=levels,
+        duration_s=args.duration if args.duration is not None else 20.0, warmup_s=args.warmup if args.warmup is not None else 2.0,
+        hour_s=args.hour_s, processes=args.processes, workers=args.workers, max_open=args.max_open, progress=not args.no_progress,
+    )
+    try:
+        report = run_national_peak(opts)
+    except NationalBenchError as exc:
+        raise UserError(str(exc)) from None
+    rows = []
+    for r in report["phases"]:
+        for g, v in r["by_group"].items():
+            rows.append((r["name"], g, f"{r['offered_rps']:g}", str(v["issued"]), str(v["refused"]), str(sum(v["errors"].values())),
+                         _ms(v.get("p50_ms")), _ms(v.get("p99_ms")), str(v["misdelivered"])))
+        rows.append((r["name"], "all", f"{r['offered_rps']:g}", str(r["ok"]), str(sum((r.get("refused") or {}).values())),
+                     str(sum((r.get("errors") or {}).values())), _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), str(r["misdelivered"])))
+    console = Console()
+    show(console, f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
+         + (" (partial)" if report["partial"] else ""),
+         ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"), rows)
+    console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
+    misdelivered = sum(r["misdelivered"] for r in report["phases"])
+    return 1 if misdelivered or report["partial"] else 0
 
 
 def failover_lines(label: str, fo: dict) -> list[str]:

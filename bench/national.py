@@ -1,0 +1,251 @@
+"""`konbini bench national-peak`: open-loop issuances spread over every store of a large file at
+the national rate, then at 10x and 100x its peak, with p50/p99 and misdeliveries per operator.
+
+The rate: 31.9 million convenience-store issuances in FY2023, about 1.01 a second on average.
+How a day's issuances spread over its hours is not in the sources; DAY_PROFILE is an assumption
+(nothing before the service opens at 06:30 or after it closes at 23:00, a lunchtime bump and an
+evening peak at 18:00-19:00 with ~9.7 % of the day), stated in the report next to the numbers.
+
+What runs: the issuance path only (every store router, the EC routers, DMZ relays, the centers,
+OCSP and the municipalities), spread over `processes` forked nodehosts (topology/launch/spread.py);
+store controllers and the kiosks' maintenance endpoints are not on the path and stay down. The
+load generator is in fleet mode (kiosk_emu/load/generator.py): every kiosk of the file can be
+drawn, dials its store router at its first customer and keeps the line while it is among the most
+recently used. The nodes' clock stands at the peak hour (18:30 JST) for every phase, so every
+municipality's own hours are those of the peak; the residents ask for a residence record of a
+participating municipality open then, drawn uniformly. Lines are not impaired (loopback mode).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from bench.scenarios import DOC_64K
+from gateway.business.clock import JST, Clock
+from gateway.business.rules import window, within
+from kiosk_emu.card import CardStore
+from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, Workload, run_load
+from topology.launch import spread
+from topology.launch.netns import NetnsError, stop_nodehosts
+from topology.pki import PKI
+from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Topology
+
+ISSUANCES_PER_YEAR = 31_900_000  # FY2023, issue 12 / the seeds' figures
+MEAN_RATE = ISSUANCES_PER_YEAR / (365 * 86400)  # ~1.01 per second
+# Share of a day's issuances by JST hour (weights; an assumption, see the module's docstring)
+DAY_PROFILE: dict[int, float] = {
+    6: 0.5, 7: 2, 8: 4, 9: 6, 10: 7, 11: 7, 12: 8, 13: 7, 14: 6, 15: 6, 16: 7, 17: 9, 18: 10, 19: 9, 20: 7, 21: 5, 22: 3,
+}
+PEAK_HOUR = max(DAY_PROFILE, key=DAY_PROFILE.__getitem__)
+ISSUANCE_PATH = RELAY_KINDS | CENTER_KINDS
+CARDS = 512  # residents' cards in the pool: more than the issuances ever in flight at once
+
+
+class NationalBenchError(Exception):
+    """A national-peak bench that cannot run; one line for the user."""
+
+
+def hour_rate(hour: int) -> float:
+    """Issuances per second in that JST hour at the national rate."""
+    return MEAN_RATE * 24 * DAY_PROFILE.get(hour, 0.0) / sum(DAY_PROFILE.values())
+
+
+def peak_rate() -> float:
+    return hour_rate(PEAK_HOUR)
+
+
+@dataclass
+class NationalOptions:
+    topology: Topology
+    state_dir: Path
+    out_dir: Path
+    levels: tuple[float, ...] = (1.0, 10.0, 100.0)  # multiples of the peak hour's rate
+    duration_s: float = 20.0  # measured seconds per level
+    warmup_s: float = 2.0
+    hour_s: float = 2.0  # the compressed day: seconds per service hour (0: no day phase)
+    processes: int = 12
+    workers: int = 1
+    max_open: int = 2000
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def fleet(topo: Topology) -> list[KioskSpec]:
+    """Every kiosk of the file with its store router, grouped by the store's operator."""
+    out = []
+    for k in topo.of_kind("kiosk"):
+        r = topo.node(k.upstream or "")
+        out.append(KioskSpec(k.id, k.address, r.id, r.address, r.port or 0, "", group=k.operator or r.operator or "-"))
+    if not out:
+        raise NationalBenchError(f"{topo.source}: no kiosk to send customers to")
+    return out
+
+
+def open_municipalities(topo: Topology, at: datetime) -> list[str]:
+    """Codes of the participating municipalities that issue a residence record at `at`."""
+    out = []
+    for code, node in topo.municipalities().items():
+        m = node.municipality
+        if m and m.participating and "residence-record" in m.certificates and within(at, *window(topo.service_hours, m.hours)):
+            out.append(code)
+    if not out:
+        raise NationalBenchError(f"{topo.source}: no participating municipality open at {at:%H:%M} JST")
+    return sorted(out)
+
+
+def phases(opts: NationalOptions) -> list[dict]:
+    """The compressed day (each service hour for `hour_s` seconds at its real rate), then each
+    level's steady rate; every phase an open-loop run of its own."""
+    out = []
+    if opts.hour_s > 0:
+        hours = sorted(DAY_PROFILE)
+        segments = tuple((opts.hour_s, hour_rate(h)) for h in hours)
+        out.append({"name": "day", "what": f"a day in {opts.hour_s * len(hours):g} s: each hour {hours[0]:02d}-{hours[-1]:02d} "
+                    f"JST for {opts.hour_s:g} s at its national rate", "segments": segments, "hours": hours,
+                    "rate": sum(r for _, r in segments) / len(segments), "duration_s": opts.hour_s * len(hours)})
+    for level in opts.levels:
+        out.append({"name": f"peak x{level:g}", "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)",
+                    "segments": (), "rate": peak_rate() * level, "duration_s": opts.duration_s, "level": level})
+    return out
+
+
+def clock_start() -> datetime:
+    """Yesterday at the peak hour's half past, JST: the same whenever the bench is run."""
+    return (datetime.now(JST) - timedelta(days=1)).replace(hour=PEAK_HOUR, minute=30, second=0, microsecond=0)
+
+
+def _raise_open_files() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def phase_summary(result: dict, phase: dict) -> dict:
+    keep = ("arrivals", "dropped", "ok", "refused", "cancelled", "misdelivered", "errors", "ok_rps", "p50_ms", "p90_ms",
+            "p99_ms", "max_ms", "measured_s", "connections_opened", "by_group", "partial")
+    out = {"name": phase["name"], "what": phase["what"], "offered_rps": round(phase["rate"], 3)}
+    out |= {k: result.get(k) for k in keep}
+    out["generator"] = result.get("generator", {})
+    if phase.get("hours"):  # the day: issuances per emulated hour, from the per-second timeline
+        per = phase["segments"][0][0]
+        counts: dict[int, int] = {}
+        for row in result.get("timeline", []):
+            hour = phase["hours"][min(len(phase["hours"]) - 1, int(row["second"] // per))]
+            counts[hour] = counts.get(hour, 0) + row["count"]
+        out["per_hour"] = [{"hour": h, "offered_per_s": round(hour_rate(h), 3), "completed": counts.get(h, 0)}
+                           for h in phase["hours"]]
+    return out
+
+
+def run_national_peak(opts: NationalOptions) -> dict:
+    topo = opts.topology
+    if opts.processes < 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
+        raise NationalBenchError("--processes, --workers and --duration must be > 0, --hour-s >= 0")
+    if any(level <= 0 for level in opts.levels):
+        raise NationalBenchError("--levels are multiples of the peak rate: each must be > 0")
+    kiosks = fleet(topo)
+    at = clock_start()
+    munis = open_municipalities(topo, at)
+    _raise_open_files()
+    sdir = opts.state_dir.resolve()
+    sdir.mkdir(parents=True, exist_ok=True)
+    say = print if opts.progress else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    say(f"PKI for {len(topo.nodes):,} nodes in {sdir / 'pki'} (made once, then reused) ...", flush=True)
+    pki = PKI.ensure(sdir, topo)
+    pki_s = time.perf_counter() - t0
+    cards = CardStore(sdir, pki, Clock(at).now)
+    pool = [c.card_id for c in cards.ensure_pool(CARDS)]
+    servers = sum(1 for n in topo.nodes.values() if n.is_server and n.kind in ISSUANCE_PATH)
+    say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...", flush=True)
+    t1 = time.perf_counter()
+    try:
+        hosts = spread.start(topo, sdir, opts.processes, clock=at.isoformat(), kinds=ISSUANCE_PATH,
+                             progress=lambda done, total: say(f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)", flush=True))
+    except NetnsError as exc:
+        raise NationalBenchError(str(exc)) from None
+    up_s = time.perf_counter() - t1
+    report = {
+        "bench": "national-peak", "topology": topo.source, "stores": len(topo.of_kind("store-router")), "kiosks": len(kiosks),
+        "operators": sorted({k.group for k in kiosks}), "municipalities_open": len(munis), "servers_up": servers,
+        "processes": len(hosts), "pki_s": round(pki_s, 1), "up_s": round(up_s, 1), "clock": at.isoformat(),
+        "issuances_per_year": ISSUANCES_PER_YEAR, "mean_rate": round(MEAN_RATE, 4), "peak_hour": PEAK_HOUR,
+        "peak_rate": round(peak_rate(), 4), "day_profile": DAY_PROFILE, "phases": [], "partial": False,
+        "notes": [*opts.notes,
+                  "the day profile is an assumption (no hourly figures in the sources); the nodes' clock stands at "
+                  f"{PEAK_HOUR}:30 JST in every phase",
+                  "lines are not impaired; store controllers and kiosk maintenance endpoints are not started"],
+    }
+    try:
+        for phase in phases(opts):
+            spec = LoadSpec(
+                workload=Workload("national-peak", "issuance", size=DOC_64K), state_dir=str(sdir), kiosks=kiosks,
+                ca_path=str(pki.network_ca_path), rate=phase["rate"], duration_s=phase["duration_s"], warmup_s=opts.warmup_s,
+                open_muni=munis[0], closed_muni=munis[0], clock_start=at.isoformat(),
+                hop_kinds={n.id: n.kind for n in topo.nodes.values() if n.is_server},
+                fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
+            )
+            try:
+                result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")
+            except LoadError as exc:
+                raise NationalBenchError(str(exc)) from None
+            row = phase_summary(result, phase)
+            report["phases"].append(row)
+            say(phase_line(row), flush=True)
+            if result.get("partial"):
+                report["partial"] = True
+                break
+    finally:
+        stop_nodehosts(hosts)
+    write_national(report, opts.out_dir)
+    return report
+
+
+def phase_line(row: dict) -> str:
+    ops = ", ".join(f"{g} {v['issued']} (p99 {_ms(v.get('p99_ms'))})" for g, v in row["by_group"].items())
+    return (f"{row['name']}: offered {row['offered_rps']:g}/s, {row['ok']} issued of {row['arrivals']} "
+            f"({row['dropped']} dropped), p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} ms, misdelivered "
+            f"{row['misdelivered']}; per operator: {ops}")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def write_national(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "national-peak.json"
+    js.write_text(json.dumps(report, indent=1, default=str))
+    md = out_dir / "national-peak.md"
+    lines = [
+        f"# konbini bench national-peak: {report['topology']}", "",
+        f"{report['stores']:,} stores, {report['kiosks']:,} kiosks, {report['municipalities_open']:,} municipalities open at "
+        f"{report['clock']}; {report['servers_up']:,} servers of the issuance path up in {report['up_s']} s "
+        f"({report['processes']} processes). National rate {report['issuances_per_year']:,} a year = "
+        f"{report['mean_rate']}/s on average; peak hour {report['peak_hour']}:00 at {report['peak_rate']}/s.", "",
+        "| phase | offered /s | arrivals | issued | dropped | errors | p50 ms | p99 ms | misdelivered | kiosks dialled | gen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["phases"]:
+        gen = r.get("generator", {})
+        lines.append(f"| {r['name']} | {r['offered_rps']:g} | {r['arrivals']} | {r['ok']} | {r['dropped']} | "
+                     f"{sum((r.get('errors') or {}).values())} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['misdelivered']} | "
+                     f"{r.get('connections_opened')} | {gen.get('cpu_fraction_max', 0):.0%} |")
+    lines += ["", "Per operator:", "", "| phase | operator | issued | refused | errors | p50 ms | p99 ms | misdelivered |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["phases"]:
+        for g, v in r["by_group"].items():
+            lines.append(f"| {r['name']} | {g} | {v['issued']} | {v['refused']} | {sum(v['errors'].values())} | "
+                         f"{_ms(v.get('p50_ms'))} | {_ms(v.get('p99_ms'))} | {v['misdelivered']} |")
+    day = next((r for r in report["phases"] if r.get("per_hour")), None)
+    if day:
+        lines += ["", "The compressed day, completions per emulated hour:", "", "| hour JST | offered /s | completed |", "|---|---|---|"]
+        lines += [f"| {h['hour']:02d} | {h['offered_per_s']} | {h['completed']} |" for h in day["per_hour"]]
+    lines += ["", *[f"- {n}" for n in report["notes"]], ""]
+    md.write_text("\n".join(lines))
+    return js, md
