@@ -127,7 +127,7 @@ def _raise_open_files() -> None:
 
 def phase_summary(result: dict, phase: dict) -> dict:
     keep = ("arrivals", "dropped", "ok", "refused", "cancelled", "misdelivered", "errors", "ok_rps", "p50_ms", "p90_ms",
-            "p99_ms", "max_ms", "measured_s", "connections_opened", "by_group", "partial")
+            "p99_ms", "max_ms", "measured_s", "connections_opened", "misdelivery_reasons", "by_group", "partial")
     out = {"name": phase["name"], "what": phase["what"], "offered_rps": round(phase["rate"], 3)}
     out |= {k: result.get(k) for k in keep}
     out["generator"] = result.get("generator", {})
@@ -188,7 +188,7 @@ def run_national_peak(opts: NationalOptions) -> dict:
                 ca_path=str(pki.network_ca_path), rate=phase["rate"], duration_s=phase["duration_s"], warmup_s=opts.warmup_s,
                 open_muni=munis[0], closed_muni=munis[0], clock_start=at.isoformat(),
                 hop_kinds={n.id: n.kind for n in topo.nodes.values() if n.is_server},
-                fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
+                centers=tuple(sorted(n.id for n in topo.of_kind("issuance-center"))), fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
             )
             try:
                 result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")

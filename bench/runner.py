@@ -547,6 +547,7 @@ class Bench:
             rate=rate, concurrency=concurrency, duration_s=duration, warmup_s=warm, count=o.count, seed=o.seed,
             open_muni=self.open_muni, closed_muni=self.closed_muni or self.open_muni, revoked_card="bench-revoked",
             hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
+            centers=tuple(sorted(n.id for n in self.topo.of_kind("issuance-center"))),
             trace=self.failover.watched if sc.failover and self.failover is not None else None,
         )
 

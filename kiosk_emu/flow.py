@@ -116,12 +116,15 @@ class Outcome:
 
 
 class KioskFlow:
-    def __init__(self, kiosk_id: str, card: Card, pin: str, request: IssueRequest, center_key: ec.EllipticCurvePublicKey):
+    def __init__(self, kiosk_id: str, card: Card, pin: str, request: IssueRequest,
+                 center_key: ec.EllipticCurvePublicKey | tuple[ec.EllipticCurvePublicKey, ...]):
+        """`center_key`: the issuance center's key, or every center's where a second one stands by
+        (a DMZ relay that fails over sends the whole session to it, and it signs the binding)."""
         self.kiosk_id = kiosk_id
         self.card = card
         self.pin = pin
         self.request = request
-        self.center_key = center_key
+        self.center_keys = center_key if isinstance(center_key, tuple) else (center_key,)
         self.state = S.START
         self.session: str | None = None
         self.outcome = Outcome()
@@ -240,9 +243,11 @@ class KioskFlow:
             return "binding-missing"
         try:
             blob = base64.b64decode(blob_b64, validate=True)
-            self.center_key.verify(base64.b64decode(sig_b64, validate=True), blob, ec.ECDSA(hashes.SHA256()))
+            sig = base64.b64decode(sig_b64, validate=True)
             b = msgspec.json.decode(blob, type=Binding)
-        except (ValueError, InvalidSignature, msgspec.DecodeError):
+        except (ValueError, msgspec.DecodeError):
+            return "signature-invalid"
+        if not any(_signed_by(key, sig, blob) for key in self.center_keys):
             return "signature-invalid"
         if b.session != self.session or b.kiosk != self.kiosk_id or b.card != self.card.fingerprint:
             return "bound-to-another-session"
@@ -297,3 +302,11 @@ class KioskFlow:
     def erased(self) -> None:
         self._go("erased")
         self.outcome.status = Status.REFUNDED if self.outcome.refunded else Status.ISSUED
+
+
+def _signed_by(key: ec.EllipticCurvePublicKey, sig: bytes, blob: bytes) -> bool:
+    try:
+        key.verify(sig, blob, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True

@@ -79,10 +79,13 @@ class Kiosk:
         self.spool.mkdir(parents=True, exist_ok=True)
         self.log_path = state_dir / "kiosk-logs" / f"{self.node.id}.jsonl"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        chain, _ = ctx.pki.node_paths("issuance-center")
-        center = x509.load_pem_x509_certificate(Path(chain).read_bytes())
-        center.verify_directly_issued_by(ctx.pki.network_ca)  # the signing key must be the real center's
-        self.center_key = center.public_key()
+        keys = []
+        for center_id in sorted(n.id for n in ctx.topo.of_kind("issuance-center")):  # a standby center signs too
+            chain, _ = ctx.pki.node_paths(center_id)
+            center = x509.load_pem_x509_certificate(Path(chain).read_bytes())
+            center.verify_directly_issued_by(ctx.pki.network_ca)  # the signing key must be a real center's
+            keys.append(center.public_key())
+        self.center_key = tuple(keys)
 
     async def connect(self) -> TrioH2:
         """A connection to this kiosk's store router; the caller runs `conn.run` in a nursery."""

@@ -147,6 +147,31 @@ def test_kiosk_flow_refuses_a_binding_signed_by_anyone_but_the_center(state, top
     assert flow.on_document_end.__self__.state is State.MISDELIVERED
 
 
+def test_kiosk_flow_accepts_a_binding_signed_by_a_standby_center_it_was_given(state, topo):
+    """national.yaml's DMZ relays fail over to issuance-center-2 when the first is overloaded: its
+    bindings were counted as misdelivered (signature-invalid) by a kiosk that knew one key only."""
+    from kiosk_emu.card import CardStore
+    from topology.pki import PKI
+
+    pki = PKI.ensure(state, topo)
+    card = CardStore(state, pki, clock=lambda: TEST_TIME).ensure_pool(1)[0]
+    center = serialization.load_pem_private_key(pki.node_paths("issuance-center")[1].read_bytes(), None)
+    standby = ec.generate_private_key(ec.SECP256R1())  # stands for the second center's key
+    other = ec.generate_private_key(ec.SECP256R1())
+    b = Binding("i", "s", "kiosk-a1-1", card.fingerprint, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", 0, "x", 1, 1)
+
+    def end(keys, signer) -> str | None:
+        flow = KioskFlow("kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"), keys)
+        flow.state, flow.session = State.AUTHENTICATED, "s"
+        flow.on_document_headers(200, [(b"konbini-issuance-id", b"i")])
+        return flow.on_document_end(_signed_trailers(signer, b))
+
+    both = (center.public_key(), standby.public_key())
+    assert end(both, standby) is None and end(both, center) is None
+    assert end(center.public_key(), standby) == "signature-invalid"  # one key: the standby's is refused
+    assert end(both, other) == "signature-invalid"
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 

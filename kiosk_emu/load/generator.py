@@ -194,6 +194,7 @@ class LoadSpec:
     # its first customer (its TLS context made then) and keeps the connection while it is among
     # the `max_open` most recently used; the resident brings a card from `cards` and asks for a
     # certificate of a municipality drawn from `munis`.
+    centers: tuple[str, ...] = ("issuance-center",)  # whose signature on a document's binding is accepted
     fleet: bool = False
     cards: tuple[str, ...] = ()
     munis: tuple[str, ...] = ()
@@ -222,6 +223,7 @@ class _Stats:
         self.split_total_ms = 0.0
         self.groups: dict[str, tuple[Counter[str], HdrHistogram]] = {}  # fleet mode: per operator
         self.connects = 0  # fleet mode: kiosks that dialled their store router during the run
+        self.misdelivery: Counter[str] = Counter()  # the kiosk's reason for each rejected document
 
     def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float],
                group: str = "") -> None:
@@ -358,8 +360,8 @@ class _Worker:
     def load_identities(self) -> None:
         state = Path(self.spec.state_dir)
         nodes = state / "pki" / "nodes"
-        center = x509.load_pem_x509_certificate((nodes / "issuance-center.pem").read_bytes())
-        center_key = center.public_key()
+        center_key = tuple(x509.load_pem_x509_certificate((nodes / f"{c}.pem").read_bytes()).public_key()
+                           for c in self.spec.centers)
         cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
         cards.dir = state / "cards"
         if self.spec.fleet:
@@ -404,7 +406,7 @@ class _Worker:
             r -= share
         return "ok"
 
-    async def one(self, k: _Kiosk, intended: float, measured: bool) -> None:
+    async def one(self, k: _Kiosk, intended: float, measured: bool, card=None) -> None:
         loop = asyncio.get_running_loop()
         w = self.spec.workload
         hops: dict[str, float] = {}
@@ -412,7 +414,6 @@ class _Worker:
         nbytes = 0
         case = "ok"
         started = loop.time()
-        card = self.card_pool.pop() if self.spec.fleet else None
         try:
             if w.kind == "relay":
                 async with asyncio.timeout(w.timeout_s):
@@ -490,6 +491,7 @@ class _Worker:
             outcome = "ok"
         elif o.status is Status.MISDELIVERED:
             outcome = "misdelivered"
+            self.stats.misdelivery[o.reason or "-"] += 1
         else:
             outcome = f"{o.status}:{o.reason}"
         return outcome, nbytes, o.hops, o.split
@@ -540,7 +542,8 @@ class _Worker:
                 self.idle.pop(k.spec.id, None)
             else:
                 k = self.free.pop()
-            task = asyncio.create_task(self.one(k, intended, measured))
+            card = self.card_pool.pop() if self.spec.fleet else None  # taken now: its task starts later
+            task = asyncio.create_task(self.one(k, intended, measured, card))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -625,6 +628,7 @@ class _Worker:
             "kiosks": len(self.kiosks),
             "trace": self.trace or [],
             "connects": s.connects,
+            "misdelivery": dict(s.misdelivery),
             "groups": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.groups.items()},
         }
 
@@ -880,6 +884,7 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         },
         "partial": any(r.get("partial") for r in results),
         "connections_opened": sum(r.get("connects", 0) for r in results),
+        "misdelivery_reasons": dict(sum((Counter(r.get("misdelivery", {})) for r in results), Counter())),
         "by_group": merge_groups(results),
         **({"trace": sorted(x for r in results for x in r.get("trace", []))} if spec.trace is not None else {}),
     }
