@@ -181,14 +181,15 @@ def run_national_peak(opts: NationalOptions) -> dict:
                   f"{PEAK_HOUR}:30 JST in every phase",
                   "lines are not impaired; store controllers and kiosk maintenance endpoints are not started"],
     }
+    hop_kinds = {n.id: n.kind for n in topo.nodes.values() if n.is_server}  # the same for every phase
+    centers = tuple(sorted(n.id for n in topo.of_kind("issuance-center")))
     try:
         for phase in phases(opts):
             spec = LoadSpec(
                 workload=Workload("national-peak", "issuance", size=DOC_64K), state_dir=str(sdir), kiosks=kiosks,
                 ca_path=str(pki.network_ca_path), rate=phase["rate"], duration_s=phase["duration_s"], warmup_s=opts.warmup_s,
-                open_muni=munis[0], closed_muni=munis[0], clock_start=at.isoformat(),
-                hop_kinds={n.id: n.kind for n in topo.nodes.values() if n.is_server},
-                centers=tuple(sorted(n.id for n in topo.of_kind("issuance-center"))), fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
+                open_muni=munis[0], closed_muni=munis[0], clock_start=at.isoformat(), hop_kinds=hop_kinds, centers=centers,
+                fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
             )
             try:
                 result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")

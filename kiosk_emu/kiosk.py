@@ -85,7 +85,7 @@ class Kiosk:
             center = x509.load_pem_x509_certificate(Path(chain).read_bytes())
             center.verify_directly_issued_by(ctx.pki.network_ca)  # the signing key must be a real center's
             keys.append(center.public_key())
-        self.center_key = tuple(keys)
+        self.center_keys = tuple(keys)
 
     async def connect(self) -> TrioH2:
         """A connection to this kiosk's store router; the caller runs `conn.run` in a nursery."""
@@ -99,7 +99,7 @@ class Kiosk:
     async def issue(
         self, conn: TrioH2, card: Card, pin: str, request: IssueRequest, *, timeout: float = ISSUANCE_TIMEOUT
     ) -> IssuanceResult:
-        flow = KioskFlow(self.node.id, card, pin, request, self.center_key)
+        flow = KioskFlow(self.node.id, card, pin, request, self.center_keys)
         driver = FlowDriver(conn, self.router.id, _Devices(self, conn))
         t0 = time.perf_counter()
         try:

@@ -8,8 +8,8 @@ by reason and logged with the peer's address and node id only (no personal data)
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 import socket
 import ssl
 from collections import Counter
