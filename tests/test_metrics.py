@@ -169,3 +169,29 @@ async def test_curl_with_the_monitoring_certificate_scrapes_the_center(net):
         proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert sample(proc.stdout.decode(), "konbini_node_info", node="issuance-center") == 1.0
+
+
+def test_a_nodes_metrics_are_made_at_first_use_and_keep_collectors_registered_before():
+    """Start-up does not pay for fifteen series per node; a collector registered before the first
+    scrape (an app's own state) is still in it, and the node's counters start from zero."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from gateway.node.metrics import NodeMetrics
+
+    class AppState:
+        def collect(self):
+            g = GaugeMetricFamily("konbini_test_app_state", "An app's state, read at scrape time.")
+            g.add_metric([], 7)
+            yield g
+
+    m = NodeMetrics("store-router-a1", "store_router")
+    m.register(AppState())
+    assert "registry" not in vars(m)  # nothing made yet
+    m.request("POST")
+    assert "registry" in vars(m)
+    text = m.exposition().decode()
+    assert sample(text, "konbini_node_info", node="store-router-a1", kind="store_router") == 1.0
+    assert sample(text, "konbini_requests_total", method="POST") == 1.0
+    assert sample(text, "konbini_test_app_state") == 7.0
+    with pytest.raises(AttributeError):
+        m.no_such_series  # a typo is still an error, not a silent new series

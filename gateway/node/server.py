@@ -152,7 +152,7 @@ class NodeServer:
         self.app = app
         self.metrics = app.metrics = NodeMetrics(ctx.node.id, ctx.node.kind)
         if callable(getattr(app, "collect", None)):  # an app with state to read at scrape time
-            self.metrics.registry.register(app)
+            self.metrics.register(app)
         self.scrape_allow = scrape_allowlist(ctx.topo, ctx.mode)
         self.denials: Counter[str] = Counter()
         self.connections = 0

@@ -160,7 +160,7 @@ def scrape_hint(running: Running, impair_status) -> str:
     each node the impairment daemon's counters for its own lines."""
     for node_id, server in running.servers.items():
         line_ids = {line.id for line in running.topo.lines if node_id in (line.a, line.b)}
-        server.metrics.registry.register(ImpairmentStatus(impair_status, line_ids))
+        server.metrics.register(ImpairmentStatus(impair_status, line_ids))
     cert, key = running.pki.principal_paths("monitoring")
     source = monitoring_address(running.mode)
     first = next(iter(running.servers.values())).ctx.address if running.servers else "ADDRESS"

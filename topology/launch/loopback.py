@@ -58,18 +58,22 @@ async def run_topology(
     only: set[str] | None = None,
     bind: str | None = None,
     allow: dict | None = None,
+    pki: PKI | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
     and never written, nodes listen on `bind` (all addresses by default), and admin surfaces,
-    reached from in-store consoles by address, are not started."""
+    reached from in-store consoles by address, are not started. `allow` and `pki`: a forked
+    nodehost's, inherited from the parent that compiled and checked them (a large file's take
+    seconds, in every process)."""
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
-    pki = PKI.load(state_dir, topo) if mode == CLUSTER else PKI.ensure(state_dir, topo)
+    if pki is None:
+        pki = PKI.load(state_dir, topo) if mode == CLUSTER else PKI.ensure(state_dir, topo)
     clock = clock or Clock()
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
     running = Running(topo, state_dir, pki, cards, clock, mode)
-    if allow is None:  # a forked nodehost may inherit its parent's (a large file's take seconds)
+    if allow is None:
         allow = node_allowlists(topo, mode)
     with trio.CancelScope() as scope:
         running.cancel_scope = scope

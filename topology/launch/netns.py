@@ -218,7 +218,7 @@ class Nodehost:
 
 
 def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
-                   allow=None) -> Nodehost:
+                   allow=None, pki=None) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
     the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
 to well under one."""
@@ -244,7 +244,7 @@ to well under one."""
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if namespace is not None:  # None: loopback mode, several processes (topology/launch/spread.py)
                 enter_namespace(namespace)
-            rc = nodehost.main(argv, topo=topo, allow=allow)
+            rc = nodehost.main(argv, topo=topo, allow=allow, pki=pki)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -299,10 +299,11 @@ def start_nodehosts(
 
 
 def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
-                   clock: str | None = None, clock_speed: float = 1.0, topo=None, allow=None,
+                   clock: str | None = None, clock_speed: float = 1.0, topo=None, allow=None, pki=None,
                    started=None, progress=None) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
+    `topo`, `allow`, `pki`: the parent's, for the children to inherit instead of making again.
     `started(host, namespace)` after each fork; `progress(ready, total)` as they come up."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
@@ -313,7 +314,7 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
                     "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow)
+            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow, pki)
             hosts.append(host)
             if started is not None:
                 started(host, namespace)

@@ -60,7 +60,7 @@ def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = N
     """Fork `processes` loopback nodehosts over the topology (its servers of `kinds` only, if
     given); returns once each said "ready"."""
     state_dir = Path(state_dir).resolve()
-    PKI.ensure(state_dir, topo)  # once, here: the children only read it
+    pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
     allow = node_allowlists(topo, "loopback")
     jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
     # The model and allow-lists are millions of objects the children only read: out of the
@@ -68,4 +68,4 @@ def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = N
     gc.collect()
     gc.freeze()
     return fork_nodehosts(jobs, "loopback", topo.source or "-", state_dir, state_dir / "processes", READY_TIMEOUT,
-                          clock, clock_speed, topo, allow, progress=progress)
+                          clock, clock_speed, topo, allow, pki, progress=progress)
