@@ -133,6 +133,43 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
     return TrioH2(tls, client_side=True, peer=expect_id)
 
 
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF = 0.1  # seconds, as trio.serve_listeners
+
+
+def listening_socket(address: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking TCP socket listening on `address:port` (SO_REUSEADDR, as Trio's listeners)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.create_server((address, port), family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+async def accept_loop(sock: socket.socket, handler, nursery: trio.Nursery) -> None:
+    """Accept on `sock` for ever, each connection to `handler` in `nursery`; the socket is closed
+    when the loop ends. The loop of `trio.serve_listeners` without the nursery and task it adds
+    per listener and the SocketListener around it: a national file has 223,522 listeners, most
+    never dialled, and that machinery was a third of a node's start. As there, accept() finding
+    no descriptor or memory free (EMFILE, ENFILE, ENOMEM, ENOBUFS) is logged and retried after
+    100 ms: a flood slows the node down instead of cancelling every node in the process."""
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                continue  # the peer gave up between the wakeup and accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept returned %s (%s); retrying in %s s", errno.errorcode[exc.errno], os.strerror(exc.errno), ACCEPT_BACKOFF)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+    finally:
+        sock.close()
+
+
 class App:
     """What runs behind a NodeServer: override `handle` (per request) or `serve_connection`."""
 
@@ -159,6 +196,7 @@ class NodeServer:
         self.limits = ctx.limits
         self._per_peer: Counter[str] = Counter()  # open connections by peer address
         self._denied = trio.Event()  # set (and renewed) at every denial, for `until_denied`
+        self._sockets: tuple[socket.socket, socket.socket] | None = None  # service, scrape (`bind`)
 
     def deny(self, reason: str, peer: str, identity: str | None = None) -> None:
         self.denials[reason] += 1
@@ -172,24 +210,27 @@ class NodeServer:
         while self.denials[reason] < count:
             await self._denied.wait()
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report ready (with the listeners), then serve each connection in its own task.
-
-        `trio.serve_listeners` logs and backs off for 100 ms when accept() runs out of descriptors
-        or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS): a flood of connections slows this node
-        down instead of raising out of the listener and cancelling every node in the process."""
-        node = self.ctx.node
+    def bind(self) -> None:
+        """Check this node's certificate files and open its two listening sockets, synchronously:
+        a launcher binds node after node without a task round trip each (`NodeStartError` names
+        the node). `serve` binds first if this was not called."""
         self.ctx.check_tls_files()  # the context itself is made at the first connection
-        listeners = await self._listen(node.port)
-        scrape = await self._listen(self.scrape_allow.port)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._scrape, scrape)
-            task_status.started(await nursery.start(trio.serve_listeners, self._connection, listeners))
+        self._sockets = (self._listen(self.ctx.node.port), self._listen(self.scrape_allow.port))
 
-    async def _listen(self, port: int | None) -> list[trio.SocketListener]:
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind (unless `bind` did), report ready, then serve each connection in its own task."""
+        if self._sockets is None:
+            self.bind()
+        service, scrape = self._sockets
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_loop, scrape, self._scrape, nursery)
+            task_status.started()
+            await accept_loop(service, self._connection, nursery)
+
+    def _listen(self, port: int | None) -> socket.socket:
         address = self.ctx.address
         try:
-            return await trio.open_tcp_listeners(port, host=address, backlog=1024)
+            return listening_socket(address, port or 0)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{self.ctx.node.id}: address {address}:{port} {what}") from None

@@ -84,7 +84,8 @@ async def run_topology(
                     continue
                 ctx = NodeContext(topo, node, pki, mode, running.clock, bind)
                 server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
-                await nursery.start(server.serve)
+                server.bind()  # listening once bound: the kernel queues connections until accept
+                nursery.start_soon(server.serve)
                 running.servers[node.id] = server
             admin_allow = compile_admin_allowlists(topo, mode) if mode != CLUSTER else {}
             for node in topo.nodes.values():  # admin / maintenance surfaces (a kiosk's too)
