@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 from datetime import datetime
 
@@ -44,6 +45,29 @@ def test_schema_is_migrated_once_and_reopening_keeps_it(tmp_path):
     db.close()
     again = LedgerDB(tmp_path / "l.sqlite")
     assert again.version == len(MIGRATIONS) and again.count("issuance") == 1
+
+
+def test_two_processes_opening_one_new_ledger_at_once_migrate_it_once(tmp_path):
+    """A standby center in its own process opens the shared ledger as the first one does. (Before
+    the fix 25 of 30 such rounds failed: "table entries already exists", "database is locked".)"""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = tmp_path / f"l{round_}.sqlite"
+        start = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_at_once, args=(str(path), start)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0] * 6
+        db = LedgerDB(path)
+        assert [r[0] for r in db.conn.execute("SELECT version FROM schema_version")] == list(range(1, len(MIGRATIONS) + 1))
+        db.close()
+
+
+def _open_at_once(path: str, start) -> None:
+    start.wait(10)
+    LedgerDB(path).close()
 
 
 def test_notice_is_recorded_once_even_after_a_restart(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -149,10 +150,10 @@ class LedgerDB:
         try:
             self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
-            if self.path != MEMORY:
-                self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA busy_timeout=5000")
+            if self.path != MEMORY:
+                self._set_wal()
+            self.conn.execute("PRAGMA synchronous=FULL")
             self.migrate()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger {self.path}: cannot open ({exc})") from None
@@ -163,6 +164,19 @@ class LedgerDB:
     def close(self) -> None:
         self.conn.close()
 
+    def _set_wal(self, tries: int = 100) -> None:
+        """Switch a new file to WAL. SQLite answers "locked" at once, without its busy handler, when
+        another process switches the same new file in the same moment (two centers starting): try
+        again for up to 5 s."""
+        for attempt in range(tries):
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == tries - 1:
+                    raise
+                time.sleep(0.05)
+
     # -- schema ------------------------------------------------------------------------------
 
     @property
@@ -171,17 +185,24 @@ class LedgerDB:
         return row[0] or 0
 
     def migrate(self) -> None:
-        """Apply every migration newer than the file, each in its own transaction."""
+        """Apply every migration newer than the file, each in its own transaction. The version is
+        read again under the write lock: two centers opening one new ledger at once (a standby
+        center in its own process) apply each migration once, not twice."""
         self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        current = self.version
-        if current > len(MIGRATIONS):
-            raise LedgerError(f"ledger {self.path}: schema version {current} is newer than this konbini ({len(MIGRATIONS)})")
+        current = self._check_version(self.version)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             with self.transaction():
+                if self._check_version(self.version) >= version:
+                    continue
                 for statement in MIGRATIONS[version - 1].split(";"):
                     if statement.strip():
                         self.conn.execute(statement)
                 self.conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+
+    def _check_version(self, current: int) -> int:
+        if current > len(MIGRATIONS):
+            raise LedgerError(f"ledger {self.path}: schema version {current} is newer than this konbini ({len(MIGRATIONS)})")
+        return current
 
     def transaction(self):
         return _Transaction(self)
