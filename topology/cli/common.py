@@ -29,7 +29,7 @@ def load(path: str | None) -> Topology:
 
 
 def state_dir(args, topo: Topology) -> Path:
-    return Path(args.state or topo.state_dir)
+    return Path(getattr(args, "state", None) or topo.state_dir)
 
 
 def user_error(exc: BaseException) -> BaseException | None:

@@ -17,6 +17,7 @@ from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import enter_kiosk_namespace
 from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
+from topology.launch.netns import running_part
 from topology.pki import PKI, PKIError
 
 
@@ -34,8 +35,10 @@ def pick_kiosk(topo, kiosk: str | None, store: str | None) -> str:
 def cmd_issue(args) -> int:
     topo = load(args.topology)
     sdir = state_dir(args, topo)
-    kiosk_id = pick_kiosk(topo, args.kiosk, args.store)
     mode = "netns" if getattr(args, "netns", False) else CLUSTER if getattr(args, "cluster", False) else "loopback"
+    if mode == "netns":
+        topo = running_part(topo, sdir)  # `up --netns --sites`: its stores, municipalities and addresses
+    kiosk_id = pick_kiosk(topo, args.kiosk, args.store)
     if mode == "netns":
         if args.up:
             raise UserError("--up and --netns do not mix; start `konbini up --netns` first")

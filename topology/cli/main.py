@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--clock-speed", type=float, default=1.0, help="emulated seconds per real second")
     u.add_argument("--netns", action="store_true", help="network-namespace mode with nftables (root)")
     u.add_argument("--tag", help="with --netns: name namespaces konbini-TAG-* instead of konbini-*")
+    u.add_argument("--sites", help="with --netns: only these sites (comma-separated shell patterns, e.g. "
+                   "'store-a0000[1-5],lgwan-000*') and the sites on their way up (EC router, DMZ relays, centers)")
     u.add_argument("--no-preflight", action="store_true", help="start even when the pre-flight check finds a limit too low")
     u.add_argument("--processes", type=int, default=1,
                    help="loopback mode: spread the nodes over this many processes (cores; open-file limits per process)")

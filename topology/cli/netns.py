@@ -19,13 +19,17 @@ from topology.check import outside
 from topology.check import policy as policycheck
 from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
-from topology.cli.render import show
+from topology.cli.expand import write_expanded
+from topology.cli.render import TABLE_LIMIT, show, show_nodes
 from topology.launch import impair, netns
 from topology.netns.impair import ImpairError, Shape
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
 from topology.policy.nft import compile_ruleset
 from topology.spec.model import Impairment
+from topology.spec.part import PartError, part
+
+NETNS_NODE_LIMIT = 20_000  # a namespace per site; past this, `up --netns` asks for --sites (README "Netns mode on a large file")
 
 
 def _plan(topo, tag):
@@ -57,28 +61,45 @@ def cmd_up_netns(args) -> int:
 
     netns.require_root("`konbini up --netns`")
     topo = load(args.file)
+    console = Console()
+    sites = [p.strip() for p in args.sites.split(",") if p.strip()] if getattr(args, "sites", None) else None
+    if sites:
+        try:
+            topo, notes = part(topo, sites)
+        except PartError as exc:
+            raise UserError(str(exc)) from None
+        for note in notes:
+            console.print(f"[yellow]sites[/] {note}")
+        topo = _write_part(topo, state_dir(args, topo))
+    elif len(topo.nodes) > NETNS_NODE_LIMIT:
+        raise UserError(f"{topo.name!r} has {len(topo.nodes):,} nodes, too many for a namespace per site; bring up a "
+                        f"part with --sites (e.g. --sites 'store-a0000[1-9]'), or run it in loopback mode "
+                        f"(`konbini up {args.file or ''} --processes N`)")
     plan = _plan(topo, getattr(args, "tag", None))
     sdir = state_dir(args, topo)
-    console = Console()
     t0 = time.perf_counter()
     sdir.mkdir(parents=True, exist_ok=True)
-    PKI.ensure(sdir, topo)  # once here, so the node processes only load it
-    net_s = netns.create_network(plan, sdir)
+    pki = PKI.ensure(sdir.resolve(), topo)  # once here: the node processes inherit it
+    net_s = netns.create_network(plan, sdir, sites)
     netns.register_launcher(plan.prefix)
     hosts = []
     try:
         warnings = netns.apply_impairments(plan, sdir)
         lines = impair.Impairments(topo, "netns", plan, sdir)
-        hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed)
+        hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki)
         up_s = time.perf_counter() - t0
-        table = Table(title=f"konbini topology {topo.name!r} (netns)")
-        for col in ("node", "kind", "namespace", "address", "ready"):
-            table.add_column(col)
-        for node in topo.nodes.values():
-            addr = node.address_in("netns")
-            table.add_row(node.id, node.kind, plan.namespace(node.site), f"{addr}:{node.port}" if node.port else addr,
-                          "listening" if node.is_server else "client")
-        console.print(table)
+        if len(topo.nodes) <= TABLE_LIMIT:
+            table = Table(title=f"konbini topology {topo.name!r} (netns)")
+            for col in ("node", "kind", "namespace", "address", "ready"):
+                table.add_column(col)
+            for node in topo.nodes.values():
+                addr = node.address_in("netns")
+                table.add_row(node.id, node.kind, plan.namespace(node.site), f"{addr}:{node.port}" if node.port else addr,
+                              "listening" if node.is_server else "client")
+            console.print(table)
+        else:
+            show_nodes(console, topo, f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces)",
+                       {n for n in topo.nodes if topo.nodes[n].is_server})
         for w in warnings:
             console.print(f"[yellow]lines[/] {w}")
         console.print(
@@ -87,12 +108,12 @@ def cmd_up_netns(args) -> int:
             f"konbini issue --netns`; Ctrl-C or `konbini down` stops."
         )
         if plan.monitoring is not None:  # issue 14: where to scrape (only from the monitoring namespace)
-            cert, key = PKI.ensure(sdir, topo).principal_paths("monitoring")
+            cert, key = pki.principal_paths("monitoring")
             first = next((n for n in topo.nodes.values() if n.is_server), None)
             console.print(
                 f"[bold]metrics[/] https://<node address>:9464/metrics on every listening node, only from namespace "
                 f"{plan.monitoring.namespace} ({plan.monitoring.address}) with the monitoring certificate:\n"
-                f"  ip netns exec {plan.monitoring.namespace} curl --cacert {PKI.ensure(sdir, topo).network_ca_path} --cert {cert} "
+                f"  ip netns exec {plan.monitoring.namespace} curl --cacert {pki.network_ca_path} --cert {cert} "
                 f"--key {key} --resolve {first.id}:9464:{first.address_in('netns')} https://{first.id}:9464/metrics"
                 if first else "", soft_wrap=True)
         stop = {"now": False}
@@ -123,6 +144,17 @@ def cmd_up_netns(args) -> int:
         netns.teardown(plan.prefix, sdir)
         console.print(f"stopped; namespaces removed in {(time.perf_counter() - t1) * 1000:.0f} ms.")
     return 0
+
+
+def _write_part(topo, sdir: Path):
+    """The part, written out in full as net/part.yaml and loaded back from there: the node
+    processes, the policy check's probes in every namespace and `issue --netns` all read that file
+    (`netns.running_part`), so they agree on its nodes and netns addresses."""
+    path = netns.net_dir(sdir) / "part.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        write_expanded(topo, out)
+    return load(str(path))
 
 
 # -- down ------------------------------------------------------------------------------------------
@@ -168,10 +200,11 @@ def rule_origin_lines(topo, ruleset: str) -> list[str]:
     return [f"# {rule} <- {topo.rule_origins[rule]}" for rule in named if rule in topo.rule_origins]
 
 
-def _running_plan(topo, tag, what: str):
-    """The plan of the running netns topology (root; its namespaces must exist)."""
+def _running_plan(topo, tag, what: str, sdir: Path):
+    """The plan of the running netns topology (root; its namespaces must exist): of `topo`, or of
+    the part of it that `up --netns --sites` started (its `plan.topo`)."""
     netns.require_root(what)
-    plan = _plan(topo, tag)
+    plan = _plan(netns.running_part(topo, sdir), tag)
     missing = sorted(set(netns.all_namespaces(plan)) - set(netns.list_namespaces(plan.prefix)))
     if missing:
         raise UserError(f"namespace {missing[0]} does not exist; start `konbini up --netns` first")
@@ -182,7 +215,8 @@ def _running_plan(topo, tag, what: str):
 def cmd_policy_check(args) -> int:
     topo = load(args.file)
     sdir = state_dir(args, topo)
-    plan = _running_plan(topo, args.tag, "`konbini policy check --netns`") if args.netns else None
+    plan = _running_plan(topo, args.tag, "`konbini policy check --netns`", sdir) if args.netns else None
+    topo = plan.topo if plan is not None else topo
     extra = None
     if args.netns and not args.no_outside_tools:
         extra = outside.run_outside_tools(topo, plan, sdir)
@@ -201,7 +235,8 @@ def cmd_policy_check(args) -> int:
 @_user_errors
 def cmd_policy_mutate(args) -> int:
     topo = load(args.file)
-    plan = _running_plan(topo, args.tag, "`konbini policy mutate --netns`") if args.netns else None
+    plan = _running_plan(topo, args.tag, "`konbini policy mutate --netns`", state_dir(args, topo)) if args.netns else None
+    topo = plan.topo if plan is not None else topo
     try:
         result = run_mutations(topo, "netns" if args.netns else "loopback", plan, args.timeout)
     except (ValueError, RuntimeError) as exc:

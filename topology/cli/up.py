@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import Counter
 
 import trio
 from rich.console import Console
@@ -13,7 +12,7 @@ from gateway.business.clock import Clock
 from gateway.node.metrics import ImpairmentStatus
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import cmd_up_netns
-from topology.cli.render import show
+from topology.cli.render import show_nodes
 from topology.launch import preflight, spread
 from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
@@ -53,6 +52,9 @@ def cmd_preflight(args) -> int:
 def cmd_up(args) -> int:
     if getattr(args, "netns", False):
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
+    if getattr(args, "sites", None):
+        raise UserError("--sites chooses the part of a file that netns mode brings up; with --netns only "
+                        "(loopback mode runs the whole file: `--processes N` for a large one)")
     topo = load(args.file)
     console = Console()
     processes = getattr(args, "processes", 1)
@@ -90,23 +92,6 @@ def cmd_up(args) -> int:
     finally:
         lines.stop()
     return 0
-
-
-TABLE_LIMIT = 200  # nodes; a larger topology is shown counted by kind
-
-
-def show_nodes(console: Console, topo, title: str, listening) -> None:
-    """Every node with its address, or for a large file the count of each kind."""
-    if len(topo.nodes) <= TABLE_LIMIT:
-        show(console, title, ("node", "kind", "site", "address", "ready"), [
-            (node.id, node.kind, node.site, f"{node.address}:{node.port}" if node.port else node.address,
-             "listening" if node.id in listening else "client")
-            for node in topo.nodes.values()
-        ])
-        return
-    kinds = Counter(node.kind for node in topo.nodes.values())
-    up = Counter(node.kind for node in topo.nodes.values() if node.id in listening)
-    show(console, title, ("kind", "nodes", "listening"), [(k, f"{n:,}", f"{up[k]:,}") for k, n in kinds.most_common()])
 
 
 def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -> int:

@@ -21,11 +21,15 @@ import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from gateway.node.cluster import node_allowlists
 from topology.launch import impair, nodehost
 from topology.netns.enter import enter_namespace
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
+from topology.pki import PKI
 from topology.policy.nft import compile_ruleset
+from topology.spec.load import TopologyError, load_topology
+from topology.spec.model import Topology
 
 ROOT_COMMANDS = "`konbini up --netns`, `konbini down`, `konbini policy check --netns`, `konbini link set` and `konbini issue --netns`"
 READY_TIMEOUT = 30.0
@@ -135,9 +139,10 @@ def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]
         return [f"line impairments not applied: {exc}"]
 
 
-def create_network(plan: NetPlan, state_dir: Path) -> float:
+def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = None) -> float:
     """Namespaces, veths, rulesets, addresses, routes; rolled back on any failure. Returns seconds.
-    Line impairments come after, from `apply_impairments`."""
+    Line impairments come after, from `apply_impairments`. `sites`: the patterns `plan` is the part
+    of its file for (`up --netns --sites`, whose file is `plan.topo.source`), recorded for `running_part`."""
     require_root("building namespaces")
     t0 = time.perf_counter()
     wanted = all_namespaces(plan)
@@ -186,8 +191,25 @@ def create_network(plan: NetPlan, state_dir: Path) -> float:
     except BaseException:
         _delete_namespaces(created)
         raise
-    (files / "up.json").write_text(json.dumps({"prefix": plan.prefix, "topology": plan.topo.source, "namespaces": wanted}))
+    (files / "up.json").write_text(json.dumps({"prefix": plan.prefix, "topology": plan.topo.source, "namespaces": wanted,
+                                               "sites": sites}))
     return time.perf_counter() - t0
+
+
+def running_part(topo: Topology, state_dir: Path) -> Topology:
+    """The topology the netns run of this state directory serves: `topo`, or the part of it that
+    `up --netns --sites` wrote out (net/up.json names its file), so that `policy check --netns`
+    and `issue --netns` see the nodes and addresses that run and no others."""
+    try:
+        data = json.loads((net_dir(state_dir) / "up.json").read_text())
+    except (OSError, ValueError):
+        return topo
+    if not data.get("sites"):
+        return topo
+    try:
+        return load_topology(data["topology"])
+    except (OSError, TopologyError) as exc:
+        raise NetnsError(f"the running part ({data['topology']}) cannot be read: {exc}") from None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -282,10 +304,17 @@ def hosted_nodes(plan: NetPlan, site: str) -> list[str]:
 
 
 def start_nodehosts(
-    plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None
+    plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None,
+    pki: PKI | None = None,
 ) -> list[Nodehost]:
     """One nodehost per namespace with servers; returns once every one said "ready".
-    `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks) instead of loading `topo_file`."""
+    `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks), else `plan.topo`.
+    The children inherit it, its PKI and its allow-lists, made once here: a child that loaded them
+    itself took a second or more each (a national state directory's PKI index alone, 0.85 s).
+    `pki`: the caller's, already ensured for `topo`."""
+    topo = topo if topo is not None else plan.topo
+    pki = pki if pki is not None else PKI.ensure(Path(state_dir).resolve(), topo)
+    allow = node_allowlists(topo, "netns")
     pid_dir = net_dir(state_dir) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     write_clock(state_dir, clock, clock_speed)
@@ -295,7 +324,7 @@ def start_nodehosts(
         (pid_dir / f"{namespace}.pid").write_text(f"{host.pid}\n")
 
     return fork_nodehosts(jobs, "netns", topo_file, state_dir, net_dir(state_dir) / "logs", READY_TIMEOUT,
-                          clock, clock_speed, topo, started=started)
+                          clock, clock_speed, topo, allow, pki, started=started)
 
 
 def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
