@@ -49,7 +49,7 @@ from topology.policy.compiler import (
     compile_allowlists,
     reachability,
 )
-from topology.policy.nft import TABLE, compile_ruleset
+from topology.policy.nft import TABLE, compile_rulesets
 from topology.spec.model import AdminRule, AllowRule, Topology
 
 
@@ -217,6 +217,7 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
     t0 = time.perf_counter()
     sites = [*plan.sites, *([MONITORING_SITE] if plan.monitoring is not None else [])]
     probes = plan_probes(topo, plan)
+    rulesets = compile_rulesets(topo, plan)
     before, before_reruns = _full_run(agents, probes, timeout)
     if before:
         raise ValueError(f"the running topology already differs from its policy: {len(before)} probes, e.g. {before[0]}")
@@ -238,7 +239,7 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
                         raise
                     answered, failed = {}, str(exc)
                 finally:
-                    _nft(ns, "-f", "-", stdin=compile_ruleset(topo, site, plan))
+                    _nft(ns, "-f", "-", stdin=rulesets[site])
                 diffs = [r for r in compare(watched, answered) if not r.ok]
                 off = [f"{d.kind} {d.src} -> {d.dst}:{d.port}" for d, p in ((d, probes[d.id]) for d in diffs)
                        if (p.src_ip, p.dst_ip, p.port) != mutant] if failed is None else [failed]

@@ -10,6 +10,7 @@ pipes (it prints "ready", it exits on stdin EOF) and a pid file, never through a
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import selectors
@@ -27,7 +28,7 @@ from topology.netns.enter import enter_namespace
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
 from topology.pki import PKI
-from topology.policy.nft import compile_ruleset
+from topology.policy.nft import compile_rulesets
 from topology.spec.load import TopologyError, load_topology
 from topology.spec.model import Topology
 
@@ -94,7 +95,7 @@ def net_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "net"
 
 
-def _site_script(plan: NetPlan, site: str, files: Path) -> str:
+def _site_script(plan: NetPlan, site: str, files: Path, ruleset: str) -> str:
     """Shell run inside one namespace: sysctls, then the ruleset, then links, addresses, routes."""
     info = plan.sites[site]
     batch = ["link set lo up"]
@@ -104,17 +105,17 @@ def _site_script(plan: NetPlan, site: str, files: Path) -> str:
     link = plan.monitor_link(site)
     if link is not None and plan.monitoring is not None:
         batch += [f"link set {link.site_ifname} up", f"route add {plan.monitoring.address}/32 dev {link.site_ifname}"]
-    return _script(files, site, batch, compile_ruleset(plan.topo, site, plan))
+    return _script(files, site, batch, ruleset)
 
 
-def _monitoring_script(plan: NetPlan, files: Path) -> str:
+def _monitoring_script(plan: NetPlan, files: Path, ruleset: str) -> str:
     """The monitoring namespace: its one address, a veth per site with servers, a route to each server."""
     mon = plan.monitoring
     assert mon is not None
     batch = ["link set lo up", f"addr add {mon.address}/32 dev lo"]
     batch += [f"link set {link.mon_ifname} up" for link in mon.links.values()]
     batch += [f"route add {a}/32 dev {ifname}" for a, ifname in plan.monitoring_routes()]
-    return _script(files, MONITORING_SITE, batch, compile_ruleset(plan.topo, MONITORING_SITE, plan))
+    return _script(files, MONITORING_SITE, batch, ruleset)
 
 
 def _script(files: Path, name: str, batch: list[str], ruleset: str) -> str:
@@ -169,16 +170,17 @@ def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = Non
             ]
         if veths:
             _run(["ip", "-b", "-"], "\n".join(veths) + "\n")
+        rulesets = compile_rulesets(plan.topo, plan)
         procs = {
             site: subprocess.Popen(
-                ["ip", "netns", "exec", plan.namespace(site), "sh", "-ec", _site_script(plan, site, files)],
+                ["ip", "netns", "exec", plan.namespace(site), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
             for site in plan.sites
         }
         if plan.monitoring is not None:
             procs[MONITORING_SITE] = subprocess.Popen(
-                ["ip", "netns", "exec", plan.monitoring.namespace, "sh", "-ec", _monitoring_script(plan, files)],
+                ["ip", "netns", "exec", plan.monitoring.namespace, "sh", "-ec", _monitoring_script(plan, files, rulesets[MONITORING_SITE])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
         failed = []
@@ -337,6 +339,10 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
+    # The model and allow-lists are objects the children only read (millions at national size):
+    # out of the collector's reach, no child's collection walks them or writes to their pages
+    gc.collect()
+    gc.freeze()
     try:
         for name, namespace, ids in jobs:
             argv = ["--topology", str(Path(topo_file).resolve()), "--state", str(Path(state_dir).resolve()),

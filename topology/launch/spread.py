@@ -13,7 +13,6 @@ go to the least loaded process, largest first, counted in listeners.
 
 from __future__ import annotations
 
-import gc
 import heapq
 from pathlib import Path
 
@@ -63,9 +62,5 @@ def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = N
     pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
     allow = node_allowlists(topo, "loopback")
     jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
-    # The model and allow-lists are millions of objects the children only read: out of the
-    # collector's reach, no child's collection walks them (or writes to their pages)
-    gc.collect()
-    gc.freeze()
     return fork_nodehosts(jobs, "loopback", topo.source or "-", state_dir, state_dir / "processes", READY_TIMEOUT,
                           clock, clock_speed, topo, allow, pki, progress=progress)

@@ -167,7 +167,7 @@ class AdminAllowList:
         self.node_id = node.id
         self.port = node.admin_port
         self.consoles: dict[str, str] = {}  # console node id -> its address in this mode
-        self._nodes = frozenset(topo.nodes)
+        self._nodes = topo.nodes.keys()  # a view, not a copy per surface
         self._by_address: dict[str, Decision] = {}
         self._principals: dict[tuple[str, str], Decision] = {}  # (principal, console address)
         self._requests: dict[str, _RequestRules] = {}
@@ -215,9 +215,11 @@ class AdminAllowList:
         return f"AdminAllowList({self.node_id!r}, principals={sorted(self._requests)}, consoles={sorted(self.consoles)})"
 
 
-def compile_admin_allowlists(topo: Topology, mode: str = "loopback") -> dict[str, AdminAllowList]:
-    """One `AdminAllowList` per node with an `admin_port` (store controllers, kiosks)."""
-    return {node.id: AdminAllowList(node, topo, mode) for node in topo.nodes.values() if node.admin_port is not None}
+def compile_admin_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AdminAllowList]:
+    """One `AdminAllowList` per node with an `admin_port` (store controllers, kiosks); `only`: of
+    these node ids only (a process serving some nodes of a large topology)."""
+    nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)
+    return {node.id: AdminAllowList(node, topo, mode) for node in nodes if node.admin_port is not None}
 
 
 @dataclass(frozen=True)

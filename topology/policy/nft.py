@@ -72,9 +72,9 @@ def _comment(text: str) -> str:
     return f'comment "{text[:120]}"'
 
 
-def _allow_rules(topo: Topology, plan: NetPlan, site: str, side: str) -> list[str]:
+def _allow_rules(flows: list[Flow], site: str, side: str) -> list[str]:
     """accept rules for new connections whose destination (side "dst") or source ("src") is on `site`."""
-    return [accept_rule(f) for f in allowed_flows(topo, plan) if (f.dst_site if side == "dst" else f.src_site) == site]
+    return [accept_rule(f) for f in flows if (f.dst_site if side == "dst" else f.src_site) == site]
 
 
 def _chains(antispoof: list[str], names: list[str], inputs: list[str], outputs: list[str]) -> list[str]:
@@ -123,11 +123,22 @@ def _header(lines: list[str], local: str) -> list[str]:
     ]
 
 
-def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> str:
-    """The `nft -f` text for the namespace of `site` (or of the monitoring namespace, MONITORING_SITE)."""
+def compile_rulesets(topo: Topology, plan: NetPlan) -> dict[str, str]:
+    """Every namespace's ruleset (the monitoring one last), from one `allowed_flows`: one ruleset
+    after another would each compute the whole matrix again (a 105-namespace part of the national
+    file: 0.45 s a namespace, the network built in 48 s)."""
+    flows = allowed_flows(topo, plan)
+    sites = [*plan.sites, *([MONITORING_SITE] if plan.monitoring is not None else [])]
+    return {site: compile_ruleset(topo, site, plan, flows) for site in sites}
+
+
+def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None, flows: list[Flow] | None = None) -> str:
+    """The `nft -f` text for the namespace of `site` (or of the monitoring namespace, MONITORING_SITE).
+    `flows`: `allowed_flows(topo, plan)`, where the caller has it."""
     plan = plan or build_plan(topo)
+    flows = allowed_flows(topo, plan) if flows is None else flows
     if site == MONITORING_SITE and plan.monitoring is not None:
-        return compile_monitoring_ruleset(topo, plan)
+        return compile_monitoring_ruleset(topo, plan, flows)
     if site not in plan.sites:
         raise ValueError(f"unknown site {site!r}; sites: {', '.join(sorted(plan.sites))}")
     info = plan.sites[site]
@@ -142,12 +153,12 @@ def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None) -> s
     head = _header([f"# konbini {topo.name}: site {site} (namespace {info.namespace}); nodes {', '.join(info.nodes)}",
                     f"# compiled from the allow-lists of {topo.source}; default drop, every accept names its allow entry"],
                    ", ".join(plan.local_addresses(site)))
-    out = head + _chains(antispoof, plan.interface_names(site), _allow_rules(topo, plan, site, "dst"),
-                         _allow_rules(topo, plan, site, "src"))
+    out = head + _chains(antispoof, plan.interface_names(site), _allow_rules(flows, site, "dst"),
+                         _allow_rules(flows, site, "src"))
     return "\n".join(out) + "\n"
 
 
-def compile_monitoring_ruleset(topo: Topology, plan: NetPlan) -> str:
+def compile_monitoring_ruleset(topo: Topology, plan: NetPlan, flows: list[Flow] | None = None) -> str:
     """The monitoring namespace: it may open scrapes to every server's metrics port and nothing else;
     nothing may open a connection to it."""
     mon = plan.monitoring
@@ -160,7 +171,8 @@ def compile_monitoring_ruleset(topo: Topology, plan: NetPlan) -> str:
     head = _header([f"# konbini {topo.name}: the monitoring namespace {mon.namespace} ({mon.address})",
                     "# compiled from topology/policy/monitoring.py: scrapes out, nothing in; default drop"], mon.address)
     names = ["lo", *(link.mon_ifname for link in mon.links.values())]
-    out = head + _chains(antispoof, names, [], _allow_rules(topo, plan, MONITORING_SITE, "src"))
+    flows = allowed_flows(topo, plan) if flows is None else flows
+    out = head + _chains(antispoof, names, [], _allow_rules(flows, MONITORING_SITE, "src"))
     return "\n".join(out) + "\n"
 
 
