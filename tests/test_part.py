@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from topology.check.policy import SOURCE_PORTS, plan_probes
 from topology.netns.plan import build_plan
 from topology.policy.compiler import reachability
 from topology.spec.load import load_topology
@@ -67,6 +68,17 @@ def test_a_parts_netns_addresses_are_renumbered_where_the_file_repeats_them(thre
     assert [n.address for n in topo.nodes.values()] == [national.nodes[i].address for i in topo.nodes]  # loopback kept
     plan = build_plan(topo, "tpart")
     assert len(plan.sites) == 9 and all(v.site_a in plan.sites and v.site_b in plan.sites for v in plan.veths)
+
+
+def test_a_large_parts_probes_get_source_ports_unique_per_source_address(national):
+    """A part of 99 stores has more probes (87,505: every source against every server) than there
+    are source ports; the agents match replies by the whole 5-tuple, so ports repeat only across
+    source addresses."""
+    topo, _ = part(national, ["store-a000[0-9][0-9]"])
+    probes = plan_probes(topo, build_plan(topo, "tpart"))
+    assert len(probes) > SOURCE_PORTS[1] - SOURCE_PORTS[0]
+    assert len({(p.src_ip, p.sport) for p in probes}) == len(probes)
+    assert all(SOURCE_PORTS[0] <= p.sport < SOURCE_PORTS[1] for p in probes)
 
 
 def test_named_municipalities_replace_the_default_one(national):

@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -234,12 +235,24 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
     return renumber(probes)
 
 
+SOURCE_PORTS = (10000, 65000)
+
+
 def renumber(probes: list[Probe]) -> list[Probe]:
-    """A fresh source port and sequence number for every probe, before each run of them."""
-    base = random.randrange(10000, 65000 - len(probes))
+    """A fresh source port and sequence number for every probe, before each run of them. Ports
+    count up from a random base per source address: the agents match a reply by its whole
+    5-tuple, and a part of 99 national stores has 87,505 probes, more than there are ports."""
+    per_source = Counter(p.src_ip for p in probes)
+    most = max(per_source.values(), default=0)
+    if most > SOURCE_PORTS[1] - SOURCE_PORTS[0]:
+        raise ValueError(f"{most:,} probes from one source address, more than the "
+                         f"{SOURCE_PORTS[1] - SOURCE_PORTS[0]:,} source ports a run gives them")
+    base = random.randrange(SOURCE_PORTS[0], SOURCE_PORTS[1] - most)
     seq = random.randrange(1 << 31)
-    for i, p in enumerate(probes):
-        p.sport, p.seq = base + i, (seq + p.id * 7919) % (1 << 32)
+    taken: Counter[str] = Counter()
+    for p in probes:
+        p.sport, p.seq = base + taken[p.src_ip], (seq + p.id * 7919) % (1 << 32)
+        taken[p.src_ip] += 1
     return probes
 
 
