@@ -103,10 +103,14 @@ def test_sites_without_netns_and_netns_on_the_whole_national_file_are_refused():
 @pytest.mark.skipif(not ROOT, reason="NETNS PART TEST SKIPPED: it needs root, iproute2 and nftables")
 def test_a_national_part_runs_in_netns_issues_and_holds_its_policy(tmp_path):
     """`up --netns --sites` on the national file; `issue --netns` and `policy check --netns`, given
-    the national file, join the part that runs (net/up.json) and not the whole file."""
+    the national file, join the part that runs (net/up.json) and not the whole file. Its 8
+    namespaces are served by 2 node processes (`--processes 2`): the policy check's probes and
+    the issuance show each node's sockets are in its own namespace (else the kernel rulesets,
+    default drop, would refuse them, and the probes would find no listener)."""
     tag, state = f"p{os.getpid()}", str(tmp_path)
+    # two node processes for the 8 namespaces: each process makes every socket in its node's namespace
     up = subprocess.Popen([KONBINI, "up", NATIONAL, "--netns", "--sites", "store-b0000[1-2]", "--tag", tag, "--state", state,
-                           "--clock", CLOCK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           "--clock", CLOCK, "--processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
         for line in up.stdout:
@@ -116,7 +120,7 @@ def test_a_national_part_runs_in_netns_issues_and_holds_its_policy(tmp_path):
         else:
             raise AssertionError("up --netns --sites failed:\n" + "".join(seen))
         # 2 stores, ec-b, dmz-b1, dmz-b2, center, center-2, lgwan-takamatsu
-        assert "(8 namespaces" in seen[-1], "".join(seen)
+        assert "(8 namespaces" in seen[-1] and "2 node processes" in "".join(seen[-2:]), "".join(seen)
         out = subprocess.run([KONBINI, "issue", "--netns", "--topology", NATIONAL, "--tag", tag, "--state", state, "--json",
                               "--store", "store-b00002", "--clock", CLOCK], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -141,3 +145,53 @@ def test_a_national_part_runs_in_netns_issues_and_holds_its_policy(tmp_path):
         except subprocess.TimeoutExpired:
             up.kill()
         subprocess.run([KONBINI, "down", "--tag", tag, "--state", state], capture_output=True, timeout=60)
+
+
+def test_node_processes_are_one_a_namespace_for_a_small_part_and_shared_for_a_large_one():
+    from topology.launch.netns import GROUP_ABOVE, processes_for
+
+    assert processes_for(20) == 20 and processes_for(GROUP_ABOVE) == GROUP_ABOVE
+    assert processes_for(1005) == 2 * (os.cpu_count() or 1) < 1005
+    assert processes_for(8, 2) == 2 and processes_for(3, 10) == 3
+
+
+@pytest.mark.skipif(not ROOT, reason="NETNS PART TEST SKIPPED: it needs root, iproute2 and nftables")
+def test_a_socket_made_in_namespace_stays_there_and_the_thread_comes_back():
+    import errno
+    import socket
+
+    from topology.netns.enter import in_namespace
+
+    ns, addr = f"konbini-t{os.getpid()}-enter", "198.18.255.1"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        with in_namespace(ns):
+            inside = socket.create_server((addr, 0))
+        try:
+            with pytest.raises(OSError) as outside:  # back home: the address is only in the namespace
+                socket.create_server((addr, 0)).close()
+            assert outside.value.errno == errno.EADDRNOTAVAIL
+            with in_namespace(ns):
+                client = socket.create_connection(inside.getsockname(), timeout=5)
+            conn, _ = inside.accept()  # the listener made in the namespace listens there still
+            conn.close()
+            client.close()
+        finally:
+            inside.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_the_allowed_pairs_are_reachabilitys_allowed_entries_in_its_order(national):
+    """The kernel rulesets list the allowed pairs from the allow entries (linear) instead of the
+    whole matrix (quadratic: 7.2 million pairs for 999 stores); they must be the same rows."""
+    from topology.policy.compiler import (admin_reachability, allowed_admin_reachability, allowed_reachability,
+                                          reachability)
+
+    shipped = [load_topology(str(p)) for p in Path(NATIONAL).parent.glob("*.yaml") if p.name != "national.yaml"]
+    for topo in [*shipped, part(national, ["store-c0000[1-4]", "lgwan-00[0-2]*"])[0]]:
+        assert allowed_reachability(topo) == [r for r in reachability(topo) if r.allowed], topo.source
+        assert allowed_admin_reachability(topo) == [r for r in admin_reachability(topo) if r.allowed], topo.source
+    assert any(allowed_admin_reachability(t) for t in shipped)  # admin surfaces compared too, not only empty lists

@@ -31,6 +31,7 @@ from gateway.protocol.h2trio import LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
+from topology.netns.enter import in_namespace
 from topology.policy.compiler import AllowList
 from topology.spec.model import Limits, Node, Topology
 
@@ -64,6 +65,8 @@ class NodeContext:
     mode: str = "loopback"
     clock: Clock = field(default_factory=Clock)
     bind: str | None = None  # cluster mode: the address to listen on instead of all
+    # netns mode, a process serving several namespaces: the one this node's sockets are made in
+    netns: str | None = None
     # this node's TLS contexts by role, made once: tls.py's LRU holds 256, and a topology with
     # more server nodes in one process made a new context (files read, key parsed) per connection
     _tls: dict[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
@@ -113,12 +116,18 @@ class NodeContext:
     async def connect(self, target: Node) -> TrioH2:
         """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
         local = None if self.mode == CLUSTER else self.address  # a pod dials from whatever address it has
-        return await connect_h2(self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=local)
+        return await connect_h2(self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=local,
+                                netns=self.netns)
 
 
-async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None) -> TrioH2:
-    """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2."""
-    tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None,
+                     netns: str | None = None) -> TrioH2:
+    """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2.
+    `netns`: the namespace to make the socket in (`NodeContext.netns`)."""
+    if netns is None:
+        tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+    else:
+        tcp = await _open_tcp_in(netns, address, port, local_address)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
     try:
@@ -133,14 +142,35 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
     return TrioH2(tls, client_side=True, peer=expect_id)
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux; as trio.open_tcp_stream
+
+
+async def _open_tcp_in(netns: str, address: str, port: int, local_address: str | None) -> trio.SocketStream:
+    """`trio.open_tcp_stream` to one literal address, the socket made in namespace `netns`."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with in_namespace(netns):
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if local_address is not None:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            await sock.bind((local_address, 0))
+        await sock.connect((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF = 0.1  # seconds, as trio.serve_listeners
 
 
-def listening_socket(address: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A non-blocking TCP socket listening on `address:port` (SO_REUSEADDR, as Trio's listeners)."""
+def listening_socket(address: str, port: int, backlog: int = 1024, netns: str | None = None) -> socket.socket:
+    """A non-blocking TCP socket listening on `address:port` (SO_REUSEADDR, as Trio's listeners),
+    made in namespace `netns` if given."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.create_server((address, port), family=family, backlog=backlog)
+    with in_namespace(netns):
+        sock = socket.create_server((address, port), family=family, backlog=backlog)
     sock.setblocking(False)
     return sock
 
@@ -230,7 +260,7 @@ class NodeServer:
     def _listen(self, port: int | None) -> socket.socket:
         address = self.ctx.address
         try:
-            return listening_socket(address, port or 0)
+            return listening_socket(address, port or 0, netns=self.ctx.netns)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{self.ctx.node.id}: address {address}:{port} {what}") from None

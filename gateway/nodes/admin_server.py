@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from gateway.node.metrics import NodeMetrics
-from gateway.node.server import NodeContext, NodeServer, NodeStartError
+from gateway.node.server import NodeContext, NodeServer, NodeStartError, listening_socket
 
 
 def admin_context(ctx: NodeContext) -> NodeContext:
@@ -22,7 +22,7 @@ def admin_context(ctx: NodeContext) -> NodeContext:
     if ctx.node.admin_port is None:
         raise ValueError(f"node {ctx.node.id!r} has no admin_port")
     node = msgspec.structs.replace(ctx.node, port=ctx.node.admin_port)
-    return NodeContext(ctx.topo, node, ctx.pki, ctx.mode, ctx.clock)
+    return NodeContext(ctx.topo, node, ctx.pki, ctx.mode, ctx.clock, netns=ctx.netns)
 
 
 class AdminServer(NodeServer):
@@ -37,8 +37,9 @@ class AdminServer(NodeServer):
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.ctx.check_tls_files()  # the context is made at the first connection
         try:
-            listeners = await trio.open_tcp_listeners(self.ctx.node.port, host=self.ctx.address, backlog=64)
+            sock = listening_socket(self.ctx.address, self.ctx.node.port or 0, backlog=64, netns=self.ctx.netns)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}") from None
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
         await trio.serve_listeners(self._connection, listeners, task_status=task_status)

@@ -57,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--sites", help="with --netns: only these sites (comma-separated shell patterns, e.g. "
                    "'store-a0000[1-5],lgwan-000*') and the sites on their way up (EC router, DMZ relays, centers)")
     u.add_argument("--no-preflight", action="store_true", help="start even when the pre-flight check finds a limit too low")
-    u.add_argument("--processes", type=int, default=1,
-                   help="loopback mode: spread the nodes over this many processes (cores; open-file limits per process)")
+    u.add_argument("--processes", type=int,
+                   help="loopback mode: spread the nodes over this many processes (cores; open-file limits per "
+                        "process; default 1); netns mode: serve the namespaces from this many (default: one each up "
+                        "to 64 namespaces, else two a core)")
     u.set_defaults(func=cmd_up)
 
     pf = sub.add_parser("preflight", help="the machine limits a topology will hit (open files, ports, memory), and how to raise them")

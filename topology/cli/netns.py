@@ -75,6 +75,9 @@ def cmd_up_netns(args) -> int:
         raise UserError(f"{topo.name!r} has {len(topo.nodes):,} nodes, too many for a namespace per site; bring up a "
                         f"part with --sites (e.g. --sites 'store-a0000[1-9]'), or run it in loopback mode "
                         f"(`konbini up {args.file or ''} --processes N`)")
+    processes = getattr(args, "processes", None)
+    if processes is not None and processes < 1:
+        raise UserError(f"--processes must be at least 1, not {processes}")
     plan = _plan(topo, getattr(args, "tag", None))
     sdir = state_dir(args, topo)
     t0 = time.perf_counter()
@@ -86,7 +89,7 @@ def cmd_up_netns(args) -> int:
     try:
         warnings = netns.apply_impairments(plan, sdir)
         lines = impair.Impairments(topo, "netns", plan, sdir)
-        hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki)
+        hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki, processes=processes)
         up_s = time.perf_counter() - t0
         if len(topo.nodes) <= TABLE_LIMIT:
             table = Table(title=f"konbini topology {topo.name!r} (netns)")
@@ -104,7 +107,7 @@ def cmd_up_netns(args) -> int:
             console.print(f"[yellow]lines[/] {w}")
         console.print(
             f"[bold green]ready[/] in {up_s * 1000:.0f} ms ({len(plan.sites)} namespaces, {len(plan.veths)} veths, "
-            f"network {net_s * 1000:.0f} ms); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
+            f"network {net_s * 1000:.0f} ms, {len(hosts)} node processes); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
             f"konbini issue --netns`; Ctrl-C or `konbini down` stops."
         )
         if plan.monitoring is not None:  # issue 14: where to scrape (only from the monitoring namespace)

@@ -57,7 +57,8 @@ def cmd_up(args) -> int:
                         "(loopback mode runs the whole file: `--processes N` for a large one)")
     topo = load(args.file)
     console = Console()
-    processes = getattr(args, "processes", 1)
+    processes = getattr(args, "processes", None)
+    processes = 1 if processes is None else processes
     if processes < 1:
         raise UserError(f"--processes must be at least 1, not {processes}")
     run_preflight(topo, console, processes=processes, enforce=not getattr(args, "no_preflight", False))

@@ -59,13 +59,15 @@ async def run_topology(
     bind: str | None = None,
     allow: dict | None = None,
     pki: PKI | None = None,
+    namespaces: dict[str, str] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
     and never written, nodes listen on `bind` (all addresses by default), and admin surfaces,
     reached from in-store consoles by address, are not started. `allow` and `pki`: a forked
     nodehost's, inherited from the parent that compiled and checked them (a large file's take
-    seconds, in every process)."""
+    seconds, in every process). `namespaces`: site -> netns namespace, for a process serving the
+    nodes of several namespaces (each node's sockets are made in its site's)."""
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
     if pki is None:
@@ -85,7 +87,8 @@ async def run_topology(
             for node in chosen:
                 if not node.is_server:
                     continue
-                ctx = NodeContext(topo, node, pki, mode, running.clock, bind)
+                netns = namespaces.get(node.site) if namespaces else None
+                ctx = NodeContext(topo, node, pki, mode, running.clock, bind, netns=netns)
                 server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
                 server.bind()  # listening once bound: the kernel queues connections until accept
                 nursery.start_soon(server.serve)
@@ -94,7 +97,8 @@ async def run_topology(
             for node in chosen:  # admin / maintenance surfaces (a kiosk's too)
                 if node.id not in admin_allow:
                     continue
-                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock))
+                netns = namespaces.get(node.site) if namespaces else None
+                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock, netns=netns))
                 main = running.servers[node.id].app if node.id in running.servers else None
                 shared = running.servers[node.id].metrics if main is not None else None  # one scrape per node
                 server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main), metrics=shared)

@@ -140,6 +140,14 @@ def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]
         return [f"line impairments not applied: {exc}"]
 
 
+# Entering a namespace only, not `ip netns exec`: that also makes a mount namespace (a copy of the
+# mount table, where every namespace is a mount) and mounts sysfs again, so a site's script cost
+# grew with the namespaces there are: 2,005 took 102 s to configure. /proc/sys/net, netlink (ip,
+# nft) follow the network namespace alone.
+def _in_namespace(namespace: str) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{namespace}"]
+
+
 def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = None) -> float:
     """Namespaces, veths, rulesets, addresses, routes; rolled back on any failure. Returns seconds.
     Line impairments come after, from `apply_impairments`. `sites`: the patterns `plan` is the part
@@ -173,14 +181,15 @@ def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = Non
         rulesets = compile_rulesets(plan.topo, plan)
         procs = {
             site: subprocess.Popen(
-                ["ip", "netns", "exec", plan.namespace(site), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
+                [*_in_namespace(plan.namespace(site)), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
             for site in plan.sites
         }
         if plan.monitoring is not None:
             procs[MONITORING_SITE] = subprocess.Popen(
-                ["ip", "netns", "exec", plan.monitoring.namespace, "sh", "-ec", _monitoring_script(plan, files, rulesets[MONITORING_SITE])],
+                [*_in_namespace(plan.monitoring.namespace), "sh", "-ec",
+                 _monitoring_script(plan, files, rulesets[MONITORING_SITE])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
         failed = []
@@ -242,7 +251,7 @@ class Nodehost:
 
 
 def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
-                   allow=None, pki=None) -> Nodehost:
+                   allow=None, pki=None, namespaces=None) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
     the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
 to well under one."""
@@ -268,7 +277,7 @@ to well under one."""
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if namespace is not None:  # None: loopback mode, several processes (topology/launch/spread.py)
                 enter_namespace(namespace)
-            rc = nodehost.main(argv, topo=topo, allow=allow, pki=pki)
+            rc = nodehost.main(argv, topo=topo, allow=allow, pki=pki, namespaces=namespaces)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -305,11 +314,25 @@ def hosted_nodes(plan: NetPlan, site: str) -> list[str]:
     return [n for n in nodes if n in plan.sites[site].servers or plan.topo.nodes[n].admin_port is not None]
 
 
+GROUP_ABOVE = 64  # namespaces with servers; more share node processes (`processes_for`)
+
+
+def processes_for(namespaces: int, asked: int | None = None) -> int:
+    """How many node processes serve `namespaces` namespaces: `asked` (`up --netns --processes`),
+    else one each up to GROUP_ABOVE, else two a core. A process per namespace costs 8-19 MiB
+    (measured on national parts of 99 to 999 stores), so a 1,000-store part needed 19 GiB."""
+    if asked is not None:
+        return max(1, min(asked, namespaces))
+    return namespaces if namespaces <= GROUP_ABOVE else min(namespaces, 2 * (os.cpu_count() or 1))
+
+
 def start_nodehosts(
     plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None,
-    pki: PKI | None = None,
+    pki: PKI | None = None, processes: int | None = None,
 ) -> list[Nodehost]:
-    """One nodehost per namespace with servers; returns once every one said "ready".
+    """Nodehosts for the namespaces with servers, one each or (`processes_for`) several namespaces
+    to a process, whose every socket is then made in its node's namespace (`in_namespace`); returns
+    once every one said "ready".
     `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks), else `plan.topo`.
     The children inherit it, its PKI and its allow-lists, made once here: a child that loaded them
     itself took a second or more each (a national state directory's PKI index alone, 0.85 s).
@@ -321,21 +344,28 @@ def start_nodehosts(
     pid_dir.mkdir(parents=True, exist_ok=True)
     write_clock(state_dir, clock, clock_speed)
     jobs = [(site.name, site.namespace, hosted) for site in plan.sites.values() if (hosted := hosted_nodes(plan, site.name))]
+    count = processes_for(len(jobs), processes)
+    namespaces = None
+    if count < len(jobs):  # consecutive sites together: a store's neighbours, an operator's stores
+        namespaces = {site.name: site.namespace for site in plan.sites.values()}
+        groups = [jobs[i * len(jobs) // count:(i + 1) * len(jobs) // count] for i in range(count)]
+        jobs = [(f"group-{i}", group[0][1], [n for _, _, ids in group for n in ids]) for i, group in enumerate(groups)]
 
     def started(host: Nodehost, namespace: str | None) -> None:
         (pid_dir / f"{namespace}.pid").write_text(f"{host.pid}\n")
 
     return fork_nodehosts(jobs, "netns", topo_file, state_dir, net_dir(state_dir) / "logs", READY_TIMEOUT,
-                          clock, clock_speed, topo, allow, pki, started=started)
+                          clock, clock_speed, topo, allow, pki, started=started, namespaces=namespaces)
 
 
 def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
                    clock: str | None = None, clock_speed: float = 1.0, topo=None, allow=None, pki=None,
-                   started=None, progress=None) -> list[Nodehost]:
+                   started=None, progress=None, namespaces=None) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
     `topo`, `allow`, `pki`: the parent's, for the children to inherit instead of making again.
-    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up."""
+    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up.
+    `namespaces`: site -> namespace, for children serving several (each enters its job's first)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
@@ -349,7 +379,7 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
                     "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow, pki)
+            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow, pki, namespaces)
             hosts.append(host)
             if started is not None:
                 started(host, namespace)

@@ -1,4 +1,5 @@
-"""Run some server nodes of a topology in this process (netns mode: one per namespace).
+"""Run some server nodes of a topology in this process (netns mode: one per namespace, or several
+namespaces' nodes in one process for a large part).
 
 Started by `topology.netns.start_nodehosts` as
 `ip netns exec konbini-SITE python -m topology.launch.nodehost --topology F --state DIR --mode netns --nodes a,b`.
@@ -22,7 +23,7 @@ from topology.pki import PKIError
 from topology.spec.load import TopologyError, load_topology
 
 
-async def _serve(args, topo=None, allow=None, pki=None) -> None:
+async def _serve(args, topo=None, allow=None, pki=None, namespaces=None) -> None:
     topo = topo if topo is not None else load_topology(args.topology)
     only = {n for n in args.nodes.split(",") if n}
     unknown = sorted(only - set(topo.nodes))
@@ -33,7 +34,7 @@ async def _serve(args, topo=None, allow=None, pki=None) -> None:
         await nursery.start(
             lambda task_status: run_topology(
                 topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, allow=allow, pki=pki,
-                task_status=task_status,
+                namespaces=namespaces, task_status=task_status,
             )
         )
         os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
@@ -43,9 +44,10 @@ async def _serve(args, topo=None, allow=None, pki=None) -> None:
         nursery.cancel_scope.cancel()
 
 
-def main(argv: list[str] | None = None, topo=None, allow=None, pki=None) -> int:
+def main(argv: list[str] | None = None, topo=None, allow=None, pki=None, namespaces=None) -> int:
     """`topo`: an already loaded topology (a forked nodehost inherits it) instead of --topology's
-    file; `allow`: its compiled allow-lists, likewise; `pki`: its PKI, already ensured."""
+    file; `allow`: its compiled allow-lists, likewise; `pki`: its PKI, already ensured;
+    `namespaces`: site -> namespace, where this process serves the nodes of several."""
     p = argparse.ArgumentParser(prog="python -m topology.launch.nodehost")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None, topo=None, allow=None, pki=None) -> int:
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
-        trio.run(_serve, args, topo, allow, pki)
+        trio.run(_serve, args, topo, allow, pki, namespaces)
     except (NodeStartError, TopologyError, PKIError) as exc:
         print(f"nodehost: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ netns launcher's forked node hosts and the load generator's worker processes can
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -15,8 +16,36 @@ def enter_namespace(namespace: str) -> None:
     ctypes rather than os.setns: that needs Python 3.12."""
     fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
     try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns {namespace}: {os.strerror(err)}")
+        _setns(fd, namespace)
     finally:
         os.close(fd)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns {what}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_namespace(namespace: str | None):
+    """Sockets made inside this block are made in /run/netns/NAMESPACE; the calling thread goes back
+    to its own namespace on leaving. A socket keeps the namespace it was made in for good, so one
+    process can serve the nodes of many namespaces (`up --netns` on a large part). Nothing is
+    awaited inside: another task of the thread would make its sockets there too. None: stay."""
+    if namespace is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        there = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(there, namespace)
+        finally:
+            os.close(there)
+        try:
+            yield
+        finally:
+            _setns(home, "back")
+    finally:
+        os.close(home)

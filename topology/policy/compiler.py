@@ -259,6 +259,41 @@ def reachability(topo: Topology) -> list[Reach]:
     return matrix
 
 
+def allowed_reachability(topo: Topology) -> list[Reach]:
+    """The allowed entries of `reachability`, in its order, without walking every pair: from each
+    server's allow entries (a part of 999 national stores has 7.2 million pairs, 15 s to list, and
+    6,149 allowed ones, which the kernel rulesets need)."""
+    position = {node_id: i for i, node_id in enumerate(topo.nodes)}
+    out: list[Reach] = []
+    for dst in topo.nodes.values():
+        if not dst.is_server:
+            continue
+        if dst.port is None:
+            raise ValueError(f"server node {dst.id!r} has no port")
+        first: dict[str, int] = {}
+        for index, rule in enumerate(dst.allow):
+            for src in rule.sources:
+                if src in position and src != dst.id:
+                    first.setdefault(src, index)
+        for src in sorted(first, key=position.__getitem__):
+            rule = dst.allow[first[src]]
+            out.append(Reach(src, dst.id, rule.port or dst.port, rule.proto, True, rule_label(dst.id, first[src])))
+    return out
+
+
+def allowed_admin_reachability(topo: Topology) -> list[Reach]:
+    """The allowed entries of `admin_reachability`, in its order, from the admin entries alone."""
+    position = {node_id: i for i, node_id in enumerate(topo.nodes)}
+    out: list[Reach] = []
+    for dst in topo.nodes.values():
+        if dst.admin_port is None:
+            continue
+        consoles = {c: index for index, rule in reversed(list(enumerate(dst.admin))) for c in rule.at}
+        for src in sorted((c for c in consoles if c in position and c != dst.id), key=position.__getitem__):
+            out.append(Reach(src, dst.id, dst.admin_port, "h2+tls", True, admin_label(dst.id, consoles[src])))
+    return out
+
+
 def admin_reachability(topo: Topology) -> list[Reach]:
     """Every (node, admin surface) pair on the admin port: allowed iff the node is a console an
     admin rule names. Kept apart from `reachability`: these are people's paths, not the network's."""

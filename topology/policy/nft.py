@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from topology.netns.impair import Hop, LineImpairment
 from topology.netns.plan import MONITORING_SITE, NetPlan, build_plan
-from topology.policy.compiler import admin_label, admin_reachability, reachability
+from topology.policy.compiler import admin_label, allowed_admin_reachability, allowed_reachability
 from topology.policy.monitoring import METRICS_PORT, MONITORING_PRINCIPAL
 from topology.policy.monitoring import RULE as MONITORING_RULE
 from topology.spec.model import Topology
@@ -42,7 +42,7 @@ class Flow:
 def allowed_flows(topo: Topology, plan: NetPlan) -> list[Flow]:
     """Every connection the rulesets accept: the allow-lists' pairs, the admin consoles, the scrapes."""
     flows = []
-    for surface, matrix in (("line", reachability(topo)), ("admin", admin_reachability(topo))):
+    for surface, matrix in (("line", allowed_reachability(topo)), ("admin", allowed_admin_reachability(topo))):
         for r in matrix:
             if r.allowed:
                 flows.append(Flow(r.src, r.dst, topo.nodes[r.src].site, topo.nodes[r.dst].site, plan.address(r.src),
