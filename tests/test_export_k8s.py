@@ -37,7 +37,6 @@ from topology.export.netpol import (
     GROUP_LABEL,
     NODE_LABEL,
     ROLE_LABEL,
-    allowed_pairs,
     impairment_text,
     node_labels,
 )
@@ -404,14 +403,6 @@ def test_compose_networks_mirror_the_lines(tmp_path):
 
 
 # -- grouped (the national topology) ----------------------------------------------------------
-
-
-def test_allowed_pairs_are_the_allowed_entries_of_the_reachability_matrix():
-    """netpol finds the allowed pairs from the rules (the national matrix is too big to walk); the
-    same set, rule for rule, as `reachability` on the shipped per-node topologies."""
-    for name in TOPOLOGIES:
-        topo = load_topology(ROOT / "topology" / name)
-        assert set(allowed_pairs(topo)) == {r for r in reachability(topo) if r.allowed}, name
 
 
 def _grouped_default(tmp_path_factory):

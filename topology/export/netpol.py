@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from topology.policy.compiler import Reach, rule_label
+from topology.policy.compiler import allowed_reachability
 from topology.policy.monitoring import METRICS_PORT, MONITORING_PRINCIPAL
 from topology.spec.model import (
     SERVER_KINDS,
@@ -105,27 +105,6 @@ def group_name(node: Node) -> str:
     return f"{node.kind}-{node.operator or 'none'}"
 
 
-def allowed_pairs(topo: Topology) -> list[Reach]:
-    """The allowed entries of `reachability(topo)`, found from the allow rules rather than from every
-    (source, server) pair: the national topology has 248k nodes, 136k of them servers, so the full
-    matrix would be 34 billion entries. Same rule (the first naming the source), port and label;
-    tests/test_export_k8s.py checks the two agree on the shipped topologies."""
-    out: list[Reach] = []
-    for dst in topo.nodes.values():
-        if not dst.is_server:
-            continue
-        if dst.port is None:
-            raise ValueError(f"server node {dst.id!r} has no port")
-        seen: set[str] = set()
-        for index, rule in enumerate(dst.allow):
-            for src in rule.sources:
-                if src in seen or src == dst.id or src not in topo.nodes:
-                    continue
-                seen.add(src)
-                out.append(Reach(src, dst.id, rule.port or dst.port, rule.proto, True, rule_label(dst.id, index)))
-    return out
-
-
 def impairment_text(impair: Impairment) -> str:
     """"delay=2ms loss=0.1%", or "" when the line is not impaired."""
     fields = (("delay", impair.delay), ("jitter", impair.jitter), ("loss", impair.loss), ("rate", impair.rate))
@@ -191,7 +170,7 @@ def network_policies(topo: Topology, namespace: str, subjects: Subjects | None =
     impairments = impairments or Impairments(topo, subjects)
     ingress: dict[str, set[tuple[str, int, str]]] = defaultdict(set)  # dst -> (src, port, rule)
     egress: dict[str, set[tuple[str, int, str]]] = defaultdict(set)  # src -> (dst, port, rule)
-    for r in allowed_pairs(topo):
+    for r in allowed_reachability(topo):
         if r.proto != "h2+tls":
             raise ValueError(f"{r.rule}: protocol {r.proto!r} has no NetworkPolicy translation")
         src, dst = subjects.of(r.src), subjects.of(r.dst)
