@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from topology.launch.impaird import die_with_parent, run_cleanup
+from topology.netns.enter import in_namespace_argv
 from topology.netns.impair import (
     ImpairError,
     LineImpairment,
@@ -70,8 +71,7 @@ def _run(cmd: list[str], stdin: str | None = None, check: bool = True) -> str:
 
 
 def _in(namespace: str | None, cmd: list[str]) -> list[str]:
-    """`cmd` in the network namespace only (not `ip netns exec`'s mount namespace and sysfs too)."""
-    return ["nsenter", f"--net=/run/netns/{namespace}", *cmd] if namespace else cmd
+    return [*in_namespace_argv(namespace), *cmd] if namespace else cmd
 
 
 APPLY_WORKERS = 8  # namespaces configured at once: 1,006 one after another took 42 s

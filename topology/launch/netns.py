@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gateway.node.cluster import node_allowlists
 from topology.launch import impair, nodehost
-from topology.netns.enter import enter_namespace
+from topology.netns.enter import enter_namespace, in_namespace_argv
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
 from topology.pki import PKI
@@ -140,14 +140,6 @@ def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]
         return [f"line impairments not applied: {exc}"]
 
 
-# Entering a namespace only, not `ip netns exec`: that also makes a mount namespace (a copy of the
-# mount table, where every namespace is a mount) and mounts sysfs again, so a site's script cost
-# grew with the namespaces there are: 2,005 took 102 s to configure. /proc/sys/net, netlink (ip,
-# nft) follow the network namespace alone.
-def _in_namespace(namespace: str) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{namespace}"]
-
-
 def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = None) -> float:
     """Namespaces, veths, rulesets, addresses, routes; rolled back on any failure. Returns seconds.
     Line impairments come after, from `apply_impairments`. `sites`: the patterns `plan` is the part
@@ -181,14 +173,14 @@ def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = Non
         rulesets = compile_rulesets(plan.topo, plan)
         procs = {
             site: subprocess.Popen(
-                [*_in_namespace(plan.namespace(site)), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
+                [*in_namespace_argv(plan.namespace(site)), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
             for site in plan.sites
         }
         if plan.monitoring is not None:
             procs[MONITORING_SITE] = subprocess.Popen(
-                [*_in_namespace(plan.monitoring.namespace), "sh", "-ec",
+                [*in_namespace_argv(plan.monitoring.namespace), "sh", "-ec",
                  _monitoring_script(plan, files, rulesets[MONITORING_SITE])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
