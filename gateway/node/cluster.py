@@ -60,11 +60,13 @@ class ByCertificate:
         return f"ByCertificate({self.inner!r})"
 
 
-def node_allowlists(topo: Topology, mode: str) -> dict[str, AllowList | ByCertificate]:
-    """Every server node's allow-list for `mode`; in cluster mode checked by certificate."""
+def node_allowlists(topo: Topology, mode: str, only=None) -> dict[str, AllowList | ByCertificate]:
+    """Every server node's allow-list for `mode` (of the ids `only`, if given); in cluster mode
+    checked by certificate."""
     if mode != CLUSTER:
-        return compile_allowlists(topo, mode)
-    return {node_id: ByCertificate(allow, allow.sources.get) for node_id, allow in compile_allowlists(topo, POLICY_MODE).items()}
+        return compile_allowlists(topo, mode, only)
+    return {node_id: ByCertificate(allow, allow.sources.get)
+            for node_id, allow in compile_allowlists(topo, POLICY_MODE, only).items()}
 
 
 def scrape_allowlist(topo: Topology, mode: str) -> MetricsAllowList | ByCertificate:

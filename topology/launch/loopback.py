@@ -57,16 +57,17 @@ async def run_topology(
     clock: Clock | None = None,
     only: set[str] | None = None,
     bind: str | None = None,
-    allow: dict | None = None,
     pki: PKI | None = None,
     namespaces: dict[str, str] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
     and never written, nodes listen on `bind` (all addresses by default), and admin surfaces,
-    reached from in-store consoles by address, are not started. `allow` and `pki`: a forked
-    nodehost's, inherited from the parent that compiled and checked them (a large file's take
-    seconds, in every process). `namespaces`: site -> netns namespace, for a process serving the
+    reached from in-store consoles by address, are not started. `pki`: a forked nodehost's,
+    inherited from the parent that checked it (a large file's takes seconds, in every process).
+    `only`: the ids of the nodes to run (a process serving some nodes of a large topology builds
+    their allow-lists only: the parent no longer holds every node's, which each forked child's
+    resident size counted again). `namespaces`: site -> netns namespace, for a process serving the
     nodes of several namespaces (each node's sockets are made in its site's)."""
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -75,13 +76,12 @@ async def run_topology(
     clock = clock or Clock()
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
     running = Running(topo, state_dir, pki, cards, clock, mode)
-    if allow is None:
-        allow = node_allowlists(topo, mode)
+    # this process's nodes only: a child serving 5 of a part's 5,000 nodes touches no other
+    # (each touch copies an inherited page; each allow-list costs a pass over its entries)
+    chosen = list(topo.nodes.values()) if only is None else [n for i, n in topo.nodes.items() if i in only]
+    allow = node_allowlists(topo, mode, [n.id for n in chosen])
     with trio.CancelScope() as scope:
         running.cancel_scope = scope
-        # this process's nodes only: a child serving 5 of a part's 5,000 nodes touches no other
-        # (each touch copies an inherited page; each admin allow-list costs a pass over the file)
-        chosen = list(topo.nodes.values()) if only is None else [n for i, n in topo.nodes.items() if i in only]
         async with trio.open_nursery() as nursery:
             env = NodeEnv(nursery, state_dir, cards.revocations)
             for node in chosen:

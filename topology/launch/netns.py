@@ -22,7 +22,6 @@ import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from gateway.node.cluster import node_allowlists
 from topology.launch import impair, nodehost
 from topology.netns.enter import enter_namespace, in_namespace_argv
 from topology.netns.impair import ImpairError
@@ -243,7 +242,7 @@ class Nodehost:
 
 
 def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
-                   allow=None, pki=None, namespaces=None) -> Nodehost:
+                   pki=None, namespaces=None) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
     the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
 to well under one."""
@@ -269,7 +268,7 @@ to well under one."""
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if namespace is not None:  # None: loopback mode, several processes (topology/launch/spread.py)
                 enter_namespace(namespace)
-            rc = nodehost.main(argv, topo=topo, allow=allow, pki=pki, namespaces=namespaces)
+            rc = nodehost.main(argv, topo=topo, pki=pki, namespaces=namespaces)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -326,12 +325,12 @@ def start_nodehosts(
     to a process, whose every socket is then made in its node's namespace (`in_namespace`); returns
     once every one said "ready".
     `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks), else `plan.topo`.
-    The children inherit it, its PKI and its allow-lists, made once here: a child that loaded them
-    itself took a second or more each (a national state directory's PKI index alone, 0.85 s).
+    The children inherit it and its PKI, made once here: a child that loaded them itself took a
+    second or more each (a national state directory's PKI index alone, 0.85 s). Each compiles the
+    allow-lists of its own nodes.
     `pki`: the caller's, already ensured for `topo`."""
     topo = topo if topo is not None else plan.topo
     pki = pki if pki is not None else PKI.ensure(Path(state_dir).resolve(), topo)
-    allow = node_allowlists(topo, "netns")
     pid_dir = net_dir(state_dir) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     write_clock(state_dir, clock, clock_speed)
@@ -347,21 +346,21 @@ def start_nodehosts(
         (pid_dir / f"{namespace}.pid").write_text(f"{host.pid}\n")
 
     return fork_nodehosts(jobs, "netns", topo_file, state_dir, net_dir(state_dir) / "logs", READY_TIMEOUT,
-                          clock, clock_speed, topo, allow, pki, started=started, namespaces=namespaces)
+                          clock, clock_speed, topo, pki, started=started, namespaces=namespaces)
 
 
 def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
-                   clock: str | None = None, clock_speed: float = 1.0, topo=None, allow=None, pki=None,
+                   clock: str | None = None, clock_speed: float = 1.0, topo=None, pki=None,
                    started=None, progress=None, namespaces=None) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
-    `topo`, `allow`, `pki`: the parent's, for the children to inherit instead of making again.
+    `topo`, `pki`: the parent's, for the children to inherit instead of making again.
     `started(host, namespace)` after each fork; `progress(ready, total)` as they come up.
     `namespaces`: site -> namespace, for children serving several (each enters its job's first)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
-    # The model and allow-lists are objects the children only read (millions at national size):
+    # The model is objects the children only read (millions at national size):
     # out of the collector's reach, no child's collection walks them or writes to their pages
     gc.collect()
     gc.freeze()
@@ -371,7 +370,7 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
                     "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, allow, pki, namespaces)
+            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, pki, namespaces)
             hosts.append(host)
             if started is not None:
                 started(host, namespace)

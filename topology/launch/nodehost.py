@@ -23,7 +23,7 @@ from topology.pki import PKIError
 from topology.spec.load import TopologyError, load_topology
 
 
-async def _serve(args, topo=None, allow=None, pki=None, namespaces=None) -> None:
+async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
     topo = topo if topo is not None else load_topology(args.topology)
     only = {n for n in args.nodes.split(",") if n}
     unknown = sorted(only - set(topo.nodes))
@@ -33,7 +33,7 @@ async def _serve(args, topo=None, allow=None, pki=None, namespaces=None) -> None
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: run_topology(
-                topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, allow=allow, pki=pki,
+                topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, pki=pki,
                 namespaces=namespaces, task_status=task_status,
             )
         )
@@ -44,9 +44,9 @@ async def _serve(args, topo=None, allow=None, pki=None, namespaces=None) -> None
         nursery.cancel_scope.cancel()
 
 
-def main(argv: list[str] | None = None, topo=None, allow=None, pki=None, namespaces=None) -> int:
+def main(argv: list[str] | None = None, topo=None, pki=None, namespaces=None) -> int:
     """`topo`: an already loaded topology (a forked nodehost inherits it) instead of --topology's
-    file; `allow`: its compiled allow-lists, likewise; `pki`: its PKI, already ensured;
+    file; `pki`: its PKI, already ensured;
     `namespaces`: site -> namespace, where this process serves the nodes of several."""
     p = argparse.ArgumentParser(prog="python -m topology.launch.nodehost")
     p.add_argument("--topology", required=True)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, topo=None, allow=None, pki=None, namespa
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
-        trio.run(_serve, args, topo, allow, pki, namespaces)
+        trio.run(_serve, args, topo, pki, namespaces)
     except (NodeStartError, TopologyError, PKIError) as exc:
         print(f"nodehost: {exc}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ listening sockets than one process may hold (national.yaml: ~224,000 descriptors
 hard limit of 20,000 here, which root in a container may not raise). Nodes talk to each other
 over their own addresses whichever process holds them, so a split changes nothing they see.
 
-The parent loads the topology, makes the PKI and compiles the allow-lists once, then forks:
-the children inherit all three (copy on write) instead of each doing it again. A site's nodes
+The parent loads the topology and makes the PKI once, then forks: the children inherit both
+(copy on write) instead of each doing it again, and each compiles the allow-lists of its own
+nodes (held by the parent, every child's resident size counted all of them again). A site's nodes
 stay in one process (a store's router, controller and kiosks' maintenance endpoints); sites
 go to the least loaded process, largest first, counted in listeners.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import heapq
 from pathlib import Path
 
-from gateway.node.cluster import node_allowlists
 from topology.launch.netns import Nodehost, fork_nodehosts
 from topology.pki import PKI
 from topology.spec.model import Topology
@@ -60,7 +60,6 @@ def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = N
     given); returns once each said "ready"."""
     state_dir = Path(state_dir).resolve()
     pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
-    allow = node_allowlists(topo, "loopback")
     jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
     return fork_nodehosts(jobs, "loopback", topo.source or "-", state_dir, state_dir / "processes", READY_TIMEOUT,
-                          clock, clock_speed, topo, allow, pki, progress=progress)
+                          clock, clock_speed, topo, pki, progress=progress)

@@ -144,9 +144,11 @@ class AllowList:
         return f"AllowList({self.node_id!r}, sources={sorted(self.sources)})"
 
 
-def compile_allowlists(topo: Topology, mode: str = "loopback") -> dict[str, AllowList]:
-    """One `AllowList` per server node; `mode` "netns" uses the namespace addresses."""
-    return {node.id: AllowList(node, topo, mode) for node in topo.nodes.values() if node.is_server}
+def compile_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AllowList]:
+    """One `AllowList` per server node (of the ids `only`, if given); `mode` "netns" uses the
+    namespace addresses."""
+    nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)
+    return {node.id: AllowList(node, topo, mode) for node in nodes if node.is_server}
 
 
 def admin_label(node_id: str, index: int) -> str:
