@@ -24,15 +24,16 @@ from topology.spec.model import Topology
 FD_RESERVE = 256  # the interpreter, logs, the ledger, the PKI files being read
 CONNECTION_FDS = 2  # loopback: both ends of a connection are in this one process
 MIB = 1 << 20
-# Measured on this machine kind, RSS of `konbini up` at "ready": 64 MiB with the default
-# topology's 48 listeners, 223 MiB with a 1,000-store file's 4,440 (PKI made beforehand):
-# (223 - 64) MiB / 4,392 listeners = 36 KiB a listener (its TLS context, socket, serving task
-# and its node's share of the model).
-RSS_PER_LISTENER = 36 * 1024
-BASE_RSS = 64 * MIB
-# The loaded and compiled model, in every process (forked children share it until Python's
-# reference counts have touched its pages, so count it whole): national.yaml, 247,989 nodes,
-# peaked at 538 MiB after load + compile_allowlists = ~2.2 KiB a node.
+# Fitted to the national file, `konbini up --processes 12` (PKI made beforehand) on this machine
+# kind: the machine's used memory grew by 4.1-4.6 GiB and PSS summed to 3.85 GiB with 223,522
+# listeners, 247,989 nodes and 13 processes. The model is counted once: the children inherit the
+# parent's pages copy on write, frozen out of the collector's reach, and touch only their own
+# nodes. (4,600 MiB - 13 x 64 MiB - the model's 533 MiB) / 223,522 = ~15 KiB a listener: its
+# socket, its node's server, allow-list and share of the touched model. TLS contexts and
+# metrics are made at a node's first use and are not counted.
+RSS_PER_LISTENER = 16 * 1024
+BASE_RSS = 64 * MIB  # the interpreter and konbini's modules, per process (the default topology at ready)
+# The loaded model: national.yaml, 247,989 nodes, ~538 MiB after load + compile = ~2.2 KiB a node.
 MODEL_PER_NODE = 2200
 
 
@@ -155,10 +156,10 @@ def check(topo: Topology, *, connections: int = 512, processes: int = 1, raise_s
         needs.append(Need(f"ephemeral ports per source address ({relay} to its next hop)", fan, _port_range(), "ports",
                           '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
                           f"{fan:,} kiosks behind it, each connection paired with an upstream one", blocking=False))
-    mem = (BASE_RSS + MODEL_PER_NODE * len(topo.nodes)) * processes + RSS_PER_LISTENER * n_listen
+    mem = BASE_RSS * processes + MODEL_PER_NODE * len(topo.nodes) + RSS_PER_LISTENER * n_listen
     needs.append(Need("memory (MemAvailable)", mem // MIB, (m // MIB) if (m := _mem_available()) else None, "MiB",
-                      "free memory, or fewer processes", f"~{RSS_PER_LISTENER // 1024} KiB a listener and "
-                      f"~{MODEL_PER_NODE / 1024:.1f} KiB a node in each process, measured"))
+                      "free memory, or fewer processes", f"~{RSS_PER_LISTENER // 1024} KiB a listener, "
+                      f"~{MODEL_PER_NODE / 1024:.1f} KiB a node and {BASE_RSS // MIB} MiB a process, measured"))
     return needs, notes
 
 
