@@ -241,14 +241,19 @@ def _first_rule(dst: Node, src_id: str) -> tuple[int, AllowRule] | None:
     return None
 
 
+def _servers(topo: Topology):
+    """The server nodes, in file order; a server without a port is an error."""
+    for node in topo.nodes.values():
+        if node.is_server:
+            if node.port is None:
+                raise ValueError(f"server node {node.id!r} has no port")
+            yield node
+
+
 def reachability(topo: Topology) -> list[Reach]:
     """Every (source node, server node) pair on the destination's port: allowed iff an allow rule says so."""
     matrix: list[Reach] = []
-    for dst in topo.nodes.values():
-        if not dst.is_server:
-            continue
-        if dst.port is None:
-            raise ValueError(f"server node {dst.id!r} has no port")
+    for dst in _servers(topo):
         for src in topo.nodes.values():
             if src.id == dst.id:
                 continue
@@ -267,11 +272,7 @@ def allowed_reachability(topo: Topology) -> list[Reach]:
     6,149 allowed ones, which the kernel rulesets need)."""
     position = {node_id: i for i, node_id in enumerate(topo.nodes)}
     out: list[Reach] = []
-    for dst in topo.nodes.values():
-        if not dst.is_server:
-            continue
-        if dst.port is None:
-            raise ValueError(f"server node {dst.id!r} has no port")
+    for dst in _servers(topo):
         first: dict[str, int] = {}
         for index, rule in enumerate(dst.allow):
             for src in rule.sources:
