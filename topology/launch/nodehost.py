@@ -25,8 +25,8 @@ from topology.spec.load import TopologyError, load_topology
 
 async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
     topo = topo if topo is not None else load_topology(args.topology)
-    only = {n for n in args.nodes.split(",") if n}
-    unknown = sorted(only - set(topo.nodes))
+    only = list(dict.fromkeys(n for n in args.nodes.split(",") if n))  # in the launcher's order
+    unknown = [n for n in only if n not in topo.nodes]
     if unknown:
         raise NodeStartError(f"unknown node {unknown[0]!r}")
     clock = Clock.parse(args.clock, args.clock_speed)
