@@ -27,7 +27,8 @@ from gateway.node.metrics import (
     http_response,
     read_request_head,
 )
-from gateway.protocol.h2trio import LingeringSocket, Stream, TrioH2
+from gateway.protocol.h2core import Headers
+from gateway.protocol.h2trio import Handler, LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
@@ -328,14 +329,23 @@ class NodeServer:
         with self.metrics.connections_open.track_inprogress():
             await self.app.serve_connection(conn, Peer(ip, identity or ""), self)
 
-    async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
-        """Per request: method and path against the allow-list, then the app."""
-        method, path = method_path(stream.headers)
+    def admit(self, headers: Headers | None, peer: Peer) -> Handler | None:
+        """Per request: method and path against the allow-list. None: allowed; else the handler
+        that answers the refusal (the denial is already counted)."""
+        method, path = method_path(headers)
         self.metrics.request(method)
         decision = self.allow.check_request(peer.identity, method, path)
-        if not decision.allowed:
-            self.deny(decision.reason or "request-not-allowed", peer.address, peer.identity)
-            await refuse(stream, 403, decision.reason or "request-not-allowed", "This request is not allowed on this line.")
+        if decision.allowed:
+            return None
+        reason = decision.reason or "request-not-allowed"
+        self.deny(reason, peer.address, peer.identity)
+        return lambda stream: refuse(stream, 403, reason, "This request is not allowed on this line.")
+
+    async def dispatch(self, stream: Stream, peer: Peer, handle) -> None:
+        """Per request: the allow-list (`admit`), then the app."""
+        refused = self.admit(stream.headers, peer)
+        if refused is not None:
+            await refused(stream)
             return
         with self.metrics.streams_in_flight.track_inprogress():
             await handle(stream, peer)

@@ -2,10 +2,12 @@
 
 Each downstream connection gets its own upstream connection (paired), so one peer's streams
 never queue behind another's and a peer going away takes exactly its own upstream with it.
-Bodies stream both ways: a chunk is acknowledged to its sender only after it was handed to
-the other side, so memory per stream stays bounded by the HTTP/2 windows whatever the size
-of the document. Any reset or timeout on one side resets the other: a request is cancelled
-whole (INT-1).
+The two are spliced (`gateway.protocol.splice`): each request is checked against the
+allow-list and forwarded in the reader that read it, and everything after that moves between
+the two connections' readers with no task per request. Bodies stream both ways: a chunk is
+acknowledged to its sender only after it was handed to the other side, so memory per stream
+stays bounded by the HTTP/2 windows whatever the size of the document. Any reset or timeout on
+one side resets the other: a request is cancelled whole (INT-1).
 """
 
 from __future__ import annotations
@@ -15,21 +17,39 @@ import ssl
 import time
 from functools import partial
 
-import h2.errors
 import trio
 
 from gateway.node.server import App, NodeContext, NodeServer, Peer
-from gateway.protocol.h2core import ConnectionClosed, Headers
-from gateway.protocol.h2trio import Stream, StreamReset, TrioH2
+from gateway.protocol.h2core import Headers, StreamState
+from gateway.protocol.h2trio import Handler, Stream, TrioH2
 from gateway.protocol.http import refuse, timing
+from gateway.protocol.splice import Pair, Splice
 
 log = logging.getLogger("konbini.relay")
 
 CONNECT_TIMEOUT = 5.0  # TCP + TLS to one next hop; then the next one is tried
 RESPONSE_TIMEOUT = 30.0  # upstream must answer with headers within this; then the request is cancelled whole
+POLL = 1.0  # the deadline task looks at least this often (response timeouts need no finer grain)
 
 # Headers a kiosk may not set itself: the store router vouches for who asked (INT-1 binding).
 ATTESTED = (b"konbini-kiosk", b"konbini-store")
+
+
+class Alarm:
+    """Wakes the deadline task early: a new stall may be due before the time it sleeps to."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            await self._event.wait()
+        self._event = trio.Event()
 
 
 class Relay(App):
@@ -44,12 +64,83 @@ class Relay(App):
 
     async def serve_connection(self, conn: TrioH2, peer: Peer, server: NodeServer) -> None:
         up = await self._connect_upstream()
+        if up is None:  # every request gets 502 and the connection closes: the peer reconnects, we try the hops again
+            await conn.run(lambda s: server.dispatch(s, peer, self._unavailable))
+            return
+        relayed = self.metrics.bytes_relayed
+        in_flight = self.metrics.streams_in_flight
+
+        def observe(direction: str, nbytes: int, held: int) -> None:
+            if held > self.max_buffered:
+                self.max_buffered = held
+            relayed.labels(direction).inc(nbytes)
+
+        alarm = Alarm()
+        splice = Splice(
+            conn.core, up.core, stamp=self._stamp, observe=observe, on_done=lambda pair: in_flight.dec(),
+            on_stall=alarm.set, clock=trio.current_time, response_timeout=RESPONSE_TIMEOUT,
+            slow_read=conn.limits.slow_read_timeout if conn.limits else None,
+        )
+        conn.take_request = partial(self._take, splice, server, peer, conn, up)
+        conn.on_events = lambda woken: (splice.down_events(woken), up.flush())
+        up.on_events = lambda woken: (splice.up_events(woken), conn.flush())
         async with trio.open_nursery() as nursery:
-            if up is not None:
-                nursery.start_soon(self._run_upstream, up, conn)
-            await conn.run(lambda s: server.dispatch(s, peer, partial(self.forward, up=up)))
-            if up is not None:
+            nursery.start_soon(self._run_upstream, up, conn, splice)
+            deadlines = trio.CancelScope()
+            nursery.start_soon(self._deadlines, splice, conn, up, deadlines, alarm)
+            try:
+                await conn.run(lambda s: server.dispatch(s, peer, self._unavailable))
+            finally:
+                splice.close()  # the peer is gone: every request still crossing is reset upstream
+                deadlines.cancel()
                 up.close()
+
+    def _take(self, splice: Splice, server: NodeServer, peer: Peer, conn: TrioH2, up: TrioH2, st: StreamState) -> Handler | None:
+        """A request, in the downstream reader: the allow-list, then forwarded at once (None), or
+        the handler that refuses it."""
+        read_at = time.perf_counter()
+        refused = server.admit(st.headers, peer)
+        if refused is not None:
+            return refused
+        if up.core.closed:
+            return self._unavailable_handler(peer)
+        if splice.open(st, self._rewrite(st.headers or [], peer), read_at) is None:
+            return self._unavailable_handler(peer)
+        self.streams_forwarded += 1
+        self.metrics.streams_in_flight.inc()
+        up.flush()
+        return None
+
+    def _unavailable_handler(self, peer: Peer) -> Handler:
+        return lambda s: self._unavailable(s, peer)
+
+    async def _unavailable(self, ds: Stream, peer: Peer) -> None:
+        self.metrics.upstream_failures.labels("unavailable").inc()
+        await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
+        ds.conn.close()  # no upstream on this connection: the peer reconnects, and we try the next hop again
+
+    def _stamp(self, pair: Pair, headers: Headers) -> Headers:
+        """The next hop's response headers with this hop's server-timing added."""
+        now = time.perf_counter()
+        return [*headers, timing(self.ctx.node.id, now - pair.own, upstream=now - pair.opened, queue=pair.queue)]
+
+    async def _deadlines(self, splice: Splice, conn: TrioH2, up: TrioH2, scope: trio.CancelScope, alarm: Alarm) -> None:
+        """Late answers get 504 (the upstream stream reset, INT-1); a peer that keeps its window
+        shut on a waiting response past slow_read_timeout is closed, as any slow reader is."""
+        with scope:
+            while True:
+                await alarm.wait(min(splice.next_deadline(), trio.current_time() + POLL))
+                now = trio.current_time()
+                for st in splice.overdue(now):
+                    self.metrics.upstream_failures.labels("timeout").inc()
+                    conn.serve(st, self._late)
+                if splice.stalled(now):
+                    conn.abort("slow-read")
+                up.flush()
+                conn.flush()
+
+    async def _late(self, ds: Stream) -> None:
+        await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")
 
     async def _connect_upstream(self) -> TrioH2 | None:
         """The first next hop that answers, tried in the declared order ("failover") or starting one
@@ -69,12 +160,14 @@ class Relay(App):
         return None
 
     @staticmethod
-    async def _run_upstream(up: TrioH2, conn: TrioH2) -> None:
+    async def _run_upstream(up: TrioH2, conn: TrioH2, splice: Splice) -> None:
         try:
             await up.run()
         finally:
-            # Paired both ways: once the upstream is gone (the next hop restarted), the downstream is
-            # closed too, so its peer reconnects and gets a fresh upstream instead of 502s for ever.
+            # Paired both ways: once the upstream is gone (the next hop restarted), its requests are
+            # reset downstream and the downstream is closed too, so its peer reconnects and gets a
+            # fresh upstream instead of 502s for ever.
+            splice.close()
             conn.close()
 
     def _rewrite(self, headers: Headers, peer: Peer) -> Headers:
@@ -84,63 +177,3 @@ class Relay(App):
         out.append((b"konbini-kiosk", peer.identity.encode()))
         out.append((b"konbini-store", self.ctx.node.site.encode()))
         return out
-
-    async def forward(self, ds: Stream, peer: Peer, up: TrioH2 | None) -> None:
-        t0 = time.perf_counter()
-        if up is None or up.core.closed:
-            self.metrics.upstream_failures.labels("unavailable").inc()
-            await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
-            ds.conn.close()  # no upstream on this connection: the peer reconnects, and we try the next hop again
-            return
-        request_done = ds.st.ended and not ds.st.chunks
-        try:
-            us = await up.open_stream(self._rewrite(ds.headers or [], peer), end_stream=request_done)
-        except ConnectionClosed:
-            self.metrics.upstream_failures.labels("unavailable").inc()
-            await refuse(ds, 502, "upstream-unavailable", "The service is temporarily unavailable.")
-            ds.conn.close()
-            return
-        own = time.perf_counter() - t0
-        self.streams_forwarded += 1
-        try:
-            if request_done:  # most requests: no body to pump, so no nursery to open
-                await self._answer(ds, us, t0, own)
-            else:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, ds, us, "request")
-                    await self._answer(ds, us, t0, own, request_body=nursery.cancel_scope)
-        except* (StreamReset, ConnectionClosed):
-            ds.reset(h2.errors.ErrorCodes.CANCEL)  # one side cancelled or died: cancel the other too
-        finally:
-            up.release(us)  # resets upstream if unfinished (downstream cancelled or timed out)
-
-    async def _answer(self, ds: Stream, us: Stream, t0: float, own: float, request_body: trio.CancelScope | None = None) -> None:
-        """The next hop's answer back to the peer, with this hop's server-timing. No headers within
-        RESPONSE_TIMEOUT: the request body stops (`request_body`, the scope of its pump), the peer
-        gets a 504 and the caller's release resets the upstream stream, so the request ends whole."""
-        with trio.move_on_after(RESPONSE_TIMEOUT) as timeout:
-            headers = await us.receive_headers()
-        if timeout.cancelled_caught:
-            if request_body is not None:
-                request_body.cancel()
-            self.metrics.upstream_failures.labels("timeout").inc()
-            await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")
-            return
-        t2 = time.perf_counter()
-        end = us.st.ended and not us.st.chunks and us.st.trailers is None
-        ds.send_headers([*headers, timing(self.ctx.node.id, t2 - own, upstream=t2 - t0 - own, queue=t0 - ds.st.received_at)], end_stream=end)
-        if not end:
-            await self._pump(us, ds, "response")
-
-    async def _pump(self, src: Stream, dst: Stream, direction: str) -> None:
-        """Move one direction's body; each chunk is acked to its sender only once the other side took it."""
-        relayed = self.metrics.bytes_relayed.labels(direction)
-
-        def observe(chunk: bytes) -> None:
-            held = len(chunk) + src.st.buffered
-            if held > self.max_buffered:
-                self.max_buffered = held
-            relayed.inc(len(chunk))
-
-        await src.forward_body(dst, observe)
-        dst.end(src.trailers)

@@ -99,6 +99,8 @@ class Stream(StreamHandle):
 
 
 Handler = Callable[[Stream], Awaitable[None]]
+# A relay's splice takes a request in the reader itself: None, or the handler to run for it after all (a refusal).
+TakeRequest = Callable[[StreamState], "Handler | None"]
 
 
 class TrioH2(H2Driver):
@@ -128,6 +130,11 @@ class TrioH2(H2Driver):
         self.closed = trio.Event()
         self._writes_blocked = False
         self._on_end = on_end  # told the close reason as soon as HTTP/2 is over, before the socket closes
+        self._nursery: trio.Nursery | None = None
+        # A relay's fast path (gateway.protocol.splice): requests and what arrives for them are
+        # handled in the reader, before it reads again, with no task per request.
+        self.take_request: TakeRequest | None = None
+        self.on_events: Callable[[set[int]], None] | None = None
 
     def flush(self) -> None:
         self._output.set()
@@ -227,7 +234,15 @@ class TrioH2(H2Driver):
         self.abort("slow-read")  # the peer keeps its window shut: it will not read this
         raise ConnectionClosed("slow-read")
 
+    def serve(self, st: StreamState, handler: Handler) -> None:
+        """Run `handler` for a request in its own task (the reader's nursery), cancelled with its stream."""
+        stream = Stream(self, st)
+        self._handlers[st.id] = stream
+        assert self._nursery is not None, "serve() needs a running connection"
+        self._nursery.start_soon(self._serve_stream, handler, stream)
+
     async def _reader(self, nursery: trio.Nursery, handler: Handler | None) -> None:
+        self._nursery = nursery
         core = self.core
         started = last_read = trio.current_time()
         partial_since: float | None = None
@@ -257,15 +272,17 @@ class TrioH2(H2Driver):
                     core.forget(st.id)
                     continue
                 st.received_at = read_at
-                stream = Stream(self, st)
-                self._handlers[st.id] = stream
-                nursery.start_soon(self._serve_stream, handler, stream)
+                run = handler if self.take_request is None else self.take_request(st)
+                if run is not None:
+                    self.serve(st, run)
             for sid in woken:
                 st = core.streams.get(sid)
                 if st is not None and st.reset_code is not None:
                     s = self._handlers.get(sid)
                     if s is not None and s.cancel_scope is not None:
                         s.cancel_scope.cancel()  # the peer cancelled: cancel the whole request
+            if self.on_events is not None:
+                self.on_events(woken)
             self.wake(woken)
             self.flush()
 

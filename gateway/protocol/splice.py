@@ -1,0 +1,268 @@
+"""The relay fast path: two HTTP/2 connections spliced stream by stream, inside their readers.
+
+Theory of operation: a relay pairs each downstream connection (one it serves) with its own
+upstream connection (one it opened). A request's HEADERS open a stream upstream at once, in
+the downstream reader; after that, whatever either reader receives for a paired stream is moved
+to the other side before that reader reads again: the response HEADERS (stamped with this hop's
+server-timing), DATA as far as the other side's windows allow, trailers, the end, a reset. There
+is no task, event or cancel scope per request: on a relay, the per-request scheduling cost more
+CPU than the frames themselves (py-spy, relay-64k), and a reset now crosses the hop in the same
+pass that read it.
+
+Two rules:
+1. a chunk is acknowledged to its sender only once the other side took it; what the other
+   side's windows do not take waits in this core's buffer (the sender is then out of window),
+   so a stream holds at most one receive window here, whatever the body's size;
+2. a reset on either side, a response that does not start in time, or the end of either
+   connection resets the stream on the other side too: a request is cancelled whole (INT-1).
+
+Time is the caller's: `overdue(now)` hands back the requests whose answer is late (the driver
+answers them 504), `stalled(now)` says a downstream peer has kept its window shut on a waiting
+response past `slow_read` (the driver closes it, as for any slow reader). Like `H2Core`, this
+never touches a socket; drivers flush both connections after every call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import h2.errors
+import h2.exceptions
+
+from gateway.protocol.h2core import ConnectionClosed, H2Core, Headers, StreamState
+
+CANCEL = h2.errors.ErrorCodes.CANCEL
+# What a send on a stream or connection the peer just ended raises: the pair is reset whole.
+GONE = (ConnectionClosed, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
+
+
+@dataclass(eq=False, slots=True)
+class Pair:
+    """One request as it crosses this hop: its downstream and upstream stream."""
+
+    down: StreamState
+    up: StreamState
+    opened: float  # time.perf_counter() when the HEADERS went upstream
+    own: float  # seconds this hop spent on the request before that
+    queue: float  # seconds from reading the HEADERS to deciding on them
+    due: float  # clock(): the response must have started by then
+    answered: bool = False  # response HEADERS sent downstream
+    request: memoryview | None = None  # the part of a request chunk upstream's windows have not taken yet
+    response: memoryview | None = None
+    request_done: bool = False  # the request's end went upstream
+    response_done: bool = False
+    stalled_since: float | None = None  # clock(): response bytes waiting on a shut downstream window
+    over: bool = False
+
+
+# observe(direction, nbytes, held): a chunk moved; `held` is what this stream held with it
+Observe = Callable[[str, int, int], None]
+
+
+class Splice:
+    """The streams of one downstream connection and its upstream connection, paired."""
+
+    def __init__(
+        self,
+        down: H2Core,
+        up: H2Core,
+        *,
+        stamp: Callable[[Pair, Headers], Headers],
+        observe: Observe | None = None,
+        on_done: Callable[[Pair], None] | None = None,
+        on_stall: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        response_timeout: float = 30.0,
+        slow_read: float | None = None,
+    ) -> None:
+        self.down, self.up = down, up
+        self.stamp, self.observe, self.on_done, self.on_stall = stamp, observe, on_done, on_stall
+        self.clock = clock
+        self.response_timeout = response_timeout
+        self.slow_read = slow_read  # None: the downstream peer is trusted to read (no bound)
+        self.by_down: dict[int, Pair] = {}
+        self.by_up: dict[int, Pair] = {}
+        self.unanswered: deque[Pair] = deque()  # in the order of their `due` (one timeout for all)
+        self.stalls: set[Pair] = set()
+
+    # -- requests in -------------------------------------------------------------------------
+
+    def open(self, st: StreamState, headers: Headers, read_at: float) -> Pair | None:
+        """Forward a request's HEADERS (and whatever of its body is here) upstream. `read_at`:
+        time.perf_counter() when its HEADERS were read. None when upstream cannot take another
+        stream now (the caller refuses it)."""
+        up = self.up
+        if up.closed or not up.can_open_stream():
+            return None
+        end = st.ended and not st.chunks and st.trailers is None
+        started = time.perf_counter()
+        ust = up.send_request(headers, end)
+        now = time.perf_counter()
+        pair = Pair(st, ust, opened=now, own=now - started, queue=started - (st.received_at or read_at),
+                    due=self.clock() + self.response_timeout, request_done=end)
+        self.by_down[st.id] = pair
+        self.by_up[ust.id] = pair
+        self.unanswered.append(pair)
+        if not end:
+            self._service(pair)
+        return pair
+
+    # -- what either reader received -------------------------------------------------------
+
+    def down_events(self, woken: set[int]) -> None:
+        """After the downstream core took bytes: `woken` as `H2Core.receive_data` returned it."""
+        self._each(self.by_down, woken)
+
+    def up_events(self, woken: set[int]) -> None:
+        self._each(self.by_up, woken)
+
+    def _each(self, pairs: dict[int, Pair], woken: set[int]) -> None:
+        if 0 in woken:  # a connection window or the settings changed: every stream may move
+            for pair in list(pairs.values()):
+                self._service(pair)
+            return
+        for sid in woken:
+            pair = pairs.get(sid)
+            if pair is not None:
+                self._service(pair)
+
+    def _service(self, pair: Pair) -> None:
+        down, up = pair.down, pair.up
+        try:
+            if down.reset_code is not None:  # the peer cancelled: so does the next hop
+                self.up.reset(up.id, CANCEL)
+            elif up.reset_code is not None:  # the next hop cancelled or died: tell the peer
+                self.down.reset(down.id, CANCEL)
+            else:
+                if not pair.request_done:
+                    pair.request, pair.request_done, _ = self._move(self.down, down, self.up, up.id, pair.request, "request")
+                if not pair.response_done:
+                    self._respond(pair)
+                if not (pair.request_done and pair.response_done):
+                    return
+        except GONE:
+            self.up.reset(up.id, CANCEL)
+            self.down.reset(down.id, CANCEL)
+        self._finish(pair)
+
+    def _respond(self, pair: Pair) -> None:
+        ust = pair.up
+        if not pair.answered:
+            if ust.headers is None:
+                return
+            pair.answered = True
+            end = ust.ended and not ust.chunks and ust.trailers is None
+            self.down.send_headers(pair.down.id, self.stamp(pair, ust.headers), end)
+            if end:
+                pair.response_done = True
+                return
+        pair.response, pair.response_done, moved = self._move(self.up, ust, self.down, pair.down.id, pair.response, "response")
+        if pair.response is None:
+            if pair.stalled_since is not None:
+                pair.stalled_since = None
+                self.stalls.discard(pair)
+        elif self.slow_read is not None and (moved or pair.stalled_since is None):
+            pair.stalled_since = self.clock()  # the window is shut from now on
+            if pair not in self.stalls:
+                self.stalls.add(pair)
+                if self.on_stall is not None:
+                    self.on_stall()
+
+    def _move(self, src: H2Core, sst: StreamState, dst: H2Core, did: int, pending: memoryview | None,
+              direction: str) -> tuple[memoryview | None, bool, int]:
+        """Move what `sst` holds to stream `did` of `dst`, as far as dst's windows allow, acking
+        each byte to its sender once dst took it. Returns what is left of a chunk, whether the
+        end (or the trailers) went too, and how many bytes moved."""
+        moved = 0
+        while True:
+            if pending is None:
+                chunk = src.take_chunk(sst)
+                if chunk is None:
+                    break
+                if not chunk:
+                    continue
+                if self.observe is not None:
+                    self.observe(direction, len(chunk), len(chunk) + sst.buffered)
+                pending = memoryview(chunk)
+            last = sst.ended and not sst.chunks and sst.trailers is None
+            n = dst.send_data(did, pending, end_stream=last)
+            if n:
+                src.ack(sst.id, n)
+                moved += n
+            if n < len(pending):
+                return pending[n:], False, moved
+            pending = None
+            if last:
+                return None, True, moved
+        if sst.ended:  # the body is all across: trailers, or an empty end
+            dst.end_stream(did, sst.trailers)
+            return None, True, moved
+        return None, False, moved
+
+    def _finish(self, pair: Pair) -> None:
+        if pair.over:
+            return
+        self._leave(pair)
+        self.down.forget(pair.down.id)
+        self.up.forget(pair.up.id)
+
+    def _leave(self, pair: Pair) -> None:
+        """The pair leaves the splice. A chunk it held half-sent was taken from its sender's
+        buffer and never acked: ack the rest now, or every reset racing a chunk would shrink that
+        connection's window for good (about 230 cancelled downloads stalled a kiosk's connection)."""
+        pair.over = True
+        self.by_down.pop(pair.down.id, None)
+        self.by_up.pop(pair.up.id, None)
+        self.stalls.discard(pair)
+        if pair.request is not None:
+            self.down.ack(pair.down.id, len(pair.request))
+            pair.request = None
+        if pair.response is not None:
+            self.up.ack(pair.up.id, len(pair.response))
+            pair.response = None
+        if self.on_done is not None:
+            self.on_done(pair)
+
+    # -- time --------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """The clock() at which `overdue` or `stalled` next has something to say."""
+        q = self.unanswered
+        while q and (q[0].answered or q[0].over):
+            q.popleft()
+        due = q[0].due if q else math.inf
+        if self.stalls and self.slow_read is not None:
+            due = min(due, min(p.stalled_since for p in self.stalls) + self.slow_read)  # type: ignore[operator]
+        return due
+
+    def overdue(self, now: float) -> list[StreamState]:
+        """Requests with no answer by their `due`: each is reset upstream and leaves the splice;
+        its downstream stream is handed back for the caller to refuse (504)."""
+        late: list[StreamState] = []
+        q = self.unanswered
+        while q and (q[0].answered or q[0].over or q[0].due <= now):
+            pair = q.popleft()
+            if pair.answered or pair.over:
+                continue
+            self._leave(pair)
+            self.up.reset(pair.up.id, CANCEL)
+            self.up.forget(pair.up.id)
+            late.append(pair.down)
+        return late
+
+    def stalled(self, now: float) -> bool:
+        """A downstream peer has kept its window shut on a waiting response for `slow_read`."""
+        if self.slow_read is None:
+            return False
+        return any(p.stalled_since is not None and now - p.stalled_since >= self.slow_read for p in self.stalls)
+
+    def close(self) -> None:
+        """One side is gone: every request still crossing is reset on both."""
+        for pair in list(self.by_down.values()):
+            self.up.reset(pair.up.id, CANCEL)
+            self.down.reset(pair.down.id, CANCEL)
+            self._finish(pair)

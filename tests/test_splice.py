@@ -1,0 +1,184 @@
+"""The relay fast path without sockets: a kiosk core, the relay's two cores spliced, an origin core,
+bytes moved between them by hand. Each test names what the splice must keep true."""
+
+from __future__ import annotations
+
+import h2.errors
+import pytest
+
+from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, H2Core, Headers
+from gateway.protocol.http import request_headers
+from gateway.protocol.splice import Pair, Splice
+from topology.spec.model import Limits
+
+KiB, MiB = 1024, 1 << 20
+CANCEL = h2.errors.ErrorCodes.CANCEL
+
+
+class Hop:
+    """kiosk → [down | splice | up] → origin, on a clock the test sets."""
+
+    def __init__(self, slow_read: float | None = None, response_timeout: float = 30.0) -> None:
+        self.now = 0.0
+        self.kiosk, self.down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+        self.up, self.origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+        self.held: list[int] = []
+        self.stalls = 0
+        self.splice = Splice(
+            self.down, self.up, stamp=self.stamp, observe=lambda d, n, held: self.held.append(held),
+            on_stall=self._stalled, clock=lambda: self.now, response_timeout=response_timeout, slow_read=slow_read,
+        )
+        self.requests: list = []  # what reached the origin
+        self.pump()
+
+    def _stalled(self) -> None:
+        self.stalls += 1
+
+    @staticmethod
+    def stamp(pair: Pair, headers: Headers) -> Headers:
+        return [*headers, (b"server-timing", b"relay;dur=0.1")]
+
+    def pump(self) -> None:
+        """Move bytes every way until nothing moves; the relay forwards new requests at once."""
+        while True:
+            moved = False
+            if data := self.kiosk.data_to_send():
+                woken = self.down.receive_data(data)
+                while self.down.new_requests:
+                    st = self.down.new_requests.popleft()
+                    assert self.splice.open(st, st.headers or [], 0.0) is not None
+                self.splice.down_events(woken)
+                moved = True
+            if data := self.down.data_to_send():
+                self.kiosk.receive_data(data)
+                moved = True
+            if data := self.up.data_to_send():
+                self.origin.receive_data(data)
+                while self.origin.new_requests:
+                    self.requests.append(self.origin.new_requests.popleft())
+                moved = True
+            if data := self.origin.data_to_send():
+                self.splice.up_events(self.up.receive_data(data))
+                moved = True
+            if not moved:
+                return
+
+    def get(self, path: str = "/bench/blob", body: bytes = b""):
+        st = self.kiosk.send_request(request_headers("POST" if body else "GET", path, "relay"), end_stream=not body)
+        if body:
+            self.kiosk.send_data(st.id, body, end_stream=True)
+        self.pump()
+        return st
+
+
+def _drain(core: H2Core, st) -> bytes:
+    out = []
+    while (chunk := core.take_chunk(st)) is not None:
+        out.append(chunk)
+        core.ack(st.id, len(chunk))
+    return b"".join(out)
+
+
+def test_a_response_crosses_the_hop_with_its_body_trailers_and_this_hops_timing():
+    hop = Hop()
+    ks = hop.get()
+    origin_st = hop.requests[0]
+    body = bytes(range(256)) * 1024  # 256 KiB: more than a stream window, so acks must flow back
+    hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
+    sent, received = 0, bytearray()
+    while sent < len(body):
+        sent += hop.origin.send_data(origin_st.id, memoryview(body)[sent:])
+        hop.pump()
+        received += _drain(hop.kiosk, ks)  # the kiosk reads and acks: windows reopen hop by hop
+        hop.pump()
+    hop.origin.end_stream(origin_st.id, [(b"konbini-binding", b"sig")])
+    hop.pump()
+    received += _drain(hop.kiosk, ks)
+    assert (b"server-timing", b"relay;dur=0.1") in ks.headers
+    assert bytes(received) == body
+    assert ks.trailers == [(b"konbini-binding", b"sig")] and ks.ended
+    assert not hop.splice.by_down and not hop.splice.by_up  # the pair left the splice
+
+
+def test_an_upload_larger_than_the_windows_reaches_the_origin_whole_and_the_hop_holds_one_window():
+    hop = Hop()
+    body = b"u" * (2 * MiB)
+    ks = hop.kiosk.send_request(request_headers("POST", "/up", "relay"), end_stream=False)
+    sent = 0
+    received = bytearray()
+    origin_st = None
+    while sent < len(body) or not (origin_st is not None and origin_st.ended):
+        if sent < len(body):
+            sent += hop.kiosk.send_data(ks.id, memoryview(body)[sent:], end_stream=True)
+        hop.pump()
+        if origin_st is None and hop.requests:
+            origin_st = hop.requests[0]
+        if origin_st is not None:
+            received += _drain(hop.origin, origin_st)
+        hop.pump()
+    assert bytes(received) == body
+    assert max(hop.held) <= STREAM_WINDOW + MAX_FRAME_SIZE
+
+
+def test_a_kiosk_reset_cancels_the_stream_upstream_and_gives_back_every_byte_of_window():
+    hop = Hop()
+    ks = hop.get()
+    origin_st = hop.requests[0]
+    hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
+    for _ in range(2):  # the kiosk does not read: its window fills, then the relay holds the next chunk
+        hop.origin.send_data(origin_st.id, b"d" * hop.origin.conn.local_flow_control_window(origin_st.id))
+        hop.pump()
+    assert hop.splice.by_down[ks.id].response is not None  # still crossing, a chunk in hand
+    hop.kiosk.reset(ks.id, CANCEL)
+    hop.pump()
+    assert origin_st.reset_code == CANCEL
+    assert not hop.splice.by_down
+    # every byte the relay received from the origin was acked, the chunk in hand too (h2 sends the
+    # connection's WINDOW_UPDATE in batches, so the relay's own count is the one to look at)
+    inbound = hop.up.conn._inbound_flow_control_window_manager
+    assert inbound._bytes_processed == inbound.max_window_size - inbound.current_window_size > 0
+
+
+def test_an_origin_reset_reaches_the_kiosk():
+    hop = Hop()
+    ks = hop.get()
+    hop.origin.reset(hop.requests[0].id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    hop.pump()
+    assert ks.reset_code == CANCEL and not hop.splice.by_down
+
+
+def test_a_request_not_answered_in_time_is_handed_back_and_reset_upstream():
+    hop = Hop(response_timeout=5.0)
+    ks = hop.get()
+    assert hop.splice.next_deadline() == pytest.approx(5.0)
+    assert hop.splice.overdue(4.9) == []
+    late = hop.splice.overdue(5.0)
+    assert [st.id for st in late] == [ks.id]
+    hop.pump()
+    assert hop.requests[0].reset_code == CANCEL and not hop.splice.by_down
+
+
+def test_a_kiosk_keeping_its_window_shut_is_reported_after_slow_read():
+    hop = Hop(slow_read=1.0)
+    hop.get()
+    origin_st = hop.requests[0]
+    hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
+    hop.origin.send_data(origin_st.id, b"x" * (hop.origin.conn.local_flow_control_window(origin_st.id)))
+    hop.pump()  # the kiosk's 128 KiB stream window is full; the relay has the origin's 128 KiB in hand
+    hop.origin.send_data(origin_st.id, b"y")
+    hop.pump()
+    assert hop.stalls == 1
+    assert not hop.splice.stalled(0.5) and hop.splice.next_deadline() == pytest.approx(1.0)
+    assert hop.splice.stalled(1.0)
+
+
+def test_a_second_request_on_the_connection_gets_its_own_upstream_stream():
+    hop = Hop()
+    a, b = hop.get("/a"), hop.get("/b")
+    first, second = hop.requests
+    assert [h for h in first.headers if h[0] == b":path"] == [(b":path", b"/a")]
+    assert [h for h in second.headers if h[0] == b":path"] == [(b":path", b"/b")]
+    hop.origin.send_headers(second.id, [(b":status", b"204")], end_stream=True)
+    hop.origin.send_headers(first.id, [(b":status", b"200")], end_stream=True)
+    hop.pump()
+    assert (a.headers[0], b.headers[0]) == ((b":status", b"200"), (b":status", b"204"))
