@@ -13,12 +13,18 @@ disturbed by the rest of a shared machine), with the median beside it.
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
+import logging
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from gateway.protocol.h2core import H2Core, Headers
+import h2.connection
+import hpack.hpack
+
+from gateway.protocol.h2core import STREAM_WINDOW, H2Core, Headers
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
 from topology.spec.model import Limits
@@ -103,10 +109,33 @@ def relay_hop(n: int, size: int) -> float:
     return spent
 
 
-def measure(fn, n: int, repeat: int, size: int) -> dict:
-    fn(max(100, n // 10), size)  # warm up caches and the HPACK tables
-    runs = [fn(n, size) / n * 1e6 for _ in range(repeat)]
-    return {"us_per_request_min": round(min(runs), 1), "us_per_request_median": round(statistics.median(runs), 1), "runs": len(runs)}
+@contextmanager
+def stock_h2():
+    """h2 and hpack as shipped: every received frame formatted, hpack's debug calls made
+    (what `gateway.protocol.h2core` switches off), for a before/after in one run."""
+    saved = h2.connection.repr, hpack.hpack.log
+    h2.connection.repr, hpack.hpack.log = builtins.repr, logging.getLogger(hpack.hpack.__name__)
+    try:
+        yield
+    finally:
+        h2.connection.repr, hpack.hpack.log = saved
+
+
+def measure(variants: dict[str, tuple], n: int, repeat: int, size: int) -> dict[str, dict]:
+    """Each variant (name: (function, context manager factory)) run `repeat` times, the variants
+    taking turns, so a machine that slows down for a while slows every variant alike."""
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for fn, ctx in variants.values():
+        with ctx():
+            fn(max(100, n // 10), size)  # warm up caches and the HPACK tables
+    for _ in range(repeat):
+        for name, (fn, ctx) in variants.items():
+            with ctx():
+                runs[name].append(fn(n, size) / n * 1e6)
+    return {
+        name: {"us_per_request_min": round(min(r), 1), "us_per_request_median": round(statistics.median(r), 1), "runs": len(r)}
+        for name, r in runs.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,16 +143,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     ap.add_argument("--repeat", type=int, default=7, help="runs; the lowest is reported (default 7)")
     ap.add_argument("--size", type=int, default=0, help="response body bytes (default 0)")
+    ap.add_argument("--stock-h2", action="store_true", help="also measure with h2 and hpack as shipped (before/after in one run)")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
-    result = {
-        "size": args.size,
-        "exchange": measure(exchange, args.requests, args.repeat, args.size),
-        "relay_hop": measure(relay_hop, args.requests, args.repeat, args.size),
-    }
-    for name in ("exchange", "relay_hop"):
+    if not 0 <= args.size <= STREAM_WINDOW:
+        ap.error(f"--size: 0 to {STREAM_WINDOW} bytes (one stream window: the origin sends the body in one pass)")
+    variants = {"exchange": (exchange, nullcontext), "relay_hop": (relay_hop, nullcontext)}
+    if args.stock_h2:
+        variants |= {"exchange_stock_h2": (exchange, stock_h2), "relay_hop_stock_h2": (relay_hop, stock_h2)}
+    result: dict = {"size": args.size, **measure(variants, args.requests, args.repeat, args.size)}
+    for name in variants:
         r = result[name]
-        print(f"{name:9} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)")
+        print(f"{name:18} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import h2.errors
 import pytest
 
+from bench.h2cost import relay_hop
 from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, H2Core, Headers
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
@@ -182,3 +183,7 @@ def test_a_second_request_on_the_connection_gets_its_own_upstream_stream():
     hop.origin.send_headers(first.id, [(b":status", b"200")], end_stream=True)
     hop.pump()
     assert (a.headers[0], b.headers[0]) == ((b":status", b"200"), (b":status", b"204"))
+
+
+def test_the_h2cost_bench_takes_every_request_across_the_hop():
+    assert relay_hop(50, 0) > 0 and relay_hop(20, 64 * KiB) > 0  # raises if a request stayed half across
