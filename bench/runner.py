@@ -21,15 +21,12 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-
-import trio
 
 from bench import crosscheck
 from bench.baselines.haproxy import (
@@ -44,16 +41,15 @@ from bench.costs import CostProcess, CostWindow
 from bench.failover import FailoverError, FaultSchedule, Targets, analyse, targets
 from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
+from bench.serve import serve_nodes
 from bench.topology import with_kiosks
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
-from gateway.node.server import NodeStartError
 from kiosk_emu.card import CardStore
 from kiosk_emu.latency import with_relay_waits
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
 from topology.launch import netns
 from topology.launch.impair import Impairments
-from topology.launch.loopback import run_topology
 from topology.launch.netns import NetnsError, require_root
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
@@ -78,26 +74,6 @@ def bench_clock_start() -> datetime:
 
 
 # -- server processes ----------------------------------------------------------------------------
-
-
-def _serve(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
-    logging.basicConfig(level=logging.ERROR)
-    clock = Clock(datetime.fromisoformat(clock_start))
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: run_topology(topo, Path(state_dir), clock=clock, only=only, task_status=task_status)
-            )
-            conn.send(("ready", running.ready_s))
-
-    try:
-        trio.run(main)
-    except Exception as exc:  # noqa: BLE001 - one line for the parent
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        conn.send(("error", str(exc) if isinstance(exc, NodeStartError) else f"{type(exc).__name__}: {exc}"))
 
 
 def proc_stats(pid: int | None) -> dict:
@@ -243,7 +219,7 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> float:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(*self.args, child), daemon=True)
+        self.proc = ctx.Process(target=serve_nodes, args=(*self.args, child), daemon=True)
         self.proc.start()
         if not parent.poll(timeout):
             self.stop()

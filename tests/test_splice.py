@@ -19,7 +19,7 @@ CANCEL = h2.errors.ErrorCodes.CANCEL
 class Hop:
     """kiosk → [down | splice | up] → origin, on a clock the test sets."""
 
-    def __init__(self, slow_read: float | None = None, response_timeout: float = 30.0) -> None:
+    def __init__(self, slow_read: float | None = None, response_timeout: float = 30.0, room=None) -> None:
         self.now = 0.0
         self.kiosk, self.down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
         self.up, self.origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
@@ -28,6 +28,7 @@ class Hop:
         self.splice = Splice(
             self.down, self.up, stamp=self.stamp, observe=lambda d, n, held: self.held.append(held),
             on_stall=self._stalled, clock=lambda: self.now, response_timeout=response_timeout, slow_read=slow_read,
+            room=room,
         )
         self.requests: list = []  # what reached the origin
         self.pump()
@@ -171,6 +172,27 @@ def test_a_kiosk_keeping_its_window_shut_is_reported_after_slow_read():
     assert hop.stalls == 1
     assert not hop.splice.stalled(0.5) and hop.splice.next_deadline() == pytest.approx(1.0)
     assert hop.splice.stalled(1.0)
+
+
+def test_a_response_waits_unacked_upstream_while_the_downstream_output_queue_is_full():
+    room = [0]
+    hop = Hop(room=lambda: room[0])
+    ks = hop.get()
+    origin_st = hop.requests[0]
+    hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
+    hop.origin.send_data(origin_st.id, b"r" * (64 * KiB), end_stream=True)
+    hop.pump()
+    assert ks.headers is not None and not ks.chunks  # headers went; no room for the body
+    up_st = hop.splice.by_down[ks.id].up
+    assert up_st.buffered + len(hop.splice.by_down[ks.id].response or b"") == 64 * KiB  # held once, unacked
+    room[0] = 16 * KiB
+    hop.splice.drained()
+    hop.pump()
+    assert sum(len(c) for c, _ in ks.chunks) == 16 * KiB and not ks.ended
+    room[0] = 1 << 30
+    hop.splice.drained()
+    hop.pump()
+    assert sum(len(c) for c, _ in ks.chunks) == 64 * KiB and ks.ended and not hop.splice.by_down
 
 
 def test_a_second_request_on_the_connection_gets_its_own_upstream_stream():

@@ -29,6 +29,9 @@ log = logging.getLogger("konbini.relay")
 
 CONNECT_TIMEOUT = 5.0  # TCP + TLS to one next hop; then the next one is tried
 RESPONSE_TIMEOUT = 30.0  # upstream must answer with headers within this; then the request is cancelled whole
+# Response bytes a downstream connection may have queued for its socket; the rest waits unacked in
+# the upstream core, so a stream holds one window here, not also a second one in our output queue.
+OUTPUT_ROOM = 256 * 1024
 POLL = 1.0  # the deadline task looks at least this often (response timeouts need no finer grain)
 
 # Headers a kiosk may not set itself: the store router vouches for who asked (INT-1 binding).
@@ -80,10 +83,12 @@ class Relay(App):
             conn.core, up.core, stamp=self._stamp, observe=observe, on_done=lambda pair: in_flight.dec(),
             on_stall=alarm.set, clock=trio.current_time, response_timeout=RESPONSE_TIMEOUT,
             slow_read=conn.limits.slow_read_timeout if conn.limits else None,
+            room=lambda: OUTPUT_ROOM - conn.unsent,
         )
         conn.take_request = partial(self._take, splice, server, peer, conn, up)
         conn.on_events = lambda woken: (splice.down_events(woken), up.flush())
         up.on_events = lambda woken: (splice.up_events(woken), conn.flush())
+        conn.on_drained = lambda: (splice.drained(), up.flush())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._run_upstream, up, conn, splice)
             deadlines = trio.CancelScope()

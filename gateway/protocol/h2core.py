@@ -656,8 +656,13 @@ class H2Core:
                 pass
             self._close("local-close")
 
-    def data_to_send(self) -> bytes:
-        return self.conn.data_to_send()
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        return self.conn.data_to_send(amount)
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued for the peer and not yet taken by `data_to_send`."""
+        return len(self.conn._data_to_send)  # h2's own buffer (no public size)
 
     def _check_open(self) -> None:
         if self.closed:

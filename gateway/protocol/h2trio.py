@@ -37,6 +37,9 @@ from topology.spec.model import Limits
 log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
+# The writer takes at most this much per write: while a slow socket drains it, what waits behind
+# stays in h2's buffer once, not also in a plaintext and a ciphertext copy of the whole queue.
+WRITE_SIZE = 256 * 1024
 # After closing on a hostile peer: how long its bytes are read and dropped (raw TCP, no TLS work)
 # so that closing with unread input does not reset the connection and lose our GOAWAY.
 LINGER = 0.5
@@ -135,9 +138,16 @@ class TrioH2(H2Driver):
         # handled in the reader, before it reads again, with no task per request.
         self.take_request: TakeRequest | None = None
         self.on_events: Callable[[set[int]], None] | None = None
+        self.on_drained: Callable[[], None] | None = None  # after each write: room for more (the splice's budget)
+        self._writing = 0  # bytes of the write under way
 
     def flush(self) -> None:
         self._output.set()
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued for the peer or being written, not yet taken by the kernel."""
+        return self.core.pending_output + self._writing
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -291,13 +301,16 @@ class TrioH2(H2Driver):
             await self._output.wait()
             self._output = trio.Event()
             # loop: what was queued while the last write was under way (our GOAWAY, say) goes too
-            while data := self.core.data_to_send():
+            while data := self.core.data_to_send(WRITE_SIZE):
+                self._writing = len(data)
                 try:
                     sent = await self._write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     self.core._close("write-failed")
                     self.wake({0})
                     return
+                finally:
+                    self._writing = 0
                 if not sent:  # the peer stopped reading TCP: nothing more can reach it
                     log.info("closing connection from %s: slow-read (writes blocked)", self.peer)
                     self.core._close("slow-read")
@@ -305,6 +318,8 @@ class TrioH2(H2Driver):
                     self.wake({0})
                     self._reader_scope.cancel()
                     return
+                if self.on_drained is not None:
+                    self.on_drained()
             if self.core.closed:
                 self._reader_scope.cancel()
                 return

@@ -78,12 +78,17 @@ class Splice:
         clock: Callable[[], float] = time.monotonic,
         response_timeout: float = 30.0,
         slow_read: float | None = None,
+        room: Callable[[], int] | None = None,
     ) -> None:
         self.down, self.up = down, up
         self.stamp, self.observe, self.on_done, self.on_stall = stamp, observe, on_done, on_stall
         self.clock = clock
         self.response_timeout = response_timeout
         self.slow_read = slow_read  # None: the downstream peer is trusted to read (no bound)
+        # room(): how many more response bytes the downstream connection may queue for its socket;
+        # what does not fit stays in the upstream core, unacked, until `drained` (None: no bound)
+        self.room = room
+        self.roomless: set[Pair] = set()
         self.by_down: dict[int, Pair] = {}
         self.by_up: dict[int, Pair] = {}
         self.unanswered: deque[Pair] = deque()  # in the order of their `due` (one timeout for all)
@@ -160,7 +165,12 @@ class Splice:
             if end:
                 pair.response_done = True
                 return
-        pair.response, pair.response_done, moved = self._move(self.up, ust, self.down, pair.down.id, pair.response, "response")
+        budget = None if self.room is None else self.room()
+        pair.response, pair.response_done, moved = self._move(self.up, ust, self.down, pair.down.id, pair.response,
+                                                             "response", budget)
+        if pair.response is not None and budget is not None and budget - moved <= 0:
+            self.roomless.add(pair)  # our own queue is full, not the peer's window: `drained` goes on
+            return
         if pair.response is None:
             if pair.stalled_since is not None:
                 pair.stalled_since = None
@@ -173,10 +183,10 @@ class Splice:
                     self.on_stall()
 
     def _move(self, src: H2Core, sst: StreamState, dst: H2Core, did: int, pending: memoryview | None,
-              direction: str) -> tuple[memoryview | None, bool, int]:
-        """Move what `sst` holds to stream `did` of `dst`, as far as dst's windows allow, acking
-        each byte to its sender once dst took it. Returns what is left of a chunk, whether the
-        end (or the trailers) went too, and how many bytes moved."""
+              direction: str, budget: int | None = None) -> tuple[memoryview | None, bool, int]:
+        """Move what `sst` holds to stream `did` of `dst`, as far as dst's windows (and `budget`
+        bytes) allow, acking each byte to its sender once dst took it. Returns what is left of a
+        chunk, whether the end (or the trailers) went too, and how many bytes moved."""
         moved = 0
         while True:
             if pending is None:
@@ -189,7 +199,10 @@ class Splice:
                     self.observe(direction, len(chunk), len(chunk) + sst.buffered)
                 pending = memoryview(chunk)
             last = sst.ended and not sst.chunks and sst.trailers is None
-            n = dst.send_data(did, pending, end_stream=last)
+            part = pending if budget is None or budget - moved >= len(pending) else pending[: max(0, budget - moved)]
+            if not part:
+                return pending, False, moved
+            n = dst.send_data(did, part, end_stream=last and len(part) == len(pending))
             if n:
                 src.ack(sst.id, n)
                 moved += n
@@ -202,6 +215,15 @@ class Splice:
             dst.end_stream(did, sst.trailers)
             return None, True, moved
         return None, False, moved
+
+    def drained(self) -> None:
+        """The downstream socket took a write: the responses that waited for room go on."""
+        if not self.roomless:
+            return
+        waiting, self.roomless = self.roomless, set()
+        for pair in waiting:
+            if not pair.over:
+                self._service(pair)
 
     def _finish(self, pair: Pair) -> None:
         if pair.over:
@@ -218,6 +240,7 @@ class Splice:
         self.by_down.pop(pair.down.id, None)
         self.by_up.pop(pair.up.id, None)
         self.stalls.discard(pair)
+        self.roomless.discard(pair)
         if pair.request is not None:
             self.down.ack(pair.down.id, len(pair.request))
             pair.request = None
