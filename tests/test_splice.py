@@ -209,3 +209,20 @@ def test_a_second_request_on_the_connection_gets_its_own_upstream_stream():
 
 def test_the_h2cost_bench_takes_every_request_across_the_hop():
     assert relay_hop(50, 0) > 0 and relay_hop(20, 64 * KiB) > 0  # raises if a request stayed half across
+
+
+def test_a_request_beyond_the_upstreams_stream_limit_is_not_opened():
+    kiosk, down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+    up, origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits(max_concurrent_streams=1))
+    for client, server in ((kiosk, down), (up, origin)):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
+    splice = Splice(down, up, stamp=Hop.stamp)
+    for path in ("/a", "/b"):
+        kiosk.send_request(request_headers("GET", path, "relay"), end_stream=True)
+    down.receive_data(kiosk.data_to_send())
+    first, second = down.new_requests
+    assert splice.open(first, first.headers, 0.0) is not None
+    assert splice.open(second, second.headers, 0.0) is None  # the relay refuses it (REFUSED_STREAM), unprocessed
+    assert len(splice.by_down) == 1

@@ -17,6 +17,7 @@ import ssl
 import time
 from functools import partial
 
+import h2.errors
 import trio
 
 from gateway.node.server import App, NodeContext, NodeServer, Peer
@@ -110,7 +111,10 @@ class Relay(App):
         if up.core.closed:
             return self._unavailable_handler(peer)
         if splice.open(st, self._rewrite(st.headers or [], peer), read_at) is None:
-            return self._unavailable_handler(peer)
+            # upstream is at its concurrent-stream limit: refused unprocessed, so the peer may retry
+            conn.core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            conn.core.forget(st.id)
+            return None
         self.streams_forwarded += 1
         self.metrics.streams_in_flight.inc()
         up.flush()
@@ -135,6 +139,8 @@ class Relay(App):
         with scope:
             while True:
                 await alarm.wait(min(splice.next_deadline(), trio.current_time() + POLL))
+                if conn.core.closed:  # the connection is ending: its requests are reset, not answered
+                    return
                 now = trio.current_time()
                 for st in splice.overdue(now):
                     self.metrics.upstream_failures.labels("timeout").inc()
