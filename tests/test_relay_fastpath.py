@@ -14,14 +14,19 @@ import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame
+import msgspec
 import pytest
 import trio
 import trio.testing
 
+from gateway.business.clock import Clock
 from gateway.protocol.h2core import header
 from gateway.protocol.h2trio import Stream, TrioH2
 from gateway.protocol.http import request_headers
 from gateway.transport.tls import client_context, server_context
+from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
+from topology.spec.model import Limits
 
 KIOSK, ROUTER = "kiosk-a1-1", "store-router-a1"
 KiB, MiB = 1024, 1 << 20
@@ -231,4 +236,49 @@ async def test_resets_racing_data_give_back_every_byte_of_window_on_every_hop(ne
     with trio.fail_after(30):
         headers, body, _ = await _exchange(tls, conn, sid)
     assert headers[b":status"] == b"200" and body == b"k" * (3 * MiB)
+    await tls.aclose()
+
+
+@pytest.fixture
+async def idle_net(topo, state, nursery):
+    """The store routers close idle connections after 0.5 s, slow readers only after 30 s."""
+    limits = {"defaults": Limits(), "store-router": Limits(idle_timeout=0.5, slow_read_timeout=30.0)}
+    running = await nursery.start(
+        lambda task_status: run_topology(msgspec.structs.replace(topo, limits=limits), state, clock=Clock(TEST_TIME),
+                                         task_status=task_status)
+    )
+    yield running
+    running.stop()
+
+
+async def test_a_connection_with_a_request_crossing_the_relay_is_not_idle(idle_net):
+    # The relay forwards in its readers, with no handler task per request; a download whose reader
+    # pauses longer than idle_timeout is still a request in flight, not an idle connection.
+    tls, conn = await _raw_client(idle_net, 16 * KiB)
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, _headers("GET", f"/bench/blob?size={MiB}"), end_stream=True)
+    await tls.send_all(conn.data_to_send())
+    body, held, paused, ended, status = bytearray(), 0, False, False, None
+    with trio.fail_after(30):
+        while not ended:
+            data = await tls.receive_some(256 * KiB)
+            assert data, f"{ROUTER} closed the connection"
+            for event in conn.receive_data(data):
+                assert not isinstance(event, (h2.events.ConnectionTerminated, h2.events.StreamReset)), event
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    held += event.flow_controlled_length
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            if not paused and held >= 65535:  # the window is full: the router can send nothing more
+                paused = True
+                await trio.sleep(1.5)  # the pause under test: three idle timeouts, nothing sent
+            if paused and held:
+                conn.acknowledge_received_data(held, sid)
+                held = 0
+            await tls.send_all(conn.data_to_send())
+    assert status == b"200" and body == b"k" * MiB
+    assert idle_net.servers[ROUTER].denials["idle"] == 0
     await tls.aclose()

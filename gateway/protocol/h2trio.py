@@ -224,7 +224,7 @@ class TrioH2(H2Driver):
             return started + lim.preface_timeout, "preface-timeout"
         if partial_since is not None:
             return partial_since + lim.headers_timeout, "slow-headers"
-        if not self._handlers:
+        if not self._handlers and not self.core.streams:  # spliced requests have no handler task, only a stream
             return last_read + lim.idle_timeout, "idle"
         return math.inf, ""
 
@@ -271,6 +271,8 @@ class TrioH2(H2Driver):
                     log.info("closing connection from %s: %s", self.peer, exc.args[0])
                 return
             if core.closed:  # peer sent GOAWAY: finish, the writer flushes what is left
+                if self.on_events is not None:  # a response that came whole with the GOAWAY still goes on
+                    self.on_events(woken)
                 return
             partial_since = (partial_since or last_read) if core.receiving_partial else None
             while core.new_requests:
