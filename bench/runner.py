@@ -275,6 +275,7 @@ class BenchOptions:
     lines: dict[str, str] | None = None  # line kind -> delay ("20ms"): repeat konbini's phase with those lines impaired (root)
     cross_check: bool = False  # drive the relay scenarios again with the compiled Go client, both chains
     relay_processes: str = "operator"  # konbini's relays: one process per operator, or per (operator, hop kind)
+    center_processes: str = "one"  # the center side: one process, or one per role (centers, OCSP, municipalities)
     notes: list[str] = field(default_factory=list)
 
 
@@ -299,6 +300,10 @@ def validate(opts: BenchOptions) -> None:
             raise BenchError(str(exc)) from None
     if opts.relay_processes not in ("operator", "hop"):
         raise BenchError(f"--relay-processes {opts.relay_processes!r}: one of operator, hop")
+    if opts.center_processes not in ("one", "role"):
+        raise BenchError(f"--center-processes {opts.center_processes!r}: one of one, role")
+    if opts.center_processes == "role" and opts.netns:
+        raise BenchError("--center-processes role is for loopback mode (netns mode runs a process per site)")
     if opts.cross_check:
         if opts.netns:
             raise BenchError("--cross-check runs in loopback mode (the compiled client has no namespace support)")
@@ -347,6 +352,7 @@ class Bench:
         self.hosts: list = []  # netns mode: the nodehosts
         self.failover: Targets | None = None  # the failover scenario: the servers it kills, each alone in a process
         self.isolated: dict[str, NodeProcess] = {}  # center-side servers in a process of their own (failover)
+        self.roles: dict[str, NodeProcess] = {}  # --center-processes role: OCSP, municipalities, by kind
         if any(SCENARIOS[s].failover for s in opts.scenarios):
             try:
                 self.failover = targets(self.topo)
@@ -391,7 +397,17 @@ class Bench:
             return
         alone = self.failover.isolated if self.failover is not None else set()
         center = {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS and n.id not in alone}
-        self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, "issuance center side")
+        if self.opts.center_processes == "role":
+            # the issuance centers (the ledger's one writer) in one process, OCSP and the municipalities each in another
+            by_role: dict[str, set[str]] = {}
+            for nid in center:
+                by_role.setdefault(self.topo.node(nid).kind, set()).add(nid)
+            center = by_role.pop("issuance-center", set())
+            for kind, ids in sorted(by_role.items()):
+                self.roles[kind] = NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"{kind} servers")
+                self.roles[kind].start()
+        self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start,
+                                  "issuance center side" if self.opts.center_processes == "one" else "issuance centers")
         self.origin.start()
         for nid in sorted(alone & {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}):
             self.isolated[nid] = NodeProcess(self.topo, self.opts.state_dir, {nid}, self.clock_start, nid)
@@ -411,7 +427,7 @@ class Bench:
     def stop(self) -> None:
         if self.origin is not None:
             self.origin.stop()
-        for proc in self.isolated.values():
+        for proc in [*self.isolated.values(), *self.roles.values()]:
             proc.stop()
         if self.plan is not None:  # always, also after an error or Ctrl-C
             try:
@@ -425,7 +441,8 @@ class Bench:
         """(relay pids, center-side pids) whose CPU and memory the report shows."""
         if self.plan is None:
             front_pids = front.pids if isinstance(front, NodeGroup) else [front.pid]
-            origin = [self.origin.pid if self.origin else None, *(p.pid for p in self.isolated.values())]
+            origin = [self.origin.pid if self.origin else None, *(p.pid for p in self.isolated.values()),
+                      *(p.pid for p in self.roles.values())]
             return [p for p in front_pids if p], [p for p in origin if p]
         relay, center = [], []
         for h in self.hosts:
@@ -449,8 +466,10 @@ class Bench:
             kinds = tuple(sorted({n.kind for n in self.topo.nodes.values() if n.kind in RELAY_KINDS}))
             out.append(CostProcess("haproxy (every relay hop)", "baseline", front.pid, kinds, threads=True))
         if self.origin is not None and self.origin.pid:
-            out.append(CostProcess("center side", "origin", self.origin.pid, self.origin.hops))
+            name = "center side" if not self.roles else self.origin.what
+            out.append(CostProcess(name, "origin", self.origin.pid, self.origin.hops))
         out += [CostProcess(nid, "origin", p.pid, p.hops) for nid, p in self.isolated.items() if p.pid]
+        out += [CostProcess(p.what, "origin", p.pid, p.hops) for p in self.roles.values() if p.pid]
         return out
 
     def haproxy_split(self, result: dict, front: HAProxyProcess, window: CostWindow) -> None:

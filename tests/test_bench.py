@@ -183,3 +183,17 @@ def test_soak_report_samples_every_node_process_and_its_verdict_follows_its_numb
     assert soak["misdelivered"] == r["misdelivered"] == 0
     assert soak["ok"] == all(p["ok"] for p in soak["processes"].values())
     assert "descriptors per node process" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_center_side_in_a_process_per_role_issues_and_shows_each_roles_cost(tmp_path: Path) -> None:
+    out = run_bench(options(tmp_path, ["issuance"], center_processes="role"))
+    r = out["scenarios"]["issuance"]["konbini"]
+    assert r["ok"] > 0 and r["misdelivered"] == 0 and not r["errors"]
+    origin = {p["name"]: p["hops"] for p in r["costs"]["processes"] if p["role"] == "origin"}
+    assert origin == {"issuance centers": ["issuance-center"], "municipality servers": ["municipality"], "ocsp servers": ["ocsp"]}
+    assert all(p["cpu_s"] > 0 for p in r["costs"]["processes"] if p["role"] == "origin")
+
+
+def test_center_processes_must_be_one_or_role(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="--center-processes 'many'"):
+        run_bench(options(tmp_path, ["issuance"], center_processes="many"))

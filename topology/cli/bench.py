@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
     b.add_argument("--relay-processes", choices=["operator", "hop"], default="operator",
                    help="konbini's relays: one process per operator (default), or per operator and hop kind, so the "
                         "cost model shows each hop's CPU per request")
+    b.add_argument("--center-processes", choices=["one", "role"], default="one",
+                   help="the center side: one process (default), or one per role (the issuance centers, the OCSP "
+                        "responders, the municipalities), so it can use more than one core and the cost model shows "
+                        "each role's CPU per request")
     b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
     b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
@@ -84,6 +88,7 @@ def cmd_bench(args) -> int:
         h2load=args.h2load,
         cross_check=args.cross_check,
         relay_processes=args.relay_processes,
+        center_processes=args.center_processes,
         progress=not args.no_progress,
         netns=args.netns,
         netns_tag=args.tag,
