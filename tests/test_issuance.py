@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
 
 import msgspec
 import pytest
@@ -13,12 +14,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import gateway.nodes.issuance
+from gateway.business import ocsp
+from gateway.business.clock import Clock
 from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import AuthRequest, Binding, IssueRequest
 from kiosk_emu.flow import KioskFlow, State
 from kiosk_emu.kiosk import Kiosk, issue_at
 from tests.conftest import POOL, TEST_TIME
+from topology.launch.loopback import run_topology
 
 MUNI_A, MUNI_B, MUNI_C = "131016", "141003", "271004"
 
@@ -322,3 +326,19 @@ async def test_cancelling_an_issuance_midway_cancels_it_whole(net):
     with trio.fail_after(5):
         await trio.testing.wait_all_tasks_blocked(0.05)  # the reset has travelled back through three relays
     assert r.issuance_id and center.issuances[r.issuance_id].state == "cancelled"  # never half-done
+
+
+async def test_with_ocsp_cache_a_card_revoked_after_a_good_answer_is_refused_once_that_answer_expires(topo, state, nursery):
+    clock = Clock(TEST_TIME)
+    net = await nursery.start(lambda task_status: run_topology(
+        msgspec.structs.replace(topo, ocsp_cache=True), state, clock=clock, task_status=task_status))
+    card = net.cards.new()
+    first = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
+    assert first.status == "issued" and any(h["node"] == "ocsp" for h in first.hops)
+    net.cards.revoke(card.card_id, "key-compromise")
+    cached = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
+    assert cached.status == "issued" and not any(h["node"] == "ocsp" for h in cached.hops)  # relied on, not asked
+    clock.set(TEST_TIME + ocsp.DEFAULT_VALIDITY + timedelta(seconds=5))  # past the good answer's nextUpdate
+    late = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
+    assert (late.status, late.reason) == ("refused", "card-revoked") and any(h["node"] == "ocsp" for h in late.hops)
+    net.stop()

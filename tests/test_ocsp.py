@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.x509 import ocsp
 
 from gateway.business.clock import JST
-from gateway.business.ocsp import OcspResponder, build_request, check_response
+from gateway.business.ocsp import MISS, OcspCache, OcspResponder, build_request, check_response, verdict
 from kiosk_emu.card import Card, CardStore
 from topology.pki import PKI, load_private_key
 from topology.spec.model import Node, Topology
@@ -141,7 +141,7 @@ def test_malformed_request_gets_a_malformed_request_response(
 
 def test_request_carries_a_sha256_cert_id(good_card: Card, pki: PKI) -> None:
     request = ocsp.load_der_ocsp_request(build_request(good_card.certificate, pki.jpki_ca))
-    assert request.serial_number == good_card.serial and request.hash_algorithm.name == "sha256"
+    assert request.serial_number == good_card.certificate.serial_number and request.hash_algorithm.name == "sha256"
 
 
 def test_responder_reads_revocations_from_a_store_in_another_process(pki: PKI, tmp_path: Path) -> None:
@@ -153,3 +153,22 @@ def test_responder_reads_revocations_from_a_store_in_another_process(pki: PKI, t
     assert check_response(ask(responder, pki, card), card.certificate, pki.jpki_ca, NOW) is None
     writer.revoke(card.card_id, "voluntary")
     assert check_response(ask(responder, pki, card), card.certificate, pki.jpki_ca, NOW) == "card-revoked"
+
+
+def test_the_cache_relies_on_a_definitive_answer_until_its_next_update_only(responder: OcspResponder, pki: PKI, good_card: Card) -> None:
+    cache = OcspCache()
+    problem, until = verdict(ask(responder, pki, good_card), good_card.certificate, pki.jpki_ca, NOW)
+    assert problem is None and until is not None
+    cache.put(good_card.certificate.serial_number, problem, until)
+    assert cache.get(good_card.certificate.serial_number, until) is None and cache.hits == 1  # good, up to nextUpdate itself
+    assert cache.get(good_card.certificate.serial_number, until + timedelta(seconds=1)) is MISS  # then asked again
+    assert cache.get(good_card.certificate.serial_number, NOW) is MISS  # and forgotten
+
+
+def test_the_cache_keeps_no_answer_that_proves_nothing_and_stays_bounded() -> None:
+    cache = OcspCache(limit=2)
+    cache.put(1, "ocsp-invalid", None)
+    assert cache.get(1, NOW) is MISS
+    for serial in (1, 2, 3):
+        cache.put(serial, None, NOW + timedelta(minutes=10))
+    assert cache.get(1, NOW) is MISS and cache.get(2, NOW) is None and cache.get(3, NOW) is None

@@ -129,27 +129,72 @@ def check_response(
     successful, bad signature, a signer the issuer did not delegate, another certificate's
     answer, issued in the future or past its nextUpdate.
     """
+    return verdict(response_der, cert, issuer, now, skew)[0]
+
+
+def verdict(
+    response_der: bytes,
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    now: datetime,
+    skew: timedelta = DEFAULT_SKEW,
+) -> tuple[str | None, datetime | None]:
+    """`check_response`'s answer and, for a good or revoked certificate, the response's nextUpdate:
+    until then the answer may be relied on (RFC 6960 §2.4, §4.2.2.1)."""
     try:
         response = ocsp.load_der_ocsp_response(response_der)
         if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return "ocsp-invalid"
+            return "ocsp-invalid", None
         signer = _authorised_signer(response, issuer, now)
         if signer is None or not _signature_valid(signer.public_key(), response):
-            return "ocsp-invalid"
+            return "ocsp-invalid", None
         single = next((s for s in response.responses if _answers_for(s, cert, issuer)), None)
         if single is None:
-            return "ocsp-invalid"
+            return "ocsp-invalid", None
         next_update = single.next_update_utc
         if single.this_update_utc > now + skew or next_update is None or now > next_update:
-            return "ocsp-invalid"
+            return "ocsp-invalid", None
         status = single.certificate_status
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        return "ocsp-invalid"
+        return "ocsp-invalid", None
     if status == ocsp.OCSPCertStatus.GOOD:
-        return None
+        return None, next_update
     if status == ocsp.OCSPCertStatus.REVOKED:
-        return "card-revoked"
-    return "ocsp-unknown"
+        return "card-revoked", next_update
+    return "ocsp-unknown", None
+
+
+MISS = object()  # OcspCache.get: nothing to rely on, ask the responder
+
+
+class OcspCache:
+    """The relying party's memory of definitive answers (good, revoked) per certificate serial,
+    each until its response's nextUpdate. A card revoked after a good answer is refused at the
+    latest when that answer expires: the responder's validity (10 minutes by default), as with
+    any OCSP client that caches. Bounded: past `limit` entries the oldest goes."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._answers: dict[int, tuple[str | None, datetime]] = {}
+        self.hits = 0
+
+    def get(self, serial: int, now: datetime) -> str | None | object:
+        answer = self._answers.get(serial)
+        if answer is None:
+            return MISS
+        if now > answer[1]:
+            del self._answers[serial]
+            return MISS
+        self.hits += 1
+        return answer[0]
+
+    def put(self, serial: int, problem: str | None, until: datetime | None) -> None:
+        if until is None:  # nothing definitive (invalid, unknown): ask again next time
+            return
+        self._answers.pop(serial, None)
+        self._answers[serial] = (problem, until)
+        if len(self._answers) > self.limit:
+            del self._answers[next(iter(self._answers))]
 
 
 def issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:

@@ -191,6 +191,8 @@ class IssuanceCenter(App):
         self.munis = topo.municipalities()
         ocsp_nodes = topo.of_kind("ocsp")
         self.ocsp = Upstream(ctx, ocsp_nodes[0], nursery) if ocsp_nodes else None
+        # `ocsp_cache: true`: a card's good (or revoked) answer is relied on until its nextUpdate
+        self.ocsp_answers = ocsp.OcspCache() if topo.ocsp_cache else None
         # A municipality may run several document servers (the same municipality data): every one,
         # in file order, so that the next is tried when one is down (`_open_document`).
         self.muni_links: dict[str, list[Upstream]] = {}
@@ -306,9 +308,13 @@ class IssuanceCenter(App):
             problem = self._check_signature(cert, s.challenge, signature)
         timings = []
         if problem is None:
-            t_ocsp = time.perf_counter()
-            problem = await self._check_revocation(cert, now)
-            timings.append(timing("ocsp", t_ocsp))
+            known = ocsp.MISS if self.ocsp_answers is None else self.ocsp_answers.get(cert.serial_number, now)
+            if known is ocsp.MISS:
+                t_ocsp = time.perf_counter()
+                problem = await self._check_revocation(cert, now)
+                timings.append(timing("ocsp", t_ocsp))
+            else:
+                problem = known  # type: ignore[assignment]  # relied on until its nextUpdate: no OCSP hop
         if problem is not None:
             s.fire(SessionEvent.REJECTED)
             self.refusals[problem] += 1
@@ -350,7 +356,10 @@ class IssuanceCenter(App):
             return "ocsp-unavailable"
         if header(headers, b":status") != b"200":
             return "ocsp-unavailable"
-        return ocsp.check_response(answer, cert, self.jpki_ca, now)
+        problem, until = ocsp.verdict(answer, cert, self.jpki_ca, now)
+        if self.ocsp_answers is not None:
+            self.ocsp_answers.put(cert.serial_number, problem, until)
+        return problem
 
     # -- issuance: decide, record, stream, seal; or cancel whole ----------------------------
 

@@ -46,6 +46,8 @@ def write_expanded(topo: Topology, out: TextIO) -> None:
     }
     if topo.ledger is not None:
         head["ledger"] = topo.ledger
+    if topo.ocsp_cache:
+        head["ocsp_cache"] = True
     if topo.limits:
         head["limits"] = msgspec.to_builtins(topo.limits)
     out.write(f"# expanded from {topo.source}: {len(topo.nodes)} nodes, {len(topo.lines)} lines\n")

@@ -164,6 +164,7 @@ class CompactTopology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ledger: str | None = None
     limits: dict[str, Limits] = {}
     tls_min_version: TlsVersion = "1.3"
+    ocsp_cache: bool = False
     defaults: NodeFields = NodeFields()
     kinds: dict[NodeKind, NodeFields] = {}
     line_kinds: dict[LineKind, LineFields] = {}

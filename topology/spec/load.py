@@ -307,6 +307,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     hours = _convert(doc, data.get("service_hours", {}), Hours, ("service_hours",))
     limits = _limits(doc, data.get("limits"))
     tls_min = _convert(doc, data.get("tls_min_version", "1.3"), TlsVersion, ("tls_min_version",))
+    ocsp_cache = _convert(doc, data.get("ocsp_cache", False), bool, ("ocsp_cache",))
 
     raw_nodes = (expanded.raw_nodes if expanded is not None else data.get("nodes")) or {}
     if not isinstance(raw_nodes, dict):
@@ -353,6 +354,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         source=source,
         limits=limits,
         tls_min_version=tls_min or "1.3",
+        ocsp_cache=bool(ocsp_cache),
         rule_origins=expanded.origins if expanded is not None else {},
     )
     if expanded is None:

@@ -183,6 +183,9 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
     source: str = "<memory>"  # the file it was loaded from
     limits: dict[str, Limits] = {}  # "defaults" and node kinds, each already merged over the defaults
     tls_min_version: TlsVersion = "1.3"  # SEC-SN-2: TLS 1.3 only, unless a topology asks for a 1.2 floor
+    # the issuance center relies on a card's OCSP answer until the response's nextUpdate (10 minutes)
+    # instead of asking at every issuance: cheaper, and a revocation is seen up to that much later
+    ocsp_cache: bool = False
     # allow entry label ("nodes.x.allow[0]") -> "file:line" of the template it was expanded from
     rule_origins: dict[str, str] = {}
 
