@@ -226,3 +226,15 @@ def test_a_request_beyond_the_upstreams_stream_limit_is_not_opened():
     assert splice.open(first, first.headers, 0.0) is not None
     assert splice.open(second, second.headers, 0.0) is None  # the relay refuses it (REFUSED_STREAM), unprocessed
     assert len(splice.by_down) == 1
+
+
+def test_answered_requests_behind_a_slow_one_do_not_pile_up_in_the_deadline_queue():
+    hop = Hop()
+    slow = hop.get("/slow")
+    for _ in range(300):
+        hop.get("/fast")
+        fast = hop.requests[-1]
+        hop.origin.send_headers(fast.id, [(b":status", b"204")], end_stream=True)
+        hop.pump()
+    assert len(hop.splice.by_down) == 1 and len(hop.splice.unanswered) <= 4 + 64 + 1
+    assert hop.splice.overdue(30.0) == [hop.down.streams[slow.id]]  # the slow one still times out

@@ -98,20 +98,22 @@ class Splice:
 
     def open(self, st: StreamState, headers: Headers, read_at: float) -> Pair | None:
         """Forward a request's HEADERS (and whatever of its body is here) upstream. `read_at`:
-        time.perf_counter() when its HEADERS were read. None when upstream cannot take another
-        stream now (the caller refuses it)."""
+        time.perf_counter() when this hop began on the request (its own time runs from there).
+        None when upstream cannot take another stream now (the caller refuses it)."""
         up = self.up
         if up.closed or not up.can_open_stream():
             return None
         end = st.ended and not st.chunks and st.trailers is None
-        started = time.perf_counter()
         ust = up.send_request(headers, end)
         now = time.perf_counter()
-        pair = Pair(st, ust, opened=now, own=now - started, queue=started - (st.received_at or read_at),
+        pair = Pair(st, ust, opened=now, own=now - read_at, queue=read_at - (st.received_at or read_at),
                     due=self.clock() + self.response_timeout, request_done=end)
         self.by_down[st.id] = pair
         self.by_up[ust.id] = pair
-        self.unanswered.append(pair)
+        q = self.unanswered
+        if len(q) > 4 * len(self.by_down) + 64:  # answered pairs behind a slow one: drop them, keep the order
+            self.unanswered = q = deque(p for p in q if not (p.answered or p.over))
+        q.append(pair)
         if not end:
             self._service(pair)
         return pair
