@@ -191,7 +191,10 @@ def test_the_center_side_in_a_process_per_role_issues_and_shows_each_roles_cost(
     assert r["ok"] > 0 and r["misdelivered"] == 0 and not r["errors"]
     origin = {p["name"]: p["hops"] for p in r["costs"]["processes"] if p["role"] == "origin"}
     assert origin == {"issuance centers": ["issuance-center"], "municipality servers": ["municipality"], "ocsp servers": ["ocsp"]}
-    assert all(p["cpu_s"] > 0 for p in r["costs"]["processes"] if p["role"] == "origin")
+    # CPU comes from /proc in 10 ms ticks: in this short run the municipality or OCSP process may
+    # show none; the issuance centers, about 10 ms an issuance, always do
+    cpu = {p["name"]: p["cpu_s"] for p in r["costs"]["processes"] if p["role"] == "origin"}
+    assert cpu["issuance centers"] > 0 and all(v >= 0 for v in cpu.values())
 
 
 def test_center_processes_must_be_one_or_role(tmp_path: Path) -> None:
