@@ -70,6 +70,44 @@ def _open_at_once(path: str, start) -> None:
     LedgerDB(path).close()
 
 
+def test_worker_processes_writing_one_ledger_keep_one_chain_and_one_notice_each(tmp_path):
+    """The issuance center's workers share its ledger file. Each appends under SQLite's write lock
+    and must chain onto what the others committed; every worker then notices every issuance,
+    and each is recorded once. (With the chain head cached per connection, verify() failed:
+    "row 51 (issuance) does not match the hash chain".)"""
+    path = tmp_path / "l.sqlite"
+    LedgerDB(path).close()
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Barrier(4)
+    new = ctx.Queue()
+    procs = [ctx.Process(target=_worker_writes, args=(str(path), w, start, new)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    firsts = [new.get(timeout=5) for _ in range(4)]
+    db = LedgerDB(path)
+    assert db.verify() == 4 * 25 * 2 + 4 * 25 * 3  # issuance + sent each; notice + payment + copy each
+    assert db.count("notice") == 100 and sum(firsts) == 100  # each issuance noticed once, whoever was first
+    db.close()
+
+
+def _worker_writes(path: str, worker: int, start, new) -> None:
+    db = LedgerDB(path)
+    start.wait(10)
+    for i in range(25):  # interleaved with the other workers' transactions
+        issued(db, f"w{worker}-{i}")
+    start.wait(30)
+    first = 0
+    for w in range(4):  # every worker notices every issuance: a kiosk's retry reaching another worker
+        for i in range(25):
+            with db.transaction():
+                first += db.record_notice(f"w{w}-{i}", AT, 1, 200)
+    db.close()
+    new.put(first)
+
+
 def test_notice_is_recorded_once_even_after_a_restart(tmp_path):
     db = LedgerDB(tmp_path / "l.sqlite")
     issued(db, "i1", copies=2, fee=400)

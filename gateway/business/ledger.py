@@ -4,7 +4,9 @@ Theory of operation. `LedgerDB` is the synchronous core: one SQLite file (WAL, s
 whose schema is migrated by code (`schema_version` + the ordered `MIGRATIONS`). Facts are
 appended to `entries`, never updated; each entry's `hash` is sha256(previous hash + the
 canonical row), so `verify()` finds any row changed, removed or reordered outside konbini.
-`issuances` and `notices` are indexes over those facts: the issuance's current state, and the
+Several processes may write one file (the issuance
+center's workers): each transaction takes SQLite's write lock first (BEGIN IMMEDIATE) and reads
+the chain's head under it. `issuances` and `notices` are indexes over those facts: the issuance's current state, and the
 one notice per issuance id that makes notices exactly-once across restarts
 (`INSERT ... ON CONFLICT DO NOTHING`). A month fixed by settlement refuses every later change.
 
@@ -145,6 +147,7 @@ class LedgerDB:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._last_hash, self._fixed = GENESIS, set()
+        self._shared = False  # a file other processes may write: the chain head is read at each transaction
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -157,6 +160,13 @@ class LedgerDB:
             self.migrate()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger {self.path}: cannot open ({exc})") from None
+        self._reload()
+        self._shared = self.path != MEMORY
+
+    def _reload(self) -> None:
+        """The chain's last hash and the fixed months, as the file has them now. Read at open and
+        again under each transaction's write lock: another process may have appended since (the
+        issuance center's workers, a standby center), and a hash cached here would fork the chain."""
         last = self.conn.execute("SELECT hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         self._last_hash = last[0] if last else GENESIS
         self._fixed = {r[0] for r in self.conn.execute("SELECT month FROM months")}
@@ -359,6 +369,8 @@ class _Transaction:
     def __enter__(self) -> LedgerDB:
         self._last, self._fixed = self.db._last_hash, set(self.db._fixed)
         self.db.conn.execute("BEGIN IMMEDIATE")
+        if self.db._shared:
+            self.db._reload()  # another writer may have committed since our last transaction
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
