@@ -210,8 +210,10 @@ class _Running:
 class NodeProcess:
     """Some nodes of a topology served by `run_topology` in a child process."""
 
-    def __init__(self, topo: Topology, state_dir: Path, only: set[str], clock_start: datetime, what: str) -> None:
+    def __init__(self, topo: Topology, state_dir: Path, only: set[str], clock_start: datetime, what: str,
+                 reuse_port: bool = False) -> None:
         self.args = (topo, str(state_dir), only, clock_start.isoformat())
+        self.reuse_port = reuse_port  # one of several workers on the same addresses (SO_REUSEPORT)
         self.what = what
         self.hops = tuple(sorted({topo.node(n).kind for n in only}))  # the node kinds it serves (cost model)
         self.proc = None
@@ -219,7 +221,7 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> float:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_nodes, args=(*self.args, child), daemon=True)
+        self.proc = ctx.Process(target=serve_nodes, args=(*self.args, child, self.reuse_port), daemon=True)
         self.proc.start()
         if not parent.poll(timeout):
             self.stop()
@@ -276,6 +278,7 @@ class BenchOptions:
     cross_check: bool = False  # drive the relay scenarios again with the compiled Go client, both chains
     relay_processes: str = "operator"  # konbini's relays: one process per operator, or per (operator, hop kind)
     center_processes: str = "one"  # the center side: one process, or one per role (centers, OCSP, municipalities)
+    center_workers: int = 1  # processes serving the whole center side on shared addresses (SO_REUSEPORT)
     notes: list[str] = field(default_factory=list)
 
 
@@ -304,6 +307,10 @@ def validate(opts: BenchOptions) -> None:
         raise BenchError(f"--center-processes {opts.center_processes!r}: one of one, role")
     if opts.center_processes == "role" and opts.netns:
         raise BenchError("--center-processes role is for loopback mode (netns mode runs a process per site)")
+    if opts.center_workers < 1:
+        raise BenchError("--center-workers must be >= 1")
+    if opts.center_workers > 1 and (opts.center_processes == "role" or opts.netns):
+        raise BenchError("--center-workers is for loopback mode with --center-processes one (each worker serves the whole center side)")
     if opts.cross_check:
         if opts.netns:
             raise BenchError("--cross-check runs in loopback mode (the compiled client has no namespace support)")
@@ -353,6 +360,7 @@ class Bench:
         self.failover: Targets | None = None  # the failover scenario: the servers it kills, each alone in a process
         self.isolated: dict[str, NodeProcess] = {}  # center-side servers in a process of their own (failover)
         self.roles: dict[str, NodeProcess] = {}  # --center-processes role: OCSP, municipalities, by kind
+        self.workers: list[NodeProcess] = []  # --center-workers N: the center side's workers after the first
         if any(SCENARIOS[s].failover for s in opts.scenarios):
             try:
                 self.failover = targets(self.topo)
@@ -406,9 +414,18 @@ class Bench:
             for kind, ids in sorted(by_role.items()):
                 self.roles[kind] = NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"{kind} servers")
                 self.roles[kind].start()
+        n = self.opts.center_workers
+        what = "issuance center side" if self.opts.center_processes == "one" else "issuance centers"
+        # --center-workers N: N processes each serving the whole center side on the same addresses
+        # (SO_REUSEPORT); a kiosk's session stays on one worker, its connection chain being paired
+        # hop by hop, and the workers share the ledger file (each commit under SQLite's write lock)
         self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start,
-                                  "issuance center side" if self.opts.center_processes == "one" else "issuance centers")
+                                  what if n == 1 else "center worker 1", reuse_port=n > 1)
         self.origin.start()
+        for i in range(2, n + 1):
+            self.workers.append(NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, f"center worker {i}",
+                                            reuse_port=True))
+            self.workers[-1].start()
         for nid in sorted(alone & {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}):
             self.isolated[nid] = NodeProcess(self.topo, self.opts.state_dir, {nid}, self.clock_start, nid)
             self.isolated[nid].start()
@@ -427,7 +444,7 @@ class Bench:
     def stop(self) -> None:
         if self.origin is not None:
             self.origin.stop()
-        for proc in [*self.isolated.values(), *self.roles.values()]:
+        for proc in [*self.isolated.values(), *self.roles.values(), *self.workers]:
             proc.stop()
         if self.plan is not None:  # always, also after an error or Ctrl-C
             try:
@@ -442,7 +459,7 @@ class Bench:
         if self.plan is None:
             front_pids = front.pids if isinstance(front, NodeGroup) else [front.pid]
             origin = [self.origin.pid if self.origin else None, *(p.pid for p in self.isolated.values()),
-                      *(p.pid for p in self.roles.values())]
+                      *(p.pid for p in self.roles.values()), *(p.pid for p in self.workers)]
             return [p for p in front_pids if p], [p for p in origin if p]
         relay, center = [], []
         for h in self.hosts:
@@ -466,8 +483,9 @@ class Bench:
             kinds = tuple(sorted({n.kind for n in self.topo.nodes.values() if n.kind in RELAY_KINDS}))
             out.append(CostProcess("haproxy (every relay hop)", "baseline", front.pid, kinds, threads=True))
         if self.origin is not None and self.origin.pid:
-            name = "center side" if not self.roles else self.origin.what
+            name = "center side" if not self.roles and not self.workers else self.origin.what
             out.append(CostProcess(name, "origin", self.origin.pid, self.origin.hops))
+        out += [CostProcess(p.what, "origin", p.pid, p.hops) for p in self.workers if p.pid]
         out += [CostProcess(nid, "origin", p.pid, p.hops) for nid, p in self.isolated.items() if p.pid]
         out += [CostProcess(p.what, "origin", p.pid, p.hops) for p in self.roles.values() if p.pid]
         return out
@@ -803,7 +821,7 @@ def run_bench(opts: BenchOptions) -> dict:
             "duration_s": opts.duration_s, "kiosks": len(bench.kiosk_ids), "workers": opts.workers, "baseline": opts.baseline,
             "p99_target_ms": opts.p99_target_ms, "emulated_time": bench.clock_start.isoformat(),
             "netns_tag": opts.netns_tag if opts.netns else None, "relay_processes": opts.relay_processes,
-            "cross_check": opts.cross_check,
+            "center_processes": opts.center_processes, "center_workers": opts.center_workers, "cross_check": opts.cross_check,
         },
         "notes": opts.notes,
         "scenarios": {},

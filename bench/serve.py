@@ -19,8 +19,9 @@ from topology.launch.loopback import run_topology
 from topology.spec.model import Topology
 
 
-def serve_nodes(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn) -> None:
-    """Serve the nodes `only`; tell the parent ("ready", seconds) or ("error", one line) on `conn`."""
+def serve_nodes(topo: Topology, state_dir: str, only: set[str], clock_start: str, conn, reuse_port: bool = False) -> None:
+    """Serve the nodes `only`; tell the parent ("ready", seconds) or ("error", one line) on `conn`.
+    `reuse_port`: one of several workers serving the same nodes on the same addresses."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     logging.basicConfig(level=logging.ERROR)
     clock = Clock(datetime.fromisoformat(clock_start))
@@ -28,7 +29,8 @@ def serve_nodes(topo: Topology, state_dir: str, only: set[str], clock_start: str
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(
-                lambda task_status: run_topology(topo, Path(state_dir), clock=clock, only=only, task_status=task_status)
+                lambda task_status: run_topology(topo, Path(state_dir), clock=clock, only=only, reuse_port=reuse_port,
+                                             task_status=task_status)
             )
             conn.send(("ready", running.ready_s))
 

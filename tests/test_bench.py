@@ -15,6 +15,7 @@ import pytest
 
 from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
+from gateway.business.ledger import LedgerDB
 from bench.topology import with_kiosks, with_port
 from topology.cli.main import main as konbini
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
@@ -195,6 +196,27 @@ def test_the_center_side_in_a_process_per_role_issues_and_shows_each_roles_cost(
     # show none; the issuance centers, about 10 ms an issuance, always do
     cpu = {p["name"]: p["cpu_s"] for p in r["costs"]["processes"] if p["role"] == "origin"}
     assert cpu["issuance centers"] > 0 and all(v >= 0 for v in cpu.values())
+
+
+def test_center_workers_share_the_center_side_addresses_and_its_ledger(tmp_path: Path) -> None:
+    out = run_bench(options(tmp_path, ["issuance"], center_workers=2))
+    r = out["scenarios"]["issuance"]["konbini"]
+    assert r["ok"] > 0 and r["misdelivered"] == 0 and not r["errors"], r
+    origin = {p["name"] for p in r["costs"]["processes"] if p["role"] == "origin"}
+    assert origin == {"center worker 1", "center worker 2"}  # both bound the same addresses and served
+    assert out["options"]["center_workers"] == 2
+    db = LedgerDB(tmp_path / "state" / "ledger.sqlite")
+    try:
+        assert db.verify() > 0 and db.count("issuance") >= r["ok"]  # one chain, whichever worker wrote
+    finally:
+        db.close()
+
+
+def test_center_workers_must_be_one_or_more_and_alone(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="--center-workers must be >= 1"):
+        run_bench(options(tmp_path, ["issuance"], center_workers=0))
+    with pytest.raises(BenchError, match="--center-workers is for loopback mode"):
+        run_bench(options(tmp_path, ["issuance"], center_workers=2, center_processes="role"))
 
 
 def test_center_processes_must_be_one_or_role(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """SIGKILL the kiosk, the relays and the center at seeded random moments during a few hundred
 issuances, restart each at once, then check the ledger against what the kiosks printed (BIZ-5):
-zero lost, zero duplicated, fees exact, hash chain intact.
+zero lost, zero duplicated, fees exact, hash chain intact. The second test runs the center side
+as two workers on the same addresses (SO_REUSEPORT) and kills the busier one mid-issuance.
 
 Three child processes on one shared state directory, on a 127.x block off the default plan:
   center  `python -m topology.launch.nodehost` with the issuance center, OCSP and the municipalities
@@ -11,9 +12,11 @@ Three child processes on one shared state directory, on a 127.x block off the de
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +45,9 @@ CARDS = 16
 CENTER = "issuance-center,ocsp,muni-a,muni-b,muni-c"
 RELAYS = "store-router-a1,store-router-a2,store-router-a3,ec-router-a,dmz-relay-a"
 KIOSKS = "kiosk-a1-1,kiosk-a1-2,kiosk-a2-1,kiosk-a2-2,kiosk-a3-1,kiosk-a3-2"
+WORKERS = ("center-1", "center-2")  # the second test's center side: two workers, one address each node
+WORKER_ISSUANCES = 160
+WORKER_KILLS = 4
 READY_TIMEOUT = 20.0
 BUDGET = 55.0  # the whole run, seconds
 
@@ -87,9 +93,11 @@ class Lab:
         self.children: dict[str, Child] = {}
 
     def argv(self, role: str, **kw) -> list[str]:
-        if role in ("center", "relays"):
+        """Roles: center, relays, kiosks; center-1, center-2 ... are center workers (SO_REUSEPORT)."""
+        if role.startswith("center") or role == "relays":
+            workers = ["--reuse-port"] if role.startswith("center-") else []
             return [sys.executable, "-m", "topology.launch.nodehost", "--topology", str(self.topo_file), "--state", str(self.state),
-                    "--mode", "loopback", "--clock", LAB_TIME, "--nodes", CENTER if role == "center" else RELAYS]
+                    "--mode", "loopback", "--clock", LAB_TIME, "--nodes", RELAYS if role == "relays" else CENTER, *workers]
         return [sys.executable, "-m", "tests.crashlab", "kiosks", "--topology", str(self.topo_file), "--state", str(self.state),
                 "--kiosks", KIOSKS, "--seed", str(SEED), "--life", str(self.lives[role]), "--cards", str(CARDS),
                 *(["--flush-only"] if kw.get("flush_only") else [])]
@@ -126,7 +134,7 @@ class Lab:
                 child.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lab_state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     state = tmp_path_factory.mktemp("konbini-crash")
     topo_file = state / "topology.yaml"
@@ -141,50 +149,116 @@ def test_sigkill_anywhere_loses_and_duplicates_no_notice(lab_state) -> None:
     rng = random.Random(SEED)
     kills = list(KILLS)
     rng.shuffle(kills)
-    points = sorted(rng.sample(range(15, ISSUANCES - 15), len(kills)))
     lab = Lab(state, topo_file)
     t0 = time.monotonic()
-    killed: list[tuple[str, int]] = []
     try:
-        lab.start("center")
-        lab.start("relays")
-        lab.start("kiosks")
-        # -- the run: a kill (and an immediate restart) at each seeded point ------------------
-        while len(lab.results) < ISSUANCES:
-            assert time.monotonic() - t0 < BUDGET, f"too slow: {len(lab.results)} attempts, kills {killed}"
-            try:
-                who, line = lab.take(BUDGET - (time.monotonic() - t0))
-            except queue.Empty:
-                pytest.fail(f"no progress: {len(lab.results)} attempts, kills {killed}")
-            if line is None and who.proc.poll() is not None and who in lab.children.values():
-                pytest.fail(f"{who.name} died by itself ({who.proc.returncode})\n{who.tail()}")
-            if len(killed) < len(kills) and len(lab.results) >= points[len(killed)]:
-                role = kills[len(killed)]
-                time.sleep(rng.uniform(0, 0.02))  # somewhere inside the issuances in flight, not between them
-                lab.children[role].kill()
-                killed.append((role, len(lab.results)))
-                lab.start(role)
-        assert lab.children["kiosks"].stop() == 0, lab.children["kiosks"].tail()
-        # -- a clean restart of everything; every outbox flushed --------------------------------
-        for role in ("center", "relays"):
-            assert lab.children[role].stop() == 0, lab.children[role].tail()
-        lab.start("center")
-        lab.start("relays")
-        flusher = Child("flush", lab.argv("kiosks", flush_only=True), state, lab.events)
-        lab.children["kiosks"] = flusher
-        left = lab.wait_line(flusher, "flushed", timeout=BUDGET)
-        assert flusher.proc.wait(10) == 0
-        assert left == "flushed 0", f"notices still waiting in the outboxes: {left}"
-        for role in ("center", "relays"):
-            assert lab.children[role].stop() == 0, lab.children[role].tail()
+        for role in ("center", "relays", "kiosks"):
+            lab.start(role)
+        killed = run_with_kills(lab, rng, ISSUANCES, kills, lambda role: role)
+        flush_everything(lab, ["center", "relays"])
     finally:
         lab.stop_all()
     elapsed = time.monotonic() - t0
+    assert Counter(r for r, _ in killed) == Counter(KILLS)
+    summary = audit(state, lab, Counter(r for r, _ in killed)["kiosks"])
+    print(f"\ncrash run: seed {SEED}, kills {killed}, {summary}, {elapsed:.1f} s")
 
+
+def test_a_center_worker_killed_mid_issuance_loses_and_duplicates_no_notice(lab_state) -> None:
+    """The center side in two worker processes sharing its addresses (SO_REUSEPORT) and its ledger.
+    At each seeded point the worker holding more of the center's connections (so issuances are in
+    flight on it) is SIGKILLed and restarted. Its kiosks' notices are retried on new connections,
+    which may reach the other worker: it finds the issuance in the shared ledger. The books must
+    balance as in the test above."""
+    state, topo_file = lab_state
+    rng = random.Random(SEED + 1)
+    center = load_topology(topo_file).node("issuance-center")
+    lab = Lab(state, topo_file)
+    t0 = time.monotonic()
+
+    def busiest(_: str) -> str:
+        load = {w: established(lab.children[w].proc.pid, center.address, center.port) for w in WORKERS}
+        assert max(load.values()) > 0, f"no connection to the center on either worker: {load}"
+        return max(WORKERS, key=lambda w: (load[w], w))
+
+    try:
+        for role in (*WORKERS, "relays", "kiosks"):
+            lab.start(role)
+        killed = run_with_kills(lab, rng, WORKER_ISSUANCES, ["worker"] * WORKER_KILLS, busiest)
+        flush_everything(lab, [*WORKERS, "relays"])
+    finally:
+        lab.stop_all()
+    elapsed = time.monotonic() - t0
+    summary = audit(state, lab, kiosk_kills=0)
+    print(f"\nworker crash run: seed {SEED + 1}, kills {killed}, {summary}, {elapsed:.1f} s")
+
+
+def run_with_kills(lab: Lab, rng: random.Random, total: int, kills: list[str], victim) -> list[tuple[str, int]]:
+    """Let the kiosks make `total` attempts; at seeded points SIGKILL `victim(kind)` (a role) and
+    restart it at once. Returns (role, attempts so far) per kill."""
+    points = sorted(rng.sample(range(15, total - 15), len(kills)))
+    killed: list[tuple[str, int]] = []
+    t0 = time.monotonic()
+    while len(lab.results) < total:
+        assert time.monotonic() - t0 < BUDGET, f"too slow: {len(lab.results)} attempts, kills {killed}"
+        try:
+            who, line = lab.take(BUDGET - (time.monotonic() - t0))
+        except queue.Empty:
+            pytest.fail(f"no progress: {len(lab.results)} attempts, kills {killed}")
+        if line is None and who.proc.poll() is not None and who in lab.children.values():
+            pytest.fail(f"{who.name} died by itself ({who.proc.returncode})\n{who.tail()}")
+        if len(killed) < len(kills) and len(lab.results) >= points[len(killed)]:
+            time.sleep(rng.uniform(0, 0.02))  # somewhere inside the issuances in flight, not between them
+            role = victim(kills[len(killed)])
+            lab.children[role].kill()
+            killed.append((role, len(lab.results)))
+            lab.start(role)
+    assert len(killed) == len(kills)
+    assert lab.children["kiosks"].stop() == 0, lab.children["kiosks"].tail()
+    return killed
+
+
+def flush_everything(lab: Lab, servers: list[str]) -> None:
+    """A clean stop of `servers`, a restart of the center (one process) and the relays, and every
+    kiosk outbox flushed through them."""
+    for role in servers:
+        assert lab.children[role].stop() == 0, lab.children[role].tail()
+    lab.start("center")
+    lab.start("relays")
+    flusher = Child("flush", lab.argv("kiosks", flush_only=True), lab.state, lab.events)
+    lab.children["kiosks"] = flusher
+    left = lab.wait_line(flusher, "flushed", timeout=BUDGET)
+    assert flusher.proc.wait(10) == 0
+    assert left == "flushed 0", f"notices still waiting in the outboxes: {left}"
+    for role in ("center", "relays"):
+        assert lab.children[role].stop() == 0, lab.children[role].tail()
+
+
+def established(pid: int, address: str, port: int) -> int:
+    """TCP connections of process `pid` established at `address:port` (its sockets' inodes in
+    /proc/PID/fd, matched against /proc/PID/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    local = f"{socket.inet_aton(address)[::-1].hex().upper()}:{port:04X}"
+    n = 0
+    for row in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = row.split()
+        n += f[1] == local and f[3] == "01" and f[9] in inodes  # 01: ESTABLISHED
+    return n
+
+
+def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
+    """The books after a crash run: what the kiosks printed, their outboxes and the ledger agree
+    (zero lost, zero duplicated, fees exact, hash chain intact). Returns a one-line summary."""
     # -- what the kiosks recorded -------------------------------------------------------------
-    assert len(killed) == len(kills) and Counter(r for r, _ in killed) == Counter(KILLS)
     statuses = Counter(r["status"] for r in lab.results)
-    assert statuses["issued"] >= ISSUANCES // 3, statuses  # the kills did not stop the service for long
+    assert statuses["issued"] >= len(lab.results) // 3, statuses  # the kills did not stop the service for long
 
     printed: dict[str, dict] = {}  # issuance -> the kiosk's "printed" / "misprint-refunded" event
     for log in sorted((state / "kiosk-logs").glob("*.jsonl")):
@@ -205,7 +279,7 @@ def test_sigkill_anywhere_loses_and_duplicates_no_notice(lab_state) -> None:
     assert set(printed) <= set(outboxed), set(printed) - set(outboxed)
     # A kiosk killed between its outbox write and its log line: printed and noticed, but not logged.
     unlogged = set(outboxed) - set(printed)
-    assert len(unlogged) <= Counter(r for r, _ in killed)["kiosks"] * len(KIOSKS.split(",")), unlogged
+    assert len(unlogged) <= kiosk_kills * len(KIOSKS.split(",")), unlogged
     # Every paid job has its notice: a refund notice is held before payment and released at restart
     # when the print was never confirmed, so a kill between payment and print loses nothing.
     paid = {ev["issuance"] for log in (state / "kiosk-logs").glob("*.jsonl") for ev in read_jsonl(log) if ev["event"] == "paid"}
@@ -250,6 +324,6 @@ def test_sigkill_anywhere_loses_and_duplicates_no_notice(lab_state) -> None:
     finally:
         db.close()
     outcomes = Counter(f"{r['status']}:{r['reason']}" if r["reason"] else r["status"] for r in lab.results)
-    print(f"\ncrash run: seed {SEED}, {len(lab.results)} attempts {dict(outcomes)}, kills {killed}, "
-          f"{len(printed)} printed (+{len(unlogged)} noticed, killed before the log line; {len(paid_unnoticed)} paid, killed before the notice), {len(noticed)} noticed, "
-          f"not completed {dict(Counter(s for i, s in states.items() if i not in noticed))}, fees {ledger_fees} yen, {rows} ledger rows, {elapsed:.1f} s")
+    return (f"{len(lab.results)} attempts {dict(outcomes)}, "
+            f"{len(printed)} printed (+{len(unlogged)} noticed, killed before the log line; {len(paid_unnoticed)} paid, killed before the notice), {len(noticed)} noticed, "
+            f"not completed {dict(Counter(s for i, s in states.items() if i not in noticed))}, fees {ledger_fees} yen, {rows} ledger rows")

@@ -108,6 +108,15 @@ def _worker_writes(path: str, worker: int, start, new) -> None:
     new.put(first)
 
 
+def test_a_late_sent_from_another_worker_does_not_undo_a_notice(tmp_path):
+    db = LedgerDB(tmp_path / "l.sqlite")
+    with db.transaction():
+        db.create_issuance(rec("i1"), AT)
+        db.record_notice("i1", AT, 1, 200)  # noticed through one worker ...
+        db.set_state("i1", "sent", AT)  # ... before the delivering worker's lazy "sent" committed
+    assert db.issuance("i1").state == "completed" and db.count("sent") == 0
+
+
 def test_notice_is_recorded_once_even_after_a_restart(tmp_path):
     db = LedgerDB(tmp_path / "l.sqlite")
     issued(db, "i1", copies=2, fee=400)

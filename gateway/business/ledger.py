@@ -252,8 +252,12 @@ class LedgerDB:
         )
 
     def set_state(self, issuance_id: str, state: str, at: datetime | str) -> None:
-        """created -> sent | cancelled; each change is a fact too."""
+        """created -> sent | cancelled; each change is a fact too. An issuance already noticed keeps
+        its state: with several center workers, the worker that delivered may commit its "sent" after
+        another worker recorded the kiosk's notice (a notice retried on a new connection)."""
         rec = self.issuance(issuance_id)
+        if rec.state in ("completed", "refunded"):
+            return
         self._fact(state, rec, at)
         self.conn.execute("UPDATE issuances SET state = ? WHERE id = ?", (state, issuance_id))
 

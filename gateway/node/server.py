@@ -68,6 +68,9 @@ class NodeContext:
     bind: str | None = None  # cluster mode: the address to listen on instead of all
     # netns mode, a process serving several namespaces: the one this node's sockets are made in
     netns: str | None = None
+    # center workers: several processes serve this node on one address (SO_REUSEPORT); the
+    # kernel spreads new connections over them
+    reuse_port: bool = False
     # this node's TLS contexts by role, made once: tls.py's LRU holds 256, and a topology with
     # more server nodes in one process made a new context (files read, key parsed) per connection
     _tls: dict[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
@@ -166,12 +169,14 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_BACKOFF = 0.1  # seconds, as trio.serve_listeners
 
 
-def listening_socket(address: str, port: int, backlog: int = 1024, netns: str | None = None) -> socket.socket:
+def listening_socket(address: str, port: int, backlog: int = 1024, netns: str | None = None,
+                     reuse_port: bool = False) -> socket.socket:
     """A non-blocking TCP socket listening on `address:port` (SO_REUSEADDR, as Trio's listeners),
-    made in namespace `netns` if given."""
+    made in namespace `netns` if given; with `reuse_port`, shared with the other processes that
+    bind it so (SO_REUSEPORT: the kernel hashes each new connection to one of them)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with in_namespace(netns):
-        sock = socket.create_server((address, port), family=family, backlog=backlog)
+        sock = socket.create_server((address, port), family=family, backlog=backlog, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -261,7 +266,7 @@ class NodeServer:
     def _listen(self, port: int | None) -> socket.socket:
         address = self.ctx.address
         try:
-            return listening_socket(address, port or 0, netns=self.ctx.netns)
+            return listening_socket(address, port or 0, netns=self.ctx.netns, reuse_port=self.ctx.reuse_port)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{self.ctx.node.id}: address {address}:{port} {what}") from None

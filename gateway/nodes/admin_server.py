@@ -22,7 +22,7 @@ def admin_context(ctx: NodeContext) -> NodeContext:
     if ctx.node.admin_port is None:
         raise ValueError(f"node {ctx.node.id!r} has no admin_port")
     node = msgspec.structs.replace(ctx.node, port=ctx.node.admin_port)
-    return NodeContext(ctx.topo, node, ctx.pki, ctx.mode, ctx.clock, netns=ctx.netns)
+    return NodeContext(ctx.topo, node, ctx.pki, ctx.mode, ctx.clock, netns=ctx.netns, reuse_port=ctx.reuse_port)
 
 
 class AdminServer(NodeServer):
@@ -37,7 +37,8 @@ class AdminServer(NodeServer):
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.ctx.check_tls_files()  # the context is made at the first connection
         try:
-            sock = listening_socket(self.ctx.address, self.ctx.node.port or 0, backlog=64, netns=self.ctx.netns)
+            sock = listening_socket(self.ctx.address, self.ctx.node.port or 0, backlog=64, netns=self.ctx.netns,
+                                     reuse_port=self.ctx.reuse_port)
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise NodeStartError(f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}") from None

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                    help="the center side: one process (default), or one per role (the issuance centers, the OCSP "
                         "responders, the municipalities), so it can use more than one core and the cost model shows "
                         "each role's CPU per request")
+    b.add_argument("--center-workers", type=int, default=1, metavar="N",
+                   help="the center side (issuance centers, OCSP, municipalities) in N worker processes sharing its "
+                        "addresses (SO_REUSEPORT) and its ledger file (default 1)")
     b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
     b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
@@ -89,6 +92,7 @@ def cmd_bench(args) -> int:
         cross_check=args.cross_check,
         relay_processes=args.relay_processes,
         center_processes=args.center_processes,
+        center_workers=args.center_workers,
         progress=not args.no_progress,
         netns=args.netns,
         netns_tag=args.tag,

@@ -59,6 +59,7 @@ async def run_topology(
     bind: str | None = None,
     pki: PKI | None = None,
     namespaces: dict[str, str] | None = None,
+    reuse_port: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`mode` "cluster" (a pod, gateway/node/cluster.py): the PKI is read from the mounted Secret
@@ -68,7 +69,9 @@ async def run_topology(
     `only`: the ids of the nodes to run (a process serving some nodes of a large topology builds
     their allow-lists only: the parent no longer holds every node's, which each forked child's
     resident size counted again). `namespaces`: site -> netns namespace, for a process serving the
-    nodes of several namespaces (each node's sockets are made in its site's)."""
+    nodes of several namespaces (each node's sockets are made in its site's). `reuse_port`: this
+    process is one of several workers serving the same nodes on the same addresses (SO_REUSEPORT;
+    the issuance center's workers share its ledger file)."""
     t0 = time.perf_counter()
     state_dir.mkdir(parents=True, exist_ok=True)
     if pki is None:
@@ -88,7 +91,7 @@ async def run_topology(
                 if not node.is_server:
                     continue
                 netns = namespaces.get(node.site) if namespaces else None
-                ctx = NodeContext(topo, node, pki, mode, running.clock, bind, netns=netns)
+                ctx = NodeContext(topo, node, pki, mode, running.clock, bind, netns=netns, reuse_port=reuse_port)
                 server = NodeServer(ctx, allow[node.id], make_app(ctx, env))
                 server.bind()  # listening once bound: the kernel queues connections until accept
                 nursery.start_soon(server.serve)
@@ -98,7 +101,7 @@ async def run_topology(
                 if node.id not in admin_allow:
                     continue
                 netns = namespaces.get(node.site) if namespaces else None
-                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock, netns=netns))
+                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock, netns=netns, reuse_port=reuse_port))
                 main = running.servers[node.id].app if node.id in running.servers else None
                 shared = running.servers[node.id].metrics if main is not None else None  # one scrape per node
                 server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main), metrics=shared)

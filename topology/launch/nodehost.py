@@ -34,7 +34,7 @@ async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
         await nursery.start(
             lambda task_status: run_topology(
                 topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, pki=pki,
-                namespaces=namespaces, task_status=task_status,
+                namespaces=namespaces, reuse_port=args.reuse_port, task_status=task_status,
             )
         )
         os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None, topo=None, pki=None, namespaces=None) ->
     p.add_argument("--bind", help="cluster mode: listen on this address instead of all (tests on one loopback)")
     p.add_argument("--nodes", required=True, help="comma-separated server node ids")
     p.add_argument("--clock")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="one of several worker processes serving these nodes on the same addresses (SO_REUSEPORT)")
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:
