@@ -56,6 +56,7 @@ from gateway.business.session import (
     SessionEvent,
     SessionState,
 )
+from gateway.business.sessions import LocalSessions, SessionMoved, SharedSessions
 from gateway.node.server import App, NodeContext, Peer
 from gateway.nodes.bench_origin import serve_bench
 from gateway.protocol.h2core import Headers, header
@@ -178,7 +179,13 @@ class IssuanceCenter(App):
         # The ledger is the center's memory across restarts: issuances, notices, settlement facts.
         self.ledger = Ledger.open(ledger_path(ctx.topo.ledger, state_dir or ctx.topo.state_dir))
         nursery.start_soon(self.ledger.run)
-        self.sessions: dict[str, Session] = {}
+        # One process: its sessions in memory. Workers on one address (SO_REUSEPORT): in a file
+        # they share, since a relay that pools connections spreads one kiosk's requests over them.
+        if ctx.reuse_port:
+            where = Path(state_dir or ctx.topo.state_dir) / f"sessions-{ctx.node.id}.sqlite"
+            self.sessions: LocalSessions | SharedSessions = SharedSessions(where, SESSION_TTL)
+        else:
+            self.sessions = LocalSessions(SESSION_TTL)
         self.issuances: dict[str, Issuance] = {}
         self._finished: dict[str, float] = {}  # issuance id -> monotonic time it was completed or cancelled
         self.refusals: Counter[str] = Counter()
@@ -240,14 +247,14 @@ class IssuanceCenter(App):
         except BadRequest as exc:
             log.info("bad request on %s: %s", path, exc)
             await self._refuse(stream, 400, "bad-request", t0)
+        except SessionMoved as exc:  # another worker answered this challenge or issued on it first
+            log.info("%s", exc)
+            await self._refuse(stream, 409, "session-state", t0)
 
     def _session(self, sid: str, stream: Stream) -> Session | None:
         s = self.sessions.get(sid)
         kiosk = (header(stream.headers, b"konbini-kiosk") or b"").decode()
         if s is None or s.kiosk != kiosk:  # a session belongs to the kiosk that opened it
-            return None
-        if time.monotonic() - s.created > SESSION_TTL:
-            self.sessions.pop(sid, None)
             return None
         return s
 
@@ -265,32 +272,19 @@ class IssuanceCenter(App):
         if not kiosk:
             await self._refuse(stream, 400, "bad-request", t0)
             return
-        self._expire_sessions()
         s = Session(secrets.token_hex(16), kiosk, store, secrets.token_bytes(32), time.monotonic())
-        self.sessions[s.id] = s
+        self.sessions.add(s)  # and drops those past their time to live
         await send_json(stream, 200, Challenge(s.id, _b64(s.challenge)), [timing(self.ctx.node.id, t0, stream)])
-
-    def _expire_sessions(self) -> None:
-        """Drop the sessions past their time to live, at every new session. `sessions` is in
-        creation order, so those are at its front and each call costs what it drops; memory holds
-        the last SESSION_TTL seconds of sessions (waiting for 10,000 first grew the center's RSS
-        for the first quarter hour of the soak bench)."""
-        cutoff = time.monotonic() - SESSION_TTL
-        while self.sessions:
-            sid, s = next(iter(self.sessions.items()))
-            if s.created >= cutoff:
-                return
-            del self.sessions[sid]
 
     async def _authenticate(self, stream: Stream, s: Session, req: AuthRequest, t0: float) -> None:
         if not s.can(SessionEvent.ANSWER):
             await self._refuse(stream, 409, "session-state", t0)  # a challenge is answered once
             return
-        s.fire(SessionEvent.ANSWER)  # from here the challenge is spent: a failed answer burns it
+        self.sessions.fire(s, SessionEvent.ANSWER)  # from here the challenge is spent: a failed answer burns it
         try:
             await self._verify_answer(stream, s, req, t0)
         except BaseException:
-            s.fire(SessionEvent.CANCEL)  # the kiosk went away mid-answer: the session closes
+            self.sessions.fire(s, SessionEvent.CANCEL)  # the kiosk went away mid-answer: the session closes
             raise
 
     async def _verify_answer(self, stream: Stream, s: Session, req: AuthRequest, t0: float) -> None:
@@ -299,7 +293,7 @@ class IssuanceCenter(App):
             signature = base64.b64decode(req.signature, validate=True)
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
-            s.fire(SessionEvent.REJECTED)
+            self.sessions.fire(s, SessionEvent.REJECTED)
             await self._refuse(stream, 400, "bad-request", t0)
             return
         now = self.ctx.clock.now()
@@ -316,13 +310,13 @@ class IssuanceCenter(App):
             else:
                 problem = known  # type: ignore[assignment]  # relied on until its nextUpdate: no OCSP hop
         if problem is not None:
-            s.fire(SessionEvent.REJECTED)
+            self.sessions.fire(s, SessionEvent.REJECTED)
             self.refusals[problem] += 1
             self.metrics.refusals.labels(problem).inc()
             await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0, stream), *timings])
             return
-        s.fire(SessionEvent.VERIFIED)
         s.card = hashlib.sha256(der).hexdigest()
+        self.sessions.fire(s, SessionEvent.VERIFIED)
         await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0, stream), *timings])
 
     @staticmethod
@@ -368,7 +362,7 @@ class IssuanceCenter(App):
         if isinstance(verdict, Refuse):
             await self._refuse(stream, verdict.status, verdict.reason, t0, **verdict.fields)
             return
-        s.fire(SessionEvent.ISSUE)
+        self.sessions.fire(s, SessionEvent.ISSUE)
         iss: Issuance | None = None
         # One cancellation path (INT-1): whatever fails or times out, wherever, cancels the request whole.
         try:
@@ -481,14 +475,14 @@ class IssuanceCenter(App):
     def _deliver(self, stream: Stream, s: Session, iss: Issuance, trailers: Headers) -> None:
         stream.end(trailers)  # the document is delivered here, with its signed binding
         # no await between the trailers and SENT: a completion notice cannot overtake the delivery
-        s.fire(SessionEvent.SEAL)
+        self.sessions.fire(s, SessionEvent.SEAL)
         iss.fire(IssuanceEvent.SEAL)
         self.metrics.issuances.labels(iss.cert_type).inc()
         self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
 
     def _cancel(self, s: Session, iss: Issuance | None) -> None:
         """The one way a request ends early: the session closes, an undelivered issuance is cancelled."""
-        s.fire(SessionEvent.CANCEL)
+        self.sessions.fire(s, SessionEvent.CANCEL)
         if iss is not None:
             was = iss.state
             if iss.fire(IssuanceEvent.CANCEL) is not was:  # a delivered document stays delivered
