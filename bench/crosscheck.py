@@ -42,7 +42,10 @@ def source_dir() -> Path:
 
 
 def build(build_dir: Path) -> Path:
-    """The client built into build_dir (again only when its source is newer); offline: GOPROXY=off."""
+    """The client built into build_dir (again only when its source is newer); offline: GOPROXY=off.
+    The folder is made absolute first: go refuses a relative GOPATH, and the default state folder
+    (.konbini-bench) is relative."""
+    build_dir = build_dir.resolve()
     src = source_dir()
     binary = build_dir / "h2mtls_load"
     newest = max(p.stat().st_mtime for p in src.iterdir() if p.suffix in (".go", ".mod"))

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +68,16 @@ def test_the_split_refined_with_relay_waits_still_adds_up_to_the_same_total() ->
     assert out["line store-router→ec-router + ec-router (haproxy)"] == 4.0
     assert out["line dmz-relay→issuance-center"] == 3.0  # 5 - the origin's 2
     assert "line kiosk→issuance-center" not in out
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go not installed (make setup installs golang-go)")
+def test_the_cross_check_client_builds_into_a_relative_state_folder(tmp_path, monkeypatch) -> None:
+    # `konbini bench --cross-check` with the default --state (.konbini-bench, relative) failed:
+    # "go: GOPATH entry is relative; must be absolute path"
+    monkeypatch.chdir(tmp_path)
+    binary = crosscheck.build(Path(".konbini-bench/tools"))
+    assert binary.is_absolute() and binary.exists()
+    assert crosscheck.build(Path(".konbini-bench/tools")) == binary  # built once, then reused
 
 
 def test_cross_check_ratios_agree_within_a_quarter_and_a_missing_one_is_said() -> None:
