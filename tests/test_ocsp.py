@@ -79,6 +79,17 @@ def test_response_is_signed_by_the_delegated_signer_which_it_carries(
     assert response.this_update_utc == NOW and response.next_update_utc is not None
 
 
+def test_a_responder_delegation_checked_once_still_expires_with_the_responder_certificate(
+    responder: OcspResponder, pki: PKI, store: CardStore, good_card: Card
+) -> None:
+    # the delegation (signature by the CA, the OCSPSigning usage) is cached; its validity is not
+    assert check_response(ask(responder, pki, good_card), good_card.certificate, pki.jpki_ca, NOW) is None
+    signer_cert, signer_key = pki.ocsp_signer()
+    later = signer_cert.not_valid_after_utc + timedelta(days=1)
+    late = OcspResponder(pki.jpki_ca, signer_cert, signer_key, store.revocations, clock=lambda: later)
+    assert check_response(ask(late, pki, good_card), good_card.certificate, pki.jpki_ca, later) == "ocsp-invalid"
+
+
 def test_tampered_response_is_invalid(responder: OcspResponder, pki: PKI, revoked_card: Card) -> None:
     der = ask(responder, pki, revoked_card)
     # Still well-formed DER, only the signature can tell: the revocation time moved an hour back...
@@ -172,3 +183,11 @@ def test_the_cache_keeps_no_answer_that_proves_nothing_and_stays_bounded() -> No
     for serial in (1, 2, 3):
         cache.put(serial, None, NOW + timedelta(minutes=10))
     assert cache.get(1, NOW) is MISS and cache.get(2, NOW) is None and cache.get(3, NOW) is None
+
+
+def test_the_ocsp_cost_bench_runs_both_steps_cold_and_warm(capsys) -> None:
+    from bench import ocsp_cost
+
+    assert ocsp_cost.main(["--repeat", "1", "--number", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "responder: answer a request" in out and "center: check an answer" in out

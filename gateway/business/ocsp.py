@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -199,7 +200,35 @@ class OcspCache:
 
 def issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
     """The CertID's (issuerNameHash, issuerKeyHash) of certificates issued by `issuer`."""
-    return _digest(algorithm, issuer.subject.public_bytes()), _digest(algorithm, _key_bits(issuer.public_key()))
+    return _issuer_hashes(issuer, type(algorithm))
+
+
+# Facts of a certificate alone, or of two, computed once: every request and every answer for a
+# card names the same CA and carries the same responder certificate. A certificate is equal to
+# (and hashes as) its DER bytes, so a cache entry is about exactly those bytes; what depends on
+# the time (validity) is still checked at every use. `python -m bench.ocsp_cost`, same run:
+# checking an answer 480 -> 274 µs, answering a request 328 -> 268 µs.
+@lru_cache(maxsize=256)
+def _issuer_hashes(issuer: x509.Certificate, algorithm: type[hashes.HashAlgorithm]) -> tuple[bytes, bytes]:
+    alg = algorithm()
+    return _digest(alg, issuer.subject.public_bytes()), _digest(alg, _key_bits(issuer.public_key()))
+
+
+@lru_cache(maxsize=256)
+def _key_hash(cert: x509.Certificate) -> bytes:
+    """SHA-1 of the certificate's key bits: what a ResponderID byKey names."""
+    return _digest(hashes.SHA1(), _key_bits(cert.public_key()))
+
+
+@lru_cache(maxsize=256)
+def _signs_ocsp_for(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`issuer` signed `cert` and gave it the OCSPSigning key usage (validity aside)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.OCSP_SIGNING in eku
 
 
 def _authorised_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime) -> x509.Certificate | None:
@@ -217,17 +246,12 @@ def _authorised_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate, no
 
 def _is_responder(response: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
     if response.responder_key_hash is not None:
-        return response.responder_key_hash == _digest(hashes.SHA1(), _key_bits(cert.public_key()))
+        return response.responder_key_hash == _key_hash(cert)
     return response.responder_name == cert.subject
 
 
 def _delegated_by(cert: x509.Certificate, issuer: x509.Certificate, now: datetime) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-        return False
-    return ExtendedKeyUsageOID.OCSP_SIGNING in eku and cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+    return _signs_ocsp_for(cert, issuer) and cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
 def _signature_valid(key: PublicKeyTypes, response: ocsp.OCSPResponse) -> bool:
