@@ -19,12 +19,14 @@ import logging
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import h2.connection
 import hpack.hpack
 
 from gateway.protocol.h2core import STREAM_WINDOW, H2Core, Headers
+from gateway.protocol.h2lean import LeanClientCore
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
 from topology.spec.model import Limits
@@ -62,10 +64,12 @@ def exchange(n: int, size: int) -> float:
     return time.process_time() - t
 
 
-def relay_hop(n: int, size: int) -> float:
-    """Seconds of CPU the relay spends (its two cores and the splice) on n requests."""
+def relay_hop(n: int, size: int, lean: bool = False) -> float:
+    """Seconds of CPU the relay spends (its two cores and the splice) on n requests; `lean`: its
+    upstream core is `h2lean.LeanClientCore` instead of h2's."""
     kiosk, down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
-    up, origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+    up = LeanClientCore() if lean else H2Core(client_side=True)
+    origin = H2Core(client_side=False, limits=Limits())
     _handshake(kiosk, down)
     _handshake(up, origin)
 
@@ -148,13 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not 0 <= args.size <= STREAM_WINDOW:
         ap.error(f"--size: 0 to {STREAM_WINDOW} bytes (one stream window: the origin sends the body in one pass)")
-    variants = {"exchange": (exchange, nullcontext), "relay_hop": (relay_hop, nullcontext)}
+    variants = {"exchange": (exchange, nullcontext), "relay_hop": (relay_hop, nullcontext),
+                "relay_hop_lean_upstream": (partial(relay_hop, lean=True), nullcontext)}
     if args.stock_h2:
         variants |= {"exchange_stock_h2": (exchange, stock_h2), "relay_hop_stock_h2": (relay_hop, stock_h2)}
     result: dict = {"size": args.size, **measure(variants, args.requests, args.repeat, args.size)}
     for name in variants:
         r = result[name]
-        print(f"{name:18} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)")
+        print(f"{name:24} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)")
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

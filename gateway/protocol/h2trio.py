@@ -122,8 +122,10 @@ class TrioH2(H2Driver):
         peer: str = "?",
         limits: Limits | None = None,
         on_end: Callable[[str | None], None] | None = None,
+        core: H2Core | None = None,
     ) -> None:
-        super().__init__(H2Core(client_side=client_side, limits=limits, clock=trio.current_time))
+        """`core`: another core with H2Core's interface (a relay's upstream: `h2lean.LeanClientCore`)."""
+        super().__init__(core or H2Core(client_side=client_side, limits=limits, clock=trio.current_time))
         self.limits = limits  # None: no timeouts (our own client connections)
         self.transport = transport
         self.peer = peer
