@@ -175,7 +175,7 @@ def test_a_relay_gives_up_on_a_silent_upstream_and_dials_the_next() -> None:
     topo = load_topology(REDUNDANT)
     dialled: list[tuple[str, float]] = []
 
-    async def connect(node, lean=False):
+    async def connect(node):
         dialled.append((node.id, trio.current_time()))
         if node.id == "dmz-relay-a1":
             await trio.sleep_forever()

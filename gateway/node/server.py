@@ -28,7 +28,7 @@ from gateway.node.metrics import (
     read_request_head,
 )
 from gateway.protocol.h2core import Headers
-from gateway.protocol.h2lean import LeanClientCore
+from gateway.protocol.h2lean import client_core
 from gateway.protocol.h2trio import Handler, LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
@@ -118,16 +118,15 @@ class NodeContext:
             ctx = self._tls["client"] = client_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
         return ctx
 
-    async def connect(self, target: Node, lean: bool = False) -> TrioH2:
-        """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running);
-        `lean`: with `h2lean.LeanClientCore` rather than h2 (a relay's upstream)."""
+    async def connect(self, target: Node) -> TrioH2:
+        """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
         local = None if self.mode == CLUSTER else self.address  # a pod dials from whatever address it has
         return await connect_h2(self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=local,
-                                netns=self.netns, lean=lean)
+                                netns=self.netns)
 
 
 async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None,
-                     netns: str | None = None, lean: bool = False) -> TrioH2:
+                     netns: str | None = None) -> TrioH2:
     """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2.
     `netns`: the namespace to make the socket in (`NodeContext.netns`)."""
     if netns is None:
@@ -145,7 +144,7 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
     if tls.selected_alpn_protocol() != "h2":
         await trio.aclose_forcefully(tls)
         raise ConnectionError(f"{expect_id} did not agree to h2")
-    return TrioH2(tls, client_side=True, peer=expect_id, core=LeanClientCore() if lean else None)
+    return TrioH2(tls, client_side=True, peer=expect_id, core=client_core())  # h2lean: the lean client core
 
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux; as trio.open_tcp_stream

@@ -13,7 +13,6 @@ one side resets the other: a request is cancelled whole (INT-1).
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from functools import partial
@@ -35,9 +34,6 @@ RESPONSE_TIMEOUT = 30.0  # upstream must answer with headers within this; then t
 # the upstream core, so a stream holds one window here, not also a second one in our output queue.
 OUTPUT_ROOM = 256 * 1024
 POLL = 1.0  # the deadline task looks at least this often (response timeouts need no finer grain)
-# The upstream connection's HTTP/2 core: the lean client core (gateway/protocol/h2lean.py), or
-# h2's with KONBINI_UPSTREAM_CORE=h2 (a before/after in back-to-back bench runs).
-LEAN_UPSTREAM = os.environ.get("KONBINI_UPSTREAM_CORE", "lean") != "h2"
 
 # Headers a kiosk may not set itself: the store router vouches for who asked (INT-1 binding).
 ATTESTED = (b"konbini-kiosk", b"konbini-store")
@@ -168,7 +164,7 @@ class Relay(App):
         for hop in hops:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):  # a hop that drops SYNs must not hold the failover for minutes
-                    return await self.ctx.connect(hop, lean=LEAN_UPSTREAM)
+                    return await self.ctx.connect(hop)
             except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
                 log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, hop.id, exc)
                 self.metrics.upstream_failures.labels("unreachable").inc()

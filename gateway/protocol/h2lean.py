@@ -19,6 +19,7 @@ then resets every request crossing it (INT-1).
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import deque
 
@@ -33,6 +34,7 @@ from gateway.protocol.h2core import (
     PENDING,
     STREAM_WINDOW,
     ConnectionClosed,
+    H2Core,
     Headers,
     StreamReset,
     StreamState,
@@ -444,3 +446,13 @@ class LeanClientCore:
             for st in self.streams.values():
                 if st.reset_code is None and not st.ended:
                     st.reset_code = CANCEL
+
+
+# Every client connection konbini opens (relays' upstreams, the center's links to OCSP and the
+# municipalities, kiosks, the load generator) uses the lean core; KONBINI_CLIENT_CORE=h2 goes
+# back to h2's for a before/after in back-to-back runs.
+LEAN_CLIENTS = os.environ.get("KONBINI_CLIENT_CORE", "lean") != "h2"
+
+
+def client_core() -> LeanClientCore | H2Core:
+    return LeanClientCore() if LEAN_CLIENTS else H2Core(client_side=True)

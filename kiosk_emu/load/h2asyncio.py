@@ -17,11 +17,11 @@ import h2.errors
 
 from gateway.protocol.h2core import (
     ConnectionClosed,
-    H2Core,
     H2Driver,
     StreamHandle,
     header,
 )
+from gateway.protocol.h2lean import client_core
 
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -50,7 +50,7 @@ class AsyncioH2(H2Driver, asyncio.Protocol):
     new_event = staticmethod(asyncio.Event)
 
     def __init__(self, peer: str = "?") -> None:
-        super().__init__(H2Core(client_side=True))
+        super().__init__(client_core())  # gateway/protocol/h2lean.py
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
