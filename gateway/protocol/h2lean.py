@@ -88,7 +88,7 @@ class LeanClientCore:
         self.closed = False
         self.close_reason: str | None = None
         self._out = bytearray()
-        self._in = bytearray()
+        self._in = b""  # the start of a frame not yet whole
         self._state: dict[int, _Out] = {}
         self._next_id = 1
         self._encoder = hpack.Encoder()
@@ -126,8 +126,10 @@ class LeanClientCore:
             raise ConnectionClosed("eof")
         if self.closed:
             return set()
-        buf = self._in
-        buf += data
+        # Frames are read from the bytes as they came; only a frame cut short is kept, in a
+        # buffer of its own size (a bytearray reused across reads would keep the capacity of the
+        # largest read, 256 KiB, on every idle upstream connection of a relay).
+        buf = self._in + data if self._in else data
         woken: set[int] = set()
         pos, end = 0, len(buf)
         try:
@@ -147,7 +149,7 @@ class LeanClientCore:
         except _Violation as exc:
             self.abort("protocol-error", exc.code)
             raise ConnectionClosed("protocol-error") from exc
-        del buf[:pos]
+        self._in = bytes(buf[pos:]) if pos < end else b""
         return woken
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes, woken: set[int]) -> None:
