@@ -22,6 +22,7 @@ from gateway.business.ledger import (
     UnknownIssuance,
     ledger_path,
 )
+from tests.forked import at_once
 
 AT = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
 
@@ -77,23 +78,14 @@ def test_worker_processes_writing_one_ledger_keep_one_chain_and_one_notice_each(
     "row 51 (issuance) does not match the hash chain".)"""
     path = tmp_path / "l.sqlite"
     LedgerDB(path).close()
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Barrier(4)
-    new = ctx.Queue()
-    procs = [ctx.Process(target=_worker_writes, args=(str(path), w, start, new)) for w in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * 4
-    firsts = [new.get(timeout=5) for _ in range(4)]
+    firsts = at_once(_worker_writes, [(str(path), w) for w in range(4)])
     db = LedgerDB(path)
     assert db.verify() == 4 * 25 * 2 + 4 * 25 * 3  # issuance + sent each; notice + payment + copy each
     assert db.count("notice") == 100 and sum(firsts) == 100  # each issuance noticed once, whoever was first
     db.close()
 
 
-def _worker_writes(path: str, worker: int, start, new) -> None:
+def _worker_writes(start, new, path: str, worker: int) -> None:
     db = LedgerDB(path)
     start.wait(10)
     for i in range(25):  # interleaved with the other workers' transactions

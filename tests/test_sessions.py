@@ -6,12 +6,11 @@ try at the same moment, and expired sessions are dropped."""
 
 from __future__ import annotations
 
-import multiprocessing
-
 import pytest
 
 from gateway.business.session import LifecycleError, Session, SessionEvent, SessionState
 from gateway.business.sessions import LocalSessions, SessionMoved, SharedSessions
+from tests.forked import at_once
 
 
 def new(sid: str = "s1", created: float | None = None) -> Session:
@@ -90,21 +89,13 @@ def test_many_processes_issuing_on_one_session_issue_once(tmp_path):
         s = a.get(sid)
         for event in (SessionEvent.ANSWER, SessionEvent.VERIFIED):
             a.fire(s, event)
-        ctx = multiprocessing.get_context("fork")
-        start, won = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_issue_once, args=(str(path), sid, start, won)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(30)
-        assert [p.exitcode for p in procs] == [0] * 4
-        results = [won.get(timeout=5) for _ in range(4)]
+        results = at_once(_issue_once, [(str(path), sid)] * 4, timeout=30)
         assert results.count(True) == 1, results
         wins += 1
     assert wins == 10 and a.get("s9").state is SessionState.ISSUING
 
 
-def _issue_once(path: str, sid: str, start, won) -> None:
+def _issue_once(start, won, path: str, sid: str) -> None:
     store = SharedSessions(path, 120.0)
     s = store.get(sid)
     start.wait(10)

@@ -381,7 +381,51 @@ class _Connection(h2.connection.H2Connection):
         self._closed_streams = ResetRecords(size_limit=self.MAX_CLOSED_STREAMS)
 
 
-class H2Core:
+class CoreBase:
+    """What every HTTP/2 core shares (h2's `H2Core`, `h2lean.LeanClientCore`): the stream table
+    as the consumer sees it, taking chunks from it, and closing. A core implements `ack`."""
+
+    streams: dict[int, StreamState]
+    closed: bool = False
+    close_reason: str | None = None
+
+    def ack(self, stream_id: int, nbytes: int) -> None:
+        raise NotImplementedError
+
+    def take_chunk(self, st: StreamState) -> bytes | None:
+        """Next inbound chunk of a stream, or None when none is buffered. Does not ack."""
+        if not st.chunks:
+            return None
+        data, flow_len = st.chunks.popleft()
+        st.buffered -= len(data)
+        if flow_len > len(data):  # padding counts against the window but never reaches the consumer
+            self.ack(st.id, flow_len - len(data))
+        return data
+
+    def next_chunk(self, st: StreamState) -> bytes | None | object:
+        """The consumer's next step on a stream: a chunk (not yet acked), None at the body's
+        end, or PENDING; raises StreamReset once the stream was reset and nothing is left."""
+        data = self.take_chunk(st)
+        if data is not None:
+            return data
+        if st.reset_code is not None:
+            raise StreamReset(st.id, st.reset_code)
+        return None if st.ended else PENDING
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "closed")
+
+    def _close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            for st in self.streams.values():
+                if st.reset_code is None and not st.ended:
+                    st.reset_code = h2.errors.ErrorCodes.CANCEL
+
+
+class H2Core(CoreBase):
     def __init__(
         self,
         *,
@@ -549,26 +593,6 @@ class H2Core:
             woken.add(sid)
         return woken
 
-    def take_chunk(self, st: StreamState) -> bytes | None:
-        """Next inbound chunk of a stream, or None when none is buffered. Does not ack."""
-        if not st.chunks:
-            return None
-        data, flow_len = st.chunks.popleft()
-        st.buffered -= len(data)
-        if flow_len > len(data):  # padding counts against the window but never reaches the consumer
-            self.ack(st.id, flow_len - len(data))
-        return data
-
-    def next_chunk(self, st: StreamState) -> bytes | None | object:
-        """The consumer's next step on a stream: a chunk (not yet acked), None at the body's
-        end, or PENDING; raises StreamReset once the stream was reset and nothing is left."""
-        data = self.take_chunk(st)
-        if data is not None:
-            return data
-        if st.reset_code is not None:
-            raise StreamReset(st.id, st.reset_code)
-        return None if st.ended else PENDING
-
     def ack(self, stream_id: int, nbytes: int) -> None:
         """The consumer has dealt with nbytes of this stream: reopen the window for them."""
         if nbytes and not self.closed:
@@ -664,17 +688,6 @@ class H2Core:
         """Bytes queued for the peer and not yet taken by `data_to_send`."""
         return len(self.conn._data_to_send)  # h2's own buffer (no public size)
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ConnectionClosed(self.close_reason or "closed")
-
-    def _close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self.close_reason = reason
-            for st in self.streams.values():
-                if st.reset_code is None and not st.ended:
-                    st.reset_code = h2.errors.ErrorCodes.CANCEL
 
 
 def header(headers: Headers | None, name: bytes) -> bytes | None:

@@ -31,12 +31,11 @@ from gateway.protocol.h2core import (
     MAX_CONCURRENT_STREAMS,
     MAX_FRAME_SIZE,
     MAX_HEADER_LIST_SIZE,
-    PENDING,
     STREAM_WINDOW,
     ConnectionClosed,
+    CoreBase,
     H2Core,
     Headers,
-    StreamReset,
     StreamState,
 )
 
@@ -77,7 +76,7 @@ class _Violation(Exception):
         self.code = code
 
 
-class LeanClientCore:
+class LeanClientCore(CoreBase):
     """`H2Core(client_side=True)`'s interface for a relay's upstream, without h2."""
 
     preface_received = True  # a client has nothing to wait for before it may send
@@ -286,23 +285,6 @@ class LeanClientCore:
         self._out += frame(SETTINGS, ACK, 0)
         woken.add(0)
 
-    def take_chunk(self, st: StreamState) -> bytes | None:
-        if not st.chunks:
-            return None
-        data, flow_len = st.chunks.popleft()
-        st.buffered -= len(data)
-        if flow_len > len(data):  # padding: counted against the window, never seen by the consumer
-            self.ack(st.id, flow_len - len(data))
-        return data
-
-    def next_chunk(self, st: StreamState) -> bytes | None | object:
-        data = self.take_chunk(st)
-        if data is not None:
-            return data
-        if st.reset_code is not None:
-            raise StreamReset(st.id, st.reset_code)
-        return None if st.ended else PENDING
-
     def ack(self, stream_id: int, nbytes: int) -> None:
         """The consumer dealt with nbytes of this stream: return them to both windows, in
         WINDOW_UPDATEs of at least half a window (or sooner when a window is shut)."""
@@ -436,18 +418,6 @@ class LeanClientCore:
     @property
     def pending_output(self) -> int:
         return len(self._out)
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ConnectionClosed(self.close_reason or "closed")
-
-    def _close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self.close_reason = reason
-            for st in self.streams.values():
-                if st.reset_code is None and not st.ended:
-                    st.reset_code = CANCEL
 
 
 # Every client connection konbini opens (relays' upstreams, the center's links to OCSP and the
