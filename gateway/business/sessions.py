@@ -9,7 +9,8 @@ one challenge, or issuing on one session, one wins and the other is told (`Sessi
 "a challenge is answered once, a session is used for one issuance" holds across processes.
 
 Sessions live SESSION_TTL seconds and need no durability beyond that: the file is WAL with
-synchronous=OFF (consistent between processes, no fsync per move). Both stores drop expired
+synchronous=OFF (consistent between processes, no fsync per move), and the calls are made
+in the event loop: each is one short statement, cheaper than a hop to a thread. Both stores drop expired
 sessions at every new one. `created` is time.monotonic(), one clock for every process on Linux.
 """
 
