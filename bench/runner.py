@@ -417,8 +417,8 @@ class Bench:
         n = self.opts.center_workers
         what = "issuance center side" if self.opts.center_processes == "one" else "issuance centers"
         # --center-workers N: N processes each serving the whole center side on the same addresses
-        # (SO_REUSEPORT); a kiosk's session stays on one worker, its connection chain being paired
-        # hop by hop, and the workers share the ledger file (each commit under SQLite's write lock)
+        # (SO_REUSEPORT); they share the kiosk sessions and the ledger file (gateway/business/sessions.py,
+        # ledger.py), so any worker may take any request of a kiosk
         self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start,
                                   what if n == 1 else "center worker 1", reuse_port=n > 1)
         self.origin.start()

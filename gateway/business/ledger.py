@@ -4,10 +4,10 @@ Theory of operation. `LedgerDB` is the synchronous core: one SQLite file (WAL, s
 whose schema is migrated by code (`schema_version` + the ordered `MIGRATIONS`). Facts are
 appended to `entries`, never updated; each entry's `hash` is sha256(previous hash + the
 canonical row), so `verify()` finds any row changed, removed or reordered outside konbini.
-Several processes may write one file (the issuance
-center's workers): each transaction takes SQLite's write lock first (BEGIN IMMEDIATE) and reads
-the chain's head under it. `issuances` and `notices` are indexes over those facts: the issuance's current state, and the
-one notice per issuance id that makes notices exactly-once across restarts
+Several processes may write one file (the issuance center's workers): each transaction takes
+SQLite's write lock first (BEGIN IMMEDIATE) and reads the chain's head under it. `issuances`
+and `notices` are indexes over those facts: the issuance's current state, and the one notice
+per issuance id that makes notices exactly-once across restarts
 (`INSERT ... ON CONFLICT DO NOTHING`). A month fixed by settlement refuses every later change.
 
 `Ledger` is the Trio side: one writer task takes operations from a memory channel, runs every

@@ -106,6 +106,12 @@ class StreamState:
     def finished(self) -> bool:
         return self.ended or self.reset_code is not None
 
+    @property
+    def body_ends_here(self) -> bool:
+        """The remote ended the stream with its body, no trailers, and nothing is left to take:
+        whoever passes the next piece on may set END_STREAM with it."""
+        return self.ended and not self.chunks and self.trailers is None
+
 
 class StreamHandle:
     """What both runtimes' stream objects share: a view of one StreamState on one connection.

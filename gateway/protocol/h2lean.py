@@ -1,9 +1,9 @@
-"""A lean HTTP/2 client core for a relay's upstream connection: frames by hand, HPACK by hpack.
+"""A lean HTTP/2 client core for every client connection konbini opens: frames by hand, HPACK by hpack.
 
-Theory of operation. A relay talks to its next hop through a client connection that only ever
-opens requests, forwards bodies and reads responses, to a peer authenticated by certificate (our
-own next hop, or the center). h2's general state machine did that at about half of the relay's
-h2 cost (events built per frame, every stream's state machine, header validation layers). This
+Theory of operation. A client connection (a relay's upstream, the center's links to OCSP and the
+municipalities, a kiosk, the load generator) only ever opens requests, sends bodies and reads
+responses, to a peer authenticated by certificate. On a relay, h2's general state machine did
+that at about half of the relay's h2 cost (events built per frame, every stream's state machine, header validation layers). This
 core speaks the same interface as `H2Core(client_side=True)` (what `Splice` and `TrioH2` call) and
 does the client's part of RFC 9113 itself: the preface and SETTINGS, PING and SETTINGS acks,
 both directions' flow control (our windows returned as the consumer acks, as h2's WindowManager
@@ -13,7 +13,7 @@ out through hpack's Encoder and Decoder, RST_STREAM and GOAWAY. What it does not
 
 Anything malformed from the peer (a frame over our SETTINGS_MAX_FRAME_SIZE, a bad SETTINGS
 value, a header block that does not decode, data beyond a window) closes the connection with
-GOAWAY(PROTOCOL_ERROR or FLOW_CONTROL_ERROR) and raises ConnectionClosed, as H2Core does; the relay
+GOAWAY(PROTOCOL_ERROR or FLOW_CONTROL_ERROR) and raises ConnectionClosed, as H2Core does; a relay
 then resets every request crossing it (INT-1).
 """
 
@@ -58,7 +58,8 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b
 
 
 class _Out:
-    """Our side of one stream: its send window, and whether we ended it."""
+    """Our state of one stream: its send window, whether we ended or reset it, and its receive
+    window with the bytes acked since our last WINDOW_UPDATE for it."""
 
     __slots__ = ("window", "ended", "reset", "recv_window", "processed")
 
@@ -77,11 +78,11 @@ class _Violation(Exception):
 
 
 class LeanClientCore(CoreBase):
-    """`H2Core(client_side=True)`'s interface for a relay's upstream, without h2."""
+    """`H2Core(client_side=True)`'s interface, without h2."""
 
     preface_received = True  # a client has nothing to wait for before it may send
 
-    def __init__(self, *, max_header_list_size: int = MAX_HEADER_LIST_SIZE, **_ignored) -> None:
+    def __init__(self, *, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
         self.streams: dict[int, StreamState] = {}
         self.new_requests: deque[StreamState] = deque()  # always empty: a client takes no requests
         self.closed = False

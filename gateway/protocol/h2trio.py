@@ -124,7 +124,7 @@ class TrioH2(H2Driver):
         on_end: Callable[[str | None], None] | None = None,
         core: H2Core | None = None,
     ) -> None:
-        """`core`: another core with H2Core's interface (a relay's upstream: `h2lean.LeanClientCore`)."""
+        """`core`: another core with H2Core's interface (client connections: `h2lean.client_core()`)."""
         super().__init__(core or H2Core(client_side=client_side, limits=limits, clock=trio.current_time))
         self.limits = limits  # None: no timeouts (our own client connections)
         self.transport = transport

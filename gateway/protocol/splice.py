@@ -103,7 +103,7 @@ class Splice:
         up = self.up
         if up.closed or not up.can_open_stream():
             return None
-        end = st.ended and not st.chunks and st.trailers is None
+        end = st.body_ends_here
         ust = up.send_request(headers, end)
         now = time.perf_counter()
         pair = Pair(st, ust, opened=now, own=now - read_at, queue=read_at - (st.received_at or read_at),
@@ -162,7 +162,7 @@ class Splice:
             if ust.headers is None:
                 return
             pair.answered = True
-            end = ust.ended and not ust.chunks and ust.trailers is None
+            end = ust.body_ends_here
             self.down.send_headers(pair.down.id, self.stamp(pair, ust.headers), end)
             if end:
                 pair.response_done = True
@@ -200,7 +200,7 @@ class Splice:
                 if self.observe is not None:
                     self.observe(direction, len(chunk), len(chunk) + sst.buffered)
                 pending = memoryview(chunk)
-            last = sst.ended and not sst.chunks and sst.trailers is None
+            last = sst.body_ends_here
             part = pending if budget is None or budget - moved >= len(pending) else pending[: max(0, budget - moved)]
             if not part:
                 return pending, False, moved
