@@ -6,7 +6,8 @@ relay hop is h2 and the splice, measured the same way before and after a change.
 `exchange`: one request and its response between a client core and a server core (both sides'
 work). `relay hop`: the same request through a spliced relay hop (`gateway.protocol.splice`):
 the relay's downstream server core, its upstream client core and the splice between them; only
-the relay's calls are timed. Each figure is the lowest of K runs of N requests (the least
+the relay's calls are timed. Each runs on h2's cores (`H2Core`) and on the lean ones
+(`gateway.protocol.h2lean`, what konbini runs), and the hop also with a lean upstream only. Each figure is the lowest of K runs of N requests (the least
 disturbed by the rest of a shared machine), with the median beside it.
 """
 
@@ -26,7 +27,7 @@ import h2.connection
 import hpack.hpack
 
 from gateway.protocol.h2core import STREAM_WINDOW, H2Core, Headers
-from gateway.protocol.h2lean import LeanClientCore
+from gateway.protocol.h2lean import LeanClientCore, LeanServerCore
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
 from topology.spec.model import Limits
@@ -44,9 +45,17 @@ def _handshake(client: H2Core, server: H2Core) -> None:
     server.receive_data(client.data_to_send())
 
 
-def exchange(n: int, size: int) -> float:
-    """Seconds of CPU for n request/response exchanges between two cores."""
-    client, server = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+def _client(lean: bool):
+    return LeanClientCore() if lean else H2Core(client_side=True)
+
+
+def _server(lean: bool):
+    return LeanServerCore(limits=Limits()) if lean else H2Core(client_side=False, limits=Limits())
+
+
+def exchange(n: int, size: int, lean: bool = False) -> float:
+    """Seconds of CPU for n request/response exchanges between two cores (`lean`: h2lean's)."""
+    client, server = _client(lean), _server(lean)
     _handshake(client, server)
     body = b"k" * size
     t = time.process_time()
@@ -64,12 +73,11 @@ def exchange(n: int, size: int) -> float:
     return time.process_time() - t
 
 
-def relay_hop(n: int, size: int, lean: bool = False) -> float:
-    """Seconds of CPU the relay spends (its two cores and the splice) on n requests; `lean`: its
-    upstream core is `h2lean.LeanClientCore` instead of h2's."""
-    kiosk, down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
-    up = LeanClientCore() if lean else H2Core(client_side=True)
-    origin = H2Core(client_side=False, limits=Limits())
+def relay_hop(n: int, size: int, lean_up: bool = False, lean_down: bool = False) -> float:
+    """Seconds of CPU the relay spends (its two cores and the splice) on n requests; `lean_up`,
+    `lean_down`: that side's core is h2lean's instead of h2's. The kiosk and the origin are h2's."""
+    kiosk, down = H2Core(client_side=True), _server(lean_down)
+    up, origin = _client(lean_up), H2Core(client_side=False, limits=Limits())
     _handshake(kiosk, down)
     _handshake(up, origin)
 
@@ -152,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not 0 <= args.size <= STREAM_WINDOW:
         ap.error(f"--size: 0 to {STREAM_WINDOW} bytes (one stream window: the origin sends the body in one pass)")
-    variants = {"exchange": (exchange, nullcontext), "relay_hop": (relay_hop, nullcontext),
-                "relay_hop_lean_upstream": (partial(relay_hop, lean=True), nullcontext)}
+    variants = {"exchange": (exchange, nullcontext), "exchange_lean": (partial(exchange, lean=True), nullcontext),
+                "relay_hop": (relay_hop, nullcontext),
+                "relay_hop_lean_upstream": (partial(relay_hop, lean_up=True), nullcontext),
+                "relay_hop_lean": (partial(relay_hop, lean_up=True, lean_down=True), nullcontext)}
     if args.stock_h2:
         variants |= {"exchange_stock_h2": (exchange, stock_h2), "relay_hop_stock_h2": (relay_hop, stock_h2)}
     result: dict = {"size": args.size, **measure(variants, args.requests, args.repeat, args.size)}

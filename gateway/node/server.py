@@ -28,7 +28,6 @@ from gateway.node.metrics import (
     read_request_head,
 )
 from gateway.protocol.h2core import Headers
-from gateway.protocol.h2lean import client_core
 from gateway.protocol.h2trio import Handler, LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.transport.tls import client_context, peer_identity, server_context
@@ -144,7 +143,7 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
     if tls.selected_alpn_protocol() != "h2":
         await trio.aclose_forcefully(tls)
         raise ConnectionError(f"{expect_id} did not agree to h2")
-    return TrioH2(tls, client_side=True, peer=expect_id, core=client_core())  # h2lean: the lean client core
+    return TrioH2(tls, client_side=True, peer=expect_id)
 
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux; as trio.open_tcp_stream

@@ -32,6 +32,7 @@ from gateway.protocol.h2core import (
     StreamReset,
     StreamState,
 )
+from gateway.protocol.h2lean import client_core, server_core
 from topology.spec.model import Limits
 
 log = logging.getLogger("konbini.h2")
@@ -124,8 +125,10 @@ class TrioH2(H2Driver):
         on_end: Callable[[str | None], None] | None = None,
         core: H2Core | None = None,
     ) -> None:
-        """`core`: another core with H2Core's interface (client connections: `h2lean.client_core()`)."""
-        super().__init__(core or H2Core(client_side=client_side, limits=limits, clock=trio.current_time))
+        """`core`: another core with H2Core's interface; by default the lean one for the side (`h2lean`)."""
+        if core is None:
+            core = client_core() if client_side else server_core(limits, trio.current_time)
+        super().__init__(core)
         self.limits = limits  # None: no timeouts (our own client connections)
         self.transport = transport
         self.peer = peer
