@@ -33,6 +33,7 @@ from gateway.protocol.h2core import (
     StreamState,
 )
 from gateway.protocol.h2lean import client_core, server_core
+from gateway.transport.tlsstream import lean_tls
 from topology.spec.model import Limits
 
 log = logging.getLogger("konbini.h2")
@@ -130,7 +131,7 @@ class TrioH2(H2Driver):
             core = client_core() if client_side else server_core(limits, trio.current_time)
         super().__init__(core)
         self.limits = limits  # None: no timeouts (our own client connections)
-        self.transport = transport
+        self.transport = lean_tls(transport)  # TLS 1.3 after the handshake: records without SSLStream's machinery
         self.peer = peer
         self._output = trio.Event()
         self._handlers: dict[int, Stream] = {}
