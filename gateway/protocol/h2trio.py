@@ -33,7 +33,7 @@ from gateway.protocol.h2core import (
     StreamState,
 )
 from gateway.protocol.h2lean import client_core, server_core
-from gateway.transport.tlsstream import lean_tls
+from gateway.protocol.tlsrecords import lean_tls
 from topology.spec.model import Limits
 
 log = logging.getLogger("konbini.h2")

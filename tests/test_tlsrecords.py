@@ -1,4 +1,4 @@
-"""TLSRecords (gateway.transport.tlsstream): an established TLS 1.3 session driven without trio's
+"""TLSRecords (gateway.protocol.tlsrecords): an established TLS 1.3 session driven without trio's
 SSLStream machinery, against trio's SSLStream on the other end (and OpenSSL underneath both).
 
 Bulk both ways at once with every byte in order, the server's held-back session tickets going out
@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from gateway.transport.tls import client_context, server_context
-from gateway.transport.tlsstream import TLSRecords, lean_tls
+from gateway.protocol.tlsrecords import TLSRecords, lean_tls
 from topology.pki import PKI
 
 ROUTER, KIOSK = "store-router-a1", "kiosk-a1-1"
