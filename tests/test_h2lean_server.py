@@ -13,9 +13,6 @@ from __future__ import annotations
 import random
 import struct
 
-import h2.config
-import h2.connection
-import h2.events
 import h2.settings
 import hpack
 import pytest
@@ -37,6 +34,7 @@ from gateway.protocol.h2lean import (
     LeanServerCore,
     frame,
 )
+from tests.h2peer import H2Peer, pieces
 from topology.spec.model import Limits
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/v1/x"), (b":authority", b"router")]
@@ -44,55 +42,8 @@ GET = [(b":method", b"GET"), *REQUEST[1:]]
 SETTINGS = frame(4, 0, 0)
 
 
-class Client:
-    """h2 as a client, with the frame size it asks for; records what the server sends."""
-
-    def __init__(self, max_frame: int = 16384, window: int = 65535) -> None:
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-        })
-        self.conn.max_inbound_frame_size = max_frame
-        self.conn.initiate_connection()
-        self.bodies: dict[int, bytearray] = {}
-        self.headers: dict[int, list] = {}
-        self.trailers: dict[int, list] = {}
-        self.ended: set[int] = set()
-        self.resets: dict[int, int] = {}
-        self.goaway: int | None = None
-        self.pings = 0
-
-    def feed(self, data: bytes) -> None:
-        for ev in self.conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                self.headers[ev.stream_id] = ev.headers
-                self.bodies[ev.stream_id] = bytearray()
-            elif isinstance(ev, h2.events.DataReceived):
-                self.bodies[ev.stream_id] += ev.data
-                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.TrailersReceived):
-                self.trailers[ev.stream_id] = ev.headers
-            elif isinstance(ev, h2.events.StreamReset):
-                self.resets[ev.stream_id] = ev.error_code
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.goaway = ev.error_code
-            elif isinstance(ev, h2.events.PingAckReceived):
-                self.pings += 1
-            if getattr(ev, "stream_ended", None) is not None or isinstance(ev, h2.events.StreamEnded):
-                self.ended.add(ev.stream_id)
-
-    def out(self) -> bytes:
-        return self.conn.data_to_send()
-
-
-def pieces(data: bytes, rng: random.Random) -> list[bytes]:
-    out, i = [], 0
-    while i < len(data):
-        n = rng.choice((1, 2, 7, 9, 100, 4096, 70000))
-        out.append(data[i : i + n])
-        i += n
-    return out
+def Client(**kw) -> H2Peer:
+    return H2Peer(client_side=True, **kw)
 
 
 def pump(server: LeanServerCore, client: Client, rng: random.Random | None = None) -> set[int]:
