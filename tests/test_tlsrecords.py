@@ -119,3 +119,25 @@ async def test_tls12_stays_on_trios_sslstream(state, topo) -> None:
     client, server = await _pair(state, topo, tls12=True)
     assert server._ssl_object.version() == "TLSv1.2"
     assert lean_tls(server) is server and lean_tls(client) is client
+
+
+async def test_send_now_gives_the_kernel_what_it_takes_and_send_all_sends_the_rest_first(state, topo) -> None:
+    a, b = trio.socket.socketpair()
+    client, server = await _pair(state, topo, wire=(trio.SocketStream(a), trio.SocketStream(b)))
+    lean = lean_tls(server)
+    assert lean.can_send_now
+    first = bytes(range(256)) * 40_000  # 10 MB: far beyond the socket buffer, so some stays unsent
+    whole = lean.send_now(first)
+    assert not whole and lean.unsent > 0
+    expected = first + b"after"
+    got = {}
+
+    async def read() -> None:
+        got["all"] = await _read_exactly(client, len(expected))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await lean.send_all(b"after")  # what send_now left goes out ahead of it
+    assert got["all"] == expected and lean.unsent == 0
+    assert lean.send_now(b"small") and await _read_exactly(client, 5) == b"small"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,33 @@ WRITE_SIZE = 256 * 1024
 # so that closing with unread input does not reset the connection and lose our GOAWAY.
 LINGER = 0.5
 ORDINARY_ENDS = frozenset({"eof", "goaway", "local-close", "write-failed"})
+
+
+class _ReaderPass:
+    """What one reader pass (the bytes of one read, taken through the core and the splice) asked
+    to send: each connection flushed during the pass is written once at its end, from the reader
+    task itself, when its writer is idle and its transport can write without waiting
+    (`TLSRecords.send_now`). A flush outside a pass, or a write the socket did not take whole,
+    wakes the connection's writer task as before. On a relay a request's HEADERS and its answer
+    each crossed a hop with a wakeup of the other connection's writer task; in the issuance flow,
+    where each request crosses a hop alone, that wakeup was a large part of the hop's cost."""
+
+    __slots__ = ("active", "dirty")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.dirty: dict[TrioH2, None] = {}  # in the order they were flushed
+
+    def end(self) -> None:
+        self.active = False
+        while self.dirty:
+            conns, self.dirty = self.dirty, {}
+            for conn in conns:
+                conn._write_direct()
+
+
+DIRECT_WRITES = os.environ.get("KONBINI_DIRECT_WRITES", "1") != "0"
+_PASS = _ReaderPass()
 
 
 class LingeringSocket(trio.abc.Stream):
@@ -146,14 +174,38 @@ class TrioH2(H2Driver):
         self.on_events: Callable[[set[int]], None] | None = None
         self.on_drained: Callable[[], None] | None = None  # after each write: room for more (the splice's budget)
         self._writing = 0  # bytes of the write under way
+        self._in_write = False  # the writer task is inside a write (the reader must not write then)
+        self._direct = DIRECT_WRITES and hasattr(self.transport, "send_now") and self.transport.can_send_now
 
     def flush(self) -> None:
-        self._output.set()
+        if _PASS.active and self._direct:
+            _PASS.dirty[self] = None  # written at the end of the reader pass under way
+        else:
+            self._output.set()
+
+    def _write_direct(self) -> None:
+        """At the end of a reader pass: write what is queued from here, if the writer is idle;
+        what the socket does not take at once goes to the writer task."""
+        if self._in_write:
+            self._output.set()
+            return
+        data = self.core.data_to_send(WRITE_SIZE)
+        try:
+            whole = self.transport.send_now(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.core._close("write-failed")
+            self.wake({0})
+            self._output.set()  # the writer ends the connection
+            return
+        if not whole or self.core.pending_output or self.core.closed:
+            self._output.set()
+        elif self.on_drained is not None:
+            self.on_drained()
 
     @property
     def unsent(self) -> int:
         """Bytes queued for the peer or being written, not yet taken by the kernel."""
-        return self.core.pending_output + self._writing
+        return self.core.pending_output + self._writing + getattr(self.transport, "unsent", 0)
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -270,47 +322,61 @@ class TrioH2(H2Driver):
                 return
             last_read = trio.current_time()
             read_at = time.perf_counter()  # a request's queue time runs from here to its handler's start
+            _PASS.active = True
             try:
-                woken = core.receive_data(data)
-            except ConnectionClosed as exc:
-                if exc.args[0] not in ("eof", "goaway"):
-                    log.info("closing connection from %s: %s", self.peer, exc.args[0])
-                return
-            if core.closed:  # peer sent GOAWAY: finish, the writer flushes what is left
-                if self.on_events is not None:  # a response that came whole with the GOAWAY still goes on
-                    self.on_events(woken)
-                return
+                if not self._take(data, handler, read_at):
+                    return
+            finally:
+                _PASS.end()
             partial_since = (partial_since or last_read) if core.receiving_partial else None
-            while core.new_requests:
-                st = core.new_requests.popleft()
-                if handler is None:  # a client does not take requests
-                    core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                    continue
-                if st.reset_code is not None:  # opened and cancelled in one read (Rapid Reset): no task for it
-                    core.forget(st.id)
-                    continue
-                st.received_at = read_at
-                run = handler if self.take_request is None else self.take_request(st)
-                if run is not None:
-                    self.serve(st, run)
-            for sid in woken:
-                st = core.streams.get(sid)
-                if st is not None and st.reset_code is not None:
-                    s = self._handlers.get(sid)
-                    if s is not None and s.cancel_scope is not None:
-                        s.cancel_scope.cancel()  # the peer cancelled: cancel the whole request
-            if self.on_events is not None:
+
+    def _take(self, data: bytes, handler: Handler | None, read_at: float) -> bool:
+        """One read through the core, the new requests and the streams it woke; False: the
+        connection is over."""
+        core = self.core
+        try:
+            woken = core.receive_data(data)
+        except ConnectionClosed as exc:
+            if exc.args[0] not in ("eof", "goaway"):
+                log.info("closing connection from %s: %s", self.peer, exc.args[0])
+            return False
+        if core.closed:  # peer sent GOAWAY: finish, the writer flushes what is left
+            if self.on_events is not None:  # a response that came whole with the GOAWAY still goes on
                 self.on_events(woken)
-            self.wake(woken)
-            self.flush()
+            return False
+        while core.new_requests:
+            st = core.new_requests.popleft()
+            if handler is None:  # a client does not take requests
+                core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                continue
+            if st.reset_code is not None:  # opened and cancelled in one read (Rapid Reset): no task for it
+                core.forget(st.id)
+                continue
+            st.received_at = read_at
+            run = handler if self.take_request is None else self.take_request(st)
+            if run is not None:
+                self.serve(st, run)
+        for sid in woken:
+            st = core.streams.get(sid)
+            if st is not None and st.reset_code is not None:
+                s = self._handlers.get(sid)
+                if s is not None and s.cancel_scope is not None:
+                    s.cancel_scope.cancel()  # the peer cancelled: cancel the whole request
+        if self.on_events is not None:
+            self.on_events(woken)
+        self.wake(woken)
+        self.flush()
+        return True
 
     async def _writer(self) -> None:
         while True:
             await self._output.wait()
             self._output = trio.Event()
             # loop: what was queued while the last write was under way (our GOAWAY, say) goes too
-            while data := self.core.data_to_send(WRITE_SIZE):
+            # (and what a direct write from a reader pass left in the transport)
+            while (data := self.core.data_to_send(WRITE_SIZE)) or getattr(self.transport, "unsent", 0):
                 self._writing = len(data)
+                self._in_write = True
                 try:
                     sent = await self._write(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -319,6 +385,7 @@ class TrioH2(H2Driver):
                     return
                 finally:
                     self._writing = 0
+                    self._in_write = False
                 if not sent:  # the peer stopped reading TCP: nothing more can reach it
                     log.info("closing connection from %s: slow-read (writes blocked)", self.peer)
                     self.core._close("slow-read")

@@ -16,6 +16,7 @@ always, for a before/after. Closing goes through the SSLStream (close_notify, th
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 
 import trio
@@ -39,6 +40,50 @@ class TLSRecords(trio.abc.Stream):
         self._held = tls._delayed_outgoing or b""  # noqa: SLF001
         tls._delayed_outgoing = None  # noqa: SLF001
         self._eof = False
+        # the kernel socket under the TLS, for writes that do not wait (`send_now`); None over
+        # anything else (a memory stream in tests)
+        tcp = getattr(self.transport_stream, "tcp", self.transport_stream)  # under h2trio.LingeringSocket
+        sock = getattr(getattr(tcp, "socket", None), "_sock", None)
+        self._raw = sock if isinstance(sock, socket.socket) else None
+        self._unsent = b""  # ciphertext a `send_now` left: it goes first on the next send
+
+    @property
+    def can_send_now(self) -> bool:
+        return self._raw is not None
+
+    @property
+    def unsent(self) -> int:
+        return len(self._unsent)
+
+    def _ciphertext(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Everything due on the wire, in order: what was held or left unsent, then `data` encrypted."""
+        if data:
+            try:
+                self._ssl_object.write(data)
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        out = self._outgoing.read()
+        if self._held or self._unsent:
+            out, self._held, self._unsent = self._held + self._unsent + out, b"", b""
+        return out
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> bool:
+        """Encrypt `data` and give the kernel what it takes without waiting; True when it took
+        everything (else `send_all`, from the writer task, sends the rest first). Only while no
+        `send_all` is under way."""
+        out = self._ciphertext(data)
+        if not out:
+            return True
+        try:
+            sent = self._raw.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send: {exc}") from exc
+        if sent < len(out):
+            self._unsent = out[sent:]
+            return False
+        return True
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Plaintext (b"" at the end: close_notify, or the socket's EOF without one)."""
@@ -61,14 +106,7 @@ class TLSRecords(trio.abc.Stream):
             self._incoming.write(data)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            try:
-                self._ssl_object.write(data)
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
-        out = self._outgoing.read()
-        if self._held:
-            out, self._held = self._held + out, b""
+        out = self._ciphertext(data)
         if out:
             await self.transport_stream.send_all(out)
         else:
