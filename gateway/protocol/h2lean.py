@@ -251,6 +251,50 @@ def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
     return (decode_huffman(raw) if huffman else raw), stop
 
 
+class _Output:
+    """Frames queued for the peer, as the pieces they were made of: appending never reallocates
+    or moves what is queued (a bytearray did, growing to 256 KiB by `+=` and moving its tail down
+    after every partial take), and taking the first `amount` bytes joins the pieces once."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: deque[bytes] = deque()
+        self.size = 0
+
+    def __iadd__(self, data: bytes) -> _Output:
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+    def prepend(self, data: bytes) -> None:
+        self.parts.appendleft(data)
+        self.size += len(data)
+
+    def take(self, amount: int | None = None) -> bytes:
+        parts = self.parts
+        if amount is None or amount >= self.size:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            self.size = 0
+            return data
+        out, n = [], 0
+        while n < amount:
+            part = parts.popleft()
+            if n + len(part) > amount:
+                cut = amount - n
+                parts.appendleft(part[cut:])
+                part = part[:cut]
+            out.append(part)
+            n += len(part)
+        self.size -= n
+        return b"".join(out)
+
+
 class _Stream:
     """The protocol's state of one stream: our send window, whether each side ended it or it was
     reset, our receive window with the bytes acked since our last WINDOW_UPDATE for it, and the
@@ -293,7 +337,7 @@ class LeanCore(CoreBase):
         self.new_requests: deque[StreamState] = deque()
         self.closed = False
         self.close_reason: str | None = None
-        self._out = bytearray()
+        self._out = _Output()
         self._in = b""  # the start of a frame not yet whole
         self._state: dict[int, _Stream] = {}
         self._encoder = FieldEncoder()
@@ -607,7 +651,9 @@ class LeanCore(CoreBase):
         size, out = self.max_frame_size, self._out
         for start in range(0, n, size):
             stop = min(start + size, n)
-            out += frame(DATA, END_STREAM if end_stream and stop == len(data) else 0, stream_id, data[start:stop])
+            out += _head.pack((stop - start) >> 8, (stop - start) & 0xFF, DATA,
+                              END_STREAM if end_stream and stop == len(data) else 0, stream_id)
+            out += bytes(data[start:stop])  # the header and the payload as two pieces: one copy, not two
         if not data:
             out += frame(DATA, END_STREAM if end_stream else 0, stream_id)
         self.send_window -= n
@@ -665,14 +711,7 @@ class LeanCore(CoreBase):
         return 0
 
     def data_to_send(self, amount: int | None = None) -> bytes:
-        out = self._out
-        if amount is None or amount >= len(out):
-            data = bytes(out)
-            out.clear()
-            return data
-        data = bytes(out[:amount])
-        del out[:amount]
-        return data
+        return self._out.take(amount)
 
     @property
     def pending_output(self) -> int:
@@ -688,7 +727,7 @@ class LeanClientCore(LeanCore):
             S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             S_MAX_HEADER_LIST_SIZE: max_header_list_size,
         })
-        self._out[:0] = PREFACE
+        self._out.prepend(PREFACE)
         self._next_id = 1
 
     def _idle(self, sid: int) -> bool:

@@ -186,7 +186,7 @@ class TrioH2(H2Driver):
     def _write_direct(self) -> None:
         """At the end of a reader pass: write what is queued from here, if the writer is idle;
         what the socket does not take at once goes to the writer task."""
-        if self._in_write:
+        if self._in_write or self.transport.unsent:  # a write under way, or the socket was full last time
             self._output.set()
             return
         data = self.core.data_to_send(WRITE_SIZE)
