@@ -65,11 +65,12 @@ class _ReaderPass:
         self.dirty: dict[TrioH2, None] = {}  # in the order they were flushed
 
     def end(self) -> None:
+        """Write every flushed connection once. The pass is over first, so what these writes
+        flush in turn (the splice's `on_drained`) goes to writer tasks, not back into this list."""
         self.active = False
-        while self.dirty:
-            conns, self.dirty = self.dirty, {}
-            for conn in conns:
-                conn._write_direct()
+        conns, self.dirty = self.dirty, {}
+        for conn in conns:
+            conn._write_direct()
 
 
 DIRECT_WRITES = os.environ.get("KONBINI_DIRECT_WRITES", "1") != "0"
