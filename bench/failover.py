@@ -12,8 +12,6 @@ in each stretch of the run, the failures of each switch by reason and the time t
 from __future__ import annotations
 
 import math
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -114,10 +112,9 @@ class FaultSchedule:
         proc = self.procs[node]
         pid = proc.pid
         at = time.time() - self.t0
-        os.kill(pid, signal.SIGKILL)
-        proc.proc.join(5)
+        status = proc.kill()
         return {"event": "kill", "node": node, "pid": pid, "at_s": round(at, 3), "signal": "SIGKILL",
-                "exitcode": proc.proc.exitcode, "pid_gone": not Path(f"/proc/{pid}").exists()}
+                "exitcode": status, "pid_gone": not Path(f"/proc/{pid}").exists()}
 
     def _restart(self, node: str) -> dict:
         at = time.time() - self.t0

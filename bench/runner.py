@@ -22,6 +22,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ from bench.costs import CostProcess, CostWindow
 from bench.failover import FailoverError, FaultSchedule, Targets, analyse, targets
 from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
-from bench.serve import serve_nodes
 from bench.topology import with_kiosks
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
@@ -216,13 +216,17 @@ class NodeProcess:
         self.reuse_port = reuse_port  # one of several workers on the same addresses (SO_REUSEPORT)
         self.what = what
         self.hops = tuple(sorted({topo.node(n).kind for n in only}))  # the node kinds it serves (cost model)
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
+        self.conn = None
 
     def start(self, timeout: float = 60.0) -> float:
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve_nodes, args=(*self.args, child, self.reuse_port), daemon=True)
-        self.proc.start()
+        if self.conn is not None:  # a restart after a kill
+            self.conn.close()
+        parent, child = mp.Pipe()
+        self.conn = parent  # kept open while the child runs: it stops when this end closes
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.serve", str(child.fileno())], pass_fds=[child.fileno()])
+        child.close()
+        parent.send((*self.args, self.reuse_port))
         if not parent.poll(timeout):
             self.stop()
             raise BenchError(f"the {self.what} did not come up within {timeout:.0f} s")
@@ -230,7 +234,7 @@ class NodeProcess:
             kind, payload = parent.recv()
         except EOFError:
             self.stop()
-            raise BenchError(f"the {self.what} exited at start (status {self.proc.exitcode})") from None
+            raise BenchError(f"the {self.what} exited at start (status {self.proc.wait()})") from None
         if kind != "ready":
             self.stop()
             raise BenchError(f"cannot start the {self.what}: {payload}")
@@ -240,13 +244,25 @@ class NodeProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def kill(self) -> int | None:
+        """SIGKILL, as a crash: the exit status (-9), None if it outlived 5 s."""
+        self.proc.kill()
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.join(5)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.join()
+                self.proc.wait()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 # -- options and setup ---------------------------------------------------------------------------

@@ -1,14 +1,22 @@
 """The body of a bench server process: some nodes of a topology, served until the parent stops it.
 
-Kept apart from `bench.runner` on purpose: a spawned child imports the module of its target, and
-the runner pulls in the load generator, HAProxy, reports and the netns launcher, about 6 MiB of
-RSS in every relay process that serves none of them."""
+Run as `python -m bench.serve FD` by `bench.runner.NodeProcess`: a fresh interpreter that imports
+this module and what its nodes need, nothing else. (A multiprocessing "spawn" child re-imports
+the parent's main module, here the whole `konbini` CLI with the load generator, HAProxy,
+reports and the netns launcher: megabytes of RSS in every relay process that serves none of
+them.) FD is one end of a `multiprocessing.Pipe`: the parent sends the arguments of
+`serve_nodes` on it, the child answers there, and the child stops when the parent's end closes,
+so a parent that dies does not leave its servers behind."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
+import threading
 from datetime import datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import trio
@@ -40,3 +48,23 @@ def serve_nodes(topo: Topology, state_dir: str, only: set[str], clock_start: str
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
         conn.send(("error", str(exc) if isinstance(exc, NodeStartError) else f"{type(exc).__name__}: {exc}"))
+
+
+def _stop_with_parent(conn: Connection) -> None:
+    """Block on the pipe; the parent's end closing (it stopped or died) ends this process."""
+    try:
+        while True:
+            conn.recv()
+    except (EOFError, OSError):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(fd: int) -> None:
+    conn = Connection(fd)
+    args = conn.recv()
+    threading.Thread(target=_stop_with_parent, args=(conn,), daemon=True).start()
+    serve_nodes(*args[:4], conn, *args[4:])
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -146,7 +146,7 @@ def test_inbound_data_reopens_the_window_only_when_acked_not_on_receipt(client_s
     core = H2Core(client_side=client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
-    body = bytes(range(256)) * 400  # 102400 bytes: past h2's half-window threshold for a WINDOW_UPDATE
+    body = bytes(range(256)) * (STREAM_WINDOW * 25 // 32 // 256)  # 78 % of the window: past h2's half-window threshold
     peer.events.clear()
     peer.send(st.id, body)
     woken = peer.exchange()
@@ -169,7 +169,8 @@ def test_padding_is_credited_when_the_chunk_is_taken_and_only_the_data_waits_for
     peer = Peer(core)
     st = inbound_stream(peer)
     acks = record_acks(core)
-    frames, size, pad = 256, 100, 255  # 256 frames x (255 padding + 1 length byte): exactly half the window
+    size, pad = 100, 255
+    frames = STREAM_WINDOW // 2 // (pad + 1)  # frames x (255 padding + 1 length byte): exactly half the window
     for i in range(frames):
         peer.h2.send_data(st.id, bytes([i]) * size, pad_length=pad)
     peer.exchange()
@@ -362,7 +363,7 @@ def test_send_data_resumes_when_the_window_reopens(client_side):
 def test_forget_acks_unread_data_so_the_connection_window_recovers():
     core = H2Core(client_side=False)
     peer = Peer(core)
-    per_stream = 120_000
+    per_stream = STREAM_WINDOW * 29 // 32  # most of a stream's window
     count = -(-CONNECTION_WINDOW // 2 // per_stream)  # past h2's half-window threshold for the connection
     streams = []
     for _ in range(count):
@@ -387,18 +388,19 @@ def test_forget_acks_unread_data_so_the_connection_window_recovers():
 def test_resetting_streams_with_unread_data_gives_their_bytes_back_to_the_connection_window(client_side):
     core = H2Core(client_side=client_side)
     peer = Peer(core)
-    per_stream = 120_000
+    per_stream = STREAM_WINDOW * 29 // 32  # most of a stream's window
     count = -(-CONNECTION_WINDOW // 2 // per_stream)
-    streams = []
-    for _ in range(count):
-        st = inbound_stream(peer)
-        peer.send(st.id, b"u" * per_stream)
-        streams.append(st)
-    peer.exchange()
-    for st in streams:  # read_body over its limit, a relay cancelling, a client releasing an unfinished response
-        core.reset(st.id)
-        core.forget(st.id)
-    peer.exchange()
+    for batch in range(0, count, 64):  # in batches: the peer's h2 opens at most 100 streams at once
+        streams = []
+        for _ in range(min(64, count - batch)):
+            st = inbound_stream(peer)
+            peer.send(st.id, b"u" * per_stream)
+            streams.append(st)
+        peer.exchange()
+        for st in streams:  # read_body over its limit, a relay cancelling, a client releasing an unfinished response
+            core.reset(st.id)
+            core.forget(st.id)
+        peer.exchange()
     assert peer.h2.outbound_flow_control_window == CONNECTION_WINDOW  # else ~140 such resets stall the connection
 
 

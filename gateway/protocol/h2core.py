@@ -52,7 +52,7 @@ Headers = list[tuple[bytes, bytes]]
 
 # Between our own hops we raise frame size and windows to cut per-frame overhead (DESIGN §3).
 MAX_FRAME_SIZE = 64 * 1024
-STREAM_WINDOW = 128 * 1024
+STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_CONCURRENT_STREAMS = 1000
 MAX_HEADER_LIST_SIZE = 16 * 1024  # an oversized header block closes the connection
