@@ -40,6 +40,7 @@ class NodeMetrics:
     def __init__(self, node_id: str, kind: str) -> None:
         self.node_id, self.kind = node_id, kind
         self._collectors: list = []  # registered when the registry is made
+        self._children: dict = {}  # (family, label) -> its child, for `labelled`
 
     def register(self, collector) -> None:
         """A collector read at scrape time (an app with state of its own)."""
@@ -76,7 +77,16 @@ class NodeMetrics:
             r.register(collector)
 
     def request(self, method: str) -> None:
-        self.requests.labels(method if method in METHODS else "other").inc()
+        self.labelled(self.requests, method if method in METHODS else "other").inc()
+
+    def labelled(self, family, label: str):
+        """`family.labels(label)`, looked up once: `labels` builds a key tuple and takes the
+        family's lock on every call, about 3 % of a relay's Python time when done per request."""
+        try:
+            return self._children[family, label]
+        except KeyError:
+            child = self._children[family, label] = family.labels(label)
+            return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

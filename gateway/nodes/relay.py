@@ -71,13 +71,14 @@ class Relay(App):
         if up is None:  # every request gets 502 and the connection closes: the peer reconnects, we try the hops again
             await conn.run(lambda s: server.dispatch(s, peer, self._unavailable))
             return
-        relayed = self.metrics.bytes_relayed
-        in_flight = self.metrics.streams_in_flight
+        metrics = self.metrics
+        relayed = metrics.bytes_relayed
+        in_flight = metrics.streams_in_flight
 
         def observe(direction: str, nbytes: int, held: int) -> None:
             if held > self.max_buffered:
                 self.max_buffered = held
-            relayed.labels(direction).inc(nbytes)
+            metrics.labelled(relayed, direction).inc(nbytes)
 
         alarm = Alarm()
         splice = Splice(
