@@ -50,7 +50,10 @@ from topology.spec.model import Limits
 
 Headers = list[tuple[bytes, bytes]]
 
-# Between our own hops we raise frame size and windows to cut per-frame overhead (DESIGN §3).
+# Between our own hops we raise the frame size and the connection window to cut per-frame
+# overhead (DESIGN §3). The stream window stays near HTTP/2's default: a process serving three
+# relay hops holds up to one window per stream and hop (relay-1m: 200 streams, peak RSS 94 MiB
+# with 64 KiB, 124 MiB with 128 KiB, the same throughput).
 MAX_FRAME_SIZE = 64 * 1024
 STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
