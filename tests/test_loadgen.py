@@ -122,3 +122,42 @@ def test_merged_result_adds_up() -> None:
     assert r["p50_ms"] == pytest.approx(20.0, rel=0.002)
     assert r["hops"]["store-router"]["count"] == 195
     assert r["generator"]["generator_saturated"] is True
+
+
+class _CountingKiosk:
+    """A kiosk whose connection is always up; `one` below counts the streams it carries at once."""
+
+    def __init__(self, n: int) -> None:
+        self.spec = KioskSpec(f"kiosk-{n}", "127.18.11.11", "store-router-a1", "127.18.11.1", 8443, "pool-0000")
+        self.open = self.peak = 0
+
+    async def connection(self) -> None:
+        return None
+
+
+def test_closed_loop_streams_spread_evenly_over_the_kiosk_connections() -> None:
+    """200 streams over 24 kiosks: 8 or 9 on each connection, as the compiled client's -conns
+    spreads them, not a random 3 on one and 15 on another (a tail made by the generator)."""
+    kiosks = [_CountingKiosk(i) for i in range(24)]
+
+    async def main() -> None:
+        w = _Worker(0, 1, _spec(concurrency=200, duration_s=0.3, warmup_s=0.0))
+        w.kiosks = kiosks
+        await w.connect_all()
+        loop = asyncio.get_running_loop()
+        w.t_warm, w.t_end = loop.time(), loop.time() + 0.3
+
+        async def one(k, start, measured) -> None:
+            k.open += 1
+            k.peak = max(k.peak, k.open)
+            await asyncio.sleep(0.01 * (1 + int(k.spec.id.rsplit("-", 1)[1]) % 3))  # uneven service times
+            k.open -= 1
+            w.free.append(k)
+
+        w.one = one
+        tasks: set = set()
+        await w.closed_loop(tasks)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert sorted({k.peak for k in kiosks}) in ([8, 9], [9])
