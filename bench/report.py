@@ -238,10 +238,12 @@ def md_summary(report: dict) -> list[str]:
         for phase, r in _phases(e):
             gen = r.get("generator") or {}
             rows.append([name, phase, r.get("throughput_rps"), r.get("p50_ms"), r.get("p99_ms"), r.get("dropped"),
-                         sum((r.get("errors") or {}).values()), r.get("misdelivered"), gen.get("cpu_fraction_max")])
+                         sum((r.get("errors") or {}).values()), r.get("misdelivered"), gen.get("cpu_fraction_max"),
+                         (r.get("servers") or {}).get("relay_max_process_peak_rss_mib")])
         if "ratios" in e:
-            rows.append([name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", ""][:9])
-    return _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu"], rows)
+            rows.append([name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", "", ""][:10])
+    return _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu",
+                   "largest relay process peak RSS MiB"], rows)
 
 
 def md_split(report: dict) -> list[str]:
@@ -408,7 +410,7 @@ def render_html(report: dict) -> str:
     for note in report.get("notes", []):
         parts.append(f"<p><em>{html.escape(note)}</em></p>")
     parts.append("<table><tr><th>scenario</th><th>phase</th><th>mode</th>" + "".join(f"<th>{k}</th>" for k in SUMMARY)
-                 + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>relay peak RSS MiB</th></tr>")
+                 + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>largest relay process peak RSS MiB</th></tr>")
     for name, entry in report.get("scenarios", {}).items():
         for phase, r in _phases(entry):
             mode = f"{r.get('mode', 'sweep')} " + (f"{r['rate']:g}/s" if r.get("rate") else f"c={r.get('concurrency')}" if r.get("concurrency") else "")
@@ -418,7 +420,7 @@ def render_html(report: dict) -> str:
                 f"<tr><td>{html.escape(name)}</td><td>{phase}</td><td>{html.escape(mode)}</td>"
                 + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in SUMMARY)
                 + f"<td>{_fmt(r.get('errors'))}</td><td>{_fmt(r.get('refused'))}</td><td>{_fmt(gen.get('cpu_fraction_max'))}</td>"
-                f"<td>{_fmt(gen.get('generator_saturated'))}</td><td>{_fmt(srv.get('relay_cpu_cores'))}</td><td>{_fmt(srv.get('relay_peak_rss_mib'))}</td></tr>"
+                f"<td>{_fmt(gen.get('generator_saturated'))}</td><td>{_fmt(srv.get('relay_cpu_cores'))}</td><td>{_fmt(srv.get('relay_max_process_peak_rss_mib'))}</td></tr>"
             )
         if "ratios" in entry:
             parts.append(f"<tr><td>{html.escape(name)}</td><td colspan='{len(SUMMARY) + 8}' style='text-align:left'>konbini ÷ HAProxy: "

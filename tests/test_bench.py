@@ -60,6 +60,10 @@ def test_report_files_are_written_and_open_without_network(report: dict) -> None
     assert set(on_disk["scenarios"]) == set(ON_DEFAULT)
     page = (out / "report.html").read_text()
     assert "<svg" in page
+    # the per-process memory bound is about the largest relay process, not the sum over them
+    servers = [e["konbini"]["servers"] for e in on_disk["scenarios"].values() if "servers" in e.get("konbini", {})]
+    assert servers and all(0 < s["relay_max_process_peak_rss_mib"] < s["relay_peak_rss_mib"] for s in servers)  # two relay processes
+    assert "largest relay process peak RSS MiB" in page and "largest relay process peak RSS MiB" in (out / "report.md").read_text()
     assert "<script" not in page and "<link" not in page and 'href="http' not in page and 'src="http' not in page
 
 
