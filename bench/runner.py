@@ -216,6 +216,7 @@ class NodeProcess:
         self.reuse_port = reuse_port  # one of several workers on the same addresses (SO_REUSEPORT)
         self.what = what
         self.hops = tuple(sorted({topo.node(n).kind for n in only}))  # the node kinds it serves (cost model)
+        self.module = "bench.serve" if set(self.hops) <= set(RELAY_KINDS) else "bench.serve_any"  # relays load no crypto
         self.proc: subprocess.Popen | None = None
         self.conn = None
 
@@ -224,7 +225,7 @@ class NodeProcess:
             self.conn.close()
         parent, child = mp.Pipe()
         self.conn = parent  # kept open while the child runs: it stops when this end closes
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.serve", str(child.fileno())], pass_fds=[child.fileno()])
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, str(child.fileno())], pass_fds=[child.fileno()])
         child.close()
         parent.send((*self.args, self.reuse_port))
         if not parent.poll(timeout):

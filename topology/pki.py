@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from topology.pkifiles import NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
@@ -72,12 +73,8 @@ _SHA256_RSA = bytes.fromhex("06092a864886f70d01010b")  # DER OID 1.2.840.113549.
 _SHA1_RSA = bytes.fromhex("06092a864886f70d010105")  # DER OID 1.2.840.113549.1.1.5
 
 
-class PKIError(Exception):
-    """A PKI request that cannot be met; the message says which identity and where to look."""
-
-
 @dataclass
-class PKI:
+class PKI(NodeFiles):
     state_dir: Path
     network_ca: x509.Certificate
     network_ca_path: Path
@@ -86,10 +83,6 @@ class PKI:
     network_ca_key: ec.EllipticCurvePrivateKey | None = field(repr=False)  # likewise: a pod issues nothing
     node_ids: frozenset[str] = frozenset()
     _ocsp_signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = field(default=None, repr=False)
-
-    @property
-    def dir(self) -> Path:
-        return self.state_dir / "pki"
 
     @classmethod
     def ensure(cls, state_dir: Path, topology: Topology) -> PKI:
@@ -151,13 +144,6 @@ class PKI:
             network_ca_key=None,
             node_ids=frozenset(topology.nodes),
         )
-
-    def node_paths(self, node_id: str) -> tuple[Path, Path]:
-        """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`."""
-        cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
-        if node_id not in self.node_ids or not cert.exists():
-            raise PKIError(f"no certificate for node {node_id!r} in {self.dir}; is it in the topology file?")
-        return cert, key
 
     def principal_paths(self, name: str) -> tuple[Path, Path]:
         """(certificate PEM, key PEM) of a principal such as "operator" or "store-staff"; issued on first use."""

@@ -1,0 +1,46 @@
+"""Where the test PKI's files are, none of them loaded: what a node's TLS contexts need.
+
+`topology.pki.PKI` reads the CAs with `cryptography` when it is made. A process that serves
+relays only needs nothing but the paths of its nodes' certificates and of the network CA, which
+`ssl` loads itself; with `PKIFiles` it never imports `cryptography` (~9 MiB of a relay process's
+RSS). The layout is `topology/pki.py`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PKIError(Exception):
+    """A PKI request that cannot be met; the message says which identity and where to look."""
+
+
+class NodeFiles:
+    """The file layout under STATE/pki, for a class with `state_dir` and `node_ids`."""
+
+    state_dir: Path
+    node_ids: frozenset[str]
+
+    @property
+    def dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    def node_paths(self, node_id: str) -> tuple[Path, Path]:
+        """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`."""
+        cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
+        if node_id not in self.node_ids or not cert.exists():
+            raise PKIError(f"no certificate for node {node_id!r} in {self.dir}; is it in the topology file?")
+        return cert, key
+
+
+@dataclass(frozen=True)
+class PKIFiles(NodeFiles):
+    """An existing PKI's paths, for the nodes `node_ids` (made by `PKI.ensure` elsewhere)."""
+
+    state_dir: Path
+    node_ids: frozenset[str]
+
+    @property
+    def network_ca_path(self) -> Path:
+        return self.dir / "network-ca.pem"
