@@ -173,3 +173,16 @@ def test_the_contract_catches_an_upward_import(tmp_path, monkeypatch):
     imports = _imports("topology.spec.fake")
     assert ("gateway.nodes.relay", 1, False) in imports and ("topology.cli.main", 4, True) in imports
     assert _layer(_project("gateway.nodes.relay")) < _layer("topology.spec.fake")
+
+
+def test_a_bench_relay_process_imports_no_crypto_and_no_center_code():
+    """What keeps a relay process small (relay-1m's bound is per relay process): `python -m
+    bench.serve` loads the relays' code and the PKI's paths, not `cryptography`, the card store,
+    the center or the CLI."""
+    import subprocess
+
+    probe = "import sys, bench.serve; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT).stdout.split())
+    assert "gateway.nodes.registry" in loaded and "topology.launch.servers" in loaded  # the probe saw the launcher
+    heavy = {"cryptography", "kiosk_emu.card", "topology.pki", "gateway.nodes.issuance", "holidays", "topology.cli.main"}
+    assert heavy & loaded == set()
