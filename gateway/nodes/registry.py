@@ -74,6 +74,7 @@ FACTORIES: dict[str, Factory] = {
 # App too (None for a kiosk, which has no server of its own).
 AdminFactory = Callable[[NodeContext, NodeEnv, App | None], App]
 
+
 def _store_controller_admin(ctx: NodeContext, env: NodeEnv, app: App | None) -> App:
     from gateway.nodes.store_controller import StoreControllerAdmin
 
