@@ -251,6 +251,12 @@ def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
     return (decode_huffman(raw) if huffman else raw), stop
 
 
+def _update_due(processed: int, recv_window: int, window: int) -> bool:
+    """Whether `processed` bytes go back to the peer now: half the window was consumed, or the
+    window is shut and at least 1 KiB waits (the rule for a stream and for the connection alike)."""
+    return processed >= window // 2 or (recv_window == 0 and processed >= 1024)
+
+
 class _Output:
     """Frames queued for the peer, as the pieces they were made of: appending never reallocates
     or moves what is queued (a bytearray did, growing to 256 KiB by `+=` and moving its tail down
@@ -605,14 +611,14 @@ class LeanCore(CoreBase):
         if state is None or state.remote_ended or state.reset:
             return  # nothing more comes on it
         state.processed += nbytes
-        if state.processed >= STREAM_WINDOW // 2 or (state.recv_window == 0 and state.processed >= 1024):
+        if _update_due(state.processed, state.recv_window, STREAM_WINDOW):
             self._out += frame(WINDOW_UPDATE, 0, stream_id, _u32.pack(state.processed))
             state.recv_window += state.processed
             state.processed = 0
 
     def _return_connection(self, nbytes: int) -> None:
         self._processed += nbytes
-        if self._processed >= CONNECTION_WINDOW // 2 or (self.recv_window == 0 and self._processed >= 1024):
+        if _update_due(self._processed, self.recv_window, CONNECTION_WINDOW):
             self._out += frame(WINDOW_UPDATE, 0, 0, _u32.pack(self._processed))
             self.recv_window += self._processed
             self._processed = 0
