@@ -88,7 +88,10 @@ def read_jsonl(path: Path) -> list[dict]:
 # -- the kiosk process ------------------------------------------------------------------------
 
 def _say(*parts) -> None:
-    print(*parts, flush=True)
+    """One write per line: under PYTHONUNBUFFERED, print() writes each part separately, and a kill
+    between them leaves the parent half a line."""
+    sys.stdout.write(" ".join(map(str, parts)) + "\n")
+    sys.stdout.flush()
 
 
 class KioskProc:

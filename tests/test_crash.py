@@ -65,7 +65,8 @@ class Child:
 
     def _read(self, events: queue.Queue) -> None:
         for line in self.proc.stdout:
-            events.put((self, line.rstrip("\n")))
+            if line.endswith("\n"):  # a line cut off by SIGKILL was never said
+                events.put((self, line[:-1]))
         events.put((self, None))
 
     def kill(self) -> None:
