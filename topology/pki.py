@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from topology.pkifiles import NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
+from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
@@ -111,7 +111,7 @@ class PKI(NodeFiles):
             pki = cls(
                 state_dir=state_dir,
                 network_ca=net_cert,
-                network_ca_path=pki_dir / "network-ca.pem",
+                network_ca_path=pki_dir / NETWORK_CA_PEM,
                 jpki_ca=jpki_cert,
                 jpki_ca_key=jpki_key,
                 network_ca_key=net_key,
@@ -130,7 +130,7 @@ class PKI(NodeFiles):
         None unless the Secret carries them (the OCSP responder and kiosks get the JPKI CA key)."""
         state_dir = Path(state_dir)
         pki_dir = state_dir / "pki"
-        ca_path = pki_dir / "network-ca.pem"
+        ca_path = pki_dir / NETWORK_CA_PEM
         jpki_path = pki_dir / "jpki-ca.pem"
         if not ca_path.exists():
             raise PKIError(f"{ca_path} is missing: mount the node's PKI Secret there (konbini export k8s writes it)")

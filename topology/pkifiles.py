@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+NETWORK_CA_PEM = "network-ca.pem"  # under STATE/pki: the trust anchor of every TLS hop (both classes read it here)
+
 
 class PKIError(Exception):
     """A PKI request that cannot be met; the message says which identity and where to look."""
@@ -43,4 +45,4 @@ class PKIFiles(NodeFiles):
 
     @property
     def network_ca_path(self) -> Path:
-        return self.dir / "network-ca.pem"
+        return self.dir / NETWORK_CA_PEM

@@ -247,7 +247,9 @@ class TrioH2(H2Driver):
         The records already in the SSL object's buffer are decrypted here in one go, without
         I/O; whatever error a record holds is left for trio's next read to raise properly."""
         data = await self.transport.receive_some(READ_SIZE)
-        tls = getattr(self.transport, "_ssl_object", None)  # trio's SSLObject (private, hence getattr)
+        # trio's SSLObject (private, hence getattr). Only an SSLStream has it: `TLSRecords` (TLS 1.3,
+        # the usual transport) already returns every whole record of a read from receive_some.
+        tls = getattr(self.transport, "_ssl_object", None)
         if not data or tls is None:
             return data
         parts, size = [data], len(data)
