@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,16 +22,19 @@ from pathlib import Path
 import pytest
 
 from topology.launch import impair, netns
+from topology.launch import impaird
 from topology.netns.impair import (
     LINE_KIND_DEFAULTS,
+    QUEUE_LIMIT,
     ImpairError,
     Shape,
+    free_queue,
     impairments,
     parse_rate,
     plan_impairments,
 )
 from topology.netns.plan import build_plan
-from topology.policy.nft import compile_queue_rules
+from topology.policy.nft import compile_impair_ruleset, compile_queue_rules, impair_names
 from topology.spec.load import load_topology
 from topology.spec.model import AllowRule, Impairment, Line, Node, Topology
 
@@ -176,9 +180,35 @@ def test_realistic_topology_uses_the_per_kind_defaults_and_impairs_each_pair_on_
     lines = {li.line: li for li in plan_impairments(topo, "loopback", impairments(topo))}
     closed = lines["closed-a1"]
     assert closed.mechanism == "nfqueue+numgen" and closed.hops[0].saddr == topo.node("store-router-a1").address
-    rules = compile_queue_rules(list(lines.values()), None)
-    assert f"-i lo -s {topo.node('store-router-a1').address}/32 -d {topo.node('ec-router-a').address}/32" in rules
-    assert "lan-a1-k1" not in rules  # a line without impairment costs nothing
+    table, chain = impair_names("r1")
+    nft = compile_impair_ruleset(list(lines.values()), None, table, 2000)
+    assert f'"lo" . {topo.node("store-router-a1").address} . {topo.node("ec-router-a").address}' in nft
+    assert topo.node("kiosk-a1-1").address not in nft  # a line without impairment costs nothing
+    rules = compile_queue_rules(list(lines.values()), None, chain, 2000)
+    assert rules.count("-j NFQUEUE --queue-num 2000 ") == 1
+
+
+def test_a_run_takes_one_queue_whatever_its_lines_and_the_national_file_fits_its_16_bits():
+    """Issue 31: one queue number per line direction passed 65,535 on the national file and the
+    daemon died packing it (`htons`); a run's line directions now share one queue, told apart by address."""
+    topo = load_topology(REPO / "topology" / "national.yaml")
+    lines = plan_impairments(topo, "loopback", impairments(topo))
+    queued = [h for li in lines if li.queued for h in li.hops]
+    assert len(queued) > 100_000 and {h.queue for h in queued} == {2000}
+    entries = [q for li in lines for q in li.daemon_queues()]
+    for num in {q["num"] for q in entries}:
+        impaird._message(impaird.NFQNL_MSG_CONFIG, num, b"")  # raised OverflowError at queue 65,536
+    assert len({impaird.hop_key(q["netns"], q["saddr"], q["daddr"]) for q in entries}) == len(entries)  # each its own
+    table, chain = impair_names("n1")
+    assert compile_queue_rules(lines, None, chain, 2000).count("NFQUEUE") == 1
+
+
+def test_runs_on_one_lo_have_their_own_names_and_queue_numbers():
+    assert impair_names("ab12cd34") == ("konbini_impair_ab12cd34", "KONBINI-IMP-ab12cd34")
+    assert len(impair_names("ab12cd34")[1]) <= 28  # iptables' limit
+    assert free_queue(set()) == 2000 and free_queue({2000, 2001, 2003}) == 2002
+    with pytest.raises(ImpairError, match="every NFQUEUE number"):
+        free_queue(set(range(2000, QUEUE_LIMIT + 1)))
 
 
 # -- netns mode ----------------------------------------------------------------------------------
@@ -270,6 +300,41 @@ def test_sigkill_of_konbini_up_netns_takes_the_daemon_along_and_down_leaves_noth
     assert not (impair.run_dir("netns", f"konbini-{tag}-") / "state.json").exists()
 
 
+@needs_root
+def test_a_national_part_in_netns_impairs_the_files_lines_and_link_set_changes_one(tmp_path):
+    """Issue 31: `up --netns --sites` on the national file applies its per-kind impairments and says
+    so; `link show` and `link set`, given the national file, act on the part that runs."""
+    tag, state, national = f"lin{os.getpid() % 10000}", str(tmp_path / "s"), str(REPO / "topology" / "national.yaml")
+    target = ["--netns", "--tag", tag, "--topology", national, "--state", state]
+    up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", national, "--netns", "--sites", "store-a0000[1-2]",
+                           "--tag", tag, "--state", state], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    seen = []
+    try:
+        for line in up.stdout:
+            seen.append(line)
+            if line.startswith("ready in"):
+                break
+        else:
+            raise AssertionError("up --netns --sites failed:\n" + "".join(seen))
+        assert "lines impaired" in "".join(seen), "".join(seen)
+        show = _konbini("link", "show", *target, "--json")
+        assert show.returncode == 0, show.stderr
+        rows = [r for r in json.loads(show.stdout)["lines"] if r["impair"] != "-"]
+        assert rows and all(r["kernel"] == "in force" for r in rows), rows
+        closed = next(r["line"] for r in rows if r["kind"] == "closed-line")
+        done = _konbini("link", "set", closed, "--delay", "30ms", *target)
+        assert done.returncode == 0 and f"line {closed} set" in done.stdout, done.stdout + done.stderr
+        rows = [r for r in json.loads(_konbini("link", "show", *target, "--json").stdout)["lines"] if r["line"] == closed]
+        assert [(r["impair"], r["from"], r["kernel"]) for r in rows] == [("30 ms", "link set", "in force")] * 2, rows
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        _konbini("down", "--tag", tag, "--state", state)
+
+
 # -- loopback mode, each inside its own `unshare -n` ---------------------------------------------
 
 
@@ -306,6 +371,25 @@ def test_loopback_rate_by_the_daemons_clock_bounds_a_transfer(tmp_path):
 
 
 @needs_root
+def test_two_loopback_topologies_keep_their_own_impairments_and_link_show_reports_the_kernel(tmp_path):
+    """Issue 28: default.yaml and a copy on 127.28.x.x, each `konbini up` with its own state, in one
+    network namespace. Each has its rules; stopping the second and a failed `issue --up` on the
+    first's state leave the first's in force (its counters move); rules removed by hand show as MISSING."""
+    out = _in_private_net("loopback-two-runs", tmp_path, timeout=300)
+    assert out["both_up"] == [True, True], out
+    assert out["in_force"]["first"] and out["in_force"]["second"], out  # every impaired direction, per the kernel
+    assert out["queues"][0] != out["queues"][1] and out["tables"][0] != out["tables"][1], out
+    assert out["moved"]["first"] > 0 and out["moved"]["second"] > 0, out
+    assert out["issue_up"]["rc"] != 0 and "taken" in out["issue_up"]["err"], out
+    assert out["after_issue_up"]["supervisor_alive"] and out["after_issue_up"]["in_force"], out
+    assert not out["after_second_stopped"]["second_table"], out
+    assert out["after_second_stopped"]["first_table"] and out["after_second_stopped"]["in_force"], out
+    assert out["after_second_stopped"]["moved"] > 0, out  # not frozen: the first's daemon still holds its packets
+    assert out["removed_by_hand"] and all(k.startswith("MISSING") for k in out["removed_by_hand"]), out
+    assert out["after"] == {"table": False, "mangle": False, "queues": False, "qdisc": False}, out
+
+
+@needs_root
 def test_loopback_teardown_leaves_nothing_also_after_sigkill_of_konbini_up(tmp_path):
     out = _in_private_net("loopback-sigkill", tmp_path, timeout=180)
     assert out["during"]["mangle"] and out["during"]["queues"], out  # default.yaml: 2 ms dedicated lines, no loss
@@ -323,7 +407,84 @@ def _leftovers() -> dict:
             "qdisc": any(k in qdisc for k in ("tbf", "htb", "netem"))}
 
 
+def _konbini(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "topology.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _up(topo_file: Path, state: Path) -> subprocess.Popen:
+    up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in up.stdout:
+        if "ready" in line:
+            return up
+    raise AssertionError(f"konbini up {topo_file} ended before ready (exit {up.wait()})")
+
+
+def _link_show(topo_file: Path, state: Path) -> list[dict]:
+    done = _konbini("link", "show", "--loopback", "--topology", str(topo_file), "--state", str(state), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)["lines"]
+
+
+def _moved(topo_file: Path, state: Path) -> int:
+    """Open and close one connection relay -> center over dedicated-a (2 ms, queued): by how many
+    packets the daemon's count for that line grew (polled until it grows, 3 s at most)."""
+    count = lambda: sum(r["packets"] or 0 for r in _link_show(topo_file, state) if r["line"] == "dedicated-a")  # noqa: E731
+    before = count()
+    topo = load_topology(topo_file)
+    center = topo.node("issuance-center")
+    with socket.create_connection((center.address, center.port), timeout=5, source_address=(topo.node("dmz-relay-a").address, 0)):
+        pass
+    deadline = time.monotonic() + 3
+    while (now := count()) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now - before
+
+
+def _two_runs(tmp: Path) -> dict:
+    first, second = tmp / "first.yaml", tmp / "second.yaml"
+    text = (REPO / "topology" / "default.yaml").read_text()
+    first.write_text(text)
+    second.write_text(text.replace("address: 127.18.", "address: 127.28.").replace("name: default", "name: second"))
+    s1, s2 = tmp / "s1", tmp / "s2"
+    out: dict = {}
+    up1 = _up(first, s1)
+    try:
+        up2 = _up(second, s2)
+        try:
+            out["both_up"] = [up1.poll() is None, up2.poll() is None]
+            runs = [impair._read_json(impair.run_dir("loopback", state_dir=s) / "state.json") for s in (s1, s2)]
+            out["queues"], out["tables"] = [r.get("queue") for r in runs], [r.get("table") for r in runs]
+            out["in_force"] = {name: all(r.get("kernel") == "in force" for r in _link_show(f, s) if r["impair"] != "-")
+                               for name, f, s in (("first", first, s1), ("second", second, s2))}
+            out["moved"] = {"first": _moved(first, s1), "second": _moved(second, s2)}
+            # a second launch on the first's state directory fails (its addresses are taken), leaving the first alone
+            done = _konbini("issue", "--up", "--topology", str(first), "--state", str(s1))
+            out["issue_up"] = {"rc": done.returncode, "err": (done.stdout + done.stderr)[-400:]}
+            sup = impair._read_json(impair.run_dir("loopback", state_dir=s1) / "status.json.supervisor")
+            out["after_issue_up"] = {"supervisor_alive": impair._pid_alive(sup.get("pid")),
+                                     "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-")}
+        finally:
+            up2.send_signal(signal.SIGINT)
+            up2.wait(30)
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        out["after_second_stopped"] = {
+            "first_table": str(runs[0].get("table")) in tables, "second_table": str(runs[1].get("table")) in tables,
+            "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-"),
+            "moved": _moved(first, s1),
+        }
+        subprocess.run(["nft", "delete", "table", "inet", str(runs[0].get("table"))], capture_output=True)
+        out["removed_by_hand"] = [r.get("kernel", "") for r in _link_show(first, s1) if r["impair"] != "-"]
+    finally:
+        up1.send_signal(signal.SIGINT)
+        up1.wait(30)
+    out["after"] = _leftovers()
+    return out
+
+
 def _scenario(name: str, state: Path) -> dict:
+    if name == "loopback-two-runs":
+        return _two_runs(state)
     if name == "loopback-sigkill":
         topo_file = state / "topo.yaml"
         topo_file.write_text((REPO / "topology" / "default.yaml").read_text())

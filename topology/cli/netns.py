@@ -285,8 +285,8 @@ def _running_lines(args) -> impair.Impairments:
         mode = "netns" if netns_run.exists() else "loopback"
     if os.geteuid() != 0:
         raise UserError("`konbini link` needs root (line impairments are kernel rules); run it with sudo")
-    plan = _plan(topo, args.tag) if mode == "netns" else None
-    return impair.Impairments.attach(topo, mode, plan, sdir)
+    plan = _plan(netns.running_part(topo, sdir), args.tag) if mode == "netns" else None  # a part's lines, as `up --sites` ran them
+    return impair.Impairments.attach(plan.topo if plan else topo, mode, plan, sdir)
 
 
 def _link_errors(fn):
@@ -331,9 +331,12 @@ def cmd_link_show(args) -> int:
         rows = [r for r in rows if r["impair"] != "-"]
     fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
     show(Console(), f"lines of {lines.topo.name!r} ({lines.mode})",
-         ("line", "direction", "kind", "in force", "from", "by", "packets", "held", "dropped", "lag mean/max ms"),
-         [(r["line"], r["dir"], r["kind"], r["impair"], r["from"], r["mechanism"], fmt(r["packets"]), fmt(r["held_now"]),
+         ("line", "direction", "kind", "in force", "from", "by", "kernel", "packets", "held", "dropped", "lag mean/max ms"),
+         [(r["line"], r["dir"], r["kind"], r["impair"], r["from"], r["mechanism"], r["kernel"], fmt(r["packets"]), fmt(r["held_now"]),
            fmt(r["dropped"]), "-" if r["lag_mean_ms"] is None else f"{r['lag_mean_ms']:.2f}/{r['lag_max_ms']:.2f}") for r in rows])
+    missing = [r for r in rows if r["kernel"].startswith("MISSING")]
+    if missing:
+        print(f"{len(missing)} line directions are not in force: the kernel lacks their rules (kernel column)")
     if daemon["down"]:
         print(f"impairment daemon DOWN: {daemon.get('note') or 'its supervisor is gone'}; queued lines pass unimpaired (queue bypass)")
     else:

@@ -10,13 +10,18 @@ file again (its run directory is replaced).
 Netns mode: rules live in the topology's namespaces and die with them. Loopback mode: rules
 live on the launcher's own `lo` (run the tests inside `unshare -n`); the daemon's supervisor
 removes them when it stops, also when the launcher was SIGKILLed (it dies with its parent).
+Every run's table, chain and queue are named by the run (`impair_names`, `free_queue`): two
+loopback topologies on one `lo` each keep and remove only their own, and a run that finds its
+run directory in use by a live one leaves it alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,20 +32,17 @@ from pathlib import Path
 from topology.launch.impaird import die_with_parent, run_cleanup
 from topology.netns.enter import in_namespace_argv
 from topology.netns.impair import (
+    QUEUE_BASE,
     ImpairError,
     LineImpairment,
+    free_queue,
     impairments,
     netem_args,
     plan_impairments,
     tbf_args,
 )
 from topology.netns.plan import NetPlan
-from topology.policy.nft import (
-    IMPAIR_CHAIN,
-    IMPAIR_TABLE,
-    compile_impair_ruleset,
-    compile_queue_rules,
-)
+from topology.policy.nft import compile_impair_ruleset, compile_queue_rules, impair_names
 from topology.spec.model import Impairment, Topology
 
 RUN_ROOT = Path("/run/konbini/impair")  # netns runs, by namespace prefix (the state dir may differ per command)
@@ -88,11 +90,11 @@ def kernel_has_netem(namespace: str | None) -> bool:
     return done.returncode == 0
 
 
-def loopback_cleanup() -> list[list[str]]:
-    """Commands that remove loopback-mode rules from this namespace (idempotent; run by the supervisor)."""
-    chain = IMPAIR_CHAIN
+def loopback_cleanup(table: str, chain: str) -> list[list[str]]:
+    """Commands that remove one run's loopback-mode rules from this namespace, and no other run's
+    (idempotent; run by the supervisor)."""
     return [
-        ["nft", "delete", "table", "inet", IMPAIR_TABLE],
+        ["nft", "delete", "table", "inet", table],
         ["iptables", "-t", "mangle", "-D", "PREROUTING", "-j", chain],
         ["iptables", "-t", "mangle", "-F", chain],
         ["iptables", "-t", "mangle", "-X", chain],
@@ -108,6 +110,15 @@ def _pid_alive(pid: int | None, mark: bytes = DAEMON_MARK) -> bool:
         return mark in Path(f"/proc/{pid}/cmdline").read_bytes() and not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return False
+
+
+def taken_queues(namespace: str | None = None) -> set[int]:
+    """Queue numbers other runs hold here: bound by a process, or named by an iptables rule (a
+    run whose daemon is restarting still owns its number)."""
+    bound = _run(_in(namespace, ["cat", "/proc/net/netfilter/nfnetlink_queue"]), check=False)
+    rules = _run(_in(namespace, ["iptables-save", "-t", "mangle"]), check=False)
+    named = re.findall(r"--queue-num (\d+)", rules)
+    return {int(row.split()[0]) for row in bound.splitlines() if row.strip()} | {int(n) for n in named}
 
 
 def _read_json(path: Path) -> dict:
@@ -134,6 +145,10 @@ class Impairments:
         self.netem = netem
         self.config = self.dir / "daemon.json"
         self.status_file = self.dir / "status.json"
+        self.run = hashlib.sha256(str(self.dir).encode()).hexdigest()[:8]  # names this run's rules
+        self.table, self.chain = impair_names(self.run)
+        self.queue = QUEUE_BASE[mode]  # loopback: the next free one, chosen at start
+        self.started = False  # stop() removes only what this object started
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -147,18 +162,20 @@ class Impairments:
             raise LineError(f"no running topology with line impairments ({where}); start `konbini up` first")
         run.overrides = {k: Impairment(**v) for k, v in saved.get("overrides", {}).items()}
         run.netem = saved.get("netem", False)
+        run.queue = saved.get("queue", run.queue)
         return run
 
     def _save(self) -> None:
         _write_json(self.dir / "state.json", {
             "mode": self.mode, "prefix": self.plan.prefix if self.plan else None, "topology": self.topo.source,
-            "netem": self.netem, "overrides": {k: {f: getattr(v, f) for f in v.__struct_fields__} for k, v in self.overrides.items()},
+            "netem": self.netem, "queue": self.queue, "table": self.table, "chain": self.chain, "launcher": os.getpid(),
+            "overrides": {k: {f: getattr(v, f) for f in v.__struct_fields__} for k, v in self.overrides.items()},
             "queued_namespaces": sorted(self._queued_namespaces, key=str),
         })
 
     def lines(self) -> list[LineImpairment]:
         try:
-            return plan_impairments(self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem)
+            return plan_impairments(self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem, self.queue)
         except ImpairError as exc:
             raise LineError(str(exc)) from None
 
@@ -169,24 +186,24 @@ class Impairments:
 
     def _daemon_config(self, lines: list[LineImpairment]) -> None:
         queues = [q for li in lines for q in li.daemon_queues()]
-        on_exit = loopback_cleanup() if self.mode == "loopback" else []  # netns: the namespaces take them along
+        on_exit = loopback_cleanup(self.table, self.chain) if self.mode == "loopback" else []  # netns: the namespaces take them along
         _write_json(self.config, {"queues": queues, "on_exit": on_exit})
 
     def _apply_namespace(self, lines: list[LineImpairment], namespace: str | None) -> None:
-        nft = compile_impair_ruleset(lines, namespace)
+        nft = compile_impair_ruleset(lines, namespace, self.table, self.queue)
         if nft:
             _run(_in(namespace, ["nft", "-f", "-"]), nft)
         else:
-            _run(_in(namespace, ["nft", "delete", "table", "inet", IMPAIR_TABLE]), check=False)
+            _run(_in(namespace, ["nft", "delete", "table", "inet", self.table]), check=False)
         queued = any(h.namespace == namespace for li in lines if li.queued for h in li.hops)
         if queued:
-            _run(_in(namespace, ["iptables-restore", "-w", "--noflush"]), compile_queue_rules(lines, namespace))
-            jump = ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", IMPAIR_CHAIN]
+            _run(_in(namespace, ["iptables-restore", "-w", "--noflush"]), compile_queue_rules(lines, namespace, self.chain, self.queue))
+            jump = ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", self.chain]
             if subprocess.run(_in(namespace, jump), capture_output=True, check=False).returncode != 0:
-                _run(_in(namespace, ["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-j", IMPAIR_CHAIN]))
+                _run(_in(namespace, ["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-j", self.chain]))
             self._queued_namespaces.add(namespace)
         elif namespace in self._queued_namespaces:
-            for cmd in loopback_cleanup()[1:]:
+            for cmd in loopback_cleanup(self.table, self.chain)[1:]:
                 subprocess.run(_in(namespace, cmd), capture_output=True, check=False)
             self._queued_namespaces.discard(namespace)
 
@@ -223,12 +240,18 @@ class Impairments:
         self.stop_stale()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._queued_namespaces: set[str | None] = set()
+        if self.mode == "loopback":  # other runs may share this lo: a queue number of its own
+            try:
+                self.queue = free_queue(taken_queues())
+            except ImpairError as exc:
+                raise LineError(str(exc)) from None
         if self.plan is not None and os.environ.get("KONBINI_IMPAIR") != "daemon":
             self.netem = kernel_has_netem(self.plan.namespace(next(iter(self.plan.sites))))
         lines = self.lines()
         self._daemon_config(lines)
         self._save()
         self._start_supervisor()
+        self.started = True
         if any(li.queued for li in lines) and not self._wait_daemon(5.0):
             raise LineError(f"impairment daemon not running after 5 s (see {self.dir / 'impaird.log'})")
         with ThreadPoolExecutor(APPLY_WORKERS) as pool:  # each waits on its commands, not on Python
@@ -301,54 +324,107 @@ class Impairments:
                 "status_pid": status.get("pid")}  # == daemon_pid once a restarted daemon has bound its queues
 
     def stop(self) -> None:
-        """Stop the daemon (its supervisor runs the loopback cleanup) and forget the run."""
+        """Stop the daemon this object started (its supervisor runs the loopback cleanup) and forget
+        the run; a run someone else started is left alone."""
+        if not self.started:
+            return
         stop_run(self.dir)
         if self.mode == "loopback" and os.geteuid() == 0:
-            for cmd in loopback_cleanup():  # also when the supervisor was gone already
+            for cmd in loopback_cleanup(self.table, self.chain):  # also when the supervisor was gone already
                 subprocess.run(cmd, capture_output=True, check=False)
         proc = getattr(self, "_proc", None)
         if proc is not None:
             proc.poll()
+        self.started = False
 
     def stop_stale(self) -> None:
-        """A previous run of the same topology that was never stopped (its launcher SIGKILLed)."""
+        """A previous run of the same topology that was never stopped (its launcher SIGKILLed: its
+        supervisor died with it). A live supervisor means its launcher runs: refuse, touch nothing."""
+        try:
+            pid = int((self.dir / "supervisor.pid").read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if _pid_alive(pid):
+            launcher = _read_json(self.dir / "state.json").get("launcher")
+            raise LineError(f"a topology with these line impairments is running (launcher pid {launcher or '?'}, "
+                            f"run {self.dir}); its lines are left as they are")
         stop_run(self.dir)
 
     # -- show ------------------------------------------------------------------------------------
 
-    def loss_counters(self) -> dict[tuple[str, str], int]:
-        """(line, direction) -> packets dropped by the numgen rules, from nft's counters."""
-        out: dict[tuple[str, str], int] = {}
+    def kernel(self) -> dict[str | None, dict]:
+        """What the kernel holds of this run, per namespace: loss rules with their counters, the
+        queued hops' set, the mark rule, the NFQUEUE rule and its jump, and the bound queues."""
+        out: dict[str | None, dict] = {}
         for ns in self.namespaces():
-            text = _run(_in(ns, ["nft", "-j", "list", "table", "inet", IMPAIR_TABLE]), check=False)
+            held = out[ns] = {"loss": {}, "queued": set(), "mark": False, "queue_rule": False, "jump": False, "bound": set()}
+            text = _run(_in(ns, ["nft", "-j", "list", "table", "inet", self.table]), check=False)
             try:
                 items = json.loads(text).get("nftables", []) if text else []
             except ValueError:
-                continue
+                items = []
             for item in items:
+                if "set" in item and item["set"].get("name") == "queued":
+                    held["queued"] = {tuple(e["concat"]) for e in item["set"].get("elem", []) if isinstance(e, dict) and "concat" in e}
                 rule = item.get("rule")
-                if not rule or not str(rule.get("comment", "")).startswith("line "):
+                if not rule:
                     continue
-                line, direction = rule["comment"].split()[1], rule["comment"].split()[2].rstrip(":")
-                for expr in rule.get("expr", []):
-                    if "counter" in expr:
-                        out[(line, direction)] = out.get((line, direction), 0) + expr["counter"]["packets"]
+                comment = str(rule.get("comment", ""))
+                if comment.startswith("queued lines"):
+                    held["mark"] = True
+                elif comment.startswith("line "):
+                    line, direction = comment.split()[1], comment.split()[2].rstrip(":")
+                    held["loss"][(line, direction)] = sum(e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e)
+            rules = _run(_in(ns, ["iptables", "-w", "-t", "mangle", "-S", self.chain]), check=False)
+            held["queue_rule"] = f"--queue-num {self.queue} " in rules
+            jump = subprocess.run(_in(ns, ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", self.chain]),
+                                  capture_output=True, check=False)
+            held["jump"] = jump.returncode == 0
+            bound = _run(_in(ns, ["cat", "/proc/net/netfilter/nfnetlink_queue"]), check=False)
+            held["bound"] = {int(row.split()[0]) for row in bound.splitlines() if row.strip()}
         return out
 
+    def loss_counters(self) -> dict[tuple[str, str], int]:
+        """(line, direction) -> packets dropped by the numgen rules, from nft's counters."""
+        out: dict[tuple[str, str], int] = {}
+        for held in self.kernel().values():
+            for key, n in held["loss"].items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    @staticmethod
+    def missing(li: LineImpairment, hop, held: dict) -> list[str]:
+        """What the kernel lacks of one hop's impairment (empty: all of it is in force)."""
+        gone = []
+        if li.shape.loss and not li.netem and (li.line, hop.direction) not in held["loss"]:
+            gone.append("loss rule")
+        if li.queued:
+            if (hop.iif, hop.saddr, hop.daddr) not in held["queued"] or not held["mark"]:
+                gone.append("queued-set entry")
+            if not (held["queue_rule"] and held["jump"]):
+                gone.append("NFQUEUE rule")
+            elif hop.queue not in held["bound"]:
+                gone.append("daemon (queue unbound: packets pass)")
+        return gone
+
     def show(self) -> list[dict]:
-        """One row per line direction: what is in force, by which mechanism, and its counters."""
+        """One row per line direction: what is in force, by which mechanism, and its counters;
+        `kernel` says whether the kernel holds the rules (a row's plan alone proves nothing)."""
         daemon = self.daemon()
         queues = {(q["line"], q["dir"]): q for q in daemon["queues"]}
-        losses = self.loss_counters()
+        kernel = self.kernel()
         rows = []
         for li in self.lines():
             for h in li.hops:
                 q = queues.get((li.line, h.direction), {})
+                held = kernel.get(h.namespace, {})
+                gone = self.missing(li, h, held) if held else ["namespace"]
                 rows.append({
                     "line": li.line, "dir": f"{h.src} -> {h.dst}", "kind": li.kind, "impair": li.shape.describe(),
                     "from": "link set" if li.line in self.overrides else "file", "mechanism": li.mechanism,
-                    "packets": q.get("packets"), "held_now": q.get("held_now"),
-                    "dropped": losses.get((li.line, h.direction), 0) + (q.get("dropped") or 0),
+                    "kernel": "-" if li.shape.empty else ("in force" if not gone else "MISSING " + ", ".join(gone)),
+                    "packets": q.get("packets", 0 if li.queued else None), "held_now": q.get("held_now"),
+                    "dropped": held.get("loss", {}).get((li.line, h.direction), 0) + (q.get("dropped") or 0),
                     "lag_mean_ms": q.get("lag_mean_ms"), "lag_max_ms": q.get("lag_max_ms"),
                 })
         return rows

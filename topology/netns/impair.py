@@ -6,14 +6,19 @@ Every line direction is impaired on its *receiving* side (prerouting), where hol
 cannot stall the sender's TCP (TCP Small Queues would collapse throughput on the send side) and
 a drop is a real loss rather than a local error TCP retries at once:
 - loss: an nftables `numgen random` drop in the receiving namespace (loopback: on `lo`);
-- delay and jitter: an NFQUEUE rule there, one queue per line direction, served by the
-  impairment daemon (`topology.launch.impaird`);
+- delay and jitter: the run's one NFQUEUE queue there, served by the impairment daemon
+  (`topology.launch.impaird`), which tells the line directions apart by the packet's addresses;
 - rate: `tbf` on both veth ends (a serialisation queue belongs to the sender), or, for a pair
   of addresses on one `lo`, the daemon's own serialisation clock.
 Where the kernel has `sch_netem`, a veth line is shaped by netem on both ends instead.
 
 A hop matches on the receiving interface plus the line's two addresses, so on a shared `lo`
 exactly one pair of nodes is impaired and every other pair stays loopback-fast.
+
+Each run's rules are its own (issue 28): a table, a chain and a queue number named by the run, so
+two loopback topologies on one host impair their own lines and remove only their own rules. One
+queue per run and namespace, never one per line: a queue number has 16 bits and the national file
+has 110,000 line directions (issue 31).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 from topology.netns.plan import NetPlan
 from topology.spec.model import Impairment, Topology
 
-QUEUE_BASE = {"netns": 100, "loopback": 2000}  # NFQUEUE numbers: base + 2 * line index + direction
+QUEUE_BASE = {"netns": 100, "loopback": 2000}  # the run's NFQUEUE number; loopback runs on one lo take the next free one
+QUEUE_LIMIT = 65535  # NFQUEUE numbers are 16 bits (the netlink header's res_id)
 RATE_LIMIT_S = 0.1  # a rate-limited line queues at most 100 ms of serialisation, then tail-drops
 
 # Realistic defaults per line kind, one direction (round trip = twice the delay). Sources are
@@ -140,7 +146,7 @@ class Hop:
     iif: str  # "lo" or the veth's name
     saddr: str
     daddr: str
-    queue: int
+    queue: int  # the run's queue: every queued hop of a run shares it
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,8 @@ class LineImpairment:
             return []
         rate = self.shape.rate_bps if self.veth is None else 0.0  # a veth's rate is tbf's job
         return [
-            {"num": h.queue, "netns": h.namespace, "line": self.line, "dir": h.direction, "delay_s": self.shape.delay_s,
+            {"num": h.queue, "netns": h.namespace, "saddr": h.saddr, "daddr": h.daddr, "line": self.line, "dir": h.direction,
+             "delay_s": self.shape.delay_s,
              "jitter_s": self.shape.jitter_s, "rate_bps": rate, "limit_s": RATE_LIMIT_S}
             for h in self.hops
         ]
@@ -200,14 +207,17 @@ def impairments(topo: Topology, overrides: dict[str, Impairment] | None = None) 
 
 
 def plan_impairments(
-    topo: Topology, mode: str, impairs: dict[str, Impairment], plan: NetPlan | None = None, netem: bool = False
+    topo: Topology, mode: str, impairs: dict[str, Impairment], plan: NetPlan | None = None, netem: bool = False,
+    queue: int | None = None,
 ) -> list[LineImpairment]:
-    """Every line of the topology with what carries its impairment (lines without one too)."""
+    """Every line of the topology with what carries its impairment (lines without one too).
+    `queue`: the run's NFQUEUE number (default: the mode's base)."""
     if mode == "netns" and plan is None:
         raise ValueError("netns mode needs the NetPlan")
+    queue = QUEUE_BASE[mode] if queue is None else queue
     veths = {v.line: v for v in plan.veths} if plan else {}
     out = []
-    for index, line in enumerate(topo.lines):
+    for line in topo.lines:
         shape = Shape.of(impairs.get(line.id, line.impair))
         a, b = topo.node(line.a), topo.node(line.b)
         veth = veths.get(line.id)
@@ -216,10 +226,27 @@ def plan_impairments(
             namespace = plan.namespace(dst.site) if plan else None
             iif = veth.name if veth else "lo"
             hops.append(Hop(line.id, ("a>b", "b>a")[k], src.id, dst.id, namespace, iif,
-                            src.address_in(mode), dst.address_in(mode), QUEUE_BASE[mode] + 2 * index + k))
+                            src.address_in(mode), dst.address_in(mode), queue))
         where = (plan.namespace(veth.site_a), plan.namespace(veth.site_b), veth.name) if veth and plan else None
         out.append(LineImpairment(line.id, line.kind, shape, (hops[0], hops[1]), where, netem and where is not None))
     return out
+
+
+def free_queue(taken: set[int], mode: str = "loopback") -> int:
+    """The lowest queue number from the mode's base up that no other run holds (bound, or named by a rule)."""
+    for num in range(QUEUE_BASE[mode], QUEUE_LIMIT + 1):
+        if num not in taken:
+            return num
+    raise ImpairError(f"every NFQUEUE number from {QUEUE_BASE[mode]} to {QUEUE_LIMIT} is taken")
+
+
+MARK_MASK = 0xFFFF0000
+
+
+def run_mark(queue: int) -> int:
+    """The packet mark a run's nft table sets on its queued hops, for its one NFQUEUE rule to match:
+    the run's queue number in the high 16 bits (distinct per run, as the queue numbers are)."""
+    return queue << 16
 
 
 def tbf_args(rate_bps: float) -> list[str]:

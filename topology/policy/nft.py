@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from topology.netns.impair import Hop, LineImpairment
+from topology.netns.impair import MARK_MASK, Hop, LineImpairment, run_mark
 from topology.netns.plan import MONITORING_SITE, NetPlan, build_plan
 from topology.policy.compiler import admin_label, allowed_admin_reachability, allowed_reachability
 from topology.policy.monitoring import METRICS_PORT, MONITORING_PRINCIPAL
@@ -183,46 +183,50 @@ def compile_monitoring_ruleset(topo: Topology, plan: NetPlan, flows: list[Flow] 
 
 # -- line impairments (topology.netns.impair): loss and queue rules on the receiving side -----------
 
-IMPAIR_TABLE = "konbini_impair"  # its own table: replacing it never touches the policy above
-IMPAIR_CHAIN = "KONBINI-IMP"  # iptables-nft chain in table mangle (nft has no `queue` here; xt NFQUEUE does)
+IMPAIR_TABLE = "konbini_impair"  # a run's own table is konbini_impair_<run>: replacing it never touches the policy above
+IMPAIR_CHAIN = "KONBINI-IMP"  # a run's iptables-nft chain in table mangle, KONBINI-IMP-<run> (nft has no `queue` here; xt NFQUEUE does)
 LOSS_PRIORITY = -160  # after anti-spoofing (raw, -300), just before the hold (mangle, -150)
 LOSS_SCALE = 1_000_000  # numgen draws per million: 0.001 % is the finest loss
+
+
+def impair_names(run: str) -> tuple[str, str]:
+    """(nft table, iptables chain) of one run; iptables caps chain names at 28 characters."""
+    return f"{IMPAIR_TABLE}_{run}", f"{IMPAIR_CHAIN}-{run}"[:28]
 
 
 def _hop_match(hop: Hop) -> str:
     return f'iifname "{hop.iif}" ip saddr {hop.saddr} ip daddr {hop.daddr}'
 
 
-def compile_impair_ruleset(lines: list[LineImpairment], namespace: str | None, table: str = IMPAIR_TABLE) -> str | None:
-    """The `nft -f` text of one namespace's loss rules (None: the namespace has none, delete the table)."""
+def compile_impair_ruleset(lines: list[LineImpairment], namespace: str | None, table: str, queue: int) -> str | None:
+    """The `nft -f` text of one namespace's part of a run: per hop loss rules, and the set of queued
+    hops whose packets get the run's mark (one hash lookup a packet, however many lines there are).
+    None: the namespace has neither, delete the table."""
     rules = [
         f"\t\t{_hop_match(h)} numgen random mod {LOSS_SCALE} < {round(li.shape.loss * LOSS_SCALE)} counter drop "
         + _comment(f"line {li.line} {h.direction}: loss {li.shape.loss * 100:g}%")
         for li in lines if li.shape.loss and not li.netem
         for h in li.hops if h.namespace == namespace
     ]
-    if not rules:
+    queued = [f'"{h.iif}" . {h.saddr} . {h.daddr}' for li in lines if li.queued for h in li.hops if h.namespace == namespace]
+    if not rules and not queued:
         return None
-    return "\n".join([
-        f"table inet {table}",
-        f"delete table inet {table}",
-        f"table inet {table} {{",
-        "\tchain loss {",
-        f"\t\ttype filter hook prerouting priority {LOSS_PRIORITY}; policy accept;",
-        *rules,
-        "\t}",
-        "}",
-    ]) + "\n"
+    out = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
+    if queued:
+        out += ["\tset queued {", "\t\ttype ifname . ipv4_addr . ipv4_addr", f"\t\telements = {{ {', '.join(queued)} }}", "\t}"]
+    out += ["\tchain loss {", f"\t\ttype filter hook prerouting priority {LOSS_PRIORITY}; policy accept;", *rules]
+    if queued:
+        out.append(f"\t\tiifname . ip saddr . ip daddr @queued meta mark set 0x{run_mark(queue):08x} "
+                   + _comment(f"queued lines: NFQUEUE {queue}"))
+    return "\n".join(out + ["\t}", "}"]) + "\n"
 
 
-def compile_queue_rules(lines: list[LineImpairment], namespace: str | None, chain: str = IMPAIR_CHAIN) -> str:
-    """The `iptables-restore --noflush` text of one namespace's NFQUEUE rules (an empty chain when none).
+def compile_queue_rules(lines: list[LineImpairment], namespace: str | None, chain: str, queue: int) -> str:
+    """The `iptables-restore --noflush` text of one namespace's NFQUEUE rule: packets with the run's
+    mark go to the run's queue (an empty chain when the namespace has no queued hop).
     `--queue-bypass`: with no daemon bound the line passes unimpaired instead of going dead."""
     out = ["*mangle", f":{chain} - [0:0]"]
-    out += [
-        f"-A {chain} -i {h.iif} -s {h.saddr}/32 -d {h.daddr}/32 -m comment --comment \"line {li.line} {h.direction}\" "
-        f"-j NFQUEUE --queue-num {h.queue} --queue-bypass"
-        for li in lines if li.queued
-        for h in li.hops if h.namespace == namespace
-    ]
+    if any(h.namespace == namespace for li in lines if li.queued for h in li.hops):
+        out.append(f"-A {chain} -m mark --mark 0x{run_mark(queue):x}/0x{MARK_MASK:x} -m comment --comment \"queued lines\" "
+                   f"-j NFQUEUE --queue-num {queue} --queue-bypass")
     return "\n".join(out + ["COMMIT"]) + "\n"
