@@ -390,6 +390,15 @@ def test_two_loopback_topologies_keep_their_own_impairments_and_link_show_report
 
 
 @needs_root
+def test_a_loopback_run_whose_queue_number_is_taken_under_it_moves_to_the_next(tmp_path):
+    """Two runs starting together may pick one number; the daemon that loses the bind says so and
+    the run takes the next free number (here another process binds 2000 after the run looked)."""
+    out = _in_private_net("loopback-queue-race", tmp_path)
+    assert out["queue"] == 2001 and out["slow"] >= 2 * 2 * 0.020, out
+    assert out["kernel"] == ["in force", "in force"], out
+
+
+@needs_root
 def test_loopback_teardown_leaves_nothing_also_after_sigkill_of_konbini_up(tmp_path):
     out = _in_private_net("loopback-sigkill", tmp_path, timeout=180)
     assert out["during"]["mangle"] and out["during"]["queues"], out  # default.yaml: 2 ms dedicated lines, no loss
@@ -485,6 +494,23 @@ def _two_runs(tmp: Path) -> dict:
 def _scenario(name: str, state: Path) -> dict:
     if name == "loopback-two-runs":
         return _two_runs(state)
+    if name == "loopback-queue-race":
+        squatter = impaird.QueueSocket(None)
+        squatter.bind(2000)
+        impair.taken_queues = lambda namespace=None: set()  # as if it looked before the squatter bound
+        topo = small_topology("lo", ab=Impairment(delay="20ms"))
+        lines = impair.Impairments(topo, "loopback", state_dir=state)
+        lines.start()
+        try:
+            a, b = topo.node("a").address, topo.node("b").address
+            server = _serve(None, b)
+            try:
+                slow = min(_request(None, b, src=a))
+            finally:
+                server.kill()
+            return {"queue": lines.queue, "slow": slow, "kernel": [r["kernel"] for r in lines.show() if r["line"] == "line-b"]}
+        finally:
+            lines.stop()
     if name == "loopback-sigkill":
         topo_file = state / "topo.yaml"
         topo_file.write_text((REPO / "topology" / "default.yaml").read_text())

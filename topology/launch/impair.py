@@ -77,6 +77,7 @@ def _in(namespace: str | None, cmd: list[str]) -> list[str]:
     return [*in_namespace_argv(namespace), *cmd] if namespace else cmd
 
 
+QUEUE_TRIES = 3  # loopback runs starting together may pick one queue number; the one that loses the bind moves on
 APPLY_WORKERS = 8  # namespaces configured at once: 1,006 one after another took 42 s
 
 
@@ -243,11 +244,8 @@ class Impairments:
         self.stop_stale()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._queued_namespaces: set[str | None] = set()
-        if self.mode == "loopback":  # other runs may share this lo: a queue number of its own
-            try:
-                self.queue = free_queue(taken_queues())
-            except ImpairError as exc:
-                raise LineError(str(exc)) from None
+        taken = taken_queues() if self.mode == "loopback" else set()  # other runs may share this lo
+        self.queue = self._free_queue(taken)
         if self.plan is not None and os.environ.get("KONBINI_IMPAIR") != "daemon":
             self.netem = kernel_has_netem(self.plan.namespace(next(iter(self.plan.sites))))
         lines = self.lines()
@@ -255,8 +253,21 @@ class Impairments:
         self._save()
         self._start_supervisor()
         self.started = True
-        if any(li.queued for li in lines) and not self._wait_daemon(lines, 5.0):
-            raise LineError(f"impairment daemon has not read its config (see {self.dir / 'impaird.log'})")
+        for _ in range(QUEUE_TRIES):
+            if not any(li.queued for li in lines):
+                break
+            if not self._wait_daemon(lines, 5.0):
+                raise LineError(f"impairment daemon has not read its config (see {self.dir / 'impaird.log'})")
+            if not self.queue_refused():
+                break
+            # another run took the number between our look and our bind: the next free one
+            taken.add(self.queue)
+            self.queue = self._free_queue(taken)
+            lines = self.lines()
+            self._daemon_config(lines)
+            self._save()
+        else:
+            raise LineError(f"impairment daemon could not bind a queue in {QUEUE_TRIES} tries (see {self.dir / 'impaird.log'})")
         with ThreadPoolExecutor(APPLY_WORKERS) as pool:  # each waits on its commands, not on Python
             for _ in pool.map(lambda ns: self._apply_namespace(lines, ns), self.namespaces()):
                 pass
@@ -264,6 +275,18 @@ class Impairments:
             self._apply_qdiscs(li, changed=False)
         self._save()
         return self.notes(lines)
+
+    def _free_queue(self, taken: set[int]) -> int:
+        if self.mode != "loopback":
+            return self.queue  # the run's own namespaces
+        try:
+            return free_queue(taken)
+        except ImpairError as exc:
+            raise LineError(str(exc)) from None
+
+    def queue_refused(self) -> bool:
+        """Did the daemon fail to bind this run's queue (another process holds it)?"""
+        return any(e.startswith(f"queue {self.queue}:") for e in _read_json(self.status_file).get("errors", []))
 
     def notes(self, lines: list[LineImpairment]) -> list[str]:
         impaired = [li for li in lines if not li.shape.empty]
@@ -416,6 +439,9 @@ class Impairments:
         daemon = self.daemon()
         queues = {(q["line"], q["dir"]): q for q in daemon["queues"]}
         kernel = self.kernel()
+        if self.queue_refused():  # bound, but by another process: this run's packets are not held
+            for held in kernel.values():
+                held["bound"].discard(self.queue)
         rows = []
         for li in self.lines():
             for h in li.hops:
