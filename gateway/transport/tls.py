@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import ssl
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,7 @@ def server_context(chain: Path, key: Path, ca: Path, tls12_floor: bool = False, 
     """`alpn` "http/1.1" only for the metrics scrape port (gateway/node/metrics.py)."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key, ca, tls12_floor)
     ctx.set_alpn_protocols([alpn])
+    _alpn_or_alert(ctx, alpn.encode())
     # Tickets would let a client resume without presenting its certificate again; we want
     # every connection authenticated by certificate, and connections are long-lived anyway.
     ctx.options |= ssl.OP_NO_TICKET
@@ -41,3 +43,43 @@ def peer_identity(cert: dict | None) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+# OpenSSL's ALPN selection callback (SSL_CTX_set_alpn_select_cb). Python's own callback answers a
+# client that offers only other protocols by negotiating none (SSL_TLSEXT_ERR_NOACK), so the
+# handshake completed and the connection was then dropped; RFC 7301 §3.2 wants the handshake to
+# fail with a no_application_protocol alert, which OpenSSL sends when the callback says so.
+_SELECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ubyte),
+                           ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
+_TLSEXT_ERR_OK, _TLSEXT_ERR_ALERT_FATAL = 0, 2
+
+
+def _libssl():
+    """The libssl the `ssl` module runs on (its symbols resolve through `_ssl`'s own links)."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # noqa: SLF001
+    lib.SSL_CTX_set_alpn_select_cb.argtypes = [ctypes.c_void_p, _SELECT, ctypes.c_void_p]
+    lib.SSL_CTX_set_alpn_select_cb.restype = None
+    return lib
+
+
+def _alpn_or_alert(ctx: ssl.SSLContext, protocol: bytes) -> None:
+    """Select `protocol` when the client offers it; otherwise fail the handshake with a
+    no_application_protocol alert. A client that offers no ALPN at all is not asked about."""
+
+    @_SELECT
+    def select(_ssl, out, outlen, offered, offered_len, _arg) -> int:
+        wire = ctypes.string_at(offered, offered_len)
+        pos = 0
+        while pos < len(wire):
+            n = wire[pos]
+            if wire[pos + 1 : pos + 1 + n] == protocol:
+                out[0] = offered + pos + 1  # OpenSSL copies it from the client's own list
+                outlen[0] = n
+                return _TLSEXT_ERR_OK
+            pos += 1 + n
+        return _TLSEXT_ERR_ALERT_FATAL
+
+    # the SSL_CTX pointer follows the object header in CPython's PySSLContext
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    _libssl().SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
+    ctx._konbini_alpn_select = select  # noqa: SLF001  # the callback lives as long as the context
