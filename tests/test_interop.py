@@ -10,6 +10,11 @@ router → EC router → DMZ relay → issuance center) and at a store router's 
 - `openssl s_client` and curl for the TLS door: TLS 1.3 only, a certificate of this network's CA
   that is current, ALPN h2. Another node's certificate from this node's address is refused in
   tests/test_gateway.py (test_node_presenting_another_nodes_certificate_is_refused).
+- what real traffic does: 50 parallel 16 MiB uploads on one connection (longer than the 10 s
+  headers_timeout), a 100 kB/s upload past the 30 s response timeout, a header list at the
+  store router's advertised limit, Expect: 100-continue, an ALPN other than h2.
+- implementations konbini did not write inside the chain: HAProxy as the EC router (konbini as
+  its client and its server), nghttpd as the origin behind the DMZ relay (konbini as its client).
 
 Third-party processes run with trio.run_process so the servers keep serving meanwhile.
 """
@@ -20,6 +25,7 @@ import ipaddress
 import json
 import shutil
 import ssl
+import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,10 +43,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench import crosscheck
+from bench.baselines.haproxy import HAProxyProcess, config
 from gateway.business.clock import Clock
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.protocol.http import send_json
 from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
 from topology.pki import PKI
 from topology.policy.compiler import compile_allowlists
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
@@ -113,6 +121,49 @@ async def test_curl_uploads_every_byte_through_the_chain(net, tmp_path: Path, si
     head = proc.stdout.decode().lower()
     assert head.startswith("http/2 200")
     assert f"bench-received: {size}\r\n" in head  # the center saw every byte the kiosk sent
+
+
+@needs_curl
+async def test_curl_50_parallel_16_mib_uploads_on_one_connection_all_arrive(net, tmp_path: Path):
+    # Each stream's body takes longer than headers_timeout (10 s) to cross on this machine; the
+    # guard bounds one frame's arrival, never a healthy stream (they were all reset at 10.08 s).
+    body = tmp_path / "upload"
+    body.write_bytes(b"k" * (16 * MiB))
+    streams = 50
+    per_stream = ["-o", "/dev/null"] * streams
+    with trio.fail_after(600):
+        t0 = trio.current_time()
+        proc = await trio.run_process(
+            _curl(net, "-m", "560", "--parallel", "--parallel-max", str(streams), "--data-binary", f"@{body}",
+                  "-w", "%{http_code} %header{bench-received} %{num_connects}\n", *per_stream,
+                  *[_url(net, "/bench/x?size=0")] * streams),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        took = trio.current_time() - t0
+    print(f"curl --parallel {streams} x 16 MiB uploads through the chain: {took:.1f} s")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().split()
+    assert lines[0::3] == ["200"] * streams and lines[1::3] == [str(16 * MiB)] * streams
+    assert sum(int(n) for n in lines[2::3]) == 1  # one connection: the streams were multiplexed
+    assert not any(s.denials for s in net.servers.values())  # no hop took a neighbour for a slowloris
+
+
+@needs_curl
+async def test_curl_upload_at_100_kb_per_second_longer_than_the_response_timeout_arrives(net, tmp_path: Path):
+    # 4 MiB at 100 kB/s takes about 42 s, past the relays' 30 s response timeout, which now runs
+    # from the end of the request (it was 504 upstream-timeout at 30.09 s after 3,080,191 B).
+    body = tmp_path / "upload"
+    body.write_bytes(b"k" * (4 * MiB))
+    with trio.fail_after(120):
+        proc = await trio.run_process(
+            _curl(net, "-m", "100", "--limit-rate", "100k", "-o", "/dev/null", "-D", "-", "--data-binary", f"@{body}",
+                  _url(net, "/bench/x?size=0")),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    head = proc.stdout.decode().lower()
+    assert head.startswith("http/2 200"), head
+    assert f"bench-received: {4 * MiB}\r\n" in head
 
 
 @needs_curl
@@ -458,9 +509,10 @@ def _get(net, path: str, pad: int = 0) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, streams: set[int]) -> dict[int, tuple[int, int]]:
-    """Read until every stream in `streams` ended: {stream: (status, body bytes)}; a reset or
-    GOAWAY on the way fails."""
+async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, streams: set[int],
+                   trailers: dict | None = None) -> dict[int, tuple[int, int]]:
+    """Read until every stream in `streams` ended: {stream: (status, body bytes)}, and each
+    stream's trailers into `trailers`; a reset or GOAWAY on the way fails."""
     got: dict[int, list[int]] = {sid: [0, 0] for sid in streams}
     ended: set[int] = set()
     while ended != streams:
@@ -472,6 +524,8 @@ async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, stream
             elif isinstance(event, h2.events.DataReceived):
                 got[event.stream_id][1] += len(event.data)
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived) and trailers is not None:
+                trailers[event.stream_id] = dict(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 ended.add(event.stream_id)
             elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
@@ -504,3 +558,121 @@ async def test_a_header_list_near_the_advertised_limit_never_tears_down_the_kios
     refused = net.servers[ROUTER].denials["header-list-too-large"]
     assert refused == (status == 431)
     assert not any(net.servers[n].denials for n in net.servers if n != ROUTER)  # nobody downstream saw a bomb
+
+
+# -- implementations konbini did not write, inside the chain ---------------------------------------
+
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (make setup installs it)")
+needs_nghttpd = pytest.mark.skipif(
+    shutil.which("nghttpd") is None, reason="nghttpd is not installed (make setup installs nghttp2-server)"
+)
+
+
+async def _konbini_without(nursery: trio.Nursery, topo, state: Path, node_id: str):
+    """The default topology with every node but `node_id` served by konbini (loopback, TEST_TIME)."""
+    only = [n for n in topo.nodes if n != node_id]
+    return await nursery.start(
+        lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), only=only, task_status=task_status)
+    )
+
+
+async def _curl_both_ways(net, tmp_path: Path, download_path, upload_path: str) -> list[str]:
+    """curl from the kiosk: each of SIZES down (GET download_path(size)) and up (POST upload_path);
+    the response headers of the uploads, lowercased. Every transfer must end 200 with every byte."""
+    heads = []
+    for size in SIZES:
+        out = tmp_path / f"down-{size}"
+        proc = await trio.run_process(
+            _curl(net, "-m", "120", "-o", str(out), "-w", "%{http_code} %{http_version}", _url(net, download_path(size))),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode() == "200 2", (size, proc.stdout)
+        assert out.stat().st_size == size
+        body = tmp_path / f"up-{size}"
+        body.write_bytes(bytes(range(256)) * (size // 256) + b"k" * (size % 256))
+        echo = tmp_path / f"echo-{size}"
+        proc = await trio.run_process(
+            _curl(net, "-m", "120", "-o", str(echo), "-D", "-", "--data-binary", f"@{body}", _url(net, upload_path)),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        head = proc.stdout.decode().lower()
+        assert head.startswith("http/2 200"), head
+        heads.append((size, head, echo))
+    return heads
+
+
+@needs_curl
+@needs_haproxy
+async def test_haproxy_as_the_ec_router_between_konbini_relays_passes_every_size_both_ways(
+        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    # konbini's store router is HAProxy's client and konbini's DMZ relay its server: mutual TLS and
+    # h2 on both sides, HAProxy's own allow-list ACLs (bench/baselines/haproxy.py) as the EC router's.
+    ec = topo.node("ec-router-a")
+    net = await _konbini_without(nursery, topo, state, ec.id)
+    cfg = tmp_path / "haproxy" / "haproxy.cfg"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(config(topo, net.pki, tmp_path, only=[ec.id]))
+    haproxy = HAProxyProcess(cfg, wait_for=[(ec.address, ec.port)])
+    await trio.to_thread.run_sync(haproxy.start)
+    try:
+        with trio.fail_after(300):
+            heads = await _curl_both_ways(net, tmp_path, lambda size: f"/bench/x?size={size}", "/bench/x?size=0")
+    finally:
+        haproxy.stop()
+        net.stop()
+    for size, head, _ in heads:
+        assert f"bench-received: {size}\r\n" in head  # the issuance center saw every byte the kiosk sent
+    assert not any(s.denials for s in net.servers.values())
+
+
+@needs_curl
+@needs_nghttpd
+async def test_nghttpd_as_the_origin_behind_konbinis_dmz_relay_passes_every_size_both_ways(
+        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    # nghttpd (nghttp2's server, C) in the issuance center's place: it asks for a client
+    # certificate, serves files, echoes uploads and ends every response with a trailer, so konbini's
+    # relays are proven as the client of a server they did not write.
+    center = topo.node("issuance-center")
+    net = await _konbini_without(nursery, topo, state, center.id)
+    docs = tmp_path / "htdocs"
+    (docs / "bench").mkdir(parents=True)
+    for size in SIZES:
+        (docs / "bench" / f"size-{size}").write_bytes(b"n" * size)
+    chain, key = net.pki.node_paths(center.id)
+    nghttpd = await trio.lowlevel.open_process(
+        ["nghttpd", "-a", center.address, "--verify-client", "--echo-upload", "--trailer", "x-origin: nghttpd",
+         "-d", str(docs), str(center.port), str(key), str(chain)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(300):
+            await _until_listening(center.address, center.port)
+            heads = await _curl_both_ways(net, tmp_path, lambda size: f"/bench/size-{size}", "/bench/echo")
+            # curl does not show trailers: a plain `h2` client reads them (nghttpd ends every response with one)
+            tls, conn = await _raw_h2_connection(net)
+            conn.send_headers(1, _get(net, f"/bench/size-{MiB}"), end_stream=True)
+            await tls.send_all(conn.data_to_send())
+            trailers: dict = {}
+            assert (await _answers(tls, conn, {1}, trailers))[1] == (200, MiB)
+            await tls.aclose()
+    finally:
+        nghttpd.terminate()
+        await nghttpd.wait()
+        net.stop()
+    for size, head, echo in heads:
+        assert echo.read_bytes() == (tmp_path / f"up-{size}").read_bytes()  # every byte there and back
+        assert "server: nghttpd" in head
+    assert trailers[1][b"x-origin"] == b"nghttpd"  # the trailer crossed every hop
+    assert not any(s.denials for s in net.servers.values())
+
+
+async def _until_listening(address: str, port: int) -> None:
+    """Poll until a TCP connect to address:port succeeds (a process started outside trio)."""
+    while True:
+        try:
+            await (await trio.open_tcp_stream(address, port)).aclose()
+            return
+        except OSError:
+            await trio.sleep(0.05)  # polling a condition, bounded by the caller's fail_after
