@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import ssl
 from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger("konbini.tls")
 
 
 def _base(ctx: ssl.SSLContext, chain: Path, key: Path, ca: Path, tls12_floor: bool) -> ssl.SSLContext:
@@ -59,6 +62,8 @@ def _libssl():
     lib = ctypes.CDLL(ssl._ssl.__file__)  # noqa: SLF001
     lib.SSL_CTX_set_alpn_select_cb.argtypes = [ctypes.c_void_p, _SELECT, ctypes.c_void_p]
     lib.SSL_CTX_set_alpn_select_cb.restype = None
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
     return lib
 
 
@@ -79,7 +84,12 @@ def _alpn_or_alert(ctx: ssl.SSLContext, protocol: bytes) -> None:
             pos += 1 + n
         return _TLSEXT_ERR_ALERT_FATAL
 
-    # the SSL_CTX pointer follows the object header in CPython's PySSLContext
+    # the SSL_CTX pointer follows the object header in CPython's PySSLContext; its options, read
+    # through OpenSSL, must be the ones Python reports, or this is not the layout we know
     ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-    _libssl().SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
+    lib = _libssl()
+    if lib.SSL_CTX_get_options(ssl_ctx) != ctx.options:  # then Python's own callback stays (no alert, a close)
+        log.warning("ssl.SSLContext is not laid out as CPython's: no no_application_protocol alert")
+        return
+    lib.SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
     ctx._konbini_alpn_select = select  # noqa: SLF001  # the callback lives as long as the context
