@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client curl openssl golang-go testssl.sh nmap
+APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client nghttp2-server curl openssl golang-go testssl.sh nmap
 
 .PHONY: run test setup system clean
 
@@ -14,10 +14,10 @@ test: setup
 
 setup: system $(VENV)/.installed
 
-# Debian packages the project uses: nft and ip/tc (netns mode), iptables (iptables-nft: NFQUEUE for line delay), haproxy (benchmark baseline), h2load (cross-check),
-# curl, openssl and go (the interop tests: curl, s_client, ../shared/tools/h2mtls_load).
+# Debian packages the project uses: nft and ip/tc (netns mode), iptables (iptables-nft: NFQUEUE for line delay), haproxy (benchmark baseline, and an EC router in the interop tests), h2load (cross-check),
+# curl, openssl, go and nghttpd (the interop tests: curl, s_client, ../shared/tools/h2mtls_load, nghttpd as an origin).
 system:
-	@missing=""; for c in nft ip tc iptables haproxy h2load curl openssl go testssl nmap; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	@missing=""; for c in nft ip tc iptables haproxy h2load nghttpd curl openssl go testssl nmap; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

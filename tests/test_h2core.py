@@ -468,3 +468,43 @@ async def test_trio_client_reset_cancels_the_server_handler_and_only_that_reques
             client.close()
             await server.closed.wait()
     assert not server.core.streams  # both requests finished and were let go of
+
+
+async def test_trio_server_takes_a_steady_upload_longer_than_headers_timeout(autojump_clock):
+    """headers_timeout bounds one frame's arrival: a body written 1,000 B every 60 ms, never on a
+    frame boundary, for three times the timeout, is taken whole (it used to be closed as
+    slow-headers once the first partial frame was `headers_timeout` old)."""
+    from gateway.protocol.h2lean import DATA, END_STREAM, frame
+    from topology.spec.model import Limits
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    limits = Limits(headers_timeout=1.0)
+
+    async def count(stream: Stream) -> None:
+        body = await stream.read_body()
+        stream.send_headers([(b":status", b"200"), (b"received", str(len(body)).encode())], end_stream=True)
+
+    server = TrioH2(server_end, client_side=False, limits=limits)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(1, REQUEST)
+    frames = [frame(DATA, 0, 1, b"u" * 4096) for _ in range(14)] + [frame(DATA, END_STREAM, 1)]
+    body = b"".join(frames)  # 57,470 B: within the protocol's first 65,535-byte windows
+    pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+    assert len(pieces) * 0.06 > 3 * limits.headers_timeout
+    status = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run, count)
+        await client_end.send_all(client.data_to_send())
+        for piece in pieces:
+            await client_end.send_all(piece)
+            await trio.sleep(0.06)  # the upload's pace (virtual time), not a wait for something
+        while not status:
+            data = await client_end.receive_some()
+            assert data, f"the server closed the connection: {server.core.close_reason}"
+            for ev in client.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)
+        server.close()
+    assert server.core.close_reason != "slow-headers"
+    assert status[b":status"] == b"200" and status[b"received"] == str(14 * 4096).encode()

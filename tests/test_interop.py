@@ -10,6 +10,11 @@ router → EC router → DMZ relay → issuance center) and at a store router's 
 - `openssl s_client` and curl for the TLS door: TLS 1.3 only, a certificate of this network's CA
   that is current, ALPN h2. Another node's certificate from this node's address is refused in
   tests/test_gateway.py (test_node_presenting_another_nodes_certificate_is_refused).
+- what real traffic does: 50 parallel 16 MiB uploads on one connection (longer than the 10 s
+  headers_timeout), a 100 kB/s upload past the 30 s response timeout, a header list at the
+  store router's advertised limit, Expect: 100-continue, an ALPN other than h2.
+- implementations konbini did not write inside the chain: HAProxy as the EC router (konbini as
+  its client and its server), nghttpd as the origin behind the DMZ relay (konbini as its client).
 
 Third-party processes run with trio.run_process so the servers keep serving meanwhile.
 """
@@ -20,6 +25,7 @@ import ipaddress
 import json
 import shutil
 import ssl
+import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,10 +43,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench import crosscheck
+from bench.baselines.haproxy import HAProxyProcess, config
 from gateway.business.clock import Clock
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.protocol.http import send_json
 from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
 from topology.pki import PKI
 from topology.policy.compiler import compile_allowlists
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
@@ -113,6 +121,65 @@ async def test_curl_uploads_every_byte_through_the_chain(net, tmp_path: Path, si
     head = proc.stdout.decode().lower()
     assert head.startswith("http/2 200")
     assert f"bench-received: {size}\r\n" in head  # the center saw every byte the kiosk sent
+
+
+@needs_curl
+async def test_curl_50_parallel_16_mib_uploads_on_one_connection_all_arrive(net, tmp_path: Path):
+    # Each stream's body takes longer than headers_timeout (10 s) to cross on this machine; the
+    # guard bounds one frame's arrival, never a healthy stream (they were all reset at 10.08 s).
+    body = tmp_path / "upload"
+    body.write_bytes(b"k" * (16 * MiB))
+    streams = 50
+    per_stream = ["-o", "/dev/null"] * streams
+    with trio.fail_after(600):
+        t0 = trio.current_time()
+        proc = await trio.run_process(
+            _curl(net, "-m", "560", "--parallel", "--parallel-max", str(streams), "--data-binary", f"@{body}",
+                  "-w", "%{http_code} %header{bench-received} %{num_connects}\n", *per_stream,
+                  *[_url(net, "/bench/x?size=0")] * streams),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        took = trio.current_time() - t0
+    print(f"curl --parallel {streams} x 16 MiB uploads through the chain: {took:.1f} s")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().split()
+    assert lines[0::3] == ["200"] * streams and lines[1::3] == [str(16 * MiB)] * streams
+    assert sum(int(n) for n in lines[2::3]) == 1  # one connection: the streams were multiplexed
+    assert not any(s.denials for s in net.servers.values())  # no hop took a neighbour for a slowloris
+
+
+@needs_curl
+async def test_curl_upload_at_100_kb_per_second_longer_than_the_response_timeout_arrives(net, tmp_path: Path):
+    # 4 MiB at 100 kB/s takes about 42 s, past the relays' 30 s response timeout, which now runs
+    # from the end of the request (it was 504 upstream-timeout at 30.09 s after 3,080,191 B).
+    body = tmp_path / "upload"
+    body.write_bytes(b"k" * (4 * MiB))
+    with trio.fail_after(120):
+        proc = await trio.run_process(
+            _curl(net, "-m", "100", "--limit-rate", "100k", "-o", "/dev/null", "-D", "-", "--data-binary", f"@{body}",
+                  _url(net, "/bench/x?size=0")),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    head = proc.stdout.decode().lower()
+    assert head.startswith("http/2 200"), head
+    assert f"bench-received: {4 * MiB}\r\n" in head
+
+
+@needs_curl
+async def test_curl_expecting_100_continue_is_answered_100_and_its_body_goes_through(net, tmp_path: Path):
+    body = tmp_path / "upload"
+    body.write_bytes(b"k" * (64 * KiB))
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            _curl(net, "-o", "/dev/null", "-D", "-", "-H", "Expect: 100-continue", "--expect100-timeout", "20",
+                  "--data-binary", f"@{body}", _url(net, "/bench/x?size=0")),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    head = proc.stdout.decode().lower()
+    assert head.startswith("http/2 100 "), head  # curl sent the body on our 100, not on its own timeout
+    assert "http/2 200" in head and f"bench-received: {64 * KiB}\r\n" in head
 
 
 # -- the Go client ------------------------------------------------------------------------------------
@@ -349,25 +416,27 @@ async def test_refused_tls_client_is_told_why_in_a_tls_alert(net, tmp_path: Path
 
 
 @needs_openssl
-async def test_alpn_other_than_h2_is_refused(net):
+async def test_alpn_other_than_h2_is_refused_with_a_no_application_protocol_alert(net):
     chain, key = _kiosk_files(net)
     rc, out = await _run_s_client(_s_client(net, chain, key, "-alpn", "http/1.1"))
-    assert "No ALPN negotiated" in out, out  # the handshake ends without a protocol; then the router closes
+    assert rc != 0 and "alert no application protocol" in out, out  # RFC 7301 §3.2: the handshake fails
     assert net.servers[ROUTER].denials["alpn"] == 1
     assert net.servers[ROUTER].connections == 0  # no HTTP/2 session was started
 
 
 @needs_curl
-@pytest.mark.parametrize("alpn", [[], ["--no-alpn"]], ids=["alpn-http/1.1", "no-alpn"])
-async def test_http_1_1_gets_no_response_and_a_clear_close(net, alpn: list[str]):
+@pytest.mark.parametrize(("alpn", "exits"), [([], (35,)), (["--no-alpn"], (52, 56))], ids=["alpn-http/1.1", "no-alpn"])
+async def test_http_1_1_gets_no_response_and_a_clear_close(net, alpn: list[str], exits: tuple[int, ...]):
     with trio.fail_after(30):
         proc = await trio.run_process(
             _curl(net, *alpn, "-o", "/dev/null", "-w", "%{http_code}", _url(net, "/bench/x?size=10"), http="--http1.1"),
             capture_stdout=True, capture_stderr=True, check=False,
         )
     await _denials_settle()
-    # 52: empty reply (closed without a byte of HTTP); 56: reset while receiving. Never a timeout (28).
-    assert proc.returncode in (52, 56), (proc.returncode, proc.stderr.decode())
+    # 35: the handshake failed (the no_application_protocol alert, when curl offered http/1.1);
+    # without ALPN: 52, empty reply (closed without a byte of HTTP), or 56, reset while receiving.
+    # Never a timeout (28).
+    assert proc.returncode in exits, (proc.returncode, proc.stderr.decode())
     assert proc.stdout.decode() == "000"
     assert net.servers[ROUTER].denials["alpn"] == 1
 
@@ -409,3 +478,201 @@ async def test_tls_1_2_client_is_accepted_where_the_topology_asks_for_a_1_2_floo
     assert "TLSv1.2" in proc.stderr.decode()
     assert proc.stdout.decode().endswith(f'{{"hello":"{KIOSK}"}}\n200 2')
     assert not server.denials
+
+
+# -- a header list at the store router's advertised limit ------------------------------------------
+
+
+async def _raw_h2_connection(net) -> tuple[trio.SSLStream, h2.connection.H2Connection]:
+    """The kiosk's TLS connection to its router with a plain `h2` client, windows open wide."""
+    chain, key = _kiosk_files(net)
+    router, kiosk = net.topo.node(ROUTER), net.topo.node(KIOSK)
+    ctx = ssl.create_default_context(cafile=str(net.pki.network_ca_path))
+    ctx.load_cert_chain(chain, key)
+    ctx.set_alpn_protocols(["h2"])
+    tcp = await trio.open_tcp_stream(router.address, router.port, local_address=kiosk.address)
+    tls = trio.SSLStream(tcp, ctx, server_hostname=router.id)
+    await tls.do_handshake()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    conn.increment_flow_control_window(H2_MAX_WINDOW - H2_DEFAULT_WINDOW)
+    await tls.send_all(conn.data_to_send())
+    return tls, conn
+
+
+def _get(net, path: str, pad: int = 0) -> list[tuple[bytes, bytes]]:
+    router = net.topo.node(ROUTER)
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"{router.id}:{router.port}".encode()),
+               (b":path", path.encode())]
+    if pad:  # an x-pad field that brings the list to `pad` bytes as SETTINGS_MAX_HEADER_LIST_SIZE counts them
+        headers.append((b"x-pad", b"p" * (pad - sum(len(k) + len(v) + 32 for k, v in headers) - len(b"x-pad") - 32)))
+    return headers
+
+
+async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, streams: set[int],
+                   trailers: dict | None = None) -> dict[int, tuple[int, int]]:
+    """Read until every stream in `streams` ended: {stream: (status, body bytes)}, and each
+    stream's trailers into `trailers`; a reset or GOAWAY on the way fails."""
+    got: dict[int, list[int]] = {sid: [0, 0] for sid in streams}
+    ended: set[int] = set()
+    while ended != streams:
+        data = await tls.receive_some(64 * KiB)
+        assert data, f"{ROUTER} closed the connection"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                got[event.stream_id][0] = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                got[event.stream_id][1] += len(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived) and trailers is not None:
+                trailers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+            elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                raise AssertionError(f"{ROUTER} ended a stream or the connection: {event}")
+        await tls.send_all(conn.data_to_send())
+    return {sid: (status, n) for sid, (status, n) in got.items()}
+
+
+@pytest.mark.parametrize(("below_limit", "status"), [(200, 200), (50, 431), (0, 431)],
+                         ids=["room-for-attestation", "inside-the-band-that-tore-down", "at-the-limit"])
+async def test_a_header_list_near_the_advertised_limit_never_tears_down_the_kiosks_connection(
+        net, below_limit: int, status: int):
+    # The router advertises 16,384 and adds its attestation (~108 B) before forwarding: a list it
+    # takes but the next hop would refuse is answered 431 here, alone; a download on the same
+    # connection goes on, and the next request on it is served.
+    limit = net.topo.limits_for("store-router").max_header_list_size
+    with trio.fail_after(60):
+        tls, conn = await _raw_h2_connection(net)
+        download, padded = 1, 3
+        conn.send_headers(download, _get(net, f"/bench/x?size={MiB}"), end_stream=True)
+        conn.send_headers(padded, _get(net, "/bench/x?size=10", pad=limit - below_limit), end_stream=True)
+        await tls.send_all(conn.data_to_send())
+        got = await _answers(tls, conn, {download, padded})
+        assert got[download] == (200, MiB)
+        assert got[padded][0] == status
+        conn.send_headers(5, _get(net, "/bench/x?size=10"), end_stream=True)
+        await tls.send_all(conn.data_to_send())
+        assert (await _answers(tls, conn, {5}))[5] == (200, 10)
+        await tls.aclose()
+    refused = net.servers[ROUTER].denials["header-list-too-large"]
+    assert refused == (status == 431)
+    assert not any(net.servers[n].denials for n in net.servers if n != ROUTER)  # nobody downstream saw a bomb
+
+
+# -- implementations konbini did not write, inside the chain ---------------------------------------
+
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (make setup installs it)")
+needs_nghttpd = pytest.mark.skipif(
+    shutil.which("nghttpd") is None, reason="nghttpd is not installed (make setup installs nghttp2-server)"
+)
+
+
+async def _konbini_without(nursery: trio.Nursery, topo, state: Path, node_id: str):
+    """The default topology with every node but `node_id` served by konbini (loopback, TEST_TIME)."""
+    only = [n for n in topo.nodes if n != node_id]
+    return await nursery.start(
+        lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), only=only, task_status=task_status)
+    )
+
+
+async def _curl_both_ways(net, tmp_path: Path, download_path, upload_path: str) -> list[str]:
+    """curl from the kiosk: each of SIZES down (GET download_path(size)) and up (POST upload_path);
+    the response headers of the uploads, lowercased. Every transfer must end 200 with every byte."""
+    heads = []
+    for size in SIZES:
+        out = tmp_path / f"down-{size}"
+        proc = await trio.run_process(
+            _curl(net, "-m", "120", "-o", str(out), "-w", "%{http_code} %{http_version}", _url(net, download_path(size))),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode() == "200 2", (size, proc.stdout)
+        assert out.stat().st_size == size
+        body = tmp_path / f"up-{size}"
+        body.write_bytes(bytes(range(256)) * (size // 256) + b"k" * (size % 256))
+        echo = tmp_path / f"echo-{size}"
+        proc = await trio.run_process(
+            _curl(net, "-m", "120", "-o", str(echo), "-D", "-", "--data-binary", f"@{body}", _url(net, upload_path)),
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        head = proc.stdout.decode().lower()
+        assert head.startswith("http/2 200"), head
+        heads.append((size, head, echo))
+    return heads
+
+
+@needs_curl
+@needs_haproxy
+async def test_haproxy_as_the_ec_router_between_konbini_relays_passes_every_size_both_ways(
+        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    # konbini's store router is HAProxy's client and konbini's DMZ relay its server: mutual TLS and
+    # h2 on both sides, HAProxy's own allow-list ACLs (bench/baselines/haproxy.py) as the EC router's.
+    ec = topo.node("ec-router-a")
+    net = await _konbini_without(nursery, topo, state, ec.id)
+    cfg = tmp_path / "haproxy" / "haproxy.cfg"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(config(topo, net.pki, tmp_path, only=[ec.id]))
+    haproxy = HAProxyProcess(cfg, wait_for=[(ec.address, ec.port)])
+    await trio.to_thread.run_sync(haproxy.start)
+    try:
+        with trio.fail_after(300):
+            heads = await _curl_both_ways(net, tmp_path, lambda size: f"/bench/x?size={size}", "/bench/x?size=0")
+    finally:
+        haproxy.stop()
+        net.stop()
+    for size, head, _ in heads:
+        assert f"bench-received: {size}\r\n" in head  # the issuance center saw every byte the kiosk sent
+    assert not any(s.denials for s in net.servers.values())
+
+
+@needs_curl
+@needs_nghttpd
+async def test_nghttpd_as_the_origin_behind_konbinis_dmz_relay_passes_every_size_both_ways(
+        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    # nghttpd (nghttp2's server, C) in the issuance center's place: it asks for a client
+    # certificate, serves files, echoes uploads and ends every response with a trailer, so konbini's
+    # relays are proven as the client of a server they did not write.
+    center = topo.node("issuance-center")
+    net = await _konbini_without(nursery, topo, state, center.id)
+    docs = tmp_path / "htdocs"
+    (docs / "bench").mkdir(parents=True)
+    for size in SIZES:
+        (docs / "bench" / f"size-{size}").write_bytes(b"n" * size)
+    chain, key = net.pki.node_paths(center.id)
+    nghttpd = await trio.lowlevel.open_process(
+        ["nghttpd", "-a", center.address, "--verify-client", "--echo-upload", "--trailer", "x-origin: nghttpd",
+         "-d", str(docs), str(center.port), str(key), str(chain)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(300):
+            await _until_listening(center.address, center.port)
+            heads = await _curl_both_ways(net, tmp_path, lambda size: f"/bench/size-{size}", "/bench/echo")
+            # curl does not show trailers: a plain `h2` client reads them (nghttpd ends every response with one)
+            tls, conn = await _raw_h2_connection(net)
+            conn.send_headers(1, _get(net, f"/bench/size-{MiB}"), end_stream=True)
+            await tls.send_all(conn.data_to_send())
+            trailers: dict = {}
+            assert (await _answers(tls, conn, {1}, trailers))[1] == (200, MiB)
+            await tls.aclose()
+    finally:
+        nghttpd.terminate()
+        await nghttpd.wait()
+        net.stop()
+    for size, head, echo in heads:
+        assert echo.read_bytes() == (tmp_path / f"up-{size}").read_bytes()  # every byte there and back
+        assert "server: nghttpd" in head
+    assert trailers[1][b"x-origin"] == b"nghttpd"  # the trailer crossed every hop
+    assert not any(s.denials for s in net.servers.values())
+
+
+async def _until_listening(address: str, port: int) -> None:
+    """Poll until a TCP connect to address:port succeeds (a process started outside trio)."""
+    while True:
+        try:
+            await (await trio.open_tcp_stream(address, port)).aclose()
+            return
+        except OSError:
+            await trio.sleep(0.05)  # polling a condition, bounded by the caller's fail_after

@@ -238,3 +238,37 @@ def test_answered_requests_behind_a_slow_one_do_not_pile_up_in_the_deadline_queu
         hop.pump()
     assert len(hop.splice.by_down) == 1 and len(hop.splice.unanswered) <= 4 + 64 + 1
     assert hop.splice.overdue(30.0) == [hop.down.streams[slow.id]]  # the slow one still times out
+
+
+def test_a_steady_upload_longer_than_the_response_timeout_is_not_cut_and_its_timeout_runs_from_its_end():
+    hop = Hop(response_timeout=5.0)
+    ks = hop.kiosk.send_request(request_headers("POST", "/up", "relay"), end_stream=False)
+    origin_st = None
+    for second in range(12):  # 1 KiB a second for 12 s: each piece moves the request on
+        hop.now = float(second)
+        hop.kiosk.send_data(ks.id, b"u" * KiB)
+        hop.pump()
+        assert hop.splice.overdue(hop.now) == []
+        origin_st = origin_st or hop.requests[0]
+        _drain(hop.origin, origin_st)
+        hop.pump()
+    hop.now = 12.0
+    hop.kiosk.end_stream(ks.id)
+    hop.pump()
+    assert origin_st.ended  # the request is whole upstream: 5 s for the answer from now
+    assert hop.splice.next_deadline() == pytest.approx(17.0)
+    assert hop.splice.overdue(16.9) == []
+    assert [st.id for st in hop.splice.overdue(17.0)] == [ks.id]
+
+
+def test_an_upload_that_stops_moving_is_cut_off_after_the_response_timeout():
+    hop = Hop(response_timeout=5.0)
+    ks = hop.kiosk.send_request(request_headers("POST", "/up", "relay"), end_stream=False)
+    hop.now = 2.0
+    hop.kiosk.send_data(ks.id, b"u" * KiB)
+    hop.pump()
+    assert hop.splice.next_deadline() == pytest.approx(7.0)  # from the body's last progress
+    assert hop.splice.overdue(6.9) == []
+    assert [st.id for st in hop.splice.overdue(7.0)] == [ks.id]
+    hop.pump()
+    assert hop.requests[0].reset_code == CANCEL and not hop.splice.by_down

@@ -62,12 +62,14 @@ TIMERS_TAG = "konbini-timers"
 TIMERS_FORMAT = f"{TIMERS_TAG} %Ts.%ms %f %TR %Tw %Tc %Tr %Ta %ST"
 
 
-def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None = None) -> str:
+def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None = None,
+           only: list[str] | None = None) -> str:
     """The haproxy.cfg text. `shim`: (kiosk id, port) adds a cleartext h2 frontend on the kiosk's
-    address that speaks mTLS as that kiosk to its store router (h2load has no client-certificate option)."""
+    address that speaks mTLS as that kiosk to its store router (h2load has no client-certificate option).
+    `only`: the relay nodes HAProxy stands in for (konbini serves the others; the interop tests)."""
     d = state_dir / "haproxy"
     ca = Path(pki.network_ca_path).resolve()
-    relays = relay_nodes(topo)
+    relays = [n for n in relay_nodes(topo) if only is None or n.id in only]
     ids = [n.id for n in relays] + ([shim[0]] if shim else [])
     pems = write_pems(pki, ids, d)
     out = [

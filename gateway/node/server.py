@@ -312,10 +312,13 @@ class NodeServer:
             self.metrics.tls_handshakes.labels("timeout").inc()
             self.deny("handshake-timeout", ip)  # slow handshake: TCP open, TLS never finished
             return
-        except (trio.BrokenResourceError, OSError):
+        except (trio.BrokenResourceError, OSError) as exc:
             self.metrics.tls_handshakes.labels("failed").inc()
             await _send_alert(tls, tcp)
-            self.deny("tls-handshake", ip)
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            # no protocol in common (the no_application_protocol alert): counted as ALPN, as before
+            alpn = getattr(cause, "reason", None) == "NO_APPLICATION_PROTOCOL"
+            self.deny("alpn" if alpn else "tls-handshake", ip)
             return
         self.metrics.tls_handshakes.labels("ok").inc()
         identity = peer_identity(tls.getpeercert())

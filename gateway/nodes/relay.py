@@ -21,7 +21,7 @@ import h2.errors
 import trio
 
 from gateway.node.server import App, NodeContext, NodeServer, Peer
-from gateway.protocol.h2core import Headers, StreamState
+from gateway.protocol.h2core import Headers, StreamState, header_list_size
 from gateway.protocol.h2trio import Handler, Stream, TrioH2
 from gateway.protocol.http import refuse, timing
 from gateway.protocol.splice import Pair, Splice
@@ -111,11 +111,25 @@ class Relay(App):
             return refused
         if up.core.closed:
             return self._unavailable_handler(peer)
-        if splice.open(st, self._rewrite(st.headers or [], peer), read_at) is None:
+        headers = self._rewrite(st.headers or [], peer)
+        continues = any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
+        if continues:  # answered here (below): the hops behind need not wait on one another's 100
+            headers = [(k, v) for k, v in headers if k != b"expect"]
+        limit = up.core.peer_max_header_list
+        if limit is not None and header_list_size(headers) > limit:
+            # the next hop would take it for an HPACK bomb and close the connection every request
+            # of this peer shares: this one request is refused here instead
+            server.deny("header-list-too-large", peer.address, peer.identity)
+            return self._too_large
+        if splice.open(st, headers, read_at) is None:
             # upstream is at its concurrent-stream limit: refused unprocessed, so the peer may retry
             conn.core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
             conn.core.forget(st.id)
             return None
+        if continues and not st.ended:
+            # RFC 9110 §10.1.1: the client waits for this before it sends the body; we already
+            # chose to forward the request, so the body is welcome
+            conn.core.send_headers(st.id, [(b":status", b"100")])
         self.streams_forwarded += 1
         self.metrics.streams_in_flight.inc()
         up.flush()
@@ -150,6 +164,10 @@ class Relay(App):
                     conn.abort("slow-read")
                 up.flush()
                 conn.flush()
+
+    @staticmethod
+    async def _too_large(ds: Stream) -> None:
+        await refuse(ds, 431, "header-list-too-large", "The request's headers are too large to pass on.")
 
     async def _late(self, ds: Stream) -> None:
         await refuse(ds, 504, "upstream-timeout", "The service did not answer in time.")

@@ -21,7 +21,7 @@ On the server side the core also counts what costs us work and the peer nothing 
 PING, SETTINGS, empty DATA) per connection in a window (`Limits`); one too many closes the
 connection with GOAWAY ENHANCE_YOUR_CALM and a `close_reason` the node counts as a denial.
 Timeouts need a clock and live in the drivers; the core says what they need to know
-(`preface_received`, `receiving_partial`).
+(`preface_received`, `receiving_partial`, `units_received`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_CONCURRENT_STREAMS = 1000
 MAX_HEADER_LIST_SIZE = 16 * 1024  # an oversized header block closes the connection
+
+
+def header_list_size(headers: Headers) -> int:
+    """A header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2)."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
 
 
 class ConnectionClosed(Exception):
@@ -491,6 +496,8 @@ class H2Core(CoreBase):
         self.new_requests: deque[StreamState] = deque()  # server side: streams to hand to a handler
         self.closed = False
         self.close_reason: str | None = None
+        self._settings_seen = False
+        self.units_received = 0  # h2's events: each comes of a frame or header block received whole
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
@@ -509,6 +516,13 @@ class H2Core(CoreBase):
             return out
 
         buf._update_header_buffer = bounded
+
+    @property
+    def peer_max_header_list(self) -> int | None:
+        """The peer's SETTINGS_MAX_HEADER_LIST_SIZE (None: no limit); ours until its SETTINGS came."""
+        if not self._settings_seen:
+            return self.conn.decoder.max_header_list_size
+        return self.conn.remote_settings.max_header_list_size
 
     @property
     def receiving_partial(self) -> bool:
@@ -552,6 +566,7 @@ class H2Core(CoreBase):
             self.abort(reason, code)
             raise ConnectionClosed(reason) from exc
         woken: set[int] = set()
+        self.units_received += len(events)
         now = self.clock() if self.floods else 0.0
         for ev in events:
             sid = getattr(ev, "stream_id", 0) or 0
@@ -561,7 +576,7 @@ class H2Core(CoreBase):
                         self.abort(flood[1])
                         raise ConnectionClosed(flood[1])
             if isinstance(ev, h2.events.RemoteSettingsChanged):
-                self.preface_received = True
+                self.preface_received = self._settings_seen = True
             if isinstance(ev, h2.events.DataReceived):
                 st = self.streams.get(sid)
                 if st is None or st.reset_code is not None:

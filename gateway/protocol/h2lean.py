@@ -337,6 +337,7 @@ class LeanCore(CoreBase):
 
     preface_received = True
     _preface_left = 0  # server: bytes of the client preface still to come
+    _settings_seen = False
 
     def __init__(self, max_header_list_size: int, settings: dict[int, int]) -> None:
         self.streams: dict[int, StreamState] = {}
@@ -345,6 +346,7 @@ class LeanCore(CoreBase):
         self.close_reason: str | None = None
         self._out = _Output()
         self._in = b""  # the start of a frame not yet whole
+        self.units_received = 0  # frames and header blocks (counted once, at their end) received whole
         self._state: dict[int, _Stream] = {}
         self._encoder = FieldEncoder()
         self._decoder = FieldDecoder(max_header_list_size)
@@ -356,6 +358,8 @@ class LeanCore(CoreBase):
         self.max_frame_size = 16384
         self.initial_window = 65535
         self.max_streams = MAX_CONCURRENT_STREAMS  # streams we may open (client)
+        # the header list the peer takes: what we take ourselves until its SETTINGS say (no value: no limit)
+        self.peer_max_header_list: int | None = max_header_list_size
         self.send_window = 65535  # connection level
         self.recv_window = CONNECTION_WINDOW
         self._processed = 0  # connection-level bytes acked since the last WINDOW_UPDATE
@@ -396,6 +400,8 @@ class LeanCore(CoreBase):
                     payload = view[pos + 9 : pos + 9 + length].tobytes()  # one copy; no view outlives the loop
                     pos += 9 + length
                     self._frame(kind, flags, sid & 0x7FFFFFFF, payload, woken)
+                    if self._block is None:
+                        self.units_received += 1
                     if self.closed:  # GOAWAY
                         break
         except _Violation as exc:
@@ -577,6 +583,9 @@ class LeanCore(CoreBase):
             return
         self._flood(SETTINGS)
         self.preface_received = True
+        if not self._settings_seen:
+            self._settings_seen = True
+            self.peer_max_header_list = None  # RFC 9113: unlimited unless the peer's SETTINGS say otherwise
         for off in range(0, len(payload), 6):
             key, value = _setting.unpack_from(payload, off)
             if key == S_HEADER_TABLE_SIZE:
@@ -586,6 +595,8 @@ class LeanCore(CoreBase):
                     raise _Violation(PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1")
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self.max_streams = value
+            elif key == S_MAX_HEADER_LIST_SIZE:
+                self.peer_max_header_list = value
             elif key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _Violation(FLOW_CONTROL_ERROR, "initial window too large")

@@ -316,7 +316,8 @@ class TrioH2(H2Driver):
         self._nursery = nursery
         core = self.core
         started = last_read = trio.current_time()
-        partial_since: float | None = None
+        partial_since: float | None = None  # when the frame or header block now arriving began
+        units = 0
         while True:
             deadline, reason = self._read_deadline(started, last_read, partial_since)
             data = await self._read(deadline)
@@ -331,7 +332,13 @@ class TrioH2(H2Driver):
                     return
             finally:
                 _PASS.end()
-            partial_since = (partial_since or last_read) if core.receiving_partial else None
+            # headers_timeout bounds one frame or header block, not the connection: a steady upload
+            # reads across frame boundaries for ever, and each new frame starts the clock again
+            if not core.receiving_partial:
+                partial_since = None
+            elif partial_since is None or core.units_received != units:
+                partial_since = last_read
+            units = core.units_received
 
     def _take(self, data: bytes, handler: Handler | None, read_at: float) -> bool:
         """One read through the core, the new requests and the streams it woke; False: the

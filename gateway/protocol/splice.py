@@ -16,6 +16,10 @@ Two rules:
 2. a reset on either side, a response that does not start in time, or the end of either
    connection resets the stream on the other side too: a request is cancelled whole (INT-1).
 
+The response timeout runs from the end of the request: while its body is still coming, it runs
+from the body's last progress instead, so an upload of any length at any steady pace goes
+through, and one that stalls (or that the next hop stops taking) is still cut off.
+
 Time is the caller's: `overdue(now)` hands back the requests whose answer is late (the driver
 answers them 504), `stalled(now)` says a downstream peer has kept its window shut on a waiting
 response past `slow_read` (the driver closes it, as for any slow reader). Like `H2Core`, this
@@ -49,7 +53,7 @@ class Pair:
     opened: float  # time.perf_counter() when the HEADERS went upstream
     own: float  # seconds this hop spent on the request before that
     queue: float  # seconds from reading the HEADERS to deciding on them
-    due: float  # clock(): the response must have started by then
+    due: float  # clock(): the response must have started by then (or the request body moved again)
     answered: bool = False  # response HEADERS sent downstream
     request: memoryview | None = None  # the part of a request chunk upstream's windows have not taken yet
     response: memoryview | None = None
@@ -91,7 +95,8 @@ class Splice:
         self.roomless: set[Pair] = set()
         self.by_down: dict[int, Pair] = {}
         self.by_up: dict[int, Pair] = {}
-        self.unanswered: deque[Pair] = deque()  # in the order of their `due` (one timeout for all)
+        self.unanswered: deque[Pair] = deque()  # requests whole, in the order of their `due` (one timeout for all)
+        self.uploading: set[Pair] = set()  # requests whose body is still coming: `due` moves with it
         self.stalls: set[Pair] = set()
 
     # -- requests in -------------------------------------------------------------------------
@@ -110,13 +115,21 @@ class Splice:
                     due=self.clock() + self.response_timeout, request_done=end)
         self.by_down[st.id] = pair
         self.by_up[ust.id] = pair
+        if end:
+            self._await_response(pair)
+        else:
+            self.uploading.add(pair)
+            self._service(pair)
+        return pair
+
+    def _await_response(self, pair: Pair) -> None:
+        """The request went upstream whole: its response timeout starts now."""
+        self.uploading.discard(pair)
+        pair.due = self.clock() + self.response_timeout
         q = self.unanswered
         if len(q) > 4 * len(self.by_down) + 64:  # answered pairs behind a slow one: drop them, keep the order
             self.unanswered = q = deque(p for p in q if not (p.answered or p.over))
         q.append(pair)
-        if not end:
-            self._service(pair)
-        return pair
 
     # -- what either reader received -------------------------------------------------------
 
@@ -146,7 +159,11 @@ class Splice:
                 self.down.reset(down.id, CANCEL)
             else:
                 if not pair.request_done:
-                    pair.request, pair.request_done, _ = self._move(self.down, down, self.up, up.id, pair.request, "request")
+                    pair.request, pair.request_done, moved = self._move(self.down, down, self.up, up.id, pair.request, "request")
+                    if pair.request_done:
+                        self._await_response(pair)
+                    elif moved:
+                        pair.due = self.clock() + self.response_timeout
                 if not pair.response_done:
                     self._respond(pair)
                 if not (pair.request_done and pair.response_done):
@@ -243,6 +260,7 @@ class Splice:
         self.by_up.pop(pair.up.id, None)
         self.stalls.discard(pair)
         self.roomless.discard(pair)
+        self.uploading.discard(pair)
         if pair.request is not None:
             self.down.ack(pair.down.id, len(pair.request))
             pair.request = None
@@ -260,6 +278,8 @@ class Splice:
         while q and (q[0].answered or q[0].over):
             q.popleft()
         due = q[0].due if q else math.inf
+        if self.uploading:
+            due = min(due, min(p.due for p in self.uploading))
         if self.stalls and self.slow_read is not None:
             due = min(due, min(p.stalled_since for p in self.stalls) + self.slow_read)  # type: ignore[operator]
         return due
@@ -273,11 +293,19 @@ class Splice:
             pair = q.popleft()
             if pair.answered or pair.over:
                 continue
-            self._leave(pair)
-            self.up.reset(pair.up.id, CANCEL)
-            self.up.forget(pair.up.id)
-            late.append(pair.down)
+            self._cut(pair, late)
+        for pair in [p for p in self.uploading if p.due <= now or p.answered]:
+            if pair.answered:  # the next hop answered before the body ended: the response moves it on
+                self.uploading.discard(pair)
+            else:
+                self._cut(pair, late)
         return late
+
+    def _cut(self, pair: Pair, late: list[StreamState]) -> None:
+        self._leave(pair)
+        self.up.reset(pair.up.id, CANCEL)
+        self.up.forget(pair.up.id)
+        late.append(pair.down)
 
     def stalled(self, now: float) -> bool:
         """A downstream peer has kept its window shut on a waiting response for `slow_read`."""

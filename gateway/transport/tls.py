@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import ssl
 from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger("konbini.tls")
 
 
 def _base(ctx: ssl.SSLContext, chain: Path, key: Path, ca: Path, tls12_floor: bool) -> ssl.SSLContext:
@@ -21,6 +25,7 @@ def server_context(chain: Path, key: Path, ca: Path, tls12_floor: bool = False, 
     """`alpn` "http/1.1" only for the metrics scrape port (gateway/node/metrics.py)."""
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key, ca, tls12_floor)
     ctx.set_alpn_protocols([alpn])
+    _alpn_or_alert(ctx, alpn.encode())
     # Tickets would let a client resume without presenting its certificate again; we want
     # every connection authenticated by certificate, and connections are long-lived anyway.
     ctx.options |= ssl.OP_NO_TICKET
@@ -41,3 +46,50 @@ def peer_identity(cert: dict | None) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+# OpenSSL's ALPN selection callback (SSL_CTX_set_alpn_select_cb). Python's own callback answers a
+# client that offers only other protocols by negotiating none (SSL_TLSEXT_ERR_NOACK), so the
+# handshake completed and the connection was then dropped; RFC 7301 §3.2 wants the handshake to
+# fail with a no_application_protocol alert, which OpenSSL sends when the callback says so.
+_SELECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ubyte),
+                           ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
+_TLSEXT_ERR_OK, _TLSEXT_ERR_ALERT_FATAL = 0, 2
+
+
+def _libssl():
+    """The libssl the `ssl` module runs on (its symbols resolve through `_ssl`'s own links)."""
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # noqa: SLF001
+    lib.SSL_CTX_set_alpn_select_cb.argtypes = [ctypes.c_void_p, _SELECT, ctypes.c_void_p]
+    lib.SSL_CTX_set_alpn_select_cb.restype = None
+    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    return lib
+
+
+def _alpn_or_alert(ctx: ssl.SSLContext, protocol: bytes) -> None:
+    """Select `protocol` when the client offers it; otherwise fail the handshake with a
+    no_application_protocol alert. A client that offers no ALPN at all is not asked about."""
+
+    @_SELECT
+    def select(_ssl, out, outlen, offered, offered_len, _arg) -> int:
+        wire = ctypes.string_at(offered, offered_len)
+        pos = 0
+        while pos < len(wire):
+            n = wire[pos]
+            if wire[pos + 1 : pos + 1 + n] == protocol:
+                out[0] = offered + pos + 1  # OpenSSL copies it from the client's own list
+                outlen[0] = n
+                return _TLSEXT_ERR_OK
+            pos += 1 + n
+        return _TLSEXT_ERR_ALERT_FATAL
+
+    # the SSL_CTX pointer follows the object header in CPython's PySSLContext; its options, read
+    # through OpenSSL, must be the ones Python reports, or this is not the layout we know
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    lib = _libssl()
+    if lib.SSL_CTX_get_options(ssl_ctx) != ctx.options:  # then Python's own callback stays (no alert, a close)
+        log.warning("ssl.SSLContext is not laid out as CPython's: no no_application_protocol alert")
+        return
+    lib.SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
+    ctx._konbini_alpn_select = select  # noqa: SLF001  # the callback lives as long as the context
