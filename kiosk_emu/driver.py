@@ -1,15 +1,18 @@
 """The one driver of `KioskFlow`: the kiosk's requests, in their order, for both runtimes.
 
-Theory of operation: `FlowDriver.run` walks a flow through its steps over one HTTP/2 connection
-— session, card authentication, the streamed document, then either the misdelivery report or
-pay → print → completion notice → erase — and makes every request with `exchange`. Both are
-written against what the Trio kiosk's `TrioH2` and the load generator's `AsyncioH2` share
-(`H2Driver.open_stream`/`release`, `StreamHandle` for the stream), so a change to the request
-order is made here once. Two rules:
+Theory of operation: `FlowDriver.run` walks a flow up to a verified document over one HTTP/2
+connection — session, card authentication, the streamed document, or the misdelivery report —
+and `FlowDriver.settle` takes it from there: pay → print → completion notice → erase. Every
+request goes through `exchange`. Both are written against what the Trio kiosk's `TrioH2` and the
+load generator's `AsyncioH2` share (`H2Driver.open_stream`/`release`, `StreamHandle` for the
+stream), so a change to the request order is made here once. Three rules:
 1. what differs between the kiosks is their devices (`KioskDevices`: a spool on disk, a
    printer, a durable outbox; the load generator has none), never the order of the steps;
 2. timeouts and cancellation stay with the caller's runtime (`trio.fail_after`,
-   `asyncio.timeout`): the driver only awaits streams, so a cancel ends the whole request.
+   `asyncio.timeout`) and apply to `run` only: the driver only awaits streams, so a cancel
+   there ends the whole request, and nothing has been paid;
+3. `settle` starts with the payment, the point of no return (flow rule 3): the caller runs it
+   where its cancel cannot reach (a shielded scope), bounded by the devices' own deadlines.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class KioskDevices(Protocol):
     async def pay(self, flow: KioskFlow) -> None:
         """Take the fee; a kiosk with an outbox first makes the job's refund notice durable."""
 
-    def print(self, flow: KioskFlow) -> bool:
-        """Print the document; True when the printer failed (the fee is then refunded)."""
+    async def print(self, flow: KioskFlow) -> bool:
+        """Print the document; True when the printer failed or overran its deadline (the fee is
+        then refunded, every copy void)."""
 
     async def printed(self, flow: KioskFlow, path: str, body: bytes) -> None:
         """The completion notice for the printed (or refunded) job, durable before the resident is told."""
@@ -82,9 +86,9 @@ class FlowDriver:
     async def request(self, flow: KioskFlow, step: tuple[str, str, bytes]) -> tuple[int, bytes]:
         return await exchange(self.conn, self.authority, *step, flow)
 
-    async def run(self, flow: KioskFlow, now: Callable[[], datetime]) -> None:
-        """The whole issuance; `now` is the kiosk's clock (the notice's time). Ends in a final
-        state unless the caller cancels it (then the caller calls `flow.cancel`)."""
+    async def run(self, flow: KioskFlow) -> None:
+        """The issuance up to a verified document, which the caller then `settle`s; ends in a
+        final state otherwise, unless the caller cancels it (then the caller calls `flow.cancel`)."""
         status, body = await self.request(flow, flow.start())
         step = flow.on_challenge(status, body)
         if step:
@@ -95,8 +99,6 @@ class FlowDriver:
         if flow.state is State.MISDELIVERED:
             self.devices.erase(flow, "misdelivery-refused")
             await self.request(flow, flow.misdelivery_report())
-        elif flow.state is State.VERIFIED:
-            await self.settle(flow, now)
 
     async def receive_document(self, flow: KioskFlow, step: tuple[str, str, bytes]) -> None:
         """The issue request, answered by the streamed document (or a refusal)."""
@@ -125,11 +127,13 @@ class FlowDriver:
                 flow.record_request(headers, (t1 - t0) * 1000, (time.perf_counter() - t0) * 1000)
 
     async def settle(self, flow: KioskFlow, now: Callable[[], datetime]) -> None:
-        """A verified document: payment before printing (BIZ-4), the notice (BIZ-5), then the erase."""
+        """A verified document: payment before printing (BIZ-4), the notice (BIZ-5), then the erase.
+        Past the point of no return: the caller must not cancel it (rule 3). `now` is the kiosk's
+        clock (the notice's time)."""
         devices = self.devices
         await devices.pay(flow)
         flow.paid()
-        if devices.print(flow):
+        if await devices.print(flow):
             _, path, body = flow.misprinted(now())
         else:
             _, path, body = flow.printed(now())

@@ -3,11 +3,14 @@
 Theory of operation: the driver asks the flow what to send, performs the I/O, and hands the
 answers back; the flow never touches a socket, a file or a clock of its own. Steps follow the
 kiosk flow of seed 000: card read → PIN + challenge signature → request → receive the document
-→ pay → print → receipt → completion notice → erase. Two rules:
+→ pay → print → receipt → completion notice → erase. Three rules:
 1. every transition is in TRANSITIONS; anything else raises FlowError naming state and event;
 2. a document is accepted only if the center's signature covers exactly this session, this
    kiosk, this card and these bytes (INT-1); otherwise the flow ends MISDELIVERED and the
-   driver reports it — a kiosk never prints someone else's certificate.
+   driver reports it — a kiosk never prints someone else's certificate;
+3. payment is the point of no return: a cancel or refusal is a transition only before PAID
+   (nothing printed, nothing charged); from PAID the job ends printed and noticed, or refunded
+   with every copy stamped 返金済・無効 (BIZ-4) — so the driver runs it where no cancel reaches.
 """
 
 from __future__ import annotations
@@ -67,9 +70,11 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (S.PRINTED, "notice-queued"): S.NOTIFIED,  # durable in the kiosk's outbox, resent until acknowledged
     (S.NOTIFIED, "erased"): S.DONE,
 }
-# From any non-final state: a refusal, or a cancel/timeout that ends the whole request.
+# Before payment: a refusal, or a cancel/timeout that ends the whole request (rule 3).
+BEFORE_PAYMENT = (S.START, S.CHALLENGED, S.AUTHENTICATED, S.RECEIVING, S.VERIFIED)
+TRANSITIONS |= {(state, "refused"): S.REFUSED for state in BEFORE_PAYMENT}
+TRANSITIONS |= {(state, "cancelled"): S.CANCELLED for state in BEFORE_PAYMENT}
 FINAL = frozenset({S.DONE, S.REFUSED, S.MISDELIVERED, S.CANCELLED})
-ANYTIME = {"refused": S.REFUSED, "cancelled": S.CANCELLED}
 
 
 class Status(StrEnum):
@@ -108,6 +113,7 @@ class Outcome:
     document_bytes: int = 0
     signature_valid: bool = False
     fee: int = 0
+    charged: int = 0  # what the kiosk took: the fee once paid, 0 while a cancel is still honoured
     refunded: bool = False  # misprint: the fee went back to the resident
     notice_pending: bool = False  # the notice waits in the outbox for the center's acknowledgement
     hops: dict[str, float] = field(default_factory=dict)  # node id -> ms, summed over the steps
@@ -133,8 +139,6 @@ class KioskFlow:
 
     def _go(self, event: str) -> None:
         nxt = TRANSITIONS.get((self.state, event))
-        if nxt is None and self.state not in FINAL:
-            nxt = ANYTIME.get(event)
         if nxt is None:
             raise FlowError(self.state, event)
         self.state = nxt
@@ -162,7 +166,8 @@ class KioskFlow:
         )
 
     def cancel(self, why: str = "cancelled") -> None:
-        """A timeout or cancel anywhere ends the whole request: nothing is printed or charged."""
+        """A timeout or cancel before payment ends the whole request: nothing is printed or charged.
+        After payment it is a FlowError (rule 3): the driver must not let one reach the flow there."""
         if not self.finished:
             self._go("cancelled")
             self.outcome.status, self.outcome.reason = Status.CANCELLED, why
@@ -265,6 +270,7 @@ class KioskFlow:
     def paid(self) -> None:
         """Payment is confirmed before printing (BIZ-4); emulated cash in the exact fee."""
         self._go("paid")
+        self.outcome.charged = self.outcome.fee
 
     def printed(self, now: datetime) -> tuple[str, str, bytes]:
         """The spool is printed; the completion notice follows (BIZ-5). `now` comes from the clock."""

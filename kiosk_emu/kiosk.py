@@ -31,11 +31,12 @@ from kiosk_emu.card import Card
 from kiosk_emu.device.outbox import Outbox
 from kiosk_emu.device.printer import Printer, PrintJob
 from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
-from kiosk_emu.flow import KioskFlow, Status
+from kiosk_emu.flow import KioskFlow, State, Status
 
 log = logging.getLogger("konbini.kiosk")
 
-ISSUANCE_TIMEOUT = 15.0  # the whole request, end to end; past it everything is cancelled
+ISSUANCE_TIMEOUT = 15.0  # the request up to payment; past it everything is cancelled
+PRINT_TIMEOUT = 60.0  # a paid job the printer has not finished by then is void and refunded (BIZ-4)
 NOTICE_TIMEOUT = 5.0  # one attempt to deliver a notice; after printing, the outbox takes over
 HEARTBEAT_TIMEOUT = 5.0  # one heartbeat request; past it the connection is dropped and remade
 _LINK_ERRORS = (
@@ -51,7 +52,7 @@ class IssuanceResult:
     issuance_id: str | None
     document_bytes: int
     signature_valid: bool
-    fee: int
+    fee: int  # the document's fee; `charged` is what the resident paid
     tries_left: int | None
     latency_ms: float
     hops: list[dict] = field(default_factory=list)
@@ -59,15 +60,19 @@ class IssuanceResult:
     spool_erased: bool = True
     refunded: bool = False
     notice_pending: bool = False
+    charged: int = 0
 
     def as_json(self) -> dict:
         return dict(self.__dict__)
 
 
 class Kiosk:
-    def __init__(self, ctx: NodeContext, state_dir: Path, printer: Printer | None = None) -> None:
+    def __init__(
+        self, ctx: NodeContext, state_dir: Path, printer: Printer | None = None, *, print_timeout: float = PRINT_TIMEOUT
+    ) -> None:
         self.ctx = ctx
         self.printer = printer or Printer()
+        self.print_timeout = print_timeout
         self.outbox = Outbox.of_kiosk(state_dir, ctx.node.id)
         self._outbox_lock = trio.Lock()
         self.node = ctx.node
@@ -97,16 +102,33 @@ class Kiosk:
             f.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     async def issue(
-        self, conn: TrioH2, card: Card, pin: str, request: IssueRequest, *, timeout: float = ISSUANCE_TIMEOUT
+        self, conn: TrioH2, card: Card, pin: str, request: IssueRequest, *,
+        timeout: float = ISSUANCE_TIMEOUT, cancel: trio.CancelScope | None = None,
     ) -> IssuanceResult:
         flow = KioskFlow(self.node.id, card, pin, request, self.center_keys)
+        return await self.drive(conn, flow, timeout=timeout, cancel=cancel)
+
+    async def drive(
+        self, conn: TrioH2, flow: KioskFlow, *, timeout: float = ISSUANCE_TIMEOUT, cancel: trio.CancelScope | None = None
+    ) -> IssuanceResult:
+        """One issuance. `timeout` and `cancel` (the resident's cancel button: a fresh scope, cancelled
+        from anywhere) end the whole request until payment; from payment on, the job completes or is
+        refunded whatever they do (flow rule 3), and the printer's deadline bounds it."""
+        button = cancel if cancel is not None else trio.CancelScope()
         driver = FlowDriver(conn, self.router.id, _Devices(self, conn))
         t0 = time.perf_counter()
         try:
-            with trio.fail_after(timeout):
-                await driver.run(flow, self.ctx.clock.now)
-        except (trio.TooSlowError, StreamReset) as exc:
-            flow.cancel("timeout" if isinstance(exc, trio.TooSlowError) else "stream-reset")
+            try:
+                with button, trio.fail_after(timeout):
+                    await driver.run(flow)
+                    await trio.lowlevel.checkpoint()  # a cancel up to the payment is honoured: nothing is paid yet
+            except (trio.TooSlowError, StreamReset) as exc:
+                flow.cancel("timeout" if isinstance(exc, trio.TooSlowError) else "stream-reset")
+            if button.cancelled_caught:
+                flow.cancel("cancelled")
+            if flow.state is State.VERIFIED:
+                with trio.CancelScope(shield=True):  # the point of no return: see FlowDriver.settle
+                    await driver.settle(flow, self.ctx.clock.now)
         finally:
             if self._spool_file(flow).exists():  # cancelled midway: nothing half-received stays on the kiosk
                 self._erase(flow, "spool-erased-after-cancel")
@@ -119,6 +141,7 @@ class Kiosk:
             tries_left=o.tries_left, latency_ms=round((time.perf_counter() - t0) * 1000, 3),
             hops=[{"node": k, "ms": round(v, 3)} for k, v in o.hops.items()], kiosk=self.node.id,
             spool_erased=not self._spool_file(flow).exists(), refunded=o.refunded, notice_pending=o.notice_pending,
+            charged=o.charged,
         )
 
     async def _outbox(self, fn, *args):
@@ -286,8 +309,13 @@ class _Devices:
         await k._outbox(k.outbox.hold, iid, *flow.refund_notice(k.ctx.clock.now())[1:])
         k._log("paid", issuance=iid, fee=flow.outcome.fee)
 
-    def print(self, flow: KioskFlow) -> bool:
-        self.job = self.kiosk.printer.print_job(flow.outcome.issuance_id or "", flow.request.copies)
+    async def print(self, flow: KioskFlow) -> bool:
+        printer, iid = self.kiosk.printer, flow.outcome.issuance_id or ""
+        with trio.move_on_after(self.kiosk.print_timeout) as waited:
+            self.job = await printer.print_job(iid, flow.request.copies)
+        if waited.cancelled_caught:  # paid but not printed in time: void, and the resident is told so
+            self.job = printer.void(iid, flow.request.copies)
+            self.kiosk._log("print-overrun", issuance=iid, copies_out=len(printer.tray.get(iid, [])))
         return self.job.misprinted
 
     async def printed(self, flow: KioskFlow, path: str, body: bytes) -> None:
@@ -302,8 +330,7 @@ class _Devices:
             k._log("printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee)
 
     async def deliver(self, flow: KioskFlow, path: str, body: bytes) -> tuple[int, bytes] | None:
-        with trio.CancelScope(shield=True):  # printed and paid: nothing left to cancel
-            acked = await self.kiosk._deliver(self.conn, flow.outcome.issuance_id or "", path, body, flow)
+        acked = await self.kiosk._deliver(self.conn, flow.outcome.issuance_id or "", path, body, flow)
         return (200, b"") if acked else None
 
 

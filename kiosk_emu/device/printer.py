@@ -1,13 +1,16 @@
-"""The kiosk's printer, with an injectable fault (BIZ-4).
+"""The kiosk's printer, with an injectable fault and pace (BIZ-4).
 
-A job prints its copies in order; if any copy misprints, the whole job is void: the fee is
-refunded and every copy of the job, the good ones too, is stamped 返金済・無効 (001 §9).
+A job prints its copies in order into the tray, where the resident picks them up; if any copy
+misprints, or the kiosk stops waiting for the job, the whole job is void: the fee is refunded
+and every copy of the job, the good ones too, is stamped 返金済・無効 (001 §9).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import trio
 
 from gateway.business.ledger import VOID_STAMP
 
@@ -29,14 +32,34 @@ class PrintJob:
 
 
 class Printer:
-    """`fault(issuance_id, copy_no) -> bool` says which copy misprints; None: a healthy printer."""
+    """`fault(issuance_id, copy_no) -> bool` says which copy misprints, `jam` which one sticks (the
+    printer stops there until the kiosk gives up on the job); None: a healthy printer.
+    `seconds_per_copy`: how long a copy takes to come out (0: at once)."""
 
-    def __init__(self, fault: Callable[[str, int], bool] | None = None) -> None:
+    def __init__(
+        self, fault: Callable[[str, int], bool] | None = None, seconds_per_copy: float = 0.0,
+        jam: Callable[[str, int], bool] | None = None,
+    ) -> None:
         self.fault = fault
+        self.jam = jam
+        self.seconds_per_copy = seconds_per_copy
         self.jobs = 0
+        self.tray: dict[str, list[PrintedCopy]] = {}  # issuance id -> the paper that came out for it
 
-    def print_job(self, issuance_id: str, copies: int) -> PrintJob:
+    async def print_job(self, issuance_id: str, copies: int) -> PrintJob:
         self.jobs += 1
         bad = self.fault is not None and any(self.fault(issuance_id, no) for no in range(1, copies + 1))
         stamp = VOID_STAMP if bad else None
-        return PrintJob(issuance_id, tuple(PrintedCopy(no, stamp) for no in range(1, copies + 1)))
+        out = self.tray.setdefault(issuance_id, [])
+        for no in range(1, copies + 1):
+            if self.jam is not None and self.jam(issuance_id, no):
+                await trio.sleep_forever()
+            await trio.sleep(self.seconds_per_copy)
+            out.append(PrintedCopy(no, stamp))
+        return PrintJob(issuance_id, tuple(out))
+
+    def void(self, issuance_id: str, copies: int) -> PrintJob:
+        """The job is abandoned midway: every copy already in the tray is stamped, and so is
+        every copy of the job on record, printed or not."""
+        self.tray[issuance_id] = [PrintedCopy(c.no, VOID_STAMP) for c in self.tray.get(issuance_id, [])]
+        return PrintJob(issuance_id, tuple(PrintedCopy(no, VOID_STAMP) for no in range(1, copies + 1)))

@@ -46,7 +46,7 @@ from gateway.transport.tls import client_context
 from kiosk_emu import latency
 from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.driver import FlowDriver, SpoolWriter, exchange
-from kiosk_emu.flow import KioskFlow, Status
+from kiosk_emu.flow import KioskFlow, State, Status
 from kiosk_emu.latency import add_server_timing
 from kiosk_emu.load.h2asyncio import AsyncioH2, connect_h2
 from topology.netns.enter import enter_namespace
@@ -327,7 +327,7 @@ class _Paperless:
     async def pay(self, flow: KioskFlow) -> None:
         pass
 
-    def print(self, flow: KioskFlow) -> bool:
+    async def print(self, flow: KioskFlow) -> bool:
         return False
 
     async def printed(self, flow: KioskFlow, path: str, body: bytes) -> None:
@@ -481,7 +481,8 @@ class _Worker:
         try:
             async with asyncio.timeout(timeout):
                 conn = await k.connection(self.stats)
-                await FlowDriver(conn, k.spec.router_id, _Paperless(conn, k.spec.router_id)).run(flow, self._now)
+                driver = FlowDriver(conn, k.spec.router_id, _Paperless(conn, k.spec.router_id))
+                await driver.run(flow)
                 nbytes = flow.outcome.document_bytes
         except TimeoutError:
             flow.cancel("timeout")
@@ -489,6 +490,9 @@ class _Worker:
             if case == "pin-wrong":
                 card.tries_left = card.profile.max_tries
             raise
+        if flow.state is State.VERIFIED:  # past the kiosk's timeout, as on the Trio kiosk; a hung notice is an error
+            async with asyncio.timeout(w.timeout_s):
+                await driver.settle(flow, self._now)
         if case == "pin-wrong":
             card.tries_left = card.profile.max_tries  # the counter procedure, so the card never locks
         o = flow.outcome
