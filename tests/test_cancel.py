@@ -69,28 +69,44 @@ def kiosk_log(net, kiosk: Kiosk, iid: str | None, event: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if iid and e.get("issuance") == iid and e["event"] == event]
 
 
+def story(net, kiosk: Kiosk, iid: str | None) -> dict:
+    """What the paper, the kiosk's till and the center's ledger say about one issuance."""
+    ledger = ledger_rows(net, iid)
+    return {
+        "paper": [c.stamp for c in kiosk.printer.tray.get(iid or "", [])],
+        "paid": len(kiosk_log(net, kiosk, iid, "paid")),
+        "payment": [x["amount"] for x in ledger.get("payment", [])],
+        "refund": [x["amount"] for x in ledger.get("refund", [])],
+        "copies": [json.loads(x["detail"])["stamp"] for x in ledger.get("copy", [])],
+        "notice": kiosk.outbox.states().get(iid or ""),
+    }
+
+
+NOTHING = {"paper": [], "paid": 0, "payment": [], "refund": [], "copies": [], "notice": None}
+
+
+def issued(fee: int, copies: int) -> dict:
+    return {"paper": [None] * copies, "paid": 1, "payment": [fee], "refund": [], "copies": [None] * copies,
+            "notice": "acked"}
+
+
 def assert_one_story(net, kiosk: Kiosk, r: IssuanceResult, copies: int) -> None:
     """Paper, money, screen and ledger tell the same story of one issuance."""
-    paper = [c.stamp for c in kiosk.printer.tray.get(r.issuance_id or "", [])]
-    ledger = ledger_rows(net, r.issuance_id)
-    money = {k: [x["amount"] for x in ledger.get(k, [])] for k in ("payment", "refund")}
-    ledger_copies = [json.loads(x["detail"])["stamp"] for x in ledger.get("copy", [])]
-    paid = kiosk_log(net, kiosk, r.issuance_id, "paid")
-    notice = kiosk.outbox.states().get(r.issuance_id or "")
+    s = story(net, kiosk, r.issuance_id)
     assert r.spool_erased
     if r.status == "cancelled":
         assert r.message == "The request was cancelled. Nothing was charged."
-        assert (paper, r.charged, paid, notice) == ([], 0, [], None)
-        assert (money, ledger_copies, ledger.get("notice")) == ({"payment": [], "refund": []}, [], None)
+        assert (s, r.charged) == (NOTHING, 0)
     elif r.status == "issued":
         assert r.message is None and not r.refunded and r.fee > 0
-        assert (paper, r.charged, len(paid), notice) == ([None] * copies, r.fee, 1, "acked")
-        assert (money, ledger_copies) == ({"payment": [r.fee], "refund": []}, [None] * copies)
+        assert (s, r.charged) == (issued(r.fee, copies), r.fee)
     else:
         assert r.status == "refunded" and r.refunded and "返金済・無効" in r.message
+        paper = s.pop("paper")
         assert paper == [VOID_STAMP] * len(paper) and len(paper) <= copies  # whatever came out is void
-        assert (r.charged, len(paid), notice) == (r.fee, 1, "acked")  # the refund reached the center already
-        assert (money, ledger_copies) == ({"payment": [r.fee], "refund": [-r.fee]}, [VOID_STAMP] * copies)
+        assert r.charged == r.fee  # and the refund reached the center already:
+        assert s == {"paid": 1, "payment": [r.fee], "refund": [-r.fee], "copies": [VOID_STAMP] * copies,
+                     "notice": "acked"}
 
 
 @pytest.mark.parametrize("step", STEPS, ids=[s.value for s in STEPS])
@@ -115,6 +131,30 @@ async def test_a_cancel_at_each_step_is_honoured_before_payment_and_never_after(
     assert set(kiosk.printer.tray) == {r.issuance_id for r in (first, second) if r.status != "cancelled"}
 
 
+@pytest.mark.parametrize("step", STEPS, ids=[s.value for s in STEPS])
+async def test_a_cancel_from_outside_at_each_step_never_leaves_paper_without_its_payment(net, step):
+    """The kiosk's caller (a shutdown, a supervisor) cancels the issuance as the flow reaches `step`:
+    no result comes back, but paper, till and ledger still agree, and the connection serves the next."""
+    cards = net.cards.ensure_pool(60)[42 + STEPS.index(step):][:1]
+    kiosk = Kiosk(net.context("kiosk-a1-2"), net.state_dir, Printer())
+    request = IssueRequest(MUNI_A, "residence-record", 2)
+    conn = await kiosk.connect()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        with trio.CancelScope() as outside:
+            flow = CancelAt(kiosk.node.id, cards[0], "1234", request, kiosk.center_keys, step=step, button=outside)
+            await kiosk.drive(conn, flow)
+        second = await kiosk.issue(conn, net.cards.ensure_pool(61)[60], "1234", request)
+        conn.close()
+    if step in BEFORE_PAYMENT:
+        assert outside.cancelled_caught and story(net, kiosk, flow.outcome.issuance_id) == NOTHING
+    else:  # the job completed under the cancel
+        assert flow.state is State.DONE
+        assert story(net, kiosk, flow.outcome.issuance_id) == issued(flow.outcome.fee, 2)
+    assert not list(kiosk.spool.glob("*.pdf"))
+    assert_one_story(net, kiosk, second, 2)
+
+
 async def test_a_paid_job_the_printer_does_not_finish_is_refunded_void_and_noticed_at_once(net):
     card = net.cards.ensure_pool(41)[40]
     printer = Printer(jam=lambda iid, no: no == 2)  # the first copy comes out, the second sticks
@@ -126,8 +166,7 @@ async def test_a_paid_job_the_printer_does_not_finish_is_refunded_void_and_notic
         conn.close()
     assert (r.status, r.reason, r.notice_pending) == ("refunded", "misprint", False)
     assert [c.stamp for c in printer.tray[r.issuance_id]] == [VOID_STAMP]  # the copy that came out is void
-    assert_one_story(net, kiosk, r, 3)
-    assert "held" not in kiosk.outbox.states().values()  # nothing waits for a restart
+    assert_one_story(net, kiosk, r, 3)  # its notice acknowledged: nothing waits for a restart
 
 
 async def test_cancels_at_random_times_under_load_never_split_paper_money_screen_and_ledger(net):
@@ -178,5 +217,4 @@ async def test_cancels_at_random_times_under_load_never_split_paper_money_screen
     for kiosk, r, copies in results:
         assert_one_story(net, kiosk, r, copies)
     for kiosk in {k.node.id: k for k, _, _ in results}.values():
-        assert "held" not in kiosk.outbox.states().values()  # every refund already reached the center
         assert set(kiosk.printer.tray) == {r.issuance_id for k, r, _ in results if k is kiosk and r.status != "cancelled"}
