@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client nghttp2-server curl openssl golang-go testssl.sh nmap
+APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client nghttp2-server curl openssl golang-go testssl.sh nmap fonts-ipaexfont-mincho poppler-utils
 
 .PHONY: run test setup system clean
 
@@ -15,9 +15,11 @@ test: setup
 setup: system $(VENV)/.installed
 
 # Debian packages the project uses: nft and ip/tc (netns mode), iptables (iptables-nft: NFQUEUE for line delay), haproxy (benchmark baseline, and an EC router in the interop tests), h2load (cross-check),
-# curl, openssl, go and nghttpd (the interop tests: curl, s_client, ../shared/tools/h2mtls_load, nghttpd as an origin).
+# curl, openssl, go and nghttpd (the interop tests: curl, s_client, ../shared/tools/h2mtls_load, nghttpd as an origin);
+# IPAex Mincho (the font the printed certificates embed) and poppler-utils (pdftoppm: a certificate rendered to look at).
 system:
-	@missing=""; for c in nft ip tc iptables haproxy h2load nghttpd curl openssl go testssl nmap; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	@missing=""; for c in nft ip tc iptables haproxy h2load nghttpd curl openssl go testssl nmap pdftoppm; do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	[ -e /usr/share/fonts/opentype/ipaexfont-mincho/ipaexm.ttf ] || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -46,6 +46,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
 
+def card_id_of(cert: x509.Certificate) -> str:
+    """The opaque card id a card certificate carries as its only subject attribute."""
+    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value  # type: ignore[return-value]
+
+
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
 PRINCIPALS = ("operator", "store-staff", "monitoring")  # monitoring: scrapes metrics (topology/policy/monitoring.py)
 

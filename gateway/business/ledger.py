@@ -90,6 +90,9 @@ MIGRATIONS: tuple[str, ...] = (
         cause TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 3: the card each issuance was made for (its opaque id, printed on the paper too): an auditor
+    # joins paper, ledger row and card (INT-1)
+    "ALTER TABLE issuances ADD COLUMN card TEXT",
 )
 
 _ENTRY_FIELDS = ("seq", "kind", "issuance_id", "at", "month", "operator", "municipality", "kiosk", "cert_type", "copies", "amount", "detail")
@@ -127,6 +130,7 @@ class IssuanceRecord:
     fee: int
     month: str
     state: str = "created"
+    card: str | None = None  # the card's opaque id (its certificate's subject), never personal data
 
 
 def month_of(at: datetime) -> str:
@@ -245,10 +249,12 @@ class LedgerDB:
                            municipality=rec.municipality, kiosk=rec.kiosk, cert_type=rec.cert_type, **kw)
 
     def create_issuance(self, rec: IssuanceRecord, at: datetime | str) -> None:
-        self._fact("issuance", rec, at, copies=rec.copies, amount=rec.fee, detail={"session": rec.session})
+        self._fact("issuance", rec, at, copies=rec.copies, amount=rec.fee, detail={"session": rec.session, "card": rec.card})
         self.conn.execute(
-            "INSERT INTO issuances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (rec.id, rec.session, rec.kiosk, rec.operator, rec.municipality, rec.cert_type, rec.copies, rec.fee, rec.month, "created"),
+            "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state, card)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.session, rec.kiosk, rec.operator, rec.municipality, rec.cert_type, rec.copies, rec.fee, rec.month,
+             "created", rec.card),
         )
 
     def set_state(self, issuance_id: str, state: str, at: datetime | str) -> None:

@@ -127,6 +127,7 @@ class Session(_Lifecycle):
     created: float  # monotonic seconds, for the session's time to live
     state: SessionState = SS.CHALLENGED
     card: str | None = None  # certificate fingerprint once authenticated
+    card_id: str | None = None  # the card's opaque id (its certificate's subject): whose register entry to print
 
     @property
     def finished(self) -> bool:
@@ -148,6 +149,7 @@ class Issuance(_Lifecycle):
     fee: int
     state: IssuanceState = IS.STREAMING
     notices: int = 0
+    card: str = ""  # the card's opaque id, for the municipality's register and the ledger
 
     @property
     def delivered(self) -> bool:

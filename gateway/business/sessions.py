@@ -23,10 +23,11 @@ from pathlib import Path
 from gateway.business.session import Session, SessionEvent, SessionState
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS sessions (
+    # named anew when its columns change: a session lives two minutes, an old file's table is left to lie
+    """CREATE TABLE IF NOT EXISTS kiosk_sessions (
         id TEXT PRIMARY KEY, kiosk TEXT NOT NULL, store TEXT NOT NULL, challenge BLOB NOT NULL,
-        created REAL NOT NULL, state TEXT NOT NULL, card TEXT)""",
-    "CREATE INDEX IF NOT EXISTS sessions_created ON sessions(created)",
+        created REAL NOT NULL, state TEXT NOT NULL, card TEXT, card_id TEXT)""",
+    "CREATE INDEX IF NOT EXISTS kiosk_sessions_created ON kiosk_sessions(created)",
 )
 
 
@@ -89,22 +90,22 @@ class SharedSessions:
         self.conn.close()
 
     def __len__(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM sessions WHERE created >= ?", (time.monotonic() - self.ttl,)).fetchone()[0]
+        return self.conn.execute("SELECT count(*) FROM kiosk_sessions WHERE created >= ?", (time.monotonic() - self.ttl,)).fetchone()[0]
 
     def add(self, s: Session) -> None:
         with self.conn:
-            self.conn.execute("DELETE FROM sessions WHERE created < ?", (time.monotonic() - self.ttl,))
-            self.conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (s.id, s.kiosk, s.store, s.challenge, s.created, s.state.value, s.card))
+            self.conn.execute("DELETE FROM kiosk_sessions WHERE created < ?", (time.monotonic() - self.ttl,))
+            self.conn.execute("INSERT INTO kiosk_sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                              (s.id, s.kiosk, s.store, s.challenge, s.created, s.state.value, s.card, s.card_id))
 
     def get(self, sid: str) -> Session | None:
         """The session as the file has it now (another worker may have moved it since)."""
-        row = self.conn.execute("SELECT kiosk, store, challenge, created, state, card FROM sessions WHERE id = ?",
+        row = self.conn.execute("SELECT kiosk, store, challenge, created, state, card, card_id FROM kiosk_sessions WHERE id = ?",
                                 (sid,)).fetchone()
         if row is None or time.monotonic() - row[3] > self.ttl:
             return None
-        kiosk, store, challenge, created, state, card = row
-        return Session(sid, kiosk, store, challenge, created, SessionState(state), card)
+        kiosk, store, challenge, created, state, card, card_id = row
+        return Session(sid, kiosk, store, challenge, created, SessionState(state), card, card_id)
 
     def fire(self, s: Session, event: SessionEvent) -> SessionState:
         """`s.fire(event)`, written only if no other worker moved the session since it was read.
@@ -114,11 +115,11 @@ class SharedSessions:
         s.require(event)
         new = s.TABLE[old, event]
         if event is SessionEvent.CANCEL:
-            self.conn.execute("UPDATE sessions SET state = ? WHERE id = ? AND state NOT IN (?, ?)",
+            self.conn.execute("UPDATE kiosk_sessions SET state = ? WHERE id = ? AND state NOT IN (?, ?)",
                               (new.value, s.id, SessionState.DONE.value, SessionState.CLOSED.value))
         else:
-            cur = self.conn.execute("UPDATE sessions SET state = ?, card = ? WHERE id = ? AND state = ?",
-                                    (new.value, s.card, s.id, old.value))
+            cur = self.conn.execute("UPDATE kiosk_sessions SET state = ?, card = ?, card_id = ? WHERE id = ? AND state = ?",
+                                    (new.value, s.card, s.card_id, s.id, old.value))
             if cur.rowcount != 1:
                 raise SessionMoved(f"session {s.id}: moved by another worker before {event.name}")
         s.state = new

@@ -84,7 +84,7 @@ from gateway.protocol.messages import (
     NoticeAck,
 )
 from gateway.transport.upstream import Upstream
-from topology.pki import verify_card_certificate
+from topology.pki import card_id_of, verify_card_certificate
 from topology.spec.model import Hours, Node
 
 log = logging.getLogger("konbini.center")
@@ -316,6 +316,7 @@ class IssuanceCenter(App):
             await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0, stream), *timings])
             return
         s.card = hashlib.sha256(der).hexdigest()
+        s.card_id = card_id_of(cert)
         self.sessions.fire(s, SessionEvent.VERIFIED)
         await send_json(stream, 200, AuthOk("authenticated", s.card), [timing(self.ctx.node.id, t0, stream), *timings])
 
@@ -387,12 +388,13 @@ class IssuanceCenter(App):
     async def _record_issuance(self, s: Session, req: IssueRequest, fee: int) -> Issuance:
         """No document leaves the center before the ledger knows of its issuance."""
         iss = Issuance(
-            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee
+            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee,
+            card=s.card_id or "",
         )
         now = self.ctx.clock.now()
         kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
         record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, req.municipality,
-                                req.cert_type, req.copies, fee, month_of(now))
+                                req.cert_type, req.copies, fee, month_of(now), card=s.card_id)
         await self.ledger.call(LedgerDB.create_issuance, record, now)
         self._forget_finished()
         self.issuances[iss.id] = iss
@@ -420,7 +422,7 @@ class IssuanceCenter(App):
     async def _stream_document(self, stream: Stream, iss: Issuance, size: int, t0: float) -> tuple[str, int]:
         """The municipality's document streamed through to the kiosk, hashed on the way: (sha256, bytes).
         Everything but the trailers goes out here; the municipality must answer within UPSTREAM_TIMEOUT."""
-        doc_req = msgspec.json.encode(DocumentRequest(iss.id, iss.cert_type, size))
+        doc_req = msgspec.json.encode(DocumentRequest(iss.id, iss.cert_type, size, iss.card))
         conn = st = None
         try:
             with trio.fail_after(UPSTREAM_TIMEOUT):

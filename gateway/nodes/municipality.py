@@ -1,46 +1,45 @@
 """The municipality's certificate data server, reached over LGWAN from the issuance center only.
 
-It streams the requested document in chunks; its content is made from the issuance id so that
-every document is distinct and a kiosk (or a test) can tell whose it is.
+It streams the requested certificate: a PDF naming the resident its register holds for the card
+that authenticated (gateway/business/certificate.py), padded to the size a benchmark asks for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 
+import trio
+
+from gateway.business.certificate import certificate, certificate_font, document_chunks
+from gateway.business.pdf import Font
 from gateway.node.server import App, NodeContext, Peer
 from gateway.protocol.h2trio import Stream
 from gateway.protocol.http import BadRequest, decode, method_path, refuse, timing
 from gateway.protocol.messages import DocumentRequest
 
-CHUNK = 64 * 1024
 
-
-def document_prefix(issuance_id: str, cert_type: str) -> bytes:
-    """The head of every document: a PDF header naming its issuance (the kiosk prints it)."""
-    return f"%PDF-1.7\n% konbini {cert_type} issuance={issuance_id}\n".encode()
-
-
-def document_chunks(issuance_id: str, cert_type: str, size: int, chunk: int = CHUNK):
-    """The document in chunks: the prefix, then a filler pattern derived from the issuance id."""
-    head = document_prefix(issuance_id, cert_type)
-    block = hashlib.sha256(issuance_id.encode()).digest() * (chunk // 32)
-    data = head[:size]
-    sent = 0
-    while sent < size:
-        if len(data) < chunk:
-            data += block[: chunk - len(data)]
-        piece = data[: size - sent]
-        sent += len(piece)
-        yield piece
-        data = b""
+def display_name(ctx: NodeContext) -> str:
+    muni = ctx.node.municipality
+    assert muni is not None, f"{ctx.node.id}: a municipality node carries its municipality"
+    return getattr(muni, "name", None) or muni.code
 
 
 class MunicipalityServer(App):
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.documents_served = 0
+        self._font: Font | None = None
+        self._font_lock = trio.Lock()
+
+    async def font(self) -> Font:
+        """The font cut for this municipality's certificates: read from the state's cache, or cut
+        (seconds, once per state directory) in a thread."""
+        async with self._font_lock:
+            if self._font is None:
+                cache = getattr(self.ctx.pki, "state_dir", None)
+                self._font = await trio.to_thread.run_sync(
+                    certificate_font, (display_name(self.ctx),), cache / "fonts" if cache else None)
+            return self._font
 
     async def handle(self, stream: Stream, peer: Peer) -> None:
         t0 = time.perf_counter()
@@ -53,8 +52,12 @@ class MunicipalityServer(App):
         except BadRequest:
             await refuse(stream, 400, "bad-request", "bad document request")
             return
+        muni = self.ctx.node.municipality
+        page = certificate(issuance_id=req.issuance_id, cert_type=req.cert_type, card_id=req.card,
+                           municipality_code=muni.code if muni else "", municipality_name=display_name(self.ctx),
+                           issued_at=self.ctx.clock.now(), cut=self._font or await self.font())
         stream.send_headers([(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0, stream)])
-        for piece in document_chunks(req.issuance_id, req.cert_type, max(req.size, 0)):
+        for piece in document_chunks(page, req.issuance_id, max(req.size, 0)):
             await stream.send_data(piece)
         stream.end()
         self.documents_served += 1

@@ -42,6 +42,7 @@ class DocumentRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     issuance_id: str
     cert_type: str
     size: int
+    card: str  # the authenticated card's opaque id: whose register entry the certificate prints
 
 
 class Binding(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
