@@ -217,6 +217,9 @@ class App:
     async def handle(self, stream: Stream, peer: Peer) -> None:
         raise NotImplementedError
 
+    async def prepare(self) -> None:
+        """Work done once before the node says it is ready (the launch awaits it)."""
+
 
 class NodeServer:
     def __init__(self, ctx: NodeContext, allowlist: AllowList, app: App) -> None:

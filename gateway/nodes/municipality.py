@@ -7,6 +7,7 @@ that authenticated (gateway/business/certificate.py), padded to the size a bench
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import trio
 
@@ -16,29 +17,34 @@ from gateway.node.server import App, NodeContext, Peer
 from gateway.protocol.h2trio import Stream
 from gateway.protocol.http import BadRequest, decode, method_path, refuse, timing
 from gateway.protocol.messages import DocumentRequest
+from topology.spec.model import Node
 
 
-def display_name(ctx: NodeContext) -> str:
-    muni = ctx.node.municipality
-    assert muni is not None, f"{ctx.node.id}: a municipality node carries its municipality"
+def display_name(node: Node) -> str:
+    muni = node.municipality
+    assert muni is not None, f"{node.id}: a municipality node carries its municipality"
     return getattr(muni, "name", None) or muni.code
 
 
 class MunicipalityServer(App):
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, state_dir: Path) -> None:
         self.ctx = ctx
+        self.fonts = state_dir / "fonts"
         self.documents_served = 0
         self._font: Font | None = None
         self._font_lock = trio.Lock()
 
+    async def prepare(self) -> None:
+        await self.font()
+
     async def font(self) -> Font:
-        """The font cut for this municipality's certificates: read from the state's cache, or cut
+        """The font cut for this municipality's certificates: read from STATE/fonts, or cut there
         (seconds, once per state directory) in a thread."""
         async with self._font_lock:
             if self._font is None:
-                cache = getattr(self.ctx.pki, "state_dir", None)
-                self._font = await trio.to_thread.run_sync(
-                    certificate_font, (display_name(self.ctx),), cache / "fonts" if cache else None)
+                # every municipality of the topology in one cut: one file cached for all of them
+                names = tuple(sorted({display_name(n) for n in self.ctx.topo.of_kind("municipality")}))
+                self._font = await trio.to_thread.run_sync(certificate_font, names, self.fonts)
             return self._font
 
     async def handle(self, stream: Stream, peer: Peer) -> None:
@@ -54,7 +60,7 @@ class MunicipalityServer(App):
             return
         muni = self.ctx.node.municipality
         page = certificate(issuance_id=req.issuance_id, cert_type=req.cert_type, card_id=req.card,
-                           municipality_code=muni.code if muni else "", municipality_name=display_name(self.ctx),
+                           municipality_code=muni.code if muni else "", municipality_name=display_name(self.ctx.node),
                            issued_at=self.ctx.clock.now(), cut=self._font or await self.font())
         stream.send_headers([(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0, stream)])
         for piece in document_chunks(page, req.issuance_id, max(req.size, 0)):

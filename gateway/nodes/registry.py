@@ -46,7 +46,7 @@ def _issuance_center(ctx: NodeContext, env: NodeEnv) -> App:
 def _municipality(ctx: NodeContext, env: NodeEnv) -> App:
     from gateway.nodes.municipality import MunicipalityServer
 
-    return MunicipalityServer(ctx)
+    return MunicipalityServer(ctx, env.state_dir)
 
 
 def _ocsp(ctx: NodeContext, env: NodeEnv) -> App:

@@ -108,5 +108,7 @@ async def run_servers(
                 server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main), metrics=shared)
                 await nursery.start(server.serve)
                 running.admin_servers[node.id] = server
+            for server in running.servers.values():
+                await server.app.prepare()
             running.ready_s = time.perf_counter() - t0
             task_status.started(running)
