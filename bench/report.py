@@ -242,8 +242,17 @@ def md_summary(report: dict) -> list[str]:
                          (r.get("servers") or {}).get("relay_max_process_peak_rss_mib")])
         if "ratios" in e:
             rows.append([name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", "", ""][:10])
-    return _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu",
-                   "largest relay process peak RSS MiB"], rows)
+    out = _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu",
+                  "largest relay process peak RSS MiB"], rows)
+    by_credential = [[name, phase, cred, c.get("count"), c.get("issued"), c.get("refused"), sum((c.get("errors") or {}).values()),
+                      c.get("misdelivered"), c.get("p50_ms"), c.get("p99_ms")]
+                     for name, e in report.get("scenarios", {}).items() for phase, r in _phases(e)
+                     for cred, c in (r.get("by_credential") or {}).items()]
+    if any(row[2] == "smartphone" for row in by_credential):  # a line of its own for the smartphone credential
+        out += ["", "By credential (card, or the smartphone credential of seed 002):", "",
+                *_table(["scenario", "phase", "credential", "measured", "issued", "refused", "errors", "misdelivered",
+                         "p50 ms", "p99 ms"], by_credential)]
+    return out
 
 
 def md_split(report: dict) -> list[str]:

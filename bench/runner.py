@@ -45,9 +45,10 @@ from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
-from kiosk_emu.card import CardStore
+from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.latency import with_relay_waits
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
+from kiosk_emu.smartphone import SmartphoneStore
 from topology.launch import netns
 from topology.launch.impair import Impairments
 from topology.launch.netns import NetnsError, require_root
@@ -62,6 +63,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 RELAY_CHAIN = ("store-router", "ec-router", "dmz-relay")  # the relay kinds from the kiosk's router inwards
 PHASES = ("konbini", "lines", "haproxy")  # konbini's relays; the same with the lines impaired; HAProxy's relays
+BENCH_PHONE = "bench-phone"  # the smartphone credential the "smartphone" case holds up (made from the first pool card)
 
 
 class BenchError(Exception):
@@ -396,6 +398,11 @@ class Bench:
             revoked = cards.new(card_id="bench-revoked")
         if revoked.serial not in cards.revocations():
             cards.revoke("bench-revoked", "key-compromise")
+        phones = SmartphoneStore(cards)
+        try:
+            phones.current(BENCH_PHONE)  # reissued when its month is over
+        except CardError:  # first run (or its card changed): make it
+            phones.issue(self.cards[0], phone_id=BENCH_PHONE)
         munis = self.topo.municipalities()
         clock = Clock(self.clock_start).now()
         self.open_muni = self.closed_muni = ""
@@ -576,7 +583,7 @@ class Bench:
             workload=sc.workload, state_dir=str(o.state_dir), kiosks=kiosks, ca_path=str(self.pki.network_ca_path),
             rate=rate, concurrency=concurrency, duration_s=duration, warmup_s=warm, count=o.count, seed=o.seed,
             open_muni=self.open_muni, closed_muni=self.closed_muni or self.open_muni, revoked_card="bench-revoked",
-            hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
+            smartphone=BENCH_PHONE, hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
             centers=tuple(sorted(n.id for n in self.topo.of_kind("issuance-center"))),
             trace=self.failover.watched if sc.failover and self.failover is not None else None,
         )

@@ -23,11 +23,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.business import residents
 from gateway.business.clock import JST
 from topology.pki import (
     CARD_VALIDITY_DAYS,
     PKI,
     REVOCATION_REASONS,
+    card_id_of,
     file_lock,
     load_private_key,
     verify_card_certificate,
@@ -129,6 +131,11 @@ class Card:
     @property
     def serial(self) -> int:
         return self.certificate.serial_number
+
+    @property
+    def holder(self) -> residents.Resident:
+        """The card's face (券面事項): whose card, or whose card a smartphone credential stands in for."""
+        return residents.holder(card_id_of(self.certificate))
 
     def sign_challenge(self, pin: str, challenge: bytes) -> bytes:
         """Verify the PIN, then sign `challenge` with the auth key (RSA PKCS#1 v1.5, SHA-256).

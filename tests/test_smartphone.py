@@ -12,7 +12,8 @@ from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.kiosk import issue_at
 from kiosk_emu.smartphone import SmartphoneStore, add_month
 from tests.conftest import TEST_TIME
-from topology.pki import PKI, verify_card_certificate
+from gateway.business.ledger import LedgerDB
+from topology.pki import PKI, card_id_of, is_smartphone, verify_card_certificate
 
 
 class Now:
@@ -75,4 +76,46 @@ async def test_a_kiosk_accepts_the_phone_like_a_card_and_refuses_it_once_revoked
     assert r.status == "issued"
     store.report_lost(phone.card_id)
     r = await issue_at(net, "kiosk-b2-1", phone, "1234", IssueRequest("131016", "residence-record"))
-    assert (r.status, r.reason) == ("refused", "card-revoked")
+    assert (r.status, r.reason) == ("refused", "smartphone-lost")
+
+
+def test_a_phone_credential_stands_in_for_its_cards_holder(phones):
+    cards, store, _ = phones
+    card = cards.new()
+    phone = store.issue(card.card_id)
+    assert phone.card_id != card.card_id and phone.holder == card.holder
+    assert card_id_of(phone.certificate) == card.card_id and is_smartphone(phone.certificate)
+    assert not is_smartphone(card.certificate)
+
+
+async def test_a_phone_issues_in_the_same_flow_and_the_ledger_names_the_card(net):
+    store = SmartphoneStore(net.cards)
+    card = net.cards.new()
+    phone = store.issue(card.card_id)
+    r = await issue_at(net, "kiosk-a1-1", phone, "1234", IssueRequest("131016", "residence-record"))
+    assert (r.status, r.signature_valid) == ("issued", True)
+    ledger = LedgerDB(net.state_dir / "ledger.sqlite")
+    try:
+        assert ledger.issuance(r.issuance_id).card == card.card_id  # whose paper it is, not the phone's id
+    finally:
+        ledger.close()
+
+
+async def test_a_phone_revoked_with_its_card_is_refused_as_such(net):
+    store = SmartphoneStore(net.cards)
+    card = net.cards.new()
+    phone = store.issue(card.card_id)
+    store.revoke_card(card.card_id, "moved-or-died")
+    r = await issue_at(net, "kiosk-a1-1", phone, "1234", IssueRequest("131016", "residence-record"))
+    assert (r.status, r.reason) == ("refused", "smartphone-revoked")
+    assert "smartphone" in r.message
+
+
+async def test_a_phone_whose_month_is_over_and_not_reissued_is_refused_expired(net):
+    earlier = CardStore(net.state_dir, net.pki, lambda: TEST_TIME - timedelta(days=40))
+    card = earlier.new()
+    phone = SmartphoneStore(earlier).issue(card.card_id)  # valid until TEST_TIME - 10 days
+    r = await issue_at(net, "kiosk-a1-1", phone, "1234", IssueRequest("131016", "residence-record"))
+    assert (r.status, r.reason) == ("refused", "smartphone-expired")
+    r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest("131016", "residence-record"))
+    assert r.status == "issued"  # the card itself is still good

@@ -47,8 +47,15 @@ from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 
 from topology.spec.model import Topology
 
 def card_id_of(cert: x509.Certificate) -> str:
-    """The opaque card id a card certificate carries as its only subject attribute."""
-    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value  # type: ignore[return-value]
+    """Whose credential this is, as an opaque card id: a card's own id (its subject's common name),
+    or for a smartphone credential the id of the card it was made from (its subject's pseudonym)."""
+    holder = cert.subject.get_attributes_for_oid(NameOID.PSEUDONYM) or cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return holder[0].value  # type: ignore[return-value]
+
+
+def is_smartphone(cert: x509.Certificate) -> bool:
+    """A smartphone credential's certificate names the card it stands in for (seed 002)."""
+    return bool(cert.subject.get_attributes_for_oid(NameOID.PSEUDONYM))
 
 
 CARD_VALIDITY_DAYS = 3 * 365  # BIZ-8: JPKI certificates are valid 3 years (004 §5)
@@ -178,16 +185,19 @@ class PKI(NodeFiles):
         not_before: datetime,
         days: int = CARD_VALIDITY_DAYS,
         legacy: bool = False,
+        stands_in_for: str | None = None,
     ) -> x509.Certificate:
         """A card authentication certificate: subject is the opaque card id only, never personal data.
 
         `legacy=True` gives seed 004's SHA-1 with RSA profile, which verifiers refuse by default.
+        `stands_in_for`: a smartphone credential's, naming the card it substitutes as a pseudonym.
         """
         if not_before.tzinfo is None:
             raise ValueError("not_before must be an aware datetime (Asia/Tokyo from the clock)")
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, card_id)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, card_id)] + (
+                [x509.NameAttribute(NameOID.PSEUDONYM, stands_in_for)] if stands_in_for else [])))
             .issuer_name(self.jpki_ca.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())

@@ -165,6 +165,12 @@ def verdict(
     return "ocsp-unknown", None
 
 
+def revocation_reason(response_der: bytes) -> x509.ReasonFlags | None:
+    """The reason a response that `verdict` found revoked gives (a lost phone: key compromise)."""
+    single = next(iter(ocsp.load_der_ocsp_response(response_der).responses), None)
+    return single.revocation_reason if single is not None else None
+
+
 MISS = object()  # OcspCache.get: nothing to rely on, ask the responder
 
 

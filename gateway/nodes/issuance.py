@@ -84,7 +84,7 @@ from gateway.protocol.messages import (
     NoticeAck,
 )
 from gateway.transport.upstream import Upstream
-from topology.pki import card_id_of, verify_card_certificate
+from topology.pki import card_id_of, is_smartphone, verify_card_certificate
 from topology.spec.model import Hours, Node
 
 log = logging.getLogger("konbini.center")
@@ -97,6 +97,9 @@ MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
 # Any of these while the municipality's document is requested or streamed cancels the issuance whole.
 UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
 
+# A smartphone credential (seed 002) refused for its own certificate says so: the resident may still
+# hold a good card.
+SMARTPHONE_PROBLEMS = {"card-expired": "smartphone-expired", "card-revoked": "smartphone-revoked"}
 MESSAGES = {
     "municipality-unknown": "This municipality does not offer convenience-store issuance.",
     "municipality-not-participating": "Your municipality does not take part in convenience-store issuance.",
@@ -106,6 +109,9 @@ MESSAGES = {
     "card-not-yet-valid": "This card is not valid yet. Please check the date, or ask your municipality.",
     "copies-out-of-range": "From 1 to {max_copies} copies can be printed at a time.",
     "card-revoked": "This card's certificate is no longer valid. Please ask your municipality.",
+    "smartphone-expired": "This smartphone's credential has expired and your card's certificate is no longer valid. Please ask your municipality.",
+    "smartphone-revoked": "This smartphone's credential was revoked with your card's certificate. Please ask your municipality.",
+    "smartphone-lost": "This smartphone's credential was reported lost and no longer works. Please use your My Number card.",
     "card-untrusted": "This card cannot be read. Please ask your municipality.",
     "legacy-profile-refused": "This card's certificate profile is no longer accepted.",
     "signature-invalid": "Card authentication failed. Please try again.",
@@ -309,6 +315,8 @@ class IssuanceCenter(App):
                 timings.append(timing("ocsp", t_ocsp))
             else:
                 problem = known  # type: ignore[assignment]  # relied on until its nextUpdate: no OCSP hop
+        if problem is not None and is_smartphone(cert):
+            problem = SMARTPHONE_PROBLEMS.get(problem, problem)
         if problem is not None:
             self.sessions.fire(s, SessionEvent.REJECTED)
             self.refusals[problem] += 1
@@ -352,6 +360,8 @@ class IssuanceCenter(App):
         if header(headers, b":status") != b"200":
             return "ocsp-unavailable"
         problem, until = ocsp.verdict(answer, cert, self.jpki_ca, now)
+        if problem == "card-revoked" and is_smartphone(cert) and ocsp.revocation_reason(answer) == x509.ReasonFlags.key_compromise:
+            problem = "smartphone-lost"  # seed 002 §9: the phone is lost, the card stays good
         if self.ocsp_answers is not None:
             self.ocsp_answers.put(cert.serial_number, problem, until)
         return problem

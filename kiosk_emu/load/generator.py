@@ -138,7 +138,9 @@ class Workload:
     kind: str  # "relay": GET /bench/blob?size=N | "issuance": the full card-authenticated flow
     size: int = 0
     # issuance: share of each case; the rest are plain successful issuances
-    mix: tuple[tuple[str, float], ...] = ()  # ("pin-wrong" | "outside-hours" | "card-revoked" | "timeout", share)
+    # ("pin-wrong" | "outside-hours" | "card-revoked" | "timeout" | "smartphone", share); "smartphone": the
+    # resident holds a smartphone credential (seed 002) up to the kiosk instead of the card
+    mix: tuple[tuple[str, float], ...] = ()
     short_timeout_ms: tuple[float, float] = (2.0, 40.0)  # "timeout" case: kiosk timeout drawn from this range
     timeout_s: float = 15.0  # every request's kiosk timeout otherwise
     streams_per_kiosk: int = 64  # relay: concurrent streams per kiosk connection; issuance: 1 customer per kiosk
@@ -150,6 +152,7 @@ EXPECTED = {
     "outside-hours": {"refused:outside-hours"},
     "card-revoked": {"refused:card-revoked"},
     "timeout": {"ok", "cancelled:timeout"},
+    "smartphone": {"ok"},
 }
 
 
@@ -183,6 +186,7 @@ class LoadSpec:
     open_muni: str = ""
     closed_muni: str = ""
     revoked_card: str = ""
+    smartphone: str = ""  # the credential id of the "smartphone" case (the runner makes it)
     cert_type: str = "residence-record"
     hop_kinds: dict[str, str] = field(default_factory=dict)  # server-timing name -> hop label
     clock_start: str | None = None  # emulated time the kiosks print on notices (ISO 8601)
@@ -222,17 +226,19 @@ class _Stats:
         self.split_n = 0
         self.split_total_ms = 0.0
         self.groups: dict[str, tuple[Counter[str], HdrHistogram]] = {}  # fleet mode: per operator
+        self.credentials: dict[str, tuple[Counter[str], HdrHistogram]] = {}  # issuance: card or smartphone
         self.connects = 0  # fleet mode: kiosks that dialled their store router during the run
         self.misdelivery: Counter[str] = Counter()  # the kiosk's reason for each rejected document
 
     def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float],
-               group: str = "") -> None:
+               group: str = "", credential: str = "") -> None:
         self.outcomes[outcome] += 1
-        if group:
-            counts, hist = self.groups.get(group) or self.groups.setdefault(group, (Counter(), new_histogram()))
-            counts[outcome] += 1
-            if not outcome.startswith("error:"):
-                record_ms(hist, ms)
+        for breakdown, key in ((self.groups, group), (self.credentials, credential)):
+            if key:
+                counts, hist = breakdown.get(key) or breakdown.setdefault(key, (Counter(), new_histogram()))
+                counts[outcome] += 1
+                if not outcome.startswith("error:"):
+                    record_ms(hist, ms)
         self.bytes += nbytes
         if outcome.startswith("error:"):
             return
@@ -347,6 +353,7 @@ class _Worker:
         self.stop = asyncio.Event()
         self.kiosks: list[_Kiosk] = []
         self.revoked = None
+        self.phone = None
         self.free: list[_Kiosk] = []  # slots: a kiosk appears once per request it can take now
         self.t_warm = 0.0
         self.t_end = 0.0
@@ -386,6 +393,9 @@ class _Worker:
         if self.spec.revoked_card:
             self.revoked = cards.load(self.spec.revoked_card)
             self.revoked.on_counter_change = None
+        if self.spec.smartphone:
+            self.phone = cards.load(self.spec.smartphone)
+            self.phone.on_counter_change = None
 
     async def connect_all(self) -> None:
         if self.spec.fleet:  # a kiosk dials at its first customer
@@ -446,7 +456,8 @@ class _Worker:
             if split:  # what the parts do not explain: waiting for a free kiosk, or the kiosk's own work
                 split["generator wait"] = (started - intended) * 1000
                 split["kiosk / generator own"] = total - sum(split.values())
-            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split, k.spec.group)
+            credential = "" if w.kind != "issuance" else "smartphone" if case == "smartphone" else "card"
+            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split, k.spec.group, credential)
             if self.trace is not None:
                 seen = [h for h in hops if h in self.spec.trace]
                 self.trace.append((round(intended - self.t_warm, 3), round(done - self.t_warm, 3), outcome, seen))
@@ -469,7 +480,8 @@ class _Worker:
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
         if resident is not None and spec.munis:
             muni = self.rng.choice(spec.munis)
-        card = self.revoked if case == "card-revoked" and self.revoked is not None else resident or k.card
+        card = (self.revoked if case == "card-revoked" and self.revoked is not None
+                else self.phone if case == "smartphone" and self.phone is not None else resident or k.card)
         pin = "9999" if case == "pin-wrong" else DEFAULT_PIN
         flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
         flow.hop_kinds = spec.hop_kinds
@@ -639,6 +651,7 @@ class _Worker:
             "connects": s.connects,
             "misdelivery": dict(s.misdelivery),
             "groups": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.groups.items()},
+            "credentials": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.credentials.items()},
         }
 
     def close(self) -> None:
@@ -812,14 +825,15 @@ def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: st
     return results
 
 
-def merge_groups(results: list[dict]) -> dict[str, dict]:
-    """Fleet mode: outcomes and latency percentiles per group (operator), over the workers."""
+def merge_groups(results: list[dict], breakdown: str = "groups") -> dict[str, dict]:
+    """Outcomes and latency percentiles per group over the workers: per operator in fleet mode
+    (`groups`), per credential in issuance (`credentials`: card or smartphone)."""
     out = {}
-    for g in sorted({g for r in results for g in r.get("groups", {})}):
+    for g in sorted({g for r in results for g in r.get(breakdown, {})}):
         outcomes: Counter[str] = Counter()
         for r in results:
-            outcomes.update(r.get("groups", {}).get(g, {}).get("outcomes", {}))
-        lat = merge([r["groups"][g]["latency"] for r in results if g in r.get("groups", {})])
+            outcomes.update(r.get(breakdown, {}).get(g, {}).get("outcomes", {}))
+        lat = merge([r[breakdown][g]["latency"] for r in results if g in r.get(breakdown, {})])
         out[g] = {
             "issued": outcomes.get("ok", 0),
             "misdelivered": outcomes.get("misdelivered", 0),
@@ -895,5 +909,6 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         "connections_opened": sum(r.get("connects", 0) for r in results),
         "misdelivery_reasons": dict(sum((Counter(r.get("misdelivery", {})) for r in results), Counter())),
         "by_group": merge_groups(results),
+        "by_credential": merge_groups(results, "credentials"),
         **({"trace": sorted(x for r in results for x in r.get("trace", []))} if spec.trace is not None else {}),
     }
