@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.business.certificate import resident_named
 from gateway.protocol.h2core import Headers, header
 from gateway.protocol.messages import (
     AuthOk,
@@ -87,6 +88,9 @@ class Status(StrEnum):
     MISDELIVERED = "misdelivered"
     CANCELLED = "cancelled"
 
+
+HEAD = 4096  # bytes of a document kept to read whose certificate it is (its metadata comes first)
+
 KIOSK_MESSAGES = {
     "pin-wrong": "The PIN is wrong. {tries} left.",
     "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
@@ -136,6 +140,7 @@ class KioskFlow:
         self.outcome = Outcome()
         self.hop_kinds: dict[str, str] = {}
         self._digest = hashlib.sha256()
+        self._head = b""
 
     def _go(self, event: str) -> None:
         nxt = TRANSITIONS.get((self.state, event))
@@ -227,6 +232,8 @@ class KioskFlow:
 
     def on_document_chunk(self, chunk: bytes) -> None:
         self._digest.update(chunk)
+        if self.outcome.document_bytes < HEAD:  # the certificate says whose it is in its head
+            self._head += chunk[: HEAD - self.outcome.document_bytes]
         self.outcome.document_bytes += len(chunk)
 
     def on_document_end(self, trailers: Headers | None) -> str | None:
@@ -260,6 +267,10 @@ class KioskFlow:
             return "issuance-id-mismatch"
         if b.sha256 != self._digest.hexdigest() or b.bytes != self.outcome.document_bytes:
             return "document-altered"
+        # what the paper says, read as the resident would: a center that swapped cards and sessions
+        # signs its mistake, but the name on the certificate is still somebody else's
+        if resident_named(self._head) != self.card.holder.name:
+            return "resident-mismatch"
         self.outcome.fee = b.fee
         return None
 

@@ -311,10 +311,11 @@ class _Devices:
 
     async def print(self, flow: KioskFlow) -> bool:
         printer, iid = self.kiosk.printer, flow.outcome.issuance_id or ""
+        document = self.kiosk._spool_file(flow).read_bytes() if printer.save_to is not None else b""
         with trio.move_on_after(self.kiosk.print_timeout) as waited:
-            self.job = await printer.print_job(iid, flow.request.copies)
+            self.job = await printer.print_job(iid, flow.request.copies, document)
         if waited.cancelled_caught:  # paid but not printed in time: void, and the resident is told so
-            self.job = printer.void(iid, flow.request.copies)
+            self.job = printer.void(iid, flow.request.copies, document)
             self.kiosk._log("print-overrun", issuance=iid, copies_out=len(printer.tray.get(iid, [])))
         return self.job.misprinted
 

@@ -76,3 +76,45 @@ def test_a_character_outside_the_cut_is_refused_not_dropped(cut):
     with pytest.raises(ValueError, match="outside the font"):
         certificate(issuance_id="iss-x", cert_type="residence-record", card_id="c", municipality_code="1",
                     municipality_name="札幌市", issued_at=AT, cut=cut)
+
+
+async def test_the_printed_certificate_names_the_card_holder_read_by_pypdf_alone(net, tmp_path):
+    """End to end, judged on the paper itself (not on konbini's binding check): the PDF the kiosk
+    printed names the holder written on the card's face, and the ledger row names the card."""
+    from gateway.business.ledger import LedgerDB
+    from gateway.protocol.messages import IssueRequest
+    from kiosk_emu.device.printer import Printer
+    from kiosk_emu.kiosk import issue_at
+
+    card = net.cards.ensure_pool(1)[0]
+    saved = tmp_path / "printed.pdf"
+    r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest("131016", "seal-registration"), Printer(save_to=saved))
+    assert r.status == "issued"
+    text = _text(saved.read_bytes())
+    face = card.holder
+    assert face.name in text and f"{face.born.year}年{face.born.month}月{face.born.day}日" in text
+    assert TITLES["seal-registration"] in text and r.issuance_id in text and card.card_id in text
+    ledger = LedgerDB(net.state_dir / "ledger.sqlite")
+    try:
+        assert ledger.issuance(r.issuance_id).card == card.card_id
+    finally:
+        ledger.close()
+
+
+async def test_a_center_that_fetches_another_residents_certificate_is_caught_by_the_kiosk(net, monkeypatch, tmp_path):
+    """A center that mixes up cards signs its mistake (the binding is valid): the kiosk reads the
+    name on the paper, refuses it before payment, prints nothing and reports the misdelivery."""
+    import gateway.nodes.issuance
+    from gateway.protocol.messages import DocumentRequest, IssueRequest
+    from kiosk_emu.device.printer import Printer
+    from kiosk_emu.kiosk import issue_at
+
+    monkeypatch.setattr(gateway.nodes.issuance, "DocumentRequest",
+                        lambda iid, cert_type, size, card: DocumentRequest(iid, cert_type, size, "someone-else"))
+    card = net.cards.ensure_pool(2)[1]
+    assert card.holder != residents.holder("someone-else")
+    printer = Printer(save_to=tmp_path / "printed.pdf")
+    r = await issue_at(net, "kiosk-a2-1", card, "1234", IssueRequest("131016", "residence-record"), printer)
+    assert (r.status, r.reason, r.charged) == ("misdelivered", "resident-mismatch", 0)
+    assert printer.tray == {} and not (tmp_path / "printed.pdf").exists() and r.spool_erased
+    assert [m.problem for m in net.app("issuance-center").misdeliveries] == ["resident-mismatch"]

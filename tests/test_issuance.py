@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import gateway.nodes.issuance
 from gateway.business import ocsp
+from gateway.business.certificate import certificate, certificate_font, document_chunks
 from gateway.business.clock import Clock
 from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
@@ -97,6 +98,13 @@ def _signed_trailers(key, binding: Binding):
     return [(b"konbini-binding", base64.b64encode(blob)), (b"konbini-signature", base64.b64encode(sig))]
 
 
+def _certificate_of(state, card_id: str) -> bytes:
+    """A municipality's certificate for the holder of `card_id`, as the kiosk receives it."""
+    page = certificate(issuance_id="iss-1", cert_type="residence-record", card_id=card_id, municipality_code=MUNI_A,
+                       municipality_name="千代田区", issued_at=TEST_TIME, cut=certificate_font(("千代田区",), state / "fonts"))
+    return b"".join(document_chunks(page, "iss-1", 0))
+
+
 @pytest.mark.parametrize(
     "change, problem",
     [
@@ -106,6 +114,7 @@ def _signed_trailers(key, binding: Binding):
         ({"issuance_id": "iss-other"}, "issuance-id-mismatch"),
         ({"sha256": "0" * 64}, "document-altered"),
         ({"bytes": 1}, "document-altered"),
+        ({"_resident": "someone-elses-card"}, "resident-mismatch"),  # signed right, another resident on the paper
     ],
 )
 def test_kiosk_flow_accepts_only_a_document_bound_to_itself(state, topo, change, problem):
@@ -118,9 +127,14 @@ def test_kiosk_flow_accepts_only_a_document_bound_to_itself(state, topo, change,
     flow = KioskFlow("kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"), key.public_key())
     flow.state, flow.session = State.AUTHENTICATED, "sess-1"
     assert flow.on_document_headers(200, [(b":status", b"200"), (b"konbini-issuance-id", b"iss-1")])
-    doc = b"%PDF-1.7 mine"
-    flow.on_document_chunk(doc)
+    doc = _certificate_of(state, card.card_id)
+    other = change.pop("_resident", None)
     import hashlib
+
+    mine = doc
+    if other is not None:
+        doc = _certificate_of(state, other)
+    flow.on_document_chunk(doc)
 
     fields = dict(issuance_id="iss-1", session="sess-1", kiosk="kiosk-a1-1", card=card.fingerprint,
                   sha256=hashlib.sha256(doc).hexdigest(), bytes=len(doc), cert_type="residence-record", copies=1, fee=200)
@@ -129,7 +143,8 @@ def test_kiosk_flow_accepts_only_a_document_bound_to_itself(state, topo, change,
     control = KioskFlow("kiosk-a1-1", card, "1234", flow.request, key.public_key())
     control.state, control.session = State.AUTHENTICATED, "sess-1"
     control.on_document_headers(200, [(b"konbini-issuance-id", b"iss-1")])
-    control.on_document_chunk(doc)
+    control.on_document_chunk(mine)
+    good = Binding(**{**fields, "sha256": hashlib.sha256(mine).hexdigest(), "bytes": len(mine)})
     assert control.on_document_end(_signed_trailers(key, good)) is None
     assert flow.on_document_end(_signed_trailers(key, Binding(**{**fields, **change}))) == problem
     assert flow.state is State.MISDELIVERED
