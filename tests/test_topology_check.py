@@ -297,7 +297,7 @@ STRAY_LINE = "  - {id: stray, a: kiosk-a1-1, b: nowhere, kind: lan}\n"
 
 def test_check_main_prints_each_problem_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, _ = edited(tmp_path, ("address: 127.18.11.12", "address: 127.18.11.11"), append=STRAY_LINE)
-    assert check_main(str(path)) == 1
+    assert check_main(str(path)) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [str(p) for p in check_file(path)]

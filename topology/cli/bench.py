@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
     b.add_argument("--hour-s", type=float, default=2.0, help=f"{NATIONAL}: seconds per service hour of the compressed day (default 2; 0: none)")
     b.add_argument("--processes", type=int, default=12, help=f"{NATIONAL}: node processes for the issuance path (default 12)")
     b.add_argument("--max-open", type=int, default=2000, help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either")
     b.set_defaults(func=cmd_bench)
 
 

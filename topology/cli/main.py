@@ -15,7 +15,7 @@ from kiosk_emu.card import DEFAULT_PIN
 from topology.cli import bench, business, export, graph, netns
 from topology.cli import expand as expand_cmd
 from topology.cli.card import cmd_card
-from topology.cli.common import default_topology_path, load, user_error
+from topology.cli.common import default_topology_path, load, settle_options, share_options, user_error
 from topology.cli.demo import run_demo
 from topology.cli.issue import cmd_issue
 from topology.cli.up import PLANNED_CONNECTIONS, cmd_preflight, cmd_up
@@ -117,13 +117,15 @@ def parser() -> argparse.ArgumentParser:
     export.register(sub)  # export k8s, export compose
     expand_cmd.register(sub)  # expand, schema
     graph.register(sub)
+    share_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     try:
+        settle_options(args)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(asctime)s %(name)s %(message)s")
         return args.func(args)
     except BaseException as exc:
         user = user_error(exc)

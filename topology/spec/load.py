@@ -85,12 +85,13 @@ def check_file(path: str | Path) -> list[Problem]:
 
 
 def check_main(path: str) -> int:
-    """`konbini check FILE`: one line per problem on stderr, or a summary on stdout."""
+    """`konbini check FILE`: one line per problem on stderr and exit 2, as every command that
+    loads a bad file; or a summary on stdout."""
     topo, problems = _load(Path(path))
     if problems or topo is None:
         for problem in problems:
             print(problem, file=sys.stderr)
-        return 1
+        return 2
     rules = sum(len(n.allow) for n in topo.nodes.values())
     print(f"OK: {topo.name}: {len(topo.nodes)} nodes, {len(topo.lines)} lines, {rules} allow rules")
     return 0
