@@ -38,6 +38,7 @@ import msgspec
 
 from topology.spec.model import (
     SERVER_KINDS,
+    AdminRule,
     Hours,
     Impairment,
     Limits,
@@ -94,6 +95,8 @@ class ExplicitNode(NodeFields, forbid_unknown_fields=True, frozen=True, omit_def
     site: str = ""
     address: str = ""
     netns_address: str | None = None
+    admin_port: int | None = None
+    admin: tuple[AdminRule, ...] = ()
 
 
 class LineFields(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -174,7 +177,12 @@ class CompactTopology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 def json_schema() -> dict[str, Any]:
-    return msgspec.json.schema(CompactTopology)
+    schema = msgspec.json.schema(CompactTopology)
+    # `from: x` is short for `from: [x]` (a role too); the loader lists it before conversion
+    properties = schema["$defs"]["AllowTemplate"]["properties"]
+    listed = properties["from"]
+    properties["from"] = {"anyOf": [*listed["items"]["anyOf"], listed]}
+    return schema
 
 
 # ---------------------------------------------------------------------------------------------

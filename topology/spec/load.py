@@ -84,6 +84,11 @@ def check_file(path: str | Path) -> list[Problem]:
     return _load(Path(path))[1]
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The file as plain data, with the scalars the loader reads (what `konbini schema` describes)."""
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def check_main(path: str) -> int:
     """`konbini check FILE`: one line per problem on stderr and exit 2, as every command that
     loads a bad file; or a summary on stdout."""
