@@ -192,6 +192,8 @@ _RANGE = re.compile(r"([A-Za-z0-9_-]*)\[(\d+)-(\d+)\]([A-Za-z0-9_-]*)")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _THE_STORES_KIOSKS = Role(kind="kiosk", same="site")  # within a group: its own kiosks (explicit kiosks cannot stand at a member's site)
 _INHERITED = ("port", "operator", "upstream", "upstreams", "upstream_policy", "allow", "municipality")
+_MEMBER_ID = re.compile(r"kiosk-(?P<kiosk>.+)-(?P<k>[0-9]+)|(?:store-router|store-controller|wifi)-(?P<member>.+)")
+_GROUP_KINDS = frozenset({"store-router", "store-controller", "wifi", "kiosk"})  # the nodes a group makes
 
 
 @dataclass
@@ -275,6 +277,9 @@ class _Expansion:
         self._origin_text: dict[FieldPath, str] = {}
         self._indexed_kinds: set[str] = set()
         self.broken_groups = False
+        self._claimed_members: dict[str, list[tuple[str, int]]] = {}  # member name -> (the clash to report, kiosk number or 0: all)
+        self._claims_indexed = False
+        self.used: set[FieldPath] = set()  # inherited fields some node took, e.g. ("kinds", "kiosk", "upstream")
         # role indexes over every node: (kind) / (kind, "site", site) / (kind, "operator", op) -> ids
         self.index: dict[tuple[str, ...], list[str]] = {}
 
@@ -326,7 +331,7 @@ class _Expansion:
             group = self.convert(raw, StoreGroup, ("groups", name))
             if group is not None:
                 placed = self._place(name, group)
-                if placed is not None:
+                if placed is not None and self._ids_free(name, placed[0], placed[2]):
                     built.append((name, group, *placed))
                 else:
                     self.broken_groups = True  # roles that would match its members stay quiet: one problem, not a cascade
@@ -336,7 +341,32 @@ class _Expansion:
             self._build_group(name, group, members, start, kiosks)
         self._resolve_explicit_roles()
         self._check_explicit_outside_pools()
+        self._check_unused_fields(built)
         return self.out
+
+    def _check_unused_fields(self, built: list[tuple[str, StoreGroup, list[str], int, list[int]]]) -> None:
+        """A field under `defaults` or `kinds` that no node takes is a mistake the file cannot show:
+        a kiosk's allow-list, a group member's upstream. Each is a problem at its own line."""
+        if self.broken_groups:
+            return  # the broken group's members would have taken some: one problem, not a cascade
+        levels: list[tuple[FieldPath, str | None, dict[str, Any]]] = [(("defaults",), None, self.defaults)]
+        levels += [(("kinds", kind), kind, fields) for kind, fields in self.kinds.items()]
+        levels += [(("groups", name, "kinds", kind), kind, msgspec.to_builtins(fields))
+                   for name, group, *_ in built for kind, fields in group.kinds.items()]
+        for path, kind, fields in levels:
+            for key in _INHERITED:
+                if fields.get(key) is None or path + (key,) in self.used:
+                    continue
+                if kind is not None and kind not in SERVER_KINDS and key in ("port", "allow"):
+                    why = f"a {kind} does not listen"
+                elif path[0] == "groups" and kind not in _GROUP_KINDS:
+                    why = f"a group makes no {kind}"
+                elif path[0] == "groups" or (kind in _GROUP_KINDS and key not in ("port", "allow")):
+                    takes = "only port and allow" if kind in SERVER_KINDS else "nothing"
+                    why = f"a group's {kind}s take {takes} from kinds; the rest comes from the group"
+                else:
+                    why = "every node it would apply to sets its own, or there is none"
+                self.report(path + (key,), f"has no effect: {why}")
 
     def _check_explicit_outside_pools(self) -> None:
         """Members are unique by construction; an explicit node could still sit on a member's address."""
@@ -363,15 +393,16 @@ class _Expansion:
             return raw
         kind = raw.get("kind")
         merged: dict[str, Any] = {}
-        origin: FieldPath | None = None
+        taken: dict[str, FieldPath] = {}
         for level, where in ((self.defaults, ("defaults",)), (self.kinds.get(kind, {}) if isinstance(kind, str) else {}, ("kinds", kind))):
             for key in _INHERITED:
                 if key in level and key not in raw:
                     if key in ("port", "allow") and kind not in SERVER_KINDS:
                         continue
                     merged[key] = level[key]
-                    if key == "allow":
-                        origin = where + ("allow",)
+                    taken[key] = where + (key,)
+        self.used.update(taken.values())
+        origin = taken.get("allow")
         merged.update(raw)
         if "allow" in raw:
             merged["allow"] = _normalize_allow(raw["allow"])
@@ -436,6 +467,26 @@ class _Expansion:
             return None
         return members, start, kiosks
 
+    def _ids_free(self, name: str, members: list[str], kiosks: list[int]) -> bool:
+        """Whether the ids the group derives are its own. Checked before building, so that a clash is
+        one problem at the range and the group is not half made (a cascade of follow-on problems)."""
+        claimed = self._claimed_members
+        if not self._claims_indexed:  # once: explicit ids that have a member's shape
+            self._claims_indexed = True
+            for node_id in self.out.raw_nodes if isinstance(self.out.raw_nodes, dict) else ():
+                if m := _MEMBER_ID.fullmatch(node_id):
+                    where = f"derived id {node_id!r} is already taken by the node on line {self.line_of(('nodes', node_id))}"
+                    claimed.setdefault(m["kiosk"] or m["member"], []).append((where, int(m["k"] or 0)))
+        for m, count in zip(members, kiosks, strict=True):
+            for where, k in claimed.get(m, ()):
+                if k <= count:  # kiosk-<m>-<k> clashes only when the member has k kiosks
+                    self.report(("groups", name, "range"), where)
+                    return False
+        line = self.line_of(("groups", name, "range"))
+        for m in members:
+            claimed.setdefault(m, []).append((f"derived id 'store-router-{m}' is already taken by group {name} (line {line})", 0))
+        return True
+
     def _member_fields(self, group: StoreGroup, kind: str) -> tuple[dict[str, Any], dict[str, FieldPath]]:
         """defaults < kinds < the group's kinds, converted; and where each allow-list came from."""
         merged: dict[str, Any] = {}
@@ -464,6 +515,8 @@ class _Expansion:
             return
         policy = group.upstream_policy or "failover"
         fields = {k: self._member_fields(group, k) for k in ("store-router", "store-controller", "wifi", "kiosk")}
+        for _, where in fields.values():
+            self.used.update(where[k] for k in ("port", "allow") if k in where)  # all a member takes from kinds
         for kind, (merged, _) in fields.items():
             if kind in SERVER_KINDS and merged.get("port") is None:
                 self.report(path, f"the group's {kind}s need a port (set defaults.port or kinds.{kind}.port)")
@@ -646,9 +699,11 @@ class _Expansion:
                             sources.extend(self._resolve(role, raw.get("site"), raw.get("operator"), base + (i, "from", j), True))
                     else:
                         sources.append(source)
-                out.append({**rule, "from": sources})
+                if templated and not sources and self.broken_groups:
+                    continue  # its roles would have matched the broken group's members: that group's problem stands for it
                 if templated:
-                    self.out.origins[f"nodes.{node_id}.allow[{i}]"] = f"{self.file}:{self.line_of(base + (i,))}"
+                    self.out.origins[f"nodes.{node_id}.allow[{len(out)}]"] = f"{self.file}:{self.line_of(base + (i,))}"
+                out.append({**rule, "from": sources})
             raw["allow"] = out
 
     # -- municipalities ---------------------------------------------------------------------
@@ -673,6 +728,7 @@ class _Expansion:
             self.report(path + ("participating",), f"must be between 0 and count ({gen.count})")
             return
         merged, where = self._member_fields(StoreGroup("x[1-1]", "", ""), "municipality")
+        self.used.update(where[k] for k in ("port", "allow") if k in where)  # the generator makes the rest
         if merged.get("port") is None:
             self.report(path, "municipalities need a port (set defaults.port or kinds.municipality.port)")
             return
@@ -682,10 +738,18 @@ class _Expansion:
         templates = self._allow_templates(merged.get("allow"), where.get("allow"))
         if templates is None:
             return
+        ids = [gen.id.format(n=n) for n in range(1, gen.count + 1)]
+        raw_nodes = self.out.raw_nodes if isinstance(self.out.raw_nodes, dict) else {}
+        if (clash := next((x for x in ids if x in raw_nodes or x in self.out.members), None)) is not None:
+            self.report(path + ("id",), f"derived id {clash!r} is already taken")  # before building: one problem, none half made
+            return
+        if len(set(ids)) < len(ids):
+            self.report(path + ("id",), f"{gen.id!r} derives the same id twice; put {{n}} in it")
+            return
         no_imp = Impairment()
-        for i in range(gen.count):
+        for i, node_id in enumerate(ids):
             n = i + 1
-            node_id, site = gen.id.format(n=n), gen.site.format(n=n)
+            site = gen.site.format(n=n)
             pref = 1 + i * 47 // gen.count  # spread over the 47 prefectures, as JIS X 0401 numbers them
             city = 100 + i - (((pref - 1) * gen.count + 46) // 47)
             code5 = f"{pref:02d}{city:03d}"
@@ -696,9 +760,6 @@ class _Expansion:
             rules = self._rules(node_id, site, None, templates, [], i == 0)
             node = NodeStruct(node_id, "municipality", site, _ip(start + i), netns_address=_netns_ip(start + i), port=merged["port"],
                               allow=rules, municipality=muni)
-            if node_id in self.out.members or node_id in self.out.raw_nodes:
-                self.report(path + ("id",), f"derived id {node_id!r} is already taken")
-                return
             self.out.members[node_id] = node
             self._add_index(node_id, "municipality", site, None, None)
             if i:
