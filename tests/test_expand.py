@@ -87,6 +87,7 @@ nodes:
     address: 127.18.0.11
     municipality:
       code: "131016"
+      name: 千代田区
       certificates: {residence-record: 200, seal-registration: 200, tax-certificate: 300, family-register: 450, vaccination: 120}
   muni-b:
     kind: municipality
@@ -94,6 +95,7 @@ nodes:
     address: 127.18.0.12
     municipality:
       code: "141003"
+      name: 横浜市
       hours: {open: "08:30", close: "19:00"}
       certificates: {residence-record: 200, seal-registration: 200, tax-certificate: 300, vaccination: 120}
   muni-c:
@@ -102,6 +104,7 @@ nodes:
     address: 127.18.0.13
     municipality:
       code: "271004"
+      name: 大阪市
       participating: false
       certificates: {residence-record: 200, seal-registration: 200, tax-certificate: 300, family-register: 450, vaccination: 120}
   ec-router-a: {kind: ec-router, site: ec-a, operator: a, address: 127.18.10.1, upstream: dmz-relay-a}

@@ -46,15 +46,16 @@ def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type:
     now = now.astimezone(JST)
     if muni is None:
         return "municipality-unknown", {}
+    named = {"municipality": muni.name or "Your municipality"}  # the kiosk screen names it where the file does
     if not participates(muni, now.date()):
-        return "municipality-not-participating", {}
+        return "municipality-not-participating", named
     open_, close = window(service, muni.hours)
     if cert_type not in CLOSURE_EXEMPT and year_end_closure(now.date()):
         return "outside-hours", {"hours": "closed Dec 29 - Jan 3"}
     if not within(now, open_, close):
         return "outside-hours", {"hours": f"{open_}–{close}"}
     if cert_type not in muni.certificates:
-        return "certificate-type-not-offered", {}
+        return "certificate-type-not-offered", named
     if not 1 <= copies <= MAX_COPIES:
         return "copies-out-of-range", {"max_copies": str(MAX_COPIES)}
     return None

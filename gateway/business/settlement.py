@@ -130,22 +130,40 @@ class OperatorTotals:
         return {**asdict(self), "consignment": self.consignment, "amount_due": self.amount_due}
 
 
-def totals(entries: list[dict[str, Any]], month: str) -> dict[str, OperatorTotals]:
-    """Per operator, from ledger facts of `month`: the noticed issuances, with the latest
-    correction applied; a refunded (misprinted) job counts no copies and no fee."""
+def _noticed(entries: list[dict[str, Any]], month: str) -> list[dict[str, Any]]:
+    """The noticed issuances of `month`, each with the latest correction and its refund applied."""
     noticed: dict[str, dict[str, Any]] = {}
     for e in entries:
         if e["month"] != month or not e["issuance_id"]:
             continue
         iid = e["issuance_id"]
         if e["kind"] == "notice":
-            noticed[iid] = {"operator": e["operator"] or "-", "copies": e["copies"], "fee": e["amount"], "refund": 0}
+            noticed[iid] = {"operator": e["operator"] or "-", "municipality": e.get("municipality") or "-",
+                            "copies": e["copies"], "fee": e["amount"], "refund": 0}
         elif e["kind"] == "correction" and iid in noticed:
             noticed[iid].update(copies=e["copies"], fee=e["amount"])
         elif e["kind"] == "refund" and iid in noticed:
             noticed[iid]["refund"] += -e["amount"]
+    return list(noticed.values())
+
+
+def municipality_totals(entries: list[dict[str, Any]], month: str) -> dict[str, dict[str, int]]:
+    """Per municipality code: issuances, copies and fees kept (refunded jobs count no copies and no fee)."""
+    out: dict[str, dict[str, int]] = {}
+    for rec in _noticed(entries, month):
+        t = out.setdefault(rec["municipality"], {"issuances": 0, "copies": 0, "fees": 0})
+        t["issuances"] += 1
+        if not rec["refund"]:
+            t["copies"] += rec["copies"]
+        t["fees"] += rec["fee"] - rec["refund"]
+    return dict(sorted(out.items()))
+
+
+def totals(entries: list[dict[str, Any]], month: str) -> dict[str, OperatorTotals]:
+    """Per operator, from ledger facts of `month`: the noticed issuances, with the latest
+    correction applied; a refunded (misprinted) job counts no copies and no fee."""
     out: dict[str, OperatorTotals] = {}
-    for rec in noticed.values():
+    for rec in _noticed(entries, month):
         t = out.setdefault(rec["operator"], OperatorTotals(rec["operator"]))
         t.issuances += 1
         if rec["refund"]:
@@ -172,6 +190,7 @@ def report(entries: list[dict[str, Any]], month: str, now: datetime) -> dict[str
         "deadlines": deadlines(month).as_json(),
         "consignment_fee_per_copy": CONSIGNMENT_FEE,
         "operators": {op: t.as_json() for op, t in per_op.items()},
+        "municipalities": municipality_totals(entries, month),
         "total": {
             "copies": sum(t.copies for t in per_op.values()),
             "fees": sum(t.fees for t in per_op.values()),

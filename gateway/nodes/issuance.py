@@ -102,9 +102,9 @@ UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
 SMARTPHONE_PROBLEMS = {"card-expired": "smartphone-expired", "card-revoked": "smartphone-revoked"}
 MESSAGES = {
     "municipality-unknown": "This municipality does not offer convenience-store issuance.",
-    "municipality-not-participating": "Your municipality does not take part in convenience-store issuance.",
+    "municipality-not-participating": "{municipality} does not take part in convenience-store issuance.",
     "outside-hours": "The service is not available now. Hours: {hours} (Japan time).",
-    "certificate-type-not-offered": "This certificate is not offered here.",
+    "certificate-type-not-offered": "{municipality} does not offer this certificate here.",
     "card-expired": "This card has expired. Please ask your municipality.",
     "card-not-yet-valid": "This card is not valid yet. Please check the date, or ask your municipality.",
     "copies-out-of-range": "From 1 to {max_copies} copies can be printed at a time.",

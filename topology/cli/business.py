@@ -50,6 +50,10 @@ def cmd_settle(args, topo) -> int:
     except LedgerError as exc:
         raise UserError(str(exc)) from None
     rep = {**rep, "status": status}
+    munis = topo.municipalities()
+    named = {code: {**t, "name": munis[code].municipality.name if code in munis else None}
+             for code, t in rep.get("municipalities", {}).items()}  # a month fixed before this has none
+    rep["municipalities"] = named
     if args.json:
         print(json.dumps(rep, ensure_ascii=False))
         return 0
@@ -59,6 +63,8 @@ def cmd_settle(args, topo) -> int:
         print(f"{op:<10} {t['copies']:>7} {t['fees']:>10} {t['consignment']:>12} {t['amount_due']:>11}")
     tot = rep["total"]
     print(f"{'total':<10} {tot['copies']:>7} {tot['fees']:>10} {tot['consignment']:>12} {tot['amount_due']:>11}")
+    for code, t in named.items():
+        print(f"  {(t['name'] + ' ' if t['name'] else '')}{code}: {t['copies']} copies, {t['fees']} yen in fees")
     d = rep["deadlines"]
     print(f"deadlines: reconcile {d['reconcile']}, amount fixed {d['fix']}, invoice {d['invoice']}, payment {d['payment']}")
     return 0

@@ -105,6 +105,12 @@ class Municipality(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hours: Hours = Hours()
     # certificate type -> fee per copy in yen
     certificates: dict[str, int] = {}
+    name: str | None = None  # what residents call it, e.g. 高松市; reports, the graph, settlement and the kiosk screen show it
+
+    @property
+    def display(self) -> str:
+        """The name with the code, "高松市 (372013)", or the code alone."""
+        return f"{self.name} ({self.code})" if self.name else self.code
 
 
 class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
