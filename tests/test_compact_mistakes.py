@@ -50,3 +50,9 @@ def test_an_explicit_node_on_a_derived_id_is_one_problem_at_the_range(tmp_path):
 def test_an_explicit_kiosk_clashes_only_with_a_member_that_has_that_many_kiosks(tmp_path):
     text = SMALL.replace("nodes:\n", "nodes:\n  kiosk-s01-3: {kind: kiosk, site: store-x, operator: a, address: 127.18.40.1, upstream: ec-router-a}\n")
     assert not any(p.field == "groups.shops.range" for p in check_file(write(tmp_path, text)))
+
+
+def test_a_group_that_cannot_be_built_is_one_problem_not_unknown_peers(tmp_path):
+    text = SMALL.replace(", upstream: ec-router-a, kiosks: 2}", ", kiosks: 2}")
+    problems = check_file(write(tmp_path, text))
+    assert [(p.field, p.line) for p in problems] == [("groups.shops.upstream", line_of(text, "shops:"))]

@@ -331,7 +331,7 @@ class _Expansion:
             group = self.convert(raw, StoreGroup, ("groups", name))
             if group is not None:
                 placed = self._place(name, group)
-                if placed is not None and self._ids_free(name, placed[0], placed[2]):
+                if placed is not None and self._buildable(name, group) and self._ids_free(name, placed[0], placed[2]):
                     built.append((name, group, *placed))
                 else:
                     self.broken_groups = True  # roles that would match its members stay quiet: one problem, not a cascade
@@ -467,6 +467,20 @@ class _Expansion:
             return None
         return members, start, kiosks
 
+    def _buildable(self, name: str, group: StoreGroup) -> bool:
+        """What `_build_group` needs, checked before any role can count the group's members."""
+        self._current = name
+        path: FieldPath = ("groups", name)
+        if not (group.upstreams or group.upstream):
+            self.report(path + ("upstream",), "a store group needs an upstream: its EC router")
+            return False
+        fields = {k: self._member_fields(group, k) for k in ("store-router", "store-controller", "wifi", "kiosk")}
+        for kind, (merged, _) in fields.items():
+            if kind in SERVER_KINDS and merged.get("port") is None:
+                self.report(path, f"the group's {kind}s need a port (set defaults.port or kinds.{kind}.port)")
+                return False
+        return all(self._allow_templates(merged.get("allow"), where.get("allow")) is not None for merged, where in fields.values())
+
     def _ids_free(self, name: str, members: list[str], kiosks: list[int]) -> bool:
         """Whether the ids the group derives are its own. Checked before building, so that a clash is
         one problem at the range and the group is not half made (a cascade of follow-on problems)."""
@@ -554,6 +568,7 @@ class _Expansion:
             for node in made:
                 if node.id in nodes or node.id in raw_nodes:
                     self.report(range_path, f"derived id {node.id!r} is already taken")
+                    self.broken_groups = True
                     return
                 nodes[node.id] = node
                 if not first:
