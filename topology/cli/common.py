@@ -91,7 +91,7 @@ def _share(p: argparse.ArgumentParser, reads_topology: bool) -> None:
         return  # `schema`; the groups `policy`, `export` and `link` (their subcommands read one)
     positionals = [a for a in p._actions if not a.option_strings]
     if "--topology" not in options:
-        p.add_argument("--topology", default=argparse.SUPPRESS, metavar="FILE", help="the topology file, as FILE")
+        p.add_argument("--topology", default=argparse.SUPPRESS, metavar="FILE", help="topology file (default: the shipped default topology)")
     if "--state" not in options:
         p.add_argument("--state", default=argparse.SUPPRESS, help="state directory (PKI, cards, spools, logs)")
     # FILE only where it is the one positional: after others (`card revoke ID FILE`) argparse
