@@ -523,21 +523,12 @@ class _Expansion:
         path: FieldPath = ("groups", name)
         lay = group.layout
         op = group.operator
-        hops = tuple(group.upstreams or ((group.upstream,) if group.upstream else ()))
-        if not hops:
-            self.report(path + ("upstream",), "a store group needs an upstream: its EC router")
-            return
+        hops = tuple(group.upstreams or ((group.upstream,) if group.upstream else ()))  # _buildable: at least one
         policy = group.upstream_policy or "failover"
         fields = {k: self._member_fields(group, k) for k in ("store-router", "store-controller", "wifi", "kiosk")}
         for _, where in fields.values():
             self.used.update(where[k] for k in ("port", "allow") if k in where)  # all a member takes from kinds
-        for kind, (merged, _) in fields.items():
-            if kind in SERVER_KINDS and merged.get("port") is None:
-                self.report(path, f"the group's {kind}s need a port (set defaults.port or kinds.{kind}.port)")
-                return
-        allow = {k: self._allow_templates(f[0].get("allow"), f[1].get("allow")) for k, f in fields.items()}
-        if any(a is None for a in allow.values()):
-            return
+        allow = {k: self._allow_templates(f[0].get("allow"), f[1].get("allow")) or [] for k, f in fields.items()}
         nodes, lines = self.out.members, self.out.member_lines
         raw_nodes = self.out.raw_nodes if isinstance(self.out.raw_nodes, dict) else {}
         bulk_add = self.out.bulk.add
