@@ -38,6 +38,7 @@ class Targets:
     relays: tuple[str, str]  # DMZ relays of `operator`; the first is killed
     municipality: str  # its code
     servers: tuple[str, str]  # its document servers; the first is killed
+    municipality_name: str | None = None  # as the file names it, e.g. 高松市
 
     @property
     def watched(self) -> tuple[str, ...]:
@@ -71,7 +72,8 @@ def targets(topo: Topology) -> Targets:
     if pair is None or muni is None:
         raise FailoverError(f"{topo.source}: the failover bench needs an operator with two DMZ relays and a "
                             "municipality with two document servers (try --topology topology/redundant.yaml)")
-    return Targets(pair[0], pair[1], muni[0], (muni[1][0], muni[1][1]))
+    data = topo.node(muni[1][0]).municipality
+    return Targets(pair[0], pair[1], muni[0], (muni[1][0], muni[1][1]), data.name if data else None)
 
 
 class FaultSchedule:
@@ -184,7 +186,8 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
             "ok_while_down_via_killed": sum(1 for r in started_down if r[1] < k1 and kill["node"] in r[3]),
         })
     return {
-        "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality, "servers": list(t.servers)},
+        "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality,
+                    "municipality_name": t.municipality_name, "servers": list(t.servers)},
         "events": events,
         "per_second": [{**r, "reasons": dict(r["reasons"]), "via": dict(r["via"])} for r in per_second],
         "stretches": stretches,

@@ -333,8 +333,10 @@ def md_failover(report: dict) -> list[str]:
                 marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
             rows = [[row["second"], row["ok"], row["failed"], row["reasons"] or "", *[row["via"].get(w, 0) for w in watched],
                      "; ".join(marks.get(row["second"], []))] for row in fo["per_second"]]
+            muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
             out += [f"**{name} {phase}**: {r.get('rate')}/s open loop, {r.get('ok')} issued, misdelivered "
-                    f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}. Seconds from the end of "
+                    f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
+                    f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
                     "warm-up, issuances counted in the second they ended.", "",
                     *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows), ""]
             frows = [[f["node"], f["killed_at_s"], f["restarted_at_s"], f["pid_gone"], f["failures"] or "none",

@@ -418,7 +418,7 @@ class Bench:
         if self.failover is not None:  # the load goes to the municipality with two document servers
             node = munis[self.failover.municipality]
             if not within(clock, *window(self.topo.service_hours, node.municipality.hours)):
-                raise BenchError(f"{self.topo.source}: municipality {self.failover.municipality} is closed at 20:30 JST")
+                raise BenchError(f"{self.topo.source}: municipality {node.municipality.display} is closed at 20:30 JST")
             self.open_muni = self.failover.municipality
         if not self.open_muni:
             raise BenchError(f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios")

@@ -56,3 +56,16 @@ def test_settle_shows_the_municipality_by_name(tmp_path: Path):
     assert "千代田区 131016: 5 copies, 760 yen in fees" in text.stdout
     as_json = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=60).stdout)
     assert as_json["municipalities"]["131016"] == {"issuances": 4, "copies": 5, "fees": 760, "name": "千代田区"}
+
+
+def test_the_failover_report_names_the_municipality_whose_server_it_kills():
+    from bench.failover import targets
+    from bench.report import md_failover
+
+    t = targets(load_topology(DEFAULT_TOPOLOGY.parent / "redundant.yaml"))
+    assert (t.municipality, t.municipality_name) == ("372013", "高松市")
+    fo = {"ok": True, "events": [], "per_second": [], "faults": [],
+          "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality,
+                      "municipality_name": t.municipality_name, "servers": list(t.servers)}}
+    text = "\n".join(md_failover({"scenarios": {"failover": {"konbini": {"rate": 20, "ok": 0, "misdelivered": 0, "failover": fo}}}}))
+    assert "高松市's document servers muni-takamatsu-1 and muni-takamatsu-2" in text
