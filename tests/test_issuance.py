@@ -177,12 +177,16 @@ def test_kiosk_flow_accepts_a_binding_signed_by_a_standby_center_it_was_given(st
     center = serialization.load_pem_private_key(pki.node_paths("issuance-center")[1].read_bytes(), None)
     standby = ec.generate_private_key(ec.SECP256R1())  # stands for the second center's key
     other = ec.generate_private_key(ec.SECP256R1())
-    b = Binding("i", "s", "kiosk-a1-1", card.fingerprint, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", 0, "x", 1, 1)
+    import hashlib
+
+    doc = _certificate_of(state, card.card_id)
+    b = Binding("i", "s", "kiosk-a1-1", card.fingerprint, hashlib.sha256(doc).hexdigest(), len(doc), "x", 1, 1)
 
     def end(keys, signer) -> str | None:
         flow = KioskFlow("kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"), keys)
         flow.state, flow.session = State.AUTHENTICATED, "s"
         flow.on_document_headers(200, [(b"konbini-issuance-id", b"i")])
+        flow.on_document_chunk(doc)
         return flow.on_document_end(_signed_trailers(signer, b))
 
     both = (center.public_key(), standby.public_key())
