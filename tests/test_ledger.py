@@ -200,3 +200,59 @@ async def test_writer_batches_concurrent_operations_and_isolates_failures(tmp_pa
     assert sum(isinstance(v, UnknownIssuance) for v in results.values()) == 10
     assert sum(v is True for v in results.values()) == 90
     assert ledger.db.count("notice") == 90 and ledger.db.verify() == 100 + 90 * 3
+
+
+# -- every issuance ends: rows left unfinished are expired ---------------------------------------
+
+
+def test_rows_left_unfinished_past_their_bound_are_expired_and_a_late_notice_still_completes_them():
+    """A center that died leaves rows `created` (streaming) or `sent` (awaiting the notice) that no
+    one will finish: past their bound they expire, as facts in the chain; younger ones are left
+    to their center. Expired, not cancelled: the document may have been printed, so a late notice
+    is still taken."""
+    db = LedgerDB(MEMORY)
+    early, late = AT.replace(hour=9), AT.replace(hour=11)
+    with db.transaction():
+        for iid, at in (("old-created", early), ("new-created", late)):
+            db.create_issuance(rec(iid), at)
+        for iid, at in (("old-sent", early), ("new-sent", late)):
+            db.create_issuance(rec(iid), at)
+            db.set_state(iid, "sent", at)
+        db.create_issuance(rec("done"), early)
+        db.set_state("done", "sent", early)
+        db.record_notice("done", early, 1, 200)
+    assert db.unfinished() == {"created": 2, "sent": 2}
+    with db.transaction():
+        stale = db.expire_stale(late, created_before=AT, sent_before=AT)
+    assert sorted(stale) == ["old-created", "old-sent"]
+    assert {i: db.issuance(i).state for i in ("old-created", "old-sent", "new-created", "new-sent", "done")} == {
+        "old-created": "expired", "old-sent": "expired", "new-created": "created", "new-sent": "sent", "done": "completed"}
+    assert db.count("expired") == 2 and db.verify() == len(db.entries())
+    with db.transaction():
+        assert db.record_notice("old-sent", late, 1, 200)  # the resident paid: the notice counts
+    assert db.issuance("old-sent").state == "completed"
+
+
+def test_expiring_leaves_a_fixed_month_alone():
+    db = LedgerDB(MEMORY)
+    with db.transaction():
+        db.create_issuance(rec("oct", month="2026-10"), AT.replace(month=10))
+        db.fix_month("2026-10", AT, {})
+        stale = db.expire_stale(AT, created_before=AT, sent_before=AT)
+    assert stale == [] and db.issuance("oct").state == "created"  # fixed data is never modified (BIZ-6)
+
+
+def test_a_ledger_from_before_the_state_times_is_migrated_and_its_unfinished_rows_count_as_stale(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for version, script in enumerate(MIGRATIONS[:-1], start=1):  # every one but the state times
+        conn.executescript(script)
+        conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+    conn.execute("INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state)"
+                 " VALUES ('i-old', 's', 'k', 'a', '131016', 'residence-record', 1, 200, '2026-11', 'created')")
+    conn.close()
+    db = LedgerDB(path)
+    assert db.version == len(MIGRATIONS) and db.issuance("i-old").changed is None
+    with db.transaction():
+        assert db.expire_stale(AT, created_before=AT.replace(hour=0), sent_before=AT.replace(hour=0)) == ["i-old"]

@@ -93,7 +93,14 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: the card each issuance was made for (its opaque id, printed on the paper too): an auditor
     # joins paper, ledger row and card (INT-1)
     "ALTER TABLE issuances ADD COLUMN card TEXT",
+    # 4: when each issuance last changed state, so that one left unfinished (a center that died, a
+    # kiosk that never sent its notice) is found and expired; rows from before have none: stale
+    """
+    ALTER TABLE issuances ADD COLUMN changed TEXT;
+    CREATE INDEX issuances_unfinished ON issuances(state, changed);
+    """,
 )
+UNFINISHED = ("created", "sent")  # every other state is final: completed, refunded, cancelled, expired
 
 _ENTRY_FIELDS = ("seq", "kind", "issuance_id", "at", "month", "operator", "municipality", "kiosk", "cert_type", "copies", "amount", "detail")
 
@@ -131,6 +138,11 @@ class IssuanceRecord:
     month: str
     state: str = "created"
     card: str | None = None  # the card's opaque id (its certificate's subject), never personal data
+    changed: str | None = None  # when the state last changed (the clock's ISO text)
+
+
+def _iso(at: datetime | str) -> str:
+    return at if isinstance(at, str) else at.isoformat()
 
 
 def month_of(at: datetime) -> str:
@@ -251,21 +263,41 @@ class LedgerDB:
     def create_issuance(self, rec: IssuanceRecord, at: datetime | str) -> None:
         self._fact("issuance", rec, at, copies=rec.copies, amount=rec.fee, detail={"session": rec.session, "card": rec.card})
         self.conn.execute(
-            "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state, card)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state, card, changed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.id, rec.session, rec.kiosk, rec.operator, rec.municipality, rec.cert_type, rec.copies, rec.fee, rec.month,
-             "created", rec.card),
+             "created", rec.card, _iso(at)),
         )
 
     def set_state(self, issuance_id: str, state: str, at: datetime | str) -> None:
-        """created -> sent | cancelled; each change is a fact too. An issuance already noticed keeps
-        its state: with several center workers, the worker that delivered may commit its "sent" after
-        another worker recorded the kiosk's notice (a notice retried on a new connection)."""
+        """created -> sent | cancelled | expired, sent -> expired; each change is a fact too. An
+        issuance already noticed keeps its state: with several center workers, the worker that
+        delivered may commit its "sent" after another worker recorded the kiosk's notice (a notice
+        retried on a new connection)."""
         rec = self.issuance(issuance_id)
         if rec.state in ("completed", "refunded"):
             return
         self._fact(state, rec, at)
-        self.conn.execute("UPDATE issuances SET state = ? WHERE id = ?", (state, issuance_id))
+        self.conn.execute("UPDATE issuances SET state = ?, changed = ? WHERE id = ?", (state, _iso(at), issuance_id))
+
+    def expire_stale(self, at: datetime, created_before: datetime, sent_before: datetime) -> list[str]:
+        """Every issuance still `created` (its document was streaming) since before `created_before`,
+        or `sent` (awaiting its notice) since before `sent_before`, is expired: its center died, or
+        its kiosk went away. Expired, not cancelled: a document whose "sent" was lost with its center
+        may have been printed, and a late notice must still be taken (`record_notice` does). A fixed
+        month's rows are never modified (BIZ-6). The ids expired."""
+        stale = [r[0] for r in self.conn.execute(
+            "SELECT id FROM issuances WHERE ((state = 'created' AND coalesce(changed, '') < ?)"
+            " OR (state = 'sent' AND coalesce(changed, '') < ?)) AND month NOT IN (SELECT month FROM months)",
+            (_iso(created_before), _iso(sent_before)))]
+        for iid in stale:
+            self.set_state(iid, "expired", at)
+        return stale
+
+    def unfinished(self) -> dict[str, int]:
+        """How many issuances are in each unfinished state."""
+        return dict(self.conn.execute(
+            f"SELECT state, count(*) FROM issuances WHERE state IN ({', '.join('?' * len(UNFINISHED))}) GROUP BY state", UNFINISHED).fetchall())
 
     def record_notice(self, issuance_id: str, at: datetime | str, copies: int, fee: int, refunded: bool = False) -> bool:
         """The completion notice: payment, one row per copy, refund if misprinted. False when a duplicate."""
@@ -282,7 +314,8 @@ class LedgerDB:
             self._fact("copy", rec, at, copies=1, detail={"no": no, "stamp": VOID_STAMP if refunded else None})
         if refunded:
             self._fact("refund", rec, at, amount=-fee, detail={"reason": "misprint", "stamp": VOID_STAMP})
-        self.conn.execute("UPDATE issuances SET state = ? WHERE id = ?", ("refunded" if refunded else "completed", issuance_id))
+        self.conn.execute("UPDATE issuances SET state = ?, changed = ? WHERE id = ?",
+                          ("refunded" if refunded else "completed", at_s, issuance_id))
         return True
 
     def record_correction(self, issuance_id: str, at: datetime | str, copies: int, fee: int, reason: str) -> int:

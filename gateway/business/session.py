@@ -4,7 +4,8 @@ Theory of operation: the center keeps two small machines. A kiosk *session* is o
 fresh challenge, answered once with the card's signature, and then usable for exactly one
 issuance. An *issuance* is born when the business rules let a request go, streams the
 municipality's document through, and is delivered when the signed binding leaves with the
-document's last bytes; the kiosk's completion notice then completes it. The center's I/O code
+document's last bytes; the kiosk's completion notice then completes it, or, if none comes within
+the center's bound (a kiosk cancelled after the document left), it expires. The center's I/O code
 fires events at the machines and asks them what is allowed; the machines never touch a socket,
 a clock, the ledger or the network. Two rules:
 1. every transition is in SESSION_TRANSITIONS or ISSUANCE_TRANSITIONS; anything else raises
@@ -45,12 +46,14 @@ class IssuanceState(StrEnum):
     SENT = "sent"  # delivered with its signed binding
     COMPLETED = "completed"  # the kiosk's completion notice is in
     CANCELLED = "cancelled"  # cancelled whole; never delivered
+    EXPIRED = "expired"  # delivered, but no completion notice came within the center's bound
 
 
 class IssuanceEvent(Enum):
     SEAL = "seal"
     NOTICE = "notice"  # a completion notice (a repeat is a duplicate, acknowledged again)
     CANCEL = "cancel"
+    EXPIRE = "expire"  # the center stops waiting for the notice (a late one still reaches the ledger)
 
 
 SS, SE = SessionState, SessionEvent
@@ -81,8 +84,11 @@ ISSUANCE_TRANSITIONS: dict[tuple[IssuanceState, IssuanceEvent], IssuanceState] =
     (IS.SENT, IE.CANCEL): IS.SENT,
     (IS.COMPLETED, IE.CANCEL): IS.COMPLETED,
     (IS.CANCELLED, IE.CANCEL): IS.CANCELLED,
+    (IS.SENT, IE.EXPIRE): IS.EXPIRED,
+    (IS.EXPIRED, IE.CANCEL): IS.EXPIRED,
 }
-ISSUANCE_DELIVERED = frozenset({IS.SENT, IS.COMPLETED})
+ISSUANCE_DELIVERED = frozenset({IS.SENT, IS.COMPLETED, IS.EXPIRED})
+ISSUANCE_FINAL = frozenset({IS.COMPLETED, IS.CANCELLED, IS.EXPIRED})
 
 
 class LifecycleError(Exception):
@@ -154,3 +160,7 @@ class Issuance(_Lifecycle):
     @property
     def delivered(self) -> bool:
         return self.state in ISSUANCE_DELIVERED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ISSUANCE_FINAL
