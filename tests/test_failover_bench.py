@@ -22,7 +22,7 @@ import trio.testing
 
 from bench.runner import Bench, BenchError, BenchOptions, run_bench
 from bench.topology import with_port
-from gateway.nodes.issuance import IssuanceCenter
+from gateway.nodes.issuance import ATTEMPT_TIMEOUT, PROBE_INTERVAL, UPSTREAM_TIMEOUT, DocumentServers, IssuanceCenter
 from gateway.nodes.relay import CONNECT_TIMEOUT, Relay
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
@@ -130,43 +130,122 @@ def test_the_failover_bench_needs_a_redundant_topology_in_loopback_mode(tmp_path
 
 
 class _FakeServer:
-    """A document server as `Upstream` shows it to the center: up (answers 200) or down (refuses)."""
+    """A document server as `Upstream` shows it to the center: up (answers 200), down (refuses
+    connections) or hung (SIGSTOPped: the request goes out, no answer ever comes)."""
 
-    def __init__(self, node_id: str, up: bool, asked: list[str]) -> None:
+    def __init__(self, node_id: str, up: bool | str, asked: list[str]) -> None:
         self.target = SimpleNamespace(id=node_id)
-        self.up = up
+        self.state = "up" if up is True else "down" if up is False else up
         self.asked = asked
 
     async def open(self, headers, body):
         self.asked.append(self.target.id)
-        if not self.up:
+        if self.state == "down":
             raise ConnectionRefusedError(111, "refused")
+        hung = self.state == "hung"
 
         async def receive_headers():
+            if hung:
+                await trio.sleep_forever()
             return [(b":status", b"200")]
 
         return SimpleNamespace(release=lambda st: None), SimpleNamespace(receive_headers=receive_headers)
 
 
-def _center() -> IssuanceCenter:
+def _center(nursery: trio.Nursery | None = None) -> IssuanceCenter:
     center = IssuanceCenter.__new__(IssuanceCenter)  # only `_open_document`: no ledger, no PKI
     center.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+    center._nursery = nursery
     return center
+
+
+def _open(servers: list[_FakeServer]):
+    """`_open_document` over fresh servers, with a nursery for its probes (cancelled after)."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            try:
+                return await _center(nursery)._open_document(DocumentServers(servers), b"{}")
+            except ConnectionError as exc:
+                return exc
+            finally:
+                nursery.cancel_scope.cancel()
+
+    out = trio.run(main)
+    if isinstance(out, ConnectionError):
+        raise out
+    return out
 
 
 def test_the_center_asks_the_next_document_server_when_the_first_is_down() -> None:
     asked: list[str] = []
     links = [_FakeServer("muni-1", False, asked), _FakeServer("muni-2", True, asked)]
-    _, _, entry = trio.run(_center()._open_document, links, b"{}")
+    _, _, entry = _open(links)
     assert asked == ["muni-1", "muni-2"] and entry[1].startswith(b"muni-2;")
     asked.clear()
     links = [_FakeServer("muni-1", True, asked), _FakeServer("muni-2", True, asked)]
-    trio.run(_center()._open_document, links, b"{}")
+    _open(links)
     assert asked == ["muni-1"]  # file order: the first server while it is up
     asked.clear()
     with pytest.raises(ConnectionError):
-        trio.run(_center()._open_document, [_FakeServer("muni-1", False, asked), _FakeServer("muni-2", False, asked)], b"{}")
+        _open([_FakeServer("muni-1", False, asked), _FakeServer("muni-2", False, asked)])
     assert asked == ["muni-1", "muni-2"]
+
+
+def test_a_hung_document_server_is_passed_over_set_aside_and_probed_back() -> None:
+    """A SIGSTOPped server accepts and never answers: the center passes over it after
+    ATTEMPT_TIMEOUT, well inside the issuance's own UPSTREAM_TIMEOUT; asks only the other one
+    while it is set aside; and puts it back once a probe finds it answering."""
+    asked: list[str] = []
+    first, second = _FakeServer("muni-1", "hung", asked), _FakeServer("muni-2", True, asked)
+    servers = DocumentServers([first, second])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            center = _center(nursery)
+            t0 = trio.current_time()
+            with trio.fail_after(UPSTREAM_TIMEOUT):  # today's center waits here until the issuance fails
+                _, _, entry = await center._open_document(servers, b"{}")
+            assert entry[1].startswith(b"muni-2;") and asked == ["muni-1", "muni-2"]
+            assert trio.current_time() - t0 == pytest.approx(ATTEMPT_TIMEOUT) and ATTEMPT_TIMEOUT * 2 < UPSTREAM_TIMEOUT
+            assert servers.outliers.aside() == ["muni-1"]
+            asked.clear()
+            await center._open_document(servers, b"{}")
+            assert asked == ["muni-2"]  # set aside: no issuance waits on it again
+            await trio.sleep(5 * PROBE_INTERVAL)
+            assert servers.outliers.aside() == ["muni-1"] and "muni-1" in asked  # probed, still hung
+            first.state = "up"  # SIGCONT
+            with trio.fail_after(PROBE_INTERVAL + ATTEMPT_TIMEOUT + 1):
+                while servers.outliers.aside():
+                    await trio.sleep(PROBE_INTERVAL / 10)
+            asked.clear()
+            _, _, entry = await center._open_document(servers, b"{}")
+            assert asked == ["muni-1"] and entry[1].startswith(b"muni-1;")  # the primary again
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_with_every_document_server_set_aside_they_are_still_asked() -> None:
+    """Set aside slows a request down, never refuses it: with both servers set aside (a blip),
+    the next issuance asks them anyway, and the one that answers is back in service."""
+    asked: list[str] = []
+    first, second = _FakeServer("muni-1", False, asked), _FakeServer("muni-2", False, asked)
+    servers = DocumentServers([first, second])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            center = _center(nursery)
+            with pytest.raises(ConnectionError):
+                await center._open_document(servers, b"{}")
+            assert servers.outliers.aside() == ["muni-1", "muni-2"]
+            second.state = "up"
+            asked.clear()
+            _, _, entry = await center._open_document(servers, b"{}")
+            assert asked == ["muni-1", "muni-2"] and entry[1].startswith(b"muni-2;")
+            assert servers.outliers.aside() == ["muni-1"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_a_relay_gives_up_on_a_silent_upstream_and_dials_the_next() -> None:

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.business import ocsp, rules
 from gateway.business.ledger import (
@@ -83,6 +83,7 @@ from gateway.protocol.messages import (
     MisdeliveryReport,
     NoticeAck,
 )
+from gateway.transport.outliers import Outliers
 from gateway.transport.upstream import Upstream
 from topology.pki import card_id_of, is_smartphone, verify_card_certificate
 from topology.spec.model import Hours, Node
@@ -91,11 +92,26 @@ log = logging.getLogger("konbini.center")
 
 SESSION_TTL = 120.0  # seconds a kiosk session may stay open
 FINISHED_TTL = SESSION_TTL  # seconds a completed or cancelled issuance stays in memory (the ledger keeps it)
+# Every issuance ends within a bound: one whose document is not delivered within DELIVERY_TIMEOUT is
+# cancelled; one delivered whose completion notice is not in within NOTICE_TTL expires (its kiosk
+# went away). The ledger's rows left unfinished beyond those bounds (a center that died) are expired
+# at start and every SWEEP_INTERVAL.
+DELIVERY_TIMEOUT = SESSION_TTL
+NOTICE_TTL = SESSION_TTL
+SWEEP_INTERVAL = 10.0
 UPSTREAM_TIMEOUT = 10.0  # OCSP and municipality must answer within this, or the request is cancelled whole
+# Shorter than UPSTREAM_TIMEOUT, so that a hung document server is passed over while the issuance
+# still has time for the next one.
+ATTEMPT_TIMEOUT = 2.0  # seconds a document server has to start answering
+PROBE_INTERVAL = 1.0  # seconds between probes of a set-aside document server
+# A probe asks for a document as an issuance does (the same path, the same allow-list rule) for no card.
+PROBE = msgspec.json.encode(DocumentRequest("probe", "residence-record", 0, "probe"))
 DEFAULT_DOCUMENT_SIZE = 64 * 1024
 MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
 # Any of these while the municipality's document is requested or streamed cancels the issuance whole.
 UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
+# Any of these from one document server passes over it to the next.
+DOCUMENT_SERVER_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset, trio.BrokenResourceError)
 
 # A smartphone credential (seed 002) refused for its own certificate says so: the resident may still
 # hold a good card.
@@ -179,6 +195,17 @@ def seal(sign_key: ec.EllipticCurvePrivateKey, s: Session, iss: Issuance, sha256
     return [(b"konbini-binding", _b64(blob).encode()), (b"konbini-signature", _b64(signature).encode())]
 
 
+@dataclass
+class DocumentServers:
+    """A municipality's document servers (the same data on each), and which are set aside."""
+
+    links: list[Upstream]
+    outliers: Outliers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outliers = Outliers([link.target.id for link in self.links])
+
+
 class IssuanceCenter(App):
     def __init__(self, ctx: NodeContext, nursery: trio.Nursery, state_dir: Path | None = None) -> None:
         self.ctx = ctx
@@ -193,7 +220,9 @@ class IssuanceCenter(App):
         else:
             self.sessions = LocalSessions(SESSION_TTL)
         self.issuances: dict[str, Issuance] = {}
+        self._awaited: dict[str, float] = {}  # issuance id -> monotonic time it was sent; its notice is awaited
         self._finished: dict[str, float] = {}  # issuance id -> monotonic time it was completed or cancelled
+        self.expired = 0  # delivered issuances whose notice never came, in memory or in the ledger
         self.refusals: Counter[str] = Counter()
         self.misdeliveries: list[MisdeliveryReport] = []
         pki = ctx.pki
@@ -207,17 +236,31 @@ class IssuanceCenter(App):
         # `ocsp_cache: true`: a card's good (or revoked) answer is relied on until its nextUpdate
         self.ocsp_answers = ocsp.OcspCache() if topo.ocsp_cache else None
         # A municipality may run several document servers (the same municipality data): every one,
-        # in file order, so that the next is tried when one is down (`_open_document`).
-        self.muni_links: dict[str, list[Upstream]] = {}
+        # in file order, so that the next is tried when one is down or hung (`_open_document`).
+        self._nursery = nursery
+        links: dict[str, list[Upstream]] = {}
         for node in topo.of_kind("municipality"):
             if node.municipality is not None:
-                self.muni_links.setdefault(node.municipality.code, []).append(Upstream(ctx, node, nursery))
+                links.setdefault(node.municipality.code, []).append(Upstream(ctx, node, nursery))
+        self.muni_servers = {code: DocumentServers(ups) for code, ups in links.items()}
+        nursery.start_soon(self._sweep)
 
     def collect(self) -> Iterator[Metric]:
         """Read at scrape time (the NodeServer registers the app as a collector): what the center
-        knows of the kiosks' notice outboxes, documents delivered whose completion notice is not in."""
-        awaited = sum(1 for iss in self.issuances.values() if iss.state is IssuanceState.SENT)
-        yield GaugeMetricFamily("konbini_notices_awaited", "Delivered documents whose completion notice is not in yet.", value=awaited)
+        knows of the kiosks' notice outboxes, documents delivered whose completion notice is not in;
+        the issuances it holds in memory, by state (each leaves within its bound); the document
+        servers it has set aside."""
+        states = Counter(iss.state.value for iss in self.issuances.values())
+        yield GaugeMetricFamily("konbini_notices_awaited", "Delivered documents whose completion notice is not in yet.",
+                                value=states[IssuanceState.SENT.value])
+        held = GaugeMetricFamily("konbini_issuances_in_memory", "Issuances the center holds in memory, by state.", labels=["state"])
+        for state in IssuanceState:
+            held.add_metric([state.value], states[state.value])
+        yield held
+        yield CounterMetricFamily("konbini_issuances_expired", "Delivered issuances whose completion notice never came.", value=self.expired)
+        aside = GaugeMetricFamily("konbini_document_servers_set_aside", "Document servers set aside until a probe finds them answering.")
+        aside.add_metric([], sum(len(servers.outliers.set_aside_at) for servers in self.muni_servers.values()))
+        yield aside
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -374,11 +417,17 @@ class IssuanceCenter(App):
             await self._refuse(stream, verdict.status, verdict.reason, t0, **verdict.fields)
             return
         self.sessions.fire(s, SessionEvent.ISSUE)
-        iss: Issuance | None = None
-        # One cancellation path (INT-1): whatever fails or times out, wherever, cancels the request whole.
+        iss = Issuance(
+            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, verdict.fee,
+            card=s.card_id or "",
+        )
+        # One cancellation path (INT-1): whatever fails or times out, wherever, cancels the request
+        # whole; from here that includes the ledger write, which commits even if we are cancelled
+        # while awaiting it, so that the cancel's own write must follow it.
         try:
-            iss = await self._record_issuance(s, req, verdict.fee)
-            sha256, nbytes = await self._stream_document(stream, iss, verdict.size, t0)
+            with trio.fail_after(DELIVERY_TIMEOUT):
+                await self._record_issuance(s, iss)
+                sha256, nbytes = await self._stream_document(stream, iss, verdict.size, t0)
             self._deliver(stream, s, iss, seal(self._sign_key, s, iss, sha256, nbytes))
         except LedgerError as exc:
             self._cancel(s, iss)
@@ -386,7 +435,7 @@ class IssuanceCenter(App):
             await self._refuse(stream, 503, "month-fixed" if isinstance(exc, MonthFixed) else "ledger-unavailable", t0)
         except UPSTREAM_FAILURES as exc:
             self._cancel(s, iss)
-            log.warning("issuance %s cancelled whole: %s", iss.id if iss else "-", type(exc).__name__)
+            log.warning("issuance %s cancelled whole: %s", iss.id, type(exc).__name__)
             if stream.sent_headers:
                 stream.reset()
             else:
@@ -395,39 +444,76 @@ class IssuanceCenter(App):
             self._cancel(s, iss)  # the kiosk went away (our scope was cancelled): nothing half-done
             raise
 
-    async def _record_issuance(self, s: Session, req: IssueRequest, fee: int) -> Issuance:
+    async def _record_issuance(self, s: Session, iss: Issuance) -> None:
         """No document leaves the center before the ledger knows of its issuance."""
-        iss = Issuance(
-            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, fee,
-            card=s.card_id or "",
-        )
         now = self.ctx.clock.now()
         kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
-        record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, req.municipality,
-                                req.cert_type, req.copies, fee, month_of(now), card=s.card_id)
-        await self.ledger.call(LedgerDB.create_issuance, record, now)
-        self._forget_finished()
+        record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, iss.municipality,
+                                iss.cert_type, iss.copies, iss.fee, month_of(now), card=s.card_id)
         self.issuances[iss.id] = iss
-        return iss
+        await self.ledger.call(LedgerDB.create_issuance, record, now)
 
     def _finish(self, iss: Issuance) -> None:
         """Mark a completed or cancelled issuance for forgetting after FINISHED_TTL."""
         self._finished.pop(iss.id, None)  # a repeated notice moves it to the back
         self._finished[iss.id] = time.monotonic()
 
-    def _forget_finished(self) -> None:
-        """Drop from memory the issuances finished more than FINISHED_TTL ago, at every new
-        issuance; a later notice or correction finds them in the ledger (`_known_issuance`).
-        Keeping every issuance grew the center's RSS by ~0.8 KB an issuance for as long as it
-        ran (the soak bench's origin: +16 % in 10 minutes). `_finished` is in finishing order,
-        so each call costs what it drops."""
-        cutoff = time.monotonic() - FINISHED_TTL
+    def _forget_finished(self, now: float) -> None:
+        """Drop from memory the issuances finished more than FINISHED_TTL ago; a later notice or
+        correction finds them in the ledger (`_known_issuance`). Keeping every issuance grew the
+        center's RSS by ~0.8 KB an issuance for as long as it ran (the soak bench's origin: +16 %
+        in 10 minutes). `_finished` is in finishing order, so each call costs what it drops."""
+        cutoff = now - FINISHED_TTL
         while self._finished:
             iid, at = next(iter(self._finished.items()))
             if at >= cutoff:
                 return
             del self._finished[iid]
             self.issuances.pop(iid, None)
+
+    def expire_awaited(self, now: float) -> int:
+        """Expire the delivered issuances whose notice has not come in NOTICE_TTL (their kiosk
+        cancelled after the document left, or lost the notice): out of memory, "expired" in the
+        ledger, where a late notice still completes them. In sending order, so each call costs
+        what it expires; the number expired."""
+        cutoff, n = now - NOTICE_TTL, 0
+        while self._awaited:
+            iid, at = next(iter(self._awaited.items()))
+            if at >= cutoff:
+                break
+            del self._awaited[iid]
+            iss = self.issuances.pop(iid, None)
+            if iss is not None and iss.can(IssuanceEvent.EXPIRE):
+                iss.fire(IssuanceEvent.EXPIRE)
+                self.ledger.submit(LedgerDB.set_state, iid, iss.state.value, self.ctx.clock.now())
+                n += 1
+        self.expired += n
+        return n
+
+    async def reconcile(self) -> list[str]:
+        """The ledger's rows left unfinished past their bound, expired: at start, the rows a center
+        that died left behind; while running, those of a worker or standby center that died. The
+        ids expired."""
+        now = self.ctx.clock.now()
+        stale = await self.ledger.call(LedgerDB.expire_stale, now, now - timedelta(seconds=DELIVERY_TIMEOUT),
+                                       now - timedelta(seconds=NOTICE_TTL))
+        if stale:
+            log.warning("expired %d issuances left unfinished in the ledger", len(stale))
+        self.expired += len(stale)
+        return stale
+
+    async def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL: forget finished issuances, expire those whose notice never came,
+        reconcile the ledger. The memory sweeps also run when no issuance comes (a quiet night)."""
+        while True:
+            try:
+                await self.reconcile()
+            except LedgerError as exc:
+                log.error("ledger reconciliation failed: %s", exc)
+            now = time.monotonic()
+            self._forget_finished(now)
+            self.expire_awaited(now)
+            await trio.sleep(SWEEP_INTERVAL)  # a period, not a wait for an event
 
     async def _stream_document(self, stream: Stream, iss: Issuance, size: int, t0: float) -> tuple[str, int]:
         """The municipality's document streamed through to the kiosk, hashed on the way: (sha256, bytes).
@@ -436,7 +522,7 @@ class IssuanceCenter(App):
         conn = st = None
         try:
             with trio.fail_after(UPSTREAM_TIMEOUT):
-                conn, st, muni_ms = await self._open_document(self.muni_links[iss.municipality], doc_req)
+                conn, st, muni_ms = await self._open_document(self.muni_servers[iss.municipality], doc_req)
                 stream.send_headers(
                     [
                         (b":status", b"200"),
@@ -460,46 +546,80 @@ class IssuanceCenter(App):
             if conn is not None and st is not None:
                 conn.release(st)
 
-    async def _open_document(self, links: list[Upstream], doc_req: bytes) -> tuple[TrioH2, Stream, tuple[bytes, bytes]]:
-        """The first of the municipality's document servers, in file order, that answers 200 to the
-        document request: (connection, stream, its server-timing entry). One that cannot be reached,
-        resets or refuses is passed over for the next: nothing has reached the kiosk yet, so the
-        issuance stays whole, and every server holds the same municipality data. None answering:
-        ConnectionError, which cancels the issuance."""
-        for i, link in enumerate(links):
-            conn = st = None
+    async def _open_document(self, servers: DocumentServers, doc_req: bytes) -> tuple[TrioH2, Stream, tuple[bytes, bytes]]:
+        """The first of the municipality's document servers that answers 200 to the document
+        request: (connection, stream, its server-timing entry). They are asked in the order
+        `servers.outliers` gives (file order, those set aside last). One that cannot be reached,
+        resets, refuses or does not answer within ATTEMPT_TIMEOUT (a hung process: its socket
+        accepts, nothing answers) is passed over for the next, and set aside until a probe finds it
+        answering: nothing has reached the kiosk yet, so the issuance stays whole, and every server
+        holds the same municipality data. None answering: ConnectionError, which cancels the issuance."""
+        last: BaseException | None = None
+        for i in servers.outliers.order():
+            link = servers.links[i]
             t_muni = time.perf_counter()
             try:
+                conn, st = await self._ask(link, doc_req)
+            except DOCUMENT_SERVER_FAILURES as exc:
+                hung = isinstance(exc, trio.TooSlowError)
+                log.warning("document server %s %s; trying the next", link.target.id, "hung" if hung else f"unavailable ({type(exc).__name__})")
+                self.metrics.upstream_failures.labels("document-server-hung" if hung else "document-server-down").inc()
+                if servers.outliers.failed(i, time.monotonic()):
+                    self._nursery.start_soon(self._probe, servers, i)
+                last = exc
+                continue
+            servers.outliers.answered(i)
+            return conn, st, timing(link.target.id, t_muni)
+        raise ConnectionError(f"no document server answered: {type(last).__name__}") from last
+
+    @staticmethod
+    async def _ask(link: Upstream, doc_req: bytes) -> tuple[TrioH2, Stream]:
+        """One document server asked once: its stream, once it has answered 200 within ATTEMPT_TIMEOUT."""
+        conn = st = None
+        try:
+            with trio.fail_after(ATTEMPT_TIMEOUT):
                 conn, st = await link.open(request_headers("POST", "/v1/document", link.target.id), doc_req)
                 mh = await st.receive_headers()
-                if header(mh, b":status") != b"200":
-                    raise ConnectionError(f"{link.target.id} refused the document request")
-                return conn, st, timing(link.target.id, t_muni)
-            except (ConnectionError, OSError, StreamReset, trio.BrokenResourceError) as exc:
-                if conn is not None and st is not None:
-                    conn.release(st)
-                if i == len(links) - 1:
-                    raise ConnectionError(f"no document server answered: {type(exc).__name__}") from exc
-                log.warning("document server %s unavailable (%s); trying the next", link.target.id, type(exc).__name__)
-                self.metrics.upstream_failures.labels("document-server-down").inc()
-        raise AssertionError("unreachable: every municipality has a document server")
+            if header(mh, b":status") != b"200":
+                raise ConnectionError(f"{link.target.id} refused the document request")
+            return conn, st
+        except BaseException:
+            if conn is not None and st is not None:
+                conn.release(st)
+            raise
+
+    async def _probe(self, servers: DocumentServers, i: int) -> None:
+        """Ask a set-aside document server for a document (PROBE) every PROBE_INTERVAL until it
+        answers (HAProxy's `inter`), then put it back in service. A request that tried it as a last
+        resort and got an answer ends the probing too."""
+        link = servers.links[i]
+        while servers.outliers.is_set_aside(i):
+            await trio.sleep(PROBE_INTERVAL)  # a health check's period, not a wait for an event
+            try:
+                conn, st = await self._ask(link, PROBE)
+            except DOCUMENT_SERVER_FAILURES:
+                continue
+            conn.release(st)
+            servers.outliers.answered(i)
+            log.info("document server %s answers again; back in service", link.target.id)
 
     def _deliver(self, stream: Stream, s: Session, iss: Issuance, trailers: Headers) -> None:
         stream.end(trailers)  # the document is delivered here, with its signed binding
         # no await between the trailers and SENT: a completion notice cannot overtake the delivery
         self.sessions.fire(s, SessionEvent.SEAL)
         iss.fire(IssuanceEvent.SEAL)
+        self._awaited[iss.id] = time.monotonic()
         self.metrics.issuances.labels(iss.cert_type).inc()
         self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
 
-    def _cancel(self, s: Session, iss: Issuance | None) -> None:
-        """The one way a request ends early: the session closes, an undelivered issuance is cancelled."""
+    def _cancel(self, s: Session, iss: Issuance) -> None:
+        """The one way a request ends early: the session closes, an undelivered issuance is cancelled
+        (in the ledger too: its row was written, or is queued before this)."""
         self.sessions.fire(s, SessionEvent.CANCEL)
-        if iss is not None:
-            was = iss.state
-            if iss.fire(IssuanceEvent.CANCEL) is not was:  # a delivered document stays delivered
-                self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
-                self._finish(iss)
+        was = iss.state
+        if iss.fire(IssuanceEvent.CANCEL) is not was:  # a delivered document stays delivered
+            self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
+            self._finish(iss)
 
     # -- after delivery: notices, corrections, misdeliveries --------------------------------
 
@@ -537,6 +657,7 @@ class IssuanceCenter(App):
         if isinstance(iss, Issuance):
             iss.notices += 1
             iss.fire(IssuanceEvent.NOTICE)
+            self._awaited.pop(iss.id, None)
             self._finish(iss)
         await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0, stream)])
 
