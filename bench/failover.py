@@ -1,12 +1,16 @@
-"""The failover bench: kill one of two redundant servers under load, restart it, and see what it cost.
+"""The failover bench: kill one of two redundant servers under load, restart it, hang it, and see what it cost.
 
-During an open-loop issuance run the process hosting one DMZ relay of an operator with two is
-SIGKILLed at 20 % of the measured window and started again at 40 %; the same for one of a
-municipality's two document servers at 60 % and 80 %. Each of those servers runs alone in its own
-process for this (bench.runner isolates them), so a kill takes nothing else with it. The load
+During an open-loop issuance run the process hosting the first DMZ relay of an operator with two
+is SIGSTOPped (hung: its sockets still accept, nothing answers) at 10 % of the measured window and
+continued at 25 %, then SIGKILLed at 30 % and started again at 45 %; the same for the first of a
+municipality's two document servers from 55 % to 90 %. Hangs come first: a continued process
+serves again at once (the center asks its first document server again once a probe finds it
+answering), a restarted one only after seconds of start-up. Each of those servers runs alone in its own
+process for this (bench.runner isolates them), so a fault takes nothing else with it. The load
 generator keeps every measured issuance as (start, end, outcome, which of the watched servers its
 server-timing names); `analyse` turns that into completions and failures per second, who served
-in each stretch of the run, the failures of each switch by reason and the time to recover.
+in each stretch of the run, the failures of each fault by reason and the time to pass over to the
+survivor.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from pathlib import Path
 
 from topology.spec.model import Topology
 
-# When each fault happens, as a fraction of the measured window: kill, then restart. A restart
-# costs a process start (seconds of CPU on two cores), so it ends well before the next kill.
-RELAY_FAULT = (0.20, 0.40)
-SERVER_FAULT = (0.60, 0.80)
+# When each fault happens to the first of a pair, as a fraction of the measured window: hang
+# (SIGSTOP), continue (SIGCONT), kill, restart. A pair's steps run in order, and a step that comes
+# late (a restart waits for the process to be ready) delays the ones after it as much, so that
+# every fault lasts its planned time.
+RELAY_FAULTS = ((0.10, "hang"), (0.25, "continue"), (0.30, "kill"), (0.45, "restart"))
+SERVER_FAULTS = ((0.55, "hang"), (0.70, "continue"), (0.75, "kill"), (0.90, "restart"))
+ENDS = {"kill": "restart", "hang": "continue"}  # a fault and the event that ends it
 
 
 class FailoverError(Exception):
@@ -77,11 +84,12 @@ def targets(topo: Topology) -> Targets:
 
 
 class FaultSchedule:
-    """Kills and restarts `procs` (node id -> bench.runner.NodeProcess) on a thread while the load
-    runs, at fractions of the measured window; every event is timed from the window's start."""
+    """Kills, restarts, hangs and continues `procs` (node id -> bench.runner.NodeProcess) on a
+    thread per node while the load runs, at fractions of the measured window; every event is timed
+    from the window's start."""
 
     def __init__(self, t: Targets, procs: dict, warmup_s: float, duration_s: float) -> None:
-        self.plan = [(RELAY_FAULT, t.relays[0]), (SERVER_FAULT, t.servers[0])]
+        self.plan = [(RELAY_FAULTS, t.relays), (SERVER_FAULTS, t.servers)]
         self.procs = procs
         self.warmup_s = warmup_s
         self.duration_s = duration_s
@@ -92,23 +100,32 @@ class FaultSchedule:
 
     def go(self, go_wall: float) -> None:
         """The load's workers start at `go_wall` (time.time()); the measured window after warm-up.
-        One thread per fault: a restart waits for its process to be ready (seconds under load),
-        which must not delay the other fault."""
+        One thread per pair: a restart waits for its process to be ready (seconds under load),
+        which must not delay the other pair's faults."""
         self.t0 = go_wall + self.warmup_s
-        for at, node in self.plan:
-            thread = threading.Thread(target=self._fault, args=(at, node), name=f"failover-{node}", daemon=True)
+        for steps, pair in self.plan:
+            thread = threading.Thread(target=self._fault, args=(steps, pair), name=f"failover-{pair[0]}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
-    def _fault(self, at: tuple[float, float], node: str) -> None:
-        for frac, what in zip(at, ("kill", "restart"), strict=True):
-            if self._stop.wait(max(0.0, self.t0 + frac * self.duration_s - time.time())):
-                return
-            try:
-                self.events.append(self._kill(node) if what == "kill" else self._restart(node))
-            except Exception as exc:  # noqa: BLE001 - the run goes on; the report says what failed
-                self.errors.append(f"{what} {node}: {type(exc).__name__}: {exc}")
-                return
+    def _fault(self, steps: tuple[tuple[float, str], ...], pair: tuple[str, str]) -> None:
+        act = {"kill": self._kill, "restart": self._restart, "hang": self._hang, "continue": self._continue}
+        late = 0.0
+        try:
+            for frac, what in steps:
+                planned = self.t0 + frac * self.duration_s
+                if self._stop.wait(max(0.0, planned + late - time.time())):
+                    return
+                try:
+                    self.events.append(act[what](pair[0]))
+                except Exception as exc:  # noqa: BLE001 - the run goes on; the report says what failed
+                    self.errors.append(f"{what} {pair[0]}: {type(exc).__name__}: {exc}")
+                    return
+                late = max(late, time.time() - planned)
+        finally:
+            for node in pair:  # the run ended inside a hang: nothing stays stopped
+                if self.procs[node].hung:
+                    self.procs[node].resume()
 
     def _kill(self, node: str) -> dict:
         proc = self.procs[node]
@@ -117,6 +134,16 @@ class FaultSchedule:
         status = proc.kill()
         return {"event": "kill", "node": node, "pid": pid, "at_s": round(at, 3), "signal": "SIGKILL",
                 "exitcode": status, "pid_gone": not Path(f"/proc/{pid}").exists()}
+
+    def _hang(self, node: str) -> dict:
+        proc = self.procs[node]
+        proc.hang()
+        return {"event": "hang", "node": node, "pid": proc.pid, "at_s": round(time.time() - self.t0, 3), "signal": "SIGSTOP"}
+
+    def _continue(self, node: str) -> dict:
+        proc = self.procs[node]
+        proc.resume()
+        return {"event": "continue", "node": node, "pid": proc.pid, "at_s": round(time.time() - self.t0, 3), "signal": "SIGCONT"}
 
     def _restart(self, node: str) -> dict:
         at = time.time() - self.t0
@@ -132,10 +159,11 @@ class FaultSchedule:
 
 def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> dict:
     """The run seen through its issuances: per second (by end time) completions, failures by reason
-    and which watched servers served; per stretch between events the same counts. Per kill: the
-    failures ending between it and the restart, by reason; the issuances started in that time and
-    who served them; the time to recover: from the kill until the first issuance that started after
-    it completed through the survivor, no earlier than the last of those failures."""
+    and which watched servers served; per stretch between events the same counts. Per fault (a kill
+    until its restart, a hang until its continue): the failures ending in that time, by reason; the
+    issuances started in it and who served them; the time to pass over: from the fault until the
+    first issuance that started during it completed through the survivor, no earlier than the last
+    of those failures (None: nothing passed over)."""
     seconds = math.ceil(duration_s) + 6  # the last issuances end after the window (the grace period)
     per_second = [{"second": s, "ok": 0, "failed": 0, "reasons": Counter(), "via": Counter()} for s in range(seconds)]
     # an unexpected answer is "error:expected-ok-got-refused:X" to the generator; here it is its reason
@@ -164,26 +192,29 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
             "via": dict(Counter(v for r in inside if r[2] == "ok" for v in r[3])),
         })
     faults = []
-    for kill in (e for e in events if e["event"] == "kill"):
-        restart = next((e for e in events if e["event"] == "restart" and e["node"] == kill["node"]), None)
-        k0, k1 = kill["at_s"], restart["at_s"] if restart else math.inf
-        survivor = next(p[1] for p in (t.relays, t.servers) if p[0] == kill["node"])
+    for start in (e for e in events if e["event"] in ENDS):
+        end = next((e for e in events if e["event"] == ENDS[start["event"]] and e["node"] == start["node"]
+                    and e["at_s"] >= start["at_s"]), None)
+        k0, k1 = start["at_s"], end["at_s"] if end else math.inf
+        node = start["node"]
+        survivor = next(p[1 - p.index(node)] for p in (t.relays, t.servers) if node in p)
         failures = [r for r in trace if k0 <= r[1] < k1 and r[2] != "ok"]
         last_failure = max((r[1] for r in failures), default=k0)
         ok = [r for r in trace if r[2] == "ok"]
-        recovered = min((r[1] for r in ok if r[0] >= k0 and survivor in r[3] and r[1] >= last_failure), default=None)
-        started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the restart (a slow machine)
+        passed_over = min((r[1] for r in ok if k0 <= r[0] < k1 and survivor in r[3] and r[1] >= last_failure), default=None)
+        started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the fault ends (a slow machine)
         faults.append({
-            "node": kill["node"], "survivor": survivor, "pid": kill["pid"], "pid_gone": kill["pid_gone"],
-            "killed_at_s": k0, "restarted_at_s": restart["at_s"] if restart else None,
-            "up_again_at_s": restart.get("up_at_s") if restart else None,
+            "fault": start["event"], "node": node, "survivor": survivor, "pid": start["pid"],
+            "at_s": k0, "until_s": end["at_s"] if end else None,
+            "pid_gone": start.get("pid_gone"), "up_again_at_s": end.get("up_at_s") if end else None,
             "failures": dict(Counter(r[2] for r in failures)),
-            "time_to_recover_s": round(recovered - k0, 3) if recovered is not None else None,
-            "ok_before_via_killed": sum(1 for r in ok if r[0] < k0 and kill["node"] in r[3]),
+            # from the fault until the first issuance started during it completes through the survivor
+            "time_to_pass_over_s": round(passed_over - k0, 3) if passed_over is not None else None,
+            "ok_before_via_faulty": sum(1 for r in ok if r[0] < k0 and node in r[3]),
             "ok_while_down": len(started_down),
             "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
-            # ended before the restart began: the killed one did not exist then, so this must be 0
-            "ok_while_down_via_killed": sum(1 for r in started_down if r[1] < k1 and kill["node"] in r[3]),
+            # ended before the fault ended: the node was dead or stopped then, so this must be 0
+            "ok_while_down_via_faulty": sum(1 for r in started_down if r[1] < k1 and node in r[3]),
         })
     return {
         "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality,
@@ -193,8 +224,8 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
         "stretches": stretches,
         "faults": faults,
         "trace": [list(r) for r in trace],  # every measured issuance: start s, end s, outcome, watched servers seen
-        "ok": len(faults) == 2 and all(
-            f["pid_gone"] and f["ok_before_via_killed"] > 0 and f["time_to_recover_s"] is not None
-            and f["ok_while_down_via_survivor"] > 0 and f["ok_while_down_via_killed"] == 0 for f in faults
+        "ok": len(faults) == 4 and all(
+            (f["fault"] != "kill" or f["pid_gone"]) and f["ok_before_via_faulty"] > 0 and f["time_to_pass_over_s"] is not None
+            and f["ok_while_down_via_survivor"] > 0 and f["ok_while_down_via_faulty"] == 0 for f in faults
         ) and bool(stretches) and stretches[-1]["ok"] > 0,
     }

@@ -319,8 +319,9 @@ def md_cross_check(report: dict) -> list[str]:
 
 
 def md_failover(report: dict) -> list[str]:
-    """The failover runs: per second completions, failures (by reason) and who served, the kills
-    and restarts at their second; then per fault its failures by reason and time to recover."""
+    """The failover runs: per second completions, failures (by reason) and who served, the kills,
+    restarts, hangs and continues at their second; then per fault its failures by reason and time
+    to pass over."""
     out = []
     for name, e in report.get("scenarios", {}).items():
         for phase, r in _phases(e):
@@ -339,24 +340,24 @@ def md_failover(report: dict) -> list[str]:
                     f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
                     "warm-up, issuances counted in the second they ended.", "",
                     *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows), ""]
-            frows = [[f["node"], f["killed_at_s"], f["restarted_at_s"], f["pid_gone"], f["failures"] or "none",
-                      f["time_to_recover_s"], f["ok_while_down"], f"{f['ok_while_down_via_survivor']} via {f['survivor']}"]
-                     for f in fo["faults"]]
-            out += _table(["killed (SIGKILL)", "at s", "restarted at s", "pid gone", "failures by reason",
-                           "time to recover s", "started while down, issued", "served by the survivor"], frows)
+            frows = [[f["fault"], f["node"], f["at_s"], f["until_s"], f["pid_gone"] if f["fault"] == "kill" else "-",
+                      f["failures"] or "none", f["time_to_pass_over_s"], f["ok_while_down"],
+                      f"{f['ok_while_down_via_survivor']} via {f['survivor']}"] for f in fo["faults"]]
+            out += _table(["fault (kill: SIGKILL, hang: SIGSTOP)", "node", "at s", "ended at s", "pid gone", "failures by reason",
+                           "time to pass over s", "started while down, issued", "served by the survivor"], frows)
             out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
     return out
 
 
 def plot_failover(name: str, r: dict) -> str:
-    """Completions and failures per second, the kills and restarts as vertical lines."""
+    """Completions and failures per second, the faults and their ends as vertical lines."""
     fig, ax = _figure()
     fo = r["failover"]
     xs = [row["second"] for row in fo["per_second"]]
     ax.bar(xs, [row["ok"] for row in fo["per_second"]], 0.8, label="ok")
     ax.bar(xs, [row["failed"] for row in fo["per_second"]], 0.8, bottom=[row["ok"] for row in fo["per_second"]], label="failed")
     for ev in fo["events"]:
-        ax.axvline(ev["at_s"], color="red" if ev["event"] == "kill" else "green", linewidth=0.8)
+        ax.axvline(ev["at_s"], color="red" if ev["event"] in ("kill", "hang") else "green", linewidth=0.8)
         ax.text(ev["at_s"], ax.get_ylim()[1] * 0.95, f" {ev['event']} {ev['node']}", fontsize=6, rotation=90, va="top")
     ax.set_xlabel("s after warm-up (by end time)")
     ax.set_ylabel("issuances per second")

@@ -21,6 +21,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -221,6 +222,7 @@ class NodeProcess:
         self.module = "bench.serve" if set(self.hops) <= set(RELAY_KINDS) else "bench.serve_any"  # relays load no crypto
         self.proc: subprocess.Popen | None = None
         self.conn = None
+        self.hung = False  # SIGSTOPped by the failover bench
 
     def start(self, timeout: float = 60.0) -> float:
         if self.conn is not None:  # a restart after a kill
@@ -247,6 +249,15 @@ class NodeProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def hang(self) -> None:
+        """SIGSTOP, as a hung server: its sockets still accept connections, nothing answers."""
+        self.proc.send_signal(signal.SIGSTOP)
+        self.hung = True
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.hung = False
+
     def kill(self) -> int | None:
         """SIGKILL, as a crash: the exit status (-9), None if it outlived 5 s."""
         self.proc.kill()
@@ -257,6 +268,8 @@ class NodeProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            if self.hung:  # a stopped process holds its SIGTERM until continued
+                self.resume()
             self.proc.terminate()
             try:
                 self.proc.wait(5)

@@ -61,9 +61,9 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             Workload("failover", "issuance", size=DOC_64K),
-            "issuance while one of an operator's two DMZ relays (at 20 % of the run) and then one of a municipality's "
-            "two document servers (at 60 %) is SIGKILLed and restarted 20 % later: completions and failures per "
-            "second, failures by reason, time to recover; 0 misdelivered",
+            "issuance while one of an operator's two DMZ relays (from 10 % of the run) and then one of a municipality's "
+            "two document servers (from 55 %) is SIGKILLed and restarted, then SIGSTOPped (hung) and continued: "
+            "completions and failures per second, failures by reason, time to pass over; 0 misdelivered",
             rate=10,
             success_only=False,
             failover=True,

@@ -314,7 +314,7 @@ def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
                     "misprint-refunded" if notice.refunded else "printed")
         for iid, state_ in states.items():  # cancelled by a kill (or refused): never completed, never printed
             if iid not in outboxed:
-                assert state_ in ("created", "sent", "cancelled"), (iid, state_)
+                assert state_ in ("created", "sent", "cancelled", "expired"), (iid, state_)
                 assert iid not in printed
                 assert not any(per_kind[(iid, k)] for k in ("notice", "payment", "copy", "refund"))
         ledger_fees = sum(e["amount"] for e in db.entries() if e["kind"] in ("payment", "refund"))

@@ -191,8 +191,8 @@ def cmd_national(args) -> int:
 
 
 def failover_lines(label: str, fo: dict) -> list[str]:
-    """The failover run: completions and failures per second, with the kills and restarts marked
-    at their second, then each fault's failures by reason and its time to recover."""
+    """The failover run: completions and failures per second, with the faults and their ends marked
+    at their second, then each fault's failures by reason and its time to pass over."""
     marks: dict[int, list[str]] = {}
     for e in fo["events"]:
         marks.setdefault(int(e["at_s"]), []).append(f"{e['event'].upper()} {e['node']} @{e['at_s']:.1f}s")
@@ -207,11 +207,12 @@ def failover_lines(label: str, fo: dict) -> list[str]:
         out.append(f"  {row['second']:3d}s ok {row['ok']:3d} failed {row['failed']:3d}  via {via:<11} {bar:<40} "
                    f"{reasons}{'  <- ' + '; '.join(marks[row['second']]) if row['second'] in marks else ''}")
     for f in fo["faults"]:
-        ttr = f["time_to_recover_s"]
-        out.append(f"{label}: {f['node']} SIGKILLed at {f['killed_at_s']:.1f} s (pid {f['pid']} "
-                   f"{'gone' if f['pid_gone'] else 'STILL THERE'}), restarted at {f['restarted_at_s']} s: failures "
-                   f"{', '.join(f'{k} {v}' for k, v in f['failures'].items()) or 'none'}; time to recover "
-                   f"{'NOT RECOVERED' if ttr is None else f'{ttr:.3f} s'}; of the issuances started while it was down "
+        ttp = f["time_to_pass_over_s"]
+        what = (f"SIGKILLed at {f['at_s']:.1f} s (pid {f['pid']} {'gone' if f['pid_gone'] else 'STILL THERE'}), restarted"
+                if f["fault"] == "kill" else f"SIGSTOPped (hung) at {f['at_s']:.1f} s (pid {f['pid']}), continued")
+        out.append(f"{label}: {f['node']} {what} at {f['until_s']} s: failures "
+                   f"{', '.join(f'{k} {v}' for k, v in f['failures'].items()) or 'none'}; time to pass over "
+                   f"{'NEVER' if ttp is None else f'{ttp:.3f} s'}; of the issuances started meanwhile "
                    f"{f['ok_while_down']} succeeded, {f['ok_while_down_via_survivor']} via {f['survivor']}")
     for err in fo.get("errors", []):
         out.append(f"{label}: fault schedule error: {err}")
