@@ -349,6 +349,15 @@ def md_failover(report: dict) -> list[str]:
     return out
 
 
+def _soak_issuances(soak: dict) -> str:
+    """The ledger at the soak's end: issuances not in a final state, and those past their bound."""
+    iss = soak.get("issuances")
+    if not iss:
+        return ""
+    return (f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
+            f"{iss['past_bound']} (must be 0); by state {iss['states']}")
+
+
 def plot_failover(name: str, r: dict) -> str:
     """Completions and failures per second, the faults and their ends as vertical lines."""
     fig, ax = _figure()
@@ -457,7 +466,7 @@ def render_html(report: dict) -> str:
                     worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
                     parts.append(f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
                                  f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
-                                 f"misdelivered {soak['misdelivered']}</p>")
+                                 f"misdelivered {soak['misdelivered']}{_soak_issuances(soak)}</p>")
         except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
             parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
         parts.append("</div>")

@@ -22,6 +22,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -45,7 +46,9 @@ from bench.report import write_reports
 from bench.scenarios import SCENARIOS, Scenario
 from bench.topology import with_kiosks
 from gateway.business.clock import JST, Clock
+from gateway.business.ledger import UNFINISHED, ledger_path
 from gateway.business.rules import window, within
+from gateway.business.session import DELIVERY_TIMEOUT, NOTICE_TTL
 from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.latency import with_relay_waits
 from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
@@ -148,8 +151,9 @@ class ProcessSampler:
                 continue  # the process is gone; the summary says so by its missing tail
             self.samples[name].append((t, stats.get("rss_mib", 0.0), fds))
 
-    def summary(self, result: dict) -> dict:
-        """Per process: RSS and descriptors at the 20 % and the 90 % mark of the run; the verdict."""
+    def summary(self, result: dict, issuances: dict | None = None) -> dict:
+        """Per process: RSS and descriptors at the 20 % and the 90 % mark of the run; the ledger's
+        issuances left unfinished (`unfinished_issuances`); the verdict."""
         procs = {}
         for name, series in self.samples.items():
             if len(series) < 2:
@@ -171,9 +175,34 @@ class ProcessSampler:
         errors = sum((result.get("errors") or {}).values())
         return {
             "rss_growth_limit_pct": SOAK_RSS_GROWTH_PCT, "fd_slack": SOAK_FD_SLACK, "interval_s": self.interval,
-            "processes": procs, "errors": errors, "misdelivered": result.get("misdelivered", 0),
-            "ok": bool(procs) and all(p["ok"] for p in procs.values()) and errors == 0 and result.get("misdelivered", 0) == 0,
+            "processes": procs, "errors": errors, "misdelivered": result.get("misdelivered", 0), "issuances": issuances,
+            "ok": bool(procs) and all(p["ok"] for p in procs.values()) and errors == 0 and result.get("misdelivered", 0) == 0
+            and (issuances is None or issuances["past_bound"] == 0),
         }
+
+
+def unfinished_issuances(path: str) -> dict | None:
+    """The ledger's issuances in each state when a soak ends, and how many of those not in a final
+    state (created: streaming, sent: awaiting the notice) are past their bound, counted back from
+    the ledger's latest change: the center must have ended those (cancelled or expired). Read only;
+    None without a ledger file (":memory:")."""
+    if not Path(path).exists():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        states = dict(conn.execute("SELECT state, count(*) FROM issuances GROUP BY state").fetchall())
+        (latest,) = conn.execute("SELECT max(changed) FROM issuances").fetchone()
+        past = 0
+        if latest is not None:
+            now = datetime.fromisoformat(latest)
+            past = conn.execute(
+                "SELECT count(*) FROM issuances WHERE (state = 'created' AND changed < ?) OR (state = 'sent' AND changed < ?)",
+                ((now - timedelta(seconds=DELIVERY_TIMEOUT)).isoformat(), (now - timedelta(seconds=NOTICE_TTL)).isoformat()),
+            ).fetchone()[0]
+    finally:
+        conn.close()
+    return {"states": states, "unfinished": sum(states.get(s, 0) for s in UNFINISHED), "past_bound": past,
+            "bounds_s": {"created": DELIVERY_TIMEOUT, "sent": NOTICE_TTL}}
 
 
 class NodeGroup:
@@ -645,7 +674,8 @@ class Bench:
                     names = {f"relays-{i}": pid for i, pid in enumerate(relay_pids)} | {f"origin-{i}": pid for i, pid in enumerate(origin_pids)}
                     with ProcessSampler(names, interval=max(0.2, min(5.0, duration / 60))) as sampler:
                         result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
-                    result["soak"] = sampler.summary(result)
+                    result["soak"] = sampler.summary(
+                        result, unfinished_issuances(ledger_path(self.topo.ledger, self.opts.state_dir)))
                 else:
                     result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
             finally:

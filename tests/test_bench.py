@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from bench.runner import BenchError, BenchOptions, run_bench
+from bench.runner import BenchError, BenchOptions, run_bench, unfinished_issuances
 from bench.scenarios import SCENARIOS
-from gateway.business.ledger import LedgerDB
+from gateway.business.clock import JST
+from gateway.business.ledger import IssuanceRecord, LedgerDB
+from gateway.business.session import NOTICE_TTL
 from bench.topology import with_kiosks, with_port
 from topology.cli.main import main as konbini
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
@@ -186,8 +189,26 @@ def test_soak_report_samples_every_node_process_and_its_verdict_follows_its_numb
         assert p["ok"] == (p["rss_growth_pct"] < soak["rss_growth_limit_pct"] and p["fds_at_90pct"] - p["fds_at_20pct"] <= soak["fd_slack"])
     assert soak["errors"] == sum(r["errors"].values()) == 0
     assert soak["misdelivered"] == r["misdelivered"] == 0
-    assert soak["ok"] == all(p["ok"] for p in soak["processes"].values())
+    iss = soak["issuances"]  # the ledger at the end: nothing left unfinished past its bound
+    assert iss["past_bound"] == 0 and sum(iss["states"].values()) >= r["ok"]
+    assert soak["ok"] == (all(p["ok"] for p in soak["processes"].values()) and iss["past_bound"] == 0)
     assert "descriptors per node process" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_soak_counts_issuances_left_unfinished_past_their_bound(tmp_path) -> None:
+    """What the soak's verdict reads from the ledger: a row `sent` longer than NOTICE_TTL before the
+    ledger's latest change is past its bound; a younger one, or a final one, is not."""
+    db = LedgerDB(tmp_path / "ledger.sqlite")
+    t0 = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
+    with db.transaction():
+        for iid, at in (("stale", t0), ("young", t0 + timedelta(seconds=NOTICE_TTL)), ("done", t0)):
+            db.create_issuance(IssuanceRecord(iid, "s", "k", "a", "131016", "residence-record", 1, 200, "2026-11"), at)
+            db.set_state(iid, "sent", at)
+        db.record_notice("done", t0 + timedelta(seconds=2 * NOTICE_TTL), 1, 200)
+    db.close()
+    iss = unfinished_issuances(str(tmp_path / "ledger.sqlite"))
+    assert iss["states"] == {"sent": 2, "completed": 1} and iss["unfinished"] == 2 and iss["past_bound"] == 1
+    assert unfinished_issuances(str(tmp_path / "none.sqlite")) is None
 
 
 def test_the_center_side_in_a_process_per_role_issues_and_shows_each_roles_cost(tmp_path: Path) -> None:

@@ -56,6 +56,11 @@ class IssuanceEvent(Enum):
     EXPIRE = "expire"  # the center stops waiting for the notice (a late one still reaches the ledger)
 
 
+# Every issuance ends within a bound (seconds): one not delivered within DELIVERY_TIMEOUT is
+# cancelled; one delivered whose completion notice is not in within NOTICE_TTL expires.
+DELIVERY_TIMEOUT = 120.0
+NOTICE_TTL = 120.0
+
 SS, SE = SessionState, SessionEvent
 IS, IE = IssuanceState, IssuanceEvent
 

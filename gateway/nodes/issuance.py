@@ -49,6 +49,8 @@ from gateway.business.ledger import (
     month_of,
 )
 from gateway.business.session import (
+    DELIVERY_TIMEOUT,
+    NOTICE_TTL,
     Issuance,
     IssuanceEvent,
     IssuanceState,
@@ -92,12 +94,9 @@ log = logging.getLogger("konbini.center")
 
 SESSION_TTL = 120.0  # seconds a kiosk session may stay open
 FINISHED_TTL = SESSION_TTL  # seconds a completed or cancelled issuance stays in memory (the ledger keeps it)
-# Every issuance ends within a bound: one whose document is not delivered within DELIVERY_TIMEOUT is
-# cancelled; one delivered whose completion notice is not in within NOTICE_TTL expires (its kiosk
-# went away). The ledger's rows left unfinished beyond those bounds (a center that died) are expired
-# at start and every SWEEP_INTERVAL.
-DELIVERY_TIMEOUT = SESSION_TTL
-NOTICE_TTL = SESSION_TTL
+# Every issuance ends within its bound (DELIVERY_TIMEOUT, NOTICE_TTL: gateway/business/session.py);
+# the ledger's rows left unfinished beyond them (a center that died) are expired at start and
+# every SWEEP_INTERVAL seconds.
 SWEEP_INTERVAL = 10.0
 UPSTREAM_TIMEOUT = 10.0  # OCSP and municipality must answer within this, or the request is cancelled whole
 # Shorter than UPSTREAM_TIMEOUT, so that a hung document server is passed over while the issuance

@@ -129,7 +129,9 @@ def cmd_bench(args) -> int:
                 fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
                 soaks.append(f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
                              f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
-                             f"errors {soak['errors']}, misdelivered {soak['misdelivered']}")
+                             f"errors {soak['errors']}, misdelivered {soak['misdelivered']}"
+                             + (f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
+                                f"{iss['past_bound']}" if (iss := soak.get("issuances")) else ""))
             if fo := r.get("failover"):
                 failovers += failover_lines(f"{name} {phase}", fo)
             if r.get("best_rate") is not None or "steps" in r:
