@@ -78,14 +78,12 @@ def test_issuances_continue_through_the_other_document_server(run: dict) -> None
 
 def test_issuances_pass_over_a_hung_document_server_to_the_other(run: dict) -> None:
     """SIGSTOP, not SIGKILL: the hung process's sockets still accept, nothing answers. Issuances
-    started while it hangs complete through the other server, none through the hung one, and
-    the center goes back to its first server once it answers again."""
+    started while it hangs complete through the other server, none through the hung one. (That
+    the center goes back to it once it answers is shown with fake servers below: here it would
+    depend on the machine's speed.)"""
     hung = fault(run, "muni-takamatsu-1", "hang")
     assert hung["ok_while_down_via_survivor"] > 0 and hung["ok_while_down_via_faulty"] == 0
     assert hung["time_to_pass_over_s"] is not None and run["misdelivered"] == 0
-    kill = fault(run, "muni-takamatsu-1")
-    back = [r for r in run["failover"]["trace"] if hung["until_s"] <= r[0] and r[1] < kill["at_s"] and r[2] == "ok"]
-    assert any("muni-takamatsu-1" in r[3] for r in back)
 
 
 def test_a_hung_dmz_relay_delays_issuances_and_misdelivers_nothing(run: dict) -> None:
@@ -253,6 +251,33 @@ def test_a_hung_document_server_is_passed_over_set_aside_and_probed_back() -> No
             asked.clear()
             _, _, entry = await center._open_document(servers, b"{}")
             assert asked == ["muni-1"] and entry[1].startswith(b"muni-1;")  # the primary again
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_last_document_server_asked_has_the_rest_of_the_issuance_time() -> None:
+    """A slow server is not a hung one: with no other server to try, the center waits for it
+    until the issuance's own UPSTREAM_TIMEOUT, not just ATTEMPT_TIMEOUT."""
+    asked: list[str] = []
+    only = _FakeServer("muni-1", True, asked)
+
+    async def slow_headers():
+        await trio.sleep(ATTEMPT_TIMEOUT + 1)
+        return [(b":status", b"200")]
+
+    async def open_slow(headers, body):
+        asked.append("muni-1")
+        return SimpleNamespace(release=lambda st: None), SimpleNamespace(receive_headers=slow_headers)
+
+    only.open = open_slow
+    servers = DocumentServers([only])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(UPSTREAM_TIMEOUT):
+                _, _, entry = await _center(nursery)._open_document(servers, b"{}")
+            assert entry[1].startswith(b"muni-1;") and asked == ["muni-1"] and not servers.outliers.aside()
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
