@@ -116,6 +116,16 @@ def test_up_prints_a_table_that_fits_80_columns_and_names_each_nodes_process():
     assert "process-0 4000" in text  # and the pid of each
 
 
+def test_one_process_up_prints_a_table_of_whole_rows_in_80_columns(topo):
+    out = Console(file=StringIO(), width=80)  # piped: rich's default width
+    show_nodes(out, topo, "konbini topology 'default' (loopback)", {n.id for n in topo.nodes.values() if n.is_server})
+    text = out.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for n in topo.nodes.values():
+        ready = "listening" if n.is_server else "client"
+        assert re.search(rf"^{n.id} +{n.kind} +{n.site} +{re.escape(n.address)}(:\d+)? +{ready} *$", text, re.M), n.id
+
+
 def test_up_refuses_a_clock_running_backwards():
     p = konbini("up", "--clock-speed", "-5", timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr
