@@ -189,7 +189,7 @@ class Supervisor:
 
     def _act(self, slot: Slot, action: str, node: str, reply: Path) -> None:
         shared = [n for n in slot.nodes if n != node]
-        also = f"; {slot.name} also serves {nodes_text(shared)}, which go with it" if shared else ""
+        also = f"; it also serves {nodes_text(shared)}" if shared else ""
         if action not in ACTIONS:
             _reply(reply, 2, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
             return
@@ -206,12 +206,11 @@ class Supervisor:
             return
         slot.waiting.append(reply)
         if action == "start" or (action == "restart" and slot.state != "up"):
-            self._event(f"{slot.name} ({nodes_text(slot.nodes)}) starting (`konbini node {action} {node}`){also}")
+            self._event(f"{slot.name} starting (`konbini node {action} {node}`){also}")
             slot.state, slot.due, slot.crashes = "restarting", 0.0, 0
             return
         sig = signal.SIGKILL if action == "kill" else signal.SIGTERM
-        self._event(f"{slot.name} ({nodes_text(slot.nodes)}) pid {slot.host.pid}: {sig.name} "
-                    f"(`konbini node {action} {node}`){also}")
+        self._event(f"{slot.name} pid {slot.host.pid}: {sig.name} (`konbini node {action} {node}`){also}")
         slot.asked = action
         try:
             os.kill(slot.host.pid, sig)
