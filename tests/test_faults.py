@@ -126,6 +126,24 @@ def test_one_process_up_prints_a_table_of_whole_rows_in_80_columns(topo):
         assert re.search(rf"^{n.id} +{n.kind} +{n.site} +{re.escape(n.address)}(:\d+)? +{ready} *$", text, re.M), n.id
 
 
+def test_past_200_nodes_up_counts_each_kind_and_lists_the_processes(tmp_path):
+    from tests.test_expand import SMALL
+
+    big = SMALL.replace("127.64.0.0/28", "127.64.0.0/22").replace('range: "s[01-02]"', 'range: "s[01-40]"')
+    (tmp_path / "big.yaml").write_text(big)
+    topo = load_topology(tmp_path / "big.yaml")
+    assert len(topo.nodes) > 200
+    parts = spread.partition(topo, 2)
+    out = Console(file=StringIO(), width=80)
+    show_nodes(out, topo, "big", {n.id for n in topo.nodes.values() if n.is_server},
+               processes=[(f"process-{i}", 4000 + i, ids) for i, ids in enumerate(parts)])
+    text = out.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert re.search(r"^kiosk +80 +0 *$", text, re.M), text
+    for i, ids in enumerate(parts):
+        assert re.search(rf"^process-{i} +{4000 + i} +{len(ids)} +{ids[0]} +{ids[-1]} *$", text, re.M), text
+
+
 def test_up_refuses_a_clock_running_backwards():
     p = konbini("up", "--clock-speed", "-5", timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr
