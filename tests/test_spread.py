@@ -90,22 +90,3 @@ def test_up_with_two_processes_issues_across_them_and_stops_them_all(tmp_path):
         if up.poll() is None:
             os.kill(up.pid, signal.SIGKILL)
             up.wait()
-
-
-def test_a_process_that_dies_is_reported_and_the_rest_are_stopped(tmp_path):
-    state, log = tmp_path / "s", tmp_path / "up.log"
-    with log.open("w") as out:
-        up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", "--processes", "2", "--state", str(state)],
-                              cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(log, "Ctrl-C stops", up)
-        first, second = _children(up.pid)
-        os.kill(first, signal.SIGKILL)
-        assert up.wait(timeout=30) == 1
-        text = log.read_text()
-        assert "process-0 exited" in text or "process-1 exited" in text, text
-        assert not Path(f"/proc/{second}").exists() or "zombie" in Path(f"/proc/{second}/status").read_text()
-    finally:
-        if up.poll() is None:
-            os.kill(up.pid, signal.SIGKILL)
-            up.wait()

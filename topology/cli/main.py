@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kiosk_emu.card import DEFAULT_PIN
-from topology.cli import bench, business, export, graph, netns
+from topology.cli import bench, business, export, graph, netns, node
 from topology.cli import expand as expand_cmd
 from topology.cli.card import cmd_card
 from topology.cli.common import default_topology_path, load, settle_options, share_options, user_error
@@ -61,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
                    help="loopback mode: spread the nodes over this many processes (cores; open-file limits per "
                         "process; default 1); netns mode: serve the namespaces from this many (default: one each up "
                         "to 64 namespaces, else two a core)")
+    node.add_restart_option(u)
     u.set_defaults(func=cmd_up)
 
     pf = sub.add_parser("preflight", help="the machine limits a topology will hit (open files, ports, memory), and how to raise them")
@@ -117,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     export.register(sub)  # export k8s, export compose
     expand_cmd.register(sub)  # expand, schema
     graph.register(sub)
+    node.register(sub)  # node list, kill, stop, start, restart
     share_options(p)
     return p
 

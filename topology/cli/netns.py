@@ -20,7 +20,8 @@ from topology.check import policy as policycheck
 from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.expand import write_expanded
-from topology.cli.render import TABLE_LIMIT, show, show_nodes
+from topology.cli.node import supervise
+from topology.cli.render import show, show_nodes
 from topology.launch import impair, netns
 from topology.netns.impair import ImpairError, Shape
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
@@ -57,7 +58,6 @@ def _user_errors(fn):
 @_user_errors
 def cmd_up_netns(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     netns.require_root("`konbini up --netns`")
     topo = load(args.file)
@@ -85,30 +85,23 @@ def cmd_up_netns(args) -> int:
     pki = PKI.ensure(sdir.resolve(), topo)  # once here: the node processes inherit it
     net_s = netns.create_network(plan, sdir, sites)
     netns.register_launcher(plan.prefix)
-    hosts = []
+    hosts, supervisor = [], None
     try:
         warnings = netns.apply_impairments(plan, sdir)
         lines = impair.Impairments(topo, "netns", plan, sdir)
         hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki, processes=processes)
         up_s = time.perf_counter() - t0
-        if len(topo.nodes) <= TABLE_LIMIT:
-            table = Table(title=f"konbini topology {topo.name!r} (netns)")
-            for col in ("node", "kind", "namespace", "address", "ready"):
-                table.add_column(col)
-            for node in topo.nodes.values():
-                addr = node.address_in("netns")
-                table.add_row(node.id, node.kind, plan.namespace(node.site), f"{addr}:{node.port}" if node.port else addr,
-                              "listening" if node.is_server else "client")
-            console.print(table)
-        else:
-            show_nodes(console, topo, f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces)",
-                       {n for n in topo.nodes if topo.nodes[n].is_server})
+        supervisor = supervise(hosts, netns.net_dir(sdir) / "processes", args, "netns", console)
+        show_nodes(console, topo, f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces "
+                   f"{plan.prefix}SITE)", {n for n in topo.nodes if topo.nodes[n].is_server},
+                   processes=[(h.job[0], h.pid, h.job[2]) for h in hosts], address=lambda node: node.address_in("netns"))
         for w in warnings:
             console.print(f"[yellow]lines[/] {w}")
         console.print(
             f"[bold green]ready[/] in {up_s * 1000:.0f} ms ({len(plan.sites)} namespaces, {len(plan.veths)} veths, "
             f"network {net_s * 1000:.0f} ms, {len(hosts)} node processes); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
-            f"konbini issue --netns`; Ctrl-C or `konbini down` stops."
+            f"konbini issue --netns`; `konbini node kill|stop|start|restart NODE --netns` injects a fault; "
+            f"Ctrl-C or `konbini down` stops.", soft_wrap=True,
         )
         if plan.monitoring is not None:  # issue 14: where to scrape (only from the monitoring namespace)
             cert, key = pki.principal_paths("monitoring")
@@ -136,13 +129,13 @@ def cmd_up_netns(args) -> int:
             if daemon and daemon["down"] and not reported_down:
                 reported_down = True
                 console.print(f"[red]impairment daemon down[/]: {daemon.get('note') or 'supervisor gone'}; lines pass unimpaired")
-            if any(h.poll() is not None for h in hosts):
-                dead = next(h for h in hosts if h.poll() is not None)
-                console.print(f"[red]nodes of {dead.site} exited[/] (see {netns.net_dir(sdir) / 'logs' / dead.site}.log); stopping.")
-                break
+            supervisor.tick()
             time.sleep(0.2)
     finally:
         t1 = time.perf_counter()
+        if supervisor is not None:
+            hosts = supervisor.hosts
+            supervisor.close()
         netns.stop_nodehosts(hosts)
         netns.teardown(plan.prefix, sdir)
         console.print(f"stopped; namespaces removed in {(time.perf_counter() - t1) * 1000:.0f} ms.")

@@ -12,6 +12,7 @@ from gateway.business.clock import Clock
 from gateway.node.metrics import ImpairmentStatus
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.netns import cmd_up_netns
+from topology.cli.node import supervise
 from topology.cli.render import show_nodes
 from topology.launch import preflight, spread
 from topology.launch.impair import Impairments, LineError
@@ -50,6 +51,9 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_up(args) -> int:
+    speed = getattr(args, "clock_speed", 1.0)
+    if not speed > 0:  # zero or less would stop or reverse time: hours, fees and expiries stop making sense
+        raise UserError(f"--clock-speed must be above 0 (emulated seconds per real second), not {speed:g}")
     if getattr(args, "netns", False):
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     if getattr(args, "sites", None):
@@ -120,23 +124,22 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    supervisor = supervise(hosts, sdir / "processes", args, "loopback", console)
     try:
         ready_s = time.perf_counter() - t0
         show_nodes(console, topo, f"konbini topology {topo.name!r} (loopback, {len(hosts)} processes)",
-                   {n for n in topo.nodes if topo.nodes[n].is_server})
+                   {n for n in topo.nodes if topo.nodes[n].is_server}, processes=[(h.job[0], h.pid, h.job[2]) for h in hosts])
         for note in notes:
             console.print(f"[yellow]lines[/] {note}")
         console.print(f"[bold green]ready[/] in {ready_s * 1000:.0f} ms; {len(hosts)} processes "
-                      f"(pids {' '.join(str(h.pid) for h in hosts)}; logs {sdir / 'processes'}); Ctrl-C stops.")
+                      f"(logs {sdir / 'processes'}; restart policy {supervisor.policy.name}); "
+                      "`konbini node kill|stop|start|restart NODE` injects a fault; Ctrl-C stops.", soft_wrap=True)
         while not stop["now"]:
-            dead = [h for h in hosts if h.poll() is not None]
-            if dead:
-                console.print(f"[red]{dead[0].site} exited[/] ({dead[0].returncode}); see {sdir / 'processes' / dead[0].site}.log; "
-                              "stopping the rest")
-                return 1
-            time.sleep(0.5)
+            supervisor.tick()
+            time.sleep(0.2)
     finally:
-        stop_nodehosts(hosts)
+        stop_nodehosts(supervisor.hosts)
+        supervisor.close()
     console.print("stopped; every node shut down.")
     return 0
 

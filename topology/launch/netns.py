@@ -10,6 +10,7 @@ pipes (it prints "ready", it exits on stdin EOF) and a pid file, never through a
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -220,11 +221,14 @@ NODEHOST_COMM = b"konbini-node"  # the process name `konbini down` checks before
 
 
 class Nodehost:
-    """A forked child serving one namespace's nodes; `close()` ends it through its stdin pipe."""
+    """A forked child serving one namespace's nodes; `close()` ends it through its stdin pipe.
+    `job` is what it was forked for, `again(siblings)` forks it anew (topology/launch/supervisor.py)."""
 
     def __init__(self, site: str, pid: int, ready_fd: int, stdin_fd: int) -> None:
         self.site, self.pid, self.ready_fd, self.stdin_fd = site, pid, ready_fd, stdin_fd
         self.returncode: int | None = None
+        self.job: tuple[str, str | None, list[str]] = (site, None, [])
+        self.again = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -239,16 +243,17 @@ class Nodehost:
                 os.close(fd)
             except OSError:
                 pass
+        self.ready_fd = self.stdin_fd = -1  # once: the numbers may be another pipe's by the next call
 
 
 def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
-                   pki=None, namespaces=None) -> Nodehost:
+                   pki=None, namespaces=None, append: bool = False) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
     the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
 to well under one."""
     ready_r, ready_w = os.pipe()
     stdin_r, stdin_w = os.pipe()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -351,12 +356,15 @@ def start_nodehosts(
 
 def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
                    clock: str | None = None, clock_speed: float = 1.0, topo=None, pki=None,
-                   started=None, progress=None, namespaces=None) -> list[Nodehost]:
+                   started=None, progress=None, namespaces=None, siblings: list[Nodehost] = (),
+                   restart: bool = False) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
     `topo`, `pki`: the parent's, for the children to inherit instead of making again.
     `started(host, namespace)` after each fork; `progress(ready, total)` as they come up.
-    `namespaces`: site -> namespace, for children serving several (each enters its job's first)."""
+    `namespaces`: site -> namespace, for children serving several (each enters its job's first).
+    `siblings`: nodehosts already running (a restart's), whose pipes each child closes; a restart
+    appends to the log, which holds what the last one said before it died."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
@@ -370,7 +378,11 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
                     "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", hosts, topo, pki, namespaces)
+            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", [*siblings, *hosts], topo, pki,
+                                  namespaces, append=restart)
+            host.job = (name, namespace, ids)
+            host.again = functools.partial(_fork_again, (name, namespace, ids), mode, topo_file, state_dir, log_dir,
+                                           timeout, clock, clock_speed, topo, pki, started, namespaces)
             hosts.append(host)
             if started is not None:
                 started(host, namespace)
@@ -382,6 +394,11 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
         raise
     finally:
         sel.close()
+
+
+def _fork_again(job, *args, siblings: list[Nodehost]) -> Nodehost:
+    """The nodehost of `job` forked anew, with the arguments it was first forked with."""
+    return fork_nodehosts([job], *args, siblings=siblings, restart=True)[0]
 
 
 def wait_ready(hosts: list[Nodehost], sel: selectors.BaseSelector, log_dir: Path, timeout: float,
