@@ -34,7 +34,7 @@ from topology.check.app import CHECKS, pick, run_check
 from topology.check.matrix import check_matrix
 from topology.check.scrape import ScrapeError, sample, scrape_in_namespace
 from topology.launch.loopback import run_topology
-from topology.launch.netns import read_clock
+from topology.launch.clockfile import read_clock
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (

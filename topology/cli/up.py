@@ -10,7 +10,7 @@ from rich.console import Console
 
 from gateway.business.clock import Clock
 from gateway.node.metrics import ImpairmentStatus
-from topology.cli.common import UserError, load, state_dir
+from topology.cli.common import UserError, clock_option, load, state_dir
 from topology.cli.netns import cmd_up_netns
 from topology.cli.render import show_nodes
 from topology.launch import preflight, spread
@@ -50,6 +50,7 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_up(args) -> int:
+    args.clock = clock_option(args.clock)  # both modes pass it on as text, to their node processes
     if getattr(args, "netns", False):
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     if getattr(args, "sites", None):
