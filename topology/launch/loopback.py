@@ -16,7 +16,6 @@ import trio
 from gateway.business.clock import Clock
 from gateway.node.cluster import CLUSTER
 from kiosk_emu.card import CardStore
-from topology.launch.clockfile import write_running_clock
 from topology.launch.servers import Running, run_servers
 from topology.pki import PKI
 from topology.spec.model import Topology
@@ -52,8 +51,6 @@ async def run_topology(
     if pki is None:
         pki = PKI.load(state_dir, topo) if mode == CLUSTER else PKI.ensure(state_dir, topo)
     clock = clock or Clock()
-    if only is None and mode != CLUSTER:  # the whole topology: later commands join it in its time
-        write_running_clock(state_dir, clock)
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
     await run_servers(topo, state_dir, pki, cards, clock, mode=mode, only=only, bind=bind, namespaces=namespaces,
                       reuse_port=reuse_port, t0=t0, task_status=task_status)
