@@ -51,11 +51,18 @@ from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.kiosk import Kiosk, issue_at
 from topology.launch.loopback import run_topology
 from topology.pki import PKI
+from topology.spec.evidence import (
+    EVIDENCE_CERTIFICATE,
+    NotCheckable,
+    evidence_municipality,
+    evidence_site,
+    first_store,
+    monitored_store,
+)
 from topology.spec.load import load_topology
 from topology.spec.model import Topology
 
 TOOL = "konbini annex (h2 + mTLS client, topology/check/annex.py)"
-EVIDENCE_CERTIFICATE = "residence-record"
 SHORT_SILENCE_LIMIT = 1.5  # seconds: the bound the SEC-KI-8 check sets, instead of waiting 30 s
 CALL_TIMEOUT = 10.0
 LOCKOUT_WAIT = 65.0  # seconds the SEC-KI-4 check waits out a lockout an earlier run left (the limiter's is 60 s)
@@ -122,43 +129,6 @@ class Session:
     async def __call__(self, method: str, path: str, body: object = None, extra=()) -> tuple[int, dict]:
         with trio.fail_after(CALL_TIMEOUT):
             return await call(self.conn, self.authority, method, path, body, extra)
-
-
-class NotCheckable(ValueError):
-    """The topology lacks what a check needs (e.g. no store with admin surfaces)."""
-
-
-def first_store(topo: Topology) -> tuple[str, str, str, str]:
-    """(store controller, its console, a kiosk of that store, the kiosk's console) of the first store with both."""
-    for ctl in topo.of_kind("store-controller"):
-        kiosks = [k for k in topo.of_kind("kiosk") if k.site == ctl.site and k.admin]
-        if ctl.admin and kiosks:
-            return ctl.id, ctl.admin[0].at[0], kiosks[0].id, kiosks[0].admin[0].at[0]
-    raise NotCheckable("no store with an admin API and a kiosk maintenance endpoint in this topology")
-
-
-def monitored_store(topo: Topology) -> tuple[str, str, str]:
-    """(store controller, its console, a kiosk of its store) of the first store whose controller has
-    an admin API: where a fault and a silence can be read (SEC-KI-7, SEC-KI-8); kiosks need none."""
-    for ctl in topo.of_kind("store-controller"):
-        kiosks = [k.id for k in topo.of_kind("kiosk") if k.site == ctl.site]
-        if ctl.admin and kiosks:
-            return ctl.id, ctl.admin[0].at[0], kiosks[0]
-    raise NotCheckable("no store controller with an admin API (admin_port and admin) and a kiosk in its store")
-
-
-def evidence_site(topo: Topology) -> str:
-    """The store every check starts from: the first with every admin surface, else the first whose
-    controller has an admin API, else the first kiosk's; the checks that need no surface run anywhere."""
-    for find in (lambda: first_store(topo)[0], lambda: monitored_store(topo)[0]):
-        try:
-            return topo.node(find()).site
-        except NotCheckable:
-            pass
-    kiosks = topo.of_kind("kiosk")
-    if not kiosks:
-        raise NotCheckable("no kiosk in this topology")
-    return kiosks[0].site
 
 
 def _kiosks_at(topo: Topology) -> list[str]:
@@ -434,14 +404,6 @@ ANNEX_CHECKS = (
 
 # the checks that issue documents, so need the service open at the nodes' time (BIZ-1)
 NEEDS_OPEN_HOURS = frozenset({"SEC-KI-2"})
-
-
-def evidence_municipality(topo: Topology) -> str:
-    """The municipality the issuing checks ask: the first that takes part and offers a residence record."""
-    for code, node in topo.municipalities().items():
-        if node.municipality.participating and EVIDENCE_CERTIFICATE in node.municipality.certificates:
-            return code
-    raise NotCheckable(f"no participating municipality offers a {EVIDENCE_CERTIFICATE}")
 
 
 def closed_at(topo: Topology, now: datetime) -> str | None:
