@@ -90,6 +90,10 @@ class CardNotFound(CardError):
     pass
 
 
+class CardExists(CardError):
+    """A new card would replace one: its key, certificate and PIN counter would be lost."""
+
+
 @dataclass(frozen=True)
 class _PinHash:
     salt: bytes
@@ -183,12 +187,14 @@ class CardStore:
         """Issue a card: fresh key, certificate from the JPKI CA, PIN set, counter full; saved.
 
         `expired` gives a certificate whose validity ended yesterday; `legacy` the refused
-        SHA-1/RSA-1024 profile of seed 004 (BIZ-8).
+        SHA-1/RSA-1024 profile of seed 004 (BIZ-8). An id already in the store raises CardExists.
         """
         profile = CardProfile(profile)
         profile.check_pin_format(pin)
         card_id = card_id or f"card-{secrets.token_hex(6)}"
-        self._path(card_id)  # validates the id before the slow key generation
+        if self._path(card_id).exists():  # validates the id too, before the slow key generation
+            raise CardExists(f"card {card_id!r} already exists in {self.dir}; choose another id "
+                             "(`konbini card list` shows the cards there)")
         key = rsa.generate_private_key(public_exponent=65537, key_size=1024 if legacy else 2048)
         card = Card(
             card_id=card_id,
@@ -289,15 +295,19 @@ class CardStore:
             cards.append(card)
         return cards
 
-    def revoke(self, card_id: str, reason: str) -> None:
-        """Revoke the card's current certificate (BIZ-8); a second revocation keeps the first date."""
+    def revoke(self, card_id: str, reason: str) -> bool:
+        """Revoke the card's current certificate (BIZ-8). False when it was revoked already: the
+        first date and reason stand (a card revoked with its phones meets a phone revoked before)."""
         if reason not in REVOCATION_REASONS:
             raise ValueError(f"unknown revocation reason {reason!r}; one of: {', '.join(REVOCATION_REASONS)}")
         serial = self.load(card_id).serial
         with file_lock(self.revocations_path.with_name(".revocations.lock")):
             entries = self._read_revocations()
-            entries.setdefault(str(serial), {"at": self.clock().isoformat(), "reason": reason, "card_id": card_id})
+            if str(serial) in entries:
+                return False
+            entries[str(serial)] = {"at": self.clock().isoformat(), "reason": reason, "card_id": card_id}
             write_atomic(self.revocations_path, json.dumps(entries, indent=1, sort_keys=True).encode(), 0o644)
+        return True
 
     def revocations(self) -> Mapping[int, tuple[datetime, str]]:
         """Revoked serial -> (revocation time, seed-004 reason); re-read only when the file changed.

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
+from gateway.business.clock import Clock
+from tests.conftest import TEST_TIME
+from topology.launch.loopback import run_topology
+from topology.pki import PKI
 from topology.spec.load import DEFAULT_TOPOLOGY
 
 
@@ -106,3 +111,110 @@ def test_demo_piped_to_a_file_prints_whole_records_not_truncated_columns(tmp_pat
     assert "…" not in p.stdout  # rich truncates cells with an ellipsis when columns do not fit
     assert "wrong PIN: expected pin-wrong, status refused, reason pin-wrong" in p.stdout
     assert "demo passed" in p.stdout
+
+
+# -- issue #28: what a first-time user types --------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["-5", "0"])
+def test_a_document_size_below_one_byte_is_refused_before_anything_is_charged(state, size):
+    assert_one_clear_line(konbini("issue", "--size", size, state=state), "konbini:", f"--size {size}", "1 to")
+
+
+def test_a_kiosk_outside_the_named_store_is_refused_not_silently_used(state):
+    assert_one_clear_line(konbini("issue", "--kiosk", "kiosk-b1-1", "--store", "store-a1", state=state),
+                          "konbini:", "kiosk-b1-1 is in store store-b1, not store-a1")
+
+
+def test_an_unknown_store_is_called_unknown_and_the_stores_are_named(state):
+    assert_one_clear_line(konbini("issue", "--store", "store-zz", state=state), "unknown store 'store-zz'", "store-a1")
+
+
+def test_a_new_card_never_replaces_an_existing_one(tmp_path):
+    assert konbini("card", "new", "--id", "card-twice", state=tmp_path).returncode == 0
+    before = (tmp_path / "cards" / "card-twice.json").read_bytes()
+    assert_one_clear_line(konbini("card", "new", "--id", "card-twice", "--pin", "9999", state=tmp_path),
+                          "konbini:", "card-twice", "already exists")
+    assert (tmp_path / "cards" / "card-twice.json").read_bytes() == before
+
+
+def test_revoking_a_revoked_card_says_so_and_keeps_the_first_revocation(tmp_path):
+    assert konbini("card", "new", "--id", "card-gone", state=tmp_path).returncode == 0
+    assert konbini("card", "revoke", "card-gone", "--reason", "key-compromise", state=tmp_path).returncode == 0
+    assert_one_clear_line(konbini("card", "revoke", "card-gone", state=tmp_path), "already revoked", "key-compromise")
+
+
+def test_a_legacy_card_says_it_is_legacy_and_the_list_shows_what_a_kiosk_decides_on(tmp_path):
+    p = konbini("card", "new", "--id", "card-old", "--legacy", state=tmp_path)
+    assert p.returncode == 0 and "legacy SHA-1/RSA-1024" in p.stdout
+    assert konbini("card", "new", "--id", "card-ok", state=tmp_path).returncode == 0
+    listed = konbini("card", "list", state=tmp_path).stdout.splitlines()
+    assert listed[0].split() == ["card", "PIN", "profile", "key", "certificate", "PIN", "tries", "left", "valid", "until"]
+    rows = {line.split()[0]: line.split() for line in listed[1:-1]}
+    assert rows["card-old"][1:5] == ["mynumber-auth", "RSA-1024", "legacy", "legacy-profile-refused"]
+    assert rows["card-ok"][1:7] == ["mynumber-auth", "RSA-2048", "valid", "3", "of", "3"]
+
+
+@pytest.mark.parametrize("command, option, words", [
+    (["issue"], "--copies", ["1 to 10"]),
+    (["issue"], "--cert", ["residence-record", "family-register", "vaccination"]),
+    (["card", "new"], "--pin", ["4 digits"]),
+    (["card", "revoke"], "--reason", ["revocation cause"]),
+    (["card", "revoke"], "id", ["card list"]),
+    (["settle"], "--json", ["JSON"]),
+])
+def test_every_option_a_user_meets_has_help(command, option, words):
+    text = " ".join(subprocess.run([sys.executable, "-m", "topology.cli", *command, "--help"], capture_output=True, text=True,
+                                   env={**os.environ, "COLUMNS": "400"}).stdout.split())  # unwrapped
+    described = text[text.index(option, text.index("options:" if option.startswith("-") else "positional")):][:400]
+    assert all(w in described for w in words), described
+
+
+def test_a_clock_without_offset_is_japan_time(state):
+    p = konbini("issue", "--up", "--clock", "2026-11-24T23:30", state=state)
+    assert p.returncode == 1 and "emulated time: 2026-11-24 23:30 JST" in p.stdout
+
+
+@pytest.mark.parametrize("command", [["issue", "--up"], ["settle", "--month", "2026-11"]])
+def test_a_clock_that_is_not_a_time_is_one_clear_line(state, command):
+    p = konbini(*command, "--clock", "tomorrow", state=state) if command[0] == "issue" else \
+        konbini(*command, "--state", str(state), "--clock", "tomorrow")
+    assert_one_clear_line(p, "konbini: --clock 'tomorrow' is not a time")
+
+
+def test_the_outside_hours_hint_names_the_next_opening_in_the_emulated_time(state):
+    p = konbini("issue", "--up", "--clock", "2026-12-28T23:30", state=state)
+    assert "open again 2027-01-04 10:00 JST: `konbini issue --up --clock 2027-01-04T10:00:00+09:00`" in p.stdout
+
+
+def test_graph_into_a_missing_directory_is_one_clear_line(tmp_path):
+    assert_one_clear_line(konbini("graph", "--out", str(tmp_path / "missing" / "g.svg")), "konbini: cannot write --out")
+
+
+async def _konbini_async(*args: str) -> subprocess.CompletedProcess:
+    return await trio.run_process([sys.executable, "-m", "topology.cli", *args], capture_stdout=True,
+                                  capture_stderr=True, check=False)
+
+
+async def test_cards_issue_makes_are_valid_in_the_running_topologys_time(topo, tmp_path, nursery):
+    """A topology up at an emulated date before today: `issue` with a fresh state makes its pool
+    card in that time, not the wall clock's (which would be refused `card-not-yet-valid`)."""
+    running = await nursery.start(lambda task_status: run_topology(topo, tmp_path, clock=Clock(TEST_TIME), task_status=task_status))
+    p = await _konbini_async("issue", "--state", str(tmp_path), "--json")
+    running.stop()
+    assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    assert json.loads(p.stdout)["status"] == "issued"
+
+
+async def test_issue_with_another_state_directorys_pki_is_one_clear_line(net, tmp_path):
+    PKI.ensure(tmp_path, net.topo)
+    p = await _konbini_async("issue", "--state", str(tmp_path))
+    out = p.stdout.decode() + p.stderr.decode()
+    assert p.returncode != 0 and "Traceback" not in out
+    assert "does not trust the PKI" in out and "--state" in out
+    assert not (tmp_path / "cards").exists() or not any((tmp_path / "cards").iterdir())
+
+
+def test_issue_never_makes_a_pki_in_a_state_directory_without_one(tmp_path):
+    assert_one_clear_line(konbini("issue", state=tmp_path), "no PKI in", "--state")
+    assert not (tmp_path / "pki").exists()

@@ -301,3 +301,22 @@ def test_graph_draws_operators_not_stores(tmp_path):
     assert "store-router-s01" not in drawing and "closed-line x2" in drawing
     assert main(["graph", str(write(tmp_path, SMALL)), "--out", str(tmp_path / "t.html")]) == 0
     assert (tmp_path / "t.html").read_text().startswith("<!doctype html>")
+
+
+def test_compact_stores_have_the_admin_surfaces_the_annex_requires(tmp_path):
+    """Issue #28: a compact store has its controller's admin API and its kiosks' maintenance
+    endpoint, exactly as the hand-written default's stores; `admin: false` leaves them out."""
+    compact = load_topology(write(tmp_path, COMPACT_DEFAULT))
+    assert compact.nodes == load_topology(DEFAULT_TOPOLOGY).nodes
+    bare = load_topology(write(tmp_path, COMPACT_DEFAULT.replace("    operator: b\n", "    operator: b\n    admin: false\n"), "bare.yaml"))
+    assert bare.node("kiosk-b1-1").admin_port is None and not bare.node("store-controller-b1").admin
+    assert bare.node("kiosk-a1-1").admin and bare.node("store-controller-a1").admin_port == 9440
+
+
+def test_check_names_the_annex_items_a_file_cannot_show_and_why(tmp_path, capsys):
+    path = write(tmp_path, COMPACT_DEFAULT.replace("    operator: a\n", "    operator: a\n    admin: false\n")
+                 .replace("    operator: b\n", "    operator: b\n    admin: false\n"))
+    assert main(["check", str(path)]) == 0
+    cannot = {line.split()[2]: line for line in capsys.readouterr().out.splitlines() if line.startswith("cannot show")}
+    assert set(cannot) == {"SEC-ST-3/KI-6", "SEC-KI-4", "SEC-KI-7", "SEC-KI-8"}
+    assert "admin: false" in cannot["SEC-KI-4"] and "admin API" in cannot["SEC-KI-8"]

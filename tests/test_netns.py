@@ -30,6 +30,7 @@ needs_root = pytest.mark.skipif(
 )
 KONBINI = [str(Path(sys.executable).parent / "konbini")]
 CLOCK = "2026-11-24T10:00:00+09:00"  # inside every service window of the default topology
+NIGHT = "2026-11-25T02:09:00+09:00"  # outside every service window: as a topology up without --clock at night
 TAG = f"t{os.getpid()}"
 
 
@@ -37,9 +38,9 @@ def konbini(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*KONBINI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def start_up(tag: str, state: Path) -> subprocess.Popen:
+def start_up(tag: str, state: Path, clock: str = CLOCK) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [*KONBINI, "up", "--netns", "--tag", tag, "--state", str(state), "--clock", CLOCK],
+        [*KONBINI, "up", "--netns", "--tag", tag, "--state", str(state), "--clock", clock],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
@@ -51,12 +52,12 @@ def start_up(tag: str, state: Path) -> subprocess.Popen:
     raise AssertionError("konbini up --netns failed:\n" + "".join(seen))
 
 
-def netns_running(topo, tag: str, state: Path):
+def netns_running(topo, tag: str, state: Path, clock: str = CLOCK):
     """`konbini up --netns --tag TAG` for a module's tests: yields (plan, state), then Ctrl-C and
     `konbini down`, whatever happened."""
     proc = None
     try:
-        proc = start_up(tag, state)
+        proc = start_up(tag, state, clock)
         yield build_plan(topo, tag), state
     finally:
         if proc is not None and proc.poll() is None:
@@ -145,6 +146,50 @@ def test_loopback_policy_check_shows_app_level_refusals(topo, state) -> None:
         assert a["refused"], a
         # the servers' own denial counters, when the check could launch the topology itself
         assert note is not None or a["denials_counted"] >= 1, a
+
+
+def _start_loopback_up(state: Path, clock: str) -> subprocess.Popen:
+    proc = subprocess.Popen([*KONBINI, "up", "--state", str(state), "--clock", clock],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the launcher's own "ready" line
+        if line.startswith("ready in"):
+            return proc
+    proc.wait()
+    raise AssertionError("konbini up failed")
+
+
+@needs_root  # the issuing check goes to a launch in a network namespace of its own
+def test_loopback_policy_check_against_a_running_topology_at_night_passes(tmp_path) -> None:
+    """`konbini up` at 02:09 JST: `policy check` runs every annex check against it (not "not run"),
+    and the issuing one (SEC-KI-2) on a launch at an open hour, saying so."""
+    proc = _start_loopback_up(tmp_path, NIGHT)
+    try:
+        out = konbini("policy", "check", "--state", str(tmp_path), "--report", str(tmp_path / "report"), timeout=300)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert out.returncode == 0, _failing_rows(tmp_path / "report" / "report.json")
+    assert "checked against the running topology" in report["annex_note"] and "2026-11-25 02:" in report["annex_note"]
+    for req in ("SEC-ST-3/KI-6", "SEC-KI-1", "SEC-KI-2", "SEC-KI-4", "SEC-KI-5", "SEC-KI-7", "SEC-KI-8"):
+        assert report["summary"][req]["checks"] > 0 and report["summary"][req]["failed"] == 0, req
+    ki2 = [c for c in report["annex"] if c["requirement"] == "SEC-KI-2"]
+    assert all("outside service hours" in c["check"] and "private network namespace" in c["check"] for c in ki2)
+
+
+@needs_root
+def test_netns_annex_checks_at_night_issue_at_an_open_hour_and_say_so(tmp_path_factory, topo) -> None:
+    """Measured at 02:09 JST on `up --netns`: SEC-KI-2 had "0 issued" (outside-hours)."""
+    running = netns_running(topo, f"n{os.getpid()}", tmp_path_factory.mktemp("konbini-night"), NIGHT)
+    plan, state = next(running)
+    try:
+        annex, note = policycheck.annex_checks_netns(topo, plan, state)
+    finally:
+        running.close()  # Ctrl-C and `konbini down`
+    assert annex and all(c["ok"] for c in annex), [c for c in annex if not c["ok"]]
+    ki2 = [c for c in annex if c["requirement"] == "SEC-KI-2"]
+    assert ki2 and all("outside service hours" in c["check"] for c in ki2)
+    assert "2026-11-25 02:" in note
 
 
 # -- kernel policy, probed -------------------------------------------------------------------------

@@ -23,6 +23,15 @@ class Clock:
             return datetime.now(JST)
         return self._start + timedelta(seconds=(time.monotonic() - self._mono0) * self._speed)
 
+    @property
+    def emulated(self) -> bool:
+        """Started at a given time rather than following the wall clock."""
+        return self._start is not None
+
+    @property
+    def speed(self) -> float:
+        return self._speed
+
     def set(self, start: datetime) -> None:
         """Jump the emulated time (tests, the demo); the speed is kept."""
         self._start = start.astimezone(JST)

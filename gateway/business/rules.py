@@ -7,7 +7,7 @@ narrowed by the municipality's), then the certificate type and the number of cop
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, time, timedelta
 
 from gateway.business.clock import JST
 from gateway.business.settlement import year_end_closure
@@ -58,6 +58,19 @@ def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type:
         return "certificate-type-not-offered", named
     if not 1 <= copies <= MAX_COPIES:
         return "copies-out-of-range", {"max_copies": str(MAX_COPIES)}
+    return None
+
+
+def next_open(now: datetime, service: Hours, muni: Municipality, cert_type: str, days: int = 14) -> datetime | None:
+    """The first day's 10:00 Japan time (the window's opening if later) after `now` at which the
+    hours let this request go; None when none of the next `days` does (a closed municipality)."""
+    now = now.astimezone(JST)
+    opening = max(time(10), time.fromisoformat(window(service, muni.hours)[0]))
+    for day in range(days + 1):
+        at = datetime.combine(now.date() + timedelta(days=day), opening, JST)
+        refused = refusal(at, service, muni, cert_type, 1) if at > now else ("past", {})
+        if refused is None or refused[0] not in ("past", "outside-hours", "municipality-not-participating"):
+            return at
     return None
 
 

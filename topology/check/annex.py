@@ -32,12 +32,14 @@ import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import trio
 from cryptography.x509.oid import NameOID
 
-from gateway.business.clock import Clock
+from gateway.business import rules
+from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeContext, NodeServer, connect_h2
 from gateway.nodes.kiosk_maintenance import password_path
 from gateway.protocol.h2core import header
@@ -47,7 +49,16 @@ from gateway.protocol.messages import IssueRequest
 from gateway.transport.tls import client_context
 from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.kiosk import Kiosk, issue_at
+from topology.launch.loopback import run_topology
 from topology.pki import PKI
+from topology.spec.evidence import (
+    EVIDENCE_CERTIFICATE,
+    NotCheckable,
+    evidence_municipality,
+    evidence_site,
+    first_store,
+    monitored_store,
+)
 from topology.spec.load import load_topology
 from topology.spec.model import Topology
 
@@ -120,17 +131,9 @@ class Session:
             return await call(self.conn, self.authority, method, path, body, extra)
 
 
-class NotCheckable(ValueError):
-    """The topology lacks what a check needs (e.g. no store with admin surfaces)."""
-
-
-def first_store(topo: Topology) -> tuple[str, str, str, str]:
-    """(store controller, its console, a kiosk of that store, the kiosk's console) of the first store with both."""
-    for ctl in topo.of_kind("store-controller"):
-        kiosks = [k for k in topo.of_kind("kiosk") if k.site == ctl.site and k.admin]
-        if ctl.admin and kiosks:
-            return ctl.id, ctl.admin[0].at[0], kiosks[0].id, kiosks[0].admin[0].at[0]
-    raise NotCheckable("no store with an admin API and a kiosk maintenance endpoint in this topology")
+def _kiosks_at(topo: Topology) -> list[str]:
+    site = evidence_site(topo)
+    return [k.id for k in topo.of_kind("kiosk") if k.site == site]
 
 
 def _denials(server: NodeServer | None, reason: str) -> int:
@@ -143,7 +146,7 @@ def _denials(server: NodeServer | None, reason: str) -> int:
 async def check_no_card_signature(running) -> AnnexCheck:
     """SEC-KI-1: a kiosk asks for a document without the card's signature over the challenge."""
     topo = running.topo
-    kiosk_id = topo.of_kind("kiosk")[0].id
+    kiosk_id = _kiosks_at(topo)[0]
     kiosk = Kiosk(running.context(kiosk_id), running.state_dir)
     card = running.cards.ensure_pool(1)[0]
     seen = []
@@ -251,13 +254,12 @@ async def check_maintenance_logins(running) -> AnnexCheck:
 async def check_spool_erase(running, n: int = 3) -> AnnexCheck:
     """SEC-KI-2: issuances, then the spool on disk and the kiosk log."""
     topo = running.topo
-    ctl = topo.node(first_store(topo)[0])
-    kiosk_id = [k for k in topo.of_kind("kiosk") if k.site == ctl.site][-1].id  # the store's other kiosk
+    kiosk_id = _kiosks_at(topo)[-1]  # the store's other kiosk, where it has two
     cards = running.cards.ensure_pool(n)
-    muni = next(code for code, node in topo.municipalities().items() if node.municipality.participating)
+    muni = evidence_municipality(topo)
     issued, erased_logged, left = [], 0, []
     for card in cards:
-        r = await issue_at(running, kiosk_id, card, DEFAULT_PIN, IssueRequest(muni, "residence-record"))
+        r = await issue_at(running, kiosk_id, card, DEFAULT_PIN, IssueRequest(muni, EVIDENCE_CERTIFICATE))
         if r.status == "issued":
             issued.append(r.issuance_id)
     spool = running.state_dir / "spool" / kiosk_id
@@ -333,7 +335,7 @@ async def check_logs_hold_no_personal_data(running) -> AnnexCheck:
 
 async def check_fault_fan_out(running) -> AnnexCheck:
     """SEC-KI-7: a kiosk reports a fault; both receivers have it."""
-    ctl, console, kiosk_id, _ = first_store(running.topo)
+    ctl, console, kiosk_id = monitored_store(running.topo)
     code = f"printer-jam-{secrets.token_hex(3)}"
     t0 = time.perf_counter()
     attempts = await Kiosk(running.context(kiosk_id), running.state_dir).report_fault(code)
@@ -353,7 +355,7 @@ async def check_fault_fan_out(running) -> AnnexCheck:
 
 async def check_silent_kiosk(running, short: float = SHORT_SILENCE_LIMIT) -> AnnexCheck:
     """SEC-KI-8: heartbeats stop; the controller's report is timed under a short bound."""
-    ctl, console, kiosk_id, _ = first_store(running.topo)
+    ctl, console, kiosk_id = monitored_store(running.topo)
     kiosk = Kiosk(running.context(kiosk_id), running.state_dir)
     async with Session(open_as_principal(running, "operator", console, ctl), ctl) as s:
         configured = (await s("GET", "/admin/config"))[1].get("silence_limit")
@@ -400,11 +402,38 @@ ANNEX_CHECKS = (
 )
 
 
-async def run_annex_checks(running) -> list[dict]:
-    """Every live check above against `running`. One the topology cannot support (no store with an
-    admin API and a kiosk maintenance endpoint) is a failed NOT RUN item, never a crash or a pass."""
+# the checks that issue documents, so need the service open at the nodes' time (BIZ-1)
+NEEDS_OPEN_HOURS = frozenset({"SEC-KI-2"})
+
+
+def closed_at(topo: Topology, now: datetime) -> str | None:
+    """Why the issuing checks would be refused at `now` (the service closed), or None when open."""
+    try:
+        node = topo.municipalities()[evidence_municipality(topo)]
+    except NotCheckable:
+        return None  # the check itself says so
+    refused = rules.refusal(now, topo.service_hours, node.municipality, EVIDENCE_CERTIFICATE, 1)
+    return refused[1].get("hours", refused[0]) if refused and refused[0] == "outside-hours" else None
+
+
+def open_time(topo: Topology, now: datetime) -> datetime | None:
+    """The first time from the start of `now`'s day at which the issuing checks are served."""
+    try:
+        node = topo.municipalities()[evidence_municipality(topo)]
+    except NotCheckable:
+        return None
+    day = now.astimezone(JST).replace(hour=0, minute=0, second=0, microsecond=0)
+    return rules.next_open(day, topo.service_hours, node.municipality, EVIDENCE_CERTIFICATE)
+
+
+async def run_annex_checks(running, only: frozenset[str] | None = None, skip: frozenset[str] = frozenset()) -> list[dict]:
+    """Every live check above against `running` (or those `only` names, less those in `skip`). One
+    the topology cannot support (e.g. no store with an admin API) is a failed NOT RUN item, never a
+    crash or a pass; the others still run."""
     out: list[AnnexCheck] = []
     for requirement, check in ANNEX_CHECKS:
+        if requirement in skip or (only is not None and requirement not in only):
+            continue
         try:
             got = await check(running)
         except NotCheckable as exc:
@@ -437,24 +466,36 @@ class RemoteRun:
         return NodeContext(self.topo, self.topo.node(node_id), self.pki, self.mode, self.clock)
 
 
-def store_site(topo: Topology) -> str:
-    """The site every check starts from: the store of `_store`."""
-    return topo.node(first_store(topo)[0]).site
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m topology.check.annex")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
     p.add_argument("--clock", help="the nodes' emulated time now (ISO), so cards and logs agree with them")
     p.add_argument("--clock-speed", type=float, default=1.0)
+    p.add_argument("--only", help="these requirements' checks only (comma-separated)")
+    p.add_argument("--skip", default="", help="not these requirements' checks (comma-separated)")
+    p.add_argument("--launch", action="store_true",
+                   help="launch the topology here first (loopback, at --clock), in a network namespace of the caller's")
     args = p.parse_args(argv)
     topo = load_topology(args.topology)
     state = Path(args.state)
     pki = PKI.ensure(state, topo)
     clock = Clock.parse(args.clock, args.clock_speed)
-    run = RemoteRun(topo, state, pki, CardStore(state, pki, clock.now), clock)
-    print(json.dumps(trio.run(run_annex_checks, run)))
+    only = frozenset(args.only.split(",")) if args.only else None
+    skip = frozenset(filter(None, args.skip.split(",")))
+
+    async def launched():
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(lambda task_status: run_topology(topo, state, clock=clock, pki=pki, task_status=task_status))
+            out = await run_annex_checks(running, only, skip)
+            nursery.cancel_scope.cancel()
+            return out
+
+    if args.launch:
+        out = trio.run(launched)
+    else:
+        out = trio.run(run_annex_checks, RemoteRun(topo, state, pki, CardStore(state, pki, clock.now), clock), only, skip)
+    print(json.dumps(out))
     sys.stdout.flush()
     return 0
 

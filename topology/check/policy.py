@@ -19,6 +19,7 @@ import random
 import select
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,12 +30,23 @@ import trio
 
 from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeStartError
-from topology.check.annex import AnnexCheck, NotCheckable, first_store, run_annex_checks, store_site
+from kiosk_emu.card import CardStore
+from topology.check.annex import (
+    NEEDS_OPEN_HOURS,
+    AnnexCheck,
+    NotCheckable,
+    RemoteRun,
+    closed_at,
+    evidence_site,
+    first_store,
+    open_time,
+    run_annex_checks,
+)
 from topology.check.app import CHECKS, pick, run_check
 from topology.check.matrix import check_matrix
 from topology.check.scrape import ScrapeError, sample, scrape_in_namespace
 from topology.launch.loopback import run_topology
-from topology.launch.netns import read_clock
+from topology.launch.clockfile import read_clock, running_clock
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (
@@ -466,34 +478,86 @@ async def _launched(topo: Topology, state_dir: Path, clock: Clock | None, run, t
     return await taken(start_error)
 
 
-def business_clock() -> Clock:
-    """Today 10:00 in Tokyo: inside every service window, so the issuances of SEC-KI-2 can go."""
+def evidence_clock(topo: Topology) -> Clock:
+    """Today's first open hour in Tokyo (10:00, or the next day the service opens: not Dec 29 - Jan 3),
+    so that the issuances of SEC-KI-2 can go whatever the wall clock says."""
     now = datetime.now(JST)
-    return Clock(now.replace(hour=10, minute=0, second=0, microsecond=0))
+    return Clock(open_time(topo, now) or now.replace(hour=10, minute=0, second=0, microsecond=0))
 
 
 def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str | None]:
     """Launch the topology (loopback, in-process: its admin and maintenance servers too) and run the
-    annex's live checks against it (topology/check/annex.py)."""
-    async def taken(start_error):
-        return [], f"annex checks not run: topology already running ({start_error})"
+    annex's live checks against it (topology/check/annex.py); when `konbini up` runs it already,
+    against that one, in its time (its counters are in its process, so not read here)."""
+    clock = evidence_clock(topo)
 
-    return trio.run(_launched, topo, state_dir, business_clock(), run_annex_checks, taken)
+    async def taken(start_error):
+        now = running_clock(state_dir)
+        pki = PKI.ensure(state_dir, topo)
+        skip = _closed_checks(topo, now)
+        annex = await run_annex_checks(RemoteRun(topo, state_dir, pki, CardStore(state_dir, pki, now.now), now, mode="loopback"),
+                                       skip=skip)
+        note = f"checked against the running topology ({start_error}), at its time {now.now():%Y-%m-%d %H:%M} JST"
+        return annex, note
+
+    annex, note = trio.run(_launched, topo, state_dir, clock, run_annex_checks, taken)
+    if note is None:
+        note = f"checked against the topology launched in-process at {clock.now():%Y-%m-%d %H:%M} JST, when the service is open"
+        return annex, note
+    closed = _closed_checks(topo, running_clock(state_dir))
+    return annex + private_launch_checks(topo, closed, running_clock(state_dir)), note
+
+
+def _closed_checks(topo: Topology, clock: Clock) -> frozenset[str]:
+    """The issuing checks the running nodes would refuse now: their time is outside service hours."""
+    return NEEDS_OPEN_HOURS if closed_at(topo, clock.now()) else frozenset()
+
+
+def private_launch_checks(topo: Topology, requirements: frozenset[str], nodes_clock: Clock) -> list[dict]:
+    """`requirements`' checks on a launch of the same file at its first open hour today, in a network
+    namespace of their own with a fresh state directory (root: `unshare -n`): the running nodes'
+    time is outside service hours, and an evidence run must not depend on the hour it is run at."""
+    if not requirements:
+        return []
+    at = evidence_clock(topo).now()
+    why = (f"on a launch of the same file at {at:%Y-%m-%d %H:%M} JST in a private network namespace: "
+           f"the running nodes' time {nodes_clock.now():%Y-%m-%d %H:%M} JST is outside service hours "
+           f"({closed_at(topo, nodes_clock.now())})")
+    with tempfile.TemporaryDirectory(prefix="konbini-evidence-") as tmp:
+        cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "topology.check.annex",
+               "--launch", "--topology", topo.source, "--state", tmp, "--clock", at.isoformat(), "--only", ",".join(sorted(requirements))]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+            failure = None if done.returncode == 0 and done.stdout.strip() else (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failure = str(exc)
+    if failure is not None:
+        return [asdict(AnnexCheck(req, why, "checked at an open hour", f"NOT RUN: {failure} (as root it runs in a network "
+                                  "namespace of its own; else start the topology at an open hour: `konbini up --clock …`)", False))
+                for req in sorted(requirements)]
+    checks = json.loads(done.stdout.strip().splitlines()[-1])
+    return [{**c, "check": f"{c['check']}, {why}"} for c in checks]
 
 
 def annex_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> tuple[list[dict], str | None]:
     """The annex's live checks from the store's namespace against the nodehosts, with the store
     controller's `principal-not-allowed` denials read before and after through its metrics scrape
-    from the monitoring namespace (the servers are other processes here)."""
+    from the monitoring namespace (the servers are other processes here). The issuing checks go to
+    a private launch when the nodes' time is outside service hours (`private_launch_checks`)."""
     try:
-        site = store_site(topo)
-        ctl = first_store(topo)[0]
+        site = evidence_site(topo)
     except NotCheckable as exc:  # as in loopback mode: a NOT RUN note (no annex evidence fails the check)
         return [], f"annex checks not run: {exc}"
+    try:
+        ctl = first_store(topo)[0]
+    except NotCheckable:
+        ctl = None  # its admin checks say NOT RUN; no denials to count
     clock, speed = read_clock(state_dir)
+    nodes_clock = Clock.parse(clock, speed)
+    closed = _closed_checks(topo, nodes_clock)
 
     def denials() -> float | None:
-        if plan.monitoring is None:
+        if plan.monitoring is None or ctl is None:
             return None
         try:
             text = scrape_in_namespace(plan.monitoring.namespace, topo.source, state_dir, ctl, plan.address(ctl),
@@ -504,22 +568,24 @@ def annex_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> tuple[
 
     before = denials()
     cmd = ["ip", "netns", "exec", plan.namespace(site), sys.executable, "-m", "topology.check.annex",
-           "--topology", topo.source, "--state", str(state_dir), "--clock-speed", str(speed)]
+           "--topology", topo.source, "--state", str(state_dir), "--clock-speed", str(speed), "--skip", ",".join(sorted(closed))]
     done = subprocess.run(cmd + (["--clock", clock] if clock else []), capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0 or not done.stdout.strip():
         return [], f"annex checks failed in {plan.namespace(site)}: {(done.stderr.strip().splitlines() or ['no output'])[-1][:300]}"
     annex = json.loads(done.stdout.strip().splitlines()[-1])
     after = denials()
-    refused_calls = sum(c["numbers"].get("calls", 0) for c in annex
-                        if c["requirement"] == "SEC-ST-3/KI-6" and "admin API as store-staff" in c["check"])
-    counted = None if before is None or after is None else int(after - before)
-    annex.append(asdict(AnnexCheck(
-        "SEC-ST-3/KI-6", f"{ctl}'s refusals of store staff, in its metrics (scraped from {plan.monitoring.namespace if plan.monitoring else '-'})",
-        f"konbini_denials_total{{reason=\"principal-not-allowed\"}} up by at least {refused_calls}",
-        f"up by {counted}" if counted is not None else "scrape failed", counted is not None and counted >= refused_calls > 0,
-        tool="Prometheus scrape as the monitoring principal (topology/check/scrape.py)",
-        numbers={"before": before, "after": after, "refused_calls": refused_calls})))
-    return annex, f"kiosk and store checks ran inside {plan.namespace(site)} against the running nodes"
+    if ctl is not None:
+        refused_calls = sum(c["numbers"].get("calls", 0) for c in annex
+                            if c["requirement"] == "SEC-ST-3/KI-6" and "admin API as store-staff" in c["check"])
+        counted = None if before is None or after is None else int(after - before)
+        annex.append(asdict(AnnexCheck(
+            "SEC-ST-3/KI-6", f"{ctl}'s refusals of store staff, in its metrics (scraped from {plan.monitoring.namespace if plan.monitoring else '-'})",
+            f"konbini_denials_total{{reason=\"principal-not-allowed\"}} up by at least {refused_calls}",
+            f"up by {counted}" if counted is not None else "scrape failed", counted is not None and counted >= refused_calls > 0,
+            tool="Prometheus scrape as the monitoring principal (topology/check/scrape.py)",
+            numbers={"before": before, "after": after, "refused_calls": refused_calls})))
+    annex += private_launch_checks(topo, closed, nodes_clock)
+    return annex, f"kiosk and store checks ran inside {plan.namespace(site)} against the running nodes, at their time {nodes_clock.now():%Y-%m-%d %H:%M} JST"
 
 
 def _find(exc: BaseException, kind: type) -> BaseException | None:

@@ -9,11 +9,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from gateway.business.clock import Clock
 from gateway.business.ledger import MEMORY, LedgerDB, LedgerError, ledger_path
 from gateway.business.settlement import SettlementError, report
 from gateway.business.sla import availability, complete_outages
-from topology.cli.common import UserError, load
+from topology.cli.common import UserError, load, parse_clock
 
 
 def open_ledger(args, topo) -> LedgerDB:
@@ -31,7 +30,7 @@ def open_ledger(args, topo) -> LedgerDB:
 
 
 def cmd_settle(args, topo) -> int:
-    now = Clock.parse(args.clock).now()
+    now = parse_clock(args.clock).now()
     db = open_ledger(args, topo)
     try:
         fixed = db.fixed_report(args.month)
@@ -115,10 +114,10 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("settle", help="monthly settlement per operator (BIZ-6)")
     s.add_argument("--month", required=True, help="YYYY-MM, e.g. 2026-11")
     s.add_argument("--fix", action="store_true", help="fix the month: its records can never change after this")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object: per operator copies, fees, consignment, amount due; deadlines")
     s.add_argument("--topology", help="topology file")
     s.add_argument("--state", help="state directory")
-    s.add_argument("--clock", help="emulated now, e.g. 2026-12-09T10:00+09:00 (the month must be over)")
+    s.add_argument("--clock", help="emulated now, e.g. 2026-12-09T10:00 (Japan time unless an offset is given; the month must be over)")
     s.set_defaults(func=wrap(cmd_settle))
 
     a = sub.add_parser("sla", help="monthly availability under the MynaSign service terms (BIZ-9): 43,200-minute month, outages over 10 minutes count, target 99.9 %%; exit 1 when missed")

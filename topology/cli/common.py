@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
+from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeStartError
 from topology.spec.load import DEFAULT_TOPOLOGY, TopologyError, load_topology
 from topology.spec.model import Topology
@@ -33,6 +35,24 @@ def load(path: str | None) -> Topology:
 
 def state_dir(args, topo: Topology) -> Path:
     return Path(getattr(args, "state", None) or topo.state_dir)
+
+
+def clock_option(text: str | None, option: str = "--clock") -> str | None:
+    """A `--clock` value as an ISO time with its UTC offset; one written without is Japan time,
+    the emulation's zone (DESIGN §5)."""
+    if text is None:
+        return None
+    try:
+        start = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a time; write it as 2026-11-24T10:00 (Japan time) "
+                        "or with an offset, 2026-11-24T10:00:00+09:00") from None
+    return (start if start.tzinfo is not None else start.replace(tzinfo=JST)).isoformat()
+
+
+def parse_clock(text: str | None, speed: float = 1.0, option: str = "--clock") -> Clock:
+    """The clock a `--clock` value starts: the wall clock without one."""
+    return Clock.parse(clock_option(text, option), speed)
 
 
 def user_error(exc: BaseException) -> BaseException | None:

@@ -239,7 +239,10 @@ def cmd_graph(args) -> int:
         text = f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(topo.name)}</title></head>\n<body>\n{drawing}</body></html>\n"
     else:
         raise UserError(f"--out must end in .svg or .html, got {out.name!r}")
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write --out {out}: {exc.strerror or exc}") from None
     print(f"{out}: {topo.name}, {len(topo.nodes):,} nodes drawn as {drawing.count('<rect')} boxes")
     return 0
 

@@ -78,11 +78,15 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--kiosk", help="kiosk node id (e.g. kiosk-a1-1)")
     i.add_argument("--card", help=f"card id (see `konbini card list`); default: a pool card with PIN {DEFAULT_PIN}")
     i.add_argument("--pin", help=f"PIN typed at the kiosk (default {DEFAULT_PIN})")
-    i.add_argument("--cert", default="residence-record", help="certificate type (default residence-record)")
+    i.add_argument("--cert", default="residence-record",
+                   help="certificate type, one the municipality offers (its `certificates:` in the topology file): "
+                        "residence-record, seal-registration, tax-certificate, family-register, vaccination "
+                        "(default residence-record)")
     i.add_argument("--municipality", help="municipality code (default: the first in the topology)")
-    i.add_argument("--copies", type=int, default=1)
-    i.add_argument("--size", type=int, help="document size in bytes (default 64 KiB)")
-    i.add_argument("--clock", help="emulated time: with --up, of the whole topology; else of this kiosk only")
+    i.add_argument("--copies", type=int, default=1, help="copies to print, 1 to 10, each paid (default 1)")
+    i.add_argument("--size", type=int, help="document size in bytes, 1 to 64 MiB (default 64 KiB)")
+    i.add_argument("--clock", help="emulated time, e.g. 2026-11-24T10:00 (Japan time unless an offset is given): with --up, "
+                   "of the whole topology; else of this kiosk only (default: the running topology's time)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--netns", action="store_true", help="issue from the kiosk's namespace of a running `konbini up --netns`")
     i.add_argument("--cluster", action="store_true", help="from a Kubernetes pod: dial Service names, PKI read-only from STATE/pki")
@@ -95,16 +99,20 @@ def parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="card_cmd", required=True)
     kn = ksub.add_parser("new", help="create a card")
     kn.add_argument("--id", help="card id (default: random opaque id)")
-    kn.add_argument("--pin", default=DEFAULT_PIN)
-    kn.add_argument("--profile", default="mynumber-auth", choices=["mynumber-auth", "jpki-2004-password"])
+    kn.add_argument("--pin", default=DEFAULT_PIN,
+                    help=f"the card's secret: 4 digits for mynumber-auth, 6-16 letters and digits for "
+                         f"jpki-2004-password (default {DEFAULT_PIN})")
+    kn.add_argument("--profile", default="mynumber-auth", choices=["mynumber-auth", "jpki-2004-password"],
+                    help="which PIN guards the key: mynumber-auth locks after 3 wrong tries, jpki-2004-password after 5")
     kn.add_argument("--expired", action="store_true", help="a card whose certificate has expired")
     kn.add_argument("--legacy", action="store_true", help="legacy SHA-1/RSA-1024 profile (refused by default)")
-    ksub.add_parser("list", help="list cards")
+    ksub.add_parser("list", help="list cards: PIN profile, key, certificate state (valid, revoked, expired), PIN tries left")
     kr = ksub.add_parser("revoke", help="revoke a card's certificate (published by OCSP)")
-    kr.add_argument("id")
-    kr.add_argument("--reason", default="voluntary", choices=["moved-or-died", "key-compromise", "voluntary"])
+    kr.add_argument("id", help="card id (see `konbini card list`)")
+    kr.add_argument("--reason", default="voluntary", choices=["moved-or-died", "key-compromise", "voluntary"],
+                    help="revocation cause, as seed 004 names them (default voluntary)")
     ku = ksub.add_parser("unlock", help="reset a locked PIN counter (the counter procedure)")
-    ku.add_argument("id")
+    ku.add_argument("id", help="card id (see `konbini card list`)")
     k.set_defaults(func=cmd_card)
 
     d = sub.add_parser("demo", help="the main job: launch the default topology, run issuances and refusals, summarise")

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from gateway.business.clock import Clock
 from gateway.node.metrics import ImpairmentStatus
-from topology.cli.common import UserError, load, state_dir
+from topology.cli.common import UserError, clock_option, load, state_dir
 from topology.cli.netns import cmd_up_netns
 from topology.cli.node import supervise
 from topology.cli.render import show_nodes
@@ -54,6 +54,7 @@ def cmd_up(args) -> int:
     speed = getattr(args, "clock_speed", 1.0)
     if not speed > 0:  # zero or less would stop or reverse time: hours, fees and expiries stop making sense
         raise UserError(f"--clock-speed must be above 0 (emulated seconds per real second), not {speed:g}")
+    args.clock = clock_option(args.clock)  # both modes pass it on as text, to their node processes
     if getattr(args, "netns", False):
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     if getattr(args, "sites", None):

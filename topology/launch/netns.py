@@ -20,10 +20,10 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timedelta
 from pathlib import Path
 
 from topology.launch import impair, nodehost
+from topology.launch.clockfile import write_clock
 from topology.netns.enter import enter_namespace, in_namespace_argv
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
@@ -284,23 +284,6 @@ to well under one."""
     os.close(stdin_r)
     os.close(log_fd)
     return Nodehost(site, pid, ready_r, stdin_w)
-
-
-def write_clock(state_dir: Path, clock: str | None, speed: float) -> None:
-    """The nodes' emulated clock, for processes that join the topology later (the policy check's kiosks)."""
-    (net_dir(state_dir) / "clock.json").write_text(json.dumps({"clock": clock, "speed": speed, "started": time.time()}))
-
-
-def read_clock(state_dir: Path):
-    """The running nodes' clock as (ISO start now, speed), or (None, 1.0) when they run on real time."""
-    try:
-        data = json.loads((net_dir(state_dir) / "clock.json").read_text())
-    except (OSError, ValueError):
-        return None, 1.0
-    if not data.get("clock"):
-        return None, 1.0
-    start = datetime.fromisoformat(data["clock"]) + timedelta(seconds=(time.time() - data["started"]) * data["speed"])
-    return start.isoformat(), data["speed"]
 
 
 def hosted_nodes(plan: NetPlan, site: str) -> list[str]:

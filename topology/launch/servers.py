@@ -22,6 +22,7 @@ from gateway.node.cluster import CLUSTER, node_allowlists
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.nodes.admin_server import AdminServer, admin_context
 from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
+from topology.launch.clockfile import write_running_clock
 from topology.policy.compiler import compile_admin_allowlists
 from topology.spec.model import Topology
 
@@ -111,4 +112,6 @@ async def run_servers(
             for server in running.servers.values():
                 await server.app.prepare()
             running.ready_s = time.perf_counter() - t0
+            if only is None and mode != CLUSTER:  # bound, the whole topology: later commands join it in its time
+                write_running_clock(state_dir, clock)
             task_status.started(running)

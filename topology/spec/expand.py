@@ -48,6 +48,7 @@ from topology.spec.model import (
     TlsVersion,
     UpstreamPolicy,
 )
+from topology.spec.model import AdminRule as AdminStruct
 from topology.spec.model import AllowRule as AllowStruct
 from topology.spec.model import Line as LineStruct
 from topology.spec.model import Node as NodeStruct
@@ -139,6 +140,22 @@ class StoreGroup(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kiosks: int | KioskMix = 2
     layout: Layout = Layout()
     kinds: dict[NodeKind, NodeFields] = {}  # this group's own overrides
+    admin: bool = True  # the annex's admin surfaces, as `store_admin` gives them; false: none
+
+
+# Every member store's administration surfaces, as the hand-written stores have them: the
+# controller's admin API for the operator and each kiosk's maintenance endpoint for maintenance
+# staff, both at the store console (the controller). The annex requires them (SEC-ST-3/KI-6,
+# SEC-KI-4, SEC-KI-7, SEC-KI-8), so a compact store has them unless its group says `admin: false`.
+ADMIN_PORT = 9440
+CONTROLLER_ADMIN = ("GET /admin/*", "POST /admin/*", "PUT /admin/*")
+KIOSK_MAINTENANCE = ("POST /maintenance/*", "GET /maintenance/*")
+
+
+def store_admin(kind: str, controller: str) -> dict[str, Any]:
+    """The admin fields of a member store's `kind` node whose console is `controller`."""
+    principal, requests = ("operator", CONTROLLER_ADMIN) if kind == "store-controller" else ("maintenance", KIOSK_MAINTENANCE)
+    return {"admin_port": ADMIN_PORT, "admin": (AdminStruct((principal,), (controller,), requests),)}
 
 
 class MunicipalityGenerator(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -550,12 +567,14 @@ class _Expansion:
                            upstreams=hops if len(hops) > 1 else (), upstream_policy=policy, operator=op,
                            allow=self._rules(router, site, op, allow["store-router"], kiosk_ids, first)),
                 NodeStruct(ctl, "store-controller", site, _ip(c_at), netns_address=_netns_ip(c_at), port=cport, operator=op,
-                           allow=self._rules(ctl, site, op, allow["store-controller"], kiosk_ids, first)),
+                           allow=self._rules(ctl, site, op, allow["store-controller"], kiosk_ids, first),
+                           **(store_admin("store-controller", ctl) if group.admin else {})),
                 NodeStruct(wifi, "wifi", f"wifi-{m}", _ip(w_at), netns_address=_netns_ip(w_at), operator=op),
             ]
             for k, kid in enumerate(kiosk_ids):
                 a = base + lay.kiosk + k
-                made.append(NodeStruct(kid, "kiosk", site, _ip(a), netns_address=_netns_ip(a), upstream=router, operator=op))
+                made.append(NodeStruct(kid, "kiosk", site, _ip(a), netns_address=_netns_ip(a), upstream=router, operator=op,
+                                       **(store_admin("kiosk", ctl) if group.admin else {})))
             for node in made:
                 if node.id in nodes or node.id in raw_nodes:
                     self.report(range_path, f"derived id {node.id!r} is already taken")
