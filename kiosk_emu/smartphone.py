@@ -12,7 +12,7 @@ from __future__ import annotations
 import calendar
 import json
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -65,8 +65,11 @@ class SmartphoneStore:
         return phone
 
     def _certificate(self, key: rsa.RSAPrivateKey, phone_id: str, card_id: str, now: datetime):
-        days = (add_month(now) - now).days
-        return self.cards.pki.issue_card_certificate(key.public_key(), phone_id, now, days=days, stands_in_for=card_id)
+        # valid until the same day next month (§5.1); dated from a day before, as the cards are, so a
+        # clock a little behind the issuer's (a topology restarted at its start time) still takes it
+        start = now - timedelta(days=1)
+        return self.cards.pki.issue_card_certificate(key.public_key(), phone_id, start, days=(add_month(now) - start).days,
+                                                     stands_in_for=card_id)
 
     def current(self, phone_id: str) -> Card:
         """The phone's credential, reissued if its month is over and the card is still good (§5.2)."""

@@ -119,3 +119,32 @@ async def test_a_phone_whose_month_is_over_and_not_reissued_is_refused_expired(n
     assert (r.status, r.reason) == ("refused", "smartphone-expired")
     r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest("131016", "residence-record"))
     assert r.status == "issued"  # the card itself is still good
+
+
+def test_the_command_line_holds_up_a_phone_reports_it_lost_and_saves_the_paper(tmp_path):
+    """`card phone`, `issue --smartphone [ID] --save`, `card lost`, `card revoke` (and its phones)."""
+    from pypdf import PdfReader
+
+    from tests.test_cli import assert_one_clear_line, konbini
+
+    state, clock = tmp_path / "s", ["--up", "--clock", "2026-11-25T10:00:00+09:00"]
+    made = konbini("issue", *clock, "--smartphone", "--save", str(tmp_path / "p.pdf"), state=state)
+    assert made.returncode == 0 and "printed certificate saved" in made.stdout, made.stderr
+    cards = CardStore(state, PKI.load(state, _default()), lambda: TEST_TIME)
+    phone_id = next(c for c in cards.list() if c.startswith("phone-"))
+    phone = cards.load(phone_id)
+    assert phone.holder.name in PdfReader(tmp_path / "p.pdf").pages[0].extract_text()
+    assert konbini("card", "lost", phone_id, state=state).returncode == 0
+    lost = konbini("issue", *clock, "--smartphone", phone_id, state=state)
+    assert_one_clear_line(lost, "smartphone-lost", "use your My Number card")
+    second = konbini("card", "phone", card_id_of(phone.certificate), state=state)
+    assert second.returncode == 0 and "phone-" in second.stdout
+    revoked = konbini("card", "revoke", card_id_of(phone.certificate), "--reason", "moved-or-died", state=state)
+    assert revoked.returncode == 0 and "smartphone credentials phone-" in revoked.stdout
+    assert_one_clear_line(konbini("card", "phone", card_id_of(phone.certificate), state=state), "card-revoked")
+
+
+def _default():
+    from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
+
+    return load_topology(DEFAULT_TOPOLOGY)

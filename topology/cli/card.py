@@ -1,8 +1,10 @@
-"""`konbini card new|list|revoke|unlock`: the emulated My Number cards of a state directory."""
+"""`konbini card new|list|revoke|unlock|phone|lost`: the emulated My Number cards of a state
+directory, and the smartphone credentials made from them."""
 
 from __future__ import annotations
 
 from kiosk_emu.card import CardError, CardProfile, CardStore
+from kiosk_emu.smartphone import SmartphoneStore
 from topology.cli.common import UserError, load, state_dir
 from topology.launch.clockfile import running_clock
 from topology.pki import PKI, verify_card_certificate
@@ -28,7 +30,16 @@ def cmd_card(args) -> int:
             if not store.revoke(args.id, args.reason):
                 at, reason = store.revocations()[store.load(args.id).serial]
                 raise UserError(f"card {args.id} was already revoked on {at:%Y-%m-%d %H:%M} JST ({reason}); nothing changed")
-            print(f"revoked {args.id} ({args.reason}); the OCSP responder answers 'revoked' from now on")
+            phones = SmartphoneStore(store).revoke_card(args.id, args.reason)  # and its phones (seed 002 §8.1)
+            print(f"revoked {args.id} ({args.reason}); the OCSP responder answers 'revoked' from now on"
+                  + (f"; so are its smartphone credentials {', '.join(phones)}" if phones else ""))
+        elif args.card_cmd == "phone":
+            phone = SmartphoneStore(store).issue(args.id, args.pin)
+            print(f"created {phone.card_id} for card {args.id} (valid until {phone.certificate.not_valid_after_utc:%Y-%m-%d}, "
+                  "reissued while the card is good)")
+        elif args.card_cmd == "lost":
+            SmartphoneStore(store).report_lost(args.id)
+            print(f"revoked {args.id} (lost); the card it was made from stays good")
         elif args.card_cmd == "unlock":
             store.unlock(args.id)
             print(f"unlocked {args.id}: PIN tries reset")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 import sys
+from pathlib import Path
 
 import trio
 
@@ -13,8 +14,10 @@ from gateway.node.cluster import CLUSTER
 from gateway.node.server import NodeStartError
 from gateway.nodes.issuance import DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE
 from gateway.protocol.messages import IssueRequest
-from kiosk_emu.card import DEFAULT_PIN, CardError, CardStore
+from kiosk_emu.card import DEFAULT_PIN, Card, CardError, CardStore
+from kiosk_emu.device.printer import Printer
 from kiosk_emu.kiosk import Kiosk
+from kiosk_emu.smartphone import SmartphoneStore
 from topology.cli.common import UserError, load, parse_clock, state_dir
 from topology.cli.netns import enter_kiosk_namespace
 from topology.launch.clockfile import running_clock
@@ -71,6 +74,18 @@ def check_size(size: int | None) -> None:
         raise UserError(f"--size {size}: a document is 1 to {MAX_DOCUMENT_SIZE:,} bytes (default {DEFAULT_DOCUMENT_SIZE:,})")
 
 
+def smartphone(cards: CardStore, phone_id: str, card: Card) -> Card:
+    """The credential the resident holds up: `phone_id`'s (reissued if its month is over), or a
+    new one made from `card`. One the phone cannot renew is held up as it is: the center refuses it."""
+    phones = SmartphoneStore(cards)
+    if not phone_id:
+        return phones.issue(card.card_id)
+    try:
+        return phones.current(phone_id)
+    except CardError:
+        return cards.load(phone_id)
+
+
 def cmd_issue(args) -> int:
     topo = load(args.topology)
     sdir = state_dir(args, topo)
@@ -93,9 +108,12 @@ def cmd_issue(args) -> int:
     clock = parse_clock(args.clock) if args.clock or args.up else running_clock(sdir)
     if not args.up and mode != CLUSTER and not (sdir / "pki").is_dir():  # never a new PKI nobody trusts
         raise UserError(f"no PKI in {sdir}: pass the --state that `konbini up` runs with, or --up to launch the topology for this run")
+    save = Path(args.save) if args.save else None
+    if save is not None and not save.parent.is_dir():
+        raise UserError(f"--save {args.save}: folder {save.parent} does not exist")
 
     async def once(running: Running):
-        kiosk = Kiosk(running.context(kiosk_id), sdir)
+        kiosk = Kiosk(running.context(kiosk_id), sdir, Printer(save_to=save) if save else None)
         where = f"{kiosk.router.id} at {kiosk.router.address}:{kiosk.router.port}"
         try:
             conn = await kiosk.connect()  # first: no card is made for a topology that does not trust us
@@ -103,6 +121,8 @@ def cmd_issue(args) -> int:
                 nursery.start_soon(conn.run)
                 try:
                     card = running.cards.load(args.card) if args.card else running.cards.ensure_pool(1, pin=args.pin or DEFAULT_PIN)[0]
+                    if args.smartphone is not None:
+                        card = smartphone(running.cards, args.smartphone, card)
                 except CardError as exc:
                     raise UserError(str(exc)) from None
                 req = IssueRequest(municipality=muni or "", cert_type=args.cert, copies=args.copies, size=args.size)
@@ -155,6 +175,8 @@ def cmd_issue(args) -> int:
             print(f"kiosk screen: {result.message}")
         if result.reason == "certificate-type-not-offered" and (node := topo.municipalities().get(muni or "")):
             print(f"municipality {muni} offers: {', '.join(node.municipality.certificates)}")
+        if save is not None and save.exists():
+            print(f"printed certificate saved to {save}")
         if result.reason == "outside-hours":
             print(outside_hours_hint(topo, muni, args.cert, clock, args.up))
     return 0 if result.status == "issued" else 1

@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--clock", help="emulated time, e.g. 2026-11-24T10:00 (Japan time unless an offset is given): with --up, "
                    "of the whole topology; else of this kiosk only (default: the running topology's time)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--save", metavar="FILE.pdf", help="keep the certificate the kiosk printed (stamped 返金済・無効 when the job was void)")
+    i.add_argument("--smartphone", nargs="?", const="", metavar="PHONE_ID",
+                   help="hold up a smartphone credential instead of the card: PHONE_ID, or without it a new one made from the card")
     i.add_argument("--netns", action="store_true", help="issue from the kiosk's namespace of a running `konbini up --netns`")
     i.add_argument("--cluster", action="store_true", help="from a Kubernetes pod: dial Service names, PKI read-only from STATE/pki")
     i.add_argument("--tag", help="with --netns: namespaces konbini-TAG-*")
@@ -113,6 +116,11 @@ def parser() -> argparse.ArgumentParser:
                     help="revocation cause, as seed 004 names them (default voluntary)")
     ku = ksub.add_parser("unlock", help="reset a locked PIN counter (the counter procedure)")
     ku.add_argument("id", help="card id (see `konbini card list`)")
+    kp = ksub.add_parser("phone", help="a smartphone credential made from a card (seed 002: one month, reissued while the card is good)")
+    kp.add_argument("id", help="the card's id")
+    kp.add_argument("--pin", default=DEFAULT_PIN, help=f"the phone's PIN (default {DEFAULT_PIN})")
+    kl = ksub.add_parser("lost", help="report a smartphone lost: its credential is revoked, the card stays good")
+    kl.add_argument("id", help="the smartphone credential's id (phone-…)")
     k.set_defaults(func=cmd_card)
 
     d = sub.add_parser("demo", help="the main job: launch the default topology, run issuances and refusals, summarise")
