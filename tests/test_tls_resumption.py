@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import uvloop
 
 from gateway.node.server import connect_h2
 from gateway.protocol.h2core import header
@@ -169,7 +170,8 @@ async def test_a_session_from_one_kiosk_does_not_pass_from_another_kiosks_addres
     assert net.servers[ROUTER].denials["peer-identity"] == 1
 
 
-def test_the_load_generators_kiosk_dialling_again_resumes(pki):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # the load generator's workers run uvloop
+def test_the_load_generators_kiosk_dialling_again_resumes(pki, loop):
     """kiosk_emu's asyncio client (connect_h2 in h2asyncio) against an asyncio TLS server that
     answers with an empty SETTINGS frame: the second connection resumes the first one's ticket."""
     client_ctx = _fresh_client_ctx(pki, KIOSK)
@@ -198,5 +200,5 @@ def test_the_load_generators_kiosk_dialling_again_resumes(pki):
             await asyncio.wait_for(served_twice.wait(), 5)
             second.close()
 
-    asyncio.run(dial_twice())
+    (uvloop.run if loop == "uvloop" else asyncio.run)(dial_twice())
     assert reused == [False, True]
