@@ -18,6 +18,7 @@ from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.transport.resumption import SessionCache, sessions_of
 from gateway.transport.tls import TICKET_LIFETIME, client_context, peer_identity, server_context
+from kiosk_emu.kiosk import Kiosk
 from kiosk_emu.load import h2asyncio
 from topology.pki import PKI
 
@@ -153,6 +154,22 @@ async def test_a_kiosk_dialling_its_router_again_resumes_and_is_still_judged_per
     assert await _get(net, again, "/admin/anything", router.id) == b"403"
     assert net.servers[ROUTER].resumed == 1
     assert net.servers[ROUTER].denials["request-not-allowed"] == 1
+
+
+async def test_each_relay_hop_resumes_when_a_reconnecting_kiosk_makes_it_dial_again(net):
+    # a relay dials its upstream for a kiosk connection; after its first, each of its dials resumes
+    for _ in range(3):
+        conn = await Kiosk(net.context(KIOSK), net.state_dir).connect()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            stream = await conn.open_stream(request_headers("GET", "/bench/blob?size=10", ROUTER), end_stream=True)
+            assert header(await stream.receive_headers(), b":status") == b"200"
+            while await stream.receive_chunk() is not None:
+                pass
+            conn.close()
+    for hop in (ROUTER, "ec-router-a", "dmz-relay-a", "issuance-center"):
+        server = net.servers[hop]
+        assert server.connections >= 1 and server.resumed == server.connections - 1, hop
 
 
 async def test_a_session_from_one_kiosk_does_not_pass_from_another_kiosks_address(net):
