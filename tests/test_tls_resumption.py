@@ -17,7 +17,7 @@ from gateway.node.server import connect_h2
 from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.transport.resumption import SessionCache, sessions_of
-from gateway.transport.tls import TICKET_LIFETIME, client_context, peer_identity, server_context
+from gateway.transport.tls import TICKET_LIFETIME, peer_identity, server_context
 from kiosk_emu.kiosk import Kiosk
 from kiosk_emu.load import h2asyncio
 from topology.pki import PKI
@@ -35,7 +35,7 @@ def _server_ctx(pki: PKI, node: str) -> ssl.SSLContext:
 
 
 def _fresh_client_ctx(pki: PKI, node: str) -> ssl.SSLContext:
-    """Not client_context's shared one: a test may change its certificate."""
+    """Not client_context's shared one: a test may change its certificate, and its sessions start empty."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(*pki.node_paths(node))
@@ -145,7 +145,7 @@ async def _get(net, conn, path: str, authority: str) -> bytes:
 
 async def test_a_kiosk_dialling_its_router_again_resumes_and_is_still_judged_per_request(net):
     router, kiosk = net.topo.node(ROUTER), net.topo.node(KIOSK)
-    ctx = client_context(*(Path(p) for p in net.pki.node_paths(KIOSK)), Path(net.pki.network_ca_path))
+    ctx = _fresh_client_ctx(net.pki, KIOSK)  # no session yet: client_context's is shared by the process's tests
     assert await _get(net, await connect_h2(router.address, router.port, router.id, ctx, local_address=kiosk.address),
                       "/bench/blob?size=10", router.id) == b"200"
     assert net.servers[ROUTER].resumed == 0
@@ -157,7 +157,8 @@ async def test_a_kiosk_dialling_its_router_again_resumes_and_is_still_judged_per
 
 
 async def test_each_relay_hop_resumes_when_a_reconnecting_kiosk_makes_it_dial_again(net):
-    # a relay dials its upstream for a kiosk connection; after its first, each of its dials resumes
+    # A relay dials its upstream for a kiosk connection; after its first, each of its dials resumes
+    # (its first too, if an earlier test in this process left a session in its shared context).
     for _ in range(3):
         conn = await Kiosk(net.context(KIOSK), net.state_dir).connect()
         async with trio.open_nursery() as nursery:
@@ -169,7 +170,7 @@ async def test_each_relay_hop_resumes_when_a_reconnecting_kiosk_makes_it_dial_ag
             conn.close()
     for hop in (ROUTER, "ec-router-a", "dmz-relay-a", "issuance-center"):
         server = net.servers[hop]
-        assert server.connections >= 1 and server.resumed == server.connections - 1, hop
+        assert server.connections >= 1 and server.resumed >= server.connections - 1, hop
 
 
 async def test_a_session_from_one_kiosk_does_not_pass_from_another_kiosks_address(net):
