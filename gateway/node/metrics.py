@@ -62,6 +62,7 @@ class NodeMetrics:
         self.denials = Counter("konbini_denials", "Refused connections, streams and requests, by reason code.", ["reason"], registry=r)
         self.streams_in_flight = Gauge("konbini_streams_in_flight", "Requests being handled now.", registry=r)
         self.tls_handshakes = Counter("konbini_tls_handshakes", "TLS handshakes as a server, by result.", ["result"], registry=r)
+        self.tls_resumed = Counter("konbini_tls_resumed", "TLS handshakes (result ok) that resumed a session ticket.", registry=r)
         self.connections = Counter("konbini_connections", "Connections admitted (address, certificate and ALPN allowed).", registry=r)
         self.connections_open = Gauge("konbini_connections_open", "Admitted connections open now.", registry=r)
         # relays

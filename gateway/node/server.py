@@ -30,6 +30,7 @@ from gateway.node.metrics import (
 from gateway.protocol.h2core import Headers
 from gateway.protocol.h2trio import Handler, LingeringSocket, Stream, TrioH2
 from gateway.protocol.http import method_path, refuse
+from gateway.transport.resumption import sessions_of
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
 from topology.netns.enter import in_namespace
@@ -134,12 +135,16 @@ async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_addr
         tcp = await _open_tcp_in(netns, address, port, local_address)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
+    sessions = sessions_of(ctx)
+    if (session := sessions.offer(expect_id)) is not None:
+        tls.session = session  # resumed if the server still takes its ticket; else a full handshake
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
+    sessions.remember(expect_id, tls)
     if tls.selected_alpn_protocol() != "h2":
         await trio.aclose_forcefully(tls)
         raise ConnectionError(f"{expect_id} did not agree to h2")
@@ -232,6 +237,7 @@ class NodeServer:
         self.scrape_allow = scrape_allowlist(ctx.topo, ctx.mode)
         self.denials: Counter[str] = Counter()
         self.connections = 0
+        self.resumed = 0  # TLS handshakes that resumed a session (a ticket) instead of a full one
         self.limits = ctx.limits
         self._per_peer: Counter[str] = Counter()  # open connections by peer address
         self._denied = trio.Event()  # set (and renewed) at every denial, for `until_denied`
@@ -324,6 +330,9 @@ class NodeServer:
             self.deny("alpn" if alpn else "tls-handshake", ip)
             return
         self.metrics.tls_handshakes.labels("ok").inc()
+        if tls.session_reused:  # the identity is the one the ticket's full handshake verified
+            self.resumed += 1
+            self.metrics.tls_resumed.inc()
         identity = peer_identity(tls.getpeercert())
         decision = self.allow.check_identity(ip, identity or "")
         if not decision.allowed or tls.selected_alpn_protocol() != "h2":

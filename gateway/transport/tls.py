@@ -1,4 +1,5 @@
-"""TLS 1.3 contexts with mutual authentication for every hop (SEC-SN-2), ALPN h2 only."""
+"""TLS 1.3 contexts with mutual authentication for every hop (SEC-SN-2), ALPN h2 only, and session
+tickets so a reconnecting client resumes (docs/tls.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger("konbini.tls")
+
+# How long a server's session ticket may be resumed (its lifetime hint; the server refuses it after).
+# A resumed connection carries the identity of the certificate verified in the full handshake, so
+# this bounds how long a connection may be admitted on a certificate checked that long ago.
+TICKET_LIFETIME = 3600  # seconds
 
 
 def _base(ctx: ssl.SSLContext, chain: Path, key: Path, ca: Path, tls12_floor: bool) -> ssl.SSLContext:
@@ -26,9 +32,11 @@ def server_context(chain: Path, key: Path, ca: Path, tls12_floor: bool = False, 
     ctx = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, key, ca, tls12_floor)
     ctx.set_alpn_protocols([alpn])
     _alpn_or_alert(ctx, alpn.encode())
-    # Tickets would let a client resume without presenting its certificate again; we want
-    # every connection authenticated by certificate, and connections are long-lived anyway.
-    ctx.options |= ssl.OP_NO_TICKET
+    # Stateless TLS 1.3 tickets, sealed with this context's own random key: a ticket names the
+    # client certificate verified in the full handshake, and only that client holds its secret.
+    # One ticket per handshake is enough, as a client resumes one connection at a time per server.
+    ctx.num_tickets = 1
+    _session_lifetime(ctx, TICKET_LIFETIME)
     return ctx
 
 
@@ -57,6 +65,23 @@ _SELECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.
 _TLSEXT_ERR_OK, _TLSEXT_ERR_ALERT_FATAL = 0, 2
 
 
+def _ssl_ctx(ctx: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer under `ctx`, or None where CPython's layout is not the one we know."""
+    # the pointer follows the object header in CPython's PySSLContext; its options, read through
+    # OpenSSL, must be the ones Python reports, or this is not the layout we know
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    return pointer if _libssl().SSL_CTX_get_options(pointer) == ctx.options else None
+
+
+def _session_lifetime(ctx: ssl.SSLContext, seconds: int) -> None:
+    """SSL_CTX_set_timeout, which Python does not expose: OpenSSL's own default is two hours."""
+    if (pointer := _ssl_ctx(ctx)) is None:
+        log.warning("ssl.SSLContext is not laid out as CPython's: tickets keep OpenSSL's lifetime")
+        return
+    _libssl().SSL_CTX_set_timeout(pointer, seconds)
+
+
+@lru_cache(maxsize=1)
 def _libssl():
     """The libssl the `ssl` module runs on (its symbols resolve through `_ssl`'s own links)."""
     lib = ctypes.CDLL(ssl._ssl.__file__)  # noqa: SLF001
@@ -64,6 +89,8 @@ def _libssl():
     lib.SSL_CTX_set_alpn_select_cb.restype = None
     lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
     lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+    lib.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    lib.SSL_CTX_set_timeout.restype = ctypes.c_long
     return lib
 
 
@@ -84,12 +111,8 @@ def _alpn_or_alert(ctx: ssl.SSLContext, protocol: bytes) -> None:
             pos += 1 + n
         return _TLSEXT_ERR_ALERT_FATAL
 
-    # the SSL_CTX pointer follows the object header in CPython's PySSLContext; its options, read
-    # through OpenSSL, must be the ones Python reports, or this is not the layout we know
-    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-    lib = _libssl()
-    if lib.SSL_CTX_get_options(ssl_ctx) != ctx.options:  # then Python's own callback stays (no alert, a close)
+    if (ssl_ctx := _ssl_ctx(ctx)) is None:  # then Python's own callback stays (no alert, a close)
         log.warning("ssl.SSLContext is not laid out as CPython's: no no_application_protocol alert")
         return
-    lib.SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
+    _libssl().SSL_CTX_set_alpn_select_cb(ssl_ctx, select, None)
     ctx._konbini_alpn_select = select  # noqa: SLF001  # the callback lives as long as the context

@@ -22,6 +22,7 @@ from gateway.protocol.h2core import (
     header,
 )
 from gateway.protocol.h2lean import client_core
+from gateway.transport.resumption import OfferingContext, sessions_of
 
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -115,12 +116,13 @@ async def connect_h2(
 ) -> AsyncioH2:
     """TCP from our own address (the allow-lists check it), TLS naming the expected node, HTTP/2."""
     loop = asyncio.get_running_loop()
+    sessions = sessions_of(ctx)
     transport, proto = await asyncio.wait_for(
         loop.create_connection(
             lambda: AsyncioH2(expect_id),
             address,
             port,
-            ssl=ctx,
+            ssl=OfferingContext(ctx, sessions.offer(expect_id)),  # resumed if the router still takes the ticket
             server_hostname=expect_id,
             local_addr=(local_address, 0) if local_address else None,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -131,4 +133,5 @@ async def connect_h2(
     if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
         transport.close()
         raise ConnectionError(f"{expect_id} did not agree to h2")
+    sessions.remember(expect_id, sslobj)
     return proto
