@@ -19,6 +19,7 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.cluster import CLUSTER, node_allowlists
+from gateway.node.heap import give_back_forever
 from gateway.node.server import App, NodeContext, NodeServer
 from gateway.nodes.admin_server import AdminServer, admin_context
 from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
@@ -111,6 +112,7 @@ async def run_servers(
                 running.admin_servers[node.id] = server
             for server in running.servers.values():
                 await server.app.prepare()
+            nursery.start_soon(give_back_forever)  # freed heap back to the system (a soak's RSS stays flat)
             running.ready_s = time.perf_counter() - t0
             if only is None and mode != CLUSTER:  # bound, the whole topology: later commands join it in its time
                 write_running_clock(state_dir, clock)
