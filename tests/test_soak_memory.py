@@ -8,21 +8,33 @@ still remembered (a frame that crossed the RST_STREAM must not close the connect
 
 And what the issuance center keeps per issuance: finished ones are forgotten after a while (the
 ledger answers for them), so the center's memory holds a window of issuances, not all of them.
+
+And what malloc keeps: the pages a process's freed buffers leave between live objects go back to
+the system (`gateway.node.heap`), in every node process while it serves.
 """
 
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 
 import h2.errors
+import trio
 
+import gateway.node.heap
 import gateway.nodes.issuance
+from gateway.business.clock import Clock
 from gateway.protocol.h2core import H2Core, ResetRecords
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.kiosk import Kiosk, issue_at
+from tests.conftest import TEST_TIME
 from tests.test_notices import MUNI_A, post
+from topology.launch.servers import run_servers
+from topology.pkifiles import PKIFiles
 
 REQUEST = request_headers("GET", "/bench/blob?size=512", "store-router-a1")
 BODY = b"k" * 512
@@ -128,3 +140,56 @@ async def test_the_center_forgets_finished_issuances_and_the_ledger_still_answer
     body = kiosk.outbox.conn.execute("SELECT body FROM notices WHERE issuance_id = ?", (first,)).fetchone()[0]
     status, ack = await post(kiosk, "/v1/notice", body)
     assert (status, ack["duplicate"]) == (200, True)
+
+
+# A relay's pattern, in a fresh interpreter (a clean heap): buffers of 256 KiB taken and freed
+# between long-lived allocations. The first free of a large buffer raises glibc's mmap threshold,
+# so the rest come from the heap, and freeing them leaves holes malloc keeps (RSS stays up).
+FRAGMENT = textwrap.dedent("""
+    from gateway.node.heap import give_back
+
+    def rss_kib():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+    first = b"x" * (512 * 1024)
+    del first  # glibc's mmap threshold is now above 256 KiB
+    buffers, kept = [], []
+    for i in range(64):
+        buffers.append(b"x" * (256 * 1024))  # filled: its pages are resident
+        kept.append(bytes([i]) * 2048)  # too big for Python's allocator: malloc's heap, between the buffers
+    del buffers
+    before = rss_kib()
+    went = give_back()
+    print(before, rss_kib(), went)
+""")
+
+
+def test_a_process_gives_back_the_pages_its_freed_buffers_left_in_the_heap():
+    out = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, check=True).stdout
+    before, after, went = out.split()
+    # 16 MiB of freed buffers: malloc kept every page of them until `give_back`
+    assert went == "True"
+    assert int(before) - int(after) > 12 * 1024, out
+
+
+async def test_a_node_process_gives_its_freed_heap_back_while_it_serves(topo, tmp_path, nursery, monkeypatch):
+    trims = []
+    trimmed = trio.Event()
+
+    def trim(pad: int) -> int:
+        trims.append(pad)
+        if len(trims) == 2:  # periodically, not once at start
+            trimmed.set()
+        return 1
+
+    monkeypatch.setattr(gateway.node.heap, "TRIM_EVERY", 0.01)
+    monkeypatch.setattr(gateway.node.heap, "_TRIM", trim)
+    # what every node process runs (bench.serve, a nodehost, `konbini up`); no node is needed for the trim
+    pki = PKIFiles(tmp_path, frozenset())
+    running = await nursery.start(
+        lambda task_status: run_servers(topo, tmp_path, pki, None, Clock(TEST_TIME), only=[], task_status=task_status)
+    )
+    with trio.fail_after(10):
+        await trimmed.wait()
+    running.stop()
+    assert trims[:2] == [0, 0]  # every arena, nothing kept at the top

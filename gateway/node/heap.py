@@ -36,10 +36,10 @@ def give_back() -> bool:
     return _TRIM is not None and bool(_TRIM(0))
 
 
-async def give_back_forever(every: float = TRIM_EVERY) -> None:
-    """For as long as the node process serves: `give_back` every `every` seconds."""
+async def give_back_forever() -> None:
+    """For as long as the node process serves: `give_back` every TRIM_EVERY seconds."""
     if _TRIM is None:
         return
     while True:
-        await trio.sleep(every)
+        await trio.sleep(TRIM_EVERY)
         give_back()
