@@ -450,6 +450,7 @@ class IssuanceCenter(App):
         kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
         record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, iss.municipality,
                                 iss.cert_type, iss.copies, iss.fee, month_of(now), card=s.card_id)
+        self._forget_finished(time.monotonic())  # at every issuance too: memory stays bounded under load, between sweeps
         self.issuances[iss.id] = iss
         await self.ledger.call(LedgerDB.create_issuance, record, now)
 
