@@ -49,6 +49,13 @@ def test_wrong_pin_is_one_line_with_tries_left_and_exit_1(state):
     assert "pin-wrong" in p.stdout and "tries left" in p.stdout and "Traceback" not in p.stderr
 
 
+def test_a_wrong_pin_on_the_default_pool_card_is_refused_as_the_readme_shows(tmp_path):
+    # `konbini issue --pin 0000` typed 0000 at the kiosk and also reset the pool card's PIN to it,
+    # so it issued; --pin is what the resident types, the pool card's PIN stays 1234
+    p = konbini("issue", "--up", "--pin", "0000", "--clock", "2026-11-24T10:00:00+09:00", state=tmp_path)
+    assert p.returncode == 1 and "pin-wrong" in p.stdout and "2 tries left" in p.stdout, p.stdout + p.stderr
+
+
 def test_too_many_copies_says_so_with_the_limit(state):
     p = konbini("issue", "--up", "--copies", "1000", "--clock", "2026-11-24T10:00:00+09:00", state=state)
     assert p.returncode == 1 and "copies-out-of-range" in p.stdout and "1 to 10 copies" in p.stdout

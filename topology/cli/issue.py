@@ -120,7 +120,7 @@ def cmd_issue(args) -> int:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.run)
                 try:
-                    card = running.cards.load(args.card) if args.card else running.cards.ensure_pool(1, pin=args.pin or DEFAULT_PIN)[0]
+                    card = running.cards.load(args.card) if args.card else running.cards.ensure_pool(1)[0]
                     if args.smartphone is not None:
                         card = smartphone(running.cards, args.smartphone, card)
                 except CardError as exc:

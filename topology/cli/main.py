@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--store", help="store site (e.g. store-a1); default: the first store")
     i.add_argument("--kiosk", help="kiosk node id (e.g. kiosk-a1-1)")
     i.add_argument("--card", help=f"card id (see `konbini card list`); default: a pool card with PIN {DEFAULT_PIN}")
-    i.add_argument("--pin", help=f"PIN typed at the kiosk (default {DEFAULT_PIN})")
+    i.add_argument("--pin", help=f"PIN typed at the kiosk (default {DEFAULT_PIN}, the pool cards' PIN)")
     i.add_argument("--cert", default="residence-record",
                    help="certificate type, one the municipality offers (its `certificates:` in the topology file): "
                         "residence-record, seal-registration, tax-certificate, family-register, vaccination "
