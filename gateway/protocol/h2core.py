@@ -696,6 +696,11 @@ class H2Core(CoreBase):
             self.ack(stream_id, sum(flow for _, flow in st.chunks))
             st.chunks.clear()
 
+    def ping(self, opaque: bytes = bytes(8)) -> None:
+        """A PING for the peer to ACK: whether it is still there (`gateway.transport.keepalive`)."""
+        if not self.closed:
+            self.conn.ping(opaque)
+
     def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
         if not self.closed:
             try:

@@ -719,6 +719,11 @@ class LeanCore(CoreBase):
             self._out += frame(GOAWAY, 0, 0, _u32.pack(self._last_stream()) + _u32.pack(code))
             self._close(reason)
 
+    def ping(self, opaque: bytes = bytes(8)) -> None:
+        """A PING for the peer to ACK: whether it is still there (`gateway.transport.keepalive`)."""
+        if not self.closed:
+            self._out += frame(PING, 0, 0, opaque)
+
     def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
             self._out += frame(GOAWAY, 0, 0, _u32.pack(self._last_stream()) + _u32.pack(code))

@@ -169,6 +169,7 @@ class TrioH2(H2Driver):
         self._writes_blocked = False
         self._on_end = on_end  # told the close reason as soon as HTTP/2 is over, before the socket closes
         self._nursery: trio.Nursery | None = None
+        self.last_read = trio.current_time()  # when the peer last sent anything (a relay's keepalive)
         # A relay's fast path (gateway.protocol.splice): requests and what arrives for them are
         # handled in the reader, before it reads again, with no task per request.
         self.take_request: TakeRequest | None = None
@@ -324,7 +325,7 @@ class TrioH2(H2Driver):
             if data is None:
                 self.abort(reason)
                 return
-            last_read = trio.current_time()
+            last_read = self.last_read = trio.current_time()
             read_at = time.perf_counter()  # a request's queue time runs from here to its handler's start
             _PASS.active = True
             try:
