@@ -34,7 +34,7 @@ Factory = Callable[[NodeContext, NodeEnv], App]
 def _relay(ctx: NodeContext, env: NodeEnv) -> App:
     from gateway.nodes.relay import Relay
 
-    return Relay(ctx)
+    return Relay(ctx, env.nursery)
 
 
 def _issuance_center(ctx: NodeContext, env: NodeEnv) -> App:

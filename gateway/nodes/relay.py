@@ -8,6 +8,11 @@ the two connections' readers with no task per request. Bodies stream both ways: 
 acknowledged to its sender only after it was handed to the other side, so memory per stream
 stays bounded by the HTTP/2 windows whatever the size of the document. Any reset or timeout on
 one side resets the other: a request is cancelled whole (INT-1).
+
+A next hop that stops answering (hung, not dead) is found by a PING with a deadline on the busy
+upstream (`gateway.transport.keepalive`): the pair is closed (its requests reset whole, the peer
+reconnects) and the hop is set aside (`gateway.transport.outliers`) until a probe's handshake
+with it succeeds, so new connections go straight to the other hops.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from functools import partial
 
 import h2.errors
@@ -25,6 +31,8 @@ from gateway.protocol.h2core import Headers, StreamState, header_list_size
 from gateway.protocol.h2trio import Handler, Stream, TrioH2
 from gateway.protocol.http import refuse, timing
 from gateway.protocol.splice import Pair, Splice
+from gateway.transport.keepalive import Keepalive, Verdict
+from gateway.transport.outliers import Outliers
 
 log = logging.getLogger("konbini.relay")
 
@@ -34,6 +42,9 @@ RESPONSE_TIMEOUT = 30.0  # upstream must answer with headers within this; then t
 # the upstream core, so a stream holds one window here, not also a second one in our output queue.
 OUTPUT_ROOM = 256 * 1024
 POLL = 1.0  # the deadline task looks at least this often (response timeouts need no finer grain)
+KEEPALIVE_INTERVAL = 1.0  # a busy upstream silent this long is sent a PING
+KEEPALIVE_TIMEOUT = 2.0  # no answer to it within this: the next hop is hung, the pair is closed
+PROBE_INTERVAL = 1.0  # seconds between handshakes with a set-aside next hop
 
 # Headers a kiosk may not set itself: the store router vouches for who asked (INT-1 binding).
 ATTESTED = (b"konbini-kiosk", b"konbini-store")
@@ -57,10 +68,13 @@ class Alarm:
 
 
 class Relay(App):
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, nursery: trio.Nursery | None = None) -> None:
+        """`nursery`: where set-aside hops are probed; without one, no hop is set aside."""
         self.ctx = ctx
         self.upstream = ctx.topo.node(ctx.node.upstream or "")
         self.hops = [ctx.topo.node(h) for h in ctx.node.hops] or [self.upstream]  # redundancy: several next hops
+        self.outliers = Outliers([hop.id for hop in self.hops])
+        self._nursery = nursery
         self._turn = -1
         self.first_hop = ctx.node.kind == "store-router"
         self.streams_forwarded = 0
@@ -92,9 +106,10 @@ class Relay(App):
         up.on_events = lambda woken: (splice.up_events(woken), conn.flush())
         conn.on_drained = lambda: (splice.drained(), up.flush())
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_upstream, up, conn, splice)
+            upstream = trio.CancelScope()
+            nursery.start_soon(self._run_upstream, up, conn, splice, upstream)
             deadlines = trio.CancelScope()
-            nursery.start_soon(self._deadlines, splice, conn, up, deadlines, alarm)
+            nursery.start_soon(self._deadlines, splice, conn, up, deadlines, alarm, partial(self._hung, up, upstream))
             try:
                 await conn.run(lambda s: server.dispatch(s, peer, self._unavailable))
             finally:
@@ -148,15 +163,27 @@ class Relay(App):
         now = time.perf_counter()
         return [*headers, timing(self.ctx.node.id, now - pair.own, upstream=now - pair.opened, queue=pair.queue)]
 
-    async def _deadlines(self, splice: Splice, conn: TrioH2, up: TrioH2, scope: trio.CancelScope, alarm: Alarm) -> None:
+    async def _deadlines(self, splice: Splice, conn: TrioH2, up: TrioH2, scope: trio.CancelScope, alarm: Alarm,
+                         hung: Callable[[], None]) -> None:
         """Late answers get 504 (the upstream stream reset, INT-1); a peer that keeps its window
-        shut on a waiting response past slow_read_timeout is closed, as any slow reader is."""
+        shut on a waiting response past slow_read_timeout is closed, as any slow reader is; an
+        upstream that does not answer a PING is hung (`hung`)."""
+        keepalive = Keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         with scope:
             while True:
-                await alarm.wait(min(splice.next_deadline(), trio.current_time() + POLL))
+                busy = bool(up.core.streams)
+                await alarm.wait(min(splice.next_deadline(), keepalive.next_check(up.last_read, busy), trio.current_time() + POLL))
                 if conn.core.closed:  # the connection is ending: its requests are reset, not answered
                     return
                 now = trio.current_time()
+                verdict = keepalive.check(now, up.last_read, bool(up.core.streams))
+                if verdict is Verdict.HUNG:
+                    splice.close()  # its requests are reset downstream whole (INT-1); the kiosk retries
+                    conn.close()
+                    hung()
+                    return
+                if verdict is Verdict.PING:
+                    up.core.ping()
                 for st in splice.overdue(now):
                     self.metrics.upstream_failures.labels("timeout").inc()
                     conn.serve(st, self._late)
@@ -174,25 +201,58 @@ class Relay(App):
 
     async def _connect_upstream(self) -> TrioH2 | None:
         """The first next hop that answers, tried in the declared order ("failover") or starting one
-        further along for each connection ("balance"); None when none does (the peer gets 502s and
-        reconnects, and the hops are tried again)."""
-        hops = self.hops
-        if self.ctx.node.upstream_policy == "balance" and len(hops) > 1:
-            self._turn = (self._turn + 1) % len(hops)
-            hops = hops[self._turn :] + hops[: self._turn]
-        for hop in hops:
+        further along for each connection ("balance"), those set aside last; None when none does
+        (the peer gets 502s and reconnects, and the hops are tried again)."""
+        order = list(range(len(self.hops)))
+        if self.ctx.node.upstream_policy == "balance" and len(order) > 1:
+            self._turn = (self._turn + 1) % len(order)
+            order = order[self._turn :] + order[: self._turn]
+        for i in sorted(order, key=self.outliers.is_set_aside):  # stable: the policy's order otherwise
+            hop = self.hops[i]
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):  # a hop that drops SYNs must not hold the failover for minutes
-                    return await self.ctx.connect(hop)
+                    up = await self.ctx.connect(hop)
             except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
                 log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, hop.id, exc)
                 self.metrics.upstream_failures.labels("unreachable").inc()
+                self._set_aside(i)
+                continue
+            self.outliers.answered(i)  # tried as a last resort, and it answered
+            return up
         return None
 
+    def _hung(self, up: TrioH2, upstream: trio.CancelScope) -> None:
+        """`up` did not answer a PING: its run is cancelled (a GOAWAY would wait on a peer that
+        reads nothing) and its hop is set aside."""
+        log.warning("node=%s upstream=%s hung: no answer to a PING", self.ctx.node.id, up.peer)
+        self.metrics.upstream_failures.labels("hung").inc()
+        upstream.cancel()
+        self._set_aside(self.outliers.names.index(up.peer))  # a connection's peer is its hop's id
+
+    def _set_aside(self, i: int) -> None:
+        if self._nursery is not None and self.outliers.failed(i, trio.current_time()):
+            self._nursery.start_soon(self._probe, i)
+
+    async def _probe(self, i: int) -> None:
+        """Handshake with a set-aside hop every PROBE_INTERVAL (HAProxy's `check-ssl` at `inter`)
+        until one succeeds, then put it back in service."""
+        hop = self.hops[i]
+        while self.outliers.is_set_aside(i):
+            await trio.sleep(PROBE_INTERVAL)  # a health check's period, not a wait for an event
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    probe = await self.ctx.connect(hop)
+            except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError):
+                continue
+            await trio.aclose_forcefully(probe.transport)
+            self.outliers.answered(i)
+            log.info("node=%s upstream=%s answers again; back in service", self.ctx.node.id, hop.id)
+
     @staticmethod
-    async def _run_upstream(up: TrioH2, conn: TrioH2, splice: Splice) -> None:
+    async def _run_upstream(up: TrioH2, conn: TrioH2, splice: Splice, scope: trio.CancelScope) -> None:
         try:
-            await up.run()
+            with scope:
+                await up.run()
         finally:
             # Paired both ways: once the upstream is gone (the next hop restarted), its requests are
             # reset downstream and the downstream is closed too, so its peer reconnects and gets a
