@@ -22,7 +22,7 @@ import trio.testing
 from bench.runner import Bench, BenchError, BenchOptions, run_bench
 from bench.topology import with_port
 from gateway.nodes.issuance import ATTEMPT_TIMEOUT, PROBE_INTERVAL, UPSTREAM_TIMEOUT, DocumentServers, IssuanceCenter
-from gateway.nodes.relay import CONNECT_TIMEOUT, Relay
+from gateway.nodes.relay import CONNECT_TIMEOUT, PROBE_INTERVAL as RELAY_PROBE_INTERVAL, Relay
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 REDUNDANT = DEFAULT_TOPOLOGY.parent / "redundant.yaml"
@@ -323,3 +323,48 @@ def test_a_relay_gives_up_on_a_silent_upstream_and_dials_the_next() -> None:
     assert trio.run(dial, clock=trio.testing.MockClock(autojump_threshold=0)) == "conn-to-dmz-relay-a2"
     (first, t0), (second, t1) = dialled
     assert (first, second) == ("dmz-relay-a1", "dmz-relay-a2") and t1 - t0 == pytest.approx(CONNECT_TIMEOUT)
+
+
+class _Handshake:
+    """What a probe closes: the transport of a connection it opened only to see the hop answer."""
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_relay_sets_a_hung_hop_aside_and_probes_it_back() -> None:
+    """Once a PING went unanswered on a connection to dmz-relay-a1, the next connections dial
+    dmz-relay-a2 straight away instead of each waiting CONNECT_TIMEOUT on a1's handshake; a1 is
+    dialled first again once a probe's handshake with it succeeds."""
+    topo = load_topology(REDUNDANT)
+    hung: set[str] = set()
+    dialled: list[str] = []
+
+    async def connect(node):
+        dialled.append(node.id)
+        if node.id in hung:
+            await trio.sleep_forever()
+        return SimpleNamespace(peer=node.id, transport=_Handshake())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            relay = Relay(SimpleNamespace(topo=topo, node=topo.node("ec-router-a"), connect=connect), nursery)
+            relay.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+            up = await relay._connect_upstream()
+            assert up.peer == "dmz-relay-a1"
+            hung.add("dmz-relay-a1")
+            pair = trio.CancelScope()
+            relay._hung(up, pair)
+            assert pair.cancel_called and relay.outliers.aside() == ["dmz-relay-a1"]
+            dialled.clear()
+            t0 = trio.current_time()
+            assert (await relay._connect_upstream()).peer == "dmz-relay-a2"
+            assert dialled == ["dmz-relay-a2"] and trio.current_time() == t0  # no wait on the hung hop
+            hung.clear()  # continued: the next probe's handshake succeeds
+            with trio.fail_after(CONNECT_TIMEOUT + 2 * RELAY_PROBE_INTERVAL):
+                while relay.outliers.is_set_aside(0):
+                    await trio.sleep(RELAY_PROBE_INTERVAL / 10)  # polls the book, bounded by the fail_after
+            assert (await relay._connect_upstream()).peer == "dmz-relay-a1"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
