@@ -18,6 +18,7 @@ with it succeeds, so new connections go straight to the other hops.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -168,15 +169,18 @@ class Relay(App):
         """Late answers get 504 (the upstream stream reset, INT-1); a peer that keeps its window
         shut on a waiting response past slow_read_timeout is closed, as any slow reader is; an
         upstream that does not answer a PING is hung (`hung`)."""
-        keepalive = Keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        # Only where there is another hop to pass over to: with one, a slow next hop would only turn
+        # slow issuances into failed ones.
+        keepalive = Keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT) if len(self.hops) > 1 else None
         with scope:
             while True:
                 busy = bool(up.core.streams)
-                await alarm.wait(min(splice.next_deadline(), keepalive.next_check(up.last_read, busy), trio.current_time() + POLL))
+                alive_by = keepalive.next_check(up.last_read, busy) if keepalive else math.inf
+                await alarm.wait(min(splice.next_deadline(), alive_by, trio.current_time() + POLL))
                 if conn.core.closed:  # the connection is ending: its requests are reset, not answered
                     return
                 now = trio.current_time()
-                verdict = keepalive.check(now, up.last_read, bool(up.core.streams))
+                verdict = keepalive.check(now, up.last_read, bool(up.core.streams)) if keepalive else None
                 if verdict is Verdict.HUNG:
                     splice.close()  # its requests are reset downstream whole (INT-1); the kiosk retries
                     conn.close()
