@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.transport.tls import server_context
+from tests.memtls import handshake
 from topology.pki import PKI
 
 SERVER, CLIENT = "store-router-a1", "kiosk-a1-1"
@@ -21,22 +22,8 @@ def _handshake(pki: PKI, offer: list[str]) -> tuple[ssl.SSLObject, ssl.SSLObject
     client_ctx.load_cert_chain(*pki.node_paths(CLIENT))
     client_ctx.load_verify_locations(pki.network_ca_path)
     client_ctx.set_alpn_protocols(offer)
-    pipes = [ssl.MemoryBIO() for _ in range(4)]
-    server = server_ctx.wrap_bio(pipes[0], pipes[1], server_side=True)
-    client = client_ctx.wrap_bio(pipes[2], pipes[3], server_hostname=SERVER)
-    for _ in range(10):  # a TLS 1.3 handshake is done in two round trips; each side's turn moves bytes
-        done = 0
-        for side, outgoing, incoming in ((client, pipes[3], pipes[0]), (server, pipes[1], pipes[2])):
-            try:
-                side.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-            finally:
-                incoming.write(outgoing.read())
-        if done == 2:
-            return server, client
-    raise AssertionError("the handshake did not finish")
+    server, client, _ = handshake(server_ctx, client_ctx, SERVER)
+    return server, client
 
 
 @pytest.fixture

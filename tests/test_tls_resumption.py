@@ -20,6 +20,7 @@ from gateway.transport.resumption import SessionCache, sessions_of
 from gateway.transport.tls import TICKET_LIFETIME, peer_identity, server_context
 from kiosk_emu.kiosk import Kiosk
 from kiosk_emu.load import h2asyncio
+from tests.memtls import handshake
 from topology.pki import PKI
 
 ROUTER, OTHER_ROUTER, KIOSK, OTHER_KIOSK = "store-router-a1", "store-router-a2", "kiosk-a1-1", "kiosk-a1-2"
@@ -46,25 +47,11 @@ def _fresh_client_ctx(pki: PKI, node: str) -> ssl.SSLContext:
 
 def _connect(server_ctx, client_ctx, server_name: str, session=None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A handshake, then one record from the server, which brings the client its ticket."""
-    pipes = [ssl.MemoryBIO() for _ in range(4)]
-    server = server_ctx.wrap_bio(pipes[0], pipes[1], server_side=True)
-    client = client_ctx.wrap_bio(pipes[2], pipes[3], server_hostname=server_name, session=session)
-    for _ in range(10):  # each side's turn moves its bytes to the other
-        done = 0
-        for side, outgoing, incoming in ((client, pipes[3], pipes[0]), (server, pipes[1], pipes[2])):
-            try:
-                side.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-            finally:
-                incoming.write(outgoing.read())
-        if done == 2:
-            server.write(b"settings")
-            pipes[2].write(pipes[1].read())
-            assert client.read(100) == b"settings"
-            return server, client
-    raise AssertionError("the handshake did not finish")
+    server, client, pipes = handshake(server_ctx, client_ctx, server_name, session)
+    server.write(b"settings")
+    pipes[2].write(pipes[1].read())
+    assert client.read(100) == b"settings"
+    return server, client
 
 
 def test_a_resumed_session_carries_the_identity_of_its_certificate_handshake(pki):
