@@ -23,7 +23,7 @@ from topology.spec.model import Node
 def display_name(node: Node) -> str:
     muni = node.municipality
     assert muni is not None, f"{node.id}: a municipality node carries its municipality"
-    return getattr(muni, "name", None) or muni.code
+    return muni.name or muni.code
 
 
 class MunicipalityServer(App):
