@@ -44,7 +44,10 @@ def failover_run(tmp: Path, topo, duration_s: float) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    report = failover_run(tmp_path_factory.mktemp("failover"), load_topology(REDUNDANT), duration_s=20.0)
+    # 30 s: the relay's hang (15 % of the window) lasts 4.5 s, past the 3 s a relay takes to call
+    # a silent hop hung (1 s without input, then 2 s for the PING's answer); at 20 s it lasted 3 s
+    # and whether any issuance passed over during it depended on the machine's speed
+    report = failover_run(tmp_path_factory.mktemp("failover"), load_topology(REDUNDANT), duration_s=30.0)
     return report["scenarios"]["failover"]["konbini"] | {"_dir": report["_dir"]}
 
 
