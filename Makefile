@@ -4,13 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client nghttp2-server curl openssl golang-go testssl.sh nmap fonts-ipaexfont-mincho poppler-utils
 
-.PHONY: run test setup system clean
+.PHONY: run test lint setup system clean
 
 run: setup
 	$(BIN)/konbini demo
 
-test: setup
+test: setup lint
 	$(BIN)/pytest -q
+
+# The rules made mechanical: lint and format (ruff).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 setup: system $(VENV)/.installed
 

@@ -151,8 +151,13 @@ class CostWindow:
     def model(self, completed: int, cpus: int | None = None, extra: list[tuple[CostProcess, float]] = ()) -> dict:
         """The cost model of the window; `extra`: processes measured another way (a child's rusage)."""
         if not self.start or not self.end:
-            return {"window_s": 0.0, "completed": completed, "processes": [], "per_hop_us": {}, "notes": [
-                "no CPU window: the run ended before its warm-up did"]}
+            return {
+                "window_s": 0.0,
+                "completed": completed,
+                "processes": [],
+                "per_hop_us": {},
+                "notes": ["no CPU window: the run ended before its warm-up did"],
+            }
         used = {p.name: self.end.get(p.name, 0.0) - self.start.get(p.name, 0.0) for p in self.procs}
         used |= {p.name: cpu for p, cpu in extra}
         procs = self.procs + [p for p, _ in extra]
@@ -169,15 +174,27 @@ def cost_model(procs: list[CostProcess], cpu_s: dict[str, float], window_s: floa
     rows = []
     for p in procs:
         cpu = max(0.0, cpu_s.get(p.name, 0.0))
-        rows.append({"name": p.name, "role": p.role, "pid": p.pid, "hops": list(p.hops), "threads": p.threads,
-                     "cpu_s": round(cpu, 3), "cores": round(cpu / window_s, 3) if window_s > 0 else None,
-                     "us_per_request": us(cpu)})
+        rows.append(
+            {
+                "name": p.name,
+                "role": p.role,
+                "pid": p.pid,
+                "hops": list(p.hops),
+                "threads": p.threads,
+                "cpu_s": round(cpu, 3),
+                "cores": round(cpu / window_s, 3) if window_s > 0 else None,
+                "us_per_request": us(cpu),
+            }
+        )
     per_hop: dict[str, float] = {}
     for p, row in zip(procs, rows, strict=True):
         if p.role in ("relays", "baseline") and len(p.hops) == 1:
             per_hop[p.hops[0]] = per_hop.get(p.hops[0], 0.0) + row["cpu_s"]
     model = {
-        "window_s": round(window_s, 3), "completed": completed, "cpus": cpus, "processes": rows,
+        "window_s": round(window_s, 3),
+        "completed": completed,
+        "cpus": cpus,
+        "processes": rows,
         "per_hop_us": {hop: us(cpu) for hop, cpu in sorted(per_hop.items())},
         "chain_us_per_request": us(sum(r["cpu_s"] for r in rows if r["role"] in ("relays", "baseline"))),
         "origin_us_per_request": us(sum(r["cpu_s"] for r in rows if r["role"] == "origin")),
@@ -194,16 +211,22 @@ def bottleneck_notes(model: dict) -> list[str]:
     rows = model["processes"]
     for r in rows:
         if r["role"] == "generator" and (r["cores"] or 0) >= BUSY_CORE:
-            notes.append(f"the load generator is the bottleneck: {r['name']} used {r['cores']:.2f} of a core; the "
-                         "throughput ratio measures the generator too (add --workers, or see --cross-check)")
+            notes.append(
+                f"the load generator is the bottleneck: {r['name']} used {r['cores']:.2f} of a core; the "
+                "throughput ratio measures the generator too (add --workers, or see --cross-check)"
+            )
         if r["role"] == "origin" and not r["threads"] and (r["cores"] or 0) >= BUSY_CORE:
             notes.append(f"the origin is the bottleneck: the center side ({r['name']}) used {r['cores']:.2f} of a core")
     chain, origin = model.get("chain_us_per_request"), model.get("origin_us_per_request")
     if chain and origin and origin > chain:
-        notes.append(f"the origin costs more per request than the relay chain ({origin:,.0f} µs against {chain:,.0f} µs): "
-                     "the center side, not the relays, is where this scenario's cores go")
+        notes.append(
+            f"the origin costs more per request than the relay chain ({origin:,.0f} µs against {chain:,.0f} µs): "
+            "the center side, not the relays, is where this scenario's cores go"
+        )
     total, cpus = model.get("total_cores"), model.get("cpus") or 1
     if total is not None and total >= BUSY_CORE * cpus:
-        notes.append(f"the machine is saturated: all processes together used {total:.2f} of {cpus} cores, so every "
-                     "process's throughput is bounded by its share of them")
+        notes.append(
+            f"the machine is saturated: all processes together used {total:.2f} of {cpus} cores, so every "
+            "process's throughput is bounded by its share of them"
+        )
     return notes

@@ -52,11 +52,24 @@ def build(build_dir: Path) -> Path:
     if binary.exists() and binary.stat().st_mtime >= newest:
         return binary
     build_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0",
-           "GOCACHE": str(build_dir / "cache"), "GOPATH": str(build_dir / "gopath")}
+    env = {
+        **os.environ,
+        "GOFLAGS": "-mod=mod",
+        "GOPROXY": "off",
+        "GOTOOLCHAIN": "local",
+        "CGO_ENABLED": "0",
+        "GOCACHE": str(build_dir / "cache"),
+        "GOPATH": str(build_dir / "gopath"),
+    }
     try:
-        done = subprocess.run([go_binary(), "build", "-o", str(binary), "."], cwd=src, env=env, capture_output=True,
-                              text=True, timeout=BUILD_TIMEOUT_S)
+        done = subprocess.run(
+            [go_binary(), "build", "-o", str(binary), "."],
+            cwd=src,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:
         raise CrossCheckError(f"go build of {src} took over {BUILD_TIMEOUT_S} s") from None
     if done.returncode != 0:
@@ -74,8 +87,23 @@ def command(binary: Path, topo, pki, kiosk_ids: list[str], size: int, concurrenc
         chain, key = pki.node_paths(kid)
         pairs.append(f"https://{r.address}:{r.port}/bench/blob?size={size}@{k.address}@{chain}@{key}")
     chain, key = pki.node_paths(kiosk_ids[0])
-    return [str(binary), "-c", str(concurrency), "-conns", str(len(kiosk_ids)), "-d", f"{duration_s:g}s",
-            "-ca", str(pki.network_ca_path), "-cert", str(chain), "-key", str(key), "-pairs", ",".join(pairs)]
+    return [
+        str(binary),
+        "-c",
+        str(concurrency),
+        "-conns",
+        str(len(kiosk_ids)),
+        "-d",
+        f"{duration_s:g}s",
+        "-ca",
+        str(pki.network_ca_path),
+        "-cert",
+        str(chain),
+        "-key",
+        str(key),
+        "-pairs",
+        ",".join(pairs),
+    ]
 
 
 def parse(stdout: str) -> dict:

@@ -77,8 +77,10 @@ def targets(topo: Topology) -> Targets:
             servers.setdefault(n.municipality.code, []).append(n.id)
     muni = next(((code, ids) for code, ids in servers.items() if len(ids) >= 2), None)
     if pair is None or muni is None:
-        raise FailoverError(f"{topo.source}: the failover bench needs an operator with two DMZ relays and a "
-                            "municipality with two document servers (try --topology topology/redundant.yaml)")
+        raise FailoverError(
+            f"{topo.source}: the failover bench needs an operator with two DMZ relays and a "
+            "municipality with two document servers (try --topology topology/redundant.yaml)"
+        )
     data = topo.node(muni[1][0]).municipality
     return Targets(pair[0], pair[1], muni[0], (muni[1][0], muni[1][1]), data.name if data else None)
 
@@ -132,24 +134,49 @@ class FaultSchedule:
         pid = proc.pid
         at = time.time() - self.t0
         status = proc.kill()
-        return {"event": "kill", "node": node, "pid": pid, "at_s": round(at, 3), "signal": "SIGKILL",
-                "exitcode": status, "pid_gone": not Path(f"/proc/{pid}").exists()}
+        return {
+            "event": "kill",
+            "node": node,
+            "pid": pid,
+            "at_s": round(at, 3),
+            "signal": "SIGKILL",
+            "exitcode": status,
+            "pid_gone": not Path(f"/proc/{pid}").exists(),
+        }
 
     def _hang(self, node: str) -> dict:
         proc = self.procs[node]
         proc.hang()
-        return {"event": "hang", "node": node, "pid": proc.pid, "at_s": round(time.time() - self.t0, 3), "signal": "SIGSTOP"}
+        return {
+            "event": "hang",
+            "node": node,
+            "pid": proc.pid,
+            "at_s": round(time.time() - self.t0, 3),
+            "signal": "SIGSTOP",
+        }
 
     def _continue(self, node: str) -> dict:
         proc = self.procs[node]
         proc.resume()
-        return {"event": "continue", "node": node, "pid": proc.pid, "at_s": round(time.time() - self.t0, 3), "signal": "SIGCONT"}
+        return {
+            "event": "continue",
+            "node": node,
+            "pid": proc.pid,
+            "at_s": round(time.time() - self.t0, 3),
+            "signal": "SIGCONT",
+        }
 
     def _restart(self, node: str) -> dict:
         at = time.time() - self.t0
         ready_s = self.procs[node].start()
-        return {"event": "restart", "node": node, "pid": self.procs[node].pid, "at_s": round(at, 3),
-                "up_at_s": round(time.time() - self.t0, 3), "ready_s": round(ready_s, 3)}
+        return {
+            "event": "restart",
+            "node": node,
+            "pid": self.procs[node].pid,
+            "at_s": round(at, 3),
+            "up_at_s": round(time.time() - self.t0, 3),
+            "ready_s": round(ready_s, 3),
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,7 +196,7 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
     # an unexpected answer is "error:expected-ok-got-refused:X" to the generator; here it is its reason
     trace = [(start, end, outcome.removeprefix("error:expected-ok-got-"), via) for start, end, outcome, via in trace]
     events = sorted(events, key=lambda e: e["at_s"])
-    for start, end, outcome, via in trace:
+    for _start, end, outcome, via in trace:
         row = per_second[min(max(0, int(end)), seconds - 1)]
         if outcome == "ok":
             row["ok"] += 1
@@ -185,47 +212,78 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
     names = ["before", *[m[1] for m in marks]]
     for (lo, hi), name in zip(zip(bounds, bounds[1:], strict=False), names, strict=True):
         inside = [r for r in trace if lo <= r[1] < hi]
-        stretches.append({
-            "from": name, "from_s": lo, "to_s": None if hi == math.inf else hi,
-            "ok": sum(1 for r in inside if r[2] == "ok"),
-            "failed": dict(Counter(r[2] for r in inside if r[2] != "ok")),
-            "via": dict(Counter(v for r in inside if r[2] == "ok" for v in r[3])),
-        })
+        stretches.append(
+            {
+                "from": name,
+                "from_s": lo,
+                "to_s": None if hi == math.inf else hi,
+                "ok": sum(1 for r in inside if r[2] == "ok"),
+                "failed": dict(Counter(r[2] for r in inside if r[2] != "ok")),
+                "via": dict(Counter(v for r in inside if r[2] == "ok" for v in r[3])),
+            }
+        )
     faults = []
     for start in (e for e in events if e["event"] in ENDS):
-        end = next((e for e in events if e["event"] == ENDS[start["event"]] and e["node"] == start["node"]
-                    and e["at_s"] >= start["at_s"]), None)
+        end = next(
+            (
+                e
+                for e in events
+                if e["event"] == ENDS[start["event"]] and e["node"] == start["node"] and e["at_s"] >= start["at_s"]
+            ),
+            None,
+        )
         k0, k1 = start["at_s"], end["at_s"] if end else math.inf
         node = start["node"]
         survivor = next(p[1 - p.index(node)] for p in (t.relays, t.servers) if node in p)
         failures = [r for r in trace if k0 <= r[1] < k1 and r[2] != "ok"]
         last_failure = max((r[1] for r in failures), default=k0)
         ok = [r for r in trace if r[2] == "ok"]
-        passed_over = min((r[1] for r in ok if k0 <= r[0] < k1 and survivor in r[3] and r[1] >= last_failure), default=None)
+        passed_over = min(
+            (r[1] for r in ok if k0 <= r[0] < k1 and survivor in r[3] and r[1] >= last_failure), default=None
+        )
         started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the fault ends (a slow machine)
-        faults.append({
-            "fault": start["event"], "node": node, "survivor": survivor, "pid": start["pid"],
-            "at_s": k0, "until_s": end["at_s"] if end else None,
-            "pid_gone": start.get("pid_gone"), "up_again_at_s": end.get("up_at_s") if end else None,
-            "failures": dict(Counter(r[2] for r in failures)),
-            # from the fault until the first issuance started during it completes through the survivor
-            "time_to_pass_over_s": round(passed_over - k0, 3) if passed_over is not None else None,
-            "ok_before_via_faulty": sum(1 for r in ok if r[0] < k0 and node in r[3]),
-            "ok_while_down": len(started_down),
-            "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
-            # ended before the fault ended: the node was dead or stopped then, so this must be 0
-            "ok_while_down_via_faulty": sum(1 for r in started_down if r[1] < k1 and node in r[3]),
-        })
+        faults.append(
+            {
+                "fault": start["event"],
+                "node": node,
+                "survivor": survivor,
+                "pid": start["pid"],
+                "at_s": k0,
+                "until_s": end["at_s"] if end else None,
+                "pid_gone": start.get("pid_gone"),
+                "up_again_at_s": end.get("up_at_s") if end else None,
+                "failures": dict(Counter(r[2] for r in failures)),
+                # from the fault until the first issuance started during it completes through the survivor
+                "time_to_pass_over_s": round(passed_over - k0, 3) if passed_over is not None else None,
+                "ok_before_via_faulty": sum(1 for r in ok if r[0] < k0 and node in r[3]),
+                "ok_while_down": len(started_down),
+                "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
+                # ended before the fault ended: the node was dead or stopped then, so this must be 0
+                "ok_while_down_via_faulty": sum(1 for r in started_down if r[1] < k1 and node in r[3]),
+            }
+        )
     return {
-        "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality,
-                    "municipality_name": t.municipality_name, "servers": list(t.servers)},
+        "targets": {
+            "operator": t.operator,
+            "relays": list(t.relays),
+            "municipality": t.municipality,
+            "municipality_name": t.municipality_name,
+            "servers": list(t.servers),
+        },
         "events": events,
         "per_second": [{**r, "reasons": dict(r["reasons"]), "via": dict(r["via"])} for r in per_second],
         "stretches": stretches,
         "faults": faults,
         "trace": [list(r) for r in trace],  # every measured issuance: start s, end s, outcome, watched servers seen
-        "ok": len(faults) == 4 and all(
-            (f["fault"] != "kill" or f["pid_gone"]) and f["ok_before_via_faulty"] > 0 and f["time_to_pass_over_s"] is not None
-            and f["ok_while_down_via_survivor"] > 0 and f["ok_while_down_via_faulty"] == 0 for f in faults
-        ) and bool(stretches) and stretches[-1]["ok"] > 0,
+        "ok": len(faults) == 4
+        and all(
+            (f["fault"] != "kill" or f["pid_gone"])
+            and f["ok_before_via_faulty"] > 0
+            and f["time_to_pass_over_s"] is not None
+            and f["ok_while_down_via_survivor"] > 0
+            and f["ok_while_down_via_faulty"] == 0
+            for f in faults
+        )
+        and bool(stretches)
+        and stretches[-1]["ok"] > 0,
     }

@@ -145,7 +145,11 @@ def measure(variants: dict[str, tuple], n: int, repeat: int, size: int) -> dict[
             with ctx():
                 runs[name].append(fn(n, size) / n * 1e6)
     return {
-        name: {"us_per_request_min": round(min(r), 1), "us_per_request_median": round(statistics.median(r), 1), "runs": len(r)}
+        name: {
+            "us_per_request_min": round(min(r), 1),
+            "us_per_request_median": round(statistics.median(r), 1),
+            "runs": len(r),
+        }
         for name, r in runs.items()
     }
 
@@ -155,21 +159,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     ap.add_argument("--repeat", type=int, default=7, help="runs; the lowest is reported (default 7)")
     ap.add_argument("--size", type=int, default=0, help="response body bytes (default 0)")
-    ap.add_argument("--stock-h2", action="store_true", help="also measure with h2 and hpack as shipped (before/after in one run)")
+    ap.add_argument(
+        "--stock-h2", action="store_true", help="also measure with h2 and hpack as shipped (before/after in one run)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     if not 0 <= args.size <= STREAM_WINDOW:
         ap.error(f"--size: 0 to {STREAM_WINDOW} bytes (one stream window: the origin sends the body in one pass)")
-    variants = {"exchange": (exchange, nullcontext), "exchange_lean": (partial(exchange, lean=True), nullcontext),
-                "relay_hop": (relay_hop, nullcontext),
-                "relay_hop_lean_upstream": (partial(relay_hop, lean_up=True), nullcontext),
-                "relay_hop_lean": (partial(relay_hop, lean_up=True, lean_down=True), nullcontext)}
+    variants = {
+        "exchange": (exchange, nullcontext),
+        "exchange_lean": (partial(exchange, lean=True), nullcontext),
+        "relay_hop": (relay_hop, nullcontext),
+        "relay_hop_lean_upstream": (partial(relay_hop, lean_up=True), nullcontext),
+        "relay_hop_lean": (partial(relay_hop, lean_up=True, lean_down=True), nullcontext),
+    }
     if args.stock_h2:
         variants |= {"exchange_stock_h2": (exchange, stock_h2), "relay_hop_stock_h2": (relay_hop, stock_h2)}
     result: dict = {"size": args.size, **measure(variants, args.requests, args.repeat, args.size)}
     for name in variants:
         r = result[name]
-        print(f"{name:24} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)")
+        print(
+            f"{name:24} {r['us_per_request_min']:8.1f} µs per request (median {r['us_per_request_median']}, {r['runs']} runs)"
+        )
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

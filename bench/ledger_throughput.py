@@ -33,8 +33,7 @@ from topology.spec.model import Topology
 def shifted(topo: Topology, ledger: str | None) -> Topology:
     """The same topology on 127.38.x.x addresses with the given ledger setting."""
     nodes = {
-        nid: msgspec.structs.replace(n, address=n.address.replace("127.18.", "127.38.", 1),
-                                     netns_address=None)
+        nid: msgspec.structs.replace(n, address=n.address.replace("127.18.", "127.38.", 1), netns_address=None)
         for nid, n in topo.nodes.items()
     }
     return msgspec.structs.replace(topo, nodes=nodes, ledger=ledger)
@@ -42,7 +41,9 @@ def shifted(topo: Topology, ledger: str | None) -> Topology:
 
 async def run_mode(topo: Topology, state: Path, n: int, concurrency: int) -> dict:
     async with trio.open_nursery() as nursery:
-        running = await nursery.start(lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status))
+        running = await nursery.start(
+            lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status)
+        )
         cards = running.cards.ensure_pool(n)
         kiosks = [k.id for k in topo.of_kind("kiosk")]
         conns = []
@@ -58,7 +59,9 @@ async def run_mode(topo: Topology, state: Path, n: int, concurrency: int) -> dic
             kiosk, conn = conns[w % len(conns)]
             while queue:
                 i = queue.pop()
-                r = await kiosk.issue(conn, cards[i], DEFAULT_PIN, IssueRequest("131016", "residence-record"), timeout=60)
+                r = await kiosk.issue(
+                    conn, cards[i], DEFAULT_PIN, IssueRequest("131016", "residence-record"), timeout=60
+                )
                 statuses.append(r.status)
 
         t0 = time.perf_counter()
@@ -68,9 +71,13 @@ async def run_mode(topo: Topology, state: Path, n: int, concurrency: int) -> dic
         elapsed = time.perf_counter() - t0
         center = running.app("issuance-center")
         out = {
-            "issuances": n, "issued": statuses.count("issued"), "concurrency": concurrency,
-            "seconds": round(elapsed, 3), "per_second": round(n / elapsed, 1),
-            "ledger_batches": center.ledger.batches, "ledger_ops": center.ledger.ops,
+            "issuances": n,
+            "issued": statuses.count("issued"),
+            "concurrency": concurrency,
+            "seconds": round(elapsed, 3),
+            "per_second": round(n / elapsed, 1),
+            "ledger_batches": center.ledger.batches,
+            "ledger_ops": center.ledger.ops,
         }
         for _, conn in conns:
             conn.close()
@@ -98,8 +105,10 @@ def main() -> None:
                 r = trio.run(run_mode, t, state, args.n, conc)
                 r["ledger"] = mode
                 report["runs"].append(r)
-                print(f"{mode:>9} concurrency {conc:>3}: {r['per_second']:>7.1f} issuances/s "
-                      f"({r['issued']}/{r['issuances']} issued in {r['seconds']} s; {r['ledger_ops']} ledger ops in {r['ledger_batches']} commits)")
+                print(
+                    f"{mode:>9} concurrency {conc:>3}: {r['per_second']:>7.1f} issuances/s "
+                    f"({r['issued']}/{r['issuances']} issued in {r['seconds']} s; {r['ledger_ops']} ledger ops in {r['ledger_batches']} commits)"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

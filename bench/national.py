@@ -39,7 +39,23 @@ ISSUANCES_PER_YEAR = 31_900_000  # FY2023, issue 12 / the seeds' figures
 MEAN_RATE = ISSUANCES_PER_YEAR / (365 * 86400)  # ~1.01 per second
 # Share of a day's issuances by JST hour (weights; an assumption, see the module's docstring)
 DAY_PROFILE: dict[int, float] = {
-    6: 0.5, 7: 2, 8: 4, 9: 6, 10: 7, 11: 7, 12: 8, 13: 7, 14: 6, 15: 6, 16: 7, 17: 9, 18: 10, 19: 9, 20: 7, 21: 5, 22: 3,
+    6: 0.5,
+    7: 2,
+    8: 4,
+    9: 6,
+    10: 7,
+    11: 7,
+    12: 8,
+    13: 7,
+    14: 6,
+    15: 6,
+    16: 7,
+    17: 9,
+    18: 10,
+    19: 9,
+    20: 7,
+    21: 5,
+    22: 3,
 }
 PEAK_HOUR = max(DAY_PROFILE, key=DAY_PROFILE.__getitem__)
 ISSUANCE_PATH = RELAY_KINDS | CENTER_KINDS
@@ -91,7 +107,12 @@ def open_municipalities(topo: Topology, at: datetime) -> list[str]:
     out = []
     for code, node in topo.municipalities().items():
         m = node.municipality
-        if m and m.participating and "residence-record" in m.certificates and within(at, *window(topo.service_hours, m.hours)):
+        if (
+            m
+            and m.participating
+            and "residence-record" in m.certificates
+            and within(at, *window(topo.service_hours, m.hours))
+        ):
             out.append(code)
     if not out:
         raise NationalBenchError(f"{topo.source}: no participating municipality open at {at:%H:%M} JST")
@@ -105,12 +126,28 @@ def phases(opts: NationalOptions) -> list[dict]:
     if opts.hour_s > 0:
         hours = sorted(DAY_PROFILE)
         segments = tuple((opts.hour_s, hour_rate(h)) for h in hours)
-        out.append({"name": "day", "what": f"a day in {opts.hour_s * len(hours):g} s: each hour {hours[0]:02d}-{hours[-1]:02d} "
-                    f"JST for {opts.hour_s:g} s at its national rate", "segments": segments, "hours": hours,
-                    "rate": sum(r for _, r in segments) / len(segments), "duration_s": opts.hour_s * len(hours)})
+        out.append(
+            {
+                "name": "day",
+                "what": f"a day in {opts.hour_s * len(hours):g} s: each hour {hours[0]:02d}-{hours[-1]:02d} "
+                f"JST for {opts.hour_s:g} s at its national rate",
+                "segments": segments,
+                "hours": hours,
+                "rate": sum(r for _, r in segments) / len(segments),
+                "duration_s": opts.hour_s * len(hours),
+            }
+        )
     for level in opts.levels:
-        out.append({"name": f"peak x{level:g}", "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)",
-                    "segments": (), "rate": peak_rate() * level, "duration_s": opts.duration_s, "level": level})
+        out.append(
+            {
+                "name": f"peak x{level:g}",
+                "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)",
+                "segments": (),
+                "rate": peak_rate() * level,
+                "duration_s": opts.duration_s,
+                "level": level,
+            }
+        )
     return out
 
 
@@ -126,8 +163,25 @@ def _raise_open_files() -> None:
 
 
 def phase_summary(result: dict, phase: dict) -> dict:
-    keep = ("arrivals", "dropped", "ok", "refused", "cancelled", "misdelivered", "errors", "ok_rps", "p50_ms", "p90_ms",
-            "p99_ms", "max_ms", "measured_s", "connections_opened", "misdelivery_reasons", "by_group", "partial")
+    keep = (
+        "arrivals",
+        "dropped",
+        "ok",
+        "refused",
+        "cancelled",
+        "misdelivered",
+        "errors",
+        "ok_rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "measured_s",
+        "connections_opened",
+        "misdelivery_reasons",
+        "by_group",
+        "partial",
+    )
     out = {"name": phase["name"], "what": phase["what"], "offered_rps": round(phase["rate"], 3)}
     out |= {k: result.get(k) for k in keep}
     out["generator"] = result.get("generator", {})
@@ -137,8 +191,9 @@ def phase_summary(result: dict, phase: dict) -> dict:
         for row in result.get("timeline", []):
             hour = phase["hours"][min(len(phase["hours"]) - 1, int(row["second"] // per))]
             counts[hour] = counts.get(hour, 0) + row["count"]
-        out["per_hour"] = [{"hour": h, "offered_per_s": round(hour_rate(h), 3), "completed": counts.get(h, 0)}
-                           for h in phase["hours"]]
+        out["per_hour"] = [
+            {"hour": h, "offered_per_s": round(hour_rate(h), 3), "completed": counts.get(h, 0)} for h in phase["hours"]
+        ]
     return out
 
 
@@ -165,31 +220,67 @@ def run_national_peak(opts: NationalOptions) -> dict:
     say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...", flush=True)
     t1 = time.perf_counter()
     try:
-        hosts = spread.start(topo, sdir, opts.processes, clock=at.isoformat(), kinds=ISSUANCE_PATH,
-                             progress=lambda done, total: say(f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)", flush=True))
+        hosts = spread.start(
+            topo,
+            sdir,
+            opts.processes,
+            clock=at.isoformat(),
+            kinds=ISSUANCE_PATH,
+            progress=lambda done, total: say(
+                f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)", flush=True
+            ),
+        )
     except NetnsError as exc:
         raise NationalBenchError(str(exc)) from None
     up_s = time.perf_counter() - t1
     report = {
-        "bench": "national-peak", "topology": topo.source, "stores": len(topo.of_kind("store-router")), "kiosks": len(kiosks),
-        "operators": sorted({k.group for k in kiosks}), "municipalities_open": len(munis), "servers_up": servers,
-        "processes": len(hosts), "pki_s": round(pki_s, 1), "up_s": round(up_s, 1), "clock": at.isoformat(),
-        "issuances_per_year": ISSUANCES_PER_YEAR, "mean_rate": round(MEAN_RATE, 4), "peak_hour": PEAK_HOUR,
-        "peak_rate": round(peak_rate(), 4), "day_profile": DAY_PROFILE, "phases": [], "partial": False,
-        "notes": [*opts.notes,
-                  "the day profile is an assumption (no hourly figures in the sources); the nodes' clock stands at "
-                  f"{PEAK_HOUR}:30 JST in every phase",
-                  "lines are not impaired; store controllers and kiosk maintenance endpoints are not started"],
+        "bench": "national-peak",
+        "topology": topo.source,
+        "stores": len(topo.of_kind("store-router")),
+        "kiosks": len(kiosks),
+        "operators": sorted({k.group for k in kiosks}),
+        "municipalities_open": len(munis),
+        "servers_up": servers,
+        "processes": len(hosts),
+        "pki_s": round(pki_s, 1),
+        "up_s": round(up_s, 1),
+        "clock": at.isoformat(),
+        "issuances_per_year": ISSUANCES_PER_YEAR,
+        "mean_rate": round(MEAN_RATE, 4),
+        "peak_hour": PEAK_HOUR,
+        "peak_rate": round(peak_rate(), 4),
+        "day_profile": DAY_PROFILE,
+        "phases": [],
+        "partial": False,
+        "notes": [
+            *opts.notes,
+            "the day profile is an assumption (no hourly figures in the sources); the nodes' clock stands at "
+            f"{PEAK_HOUR}:30 JST in every phase",
+            "lines are not impaired; store controllers and kiosk maintenance endpoints are not started",
+        ],
     }
     hop_kinds = {n.id: n.kind for n in topo.nodes.values() if n.is_server}  # the same for every phase
     centers = tuple(sorted(n.id for n in topo.of_kind("issuance-center")))
     try:
         for phase in phases(opts):
             spec = LoadSpec(
-                workload=Workload("national-peak", "issuance", size=DOC_64K), state_dir=str(sdir), kiosks=kiosks,
-                ca_path=str(pki.network_ca_path), rate=phase["rate"], duration_s=phase["duration_s"], warmup_s=opts.warmup_s,
-                open_muni=munis[0], closed_muni=munis[0], clock_start=at.isoformat(), hop_kinds=hop_kinds, centers=centers,
-                fleet=True, cards=tuple(pool), munis=tuple(munis), max_open=opts.max_open, segments=phase["segments"],
+                workload=Workload("national-peak", "issuance", size=DOC_64K),
+                state_dir=str(sdir),
+                kiosks=kiosks,
+                ca_path=str(pki.network_ca_path),
+                rate=phase["rate"],
+                duration_s=phase["duration_s"],
+                warmup_s=opts.warmup_s,
+                open_muni=munis[0],
+                closed_muni=munis[0],
+                clock_start=at.isoformat(),
+                hop_kinds=hop_kinds,
+                centers=centers,
+                fleet=True,
+                cards=tuple(pool),
+                munis=tuple(munis),
+                max_open=opts.max_open,
+                segments=phase["segments"],
             )
             try:
                 result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")
@@ -209,9 +300,11 @@ def run_national_peak(opts: NationalOptions) -> dict:
 
 def phase_line(row: dict) -> str:
     ops = ", ".join(f"{g} {v['issued']} (p99 {_ms(v.get('p99_ms'))})" for g, v in row["by_group"].items())
-    return (f"{row['name']}: offered {row['offered_rps']:g}/s, {row['ok']} issued of {row['arrivals']} "
-            f"({row['dropped']} dropped), p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} ms, misdelivered "
-            f"{row['misdelivered']}; per operator: {ops}")
+    return (
+        f"{row['name']}: offered {row['offered_rps']:g}/s, {row['ok']} issued of {row['arrivals']} "
+        f"({row['dropped']} dropped), p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} ms, misdelivered "
+        f"{row['misdelivered']}; per operator: {ops}"
+    )
 
 
 def _ms(v) -> str:
@@ -224,28 +317,45 @@ def write_national(report: dict, out_dir: Path) -> tuple[Path, Path]:
     js.write_text(json.dumps(report, indent=1, default=str))
     md = out_dir / "national-peak.md"
     lines = [
-        f"# konbini bench national-peak: {report['topology']}", "",
+        f"# konbini bench national-peak: {report['topology']}",
+        "",
         f"{report['stores']:,} stores, {report['kiosks']:,} kiosks, {report['municipalities_open']:,} municipalities open at "
         f"{report['clock']}; {report['servers_up']:,} servers of the issuance path up in {report['up_s']} s "
         f"({report['processes']} processes). National rate {report['issuances_per_year']:,} a year = "
-        f"{report['mean_rate']}/s on average; peak hour {report['peak_hour']}:00 at {report['peak_rate']}/s.", "",
+        f"{report['mean_rate']}/s on average; peak hour {report['peak_hour']}:00 at {report['peak_rate']}/s.",
+        "",
         "| phase | offered /s | arrivals | issued | dropped | errors | p50 ms | p99 ms | misdelivered | kiosks dialled | gen CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["phases"]:
         gen = r.get("generator", {})
-        lines.append(f"| {r['name']} | {r['offered_rps']:g} | {r['arrivals']} | {r['ok']} | {r['dropped']} | "
-                     f"{sum((r.get('errors') or {}).values())} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['misdelivered']} | "
-                     f"{r.get('connections_opened')} | {gen.get('cpu_fraction_max', 0):.0%} |")
-    lines += ["", "Per operator:", "", "| phase | operator | issued | refused | errors | p50 ms | p99 ms | misdelivered |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['offered_rps']:g} | {r['arrivals']} | {r['ok']} | {r['dropped']} | "
+            f"{sum((r.get('errors') or {}).values())} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {r['misdelivered']} | "
+            f"{r.get('connections_opened')} | {gen.get('cpu_fraction_max', 0):.0%} |"
+        )
+    lines += [
+        "",
+        "Per operator:",
+        "",
+        "| phase | operator | issued | refused | errors | p50 ms | p99 ms | misdelivered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["phases"]:
         for g, v in r["by_group"].items():
-            lines.append(f"| {r['name']} | {g} | {v['issued']} | {v['refused']} | {sum(v['errors'].values())} | "
-                         f"{_ms(v.get('p50_ms'))} | {_ms(v.get('p99_ms'))} | {v['misdelivered']} |")
+            lines.append(
+                f"| {r['name']} | {g} | {v['issued']} | {v['refused']} | {sum(v['errors'].values())} | "
+                f"{_ms(v.get('p50_ms'))} | {_ms(v.get('p99_ms'))} | {v['misdelivered']} |"
+            )
     day = next((r for r in report["phases"] if r.get("per_hour")), None)
     if day:
-        lines += ["", "The compressed day, completions per emulated hour:", "", "| hour JST | offered /s | completed |", "|---|---|---|"]
+        lines += [
+            "",
+            "The compressed day, completions per emulated hour:",
+            "",
+            "| hour JST | offered /s | completed |",
+            "|---|---|---|",
+        ]
         lines += [f"| {h['hour']:02d} | {h['offered_per_s']} | {h['completed']} |" for h in day["per_hour"]]
     lines += ["", *[f"- {n}" for n in report["notes"]], ""]
     md.write_text("\n".join(lines))

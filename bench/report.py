@@ -49,7 +49,7 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.find("<svg"):]
+    return text[text.find("<svg") :]
 
 
 def _fmt(v) -> str:
@@ -118,7 +118,13 @@ def plot_sweep(name: str, entry: dict) -> str:
         steps = r.get("steps") or []
         target = r.get("p99_target_ms")
         ax.plot([s["rate"] for s in steps], [s["p99_ms"] or 0 for s in steps], marker="o", label=f"{phase} p99")
-        ax.plot([s["rate"] for s in steps], [s["p50_ms"] or 0 for s in steps], marker=".", linestyle="--", label=f"{phase} p50")
+        ax.plot(
+            [s["rate"] for s in steps],
+            [s["p50_ms"] or 0 for s in steps],
+            marker=".",
+            linestyle="--",
+            label=f"{phase} p50",
+        )
     if target:
         ax.axhline(target, color="red", linewidth=0.8, label="p99 target")
     ax.set_xlabel("offered rate (req/s)")
@@ -182,7 +188,9 @@ def part_rank(part: str) -> tuple[float, str]:
 
 
 def split_parts(report: dict) -> list[str]:
-    parts = {k for e in report.get("scenarios", {}).values() for _, r in _phases(e) for k in (r.get("latency_split") or {})}
+    parts = {
+        k for e in report.get("scenarios", {}).values() for _, r in _phases(e) for k in (r.get("latency_split") or {})
+    }
     return sorted(parts, key=part_rank)
 
 
@@ -194,16 +202,29 @@ def plot_split_png(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(name, phase, r["latency_split"]) for name, e in report.get("scenarios", {}).items()
-            for phase, r in _phases(e) if r.get("latency_split")]
+    bars = [
+        (name, phase, r["latency_split"])
+        for name, e in report.get("scenarios", {}).items()
+        for phase, r in _phases(e)
+        if r.get("latency_split")
+    ]
     parts = split_parts(report)
     colours = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(bars) + 3), 4.5))
     bottoms = [0.0] * len(bars)
     for i, part in enumerate(parts):
         vals = [max(0.0, split.get(part, 0.0)) for _, _, split in bars]
-        ax.bar(range(len(bars)), vals, 0.7, bottom=bottoms, label=part, color=colours[i % 20],
-               hatch="//" if i >= 20 or "(haproxy)" in part else None, edgecolor="white", linewidth=0.3)
+        ax.bar(
+            range(len(bars)),
+            vals,
+            0.7,
+            bottom=bottoms,
+            label=part,
+            color=colours[i % 20],
+            hatch="//" if i >= 20 or "(haproxy)" in part else None,
+            edgecolor="white",
+            linewidth=0.3,
+        )
         bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
     ax.set_xticks(range(len(bars)), [f"{name}\n{phase}" for name, phase, _ in bars], fontsize=7)
     ax.set_ylabel("mean ms per request")
@@ -229,7 +250,9 @@ def _md(v, digits: int = 1) -> str:
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(_md(c) for c in row) + " |" for row in rows
+    ]
 
 
 def md_summary(report: dict) -> list[str]:
@@ -237,21 +260,77 @@ def md_summary(report: dict) -> list[str]:
     for name, e in report.get("scenarios", {}).items():
         for phase, r in _phases(e):
             gen = r.get("generator") or {}
-            rows.append([name, phase, r.get("throughput_rps"), r.get("p50_ms"), r.get("p99_ms"), r.get("dropped"),
-                         sum((r.get("errors") or {}).values()), r.get("misdelivered"), gen.get("cpu_fraction_max"),
-                         (r.get("servers") or {}).get("relay_max_process_peak_rss_mib")])
+            rows.append(
+                [
+                    name,
+                    phase,
+                    r.get("throughput_rps"),
+                    r.get("p50_ms"),
+                    r.get("p99_ms"),
+                    r.get("dropped"),
+                    sum((r.get("errors") or {}).values()),
+                    r.get("misdelivered"),
+                    gen.get("cpu_fraction_max"),
+                    (r.get("servers") or {}).get("relay_max_process_peak_rss_mib"),
+                ]
+            )
         if "ratios" in e:
-            rows.append([name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", "", ""][:10])
-    out = _table(["scenario", "phase", "req/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu",
-                  "largest relay process peak RSS MiB"], rows)
-    by_credential = [[name, phase, cred, c.get("count"), c.get("issued"), c.get("refused"), sum((c.get("errors") or {}).values()),
-                      c.get("misdelivered"), c.get("p50_ms"), c.get("p99_ms")]
-                     for name, e in report.get("scenarios", {}).items() for phase, r in _phases(e)
-                     for cred, c in (r.get("by_credential") or {}).items()]
+            rows.append(
+                [name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", "", ""][:10]
+            )
+    out = _table(
+        [
+            "scenario",
+            "phase",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "dropped",
+            "errors",
+            "misdelivered",
+            "gen cpu",
+            "largest relay process peak RSS MiB",
+        ],
+        rows,
+    )
+    by_credential = [
+        [
+            name,
+            phase,
+            cred,
+            c.get("count"),
+            c.get("issued"),
+            c.get("refused"),
+            sum((c.get("errors") or {}).values()),
+            c.get("misdelivered"),
+            c.get("p50_ms"),
+            c.get("p99_ms"),
+        ]
+        for name, e in report.get("scenarios", {}).items()
+        for phase, r in _phases(e)
+        for cred, c in (r.get("by_credential") or {}).items()
+    ]
     if any(row[2] == "smartphone" for row in by_credential):  # a line of its own for the smartphone credential
-        out += ["", "By credential (card, or the smartphone credential of seed 002):", "",
-                *_table(["scenario", "phase", "credential", "measured", "issued", "refused", "errors", "misdelivered",
-                         "p50 ms", "p99 ms"], by_credential)]
+        out += [
+            "",
+            "By credential (card, or the smartphone credential of seed 002):",
+            "",
+            *_table(
+                [
+                    "scenario",
+                    "phase",
+                    "credential",
+                    "measured",
+                    "issued",
+                    "refused",
+                    "errors",
+                    "misdelivered",
+                    "p50 ms",
+                    "p99 ms",
+                ],
+                by_credential,
+            ),
+        ]
     return out
 
 
@@ -269,9 +348,11 @@ def md_split(report: dict) -> list[str]:
         out += [f"**{name}** (mean ms per request)", "", *_table(["part", *[p for p, _ in phases]], rows), ""]
         for phase, r in phases:
             if r.get("haproxy_timers"):
-                out.append(f"{phase}: HAProxy's hops come from its log timers (%Tw+%Tc+%Tr, one request in "
-                           f"{r['haproxy_timers'].get('log_sample')} logged); a hop's own work and the line in front of it "
-                           "are one part there, because HAProxy does not log when it read a request from its socket.")
+                out.append(
+                    f"{phase}: HAProxy's hops come from its log timers (%Tw+%Tc+%Tr, one request in "
+                    f"{r['haproxy_timers'].get('log_sample')} logged); a hop's own work and the line in front of it "
+                    "are one part there, because HAProxy does not log when it read a request from its socket."
+                )
                 out.append("")
     return out
 
@@ -286,12 +367,24 @@ def md_costs(report: dict) -> list[str]:
             for p in c["processes"]:
                 rows.append([name, phase, p["name"], " ".join(p["hops"]) or "–", p["cores"], p["us_per_request"]])
             hops = ", ".join(f"{k} {v:,.0f}" for k, v in c.get("per_hop_us", {}).items() if v is not None)
-            rows.append([name, phase, "**relay chain**", hops or "per hop: not separable (one process serves several hops)",
-                         None, c.get("chain_us_per_request")])
+            rows.append(
+                [
+                    name,
+                    phase,
+                    "**relay chain**",
+                    hops or "per hop: not separable (one process serves several hops)",
+                    None,
+                    c.get("chain_us_per_request"),
+                ]
+            )
             notes += [f"- {name} {phase}: {n}" for n in c.get("notes", [])]
     if not rows:
         return []
-    return [*_table(["scenario", "phase", "process", "hops (per-hop µs)", "cores", "CPU µs / request"], rows), "", *notes]
+    return [
+        *_table(["scenario", "phase", "process", "hops (per-hop µs)", "cores", "CPU µs / request"], rows),
+        "",
+        *notes,
+    ]
 
 
 def md_cross_check(report: dict) -> list[str]:
@@ -301,18 +394,47 @@ def md_cross_check(report: dict) -> list[str]:
     rows = []
     for name, e in cc["scenarios"].items():
         k, h, r = e["konbini"], e["haproxy"], e["ratios"]
-        rows.append([name, e["concurrency"], k.get("rps"), h.get("rps"), k.get("p50_ms"), h.get("p50_ms"),
-                     (k.get("costs") or {}).get("chain_us_per_request"), (h.get("costs") or {}).get("chain_us_per_request"),
-                     r["compiled_client"], r["generator"], r["agree"]])
-    head = ["scenario", "c", "konbini req/s", "HAProxy req/s", "konbini p50 ms", "HAProxy p50 ms", "konbini chain µs/req",
-            "HAProxy µs/req", "ratio (compiled client)", "ratio (konbini generator)", "agree"]
-    out = [f"Compiled client: {cc['client']}, {cc['duration_s']:g} s per run; ratio = konbini ÷ HAProxy throughput.", "",
-           *_table(head, rows), ""]
+        rows.append(
+            [
+                name,
+                e["concurrency"],
+                k.get("rps"),
+                h.get("rps"),
+                k.get("p50_ms"),
+                h.get("p50_ms"),
+                (k.get("costs") or {}).get("chain_us_per_request"),
+                (h.get("costs") or {}).get("chain_us_per_request"),
+                r["compiled_client"],
+                r["generator"],
+                r["agree"],
+            ]
+        )
+    head = [
+        "scenario",
+        "c",
+        "konbini req/s",
+        "HAProxy req/s",
+        "konbini p50 ms",
+        "HAProxy p50 ms",
+        "konbini chain µs/req",
+        "HAProxy µs/req",
+        "ratio (compiled client)",
+        "ratio (konbini generator)",
+        "agree",
+    ]
+    out = [
+        f"Compiled client: {cc['client']}, {cc['duration_s']:g} s per run; ratio = konbini ÷ HAProxy throughput.",
+        "",
+        *_table(head, rows),
+        "",
+    ]
     for name, e in cc["scenarios"].items():
         r = e["ratios"]
         if r["agree"] is False:
-            out.append(f"- {name}: the ratios disagree ({r['generator']} with konbini's generator, {r['compiled_client']} "
-                       "with the compiled client): both are shown; the compiled client's is free of the Python generator's CPU.")
+            out.append(
+                f"- {name}: the ratios disagree ({r['generator']} with konbini's generator, {r['compiled_client']} "
+                "with the compiled client): both are shown; the compiled client's is free of the Python generator's CPU."
+            )
         elif r["generator"] is None:
             out.append(f"- {name}: no generator ratio (the scenario did not run with --baseline haproxy).")
     return out
@@ -332,19 +454,55 @@ def md_failover(report: dict) -> list[str]:
             marks: dict[int, list[str]] = {}
             for ev in fo["events"]:
                 marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
-            rows = [[row["second"], row["ok"], row["failed"], row["reasons"] or "", *[row["via"].get(w, 0) for w in watched],
-                     "; ".join(marks.get(row["second"], []))] for row in fo["per_second"]]
+            rows = [
+                [
+                    row["second"],
+                    row["ok"],
+                    row["failed"],
+                    row["reasons"] or "",
+                    *[row["via"].get(w, 0) for w in watched],
+                    "; ".join(marks.get(row["second"], [])),
+                ]
+                for row in fo["per_second"]
+            ]
             muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
-            out += [f"**{name} {phase}**: {r.get('rate')}/s open loop, {r.get('ok')} issued, misdelivered "
-                    f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
-                    f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
-                    "warm-up, issuances counted in the second they ended.", "",
-                    *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows), ""]
-            frows = [[f["fault"], f["node"], f["at_s"], f["until_s"], f["pid_gone"] if f["fault"] == "kill" else "-",
-                      f["failures"] or "none", f["time_to_pass_over_s"], f["ok_while_down"],
-                      f"{f['ok_while_down_via_survivor']} via {f['survivor']}"] for f in fo["faults"]]
-            out += _table(["fault (kill: SIGKILL, hang: SIGSTOP)", "node", "at s", "ended at s", "pid gone", "failures by reason",
-                           "time to pass over s", "started while down, issued", "served by the survivor"], frows)
+            out += [
+                f"**{name} {phase}**: {r.get('rate')}/s open loop, {r.get('ok')} issued, misdelivered "
+                f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
+                f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
+                "warm-up, issuances counted in the second they ended.",
+                "",
+                *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows),
+                "",
+            ]
+            frows = [
+                [
+                    f["fault"],
+                    f["node"],
+                    f["at_s"],
+                    f["until_s"],
+                    f["pid_gone"] if f["fault"] == "kill" else "-",
+                    f["failures"] or "none",
+                    f["time_to_pass_over_s"],
+                    f["ok_while_down"],
+                    f"{f['ok_while_down_via_survivor']} via {f['survivor']}",
+                ]
+                for f in fo["faults"]
+            ]
+            out += _table(
+                [
+                    "fault (kill: SIGKILL, hang: SIGSTOP)",
+                    "node",
+                    "at s",
+                    "ended at s",
+                    "pid gone",
+                    "failures by reason",
+                    "time to pass over s",
+                    "started while down, issued",
+                    "served by the survivor",
+                ],
+                frows,
+            )
             out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
     return out
 
@@ -354,8 +512,10 @@ def _soak_issuances(soak: dict) -> str:
     iss = soak.get("issuances")
     if not iss:
         return ""
-    return (f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
-            f"{iss['past_bound']} (must be 0); by state {iss['states']}")
+    return (
+        f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
+        f"{iss['past_bound']} (must be 0); by state {iss['states']}"
+    )
 
 
 def plot_failover(name: str, r: dict) -> str:
@@ -364,7 +524,13 @@ def plot_failover(name: str, r: dict) -> str:
     fo = r["failover"]
     xs = [row["second"] for row in fo["per_second"]]
     ax.bar(xs, [row["ok"] for row in fo["per_second"]], 0.8, label="ok")
-    ax.bar(xs, [row["failed"] for row in fo["per_second"]], 0.8, bottom=[row["ok"] for row in fo["per_second"]], label="failed")
+    ax.bar(
+        xs,
+        [row["failed"] for row in fo["per_second"]],
+        0.8,
+        bottom=[row["ok"] for row in fo["per_second"]],
+        label="failed",
+    )
     for ev in fo["events"]:
         ax.axvline(ev["at_s"], color="red" if ev["event"] in ("kill", "hang") else "green", linewidth=0.8)
         ax.text(ev["at_s"], ax.get_ylim()[1] * 0.95, f" {ev['event']} {ev['node']}", fontsize=6, rotation=90, va="top")
@@ -377,10 +543,14 @@ def plot_failover(name: str, r: dict) -> str:
 
 def render_markdown(report: dict) -> str:
     o = report.get("options", {})
-    out = [f"# konbini bench{' (partial: interrupted)' if report.get('partial') else ''}", "",
-           f"{report.get('created', '')} · {report.get('mode', 'loopback')} · {o.get('kiosks')} kiosks · "
-           f"{o.get('workers')} generator worker(s) · {report.get('machine', {}).get('cpus')} CPUs · "
-           f"scenarios {' '.join(o.get('scenarios') or [])}", ""]
+    out = [
+        f"# konbini bench{' (partial: interrupted)' if report.get('partial') else ''}",
+        "",
+        f"{report.get('created', '')} · {report.get('mode', 'loopback')} · {o.get('kiosks')} kiosks · "
+        f"{o.get('workers')} generator worker(s) · {report.get('machine', {}).get('cpus')} CPUs · "
+        f"scenarios {' '.join(o.get('scenarios') or [])}",
+        "",
+    ]
     out += [f"- {n}" for n in report.get("notes", [])]
     out += ["", "## Summary", "", *md_summary(report), ""]
     if split := md_split(report):
@@ -403,15 +573,21 @@ def html_costs(entry_name: str, entry: dict) -> list[str]:
         c = r.get("costs")
         if not c or not c.get("processes"):
             continue
-        out.append(f"<table><tr><th colspan='5' style='text-align:left'>{html.escape(entry_name)} {phase}: CPU per completed "
-                   f"request over {c['window_s']:.1f} s, {c['completed']} requests</th></tr>"
-                   "<tr><th>process</th><th>hops</th><th>cores</th><th>µs / request</th></tr>")
+        out.append(
+            f"<table><tr><th colspan='5' style='text-align:left'>{html.escape(entry_name)} {phase}: CPU per completed "
+            f"request over {c['window_s']:.1f} s, {c['completed']} requests</th></tr>"
+            "<tr><th>process</th><th>hops</th><th>cores</th><th>µs / request</th></tr>"
+        )
         for p in c["processes"]:
-            out.append(f"<tr><td>{html.escape(p['name'])}</td><td>{html.escape(' '.join(p['hops']))}</td>"
-                       f"<td>{_fmt(p['cores'])}</td><td>{_fmt(p['us_per_request'])}</td></tr>")
+            out.append(
+                f"<tr><td>{html.escape(p['name'])}</td><td>{html.escape(' '.join(p['hops']))}</td>"
+                f"<td>{_fmt(p['cores'])}</td><td>{_fmt(p['us_per_request'])}</td></tr>"
+            )
         hops = ", ".join(f"{k} {v:,.0f}" for k, v in c.get("per_hop_us", {}).items() if v is not None)
-        out.append(f"<tr><td><b>relay chain</b></td><td>{html.escape(hops or 'per hop: one process serves several hops')}</td>"
-                   f"<td></td><td>{_fmt(c.get('chain_us_per_request'))}</td></tr></table>")
+        out.append(
+            f"<tr><td><b>relay chain</b></td><td>{html.escape(hops or 'per hop: one process serves several hops')}</td>"
+            f"<td></td><td>{_fmt(c.get('chain_us_per_request'))}</td></tr></table>"
+        )
         out += [f"<p><em>{phase}: {html.escape(n)}</em></p>" for n in c.get("notes", [])]
     return out
 
@@ -430,11 +606,16 @@ def render_html(report: dict) -> str:
     ]
     for note in report.get("notes", []):
         parts.append(f"<p><em>{html.escape(note)}</em></p>")
-    parts.append("<table><tr><th>scenario</th><th>phase</th><th>mode</th>" + "".join(f"<th>{k}</th>" for k in SUMMARY)
-                 + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>largest relay process peak RSS MiB</th></tr>")
+    parts.append(
+        "<table><tr><th>scenario</th><th>phase</th><th>mode</th>"
+        + "".join(f"<th>{k}</th>" for k in SUMMARY)
+        + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>largest relay process peak RSS MiB</th></tr>"
+    )
     for name, entry in report.get("scenarios", {}).items():
         for phase, r in _phases(entry):
-            mode = f"{r.get('mode', 'sweep')} " + (f"{r['rate']:g}/s" if r.get("rate") else f"c={r.get('concurrency')}" if r.get("concurrency") else "")
+            mode = f"{r.get('mode', 'sweep')} " + (
+                f"{r['rate']:g}/s" if r.get("rate") else f"c={r.get('concurrency')}" if r.get("concurrency") else ""
+            )
             gen = r.get("generator", {})
             srv = r.get("servers", {})
             parts.append(
@@ -444,8 +625,11 @@ def render_html(report: dict) -> str:
                 f"<td>{_fmt(gen.get('generator_saturated'))}</td><td>{_fmt(srv.get('relay_cpu_cores'))}</td><td>{_fmt(srv.get('relay_max_process_peak_rss_mib'))}</td></tr>"
             )
         if "ratios" in entry:
-            parts.append(f"<tr><td>{html.escape(name)}</td><td colspan='{len(SUMMARY) + 8}' style='text-align:left'>konbini ÷ HAProxy: "
-                         + html.escape(", ".join(f"{k} {v}" for k, v in entry["ratios"].items())) + "</td></tr>")
+            parts.append(
+                f"<tr><td>{html.escape(name)}</td><td colspan='{len(SUMMARY) + 8}' style='text-align:left'>konbini ÷ HAProxy: "
+                + html.escape(", ".join(f"{k} {v}" for k, v in entry["ratios"].items()))
+                + "</td></tr>"
+            )
     parts.append("</table>")
     for name, entry in report.get("scenarios", {}).items():
         parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(entry.get('what', ''))}</p><div class='plots'>")
@@ -453,7 +637,9 @@ def render_html(report: dict) -> str:
             if any("steps" in r for _, r in _phases(entry)):
                 parts.append(plot_sweep(name, entry))
                 for phase, r in _phases(entry):
-                    parts.append(f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>")
+                    parts.append(
+                        f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>"
+                    )
             else:
                 parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
                 if any(r.get("latency_split") for _, r in _phases(entry)):
@@ -464,28 +650,40 @@ def render_html(report: dict) -> str:
                 if soak := r.get("soak"):
                     parts.append(plot_soak(name, entry))
                     worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
-                    parts.append(f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
-                                 f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
-                                 f"misdelivered {soak['misdelivered']}{_soak_issuances(soak)}</p>")
+                    parts.append(
+                        f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
+                        f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
+                        f"misdelivered {soak['misdelivered']}{_soak_issuances(soak)}</p>"
+                    )
         except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
             parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
         parts.append("</div>")
         parts += html_costs(name, entry)
     if report.get("split_plot"):
-        parts.append(f"<h2>Where the time goes</h2><img src='{html.escape(report['split_plot'])}' alt='latency split' style='max-width:100%'>")
+        parts.append(
+            f"<h2>Where the time goes</h2><img src='{html.escape(report['split_plot'])}' alt='latency split' style='max-width:100%'>"
+        )
     if cc := report.get("cross_check"):
-        parts.append(f"<h2>Cross-check: {html.escape(cc['client'])}</h2><table><tr><th>scenario</th><th>konbini req/s</th>"
-                     "<th>HAProxy req/s</th><th>ratio (compiled client)</th><th>ratio (konbini generator)</th><th>agree</th></tr>")
+        parts.append(
+            f"<h2>Cross-check: {html.escape(cc['client'])}</h2><table><tr><th>scenario</th><th>konbini req/s</th>"
+            "<th>HAProxy req/s</th><th>ratio (compiled client)</th><th>ratio (konbini generator)</th><th>agree</th></tr>"
+        )
         for name, e in cc["scenarios"].items():
             r = e["ratios"]
-            parts.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(e['konbini'].get('rps'))}</td><td>{_fmt(e['haproxy'].get('rps'))}</td>"
-                         f"<td>{_fmt(r['compiled_client'])}</td><td>{_fmt(r['generator'])}</td><td>{_fmt(r['agree'])}</td></tr>")
+            parts.append(
+                f"<tr><td>{html.escape(name)}</td><td>{_fmt(e['konbini'].get('rps'))}</td><td>{_fmt(e['haproxy'].get('rps'))}</td>"
+                f"<td>{_fmt(r['compiled_client'])}</td><td>{_fmt(r['generator'])}</td><td>{_fmt(r['agree'])}</td></tr>"
+            )
         parts.append("</table>")
     if "h2load" in report:
         h = report["h2load"]
-        parts.append(f"<h2>h2load cross-check</h2><p>{html.escape(h.get('note', ''))}</p><table><tr><th>phase</th><th>size</th><th>req/s</th><th>bytes/s</th><th>mean ms</th><th>failed</th></tr>")
+        parts.append(
+            f"<h2>h2load cross-check</h2><p>{html.escape(h.get('note', ''))}</p><table><tr><th>phase</th><th>size</th><th>req/s</th><th>bytes/s</th><th>mean ms</th><th>failed</th></tr>"
+        )
         for r in h.get("runs", []):
-            parts.append(f"<tr><td>{r['phase']}</td><td>{r['size']}</td><td>{_fmt(r.get('rps'))}</td><td>{_fmt(r.get('bytes_per_s'))}</td><td>{_fmt(r.get('mean_ms'))}</td><td>{_fmt(r.get('failed'))}</td></tr>")
+            parts.append(
+                f"<tr><td>{r['phase']}</td><td>{r['size']}</td><td>{_fmt(r.get('rps'))}</td><td>{_fmt(r.get('bytes_per_s'))}</td><td>{_fmt(r.get('mean_ms'))}</td><td>{_fmt(r.get('failed'))}</td></tr>"
+            )
         parts.append("</table>")
     parts.append("<p>JSON twin: report.json</p></body></html>")
     return "\n".join(parts)

@@ -166,17 +166,30 @@ class ProcessSampler:
             growth = (end[1] - mark[1]) / mark[1] * 100 if mark[1] else 0.0
             tail_fds = [p[2] for p in series if mark[0] <= p[0] <= end[0]]
             procs[name] = {
-                "samples": len(series), "rss_mib_at_20pct": mark[1], "rss_mib_at_90pct": end[1],
-                "rss_growth_pct": round(growth, 2), "fds_at_20pct": mark[2], "fds_at_90pct": end[2],
-                "fds_min": min(tail_fds), "fds_max": max(tail_fds),
+                "samples": len(series),
+                "rss_mib_at_20pct": mark[1],
+                "rss_mib_at_90pct": end[1],
+                "rss_growth_pct": round(growth, 2),
+                "fds_at_20pct": mark[2],
+                "fds_at_90pct": end[2],
+                "fds_min": min(tail_fds),
+                "fds_max": max(tail_fds),
                 "ok": growth < SOAK_RSS_GROWTH_PCT and end[2] - mark[2] <= SOAK_FD_SLACK,
                 "series": [{"s": t, "rss_mib": r, "fds": f} for t, r, f in series],
             }
         errors = sum((result.get("errors") or {}).values())
         return {
-            "rss_growth_limit_pct": SOAK_RSS_GROWTH_PCT, "fd_slack": SOAK_FD_SLACK, "interval_s": self.interval,
-            "processes": procs, "errors": errors, "misdelivered": result.get("misdelivered", 0), "issuances": issuances,
-            "ok": bool(procs) and all(p["ok"] for p in procs.values()) and errors == 0 and result.get("misdelivered", 0) == 0
+            "rss_growth_limit_pct": SOAK_RSS_GROWTH_PCT,
+            "fd_slack": SOAK_FD_SLACK,
+            "interval_s": self.interval,
+            "processes": procs,
+            "errors": errors,
+            "misdelivered": result.get("misdelivered", 0),
+            "issuances": issuances,
+            "ok": bool(procs)
+            and all(p["ok"] for p in procs.values())
+            and errors == 0
+            and result.get("misdelivered", 0) == 0
             and (issuances is None or issuances["past_bound"] == 0),
         }
 
@@ -197,12 +210,19 @@ def unfinished_issuances(path: str) -> dict | None:
             now = datetime.fromisoformat(latest)
             past = conn.execute(
                 "SELECT count(*) FROM issuances WHERE (state = 'created' AND changed < ?) OR (state = 'sent' AND changed < ?)",
-                ((now - timedelta(seconds=DELIVERY_TIMEOUT)).isoformat(), (now - timedelta(seconds=NOTICE_TTL)).isoformat()),
+                (
+                    (now - timedelta(seconds=DELIVERY_TIMEOUT)).isoformat(),
+                    (now - timedelta(seconds=NOTICE_TTL)).isoformat(),
+                ),
             ).fetchone()[0]
     finally:
         conn.close()
-    return {"states": states, "unfinished": sum(states.get(s, 0) for s in UNFINISHED), "past_bound": past,
-            "bounds_s": {"created": DELIVERY_TIMEOUT, "sent": NOTICE_TTL}}
+    return {
+        "states": states,
+        "unfinished": sum(states.get(s, 0) for s in UNFINISHED),
+        "past_bound": past,
+        "bounds_s": {"created": DELIVERY_TIMEOUT, "sent": NOTICE_TTL},
+    }
 
 
 class NodeGroup:
@@ -242,13 +262,22 @@ class _Running:
 class NodeProcess:
     """Some nodes of a topology served by `run_topology` in a child process."""
 
-    def __init__(self, topo: Topology, state_dir: Path, only: set[str], clock_start: datetime, what: str,
-                 reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        state_dir: Path,
+        only: set[str],
+        clock_start: datetime,
+        what: str,
+        reuse_port: bool = False,
+    ) -> None:
         self.args = (topo, str(state_dir), only, clock_start.isoformat())
         self.reuse_port = reuse_port  # one of several workers on the same addresses (SO_REUSEPORT)
         self.what = what
         self.hops = tuple(sorted({topo.node(n).kind for n in only}))  # the node kinds it serves (cost model)
-        self.module = "bench.serve" if set(self.hops) <= set(RELAY_KINDS) else "bench.serve_any"  # relays load no crypto
+        self.module = (
+            "bench.serve" if set(self.hops) <= set(RELAY_KINDS) else "bench.serve_any"
+        )  # relays load no crypto
         self.proc: subprocess.Popen | None = None
         self.conn = None
         self.hung = False  # SIGSTOPped by the failover bench
@@ -258,7 +287,9 @@ class NodeProcess:
             self.conn.close()
         parent, child = mp.Pipe()
         self.conn = parent  # kept open while the child runs: it stops when this end closes
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, str(child.fileno())], pass_fds=[child.fileno()])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, str(child.fileno())], pass_fds=[child.fileno()]
+        )
         child.close()
         parent.send((*self.args, self.reuse_port))
         if not parent.poll(timeout):
@@ -335,7 +366,9 @@ class BenchOptions:
     seed: int = 1
     netns: bool = False  # run the topology in netns mode (root); the kiosks' workers join their namespaces
     netns_tag: str = "bench"  # namespaces konbini-<tag>-<site>
-    lines: dict[str, str] | None = None  # line kind -> delay ("20ms"): repeat konbini's phase with those lines impaired (root)
+    lines: dict[str, str] | None = (
+        None  # line kind -> delay ("20ms"): repeat konbini's phase with those lines impaired (root)
+    )
     cross_check: bool = False  # drive the relay scenarios again with the compiled Go client, both chains
     relay_processes: str = "operator"  # konbini's relays: one process per operator, or per (operator, hop kind)
     center_processes: str = "one"  # the center side: one process, or one per role (centers, OCSP, municipalities)
@@ -371,7 +404,9 @@ def validate(opts: BenchOptions) -> None:
     if opts.center_workers < 1:
         raise BenchError("--center-workers must be >= 1")
     if opts.center_workers > 1 and (opts.center_processes == "role" or opts.netns):
-        raise BenchError("--center-workers is for loopback mode with --center-processes one (each worker serves the whole center side)")
+        raise BenchError(
+            "--center-workers is for loopback mode with --center-processes one (each worker serves the whole center side)"
+        )
     if opts.cross_check:
         if opts.netns:
             raise BenchError("--cross-check runs in loopback mode (the compiled client has no namespace support)")
@@ -387,7 +422,9 @@ def validate(opts: BenchOptions) -> None:
             raise BenchError("--line impairs lines per address pair on lo, which needs root")
         kinds = {line.kind for line in opts.topology.lines}
         if unknown := sorted(set(opts.lines) - kinds):
-            raise BenchError(f"no line of kind {unknown[0]!r} in {opts.topology.source}; kinds: {', '.join(sorted(kinds))}")
+            raise BenchError(
+                f"no line of kind {unknown[0]!r} in {opts.topology.source}; kinds: {', '.join(sorted(kinds))}"
+            )
         if opts.netns:
             raise BenchError("--line runs in loopback mode; in netns mode set the lines with `konbini link set`")
     if any(SCENARIOS[s].failover for s in opts.scenarios) and (opts.netns or opts.baseline):
@@ -463,7 +500,9 @@ class Bench:
                 raise BenchError(f"{self.topo.source}: municipality {node.municipality.display} is closed at 20:30 JST")
             self.open_muni = self.failover.municipality
         if not self.open_muni:
-            raise BenchError(f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios")
+            raise BenchError(
+                f"{self.topo.source}: no participating municipality open at 20:30 JST for the issuance scenarios"
+            )
 
     def start_origin(self) -> None:
         if self.opts.netns:
@@ -485,12 +524,21 @@ class Bench:
         # --center-workers N: N processes each serving the whole center side on the same addresses
         # (SO_REUSEPORT); they share the kiosk sessions and the ledger file (gateway/business/sessions.py,
         # ledger.py), so any worker may take any request of a kiosk
-        self.origin = NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start,
-                                  what if n == 1 else "center worker 1", reuse_port=n > 1)
+        self.origin = NodeProcess(
+            self.topo,
+            self.opts.state_dir,
+            center,
+            self.clock_start,
+            what if n == 1 else "center worker 1",
+            reuse_port=n > 1,
+        )
         self.origin.start()
         for i in range(2, n + 1):
-            self.workers.append(NodeProcess(self.topo, self.opts.state_dir, center, self.clock_start, f"center worker {i}",
-                                            reuse_port=True))
+            self.workers.append(
+                NodeProcess(
+                    self.topo, self.opts.state_dir, center, self.clock_start, f"center worker {i}", reuse_port=True
+                )
+            )
             self.workers[-1].start()
         for nid in sorted(alone & {n.id for n in self.topo.nodes.values() if n.kind in CENTER_KINDS}):
             self.isolated[nid] = NodeProcess(self.topo, self.opts.state_dir, {nid}, self.clock_start, nid)
@@ -524,8 +572,12 @@ class Bench:
         """(relay pids, center-side pids) whose CPU and memory the report shows."""
         if self.plan is None:
             front_pids = front.pids if isinstance(front, NodeGroup) else [front.pid]
-            origin = [self.origin.pid if self.origin else None, *(p.pid for p in self.isolated.values()),
-                      *(p.pid for p in self.roles.values()), *(p.pid for p in self.workers)]
+            origin = [
+                self.origin.pid if self.origin else None,
+                *(p.pid for p in self.isolated.values()),
+                *(p.pid for p in self.roles.values()),
+                *(p.pid for p in self.workers),
+            ]
             return [p for p in front_pids if p], [p for p in origin if p]
         relay, center = [], []
         for h in self.hosts:
@@ -577,7 +629,8 @@ class Bench:
         """Every line of the kinds in --line impaired with its delay, per address pair on lo (root)."""
         overrides = {
             line.id: Impairment(delay=self.opts.lines[line.kind])
-            for line in self.topo.lines if line.kind in (self.opts.lines or {})
+            for line in self.topo.lines
+            if line.kind in (self.opts.lines or {})
         }
         return Impairments(self.topo, "loopback", state_dir=self.opts.state_dir, overrides=overrides)
 
@@ -598,10 +651,14 @@ class Bench:
                 elif self.opts.relay_processes != "operator":
                     key = f"{key} {n.kind}"
                 groups.setdefault(key, set()).add(n.id)
-            return NodeGroup([
-                NodeProcess(self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {key}")
-                for key, ids in sorted(groups.items())
-            ])
+            return NodeGroup(
+                [
+                    NodeProcess(
+                        self.topo, self.opts.state_dir, ids, self.clock_start, f"konbini relays of operator {key}"
+                    )
+                    for key, ids in sorted(groups.items())
+                ]
+            )
         cfg = self.opts.state_dir / "haproxy" / "haproxy.cfg"
         text = config(self.topo, self.pki, self.opts.state_dir)
         cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -622,10 +679,22 @@ class Bench:
         hop_kinds = {n.id: n.kind for n in self.topo.nodes.values()}
         warm = o.warmup_s if o.warmup_s is not None else min(2.0, duration * 0.2)
         return LoadSpec(
-            workload=sc.workload, state_dir=str(o.state_dir), kiosks=kiosks, ca_path=str(self.pki.network_ca_path),
-            rate=rate, concurrency=concurrency, duration_s=duration, warmup_s=warm, count=o.count, seed=o.seed,
-            open_muni=self.open_muni, closed_muni=self.closed_muni or self.open_muni, revoked_card="bench-revoked",
-            smartphone=BENCH_PHONE, hop_kinds=hop_kinds, clock_start=self.clock_start.isoformat(),
+            workload=sc.workload,
+            state_dir=str(o.state_dir),
+            kiosks=kiosks,
+            ca_path=str(self.pki.network_ca_path),
+            rate=rate,
+            concurrency=concurrency,
+            duration_s=duration,
+            warmup_s=warm,
+            count=o.count,
+            seed=o.seed,
+            open_muni=self.open_muni,
+            closed_muni=self.closed_muni or self.open_muni,
+            revoked_card="bench-revoked",
+            smartphone=BENCH_PHONE,
+            hop_kinds=hop_kinds,
+            clock_start=self.clock_start.isoformat(),
             centers=tuple(sorted(n.id for n in self.topo.of_kind("issuance-center"))),
             trace=self.failover.watched if sc.failover and self.failover is not None else None,
         )
@@ -671,11 +740,16 @@ class Bench:
 
             try:
                 if sc.soak:
-                    names = {f"relays-{i}": pid for i, pid in enumerate(relay_pids)} | {f"origin-{i}": pid for i, pid in enumerate(origin_pids)}
+                    names = {f"relays-{i}": pid for i, pid in enumerate(relay_pids)} | {
+                        f"origin-{i}": pid for i, pid in enumerate(origin_pids)
+                    }
                     with ProcessSampler(names, interval=max(0.2, min(5.0, duration / 60))) as sampler:
-                        result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
+                        result = run_load(
+                            spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go
+                        )
                     result["soak"] = sampler.summary(
-                        result, unfinished_issuances(ledger_path(self.topo.ledger, self.opts.state_dir)))
+                        result, unfinished_issuances(ledger_path(self.topo.ledger, self.opts.state_dir))
+                    )
                 else:
                     result = run_load(spec, self.opts.workers, progress=self.opts.progress, label=label, on_go=on_go)
             finally:
@@ -685,7 +759,9 @@ class Bench:
             if faults is not None:
                 result["failover"] = analyse(result.pop("trace", []), faults.events, self.failover, duration)
                 result["failover"]["errors"] = faults.errors
-                result["failover"]["ok"] = result["failover"]["ok"] and not faults.errors and result["misdelivered"] == 0
+                result["failover"]["ok"] = (
+                    result["failover"]["ok"] and not faults.errors and result["misdelivered"] == 0
+                )
             wall = time.perf_counter() - t0
             after = procs_stats(relay_pids)
             origin_after = procs_stats(origin_pids)
@@ -713,7 +789,11 @@ class Bench:
         return FaultSchedule(self.failover, procs, spec.warmup_s, spec.duration_s)
 
     def run_scenario(self, sc: Scenario) -> dict:
-        phases = ["konbini"] + (["lines"] if self.opts.lines else []) + (["haproxy"] if self.opts.baseline == "haproxy" else [])
+        phases = (
+            ["konbini"]
+            + (["lines"] if self.opts.lines else [])
+            + (["haproxy"] if self.opts.baseline == "haproxy" else [])
+        )
         entry: dict = {"what": sc.what, "success_only": sc.success_only}
         if sc.sweep:
             for phase in phases:
@@ -737,11 +817,23 @@ class Bench:
             r = self.phase(sc, phase, rate, None, o.duration_s)
             p99 = r.get("p99_ms")
             ok = (
-                p99 is not None and p99 < o.p99_target_ms and not r["errors"] and r["misdelivered"] == 0
+                p99 is not None
+                and p99 < o.p99_target_ms
+                and not r["errors"]
+                and r["misdelivered"] == 0
                 and r["dropped"] <= 0.01 * max(1, r["arrivals"])
             )
-            steps.append({k: r.get(k) for k in ("rate", "throughput_rps", "p50_ms", "p99_ms", "dropped", "arrivals", "misdelivered")}
-                         | {"errors": sum(r["errors"].values()), "pass": ok, "generator_saturated": r["generator"]["generator_saturated"]})
+            steps.append(
+                {
+                    k: r.get(k)
+                    for k in ("rate", "throughput_rps", "p50_ms", "p99_ms", "dropped", "arrivals", "misdelivered")
+                }
+                | {
+                    "errors": sum(r["errors"].values()),
+                    "pass": ok,
+                    "generator_saturated": r["generator"]["generator_saturated"],
+                }
+            )
             if r.get("partial"):
                 break
             if not ok:
@@ -750,10 +842,18 @@ class Bench:
             rate = round(rate * o.sweep_factor, 1)
         last = steps[-1] if steps else {}
         return {
-            "scenario": sc.name, "phase": phase, "p99_target_ms": o.p99_target_ms, "best_rate": best, "steps": steps,
+            "scenario": sc.name,
+            "phase": phase,
+            "p99_target_ms": o.p99_target_ms,
+            "best_rate": best,
+            "steps": steps,
             "throughput_rps": max((s["throughput_rps"] for s in steps if s["pass"]), default=0.0),
-            "p50_ms": last.get("p50_ms"), "p99_ms": last.get("p99_ms"), "misdelivered": sum(s["misdelivered"] for s in steps),
-            "errors": {}, "dropped": sum(s["dropped"] for s in steps), "partial": False,
+            "p50_ms": last.get("p50_ms"),
+            "p99_ms": last.get("p99_ms"),
+            "misdelivered": sum(s["misdelivered"] for s in steps),
+            "errors": {},
+            "dropped": sum(s["dropped"] for s in steps),
+            "partial": False,
         }
 
     # -- compiled-client cross-check ---------------------------------------------------------
@@ -814,8 +914,11 @@ class Bench:
         kid = self.kiosk_ids[0]
         port = 9080
         shim_topo = self.topo
-        out: dict = {"note": "h2load has no client-certificate option; it drives a local HAProxy shim (cleartext h2 on the "
-                             f"kiosk's address, mTLS as {kid} to its store router), so figures include one extra hop", "runs": []}
+        out: dict = {
+            "note": "h2load has no client-certificate option; it drives a local HAProxy shim (cleartext h2 on the "
+            f"kiosk's address, mTLS as {kid} to its store router), so figures include one extra hop",
+            "runs": [],
+        }
         cfg = self.opts.state_dir / "haproxy" / "h2load-shim.cfg"
         text = config(shim_topo, self.pki, self.opts.state_dir, shim=(kid, port))
         # keep only the shim frontend/backend: the relays are whichever phase runs
@@ -833,7 +936,9 @@ class Bench:
                     url = f"http://{k.address}:{port}/bench/blob?size={size}"
                     cmd = ["h2load", "-D", str(int(duration)), "--warm-up-time", "1", "-c", "4", "-m", "16", url]
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-                    out["runs"].append({"phase": phase, "size": size, "command": " ".join(cmd), **parse_h2load(res.stdout)})
+                    out["runs"].append(
+                        {"phase": phase, "size": size, "command": " ".join(cmd), **parse_h2load(res.stdout)}
+                    )
             finally:
                 shim.stop()
                 front.stop()
@@ -847,7 +952,9 @@ def parse_h2load(text: str) -> dict:
         unit = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}.get(m[3], 1)
         out["rps"] = float(m[1])
         out["bytes_per_s"] = float(m[2]) * unit
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text
+    )
     if m:
         out.update(total=int(m[1]), succeeded=int(m[4]), failed=int(m[5]), errored=int(m[6]))
     m = re.search(r"time for request:\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)", text)
@@ -884,11 +991,21 @@ def run_bench(opts: BenchOptions) -> dict:
         "mode": bench.mode,
         "machine": {"cpus": os.cpu_count(), "platform": os.uname().sysname + " " + os.uname().release},
         "options": {
-            "scenarios": opts.scenarios, "topology": opts.topology.source, "rate": opts.rate, "concurrency": opts.concurrency,
-            "duration_s": opts.duration_s, "kiosks": len(bench.kiosk_ids), "workers": opts.workers, "baseline": opts.baseline,
-            "p99_target_ms": opts.p99_target_ms, "emulated_time": bench.clock_start.isoformat(),
-            "netns_tag": opts.netns_tag if opts.netns else None, "relay_processes": opts.relay_processes,
-            "center_processes": opts.center_processes, "center_workers": opts.center_workers, "cross_check": opts.cross_check,
+            "scenarios": opts.scenarios,
+            "topology": opts.topology.source,
+            "rate": opts.rate,
+            "concurrency": opts.concurrency,
+            "duration_s": opts.duration_s,
+            "kiosks": len(bench.kiosk_ids),
+            "workers": opts.workers,
+            "baseline": opts.baseline,
+            "p99_target_ms": opts.p99_target_ms,
+            "emulated_time": bench.clock_start.isoformat(),
+            "netns_tag": opts.netns_tag if opts.netns else None,
+            "relay_processes": opts.relay_processes,
+            "center_processes": opts.center_processes,
+            "center_workers": opts.center_workers,
+            "cross_check": opts.cross_check,
         },
         "notes": opts.notes,
         "scenarios": {},
@@ -905,7 +1022,9 @@ def run_bench(opts: BenchOptions) -> dict:
         if opts.cross_check and not report["partial"]:
             report["cross_check"] = bench.cross_check(report["scenarios"])
         if opts.h2load and not report["partial"]:
-            report["h2load"] = bench.h2load(["konbini"] + (["haproxy"] if opts.baseline else []), min(opts.duration_s, 10))
+            report["h2load"] = bench.h2load(
+                ["konbini"] + (["haproxy"] if opts.baseline else []), min(opts.duration_s, 10)
+            )
     except KeyboardInterrupt:
         report["partial"] = True
     except (LoadError, HAProxyError, NetnsError, PlanError) as exc:

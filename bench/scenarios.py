@@ -30,28 +30,53 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario(Workload("relay-small", "relay", size=0), "GET /bench/blob?size=0 through the three relays", concurrency=64),
-        Scenario(Workload("relay-64k", "relay", size=64 * 1024), "GET a 64 KiB blob through the three relays", concurrency=32),
-        Scenario(Workload("relay-1m", "relay", size=1 << 20), "GET a 1 MiB blob, 200 streams in flight", concurrency=200),
-        Scenario(Workload("issuance", "issuance", size=DOC_64K), "full card-authenticated issuance of a 64 KiB document", rate=100),
         Scenario(
-            Workload("mixed", "issuance", size=DOC_64K,
-                     mix=(("pin-wrong", 0.1), ("outside-hours", 0.1), ("card-revoked", 0.1), ("smartphone", 0.2))),
+            Workload("relay-small", "relay", size=0), "GET /bench/blob?size=0 through the three relays", concurrency=64
+        ),
+        Scenario(
+            Workload("relay-64k", "relay", size=64 * 1024), "GET a 64 KiB blob through the three relays", concurrency=32
+        ),
+        Scenario(
+            Workload("relay-1m", "relay", size=1 << 20), "GET a 1 MiB blob, 200 streams in flight", concurrency=200
+        ),
+        Scenario(
+            Workload("issuance", "issuance", size=DOC_64K),
+            "full card-authenticated issuance of a 64 KiB document",
+            rate=100,
+        ),
+        Scenario(
+            Workload(
+                "mixed",
+                "issuance",
+                size=DOC_64K,
+                mix=(("pin-wrong", 0.1), ("outside-hours", 0.1), ("card-revoked", 0.1), ("smartphone", 0.2)),
+            ),
             "issuance with 10 % each of wrong PIN, outside-hours and revoked-card refusals; 20 % of residents hold "
             "up a smartphone credential instead of the card",
             rate=50,
             success_only=False,
         ),
         Scenario(
-            Workload("issuance-timeouts", "issuance", size=DOC_64K, mix=(("timeout", 0.3),), short_timeout_ms=(2.0, 60.0)),
+            Workload(
+                "issuance-timeouts", "issuance", size=DOC_64K, mix=(("timeout", 0.3),), short_timeout_ms=(2.0, 60.0)
+            ),
             "issuance at full kiosk load with a 2-60 ms kiosk timeout on 30 % of requests: misdelivered must stay 0",
             concurrency=0,  # 0: one customer at every kiosk
             success_only=False,
         ),
-        Scenario(Workload("sweep", "issuance", size=DOC_64K), "issuance at a rising open-loop rate: highest rate with p99 under target", rate=50, sweep=True),
         Scenario(
-            Workload("soak", "issuance", size=DOC_64K,
-                     mix=(("pin-wrong", 0.05), ("outside-hours", 0.05), ("card-revoked", 0.05), ("smartphone", 0.1))),
+            Workload("sweep", "issuance", size=DOC_64K),
+            "issuance at a rising open-loop rate: highest rate with p99 under target",
+            rate=50,
+            sweep=True,
+        ),
+        Scenario(
+            Workload(
+                "soak",
+                "issuance",
+                size=DOC_64K,
+                mix=(("pin-wrong", 0.05), ("outside-hours", 0.05), ("card-revoked", 0.05), ("smartphone", 0.1)),
+            ),
             "mixed issuance at about half the measured capacity (~100/s on 2 cores) for a long run: RSS and open "
             "descriptors of every node process over time; passes with RSS growth under 5 % over the last 80 %, "
             "descriptors flat, no errors, 0 misdelivered",

@@ -35,13 +35,24 @@ from topology.spec.model import Topology
 Launch = Callable[[Topology, Path, list[str], Clock, bool, object], Awaitable[None]]
 
 
-async def launch_relays(topo: Topology, state_dir: Path, only: list[str], clock: Clock, reuse_port: bool, task_status) -> None:
-    await run_servers(topo, state_dir, PKIFiles(state_dir, frozenset(topo.nodes)), None, clock, only=only,
-                      reuse_port=reuse_port, task_status=task_status)
+async def launch_relays(
+    topo: Topology, state_dir: Path, only: list[str], clock: Clock, reuse_port: bool, task_status
+) -> None:
+    await run_servers(
+        topo,
+        state_dir,
+        PKIFiles(state_dir, frozenset(topo.nodes)),
+        None,
+        clock,
+        only=only,
+        reuse_port=reuse_port,
+        task_status=task_status,
+    )
 
 
-def serve_nodes(launch: Launch, topo: Topology, state_dir: str, only: set[str], clock_start: str, conn,
-                reuse_port: bool = False) -> None:
+def serve_nodes(
+    launch: Launch, topo: Topology, state_dir: str, only: set[str], clock_start: str, conn, reuse_port: bool = False
+) -> None:
     """Serve the nodes `only`; tell the parent ("ready", seconds) or ("error", one line) on `conn`.
     `reuse_port`: one of several workers serving the same nodes on the same addresses."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
@@ -50,7 +61,9 @@ def serve_nodes(launch: Launch, topo: Topology, state_dir: str, only: set[str], 
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(lambda task_status: launch(topo, Path(state_dir), sorted(only), clock, reuse_port, task_status))
+            running = await nursery.start(
+                lambda task_status: launch(topo, Path(state_dir), sorted(only), clock, reuse_port, task_status)
+            )
             conn.send(("ready", running.ready_s))
 
     try:

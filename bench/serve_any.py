@@ -13,7 +13,9 @@ from topology.launch.loopback import run_topology
 from topology.spec.model import Topology
 
 
-async def launch_any(topo: Topology, state_dir: Path, only: list[str], clock: Clock, reuse_port: bool, task_status) -> None:
+async def launch_any(
+    topo: Topology, state_dir: Path, only: list[str], clock: Clock, reuse_port: bool, task_status
+) -> None:
     await run_topology(topo, state_dir, clock=clock, only=only, reuse_port=reuse_port, task_status=task_status)
 
 

@@ -43,7 +43,9 @@ def _serve(tls_listener: socket.socket, tcp_listener: socket.socket, paths: tupl
             control.send((time.process_time(), ctx.session_stats()["hits"]))
         for listener in select.select([tls_listener, tcp_listener], [], [], 0.05)[0]:
             conn, _ = listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as konbini's nodes: no Nagle wait on the ticket
+            conn.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+            )  # as konbini's nodes: no Nagle wait on the ticket
             with ctx.wrap_socket(conn, server_side=True) if listener is tls_listener else conn as stream:
                 stream.sendall(b"\0")
                 stream.recv(1)
@@ -75,7 +77,9 @@ def measure(state: Path, handshakes: int, rounds: int) -> dict:
     listener, tcp_listener = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
     ours, theirs = mp.Pipe()
     server_paths = (*pki.node_paths(SERVER), pki.network_ca_path)
-    server = mp.get_context("fork").Process(target=_serve, args=(listener, tcp_listener, server_paths, theirs), daemon=True)
+    server = mp.get_context("fork").Process(
+        target=_serve, args=(listener, tcp_listener, server_paths, theirs), daemon=True
+    )
     server.start()
     ctx = client_context(*(Path(p) for p in pki.node_paths(CLIENT)), Path(pki.network_ca_path))
     cache = SessionCache()
@@ -122,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':9} {'client min':>10} {'mean':>8} {'server min':>10} {'mean':>8} {'resumed':>9}")
     for kind in ("full", "resumed", "tcp only"):
         r = result[kind]
-        print(f"{kind:9} {r['client_us_min']:10.0f} {r['client_us_mean']:8.0f} {r['server_us_min']:10.0f} "
-              f"{r['server_us_mean']:8.0f} {r['resumed']:>4}/{r['handshakes']}")
+        print(
+            f"{kind:9} {r['client_us_min']:10.0f} {r['client_us_mean']:8.0f} {r['server_us_min']:10.0f} "
+            f"{r['server_us_mean']:8.0f} {r['resumed']:>4}/{r['handshakes']}"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

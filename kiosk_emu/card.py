@@ -46,6 +46,7 @@ _FORMAT = 1
 
 DEFAULT_PIN = "1234"  # the PIN of pool cards, and of a new card unless one is given
 
+
 class CardProfile(StrEnum):
     """Which secret guards the key and how many wrong tries it takes (BIZ-2)."""
 
@@ -193,8 +194,10 @@ class CardStore:
         profile.check_pin_format(pin)
         card_id = card_id or f"card-{secrets.token_hex(6)}"
         if self._path(card_id).exists():  # validates the id too, before the slow key generation
-            raise CardExists(f"card {card_id!r} already exists in {self.dir}; choose another id "
-                             "(`konbini card list` shows the cards there)")
+            raise CardExists(
+                f"card {card_id!r} already exists in {self.dir}; choose another id "
+                "(`konbini card list` shows the cards there)"
+            )
         key = rsa.generate_private_key(public_exponent=65537, key_size=1024 if legacy else 2048)
         card = Card(
             card_id=card_id,

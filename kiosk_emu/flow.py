@@ -126,8 +126,14 @@ class Outcome:
 
 
 class KioskFlow:
-    def __init__(self, kiosk_id: str, card: Card, pin: str, request: IssueRequest,
-                 center_key: ec.EllipticCurvePublicKey | tuple[ec.EllipticCurvePublicKey, ...]):
+    def __init__(
+        self,
+        kiosk_id: str,
+        card: Card,
+        pin: str,
+        request: IssueRequest,
+        center_key: ec.EllipticCurvePublicKey | tuple[ec.EllipticCurvePublicKey, ...],
+    ):
         """`center_key`: the issuance center's key, or every center's where a second one stands by
         (a DMZ relay that fails over sends the whole session to it, and it signs the binding)."""
         self.kiosk_id = kiosk_id

@@ -40,7 +40,13 @@ PRINT_TIMEOUT = 60.0  # a paid job the printer has not finished by then is void 
 NOTICE_TIMEOUT = 5.0  # one attempt to deliver a notice; after printing, the outbox takes over
 HEARTBEAT_TIMEOUT = 5.0  # one heartbeat request; past it the connection is dropped and remade
 _LINK_ERRORS = (
-    StreamReset, ConnectionClosed, ConnectionError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError
+    StreamReset,
+    ConnectionClosed,
+    ConnectionError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
 )
 
 
@@ -102,14 +108,25 @@ class Kiosk:
             f.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     async def issue(
-        self, conn: TrioH2, card: Card, pin: str, request: IssueRequest, *,
-        timeout: float = ISSUANCE_TIMEOUT, cancel: trio.CancelScope | None = None,
+        self,
+        conn: TrioH2,
+        card: Card,
+        pin: str,
+        request: IssueRequest,
+        *,
+        timeout: float = ISSUANCE_TIMEOUT,
+        cancel: trio.CancelScope | None = None,
     ) -> IssuanceResult:
         flow = KioskFlow(self.node.id, card, pin, request, self.center_keys)
         return await self.drive(conn, flow, timeout=timeout, cancel=cancel)
 
     async def drive(
-        self, conn: TrioH2, flow: KioskFlow, *, timeout: float = ISSUANCE_TIMEOUT, cancel: trio.CancelScope | None = None
+        self,
+        conn: TrioH2,
+        flow: KioskFlow,
+        *,
+        timeout: float = ISSUANCE_TIMEOUT,
+        cancel: trio.CancelScope | None = None,
     ) -> IssuanceResult:
         """One issuance. `timeout` and `cancel` (the resident's cancel button: a fresh scope, cancelled
         from anywhere) end the whole request until payment; from payment on, the job completes or is
@@ -136,11 +153,20 @@ class Kiosk:
                 self._log("refused", reason=flow.outcome.reason)
         o = flow.outcome
         return IssuanceResult(
-            status=o.status.value, reason=o.reason, message=o.message, issuance_id=o.issuance_id,
-            document_bytes=o.document_bytes, signature_valid=o.signature_valid, fee=o.fee,
-            tries_left=o.tries_left, latency_ms=round((time.perf_counter() - t0) * 1000, 3),
-            hops=[{"node": k, "ms": round(v, 3)} for k, v in o.hops.items()], kiosk=self.node.id,
-            spool_erased=not self._spool_file(flow).exists(), refunded=o.refunded, notice_pending=o.notice_pending,
+            status=o.status.value,
+            reason=o.reason,
+            message=o.message,
+            issuance_id=o.issuance_id,
+            document_bytes=o.document_bytes,
+            signature_valid=o.signature_valid,
+            fee=o.fee,
+            tries_left=o.tries_left,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+            hops=[{"node": k, "ms": round(v, 3)} for k, v in o.hops.items()],
+            kiosk=self.node.id,
+            spool_erased=not self._spool_file(flow).exists(),
+            refunded=o.refunded,
+            notice_pending=o.notice_pending,
             charged=o.charged,
         )
 
@@ -149,7 +175,9 @@ class Kiosk:
         async with self._outbox_lock:
             return await trio.to_thread.run_sync(fn, *args)
 
-    async def _deliver(self, conn: TrioH2, issuance_id: str, path: str, body: bytes, flow: KioskFlow | None = None) -> bool:
+    async def _deliver(
+        self, conn: TrioH2, issuance_id: str, path: str, body: bytes, flow: KioskFlow | None = None
+    ) -> bool:
         """One attempt to deliver a notice from the outbox; True once the center acknowledged it."""
         status, reason = 0, "timeout"
         with trio.move_on_after(NOTICE_TIMEOUT):
@@ -325,8 +353,12 @@ class _Devices:
         k, iid, job, request = self.kiosk, flow.outcome.issuance_id or "", self.job, flow.request
         await k._outbox(k.outbox.confirm, iid, path, body)
         if job is not None and job.misprinted:
-            k._log("misprint-refunded", issuance=iid, fee=flow.outcome.fee,
-                   copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies])
+            k._log(
+                "misprint-refunded",
+                issuance=iid,
+                fee=flow.outcome.fee,
+                copies=[{"no": c.no, "stamp": c.stamp} for c in job.copies],
+            )
         else:
             k._log("printed", issuance=iid, cert_type=request.cert_type, copies=request.copies, fee=flow.outcome.fee)
 

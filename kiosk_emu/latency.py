@@ -55,7 +55,9 @@ def add_server_timing(headers: Headers | None, into: dict[str, float]) -> None:
         into[t.node] = into.get(t.node, 0.0) + t.own_ms
 
 
-def split(ttfb_ms: float, total_ms: float, headers: Headers | None, kinds: dict[str, str], into: dict[str, float]) -> None:
+def split(
+    ttfb_ms: float, total_ms: float, headers: Headers | None, kinds: dict[str, str], into: dict[str, float]
+) -> None:
     """Add one request's parts to `into` (part -> ms): lines, each hop's queue and own time, the
     innermost server's own waits, and the body after the headers; they sum to total_ms."""
     entries = timings(headers)
@@ -85,7 +87,9 @@ def split(ttfb_ms: float, total_ms: float, headers: Headers | None, kinds: dict[
     add("body", total_ms - ttfb_ms)
 
 
-def with_relay_waits(split_ms: dict[str, float], origin_kind: str, waits: list[tuple[str, float]], tag: str) -> dict[str, float]:
+def with_relay_waits(
+    split_ms: dict[str, float], origin_kind: str, waits: list[tuple[str, float]], tag: str
+) -> dict[str, float]:
     """A split whose relays said nothing (HAProxy adds no server-timing), refined with each relay's
     own log of its wait on its upstream: `waits` is (relay kind, mean ms per request flow), from
     the kiosk's router inwards. The one part `line kiosk→<origin>` becomes, per relay, the line in

@@ -55,8 +55,15 @@ class SmartphoneStore:
             raise CardError(f"card {card_id}: no smartphone credential ({problem})")
         phone_id = phone_id or f"phone-{secrets.token_hex(6)}"
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        phone = Card(phone_id, parent.profile, key, self._certificate(key, phone_id, card_id, now), _PinHash.of(pin),
-                     parent.profile.max_tries, on_counter_change=self.cards.save)
+        phone = Card(
+            phone_id,
+            parent.profile,
+            key,
+            self._certificate(key, phone_id, card_id, now),
+            _PinHash.of(pin),
+            parent.profile.max_tries,
+            on_counter_change=self.cards.save,
+        )
         self.cards.save(phone)
         with file_lock(self.path.with_name(".phones.lock")):
             links = self._links()
@@ -68,8 +75,9 @@ class SmartphoneStore:
         # valid until the same day next month (§5.1); dated from a day before, as the cards are, so a
         # clock a little behind the issuer's (a topology restarted at its start time) still takes it
         start = now - timedelta(days=1)
-        return self.cards.pki.issue_card_certificate(key.public_key(), phone_id, start, days=(add_month(now) - start).days,
-                                                     stands_in_for=card_id)
+        return self.cards.pki.issue_card_certificate(
+            key.public_key(), phone_id, start, days=(add_month(now) - start).days, stands_in_for=card_id
+        )
 
     def current(self, phone_id: str) -> Card:
         """The phone's credential, reissued if its month is over and the card is still good (§5.2)."""
@@ -104,5 +112,3 @@ class SmartphoneStore:
         if phone_id not in self._links():
             raise CardError(f"{phone_id} is not a smartphone credential")
         self.cards.revoke(phone_id, "key-compromise")
-
-

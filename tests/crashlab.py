@@ -40,12 +40,26 @@ TEST_TIME = "2026-11-24T10:00:00+09:00"  # inside every service window of the de
 MUNIS = ("131016", "141003")  # muni-a, muni-b (no family-register: refused there)
 CERT_TYPES = ("residence-record", "seal-registration", "tax-certificate", "family-register", "vaccination")
 MISPRINT_RATE = 0.04
-UNAVAILABLE = ("upstream-unavailable", "upstream-timeout", "ocsp-unavailable", "municipality-unavailable", "ledger-unavailable")
-CONNECT_ERRORS = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                  ConnectionClosed, ConnectionError)
+UNAVAILABLE = (
+    "upstream-unavailable",
+    "upstream-timeout",
+    "ocsp-unavailable",
+    "municipality-unavailable",
+    "ledger-unavailable",
+)
+CONNECT_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    ConnectionClosed,
+    ConnectionError,
+)
 
 
 # -- shared with the test ---------------------------------------------------------------------
+
 
 def _free(addresses: list[str], port: int = 8443) -> bool:
     for a in addresses:
@@ -86,6 +100,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # -- the kiosk process ------------------------------------------------------------------------
+
 
 def _say(*parts) -> None:
     """One write per line: under PYTHONUNBUFFERED, print() writes each part separately, and a kill
@@ -149,8 +164,15 @@ class KioskProc:
                     req = self._request(rng)
                     try:
                         r = await kiosk.issue(conn, card, "1234", req, timeout=5)
-                        line = {"kiosk": kid, "status": r.status, "reason": r.reason, "issuance": r.issuance_id,
-                                "fee": r.fee, "copies": req.copies, "refunded": r.refunded}
+                        line = {
+                            "kiosk": kid,
+                            "status": r.status,
+                            "reason": r.reason,
+                            "issuance": r.issuance_id,
+                            "fee": r.fee,
+                            "copies": req.copies,
+                            "refunded": r.refunded,
+                        }
                     except CONNECT_ERRORS as exc:  # the connection died under the request
                         line = {"kiosk": kid, "status": "error", "reason": type(exc).__name__}
                     _say("R", json.dumps(line))

@@ -15,10 +15,13 @@ import h2.settings
 class H2Peer:
     def __init__(self, *, client_side: bool, max_frame: int = 16384, window: int = 65535) -> None:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=client_side, header_encoding=None))
-        self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-        })
+        self.conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+            },
+        )
         self.conn.max_inbound_frame_size = max_frame  # h2 applies initial values without waiting for the ack
         self.conn.initiate_connection()
         self.bodies: dict[int, bytearray] = {}

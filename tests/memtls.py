@@ -5,8 +5,9 @@ from __future__ import annotations
 import ssl
 
 
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_name: str,
-              session: ssl.SSLSession | None = None) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
+def handshake(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_name: str, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
     """(server, client, pipes) once both sides finished; an SSLError from either side propagates.
     pipes: server in, server out, client in, client out."""
     pipes = [ssl.MemoryBIO() for _ in range(4)]

@@ -40,12 +40,15 @@ def test_store_staff_and_node_certificates_never_pass_the_admin_allow_list(topo)
     assert ctl.check_identity(console, "kiosk-a1-1") == DENY_IDENTITY
     assert not ctl.check_address(topo.node("wifi-a1").address).allowed
     assert kiosk.check_request("operator", "POST", "/maintenance/login").reason == "principal-not-allowed"
-    assert kiosk.check_address(topo.node("store-controller-a2").address).reason == "peer-address"  # another store's console
+    assert (
+        kiosk.check_address(topo.node("store-controller-a2").address).reason == "peer-address"
+    )  # another store's console
 
 
 def test_an_admin_rule_naming_store_staff_is_refused_at_load(tmp_path, topo) -> None:
-    text = DEFAULT_TOPOLOGY.read_text().replace("{principals: [operator], at: [store-controller-a2]",
-                                                "{principals: [store-staff], at: [store-controller-a2]")
+    text = DEFAULT_TOPOLOGY.read_text().replace(
+        "{principals: [operator], at: [store-controller-a2]", "{principals: [store-staff], at: [store-controller-a2]"
+    )
     path = tmp_path / "t.yaml"
     path.write_text(text)
     problems = check_file(path)
@@ -79,8 +82,12 @@ async def test_spool_erased_and_logs_hold_no_personal_data(net) -> None:
 
 
 def test_the_log_scan_finds_planted_personal_data() -> None:
-    lines = ['{"time":"t","event":"x","note":"123456789012"}', '{"time":"t","pin":"1234"}', '{"time":"t","who":"Yamada Taro"}',
-             '{"time":"t","event":"printed","issuance":"ab12cd"}']
+    lines = [
+        '{"time":"t","event":"x","note":"123456789012"}',
+        '{"time":"t","pin":"1234"}',
+        '{"time":"t","who":"Yamada Taro"}',
+        '{"time":"t","event":"printed","issuance":"ab12cd"}',
+    ]
     found = annex.scan_for_personal_data(lines, {"Yamada Taro"}, {"1234"})
     assert {f.split(":")[0] for f in found} == {"line 1", "line 2", "line 3"}
 
@@ -104,7 +111,9 @@ async def test_a_topology_without_admin_surfaces_still_gets_every_check_it_allow
 
     bare = {k: msgspec.structs.replace(n, admin_port=None, admin=()) for k, n in topo.nodes.items()}
     topo = msgspec.structs.replace(topo, nodes=bare)
-    running = await nursery.start(lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status))
+    running = await nursery.start(
+        lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status)
+    )
     checks = await annex.run_annex_checks(running)
     running.stop()
     by_req = {}

@@ -16,10 +16,10 @@ import pytest
 
 from bench.runner import BenchError, BenchOptions, run_bench, unfinished_issuances
 from bench.scenarios import SCENARIOS
+from bench.topology import with_kiosks, with_port
 from gateway.business.clock import JST
 from gateway.business.ledger import IssuanceRecord, LedgerDB
 from gateway.business.session import NOTICE_TTL
-from bench.topology import with_kiosks, with_port
 from topology.cli.main import main as konbini
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
@@ -33,8 +33,17 @@ def free_port() -> int:
 def options(tmp: Path, scenarios: list[str], **kw) -> BenchOptions:
     topo = with_port(load_topology(DEFAULT_TOPOLOGY), free_port())
     base = dict(
-        scenarios=scenarios, topology=topo, state_dir=tmp / "state", out_dir=tmp / "out", rate=8.0,
-        duration_s=0.8, warmup_s=0.2, kiosks=4, workers=1, progress=False, sweep_steps=2,
+        scenarios=scenarios,
+        topology=topo,
+        state_dir=tmp / "state",
+        out_dir=tmp / "out",
+        rate=8.0,
+        duration_s=0.8,
+        warmup_s=0.2,
+        kiosks=4,
+        workers=1,
+        progress=False,
+        sweep_steps=2,
     )
     base.update(kw)
     return BenchOptions(**base)
@@ -45,7 +54,13 @@ ON_DEFAULT = [n for n, s in SCENARIOS.items() if not s.failover]
 
 
 def outcomes_add_up(r: dict) -> bool:
-    counted = r["ok"] + sum(r["refused"].values()) + sum(r["cancelled"].values()) + r["misdelivered"] + sum(r["errors"].values())
+    counted = (
+        r["ok"]
+        + sum(r["refused"].values())
+        + sum(r["cancelled"].values())
+        + r["misdelivered"]
+        + sum(r["errors"].values())
+    )
     return r["arrivals"] == r["dropped"] + counted
 
 
@@ -65,15 +80,32 @@ def test_report_files_are_written_and_open_without_network(report: dict) -> None
     assert "<svg" in page
     # the per-process memory bound is about the largest relay process, not the sum over them
     servers = [e["konbini"]["servers"] for e in on_disk["scenarios"].values() if "servers" in e.get("konbini", {})]
-    assert servers and all(0 < s["relay_max_process_peak_rss_mib"] < s["relay_peak_rss_mib"] for s in servers)  # two relay processes
-    assert "largest relay process peak RSS MiB" in page and "largest relay process peak RSS MiB" in (out / "report.md").read_text()
+    assert servers and all(
+        0 < s["relay_max_process_peak_rss_mib"] < s["relay_peak_rss_mib"] for s in servers
+    )  # two relay processes
+    assert (
+        "largest relay process peak RSS MiB" in page
+        and "largest relay process peak RSS MiB" in (out / "report.md").read_text()
+    )
     assert "<script" not in page and "<link" not in page and 'href="http' not in page and 'src="http' not in page
 
 
 @pytest.mark.parametrize("name", [n for n in ON_DEFAULT if not SCENARIOS[n].sweep])
 def test_each_scenario_report_is_complete_and_consistent(report: dict, name: str) -> None:
     r = report["scenarios"][name]["konbini"]
-    for key in ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "errors", "misdelivered", "dropped", "hops", "generator"):
+    for key in (
+        "throughput_rps",
+        "bytes_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "p999_ms",
+        "errors",
+        "misdelivered",
+        "dropped",
+        "hops",
+        "generator",
+    ):
         assert key in r, key
     assert r["arrivals"] > 0 and not r["partial"]
     assert outcomes_add_up(r)
@@ -126,12 +158,16 @@ def test_haproxy_baseline_runs_on_the_same_addresses_and_gives_ratios(tmp_path: 
         roles = {p["role"] for p in c["processes"]}
         assert {role, "origin", "generator"} <= roles, roles
         assert c["completed"] == r["ok"] and c["window_s"] > 0
-        chain_cpu = sum(p["cpu_s"] for p in c["processes"] if p["role"] == role)  # whole clock ticks: may be 0 on a tiny load
+        chain_cpu = sum(
+            p["cpu_s"] for p in c["processes"] if p["role"] == role
+        )  # whole clock ticks: may be 0 on a tiny load
         assert c["chain_us_per_request"] == pytest.approx(chain_cpu / c["completed"] * 1e6, abs=0.1)
     # HAProxy's hops in the split, from its logged timers; the parts still add up to the mean latency
     assert any(part.endswith("(haproxy)") for part in h["latency_split"]), h["latency_split"]
     assert sum(h["latency_split"].values()) == pytest.approx(h["latency_split_total_ms"], abs=0.05)
-    assert (tmp_path / "out" / "latency-split.png").exists() and "Cost model" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "latency-split.png").exists() and "Cost model" in (
+        tmp_path / "out" / "report.md"
+    ).read_text()
 
 
 def test_kiosks_beyond_the_topology_join_their_store() -> None:
@@ -179,14 +215,23 @@ def test_soak_report_samples_every_node_process_and_its_verdict_follows_its_numb
     report = run_bench(options(tmp_path, ["soak"], duration_s=30.0, warmup_s=2.0, rate=10.0))
     r = report["scenarios"]["soak"]["konbini"]
     soak = r["soak"]
-    assert set(soak["processes"]) == {"relays-0", "relays-1", "origin-0"}  # one relay process per operator, the center side
+    assert set(soak["processes"]) == {
+        "relays-0",
+        "relays-1",
+        "origin-0",
+    }  # one relay process per operator, the center side
     for name, p in soak["processes"].items():
         series = p["series"]
         assert p["samples"] == len(series) >= 30, name  # about one sample every 0.5 s over 30+ s
         assert [x["s"] for x in series] == sorted(x["s"] for x in series)
         assert all(x["rss_mib"] > 0 and x["fds"] > 0 for x in series)
-        assert p["rss_growth_pct"] == round((p["rss_mib_at_90pct"] - p["rss_mib_at_20pct"]) / p["rss_mib_at_20pct"] * 100, 2)
-        assert p["ok"] == (p["rss_growth_pct"] < soak["rss_growth_limit_pct"] and p["fds_at_90pct"] - p["fds_at_20pct"] <= soak["fd_slack"])
+        assert p["rss_growth_pct"] == round(
+            (p["rss_mib_at_90pct"] - p["rss_mib_at_20pct"]) / p["rss_mib_at_20pct"] * 100, 2
+        )
+        assert p["ok"] == (
+            p["rss_growth_pct"] < soak["rss_growth_limit_pct"]
+            and p["fds_at_90pct"] - p["fds_at_20pct"] <= soak["fd_slack"]
+        )
     assert soak["errors"] == sum(r["errors"].values()) == 0
     assert soak["misdelivered"] == r["misdelivered"] == 0
     iss = soak["issuances"]  # the ledger at the end: nothing left unfinished past its bound
@@ -216,7 +261,11 @@ def test_the_center_side_in_a_process_per_role_issues_and_shows_each_roles_cost(
     r = out["scenarios"]["issuance"]["konbini"]
     assert r["ok"] > 0 and r["misdelivered"] == 0 and not r["errors"]
     origin = {p["name"]: p["hops"] for p in r["costs"]["processes"] if p["role"] == "origin"}
-    assert origin == {"issuance centers": ["issuance-center"], "municipality servers": ["municipality"], "ocsp servers": ["ocsp"]}
+    assert origin == {
+        "issuance centers": ["issuance-center"],
+        "municipality servers": ["municipality"],
+        "ocsp servers": ["ocsp"],
+    }
     # CPU comes from /proc in 10 ms ticks: in this short run the municipality or OCSP process may
     # show none; the issuance centers, about 10 ms an issuance, always do
     cpu = {p["name"]: p["cpu_s"] for p in r["costs"]["processes"] if p["role"] == "origin"}
@@ -228,7 +277,9 @@ def test_center_workers_share_the_center_side_addresses_sessions_and_ledger(tmp_
     """Two workers on the center side's addresses. konbini's relays keep a kiosk's requests on one
     upstream connection; HAProxy pools its connections to the center, so one kiosk's challenge,
     answer and issue reach different workers: the sessions they share must make that work."""
-    out = run_bench(options(tmp_path, ["issuance"], center_workers=2, baseline="haproxy", rate=60.0, duration_s=2.0, kiosks=16))
+    out = run_bench(
+        options(tmp_path, ["issuance"], center_workers=2, baseline="haproxy", rate=60.0, duration_s=2.0, kiosks=16)
+    )
     for chain in ("konbini", "haproxy"):
         r = out["scenarios"]["issuance"][chain]
         assert r["ok"] > 0 and r["misdelivered"] == 0 and not r["errors"] and not r["refused"], (chain, r)

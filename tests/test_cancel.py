@@ -86,8 +86,14 @@ NOTHING = {"paper": [], "paid": 0, "payment": [], "refund": [], "copies": [], "n
 
 
 def issued(fee: int, copies: int) -> dict:
-    return {"paper": [None] * copies, "paid": 1, "payment": [fee], "refund": [], "copies": [None] * copies,
-            "notice": "acked"}
+    return {
+        "paper": [None] * copies,
+        "paid": 1,
+        "payment": [fee],
+        "refund": [],
+        "copies": [None] * copies,
+        "notice": "acked",
+    }
 
 
 def assert_one_story(net, kiosk: Kiosk, r: IssuanceResult, copies: int) -> None:
@@ -105,15 +111,20 @@ def assert_one_story(net, kiosk: Kiosk, r: IssuanceResult, copies: int) -> None:
         paper = s.pop("paper")
         assert paper == [VOID_STAMP] * len(paper) and len(paper) <= copies  # whatever came out is void
         assert r.charged == r.fee  # and the refund reached the center already:
-        assert s == {"paid": 1, "payment": [r.fee], "refund": [-r.fee], "copies": [VOID_STAMP] * copies,
-                     "notice": "acked"}
+        assert s == {
+            "paid": 1,
+            "payment": [r.fee],
+            "refund": [-r.fee],
+            "copies": [VOID_STAMP] * copies,
+            "notice": "acked",
+        }
 
 
 @pytest.mark.parametrize("step", STEPS, ids=[s.value for s in STEPS])
 async def test_a_cancel_at_each_step_is_honoured_before_payment_and_never_after(net, step):
     """The resident presses cancel as the flow reaches `step`; the next resident follows on the same
     connection and finds only their own paper in the tray."""
-    cards = net.cards.ensure_pool(40)[20 + 2 * STEPS.index(step):][:2]
+    cards = net.cards.ensure_pool(40)[20 + 2 * STEPS.index(step) :][:2]
     kiosk = Kiosk(net.context("kiosk-a1-1"), net.state_dir, Printer())
     request = IssueRequest(MUNI_A, "residence-record", 2)
     conn = await kiosk.connect()
@@ -135,7 +146,7 @@ async def test_a_cancel_at_each_step_is_honoured_before_payment_and_never_after(
 async def test_a_cancel_from_outside_at_each_step_never_leaves_paper_without_its_payment(net, step):
     """The kiosk's caller (a shutdown, a supervisor) cancels the issuance as the flow reaches `step`:
     no result comes back, but paper, till and ledger still agree, and the connection serves the next."""
-    cards = net.cards.ensure_pool(60)[42 + STEPS.index(step):][:1]
+    cards = net.cards.ensure_pool(60)[42 + STEPS.index(step) :][:1]
     kiosk = Kiosk(net.context("kiosk-a1-2"), net.state_dir, Printer())
     request = IssueRequest(MUNI_A, "residence-record", 2)
     conn = await kiosk.connect()
@@ -196,12 +207,15 @@ async def test_cancels_at_random_times_under_load_never_split_paper_money_screen
                 button = trio.CancelScope()
                 async with trio.open_nursery() as resident:
                     if how == "button":
+
                         async def press(at: float = at, button: trio.CancelScope = button) -> None:
                             await trio.sleep(at)  # the resident's moment, not a wait for the system
                             button.cancel()
+
                         resident.start_soon(press)
-                    r = await kiosk.issue(conn, next(cards), "1234", request, timeout=at if how == "timeout" else 60,
-                                          cancel=button)
+                    r = await kiosk.issue(
+                        conn, next(cards), "1234", request, timeout=at if how == "timeout" else 60, cancel=button
+                    )
                     resident.cancel_scope.cancel()
                 results.append((kiosk, r, copies))
                 too_late += how != "none" and r.status != "cancelled" and at < r.latency_ms / 1000
@@ -217,4 +231,6 @@ async def test_cancels_at_random_times_under_load_never_split_paper_money_screen
     for kiosk, r, copies in results:
         assert_one_story(net, kiosk, r, copies)
     for kiosk in {k.node.id: k for k, _, _ in results}.values():
-        assert set(kiosk.printer.tray) == {r.issuance_id for k, r, _ in results if k is kiosk and r.status != "cancelled"}
+        assert set(kiosk.printer.tray) == {
+            r.issuance_id for k, r, _ in results if k is kiosk and r.status != "cancelled"
+        }

@@ -187,7 +187,10 @@ def test_expired_card_is_refused(pki: PKI, store: CardStore) -> None:
 
 def test_card_not_yet_valid_is_refused_with_its_own_reason(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:
     # issued NOW - 1 day; 'card-expired' would send the resident to the municipality for nothing
-    assert verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=2)) == "card-not-yet-valid"
+    assert (
+        verify_card_certificate(shared_card[1].certificate, pki.jpki_ca, NOW - timedelta(days=2))
+        == "card-not-yet-valid"
+    )
 
 
 def test_card_is_valid_three_years(pki: PKI, shared_card: tuple[CardStore, Card]) -> None:

@@ -234,15 +234,22 @@ def test_nothing_is_sealed_twice_nor_after_a_cancel(state):
     ids=lambda v: getattr(v, "name", str(v)),
 )
 def test_decide_refuses_an_issue_unless_the_session_is_authenticated_and_unused(topo, state, status):
-    verdict = decide(session_in(state), IssueRequest(MUNI_A, "residence-record"), TEST_TIME, topo.service_hours,
-                     topo.municipalities())
+    verdict = decide(
+        session_in(state),
+        IssueRequest(MUNI_A, "residence-record"),
+        TEST_TIME,
+        topo.service_hours,
+        topo.municipalities(),
+    )
     assert verdict == Refuse(status, "session-state")
 
 
 def test_decide_lets_an_authenticated_request_go_with_its_fee_and_a_capped_size(topo):
     s = session_in(SessionState.AUTHENTICATED)
     munis = topo.municipalities()
-    assert decide(s, IssueRequest(MUNI_A, "residence-record"), TEST_TIME, topo.service_hours, munis) == Go(200, 64 * 1024)
+    assert decide(s, IssueRequest(MUNI_A, "residence-record"), TEST_TIME, topo.service_hours, munis) == Go(
+        200, 64 * 1024
+    )
     big = IssueRequest(MUNI_A, "residence-record", copies=2, size=1 << 40)
     assert decide(s, big, TEST_TIME, topo.service_hours, munis) == Go(400, 64 * 1024 * 1024)
     assert s.state is SessionState.AUTHENTICATED  # deciding moves nothing

@@ -10,7 +10,15 @@ import pytest
 from pypdf import PdfReader
 
 from gateway.business import residents
-from gateway.business.certificate import TITLES, VOID_STAMP, certificate, certificate_font, document_chunks, resident_named, stamp_void
+from gateway.business.certificate import (
+    TITLES,
+    VOID_STAMP,
+    certificate,
+    certificate_font,
+    document_chunks,
+    resident_named,
+    stamp_void,
+)
 from gateway.business.clock import JST
 
 AT = datetime(2026, 11, 25, 10, 0, tzinfo=JST)
@@ -22,8 +30,15 @@ def cut(tmp_path_factory):
 
 
 def _page(cut, card_id="card-0a1b2c3d4e5f", cert_type="residence-record", iid="iss-0123456789abcdef01234567"):
-    return certificate(issuance_id=iid, cert_type=cert_type, card_id=card_id, municipality_code="372013",
-                       municipality_name="高松市", issued_at=AT, cut=cut)
+    return certificate(
+        issuance_id=iid,
+        cert_type=cert_type,
+        card_id=card_id,
+        municipality_code="372013",
+        municipality_name="高松市",
+        issued_at=AT,
+        cut=cut,
+    )
 
 
 def _text(pdf: bytes) -> str:
@@ -35,8 +50,15 @@ def test_certificate_names_the_cards_holder_and_the_issuance(cut, cert_type):
     holder = residents.holder("card-0a1b2c3d4e5f")
     pdf = b"".join(document_chunks(_page(cut, cert_type=cert_type), "iss-0123456789abcdef01234567", 64 * 1024))
     text = _text(pdf)
-    for expected in (TITLES[cert_type], holder.name, "高松市" + holder.address, "iss-0123456789abcdef01234567",
-                     "2026年11月25日", "card-0a1b2c3d4e5f", f"{holder.born.year}年{holder.born.month}月{holder.born.day}日"):
+    for expected in (
+        TITLES[cert_type],
+        holder.name,
+        "高松市" + holder.address,
+        "iss-0123456789abcdef01234567",
+        "2026年11月25日",
+        "card-0a1b2c3d4e5f",
+        f"{holder.born.year}年{holder.born.month}月{holder.born.day}日",
+    ):
         assert expected in text
     assert PdfReader(io.BytesIO(pdf)).metadata["/KonbiniResident"] == holder.name
 
@@ -74,8 +96,15 @@ def test_a_void_copy_is_stamped_and_keeps_what_it_said(cut):
 
 def test_a_character_outside_the_cut_is_refused_not_dropped(cut):
     with pytest.raises(ValueError, match="outside the font"):
-        certificate(issuance_id="iss-x", cert_type="residence-record", card_id="c", municipality_code="1",
-                    municipality_name="札幌市", issued_at=AT, cut=cut)
+        certificate(
+            issuance_id="iss-x",
+            cert_type="residence-record",
+            card_id="c",
+            municipality_code="1",
+            municipality_name="札幌市",
+            issued_at=AT,
+            cut=cut,
+        )
 
 
 async def test_the_printed_certificate_names_the_card_holder_read_by_pypdf_alone(net, tmp_path):
@@ -88,7 +117,9 @@ async def test_the_printed_certificate_names_the_card_holder_read_by_pypdf_alone
 
     card = net.cards.ensure_pool(1)[0]
     saved = tmp_path / "printed.pdf"
-    r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest("131016", "seal-registration"), Printer(save_to=saved))
+    r = await issue_at(
+        net, "kiosk-a1-1", card, "1234", IssueRequest("131016", "seal-registration"), Printer(save_to=saved)
+    )
     assert r.status == "issued"
     text = _text(saved.read_bytes())
     face = card.holder
@@ -109,8 +140,11 @@ async def test_a_center_that_fetches_another_residents_certificate_is_caught_by_
     from kiosk_emu.device.printer import Printer
     from kiosk_emu.kiosk import issue_at
 
-    monkeypatch.setattr(gateway.nodes.issuance, "DocumentRequest",
-                        lambda iid, cert_type, size, card: DocumentRequest(iid, cert_type, size, "someone-else"))
+    monkeypatch.setattr(
+        gateway.nodes.issuance,
+        "DocumentRequest",
+        lambda iid, cert_type, size, card: DocumentRequest(iid, cert_type, size, "someone-else"),
+    )
     card = net.cards.ensure_pool(2)[1]
     assert card.holder != residents.holder("someone-else")
     printer = Printer(save_to=tmp_path / "printed.pdf")

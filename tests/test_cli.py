@@ -44,7 +44,9 @@ def test_issue_up_json_prints_one_object_with_the_promised_fields(state):
 
 
 def test_wrong_pin_is_one_line_with_tries_left_and_exit_1(state):
-    p = konbini("issue", "--up", "--pin", "0000", "--card", "pool-0219", "--clock", "2026-11-24T10:00:00+09:00", state=state)
+    p = konbini(
+        "issue", "--up", "--pin", "0000", "--card", "pool-0219", "--clock", "2026-11-24T10:00:00+09:00", state=state
+    )
     assert p.returncode == 1
     assert "pin-wrong" in p.stdout and "tries left" in p.stdout and "Traceback" not in p.stderr
 
@@ -67,7 +69,9 @@ def test_unknown_certificate_type_is_refused_cleanly(state):
 
 
 def test_missing_card_is_one_clear_line(state):
-    assert_one_clear_line(konbini("issue", "--up", "--card", "card-000000000000", state=state), "konbini:", "card-000000000000")
+    assert_one_clear_line(
+        konbini("issue", "--up", "--card", "card-000000000000", state=state), "konbini:", "card-000000000000"
+    )
 
 
 def test_issue_without_a_running_topology_says_how_to_start_one(state):
@@ -112,8 +116,13 @@ def test_outside_hours_refusal_shows_the_emulated_time_and_how_to_set_it(state):
 
 
 def test_demo_piped_to_a_file_prints_whole_records_not_truncated_columns(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "topology.cli", "demo", "--state", str(tmp_path)],
-                       capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "80"})
+    p = subprocess.run(
+        [sys.executable, "-m", "topology.cli", "demo", "--state", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "80"},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "…" not in p.stdout  # rich truncates cells with an ellipsis when columns do not fit
     assert "wrong PIN: expected pin-wrong, status refused, reason pin-wrong" in p.stdout
@@ -129,8 +138,11 @@ def test_a_document_size_below_one_byte_is_refused_before_anything_is_charged(st
 
 
 def test_a_kiosk_outside_the_named_store_is_refused_not_silently_used(state):
-    assert_one_clear_line(konbini("issue", "--kiosk", "kiosk-b1-1", "--store", "store-a1", state=state),
-                          "konbini:", "kiosk-b1-1 is in store store-b1, not store-a1")
+    assert_one_clear_line(
+        konbini("issue", "--kiosk", "kiosk-b1-1", "--store", "store-a1", state=state),
+        "konbini:",
+        "kiosk-b1-1 is in store store-b1, not store-a1",
+    )
 
 
 def test_an_unknown_store_is_called_unknown_and_the_stores_are_named(state):
@@ -140,8 +152,12 @@ def test_an_unknown_store_is_called_unknown_and_the_stores_are_named(state):
 def test_a_new_card_never_replaces_an_existing_one(tmp_path):
     assert konbini("card", "new", "--id", "card-twice", state=tmp_path).returncode == 0
     before = (tmp_path / "cards" / "card-twice.json").read_bytes()
-    assert_one_clear_line(konbini("card", "new", "--id", "card-twice", "--pin", "9999", state=tmp_path),
-                          "konbini:", "card-twice", "already exists")
+    assert_one_clear_line(
+        konbini("card", "new", "--id", "card-twice", "--pin", "9999", state=tmp_path),
+        "konbini:",
+        "card-twice",
+        "already exists",
+    )
     assert (tmp_path / "cards" / "card-twice.json").read_bytes() == before
 
 
@@ -156,24 +172,44 @@ def test_a_legacy_card_says_it_is_legacy_and_the_list_shows_what_a_kiosk_decides
     assert p.returncode == 0 and "legacy SHA-1/RSA-1024" in p.stdout
     assert konbini("card", "new", "--id", "card-ok", state=tmp_path).returncode == 0
     listed = konbini("card", "list", state=tmp_path).stdout.splitlines()
-    assert listed[0].split() == ["card", "PIN", "profile", "key", "certificate", "PIN", "tries", "left", "valid", "until"]
+    assert listed[0].split() == [
+        "card",
+        "PIN",
+        "profile",
+        "key",
+        "certificate",
+        "PIN",
+        "tries",
+        "left",
+        "valid",
+        "until",
+    ]
     rows = {line.split()[0]: line.split() for line in listed[1:-1]}
     assert rows["card-old"][1:5] == ["mynumber-auth", "RSA-1024", "legacy", "legacy-profile-refused"]
     assert rows["card-ok"][1:7] == ["mynumber-auth", "RSA-2048", "valid", "3", "of", "3"]
 
 
-@pytest.mark.parametrize("command, option, words", [
-    (["issue"], "--copies", ["1 to 10"]),
-    (["issue"], "--cert", ["residence-record", "family-register", "vaccination"]),
-    (["card", "new"], "--pin", ["4 digits"]),
-    (["card", "revoke"], "--reason", ["revocation cause"]),
-    (["card", "revoke"], "id", ["card list"]),
-    (["settle"], "--json", ["JSON"]),
-])
+@pytest.mark.parametrize(
+    "command, option, words",
+    [
+        (["issue"], "--copies", ["1 to 10"]),
+        (["issue"], "--cert", ["residence-record", "family-register", "vaccination"]),
+        (["card", "new"], "--pin", ["4 digits"]),
+        (["card", "revoke"], "--reason", ["revocation cause"]),
+        (["card", "revoke"], "id", ["card list"]),
+        (["settle"], "--json", ["JSON"]),
+    ],
+)
 def test_every_option_a_user_meets_has_help(command, option, words):
-    text = " ".join(subprocess.run([sys.executable, "-m", "topology.cli", *command, "--help"], capture_output=True, text=True,
-                                   env={**os.environ, "COLUMNS": "400"}).stdout.split())  # unwrapped
-    described = text[text.index(option, text.index("options:" if option.startswith("-") else "positional")):][:400]
+    text = " ".join(
+        subprocess.run(
+            [sys.executable, "-m", "topology.cli", *command, "--help"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "400"},
+        ).stdout.split()
+    )  # unwrapped
+    described = text[text.index(option, text.index("options:" if option.startswith("-") else "positional")) :][:400]
     assert all(w in described for w in words), described
 
 
@@ -184,8 +220,11 @@ def test_a_clock_without_offset_is_japan_time(state):
 
 @pytest.mark.parametrize("command", [["issue", "--up"], ["settle", "--month", "2026-11"]])
 def test_a_clock_that_is_not_a_time_is_one_clear_line(state, command):
-    p = konbini(*command, "--clock", "tomorrow", state=state) if command[0] == "issue" else \
-        konbini(*command, "--state", str(state), "--clock", "tomorrow")
+    p = (
+        konbini(*command, "--clock", "tomorrow", state=state)
+        if command[0] == "issue"
+        else konbini(*command, "--state", str(state), "--clock", "tomorrow")
+    )
     assert_one_clear_line(p, "konbini: --clock 'tomorrow' is not a time")
 
 
@@ -199,14 +238,17 @@ def test_graph_into_a_missing_directory_is_one_clear_line(tmp_path):
 
 
 async def _konbini_async(*args: str) -> subprocess.CompletedProcess:
-    return await trio.run_process([sys.executable, "-m", "topology.cli", *args], capture_stdout=True,
-                                  capture_stderr=True, check=False)
+    return await trio.run_process(
+        [sys.executable, "-m", "topology.cli", *args], capture_stdout=True, capture_stderr=True, check=False
+    )
 
 
 async def test_cards_issue_makes_are_valid_in_the_running_topologys_time(topo, tmp_path, nursery):
     """A topology up at an emulated date before today: `issue` with a fresh state makes its pool
     card in that time, not the wall clock's (which would be refused `card-not-yet-valid`)."""
-    running = await nursery.start(lambda task_status: run_topology(topo, tmp_path, clock=Clock(TEST_TIME), task_status=task_status))
+    running = await nursery.start(
+        lambda task_status: run_topology(topo, tmp_path, clock=Clock(TEST_TIME), task_status=task_status)
+    )
     p = await _konbini_async("issue", "--state", str(tmp_path), "--json")
     running.stop()
     assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()

@@ -14,14 +14,35 @@ from topology.spec.load import DEFAULT_TOPOLOGY
 
 # every command that reads a topology, as a user types it without the file
 READS_TOPOLOGY = [
-    ["check"], ["up"], ["preflight"], ["graph"], ["expand"], ["policy", "show"], ["policy", "check"], ["policy", "mutate"],
-    ["issue"], ["card", "new"], ["card", "list"], ["card", "revoke", "card-1"], ["card", "unlock", "card-1"],
-    ["settle", "--month", "2026-11"], ["sla", "--month", "2026-11"], ["ledger", "verify"], ["demo"], ["bench", "relay-small"],
-    ["link", "show"], ["link", "set", "closed-a1"], ["link", "reset", "closed-a1"], ["down"],
-    ["export", "k8s", "--out", "k8s"], ["export", "compose", "--out", "c.yaml"],
+    ["check"],
+    ["up"],
+    ["preflight"],
+    ["graph"],
+    ["expand"],
+    ["policy", "show"],
+    ["policy", "check"],
+    ["policy", "mutate"],
+    ["issue"],
+    ["card", "new"],
+    ["card", "list"],
+    ["card", "revoke", "card-1"],
+    ["card", "unlock", "card-1"],
+    ["settle", "--month", "2026-11"],
+    ["sla", "--month", "2026-11"],
+    ["ledger", "verify"],
+    ["demo"],
+    ["bench", "relay-small"],
+    ["link", "show"],
+    ["link", "set", "closed-a1"],
+    ["link", "reset", "closed-a1"],
+    ["down"],
+    ["export", "k8s", "--out", "k8s"],
+    ["export", "compose", "--out", "c.yaml"],
 ]
 # the same commands where FILE is their only positional
-TAKES_FILE = [argv for argv in READS_TOPOLOGY if argv[0] not in ("bench", "ledger") and argv[-1] not in ("card-1", "closed-a1")]
+TAKES_FILE = [
+    argv for argv in READS_TOPOLOGY if argv[0] not in ("bench", "ledger") and argv[-1] not in ("card-1", "closed-a1")
+]
 
 
 def parsed(argv: list[str]) -> argparse.Namespace:
@@ -65,8 +86,11 @@ def test_check_takes_the_file_as_topology_and_v(capsys):
 BROKEN = "name: broken\nnodes:\n  kiosk-1: {kind: kiosk, site: s, address: 127.18.0.1, upstream: nowhere}\n"
 
 
-@pytest.mark.parametrize("command", [["check"], ["up"], ["graph", "--out", "g.svg"], ["expand"], ["preflight"], ["policy", "show"]],
-                         ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [["check"], ["up"], ["graph", "--out", "g.svg"], ["expand"], ["preflight"], ["policy", "show"]],
+    ids=" ".join,
+)
 def test_every_command_exits_2_on_a_bad_topology_file(tmp_path: Path, command, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text(BROKEN, encoding="utf-8")
@@ -77,4 +101,6 @@ def test_every_command_exits_2_on_a_bad_topology_file(tmp_path: Path, command, c
 def test_every_bench_option_has_help_text():
     """`konbini bench --help` explains every option it lists (`--no-progress` had no help)."""
     bench = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
-    assert all(a.help for a in bench._actions if a.option_strings), [a.option_strings for a in bench._actions if not a.help]
+    assert all(a.help for a in bench._actions if a.option_strings), [
+        a.option_strings for a in bench._actions if not a.help
+    ]

@@ -43,10 +43,24 @@ from topology.spec.load import load_topology
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEFAULT = ROOT / "topology" / "default.yaml"
-CHAIN = {"store-router-a1": "127.0.0.21", "ec-router-a": "127.0.0.22", "dmz-relay-a": "127.0.0.23", "issuance-center": "127.0.0.24",
-         "ocsp": "127.0.0.25", "muni-a": "127.0.0.26"}
+CHAIN = {
+    "store-router-a1": "127.0.0.21",
+    "ec-router-a": "127.0.0.22",
+    "dmz-relay-a": "127.0.0.23",
+    "issuance-center": "127.0.0.24",
+    "ocsp": "127.0.0.25",
+    "muni-a": "127.0.0.26",
+}
 KIOSK = "kiosk-a1-1"
-REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError, StreamReset, ConnectionClosed)
+REFUSED = (
+    OSError,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+    ConnectionError,
+    StreamReset,
+    ConnectionClosed,
+)
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None,
@@ -63,7 +77,9 @@ def test_cluster_allowlist_leaves_the_address_to_network_policy_and_checks_the_c
     assert isinstance(allow, ByCertificate)
     assert allow.check_address("10.244.3.7") is BY_NETWORK_POLICY  # a pod address the topology never names
     assert allow.check_identity("10.244.3.7", "store-router-a1").rule == "nodes.ec-router-a.allow[0]"
-    assert allow.check_identity("10.244.3.7", "kiosk-a1-1").reason == "peer-identity"  # a kiosk never reaches the EC router
+    assert (
+        allow.check_identity("10.244.3.7", "kiosk-a1-1").reason == "peer-identity"
+    )  # a kiosk never reaches the EC router
     assert allow.check_identity("10.244.3.7", "store-router-b1").reason == "peer-identity"  # another operator's store
     assert allow.check_request("store-router-a1", "POST", "/v1/session").allowed
     assert allow.check_request("store-router-a1", "GET", "/admin").reason == "request-not-allowed"
@@ -111,7 +127,12 @@ def _pods(tmp: Path, topo, issuer: PKI, node_ids) -> dict[str, Pod]:
         for item in volume["items"]:
             (state / "pki" / item["path"]).parent.mkdir(parents=True, exist_ok=True)
             (state / "pki" / item["path"]).write_bytes(base64.b64decode(secrets[volume["secretName"]][item["key"]]))
-        moved = {TOPOLOGY_PATH: str(DEFAULT), STATE: str(state), "python": sys.executable, "konbini": str(BIN / "konbini")}
+        moved = {
+            TOPOLOGY_PATH: str(DEFAULT),
+            STATE: str(state),
+            "python": sys.executable,
+            "konbini": str(BIN / "konbini"),
+        }
         pods[node_id] = Pod([moved.get(a, a) for a in spec["containers"][0]["args"]], state)
     assert set(pods) == set(node_ids)
     return pods
@@ -124,7 +145,9 @@ def _in_pod(pod: Pod, hosts: Path, extra: list[str], **popen) -> subprocess.Pope
         f"mount --bind {hosts} /etc/hosts && mount --bind {pki} {pki} && mount -o remount,bind,ro {pki} {pki} && "
         f"exec {shlex.join(pod.args + extra)}"
     )
-    return subprocess.Popen(["unshare", "-m", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+    )
 
 
 def _wait_ready(procs: dict[str, subprocess.Popen], timeout: float = 60.0) -> None:
@@ -154,7 +177,9 @@ async def _bench_get(issuer: PKI, size: int) -> tuple[int, int]:
     conn = await connect_h2(CHAIN["store-router-a1"], 8443, "store-router-a1", _client_tls(issuer, "kiosk-a1-1", "h2"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
-        stream = await conn.open_stream(request_headers("GET", f"/bench/x?size={size}", "store-router-a1"), end_stream=True)
+        stream = await conn.open_stream(
+            request_headers("GET", f"/bench/x?size={size}", "store-router-a1"), end_stream=True
+        )
         status = int(header(await stream.receive_headers(), b":status"))
         body = await stream.read_body()
         conn.close()
@@ -207,7 +232,10 @@ def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{ip} {name}\n" for name, ip in CHAIN.items()))
     secret_files = {node_id: sorted(p.relative_to(s) for p in (s / "pki").rglob("*")) for node_id, s in states.items()}
-    procs = {node_id: _in_pod(pods[node_id], hosts, ["--bind", CHAIN[node_id], "--clock", IN_HOURS], stdin=subprocess.PIPE) for node_id in CHAIN}
+    procs = {
+        node_id: _in_pod(pods[node_id], hosts, ["--bind", CHAIN[node_id], "--clock", IN_HOURS], stdin=subprocess.PIPE)
+        for node_id in CHAIN
+    }
     try:
         _wait_ready(procs)
         # the kiosk's load Job, as exported: `konbini issue --cluster`, one whole issuance by name
@@ -220,8 +248,12 @@ def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_
             got = await _bench_get(issuer, 200_000)
             await _refused_as(issuer, "kiosk-a1-1", "ec-router-a")  # a kiosk skipping its store router
             await _refused_as(issuer, "ec-router-b", "dmz-relay-a")  # another operator's EC router
-            with pytest.raises(trio.BrokenResourceError) as wrong_name:  # a name the server's certificate does not carry
-                await connect_h2(CHAIN["ec-router-a"], 8443, "dmz-relay-a", _client_tls(issuer, "store-router-a1", "h2"))
+            with pytest.raises(
+                trio.BrokenResourceError
+            ) as wrong_name:  # a name the server's certificate does not carry
+                await connect_h2(
+                    CHAIN["ec-router-a"], 8443, "dmz-relay-a", _client_tls(issuer, "store-router-a1", "h2")
+                )
             assert isinstance(wrong_name.value.__cause__, ssl.SSLCertVerificationError)
             return got, await _scrape(issuer, "ec-router-a"), await _scrape(issuer, "dmz-relay-a")
 
@@ -236,11 +268,20 @@ def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_
                 proc.kill()
                 proc.wait()
     assert issued["status"] == "issued" and issued["signature_valid"] is True, issued
-    assert [hop["node"] for hop in issued["hops"]][:4] == ["issuance-center", "dmz-relay-a", "ec-router-a", "store-router-a1"]
+    assert [hop["node"] for hop in issued["hops"]][:4] == [
+        "issuance-center",
+        "dmz-relay-a",
+        "ec-router-a",
+        "store-router-a1",
+    ]
     assert (status, size) == (200, 200_000)  # through three relays, each dialling the next by its Service name
-    assert _denials(ec_metrics, "peer-identity") == 1  # the address passed (NetworkPolicy's job), the certificate did not
+    assert (
+        _denials(ec_metrics, "peer-identity") == 1
+    )  # the address passed (NetworkPolicy's job), the certificate did not
     assert _denials(dmz_metrics, "peer-identity") == 1
     assert _denials(ec_metrics, "peer-address") == 0
     for node_id, state in states.items():  # the read-only Secret mount: nothing added, nothing changed
         assert sorted(p.relative_to(state) for p in (state / "pki").rglob("*")) == secret_files[node_id]
-    assert all(proc.returncode == 0 for proc in procs.values()), {n: p.stderr.read().decode()[-500:] for n, p in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values()), {
+        n: p.stderr.read().decode()[-500:] for n, p in procs.items()
+    }

@@ -59,8 +59,9 @@ class Child:
         self.name = name
         self.log = logdir / f"{name}.stderr"
         with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, text=True, bufsize=1)
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1
+            )
         threading.Thread(target=self._read, args=(events,), daemon=True).start()
 
     def _read(self, events: queue.Queue) -> None:
@@ -97,11 +98,41 @@ class Lab:
         """Roles: center, relays, kiosks; center-1, center-2 ... are center workers (SO_REUSEPORT)."""
         if role.startswith("center") or role == "relays":
             workers = ["--reuse-port"] if role.startswith("center-") else []
-            return [sys.executable, "-m", "topology.launch.nodehost", "--topology", str(self.topo_file), "--state", str(self.state),
-                    "--mode", "loopback", "--clock", LAB_TIME, "--nodes", RELAYS if role == "relays" else CENTER, *workers]
-        return [sys.executable, "-m", "tests.crashlab", "kiosks", "--topology", str(self.topo_file), "--state", str(self.state),
-                "--kiosks", KIOSKS, "--seed", str(SEED), "--life", str(self.lives[role]), "--cards", str(CARDS),
-                *(["--flush-only"] if kw.get("flush_only") else [])]
+            return [
+                sys.executable,
+                "-m",
+                "topology.launch.nodehost",
+                "--topology",
+                str(self.topo_file),
+                "--state",
+                str(self.state),
+                "--mode",
+                "loopback",
+                "--clock",
+                LAB_TIME,
+                "--nodes",
+                RELAYS if role == "relays" else CENTER,
+                *workers,
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "tests.crashlab",
+            "kiosks",
+            "--topology",
+            str(self.topo_file),
+            "--state",
+            str(self.state),
+            "--kiosks",
+            KIOSKS,
+            "--seed",
+            str(SEED),
+            "--life",
+            str(self.lives[role]),
+            "--cards",
+            str(CARDS),
+            *(["--flush-only"] if kw.get("flush_only") else []),
+        ]
 
     def start(self, role: str, **kw) -> Child:
         self.lives[role] += 1
@@ -269,8 +300,6 @@ def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
                 printed[ev["issuance"]] = ev
     outboxed: dict[str, CompletionNotice] = {}  # issuance -> the notice the kiosk made durable
     for db in sorted((state / "outbox").glob("*.sqlite")):
-
-
         conn = sqlite3.connect(db)
         for iid, body, st, reason in conn.execute("SELECT issuance_id, body, state, reason FROM notices"):
             assert st == "acked", f"{db.name}: notice {iid} is {st} ({reason})"
@@ -283,7 +312,12 @@ def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
     assert len(unlogged) <= kiosk_kills * len(KIOSKS.split(",")), unlogged
     # Every paid job has its notice: a refund notice is held before payment and released at restart
     # when the print was never confirmed, so a kill between payment and print loses nothing.
-    paid = {ev["issuance"] for log in (state / "kiosk-logs").glob("*.jsonl") for ev in read_jsonl(log) if ev["event"] == "paid"}
+    paid = {
+        ev["issuance"]
+        for log in (state / "kiosk-logs").glob("*.jsonl")
+        for ev in read_jsonl(log)
+        if ev["event"] == "paid"
+    }
     paid_unnoticed = paid - set(outboxed)
     assert not paid_unnoticed, f"paid without a notice: {sorted(paid_unnoticed)}"
     leftovers = sorted(p.name for p in (state / "spool").rglob("*") if p.is_file())
@@ -311,7 +345,8 @@ def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
             assert states[iid] == ("refunded" if notice.refunded else "completed")
             if iid in printed:
                 assert printed[iid]["fee"] == rec.fee and printed[iid]["event"] == (
-                    "misprint-refunded" if notice.refunded else "printed")
+                    "misprint-refunded" if notice.refunded else "printed"
+                )
         for iid, state_ in states.items():  # cancelled by a kill (or refused): never completed, never printed
             if iid not in outboxed:
                 assert state_ in ("created", "sent", "cancelled", "expired"), (iid, state_)
@@ -325,6 +360,8 @@ def audit(state: Path, lab: Lab, kiosk_kills: int) -> str:
     finally:
         db.close()
     outcomes = Counter(f"{r['status']}:{r['reason']}" if r["reason"] else r["status"] for r in lab.results)
-    return (f"{len(lab.results)} attempts {dict(outcomes)}, "
-            f"{len(printed)} printed (+{len(unlogged)} noticed, killed before the log line; {len(paid_unnoticed)} paid, killed before the notice), {len(noticed)} noticed, "
-            f"not completed {dict(Counter(s for i, s in states.items() if i not in noticed))}, fees {ledger_fees} yen, {rows} ledger rows")
+    return (
+        f"{len(lab.results)} attempts {dict(outcomes)}, "
+        f"{len(printed)} printed (+{len(unlogged)} noticed, killed before the log line; {len(paid_unnoticed)} paid, killed before the notice), {len(noticed)} noticed, "
+        f"not completed {dict(Counter(s for i, s in states.items() if i not in noticed))}, fees {ledger_fees} yen, {rows} ledger rows"
+    )

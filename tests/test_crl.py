@@ -46,5 +46,6 @@ async def test_crl_lists_revoked_serials_with_reason_signed_by_the_jpki_ca(net):
     crl = x509.load_der_x509_crl((await fetch_crl(net))[1])
     entry = crl.get_revoked_certificate_by_serial_number(good.serial)
     assert entry is not None
-    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.cessation_of_operation
-
+    assert (
+        entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.cessation_of_operation
+    )

@@ -145,7 +145,11 @@ def test_compact_default_expands_to_exactly_the_explicit_default(tmp_path):
     explicit = load_topology(DEFAULT_TOPOLOGY)
     assert _without_annex_fields(compact) == _without_annex_fields(explicit)
     assert sorted(compact.lines, key=lambda x: x.id) == sorted(explicit.lines, key=lambda x: x.id)
-    assert (compact.name, compact.service_hours, compact.state_dir) == (explicit.name, explicit.service_hours, explicit.state_dir)
+    assert (compact.name, compact.service_hours, compact.state_dir) == (
+        explicit.name,
+        explicit.service_hours,
+        explicit.state_dir,
+    )
 
 
 def test_expand_output_loads_back_to_the_same_topology(tmp_path):
@@ -233,11 +237,17 @@ def test_range_overflowing_its_pool_names_the_range_line(tmp_path):
 
 
 def test_duplicate_derived_ids_are_caught(tmp_path):
-    text = SMALL.replace("pools:\n  stores: 127.64.0.0/28", "pools:\n  stores: 127.64.0.0/28\n  more: 127.65.0.0/28").replace(
-        "groups:\n", 'groups:\n  again: {range: "s[02-02]", pool: more, operator: a, upstream: ec-router-a, kiosks: 1}\n'
+    text = SMALL.replace(
+        "pools:\n  stores: 127.64.0.0/28", "pools:\n  stores: 127.64.0.0/28\n  more: 127.65.0.0/28"
+    ).replace(
+        "groups:\n",
+        'groups:\n  again: {range: "s[02-02]", pool: more, operator: a, upstream: ec-router-a, kiosks: 1}\n',
     )
     problems = check_file(write(tmp_path, text))
-    assert any(p.field == "groups.shops.range" and "derived id 'store-router-s02' is already taken" in p.message for p in problems), problems
+    assert any(
+        p.field == "groups.shops.range" and "derived id 'store-router-s02' is already taken" in p.message
+        for p in problems
+    ), problems
 
 
 def test_template_naming_an_unknown_group_names_file_line_field(tmp_path):
@@ -250,8 +260,10 @@ def test_template_naming_an_unknown_group_names_file_line_field(tmp_path):
 
 
 def test_problem_inside_a_member_template_points_at_the_template(tmp_path):
-    text = SMALL.replace('store-controller:\n    allow: [{from: {kind: kiosk, same: site}, requests: ["POST /v1/heartbeat"]}]',
-                         'store-controller:\n    allow: [{from: {kind: kiosk, same: site}, requests: ["FETCH /v1/heartbeat"]}]')
+    text = SMALL.replace(
+        'store-controller:\n    allow: [{from: {kind: kiosk, same: site}, requests: ["POST /v1/heartbeat"]}]',
+        'store-controller:\n    allow: [{from: {kind: kiosk, same: site}, requests: ["FETCH /v1/heartbeat"]}]',
+    )
     problems = check_file(write(tmp_path, text))
     assert len(problems) == 1 and problems[0].line == line_of(text, "FETCH")
 
@@ -280,8 +292,15 @@ def test_every_upstream_is_checked_for_its_kind_and_its_line(tmp_path):
 
 def test_one_municipality_may_run_several_document_servers(tmp_path):
     text = DEFAULT_TOPOLOGY.read_text()
-    server2 = text[text.index("  muni-b:"):text.index("  muni-c:")].replace("muni-b:", "muni-b2:").replace("127.18.0.12", "127.18.0.14")
-    text = text.replace("  muni-c:", server2 + "  muni-c:") + "  - {id: lgwan-b2, a: issuance-center, b: muni-b2, kind: lgwan}\n"
+    server2 = (
+        text[text.index("  muni-b:") : text.index("  muni-c:")]
+        .replace("muni-b:", "muni-b2:")
+        .replace("127.18.0.12", "127.18.0.14")
+    )
+    text = (
+        text.replace("  muni-c:", server2 + "  muni-c:")
+        + "  - {id: lgwan-b2, a: issuance-center, b: muni-b2, kind: lgwan}\n"
+    )
     topo = load_topology(write(tmp_path, text))
     assert [n.id for n in topo.of_kind("municipality") if n.municipality.code == "141003"] == ["muni-b", "muni-b2"]
     different = text.replace('hours: {open: "08:30", close: "19:00"}', 'hours: {open: "09:00", close: "19:00"}', 1)
@@ -308,14 +327,22 @@ def test_compact_stores_have_the_admin_surfaces_the_annex_requires(tmp_path):
     endpoint, exactly as the hand-written default's stores; `admin: false` leaves them out."""
     compact = load_topology(write(tmp_path, COMPACT_DEFAULT))
     assert compact.nodes == load_topology(DEFAULT_TOPOLOGY).nodes
-    bare = load_topology(write(tmp_path, COMPACT_DEFAULT.replace("    operator: b\n", "    operator: b\n    admin: false\n"), "bare.yaml"))
+    bare = load_topology(
+        write(
+            tmp_path, COMPACT_DEFAULT.replace("    operator: b\n", "    operator: b\n    admin: false\n"), "bare.yaml"
+        )
+    )
     assert bare.node("kiosk-b1-1").admin_port is None and not bare.node("store-controller-b1").admin
     assert bare.node("kiosk-a1-1").admin and bare.node("store-controller-a1").admin_port == 9440
 
 
 def test_check_names_the_annex_items_a_file_cannot_show_and_why(tmp_path, capsys):
-    path = write(tmp_path, COMPACT_DEFAULT.replace("    operator: a\n", "    operator: a\n    admin: false\n")
-                 .replace("    operator: b\n", "    operator: b\n    admin: false\n"))
+    path = write(
+        tmp_path,
+        COMPACT_DEFAULT.replace("    operator: a\n", "    operator: a\n    admin: false\n").replace(
+            "    operator: b\n", "    operator: b\n    admin: false\n"
+        ),
+    )
     assert main(["check", str(path)]) == 0
     cannot = {line.split()[2]: line for line in capsys.readouterr().out.splitlines() if line.startswith("cannot show")}
     assert set(cannot) == {"SEC-ST-3/KI-6", "SEC-KI-4", "SEC-KI-7", "SEC-KI-8"}

@@ -45,7 +45,12 @@ def test_relay_fails_over_to_the_second_dmz_relay_when_the_first_is_down(tmp_pat
 
 
 def test_balance_spreads_connections_over_every_upstream(tmp_path):
-    (tmp_path / "t.yaml").write_text(SMALL.replace("upstreams: [dmz-relay-a1, dmz-relay-a2]}", "upstreams: [dmz-relay-a1, dmz-relay-a2], upstream_policy: balance}"))
+    (tmp_path / "t.yaml").write_text(
+        SMALL.replace(
+            "upstreams: [dmz-relay-a1, dmz-relay-a2]}",
+            "upstreams: [dmz-relay-a1, dmz-relay-a2], upstream_policy: balance}",
+        )
+    )
     topo = load_topology(tmp_path / "t.yaml")
     relay, _ = _relay(topo, "ec-router-a", down=set())
     got = [trio.run(relay._connect_upstream) for _ in range(4)]

@@ -84,7 +84,11 @@ def _of_kind(manifests, *kinds):
 
 def _node_workloads(manifests):
     """The topology nodes' workloads: every one but the monitoring principal's scraper."""
-    return [w for w in _of_kind(manifests, "Deployment", "StatefulSet", "Job") if NODE_LABEL in w["spec"]["template"]["metadata"]["labels"]]
+    return [
+        w
+        for w in _of_kind(manifests, "Deployment", "StatefulSet", "Job")
+        if NODE_LABEL in w["spec"]["template"]["metadata"]["labels"]
+    ]
 
 
 # -- schemas ----------------------------------------------------------------------------------
@@ -106,7 +110,15 @@ def test_every_manifest_validates_against_the_strict_kubernetes_schemas(exported
     for name, file_docs in manifests.items():
         assert list(yaml.safe_load_all(dump(file_docs))) == file_docs, name
     assert {d["kind"] for d in docs} == {
-        "Namespace", "ConfigMap", "Secret", "NetworkPolicy", "Service", "Deployment", "StatefulSet", "Job"}
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "NetworkPolicy",
+        "Service",
+        "Deployment",
+        "StatefulSet",
+        "Job",
+    }
 
 
 def test_strict_validation_rejects_an_unknown_field(exported):
@@ -131,7 +143,9 @@ def test_services_carry_node_ids_so_the_certificates_still_verify(exported):
         node = topo.node(name)
         assert service["spec"]["selector"] == {NODE_LABEL: name}
         assert node.port in [p["port"] for p in service["spec"]["ports"]]
-        assert {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"} in service["spec"]["ports"]
+        assert {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"} in service[
+            "spec"
+        ]["ports"]
         pem = base64.b64decode(secrets[f"{name}-pki"]["data"][f"nodes.{name}.pem"])
         sans = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert name in sans.get_values_for_type(x509.DNSName)  # what the client's server_hostname checks
@@ -141,12 +155,15 @@ def test_workloads_are_labelled_probed_and_mount_their_pki_read_only(exported):
     topo, manifests = exported
     workloads = _node_workloads(manifests)
     assert {w["spec"]["template"]["metadata"]["labels"][NODE_LABEL] for w in workloads} == {
-        n.id for n in topo.nodes.values() if n.is_server or n.kind == "kiosk"}
+        n.id for n in topo.nodes.values() if n.is_server or n.kind == "kiosk"
+    }
     secrets = {s["metadata"]["name"] for s in _of_kind(manifests, "Secret")}
     for w in workloads:
         labels = w["spec"]["template"]["metadata"]["labels"]
         node = topo.node(labels[NODE_LABEL])
-        assert labels == node_labels(node) and (node.operator is None or labels["konbini.dev/operator"] == node.operator)
+        assert labels == node_labels(node) and (
+            node.operator is None or labels["konbini.dev/operator"] == node.operator
+        )
         pod = w["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
@@ -156,7 +173,9 @@ def test_workloads_are_labelled_probed_and_mount_their_pki_read_only(exported):
         pki_volume = next(v for v in pod["volumes"] if v["name"] == "pki")
         assert pki_volume["secret"]["secretName"] == f"{node.id}-pki" in secrets
         if node.is_server:
-            assert container["readinessProbe"]["tcpSocket"]["port"] == node.port == container["ports"][0]["containerPort"]
+            assert (
+                container["readinessProbe"]["tcpSocket"]["port"] == node.port == container["ports"][0]["containerPort"]
+            )
             assert w["kind"] == ("StatefulSet" if node.kind == "issuance-center" else "Deployment")
         else:
             assert w["kind"] == "Job" and "--kiosk" in container["args"] and node.id in container["args"]
@@ -176,8 +195,10 @@ def test_impaired_lines_become_annotations_with_a_note(exported):
     policies = {p["metadata"]["name"]: p for p in _of_kind(manifests, "NetworkPolicy")}
     for line in impaired:
         for end in (line.a, line.b):
-            notes = {**policies.get(f"{end}-ingress", {}).get("metadata", {}).get("annotations", {}),
-                     **policies.get(f"{end}-egress", {}).get("metadata", {}).get("annotations", {})}
+            notes = {
+                **policies.get(f"{end}-ingress", {}).get("metadata", {}).get("annotations", {}),
+                **policies.get(f"{end}-egress", {}).get("metadata", {}).get("annotations", {}),
+            }
             assert f"impair.konbini.dev/{line.id}" in notes, (line.id, end)
             assert "Kubernetes does not apply" in notes["konbini.dev/impair-note"]
 
@@ -212,10 +233,22 @@ spec:
 
 
 def _stand_ins(topo, namespace) -> list[dict]:
-    return [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": n.id, "namespace": namespace},
-             "spec": {"selector": {"matchLabels": {NODE_LABEL: n.id}},
-                      "template": {"metadata": {"labels": node_labels(n)}, "spec": {"containers": [{"name": "x", "image": "x"}]}}}}
-            for n in topo.nodes.values() if not (n.is_server or n.kind == "kiosk")]
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": n.id, "namespace": namespace},
+            "spec": {
+                "selector": {"matchLabels": {NODE_LABEL: n.id}},
+                "template": {
+                    "metadata": {"labels": node_labels(n)},
+                    "spec": {"containers": [{"name": "x", "image": "x"}]},
+                },
+            },
+        }
+        for n in topo.nodes.values()
+        if not (n.is_server or n.kind == "kiosk")
+    ]
 
 
 def _ports(text: str | None) -> set[int | str]:
@@ -233,24 +266,45 @@ def _endpoint(labels: dict) -> str | None:
     return MONITORING_PRINCIPAL if labels.get(ROLE_LABEL) == MONITORING_PRINCIPAL else labels.get(NODE_LABEL)
 
 
-def analyzed_connectivity(manifests, topo, workdir: Path, stand_ins: list[dict] | None = None) -> set[tuple[str, str, str, int | str]]:
+def analyzed_connectivity(
+    manifests, topo, workdir: Path, stand_ins: list[dict] | None = None
+) -> set[tuple[str, str, str, int | str]]:
     """(source, destination, protocol, port) the policies let through, by network-config-analyzer.
 
     Endpoints are named by node id (from the workloads' labels); outside the namespace by
     "ns/name", and "*" for any address (an ip block)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    workloads = _of_kind(manifests, "Deployment", "StatefulSet", "Job") + (_stand_ins(topo, "konbini") if stand_ins is None else stand_ins)
+    workloads = _of_kind(manifests, "Deployment", "StatefulSet", "Job") + (
+        _stand_ins(topo, "konbini") if stand_ins is None else stand_ins
+    )
     (workdir / "policies.yaml").write_text(dump(_of_kind(manifests, "NetworkPolicy")))
     (workdir / "pods.yaml").write_text(dump(workloads + _of_kind(manifests, "Namespace")) + "---\n" + _CLUSTER)
     report = workdir / "connectivity.txt"
     run = subprocess.run(
-        [sys.executable, "-m", "nca", "--connectivity", str(workdir / "policies.yaml"), "--pod_list", str(workdir / "pods.yaml"),
-         "--ns_list", str(workdir / "pods.yaml"), "-o", "txt_no_fw_rules", "-f", str(report)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "nca",
+            "--connectivity",
+            str(workdir / "policies.yaml"),
+            "--pod_list",
+            str(workdir / "pods.yaml"),
+            "--ns_list",
+            str(workdir / "pods.yaml"),
+            "-o",
+            "txt_no_fw_rules",
+            "-f",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert report.exists(), run.stdout + run.stderr
-    node_of = {f"{w['metadata']['namespace']}/{w['metadata']['name']}": _endpoint(w["spec"]["template"]["metadata"]["labels"])
-               for w in workloads}
+    node_of = {
+        f"{w['metadata']['namespace']}/{w['metadata']['name']}": _endpoint(w["spec"]["template"]["metadata"]["labels"])
+        for w in workloads
+    }
     found: set[tuple[str, str, str, int | str]] = set()
     for line in report.read_text().splitlines():
         m = _CONN.match(line.strip())
@@ -283,11 +337,16 @@ def policy_differences(topo, connectivity) -> list[str]:
     for r in matrix:
         got = (r.src, r.dst, "TCP", r.port) in inside
         if got != r.allowed:
-            diffs.append(f"{r.src} -> {r.dst}:{r.port}: matrix says {'allow' if r.allowed else 'deny'}, policies {'allow' if got else 'deny'}")
+            diffs.append(
+                f"{r.src} -> {r.dst}:{r.port}: matrix says {'allow' if r.allowed else 'deny'}, policies {'allow' if got else 'deny'}"
+            )
     pairs = {(r.src, r.dst, "TCP", r.port) for r in matrix}  # reported above
     dialers = {r.src for r in matrix if r.allowed}
     dns = {(src, "kube-system/coredns", proto, 53) for src in dialers for proto in ("TCP", "UDP")}
-    diffs += [f"{c[0]} -> {c[1]} {c[2]}/{c[3]}: allowed by the policies, in no allow-list" for c in sorted(inside - pairs - dns, key=str)]
+    diffs += [
+        f"{c[0]} -> {c[1]} {c[2]}/{c[3]}: allowed by the policies, in no allow-list"
+        for c in sorted(inside - pairs - dns, key=str)
+    ]
     diffs += [f"{c[0]} -> {c[1]} {c[2]}/{c[3]}: DNS missing" for c in sorted(dns - inside, key=str)]
     return diffs
 
@@ -311,18 +370,32 @@ def test_the_equivalence_check_catches_a_removed_allow_and_an_added_forbidden_pa
 
     def drop_dmz_relay_a(p):  # the center no longer lets operator a's DMZ relay in
         rules = p["issuance-center-ingress"]["spec"]["ingress"]
-        rules[0]["from"] = [peer for peer in rules[0]["from"] if peer["podSelector"]["matchLabels"][NODE_LABEL] != "dmz-relay-a"]
+        rules[0]["from"] = [
+            peer for peer in rules[0]["from"] if peer["podSelector"]["matchLabels"][NODE_LABEL] != "dmz-relay-a"
+        ]
 
     def kiosk_to_center(p):  # SEC-SN-3: a kiosk straight to the issuance center, opened on both ends
         port = topo.node("issuance-center").port
         p["kiosk-a1-1-egress"]["spec"]["egress"].append(
-            {"to": [{"podSelector": {"matchLabels": {NODE_LABEL: "issuance-center"}}}], "ports": [{"protocol": "TCP", "port": port}]})
+            {
+                "to": [{"podSelector": {"matchLabels": {NODE_LABEL: "issuance-center"}}}],
+                "ports": [{"protocol": "TCP", "port": port}],
+            }
+        )
         p["issuance-center-ingress"]["spec"]["ingress"].append(
-            {"from": [{"podSelector": {"matchLabels": {NODE_LABEL: "kiosk-a1-1"}}}], "ports": [{"protocol": "TCP", "port": port}]})
+            {
+                "from": [{"podSelector": {"matchLabels": {NODE_LABEL: "kiosk-a1-1"}}}],
+                "ports": [{"protocol": "TCP", "port": port}],
+            }
+        )
 
-    removed = policy_differences(topo, analyzed_connectivity(_mutated(manifests, drop_dmz_relay_a), topo, tmp_path / "removed"))
+    removed = policy_differences(
+        topo, analyzed_connectivity(_mutated(manifests, drop_dmz_relay_a), topo, tmp_path / "removed")
+    )
     assert removed == ["dmz-relay-a -> issuance-center:8443: matrix says allow, policies deny"]
-    added = policy_differences(topo, analyzed_connectivity(_mutated(manifests, kiosk_to_center), topo, tmp_path / "added"))
+    added = policy_differences(
+        topo, analyzed_connectivity(_mutated(manifests, kiosk_to_center), topo, tmp_path / "added")
+    )
     assert added == ["kiosk-a1-1 -> issuance-center:8443: matrix says deny, policies allow"]
 
 
@@ -334,16 +407,24 @@ def test_the_equivalence_check_catches_the_metrics_port_opened_to_a_kiosk(defaul
 
     def kiosk_to_metrics(p):
         p["kiosk-a1-1-egress"]["spec"]["egress"].append(
-            {"to": [{"podSelector": {"matchLabels": {NODE_LABEL: "store-router-a1"}}}], "ports": [metrics]})
-        p["metrics-ingress"]["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {NODE_LABEL: "kiosk-a1-1"}}})
+            {"to": [{"podSelector": {"matchLabels": {NODE_LABEL: "store-router-a1"}}}], "ports": [metrics]}
+        )
+        p["metrics-ingress"]["spec"]["ingress"][0]["from"].append(
+            {"podSelector": {"matchLabels": {NODE_LABEL: "kiosk-a1-1"}}}
+        )
 
     def center_unscraped(p):
         p["metrics-ingress"]["spec"]["podSelector"]["matchExpressions"].append(
-            {"key": NODE_LABEL, "operator": "NotIn", "values": ["issuance-center"]})
+            {"key": NODE_LABEL, "operator": "NotIn", "values": ["issuance-center"]}
+        )
 
-    opened = policy_differences(topo, analyzed_connectivity(_mutated(manifests, kiosk_to_metrics), topo, tmp_path / "kiosk"))
+    opened = policy_differences(
+        topo, analyzed_connectivity(_mutated(manifests, kiosk_to_metrics), topo, tmp_path / "kiosk")
+    )
     assert opened == [f"kiosk-a1-1 -> store-router-a1:{METRICS_PORT}: matrix says deny, policies allow"]
-    closed = policy_differences(topo, analyzed_connectivity(_mutated(manifests, center_unscraped), topo, tmp_path / "center"))
+    closed = policy_differences(
+        topo, analyzed_connectivity(_mutated(manifests, center_unscraped), topo, tmp_path / "center")
+    )
     assert closed == [f"monitoring -> issuance-center:{METRICS_PORT}: matrix says allow, policies deny"]
 
 
@@ -359,10 +440,13 @@ def test_the_monitoring_pod_scrapes_every_server_with_the_monitoring_certificate
     (job,) = yaml.safe_load(config["data"]["prometheus.yml"])["scrape_configs"]
     assert job["scheme"] == "https"
     assert {t for c in job["static_configs"] for t in c["targets"]} == {
-        f"{n.id}:{METRICS_PORT}" for n in topo.nodes.values() if n.is_server}
+        f"{n.id}:{METRICS_PORT}" for n in topo.nodes.values() if n.is_server
+    }
     pod = deployment["spec"]["template"]
     mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
-    assert {Path(job["tls_config"][k]).parent.as_posix() for k in ("ca_file", "cert_file", "key_file")} == {mounts["pki"]}
+    assert {Path(job["tls_config"][k]).parent.as_posix() for k in ("ca_file", "cert_file", "key_file")} == {
+        mounts["pki"]
+    }
     assert {Path(job["tls_config"][k]).name for k in ("ca_file", "cert_file", "key_file")} == set(secret["data"])
     ingress = next(p for p in manifests["30-network-policies.yaml"] if p["metadata"]["name"] == "metrics-ingress")
     assert ingress["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {ROLE_LABEL: "monitoring"}}}]
@@ -373,19 +457,31 @@ def test_the_monitoring_pod_scrapes_every_server_with_the_monitoring_certificate
 
 
 def test_export_command_writes_the_manifests(tmp_path, capsys):
-    assert main(["export", "k8s", "--out", str(tmp_path / "k8s"), "--state", str(tmp_path / "st"), "--namespace", "kb"]) == 0
+    assert (
+        main(["export", "k8s", "--out", str(tmp_path / "k8s"), "--state", str(tmp_path / "st"), "--namespace", "kb"])
+        == 0
+    )
     assert "manifests in" in capsys.readouterr().out
     written = sorted(p.name for p in (tmp_path / "k8s").iterdir())
     assert written[0] == "00-namespace.yaml" and "30-network-policies.yaml" in written
     docs = list(yaml.safe_load_all((tmp_path / "k8s" / "30-network-policies.yaml").read_text()))
     assert all(d["metadata"]["namespace"] == "kb" for d in docs)
-    assert main(["export", "k8s", "--out", str(tmp_path / "bad"), "--state", str(tmp_path / "st"), "--namespace", "Bad_NS"]) == 2
+    assert (
+        main(
+            ["export", "k8s", "--out", str(tmp_path / "bad"), "--state", str(tmp_path / "st"), "--namespace", "Bad_NS"]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("konbini: ")
 
 
 def test_containerfile_passes_hadolint():
-    run = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "info", str(ROOT / "Containerfile")],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [str(BIN / "hadolint"), "--failure-threshold", "info", str(ROOT / "Containerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     text = (ROOT / "Containerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim-bookworm$", text, re.M) and "requirements.lock" in text
@@ -410,7 +506,9 @@ def _grouped_default(tmp_path_factory):
     topo = load_topology(path)
     opts = KubeOptions(topology_text=path.read_text(), group_stores=True)
     pki = PKI.ensure(tmp_path_factory.mktemp("grouped"), pki_topology(topo, opts))
-    return topo, export_k8s(topo, opts, {n.id: pki_files(pki, n) for n in exported_nodes(topo, opts)}, monitoring_files(pki))
+    return topo, export_k8s(
+        topo, opts, {n.id: pki_files(pki, n) for n in exported_nodes(topo, opts)}, monitoring_files(pki)
+    )
 
 
 def test_grouped_policies_open_exactly_the_matrix_widened_to_the_operators_store_side(tmp_path_factory, tmp_path):
@@ -418,19 +516,36 @@ def test_grouped_policies_open_exactly_the_matrix_widened_to_the_operators_store
     and what passes beyond the matrix is only a kiosk reaching another store of its own operator
     (the node's certificate check refuses it there)."""
     topo, manifests = _grouped_default(tmp_path_factory)
-    assert not any(n.kind in ("store-router", "store-controller", "kiosk") for n in
-                   (topo.node(w["spec"]["template"]["metadata"]["labels"][NODE_LABEL]) for w in _node_workloads(manifests)))
+    assert not any(
+        n.kind in ("store-router", "store-controller", "kiosk")
+        for n in (
+            topo.node(w["spec"]["template"]["metadata"]["labels"][NODE_LABEL]) for w in _node_workloads(manifests)
+        )
+    )
     groups = {}
     for node in topo.nodes.values():
         if node.kind in ("kiosk", "store-router", "store-controller", "wifi"):
             groups[node.id] = f"{node.kind}-{node.operator}"
-    pods = [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": n.id, "namespace": "konbini"},
-             "spec": {"selector": {"matchLabels": {NODE_LABEL: n.id}},
-                      "template": {"metadata": {"labels": {**node_labels(n), GROUP_LABEL: groups[n.id]}},
-                                   "spec": {"containers": [{"name": "x", "image": "x"}]}}}}
-            for n in topo.nodes.values() if n.id in groups]  # stand-ins: each store-side node a pod of its group
+    pods = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": n.id, "namespace": "konbini"},
+            "spec": {
+                "selector": {"matchLabels": {NODE_LABEL: n.id}},
+                "template": {
+                    "metadata": {"labels": {**node_labels(n), GROUP_LABEL: groups[n.id]}},
+                    "spec": {"containers": [{"name": "x", "image": "x"}]},
+                },
+            },
+        }
+        for n in topo.nodes.values()
+        if n.id in groups
+    ]  # stand-ins: each store-side node a pod of its group
     diffs = policy_differences(topo, analyzed_connectivity(manifests, topo, tmp_path, stand_ins=pods))
-    widened = re.compile(r"^(kiosk-(\w)\d-\d) -> (store-router|store-controller)-\2\d:8443: matrix says deny, policies allow$")
+    widened = re.compile(
+        r"^(kiosk-(\w)\d-\d) -> (store-router|store-controller)-\2\d:8443: matrix says deny, policies allow$"
+    )
     assert diffs and all(widened.match(d) for d in diffs), [d for d in diffs if not widened.match(d)]
 
 
@@ -448,7 +563,9 @@ def test_national_export_is_bounded_and_its_manifests_validate(tmp_path):
     assert len(nodes) < 2000 and all(n.kind not in ("kiosk", "store-router", "store-controller") for n in nodes)
     policies = manifests["30-network-policies.yaml"]
     assert len(policies) < 2 * len(nodes) + 50
-    for doc in policies + manifests["00-namespace.yaml"] + manifests["10-topology.yaml"] + manifests["70-monitoring.yaml"]:
+    for doc in (
+        policies + manifests["00-namespace.yaml"] + manifests["10-topology.yaml"] + manifests["70-monitoring.yaml"]
+    ):
         _validate(doc)
     for name in ("20-pki-secrets.yaml", "40-services.yaml", "50-nodes.yaml"):
         for doc in manifests[name][::100]:

@@ -22,7 +22,8 @@ import trio.testing
 from bench.runner import Bench, BenchError, BenchOptions, run_bench
 from bench.topology import with_port
 from gateway.nodes.issuance import ATTEMPT_TIMEOUT, PROBE_INTERVAL, UPSTREAM_TIMEOUT, DocumentServers, IssuanceCenter
-from gateway.nodes.relay import CONNECT_TIMEOUT, PROBE_INTERVAL as RELAY_PROBE_INTERVAL, Relay
+from gateway.nodes.relay import CONNECT_TIMEOUT, Relay
+from gateway.nodes.relay import PROBE_INTERVAL as RELAY_PROBE_INTERVAL
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 REDUNDANT = DEFAULT_TOPOLOGY.parent / "redundant.yaml"
@@ -35,8 +36,17 @@ def free_port() -> int:
 
 
 def failover_run(tmp: Path, topo, duration_s: float) -> dict:
-    opts = BenchOptions(scenarios=["failover"], topology=with_port(topo, free_port()), state_dir=tmp / "state",
-                        out_dir=tmp / "out", rate=6.0, duration_s=duration_s, warmup_s=1.0, kiosks=24, progress=False)
+    opts = BenchOptions(
+        scenarios=["failover"],
+        topology=with_port(topo, free_port()),
+        state_dir=tmp / "state",
+        out_dir=tmp / "out",
+        rate=6.0,
+        duration_s=duration_s,
+        warmup_s=1.0,
+        kiosks=24,
+        progress=False,
+    )
     report = run_bench(opts)
     report["_dir"] = str(tmp / "out")
     return report
@@ -123,7 +133,11 @@ def test_every_failure_is_counted_under_its_reason_and_nothing_is_misdelivered(r
     failed = [r for r in fo["trace"] if r[2] != "ok"]
     assert sum(row["failed"] for row in fo["per_second"]) == len(failed)
     assert sum(sum(row["reasons"].values()) for row in fo["per_second"]) == len(failed)
-    generator = sum(v for k, v in run["errors"].items() if k != "unfinished") + sum(run["refused"].values()) + sum(run["cancelled"].values())
+    generator = (
+        sum(v for k, v in run["errors"].items() if k != "unfinished")
+        + sum(run["refused"].values())
+        + sum(run["cancelled"].values())
+    )
     assert generator == len(failed)  # the generator's own counts agree with the trace
     for f in fo["faults"]:
         assert all(reason and n > 0 for reason, n in f["failures"].items())
@@ -141,7 +155,9 @@ def test_the_report_shows_the_run_second_by_second(run: dict) -> None:
 def test_with_one_upstream_the_same_kill_stops_every_issuance_until_the_restart(tmp_path) -> None:
     topo = load_topology(REDUNDANT)
     ec = topo.node("ec-router-a")
-    single = msgspec.structs.replace(topo, nodes={**topo.nodes, ec.id: msgspec.structs.replace(ec, upstreams=("dmz-relay-a1",))})
+    single = msgspec.structs.replace(
+        topo, nodes={**topo.nodes, ec.id: msgspec.structs.replace(ec, upstreams=("dmz-relay-a1",))}
+    )
     r = failover_run(tmp_path, single, duration_s=8.0)["scenarios"]["failover"]["konbini"]
     relay = fault(r, "dmz-relay-a1")
     assert relay["ok_while_down"] == 0 and relay["failures"]  # every arrival while a1 is down fails, with a reason
@@ -150,7 +166,9 @@ def test_with_one_upstream_the_same_kill_stops_every_issuance_until_the_restart(
 
 def test_the_failover_bench_needs_a_redundant_topology_in_loopback_mode(tmp_path) -> None:
     def opts(topo, **kw):
-        return BenchOptions(scenarios=["failover"], topology=topo, state_dir=tmp_path, out_dir=tmp_path, progress=False, **kw)
+        return BenchOptions(
+            scenarios=["failover"], topology=topo, state_dir=tmp_path, out_dir=tmp_path, progress=False, **kw
+        )
 
     with pytest.raises(BenchError, match="two DMZ relays and a municipality with two document servers"):
         Bench(opts(load_topology(DEFAULT_TOPOLOGY)))
@@ -183,13 +201,16 @@ class _FakeServer:
 
 def _center(nursery: trio.Nursery | None = None) -> IssuanceCenter:
     center = IssuanceCenter.__new__(IssuanceCenter)  # only `_open_document`: no ledger, no PKI
-    center.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+    center.metrics = SimpleNamespace(
+        upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None))
+    )
     center._nursery = nursery
     return center
 
 
 def _open(servers: list[_FakeServer]):
     """`_open_document` over fresh servers, with a nursery for its probes (cancelled after)."""
+
     async def main():
         async with trio.open_nursery() as nursery:
             try:
@@ -317,7 +338,9 @@ def test_a_relay_gives_up_on_a_silent_upstream_and_dials_the_next() -> None:
         return f"conn-to-{node.id}"
 
     relay = Relay(SimpleNamespace(topo=topo, node=topo.node("ec-router-a"), connect=connect))
-    relay.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+    relay.metrics = SimpleNamespace(
+        upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None))
+    )
 
     async def dial() -> str | None:
         with trio.fail_after(10 * CONNECT_TIMEOUT):  # without the relay's own timeout: fail, not hang
@@ -352,7 +375,9 @@ def test_a_relay_sets_a_hung_hop_aside_and_probes_it_back() -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             relay = Relay(SimpleNamespace(topo=topo, node=topo.node("ec-router-a"), connect=connect), nursery)
-            relay.metrics = SimpleNamespace(upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None)))
+            relay.metrics = SimpleNamespace(
+                upstream_failures=SimpleNamespace(labels=lambda *_: SimpleNamespace(inc=lambda: None))
+            )
             up = await relay._connect_upstream()
             assert up.peer == "dmz-relay-a1"
             hung.add("dmz-relay-a1")

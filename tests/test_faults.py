@@ -32,8 +32,9 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # every event line starts wit
 
 
 def konbini(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "topology.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "topology.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 90.0) -> str:
@@ -53,8 +54,25 @@ def _up(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     with log.open("w") as out:
         # 5 processes: the DMZ relays, the EC router and the center side each in a process of its
         # own (with a store or a municipality), so a relay's process can die while the center lives
-        up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", REDUNDANT, "--processes", "5", "--state",
-                               str(state), "--clock", IN_HOURS, *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "topology.cli",
+                "up",
+                REDUNDANT,
+                "--processes",
+                "5",
+                "--state",
+                str(state),
+                "--clock",
+                IN_HOURS,
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     _wait_for(log, "Ctrl-C stops", up)
     return up, state, log
 
@@ -113,8 +131,13 @@ def test_up_prints_a_table_that_fits_80_columns_and_names_each_nodes_process():
     topo = load_topology(REDUNDANT)
     parts = spread.partition(topo, 3)
     out = Console(file=StringIO(), width=80)
-    show_nodes(out, topo, "konbini topology 'redundant' (loopback, 3 processes)", set(),
-               processes=[(f"process-{i}", 4000 + i, ids) for i, ids in enumerate(parts)])
+    show_nodes(
+        out,
+        topo,
+        "konbini topology 'redundant' (loopback, 3 processes)",
+        set(),
+        processes=[(f"process-{i}", 4000 + i, ids) for i, ids in enumerate(parts)],
+    )
     text = out.file.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert re.search(r"^node +kind +site +address +process *$", text, re.M), text
@@ -144,8 +167,13 @@ def test_past_200_nodes_up_counts_each_kind_and_lists_the_processes(tmp_path):
     assert len(topo.nodes) > 200
     parts = spread.partition(topo, 2)
     out = Console(file=StringIO(), width=80)
-    show_nodes(out, topo, "big", {n.id for n in topo.nodes.values() if n.is_server},
-               processes=[(f"process-{i}", 4000 + i, ids) for i, ids in enumerate(parts)])
+    show_nodes(
+        out,
+        topo,
+        "big",
+        {n.id for n in topo.nodes.values() if n.is_server},
+        processes=[(f"process-{i}", 4000 + i, ids) for i, ids in enumerate(parts)],
+    )
     text = out.file.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert re.search(r"^kiosk +80 +0 *$", text, re.M), text
@@ -242,12 +270,31 @@ NETNS = os.geteuid() == 0 and shutil.which("ip") and shutil.which("nft")
 def test_in_netns_mode_a_killed_relay_restarts_and_a_stopped_one_fails_over(tmp_path):
     tag, state, log = f"faults{os.getpid()}", tmp_path / "s", tmp_path / "up.log"
     with log.open("w") as out:
-        up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", REDUNDANT, "--netns", "--tag", tag,
-                               "--state", str(state), "--clock", IN_HOURS], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "topology.cli",
+                "up",
+                REDUNDANT,
+                "--netns",
+                "--tag",
+                tag,
+                "--state",
+                str(state),
+                "--clock",
+                IN_HOURS,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     node = ("--topology", REDUNDANT, "--state", str(state), "--netns")
     try:
         text = _wait_for(log, "Ctrl-C or `konbini down` stops", up)
-        assert re.search(r"^dmz-relay-a1 +dmz-relay +198\.18\.10\.2:8443 +dmz-a1 *$", text, re.M), text  # its site's process
+        assert re.search(r"^dmz-relay-a1 +dmz-relay +198\.18\.10\.2:8443 +dmz-a1 *$", text, re.M), (
+            text
+        )  # its site's process
         first = _serving(_status(state, "--netns"), "dmz-relay-a1")
         assert first["nodes"] == ["dmz-relay-a1"]
         p = konbini("node", "kill", "dmz-relay-a1", *node)

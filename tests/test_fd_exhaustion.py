@@ -79,10 +79,24 @@ async def _kiosk(topo: Topology, pki: PKI, kiosk: str, nursery: trio.Nursery) ->
 
 async def test_a_node_out_of_descriptors_keeps_serving_and_accepts_again_after_the_flood(topo, state):
     pki = PKI.ensure(state, topo)
-    argv = [sys.executable, "-c", NODEHOST, "--topology", str(DEFAULT_TOPOLOGY), "--state", str(state),
-            "--mode", "loopback", "--clock", TEST_TIME.isoformat(), "--nodes", NODES]
-    proc = await trio.lowlevel.open_process(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE)
+    argv = [
+        sys.executable,
+        "-c",
+        NODEHOST,
+        "--topology",
+        str(DEFAULT_TOPOLOGY),
+        "--state",
+        str(state),
+        "--mode",
+        "loopback",
+        "--clock",
+        TEST_TIME.isoformat(),
+        "--nodes",
+        NODES,
+    ]
+    proc = await trio.lowlevel.open_process(
+        argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     node = NodeProcess(proc)
     flooded, other = topo.node("store-router-a1"), topo.node("store-router-a2")
     flood: list[trio.SocketStream] = []

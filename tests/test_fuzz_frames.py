@@ -52,9 +52,23 @@ def _headers_block(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 header_lists = st.lists(
-    st.tuples(st.sampled_from([b":method", b":path", b":scheme", b":authority", b"x", b"content-length", b"te",
-                               b"connection", b"Upper", b""]),
-              st.binary(max_size=40)),
+    st.tuples(
+        st.sampled_from(
+            [
+                b":method",
+                b":path",
+                b":scheme",
+                b":authority",
+                b"x",
+                b"content-length",
+                b"te",
+                b"connection",
+                b"Upper",
+                b"",
+            ]
+        ),
+        st.binary(max_size=40),
+    ),
     max_size=6,
 )
 
@@ -68,7 +82,9 @@ def _flag(frame, names) -> None:
 def well_formed(draw) -> bytes:
     """A frame hyperframe can serialize: valid layout, any field values."""
     sid = draw(stream_ids)
-    kind = draw(st.sampled_from(["headers", "continuation", "data", "rst", "settings", "ping", "window", "priority", "goaway"]))
+    kind = draw(
+        st.sampled_from(["headers", "continuation", "data", "rst", "settings", "ping", "window", "priority", "goaway"])
+    )
     if kind == "headers":
         f = HeadersFrame(sid or 1, _headers_block(draw(header_lists)))
         _flag(f, draw(st.sets(st.sampled_from(["END_STREAM", "END_HEADERS"]))))
@@ -140,7 +156,9 @@ async def _run_case(net, dst: str, src: str, frames: list[bytes], how: str) -> s
             blob = blob[: len(blob) - len(frames[-1]) // 2]
         ping = PingFrame(0, b"fuzzping")
         try:
-            await tls.send_all(PREFACE + SettingsFrame(0).serialize() + blob + (b"" if how == "truncated" else ping.serialize()))
+            await tls.send_all(
+                PREFACE + SettingsFrame(0).serialize() + blob + (b"" if how == "truncated" else ping.serialize())
+            )
         except (trio.BrokenResourceError, OSError):
             return "closed"
         got = b""
@@ -184,8 +202,9 @@ async def test_no_frame_sequence_crashes_or_hangs_a_node(net, kind_index):
 
     # hypothesis drives examples synchronously: run it in a worker thread and each case back in
     # this Trio run, where the topology's servers live
-    @settings(max_examples=CASES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=CASES, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(case=cases)
     def fuzz(case):
         frames, how = case

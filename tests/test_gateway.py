@@ -46,8 +46,13 @@ def _ctx_with_cert_of(net, node_id: str) -> ssl.SSLContext:
 async def test_node_presenting_another_nodes_certificate_is_refused(net):
     # From kiosk-a1-1's address, with kiosk-a1-2's (valid, allowed) certificate: identity and address disagree.
     router = net.topo.node("store-router-a1")
-    conn = await connect_h2(router.address, router.port, router.id, _ctx_with_cert_of(net, "kiosk-a1-2"),
-                            local_address=net.topo.node("kiosk-a1-1").address)
+    conn = await connect_h2(
+        router.address,
+        router.port,
+        router.id,
+        _ctx_with_cert_of(net, "kiosk-a1-2"),
+        local_address=net.topo.node("kiosk-a1-1").address,
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         with trio.fail_after(5):
@@ -79,7 +84,9 @@ async def test_relay_memory_stays_bounded_while_a_large_document_streams_to_a_sl
     size = 24 << 20  # 24 MiB, about 100x the per-stream window
     async with trio.open_nursery() as nursery:
         conn = await _open_kiosk(net, "kiosk-a3-1", nursery)
-        stream = await conn.open_stream(request_headers("GET", f"/bench/blob?size={size}", "store-router-a3"), end_stream=True)
+        stream = await conn.open_stream(
+            request_headers("GET", f"/bench/blob?size={size}", "store-router-a3"), end_stream=True
+        )
         await stream.receive_headers()
         got = 0
         while (chunk := await stream.receive_chunk()) is not None:
@@ -106,7 +113,9 @@ async def test_malformed_http2_from_one_peer_closes_only_that_connection(net):
         await bad.do_handshake()
         # the preface and an empty SETTINGS, then a DATA frame on stream 0 (forbidden by RFC 9113 §6.1)
         settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        await bad.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello")
+        await bad.send_all(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello"
+        )
         with trio.fail_after(5):
             while await bad.receive_some(65536):
                 pass  # GOAWAY, then the router closes
@@ -125,14 +134,21 @@ async def test_oversized_headers_close_that_connection_while_other_streams_go_on
         slow = await good.open_stream(request_headers("GET", "/bench/blob?size=2097152", router.id), end_stream=True)
         await slow.receive_headers()
         bad = await _open_kiosk(net, "kiosk-a1-2", nursery)
-        await bad.open_stream(request_headers("GET", "/bench/blob?size=1", router.id, [(b"x-big", b"a" * 40000)]), end_stream=True)
+        await bad.open_stream(
+            request_headers("GET", "/bench/blob?size=1", router.id, [(b"x-big", b"a" * 40000)]), end_stream=True
+        )
         with trio.fail_after(5):
             await bad.closed.wait()
         got = 0
         while (chunk := await slow.receive_chunk()) is not None:
             got += len(chunk)
         assert got == 2097152
-        status = header(await (await good.open_stream(request_headers("GET", "/bench/blob?size=10", router.id), end_stream=True)).receive_headers(), b":status")
+        status = header(
+            await (
+                await good.open_stream(request_headers("GET", "/bench/blob?size=10", router.id), end_stream=True)
+            ).receive_headers(),
+            b":status",
+        )
         assert status == b"200"  # and new requests still work
         good.close()
     assert net.servers["store-router-a1"].denials["oversized-headers"] == 1
@@ -141,14 +157,18 @@ async def test_oversized_headers_close_that_connection_while_other_streams_go_on
 async def test_a_bad_query_is_answered_400_not_a_crash(net):
     async with trio.open_nursery() as nursery:
         conn = await _open_kiosk(net, "kiosk-a1-1", nursery)
-        stream = await conn.open_stream(request_headers("GET", "/bench/blob?size=lots", "store-router-a1"), end_stream=True)
+        stream = await conn.open_stream(
+            request_headers("GET", "/bench/blob?size=lots", "store-router-a1"), end_stream=True
+        )
         status = header(await stream.receive_headers(), b":status")
         body = await stream.read_body()
         conn.close()
     assert status == b"400" and b"bad-request" in body
 
 
-async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(topo, state, tmp_path):
+async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(
+    topo, state, tmp_path
+):
     """Start only checks that the PKI files are there (a large topology's start went mostly to
     OpenSSL key decoding for nodes never dialled); the context is made when a peer connects."""
     pki = PKI.ensure(state, topo)
@@ -161,5 +181,7 @@ async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missin
     shutil.copytree(state / "pki", copy / "pki")
     moved = PKI.ensure(copy, topo)
     (copy / "pki" / "nodes" / "store-router-a1.key").unlink()
-    with pytest.raises(NodeStartError, match="store-router-a1: its certificate or key .*store-router-a1.key is missing"):
+    with pytest.raises(
+        NodeStartError, match="store-router-a1: its certificate or key .*store-router-a1.key is missing"
+    ):
         NodeContext(topo, topo.node("store-router-a1"), moved, "loopback", Clock()).check_tls_files()

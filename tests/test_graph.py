@@ -8,7 +8,9 @@ import pytest
 from topology.cli.graph import Box, layout, svg
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
-SHIPPED = [DEFAULT_TOPOLOGY.parent / name for name in ("default.yaml", "redundant.yaml", "realistic.yaml", "national.yaml")]
+SHIPPED = [
+    DEFAULT_TOPOLOGY.parent / name for name in ("default.yaml", "redundant.yaml", "realistic.yaml", "national.yaml")
+]
 
 
 def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
@@ -44,7 +46,7 @@ def test_no_label_covers_a_box_or_another_label(drawing):
         assert not [b.key for b in drawing.boxes if overlaps(label.bounds, (b.x, b.y, b.x + b.w, b.y + b.h))], label
         assert 0 <= label.bounds[0] and label.bounds[2] <= drawing.width and label.bounds[3] <= drawing.height, label
     for i, a in enumerate(labels):
-        assert not [b.text for b in labels[i + 1:] if overlaps(a.bounds, b.bounds)], a
+        assert not [b.text for b in labels[i + 1 :] if overlaps(a.bounds, b.bounds)], a
 
 
 def test_no_arrow_runs_through_a_box(drawing):

@@ -72,7 +72,7 @@ class Peer:
         """DATA frames as large as the core allows."""
         step = self.h2.max_outbound_frame_size
         for start in range(0, len(data), step):
-            self.h2.send_data(stream_id, data[start:start + step])
+            self.h2.send_data(stream_id, data[start : start + step])
 
     def window(self, stream_id: int) -> int:
         """How much more the peer may send on the stream (the core's windows as the peer sees them)."""
@@ -141,6 +141,7 @@ def assert_goaway(peer: Peer, code: int) -> None:
 
 # -- inbound flow control --------------------------------------------------------------------
 
+
 @BOTH_SIDES
 def test_inbound_data_reopens_the_window_only_when_acked_not_on_receipt(client_side):
     core = H2Core(client_side=client_side)
@@ -185,6 +186,7 @@ def test_padding_is_credited_when_the_chunk_is_taken_and_only_the_data_waits_for
 
 
 # -- reset ---------------------------------------------------------------------------------
+
 
 @BOTH_SIDES
 def test_reset_twice_sends_one_rst_stream_and_keeps_the_first_code(client_side):
@@ -258,6 +260,7 @@ def test_reset_after_the_connection_closed_is_harmless(client_side, how):
 
 # -- a misbehaving peer closes the whole connection ------------------------------------------
 
+
 @BOTH_SIDES
 def test_oversized_headers_close_the_connection_with_enhance_your_calm(client_side):
     core = H2Core(client_side=client_side)
@@ -306,6 +309,7 @@ def test_protocol_error_closes_with_protocol_error_and_resets_every_open_stream(
 
 # -- outbound flow control -------------------------------------------------------------------
 
+
 @BOTH_SIDES
 @pytest.mark.parametrize(
     ("stream_window", "connection_window", "size"),
@@ -316,9 +320,14 @@ def test_protocol_error_closes_with_protocol_error_and_resets_every_open_stream(
     ],
     ids=["window-smaller-than-body", "body-fits", "default-window"],
 )
-def test_send_data_fills_the_whole_window_in_16k_frames_in_one_call(client_side, stream_window, connection_window, size):
+def test_send_data_fills_the_whole_window_in_16k_frames_in_one_call(
+    client_side, stream_window, connection_window, size
+):
     core = H2Core(client_side=client_side)
-    settings = {h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window}
+    settings = {
+        h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384,
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+    }
     peer = Peer(core, settings, connection_window)
     st = outbound_stream(peer)
     window = core.conn.local_flow_control_window(st.id)
@@ -359,6 +368,7 @@ def test_send_data_resumes_when_the_window_reopens(client_side):
 
 
 # -- letting go of a stream ------------------------------------------------------------------
+
 
 def test_forget_acks_unread_data_so_the_connection_window_recovers():
     core = H2Core(client_side=False)
@@ -405,6 +415,7 @@ def test_resetting_streams_with_unread_data_gives_their_bytes_back_to_the_connec
 
 
 # -- the Trio driver over memory streams -----------------------------------------------------
+
 
 async def _echo_reversed(stream: Stream) -> None:
     body = bytearray()
@@ -490,7 +501,7 @@ async def test_trio_server_takes_a_steady_upload_longer_than_headers_timeout(aut
     client.send_headers(1, REQUEST)
     frames = [frame(DATA, 0, 1, b"u" * 4096) for _ in range(14)] + [frame(DATA, END_STREAM, 1)]
     body = b"".join(frames)  # 57,470 B: within the protocol's first 65,535-byte windows
-    pieces = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+    pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
     assert len(pieces) * 0.06 > 3 * limits.headers_timeout
     status = {}
     async with trio.open_nursery() as nursery:

@@ -75,7 +75,9 @@ def test_an_upload_and_a_download_larger_than_every_window_arrive_whole(max_fram
         window = min(server.conn.local_flow_control_window(st.id), len(left))
         step = server.conn.max_outbound_frame_size
         for i in range(0, window, step):
-            server.conn.send_data(st.id, left[i : min(i + step, window)], end_stream=window == len(left) and i + step >= window)
+            server.conn.send_data(
+                st.id, left[i : min(i + step, window)], end_stream=window == len(left) and i + step >= window
+            )
         left = left[window:]
         if not window and not left:
             break
@@ -159,15 +161,18 @@ def test_goaway_ends_every_stream_and_what_follows_is_ignored() -> None:
         client.send_request(REQUEST, end_stream=True)
 
 
-@pytest.mark.parametrize("wire", [
-    frame(PING, 0, 0, b"short"),  # a PING is 8 bytes
-    frame(4, 0, 0, b"\x00\x05\x00\x00\x00\x01"),  # SETTINGS_MAX_FRAME_SIZE below 16384
-    frame(1, 0x4, 1, b"\xff\xff\xff\xff"),  # a header block that does not decode
-    frame(9, 0x4, 1, b""),  # CONTINUATION with no HEADERS before it
-    frame(5, 0x4, 1, b"\x00\x00\x00\x02"),  # PUSH_PROMISE: push is off
-    frame(0, 0, 1, b"x" * 70000),  # a frame beyond our SETTINGS_MAX_FRAME_SIZE
-    b"\x00\x00\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00",  # WINDOW_UPDATE of 0 on the connection
-])
+@pytest.mark.parametrize(
+    "wire",
+    [
+        frame(PING, 0, 0, b"short"),  # a PING is 8 bytes
+        frame(4, 0, 0, b"\x00\x05\x00\x00\x00\x01"),  # SETTINGS_MAX_FRAME_SIZE below 16384
+        frame(1, 0x4, 1, b"\xff\xff\xff\xff"),  # a header block that does not decode
+        frame(9, 0x4, 1, b""),  # CONTINUATION with no HEADERS before it
+        frame(5, 0x4, 1, b"\x00\x00\x00\x02"),  # PUSH_PROMISE: push is off
+        frame(0, 0, 1, b"x" * 70000),  # a frame beyond our SETTINGS_MAX_FRAME_SIZE
+        b"\x00\x00\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00",  # WINDOW_UPDATE of 0 on the connection
+    ],
+)
 def test_malformed_input_closes_the_connection_with_goaway(wire: bytes) -> None:
     client, server = connected()
     client.send_request(REQUEST, end_stream=True)

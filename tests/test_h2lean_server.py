@@ -101,7 +101,9 @@ def test_an_upload_and_a_download_larger_than_every_window_arrive_whole(max_fram
         window = min(client.conn.local_flow_control_window(sid), len(left))
         step = client.conn.max_outbound_frame_size
         for i in range(0, window, step):
-            client.conn.send_data(sid, left[i : min(i + step, window)], end_stream=window == len(left) and i + step >= window)
+            client.conn.send_data(
+                sid, left[i : min(i + step, window)], end_stream=window == len(left) and i + step >= window
+            )
         left = left[window:]
         pump(server, client, rng)
         while (chunk := server.take_chunk(st)) is not None:
@@ -210,22 +212,46 @@ MALFORMED = {
     "continuation-without-headers": (frame(CONTINUATION, 0x4, 1, b""), "protocol-error", PROTOCOL_ERROR),
     "headers-interrupted": (frame(1, 0x1, 1, b"") + frame(6, 0, 0, b"12345678"), "protocol-error", PROTOCOL_ERROR),
     "data-after-end-stream": (headers_frame(1, GET) + frame(DATA, 0, 1, b"x"), "protocol-error", STREAM_CLOSED),
-    "body-longer-than-content-length": (headers_frame(1, [*REQUEST, (b"content-length", b"2")], 0x4)
-                                        + frame(DATA, 1, 1, b"xyz"), "protocol-error", PROTOCOL_ERROR),
-    "body-shorter-than-content-length": (headers_frame(1, [*REQUEST, (b"content-length", b"5")], 0x4)
-                                         + frame(DATA, 1, 1, b"xyz"), "protocol-error", PROTOCOL_ERROR),
-    "content-length-without-a-body": (headers_frame(1, [*GET, (b"content-length", b"5")]), "protocol-error",
-                                      PROTOCOL_ERROR),  # RFC 9113 §8.1.1; h2 lets it through
-    "trailers-without-end-stream": (headers_frame(1, REQUEST, 0x4) + headers_frame(1, [(b"x", b"1")], 0x4),
-                                    "protocol-error", PROTOCOL_ERROR),
-    "pseudo-header-in-trailers": (headers_frame(1, REQUEST, 0x4) + headers_frame(1, [(b":path", b"/")]),
-                                  "protocol-error", PROTOCOL_ERROR),
-    "hpack-bomb": (frame(1, 0x5, 1, hpack.Encoder().encode(GET + [(b"x-a", b"a" * 4000)], huffman=False) + b"\xbe" * 1000),
-                   "oversized-headers", ENHANCE_YOUR_CALM),
-    "continuation-flood": (frame(1, 0x1, 1, hpack.Encoder().encode(GET, huffman=False)) + frame(CONTINUATION, 0, 1, b"\x00" * 100) * 65,
-                           "continuation-flood", ENHANCE_YOUR_CALM),
-    "continuation-bytes": (frame(1, 0x1, 1, b"") + frame(CONTINUATION, 0, 1, b"\x00" * 16384) * 3,
-                           "continuation-flood", ENHANCE_YOUR_CALM),
+    "body-longer-than-content-length": (
+        headers_frame(1, [*REQUEST, (b"content-length", b"2")], 0x4) + frame(DATA, 1, 1, b"xyz"),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "body-shorter-than-content-length": (
+        headers_frame(1, [*REQUEST, (b"content-length", b"5")], 0x4) + frame(DATA, 1, 1, b"xyz"),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "content-length-without-a-body": (
+        headers_frame(1, [*GET, (b"content-length", b"5")]),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),  # RFC 9113 §8.1.1; h2 lets it through
+    "trailers-without-end-stream": (
+        headers_frame(1, REQUEST, 0x4) + headers_frame(1, [(b"x", b"1")], 0x4),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "pseudo-header-in-trailers": (
+        headers_frame(1, REQUEST, 0x4) + headers_frame(1, [(b":path", b"/")]),
+        "protocol-error",
+        PROTOCOL_ERROR,
+    ),
+    "hpack-bomb": (
+        frame(1, 0x5, 1, hpack.Encoder().encode(GET + [(b"x-a", b"a" * 4000)], huffman=False) + b"\xbe" * 1000),
+        "oversized-headers",
+        ENHANCE_YOUR_CALM,
+    ),
+    "continuation-flood": (
+        frame(1, 0x1, 1, hpack.Encoder().encode(GET, huffman=False)) + frame(CONTINUATION, 0, 1, b"\x00" * 100) * 65,
+        "continuation-flood",
+        ENHANCE_YOUR_CALM,
+    ),
+    "continuation-bytes": (
+        frame(1, 0x1, 1, b"") + frame(CONTINUATION, 0, 1, b"\x00" * 16384) * 3,
+        "continuation-flood",
+        ENHANCE_YOUR_CALM,
+    ),
 }
 
 
@@ -249,13 +275,16 @@ def test_the_preface_and_a_first_settings_are_required() -> None:
     assert server.preface_received
 
 
-@pytest.mark.parametrize(("kind", "reason"), [
-    (frame(3, 0, 1, b"\x00\x00\x00\x08"), "rapid-reset"),
-    (frame(6, 0, 0, b"12345678"), "ping-flood"),
-    (frame(6, 1, 0, b"12345678"), "ping-flood"),
-    (SETTINGS, "settings-flood"),
-    (frame(DATA, 0, 1), "empty-data-flood"),
-])
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (frame(3, 0, 1, b"\x00\x00\x00\x08"), "rapid-reset"),
+        (frame(6, 0, 0, b"12345678"), "ping-flood"),
+        (frame(6, 1, 0, b"12345678"), "ping-flood"),
+        (SETTINGS, "settings-flood"),
+        (frame(DATA, 0, 1), "empty-data-flood"),
+    ],
+)
 def test_each_flood_counter_closes_with_enhance_your_calm_one_past_its_limit(kind: bytes, reason: str) -> None:
     now = [0.0]
     limits = Limits(max_resets=5, max_pings=5, max_settings=5, max_empty_data=5, flood_window=10.0)
@@ -298,10 +327,41 @@ def test_random_bytes_after_the_handshake_only_ever_close_the_connection() -> No
             assert server.closed
 
 
-FIELD_NAMES = [b":method", b":path", b":scheme", b":authority", b":status", b":protocol", b"host", b"x", b"X-up",
-               b"content-length", b"te", b"connection", b"x:y", b"", b"a b"]
-FIELD_VALUES = [b"GET", b"POST", b"CONNECT", b"/", b"", b"https", b"router", b"other", b"trailers", b"gzip",
-                b"5", b" x", b"x\t", b"a\nb", b"a\x00b", b"0"]
+FIELD_NAMES = [
+    b":method",
+    b":path",
+    b":scheme",
+    b":authority",
+    b":status",
+    b":protocol",
+    b"host",
+    b"x",
+    b"X-up",
+    b"content-length",
+    b"te",
+    b"connection",
+    b"x:y",
+    b"",
+    b"a b",
+]
+FIELD_VALUES = [
+    b"GET",
+    b"POST",
+    b"CONNECT",
+    b"/",
+    b"",
+    b"https",
+    b"router",
+    b"other",
+    b"trailers",
+    b"gzip",
+    b"5",
+    b" x",
+    b"x\t",
+    b"a\nb",
+    b"a\x00b",
+    b"0",
+]
 fields = hst.lists(hst.tuples(hst.sampled_from(FIELD_NAMES), hst.sampled_from(FIELD_VALUES)), max_size=7)
 
 
@@ -314,11 +374,16 @@ def _accepted(core, block: bytes) -> bool:
 
 
 @settings(max_examples=1500, deadline=None, derandomize=True)
-@given(hst.one_of(
-    fields, fields.map(lambda f: [*GET, *f]), fields.map(lambda f: [*f, *GET]),
-    hst.tuples(hst.sampled_from(FIELD_NAMES), hst.sampled_from(FIELD_VALUES)).map(lambda f: [*GET, f]),  # one twist
-    hst.permutations(GET), hst.permutations(GET).map(lambda g: g[1:]),
-))
+@given(
+    hst.one_of(
+        fields,
+        fields.map(lambda f: [*GET, *f]),
+        fields.map(lambda f: [*f, *GET]),
+        hst.tuples(hst.sampled_from(FIELD_NAMES), hst.sampled_from(FIELD_VALUES)).map(lambda f: [*GET, f]),  # one twist
+        hst.permutations(GET),
+        hst.permutations(GET).map(lambda g: g[1:]),
+    )
+)
 def test_a_request_header_list_is_accepted_exactly_when_h2_accepts_it(headers) -> None:
     block = hpack.Encoder().encode(headers, huffman=False)
     reference = H2Core(client_side=False, limits=Limits())

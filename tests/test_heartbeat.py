@@ -85,6 +85,7 @@ async def test_fault_reaches_register_and_maintenance_center_despite_failures(au
                 failures[name] -= 1
                 raise ConnectionError("unreachable")
             got[name].append(trio.current_time())
+
         return send
 
     t0 = trio.current_time()

@@ -16,6 +16,7 @@ import hpack
 import msgspec
 import pytest
 import trio
+import trio.lowlevel
 
 from gateway.business.clock import Clock
 from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW
@@ -96,7 +97,7 @@ class Attack:
                 while len(buf) >= 9 and len(buf) >= 9 + (n := int.from_bytes(buf[:3], "big")):
                     if buf[3] == 7:  # GOAWAY: last stream id, error code
                         self.goaway = int.from_bytes(buf[13:17], "big")
-                    buf = buf[9 + n:]
+                    buf = buf[9 + n :]
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the router closed (TLS without close_notify once it gave up on us)
         self.closed_after = time.perf_counter() - self.t0
@@ -142,7 +143,7 @@ async def flood(net, opening: bytes, chunk: bytes, frames_per_chunk: int, reason
     async def attack(a: Attack) -> None:
         await a.send(PREFACE + SETTINGS + opening, 0)
         while await a.send(chunk, frames_per_chunk):
-            await trio.sleep(0)  # let the router and the good kiosk run, as a real network would
+            await trio.lowlevel.checkpoint()  # let the router and the good kiosk run, as a real network would
 
     a, good_s = await under_attack(net, attack, FLOOD_BOUND)
     assert a.goaway == CALM
@@ -173,12 +174,14 @@ async def test_rapid_reset_closes_the_connection_with_enhance_your_calm(net):
         sid = 1
         while await a.send(_rapid_reset_pairs(sid, pairs), pairs):
             sid += 2 * pairs
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     a, good_s = await under_attack(net, attack, FLOOD_BOUND)
     assert a.goaway == CALM
     await net.servers[ROUTER].until_denied("rapid-reset")
-    print(f"rapid-reset: closed after {a.sent} HEADERS+RST_STREAM pairs, {a.closed_after:.2f} s; good {good_s * 1000:.0f} ms")
+    print(
+        f"rapid-reset: closed after {a.sent} HEADERS+RST_STREAM pairs, {a.closed_after:.2f} s; good {good_s * 1000:.0f} ms"
+    )
 
 
 async def test_ping_flood_closes_the_connection(net):
@@ -199,7 +202,9 @@ async def test_empty_data_flood_closes_the_connection(net):
 async def test_continuation_flood_closes_the_connection(net, size):
     # a header block that never ends: HEADERS without END_HEADERS, then CONTINUATION after CONTINUATION
     start = frame(1, 0x1, 1, hpack.Encoder().encode(GET, huffman=False))
-    await flood(net, start, frame(9, 0, 1, b"\x00" * size) * 4, 4, "continuation-flood")  # h2's 64 frames or our 36 KiB cap
+    await flood(
+        net, start, frame(9, 0, 1, b"\x00" * size) * 4, 4, "continuation-flood"
+    )  # h2's 64 frames or our 36 KiB cap
 
 
 async def test_hpack_bomb_closes_the_connection(net):
@@ -245,7 +250,7 @@ async def test_tcp_without_a_tls_handshake_is_closed(net):
 
 
 async def test_tls_without_the_http2_preface_is_closed(net):
-    a, good_s = await under_attack(net, lambda a: trio.sleep(0), TIGHT.preface_timeout + 1.0)
+    a, good_s = await under_attack(net, lambda a: trio.lowlevel.checkpoint(), TIGHT.preface_timeout + 1.0)
     assert a.goaway == CALM
     await net.servers[ROUTER].until_denied("preface-timeout")
     print(f"preface-timeout: closed after {a.closed_after:.2f} s; good {good_s * 1000:.0f} ms")
@@ -257,7 +262,7 @@ async def test_headers_dribbled_a_byte_at_a_time_are_closed(net):
     async def attack(a: Attack) -> None:
         await a.send(PREFACE + SETTINGS, 0)
         for i in range(len(headers)):
-            if not await a.send(headers[i:i + 1], 0):
+            if not await a.send(headers[i : i + 1], 0):
                 return
             await trio.sleep(0.1)  # slowloris: the dribble itself, not a wait for something
 
@@ -290,7 +295,9 @@ async def test_connections_beyond_the_per_peer_limit_are_refused_before_tls(net)
 def test_bad_limits_in_the_topology_file_name_file_line_and_field(tmp_path):
     path = tmp_path / "t.yaml"
     text = DEFAULT_TOPOLOGY.read_text()
-    path.write_text(text + "\nlimits:\n  defaults: {idle_timeout: 30}\n  store-router:\n    max_pings: 0\n  toaster: {}\n")
+    path.write_text(
+        text + "\nlimits:\n  defaults: {idle_timeout: 30}\n  store-router:\n    max_pings: 0\n  toaster: {}\n"
+    )
     with pytest.raises(TopologyError) as err:
         load_topology(path)
     lines = len(text.splitlines())
@@ -301,7 +308,9 @@ def test_bad_limits_in_the_topology_file_name_file_line_and_field(tmp_path):
 
 def test_limits_for_a_kind_override_the_files_defaults(tmp_path):
     path = tmp_path / "t.yaml"
-    path.write_text(DEFAULT_TOPOLOGY.read_text() + "\nlimits:\n  defaults: {idle_timeout: 30}\n  store-router: {max_pings: 5}\n")
+    path.write_text(
+        DEFAULT_TOPOLOGY.read_text() + "\nlimits:\n  defaults: {idle_timeout: 30}\n  store-router: {max_pings: 5}\n"
+    )
     topo = load_topology(path)
     assert topo.limits_for("store-router") == Limits(idle_timeout=30.0, max_pings=5)
     assert topo.limits_for("ec-router") == Limits(idle_timeout=30.0)

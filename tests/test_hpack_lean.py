@@ -15,8 +15,20 @@ from hypothesis import strategies as st
 
 from gateway.protocol.h2lean import FieldDecoder, FieldEncoder
 
-names = st.sampled_from([b":method", b":path", b":status", b"content-length", b"x-a", b"x-b", b"user-agent",
-                         b"authorization", b"server-timing", b"cookie"])
+names = st.sampled_from(
+    [
+        b":method",
+        b":path",
+        b":status",
+        b"content-length",
+        b"x-a",
+        b"x-b",
+        b"user-agent",
+        b"authorization",
+        b"server-timing",
+        b"cookie",
+    ]
+)
 values = st.one_of(st.sampled_from([b"GET", b"200", b"/", b"0", b""]), st.binary(max_size=300))
 header_lists = st.lists(st.tuples(names, values), max_size=12)
 
@@ -54,16 +66,19 @@ def test_a_header_list_past_the_limit_stops_while_decoding() -> None:
         FieldDecoder(16384).decode(block)
 
 
-@pytest.mark.parametrize("block", [
-    b"\x80",  # index 0
-    b"\xff\x00",  # index 127: beyond the tables
-    b"\x3f\xe2\x1f",  # a table size update to 4097, beyond our 4096
-    b"\x82\x20",  # a table size update after a field
-    b"\x00\x05ab",  # a name cut short
-    b"\x40\x01a\xff",  # a value length cut short
-    b"\x8f\xff\xff\xff\xff\xff\xff\x01",  # an integer too large
-    b"\x00\x81\xff",  # a Huffman string that is all padding
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\x80",  # index 0
+        b"\xff\x00",  # index 127: beyond the tables
+        b"\x3f\xe2\x1f",  # a table size update to 4097, beyond our 4096
+        b"\x82\x20",  # a table size update after a field
+        b"\x00\x05ab",  # a name cut short
+        b"\x40\x01a\xff",  # a value length cut short
+        b"\x8f\xff\xff\xff\xff\xff\xff\x01",  # an integer too large
+        b"\x00\x81\xff",  # a Huffman string that is all padding
+    ],
+)
 def test_malformed_blocks_raise_hpack_errors(block: bytes) -> None:
     with pytest.raises(hpack.exceptions.HPACKDecodingError):
         FieldDecoder(16384).decode(block)

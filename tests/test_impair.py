@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from topology.launch import impair, netns
-from topology.launch import impaird
+from topology.launch import impair, impaird, netns
 from topology.netns.impair import (
     LINE_KIND_DEFAULTS,
     QUEUE_LIMIT,
@@ -41,8 +40,12 @@ from topology.spec.model import AllowRule, Impairment, Line, Node, Topology
 REPO = Path(__file__).resolve().parent.parent
 ROOT = os.geteuid() == 0
 if not ROOT:  # loudly: these are the only tests of the kernel side of line impairments
-    print("\ntests/test_impair.py: SKIPPED, needs root (nftables, iptables-nft NFQUEUE, tc, namespaces)", file=sys.stderr)
-needs_root = pytest.mark.skipif(not ROOT, reason="NEEDS ROOT: line impairments are kernel rules (nft, NFQUEUE, tc, netns)")
+    print(
+        "\ntests/test_impair.py: SKIPPED, needs root (nftables, iptables-nft NFQUEUE, tc, namespaces)", file=sys.stderr
+    )
+needs_root = pytest.mark.skipif(
+    not ROOT, reason="NEEDS ROOT: line impairments are kernel rules (nft, NFQUEUE, tc, netns)"
+)
 
 PORT = 8443
 # Runs inside a namespace: `serve ADDR` answers "N\n" with N bytes; `request ADDR N COUNT` prints
@@ -90,10 +93,29 @@ def small_topology(name: str, ab: Impairment = Impairment(), ac: Impairment = Im
     allow = (AllowRule(sources=("a",), requests=("GET /*",)),)
     nodes = {
         "a": Node(id="a", kind="kiosk", site="s-a", address="127.77.0.1", netns_address="198.18.77.1", upstream="b"),
-        "b": Node(id="b", kind="store-router", site="s-b", address="127.77.0.2", netns_address="198.18.77.2", port=PORT, allow=allow),
-        "c": Node(id="c", kind="store-router", site="s-c", address="127.77.0.3", netns_address="198.18.77.3", port=PORT, allow=allow),
+        "b": Node(
+            id="b",
+            kind="store-router",
+            site="s-b",
+            address="127.77.0.2",
+            netns_address="198.18.77.2",
+            port=PORT,
+            allow=allow,
+        ),
+        "c": Node(
+            id="c",
+            kind="store-router",
+            site="s-c",
+            address="127.77.0.3",
+            netns_address="198.18.77.3",
+            port=PORT,
+            allow=allow,
+        ),
     }
-    lines = (Line(id="line-b", a="a", b="b", kind="closed-line", impair=ab), Line(id="line-c", a="a", b="c", kind="lan", impair=ac))
+    lines = (
+        Line(id="line-b", a="a", b="b", kind="closed-line", impair=ab),
+        Line(id="line-c", a="a", b="c", kind="lan", impair=ac),
+    )
     return Topology(name=name, nodes=nodes, lines=lines, source="<test_impair>")
 
 
@@ -280,8 +302,13 @@ def test_teardown_leaves_no_daemon_and_no_namespace(lab, tmp_path):
 @needs_root
 def test_sigkill_of_konbini_up_netns_takes_the_daemon_along_and_down_leaves_nothing(tmp_path):
     tag, state = "imp-k2", tmp_path / "s"
-    up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", "--netns", "--tag", tag, "--state", str(state)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "topology.cli", "up", "--netns", "--tag", tag, "--state", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     try:
         for line in up.stdout:
             if "ready" in line:
@@ -295,7 +322,9 @@ def test_sigkill_of_konbini_up_netns_takes_the_daemon_along_and_down_leaves_noth
             time.sleep(0.05)
         assert not impair._pid_alive(sup["pid"]) and not impair._pid_alive(sup["daemon_pid"])
     finally:
-        subprocess.run([sys.executable, "-m", "topology.cli", "down", "--tag", tag, "--state", str(state)], cwd=REPO, check=False)
+        subprocess.run(
+            [sys.executable, "-m", "topology.cli", "down", "--tag", tag, "--state", str(state)], cwd=REPO, check=False
+        )
     assert not any(ns.startswith(f"konbini-{tag}-") for ns in netns.list_namespaces())
     assert not (impair.run_dir("netns", f"konbini-{tag}-") / "state.json").exists()
 
@@ -306,8 +335,26 @@ def test_a_national_part_in_netns_impairs_the_files_lines_and_link_set_changes_o
     so; `link show` and `link set`, given the national file, act on the part that runs."""
     tag, state, national = f"lin{os.getpid() % 10000}", str(tmp_path / "s"), str(REPO / "topology" / "national.yaml")
     target = ["--netns", "--tag", tag, "--topology", national, "--state", state]
-    up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", national, "--netns", "--sites", "store-a0000[1-2]",
-                           "--tag", tag, "--state", state], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "topology.cli",
+            "up",
+            national,
+            "--netns",
+            "--sites",
+            "store-a0000[1-2]",
+            "--tag",
+            tag,
+            "--state",
+            state,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     seen = []
     try:
         for line in up.stdout:
@@ -324,7 +371,9 @@ def test_a_national_part_in_netns_impairs_the_files_lines_and_link_set_changes_o
         closed = next(r["line"] for r in rows if r["kind"] == "closed-line")
         done = _konbini("link", "set", closed, "--delay", "30ms", *target)
         assert done.returncode == 0 and f"line {closed} set" in done.stdout, done.stdout + done.stderr
-        rows = [r for r in json.loads(_konbini("link", "show", *target, "--json").stdout)["lines"] if r["line"] == closed]
+        rows = [
+            r for r in json.loads(_konbini("link", "show", *target, "--json").stdout)["lines"] if r["line"] == closed
+        ]
         assert [(r["impair"], r["from"], r["kernel"]) for r in rows] == [("30 ms", "link set", "in force")] * 2, rows
     finally:
         up.send_signal(signal.SIGINT)
@@ -341,7 +390,13 @@ def test_a_national_part_in_netns_impairs_the_files_lines_and_link_set_changes_o
 def _in_private_net(scenario: str, tmp_path: Path, timeout: float = 90) -> dict:
     if not shutil.which("unshare"):
         pytest.fail("unshare (util-linux) is needed to keep loopback-mode rules off the machine's lo")
-    cmd = ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {sys.executable} -m tests.test_impair {scenario} {tmp_path}"]
+    cmd = [
+        "unshare",
+        "-n",
+        "sh",
+        "-c",
+        f"ip link set lo up && exec {sys.executable} -m tests.test_impair {scenario} {tmp_path}",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -412,17 +467,27 @@ def _leftovers() -> dict:
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     queues = Path("/proc/net/netfilter/nfnetlink_queue").read_text().strip()
     qdisc = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
-    return {"table": "konbini_impair" in tables, "mangle": "ip mangle" in tables, "queues": bool(queues),
-            "qdisc": any(k in qdisc for k in ("tbf", "htb", "netem"))}
+    return {
+        "table": "konbini_impair" in tables,
+        "mangle": "ip mangle" in tables,
+        "queues": bool(queues),
+        "qdisc": any(k in qdisc for k in ("tbf", "htb", "netem")),
+    }
 
 
 def _konbini(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "topology.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "topology.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _up(topo_file: Path, state: Path) -> subprocess.Popen:
-    up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in up.stdout:
         if "ready" in line:
             return up
@@ -442,7 +507,9 @@ def _moved(topo_file: Path, state: Path) -> int:
     before = count()
     topo = load_topology(topo_file)
     center = topo.node("issuance-center")
-    with socket.create_connection((center.address, center.port), timeout=5, source_address=(topo.node("dmz-relay-a").address, 0)):
+    with socket.create_connection(
+        (center.address, center.port), timeout=5, source_address=(topo.node("dmz-relay-a").address, 0)
+    ):
         pass
     deadline = time.monotonic() + 3
     while (now := count()) == before and time.monotonic() < deadline:
@@ -464,21 +531,26 @@ def _two_runs(tmp: Path) -> dict:
             out["both_up"] = [up1.poll() is None, up2.poll() is None]
             runs = [impair._read_json(impair.run_dir("loopback", state_dir=s) / "state.json") for s in (s1, s2)]
             out["queues"], out["tables"] = [r.get("queue") for r in runs], [r.get("table") for r in runs]
-            out["in_force"] = {name: all(r.get("kernel") == "in force" for r in _link_show(f, s) if r["impair"] != "-")
-                               for name, f, s in (("first", first, s1), ("second", second, s2))}
+            out["in_force"] = {
+                name: all(r.get("kernel") == "in force" for r in _link_show(f, s) if r["impair"] != "-")
+                for name, f, s in (("first", first, s1), ("second", second, s2))
+            }
             out["moved"] = {"first": _moved(first, s1), "second": _moved(second, s2)}
             # a second launch on the first's state directory fails (its addresses are taken), leaving the first alone
             done = _konbini("issue", "--up", "--topology", str(first), "--state", str(s1))
             out["issue_up"] = {"rc": done.returncode, "err": (done.stdout + done.stderr)[-400:]}
             sup = impair._read_json(impair.run_dir("loopback", state_dir=s1) / "status.json.supervisor")
-            out["after_issue_up"] = {"supervisor_alive": impair._pid_alive(sup.get("pid")),
-                                     "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-")}
+            out["after_issue_up"] = {
+                "supervisor_alive": impair._pid_alive(sup.get("pid")),
+                "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-"),
+            }
         finally:
             up2.send_signal(signal.SIGINT)
             up2.wait(30)
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         out["after_second_stopped"] = {
-            "first_table": str(runs[0].get("table")) in tables, "second_table": str(runs[1].get("table")) in tables,
+            "first_table": str(runs[0].get("table")) in tables,
+            "second_table": str(runs[1].get("table")) in tables,
             "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-"),
             "moved": _moved(first, s1),
         }
@@ -508,14 +580,22 @@ def _scenario(name: str, state: Path) -> dict:
                 slow = min(_request(None, b, src=a))
             finally:
                 server.kill()
-            return {"queue": lines.queue, "slow": slow, "kernel": [r["kernel"] for r in lines.show() if r["line"] == "line-b"]}
+            return {
+                "queue": lines.queue,
+                "slow": slow,
+                "kernel": [r["kernel"] for r in lines.show() if r["line"] == "line-b"],
+            }
         finally:
             lines.stop()
     if name == "loopback-sigkill":
         topo_file = state / "topo.yaml"
         topo_file.write_text((REPO / "topology" / "default.yaml").read_text())
-        up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state / "s")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state / "s")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in up.stdout:
             if "ready" in line:
                 break

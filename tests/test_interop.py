@@ -88,9 +88,21 @@ def _curl(net, *args: str, http: str = "--http2") -> list[str]:
     chain, key = _kiosk_files(net)
     router = net.topo.node(ROUTER)
     return [
-        "curl", http, "-sS", "-m", "30", "--interface", net.topo.node(KIOSK).address,
-        "--cert", str(chain), "--key", str(key), "--cacert", str(net.pki.network_ca_path),
-        "--connect-to", f"{router.id}:{router.port}:{router.address}:{router.port}",
+        "curl",
+        http,
+        "-sS",
+        "-m",
+        "30",
+        "--interface",
+        net.topo.node(KIOSK).address,
+        "--cert",
+        str(chain),
+        "--key",
+        str(key),
+        "--cacert",
+        str(net.pki.network_ca_path),
+        "--connect-to",
+        f"{router.id}:{router.port}:{router.address}:{router.port}",
         *args,
     ]
 
@@ -101,7 +113,9 @@ async def test_curl_downloads_every_byte_through_the_chain(net, tmp_path: Path, 
     out = tmp_path / "body"
     proc = await trio.run_process(
         _curl(net, "-o", str(out), "-w", "%{http_code} %{http_version}", _url(net, f"/bench/x?size={size}")),
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode() == "200 2"
@@ -115,7 +129,9 @@ async def test_curl_uploads_every_byte_through_the_chain(net, tmp_path: Path, si
     body.write_bytes(b"k" * size)
     proc = await trio.run_process(
         _curl(net, "-o", "/dev/null", "-D", "-", "--data-binary", f"@{body}", _url(net, "/bench/x?size=0")),
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     head = proc.stdout.decode().lower()
@@ -134,10 +150,23 @@ async def test_curl_50_parallel_16_mib_uploads_on_one_connection_all_arrive(net,
     with trio.fail_after(600):
         t0 = trio.current_time()
         proc = await trio.run_process(
-            _curl(net, "-m", "560", "--parallel", "--parallel-max", str(streams), "--data-binary", f"@{body}",
-                  "-w", "%{http_code} %header{bench-received} %{num_connects}\n", *per_stream,
-                  *[_url(net, "/bench/x?size=0")] * streams),
-            capture_stdout=True, capture_stderr=True, check=False,
+            _curl(
+                net,
+                "-m",
+                "560",
+                "--parallel",
+                "--parallel-max",
+                str(streams),
+                "--data-binary",
+                f"@{body}",
+                "-w",
+                "%{http_code} %header{bench-received} %{num_connects}\n",
+                *per_stream,
+                *[_url(net, "/bench/x?size=0")] * streams,
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         took = trio.current_time() - t0
     print(f"curl --parallel {streams} x 16 MiB uploads through the chain: {took:.1f} s")
@@ -156,9 +185,23 @@ async def test_curl_upload_at_100_kb_per_second_longer_than_the_response_timeout
     body.write_bytes(b"k" * (4 * MiB))
     with trio.fail_after(120):
         proc = await trio.run_process(
-            _curl(net, "-m", "100", "--limit-rate", "100k", "-o", "/dev/null", "-D", "-", "--data-binary", f"@{body}",
-                  _url(net, "/bench/x?size=0")),
-            capture_stdout=True, capture_stderr=True, check=False,
+            _curl(
+                net,
+                "-m",
+                "100",
+                "--limit-rate",
+                "100k",
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "--data-binary",
+                f"@{body}",
+                _url(net, "/bench/x?size=0"),
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert proc.returncode == 0, proc.stderr.decode()
     head = proc.stdout.decode().lower()
@@ -172,9 +215,23 @@ async def test_curl_expecting_100_continue_is_answered_100_and_its_body_goes_thr
     body.write_bytes(b"k" * (64 * KiB))
     with trio.fail_after(60):
         proc = await trio.run_process(
-            _curl(net, "-o", "/dev/null", "-D", "-", "-H", "Expect: 100-continue", "--expect100-timeout", "20",
-                  "--data-binary", f"@{body}", _url(net, "/bench/x?size=0")),
-            capture_stdout=True, capture_stderr=True, check=False,
+            _curl(
+                net,
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "-H",
+                "Expect: 100-continue",
+                "--expect100-timeout",
+                "20",
+                "--data-binary",
+                f"@{body}",
+                _url(net, "/bench/x?size=0"),
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert proc.returncode == 0, proc.stderr.decode()
     head = proc.stdout.decode().lower()
@@ -190,7 +247,9 @@ def h2mtls_load(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """../shared/tools/h2mtls_load built once per session with Debian's Go (bench.crosscheck, which
     `konbini bench --cross-check` uses too); nothing is downloaded."""
     if shutil.which("go") is None:
-        pytest.skip("LOUD SKIP: `go` is not installed: the Go interop tests did not run (make setup installs golang-go)")
+        pytest.skip(
+            "LOUD SKIP: `go` is not installed: the Go interop tests did not run (make setup installs golang-go)"
+        )
     try:
         return crosscheck.build(tmp_path_factory.mktemp("h2mtls_load"))
     except crosscheck.CrossCheckError as exc:
@@ -204,9 +263,26 @@ async def test_go_client_load_through_the_chain_has_no_failures(net, h2mtls_load
     url = f"https://{router.address}:{router.port}/bench/x?size={size}"
     with trio.fail_after(60):
         proc = await trio.run_process(
-            [str(h2mtls_load), "-c", "8", "-conns", "2", "-d", "3s", "-ca", str(net.pki.network_ca_path),
-             "-cert", str(chain), "-key", str(key), "-pairs", f"{url}@{kiosk.address}@{chain}@{key}"],
-            capture_stdout=True, capture_stderr=True, check=False,
+            [
+                str(h2mtls_load),
+                "-c",
+                "8",
+                "-conns",
+                "2",
+                "-d",
+                "3s",
+                "-ca",
+                str(net.pki.network_ca_path),
+                "-cert",
+                str(chain),
+                "-key",
+                str(key),
+                "-pairs",
+                f"{url}@{kiosk.address}@{chain}@{key}",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     assert proc.returncode == 0, proc.stderr.decode()
     result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -246,21 +322,30 @@ async def _raw_h2_download(net, size: int, *, stream_window: int, refill_when_em
     assert tls.selected_alpn_protocol() == "h2"
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.local_settings = h2.settings.Settings(client=True, initial_values={
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: H2_DEFAULT_FRAME,
-        h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    })
+    conn.local_settings = h2.settings.Settings(
+        client=True,
+        initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: H2_DEFAULT_FRAME,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
     conn.initiate_connection()
     conn_window = H2_DEFAULT_WINDOW  # the connection window is not a setting: it starts at 65,535
     if not refill_when_empty:
         conn.increment_flow_control_window(H2_MAX_WINDOW - H2_DEFAULT_WINDOW)
         conn_window = H2_MAX_WINDOW
     sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [
-        (b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"{router.id}:{router.port}".encode()),
-        (b":path", f"/bench/x?size={size}".encode()),
-    ], end_stream=True)
+    conn.send_headers(
+        sid,
+        [
+            (b":method", b"GET"),
+            (b":scheme", b"https"),
+            (b":authority", f"{router.id}:{router.port}".encode()),
+            (b":path", f"/bench/x?size={size}".encode()),
+        ],
+        end_stream=True,
+    )
     await tls.send_all(conn.data_to_send())
 
     got = Download(status=0)
@@ -321,9 +406,20 @@ def _s_client(net, cert: Path | None, key: Path | None, *args: str) -> list[str]
     router, kiosk = net.topo.node(ROUTER), net.topo.node(KIOSK)
     auth = ["-cert", str(cert), "-key", str(key)] if cert else []
     return [
-        "openssl", "s_client", "-connect", f"{router.address}:{router.port}", "-bind", f"{kiosk.address}:0",
-        "-servername", router.id, "-CAfile", str(net.pki.network_ca_path), "-verify_return_error",
-        "-ign_eof", *auth, *args,
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{router.address}:{router.port}",
+        "-bind",
+        f"{kiosk.address}:0",
+        "-servername",
+        router.id,
+        "-CAfile",
+        str(net.pki.network_ca_path),
+        "-verify_return_error",
+        "-ign_eof",
+        *auth,
+        *args,
     ]
 
 
@@ -334,8 +430,16 @@ async def _run_s_client(cmd: list[str]) -> tuple[int, str]:
     return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
 
-def _leaf(tmp_path: Path, name: str, issuer_name: x509.Name, issuer_key, address: str, *,
-          not_before: datetime, not_after: datetime) -> tuple[Path, Path]:
+def _leaf(
+    tmp_path: Path,
+    name: str,
+    issuer_name: x509.Name,
+    issuer_key,
+    address: str,
+    *,
+    not_before: datetime,
+    not_after: datetime,
+) -> tuple[Path, Path]:
     """A client certificate naming a kiosk, signed by `issuer_key`, written as PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -348,13 +452,17 @@ def _leaf(tmp_path: Path, name: str, issuer_name: x509.Name, issuer_key, address
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
         .sign(issuer_key, hashes.SHA256())
     )
     cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -386,13 +494,27 @@ def _refused_client(net, tmp_path: Path, case: str) -> list[str]:
         return _s_client(net, None, None, "-alpn", "h2")
     if case == "expired-certificate":  # this network's CA, the kiosk's name and address, a day past its end
         pki: PKI = net.pki
-        cert = _leaf(tmp_path, KIOSK, pki.network_ca.subject, pki.network_ca_key, kiosk.address,
-                     not_before=now - timedelta(days=30), not_after=now - timedelta(days=1))
+        cert = _leaf(
+            tmp_path,
+            KIOSK,
+            pki.network_ca.subject,
+            pki.network_ca_key,
+            kiosk.address,
+            not_before=now - timedelta(days=30),
+            not_after=now - timedelta(days=1),
+        )
         return _s_client(net, *cert, "-alpn", "h2")
     if case == "certificate-of-another-ca":  # a throwaway CA, otherwise a perfect kiosk certificate
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the konbini network CA")])
-        cert = _leaf(tmp_path, KIOSK, ca_name, ec.generate_private_key(ec.SECP256R1()), kiosk.address,
-                     not_before=now - timedelta(days=1), not_after=now + timedelta(days=30))
+        cert = _leaf(
+            tmp_path,
+            KIOSK,
+            ca_name,
+            ec.generate_private_key(ec.SECP256R1()),
+            kiosk.address,
+            not_before=now - timedelta(days=1),
+            not_after=now + timedelta(days=30),
+        )
         return _s_client(net, *cert, "-alpn", "h2")
     raise AssertionError(case)
 
@@ -430,7 +552,9 @@ async def test_http_1_1_gets_no_response_and_a_clear_close(net, alpn: list[str],
     with trio.fail_after(30):
         proc = await trio.run_process(
             _curl(net, *alpn, "-o", "/dev/null", "-w", "%{http_code}", _url(net, "/bench/x?size=10"), http="--http1.1"),
-            capture_stdout=True, capture_stderr=True, check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     await _denials_settle()
     # 35: the handshake failed (the no_application_protocol alert, when curl offered http/1.1);
@@ -469,9 +593,19 @@ async def test_tls_1_2_client_is_accepted_where_the_topology_asks_for_a_1_2_floo
         await serving.start(server.serve)
         with trio.fail_after(30):
             proc = await trio.run_process(
-                _curl(net, "--tlsv1.2", "--tls-max", "1.2", "-v", "-w", "\n%{http_code} %{http_version}",
-                      _url(net, "/bench/x?size=0")),
-                capture_stdout=True, capture_stderr=True, check=False,
+                _curl(
+                    net,
+                    "--tlsv1.2",
+                    "--tls-max",
+                    "1.2",
+                    "-v",
+                    "-w",
+                    "\n%{http_code} %{http_version}",
+                    _url(net, "/bench/x?size=0"),
+                ),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
             )
         serving.cancel_scope.cancel()
     assert proc.returncode == 0, proc.stderr.decode()
@@ -502,15 +636,20 @@ async def _raw_h2_connection(net) -> tuple[trio.SSLStream, h2.connection.H2Conne
 
 def _get(net, path: str, pad: int = 0) -> list[tuple[bytes, bytes]]:
     router = net.topo.node(ROUTER)
-    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", f"{router.id}:{router.port}".encode()),
-               (b":path", path.encode())]
+    headers = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", f"{router.id}:{router.port}".encode()),
+        (b":path", path.encode()),
+    ]
     if pad:  # an x-pad field that brings the list to `pad` bytes as SETTINGS_MAX_HEADER_LIST_SIZE counts them
         headers.append((b"x-pad", b"p" * (pad - sum(len(k) + len(v) + 32 for k, v in headers) - len(b"x-pad") - 32)))
     return headers
 
 
-async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, streams: set[int],
-                   trailers: dict | None = None) -> dict[int, tuple[int, int]]:
+async def _answers(
+    tls: trio.SSLStream, conn: h2.connection.H2Connection, streams: set[int], trailers: dict | None = None
+) -> dict[int, tuple[int, int]]:
     """Read until every stream in `streams` ended: {stream: (status, body bytes)}, and each
     stream's trailers into `trailers`; a reset or GOAWAY on the way fails."""
     got: dict[int, list[int]] = {sid: [0, 0] for sid in streams}
@@ -534,10 +673,14 @@ async def _answers(tls: trio.SSLStream, conn: h2.connection.H2Connection, stream
     return {sid: (status, n) for sid, (status, n) in got.items()}
 
 
-@pytest.mark.parametrize(("below_limit", "status"), [(200, 200), (50, 431), (0, 431)],
-                         ids=["room-for-attestation", "inside-the-band-that-tore-down", "at-the-limit"])
+@pytest.mark.parametrize(
+    ("below_limit", "status"),
+    [(200, 200), (50, 431), (0, 431)],
+    ids=["room-for-attestation", "inside-the-band-that-tore-down", "at-the-limit"],
+)
 async def test_a_header_list_near_the_advertised_limit_never_tears_down_the_kiosks_connection(
-        net, below_limit: int, status: int):
+    net, below_limit: int, status: int
+):
     # The router advertises 16,384 and adds its attestation (~108 B) before forwarding: a list it
     # takes but the next hop would refuse is answered 431 here, alone; a download on the same
     # connection goes on, and the next request on it is served.
@@ -562,7 +705,9 @@ async def test_a_header_list_near_the_advertised_limit_never_tears_down_the_kios
 
 # -- implementations konbini did not write, inside the chain ---------------------------------------
 
-needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (make setup installs it)")
+needs_haproxy = pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="haproxy is not installed (make setup installs it)"
+)
 needs_nghttpd = pytest.mark.skipif(
     shutil.which("nghttpd") is None, reason="nghttpd is not installed (make setup installs nghttp2-server)"
 )
@@ -583,8 +728,12 @@ async def _curl_both_ways(net, tmp_path: Path, download_path, upload_path: str) 
     for size in SIZES:
         out = tmp_path / f"down-{size}"
         proc = await trio.run_process(
-            _curl(net, "-m", "120", "-o", str(out), "-w", "%{http_code} %{http_version}", _url(net, download_path(size))),
-            capture_stdout=True, capture_stderr=True, check=False,
+            _curl(
+                net, "-m", "120", "-o", str(out), "-w", "%{http_code} %{http_version}", _url(net, download_path(size))
+            ),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         assert proc.returncode == 0, proc.stderr.decode()
         assert proc.stdout.decode() == "200 2", (size, proc.stdout)
@@ -594,7 +743,9 @@ async def _curl_both_ways(net, tmp_path: Path, download_path, upload_path: str) 
         echo = tmp_path / f"echo-{size}"
         proc = await trio.run_process(
             _curl(net, "-m", "120", "-o", str(echo), "-D", "-", "--data-binary", f"@{body}", _url(net, upload_path)),
-            capture_stdout=True, capture_stderr=True, check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         assert proc.returncode == 0, proc.stderr.decode()
         head = proc.stdout.decode().lower()
@@ -606,7 +757,8 @@ async def _curl_both_ways(net, tmp_path: Path, download_path, upload_path: str) 
 @needs_curl
 @needs_haproxy
 async def test_haproxy_as_the_ec_router_between_konbini_relays_passes_every_size_both_ways(
-        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    topo, state: Path, nursery: trio.Nursery, tmp_path: Path
+):
     # konbini's store router is HAProxy's client and konbini's DMZ relay its server: mutual TLS and
     # h2 on both sides, HAProxy's own allow-list ACLs (bench/baselines/haproxy.py) as the EC router's.
     ec = topo.node("ec-router-a")
@@ -630,7 +782,8 @@ async def test_haproxy_as_the_ec_router_between_konbini_relays_passes_every_size
 @needs_curl
 @needs_nghttpd
 async def test_nghttpd_as_the_origin_behind_konbinis_dmz_relay_passes_every_size_both_ways(
-        topo, state: Path, nursery: trio.Nursery, tmp_path: Path):
+    topo, state: Path, nursery: trio.Nursery, tmp_path: Path
+):
     # nghttpd (nghttp2's server, C) in the issuance center's place: it asks for a client
     # certificate, serves files, echoes uploads and ends every response with a trailer, so konbini's
     # relays are proven as the client of a server they did not write.
@@ -642,9 +795,22 @@ async def test_nghttpd_as_the_origin_behind_konbinis_dmz_relay_passes_every_size
         (docs / "bench" / f"size-{size}").write_bytes(b"n" * size)
     chain, key = net.pki.node_paths(center.id)
     nghttpd = await trio.lowlevel.open_process(
-        ["nghttpd", "-a", center.address, "--verify-client", "--echo-upload", "--trailer", "x-origin: nghttpd",
-         "-d", str(docs), str(center.port), str(key), str(chain)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "nghttpd",
+            "-a",
+            center.address,
+            "--verify-client",
+            "--echo-upload",
+            "--trailer",
+            "x-origin: nghttpd",
+            "-d",
+            str(docs),
+            str(center.port),
+            str(key),
+            str(chain),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         with trio.fail_after(300):

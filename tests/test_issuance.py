@@ -37,7 +37,14 @@ async def test_issuance_succeeds_end_to_end(net):
     r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
     assert (r.status, r.reason, r.signature_valid, r.document_bytes) == ("issued", None, True, 64 * 1024)
     assert r.fee == 200
-    assert {h["node"] for h in r.hops} >= {"store-router-a1", "ec-router-a", "dmz-relay-a", "issuance-center", "ocsp", "muni-a"}
+    assert {h["node"] for h in r.hops} >= {
+        "store-router-a1",
+        "ec-router-a",
+        "dmz-relay-a",
+        "issuance-center",
+        "ocsp",
+        "muni-a",
+    }
     center = net.app("issuance-center")
     assert center.issuances[r.issuance_id].state == "completed"
     # SEC-KI-2: spool erased after printing, and the erase is in the kiosk's log (no personal data there)
@@ -54,7 +61,9 @@ async def test_200_concurrent_issuances_each_print_exactly_their_own_document(ne
     results = []
 
     async def one(i: int, kiosk: Kiosk, conn) -> None:
-        results.append((cards[i], await kiosk.issue(conn, cards[i], "1234", IssueRequest(MUNI_A, "residence-record"), timeout=60)))
+        results.append(
+            (cards[i], await kiosk.issue(conn, cards[i], "1234", IssueRequest(MUNI_A, "residence-record"), timeout=60))
+        )
 
     async with trio.open_nursery() as nursery:
         conns = []
@@ -100,8 +109,15 @@ def _signed_trailers(key, binding: Binding):
 
 def _certificate_of(state, card_id: str) -> bytes:
     """A municipality's certificate for the holder of `card_id`, as the kiosk receives it."""
-    page = certificate(issuance_id="iss-1", cert_type="residence-record", card_id=card_id, municipality_code=MUNI_A,
-                       municipality_name="千代田区", issued_at=TEST_TIME, cut=certificate_font(("千代田区",), state / "fonts"))
+    page = certificate(
+        issuance_id="iss-1",
+        cert_type="residence-record",
+        card_id=card_id,
+        municipality_code=MUNI_A,
+        municipality_name="千代田区",
+        issued_at=TEST_TIME,
+        cut=certificate_font(("千代田区",), state / "fonts"),
+    )
     return b"".join(document_chunks(page, "iss-1", 0))
 
 
@@ -136,8 +152,17 @@ def test_kiosk_flow_accepts_only_a_document_bound_to_itself(state, topo, change,
         doc = _certificate_of(state, other)
     flow.on_document_chunk(doc)
 
-    fields = dict(issuance_id="iss-1", session="sess-1", kiosk="kiosk-a1-1", card=card.fingerprint,
-                  sha256=hashlib.sha256(doc).hexdigest(), bytes=len(doc), cert_type="residence-record", copies=1, fee=200)
+    fields = dict(
+        issuance_id="iss-1",
+        session="sess-1",
+        kiosk="kiosk-a1-1",
+        card=card.fingerprint,
+        sha256=hashlib.sha256(doc).hexdigest(),
+        bytes=len(doc),
+        cert_type="residence-record",
+        copies=1,
+        fee=200,
+    )
     good = Binding(**fields)
     # the untouched binding is accepted (so the parametrized refusals are not vacuous)
     control = KioskFlow("kiosk-a1-1", card, "1234", flow.request, key.public_key())
@@ -161,7 +186,17 @@ def test_kiosk_flow_refuses_a_binding_signed_by_anyone_but_the_center(state, top
     flow = KioskFlow("kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"), center.public_key())
     flow.state, flow.session = State.AUTHENTICATED, "s"
     flow.on_document_headers(200, [(b"konbini-issuance-id", b"i")])
-    b = Binding("i", "s", "kiosk-a1-1", card.fingerprint, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", 0, "x", 1, 1)
+    b = Binding(
+        "i",
+        "s",
+        "kiosk-a1-1",
+        card.fingerprint,
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        0,
+        "x",
+        1,
+        1,
+    )
     assert flow.on_document_end(_signed_trailers(relay, b)) == "signature-invalid"
     assert flow.on_document_end.__self__.state is State.MISDELIVERED
 
@@ -295,22 +330,37 @@ async def test_forged_and_replayed_challenge_signatures_are_refused(net):
         # forged: card A's certificate, signature made with another card's key
         s1 = await _raw_session(conn, "store-router-a1")
         forged = other.sign_challenge("1234", base64.b64decode(s1["challenge"]))
-        r = await _raw_post(conn, "store-router-a1", f"/v1/session/{s1['session']}/auth",
-                            msgspec.json.encode(AuthRequest(cert, base64.b64encode(forged).decode())))
+        r = await _raw_post(
+            conn,
+            "store-router-a1",
+            f"/v1/session/{s1['session']}/auth",
+            msgspec.json.encode(AuthRequest(cert, base64.b64encode(forged).decode())),
+        )
         assert r["reason"] == "signature-invalid"
         # replayed: a valid answer to session 2's challenge, sent again on session 3
         s2 = await _raw_session(conn, "store-router-a1")
         good = base64.b64encode(card.sign_challenge("1234", base64.b64decode(s2["challenge"]))).decode()
-        ok = await _raw_post(conn, "store-router-a1", f"/v1/session/{s2['session']}/auth", msgspec.json.encode(AuthRequest(cert, good)))
+        ok = await _raw_post(
+            conn, "store-router-a1", f"/v1/session/{s2['session']}/auth", msgspec.json.encode(AuthRequest(cert, good))
+        )
         assert ok["status"] == "authenticated"
-        again = await _raw_post(conn, "store-router-a1", f"/v1/session/{s2['session']}/auth", msgspec.json.encode(AuthRequest(cert, good)))
+        again = await _raw_post(
+            conn, "store-router-a1", f"/v1/session/{s2['session']}/auth", msgspec.json.encode(AuthRequest(cert, good))
+        )
         assert again["reason"] == "session-state"  # a challenge is answered once
         s3 = await _raw_session(conn, "store-router-a1")
-        replay = await _raw_post(conn, "store-router-a1", f"/v1/session/{s3['session']}/auth", msgspec.json.encode(AuthRequest(cert, good)))
+        replay = await _raw_post(
+            conn, "store-router-a1", f"/v1/session/{s3['session']}/auth", msgspec.json.encode(AuthRequest(cert, good))
+        )
         assert replay["reason"] == "signature-invalid"
         # and no document without card authentication (SEC-KI-1)
         s4 = await _raw_session(conn, "store-router-a1")
-        issue = await _raw_post(conn, "store-router-a1", f"/v1/session/{s4['session']}/issue", msgspec.json.encode(IssueRequest(MUNI_A, "residence-record")))
+        issue = await _raw_post(
+            conn,
+            "store-router-a1",
+            f"/v1/session/{s4['session']}/issue",
+            msgspec.json.encode(IssueRequest(MUNI_A, "residence-record")),
+        )
         assert (issue["status"], issue["reason"]) == ("refused", "session-state")
         conn.close()
 
@@ -349,10 +399,15 @@ async def test_cancelling_an_issuance_midway_cancels_it_whole(net):
     assert r.issuance_id and center.issuances[r.issuance_id].state == "cancelled"  # never half-done
 
 
-async def test_with_ocsp_cache_a_card_revoked_after_a_good_answer_is_refused_once_that_answer_expires(topo, state, nursery):
+async def test_with_ocsp_cache_a_card_revoked_after_a_good_answer_is_refused_once_that_answer_expires(
+    topo, state, nursery
+):
     clock = Clock(TEST_TIME)
-    net = await nursery.start(lambda task_status: run_topology(
-        msgspec.structs.replace(topo, ocsp_cache=True), state, clock=clock, task_status=task_status))
+    net = await nursery.start(
+        lambda task_status: run_topology(
+            msgspec.structs.replace(topo, ocsp_cache=True), state, clock=clock, task_status=task_status
+        )
+    )
     card = net.cards.new()
     first = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
     assert first.status == "issued" and any(h["node"] == "ocsp" for h in first.hops)

@@ -67,6 +67,7 @@ async def test_a_kiosk_reset_while_the_ledger_writes_leaves_the_issuance_cancell
 async def test_a_delivered_issuance_whose_notice_never_comes_expires_and_leaves_memory(net, monkeypatch):
     """The kiosk went away after the document left: no notice comes. After NOTICE_TTL the center
     expires it (ledger and memory), its metrics say so, and a late notice still completes it."""
+
     async def lost(self, *args, **kw):
         return False  # the notice never reaches the center
 
@@ -108,8 +109,12 @@ async def test_a_center_starting_expires_the_rows_a_dead_center_left_unfinished(
     long_ago = TEST_TIME.replace(hour=TEST_TIME.hour - 1)
     with db.transaction():
         for iid in ("iss-dead-streaming", "iss-dead-sent"):
-            db.create_issuance(IssuanceRecord(iid, "s", "kiosk-a1-1", "a", MUNI_A, "residence-record", 1, 200, "2026-11"), long_ago)
+            db.create_issuance(
+                IssuanceRecord(iid, "s", "kiosk-a1-1", "a", MUNI_A, "residence-record", 1, 200, "2026-11"), long_ago
+            )
         db.set_state("iss-dead-sent", "sent", long_ago)
     db.close()
-    net = await nursery.start(lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status))
+    net = await nursery.start(
+        lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status)
+    )
     await until(lambda: {state_in_ledger(net, i) for i in ("iss-dead-streaming", "iss-dead-sent")} == {"expired"})

@@ -3,7 +3,12 @@ kiosk's own clock, adding up to what the kiosk measured."""
 
 from kiosk_emu.latency import split, timings
 
-KINDS = {"store-router-a1": "store-router", "ec-router-a": "ec-router", "issuance-center": "issuance-center", "ocsp": "ocsp"}
+KINDS = {
+    "store-router-a1": "store-router",
+    "ec-router-a": "ec-router",
+    "issuance-center": "issuance-center",
+    "ocsp": "ocsp",
+}
 # innermost first, as the hops append on the way back: the center (with its own OCSP wait), then the relays
 HEADERS = [
     (b":status", b"200"),

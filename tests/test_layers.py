@@ -75,8 +75,11 @@ def _imports(module: str) -> list[tuple[str, int, bool]]:
             elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
                 out.append((child.module, child.lineno, in_function))
                 # `from pkg import module` names a module too
-                out.extend((f"{child.module}.{a.name}", child.lineno, in_function)
-                           for a in child.names if f"{child.module}.{a.name}" in MODULES)
+                out.extend(
+                    (f"{child.module}.{a.name}", child.lineno, in_function)
+                    for a in child.names
+                    if f"{child.module}.{a.name}" in MODULES
+                )
             visit(child, inner)
 
     visit(tree, False)
@@ -137,7 +140,7 @@ def test_no_import_cycle_between_modules():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 walk(t)
         stack.pop()
@@ -153,8 +156,11 @@ def test_no_import_cycle_between_modules():
 def test_model_modules_do_no_io(prefix):
     for module in MODULES:
         if module == prefix or module.startswith(prefix + "."):
-            bad = [f"{module}:{line} imports {name}" for name, line, _ in _imports(module)
-                   if name.split(".")[0] in IMPURE_IMPORTS]
+            bad = [
+                f"{module}:{line} imports {name}"
+                for name, line, _ in _imports(module)
+                if name.split(".")[0] in IMPURE_IMPORTS
+            ]
             assert bad == []
 
 
@@ -182,7 +188,18 @@ def test_a_bench_relay_process_imports_no_crypto_and_no_center_code():
     import subprocess
 
     probe = "import sys, bench.serve; print(' '.join(sorted(sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT).stdout.split())
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT
+        ).stdout.split()
+    )
     assert "gateway.nodes.registry" in loaded and "topology.launch.servers" in loaded  # the probe saw the launcher
-    heavy = {"cryptography", "kiosk_emu.card", "topology.pki", "gateway.nodes.issuance", "holidays", "topology.cli.main"}
+    heavy = {
+        "cryptography",
+        "kiosk_emu.card",
+        "topology.pki",
+        "gateway.nodes.issuance",
+        "holidays",
+        "topology.cli.main",
+    }
     assert heavy & loaded == set()

@@ -62,7 +62,9 @@ def test_two_processes_opening_one_new_ledger_at_once_migrate_it_once(tmp_path):
             p.join(30)
         assert [p.exitcode for p in procs] == [0] * 6
         db = LedgerDB(path)
-        assert [r[0] for r in db.conn.execute("SELECT version FROM schema_version")] == list(range(1, len(MIGRATIONS) + 1))
+        assert [r[0] for r in db.conn.execute("SELECT version FROM schema_version")] == list(
+            range(1, len(MIGRATIONS) + 1)
+        )
         db.close()
 
 
@@ -226,7 +228,12 @@ def test_rows_left_unfinished_past_their_bound_are_expired_and_a_late_notice_sti
         stale = db.expire_stale(late, created_before=AT, sent_before=AT)
     assert sorted(stale) == ["old-created", "old-sent"]
     assert {i: db.issuance(i).state for i in ("old-created", "old-sent", "new-created", "new-sent", "done")} == {
-        "old-created": "expired", "old-sent": "expired", "new-created": "created", "new-sent": "sent", "done": "completed"}
+        "old-created": "expired",
+        "old-sent": "expired",
+        "new-created": "created",
+        "new-sent": "sent",
+        "done": "completed",
+    }
     assert db.count("expired") == 2 and db.verify() == len(db.entries())
     with db.transaction():
         assert db.record_notice("old-sent", late, 1, 200)  # the resident paid: the notice counts
@@ -249,8 +256,10 @@ def test_a_ledger_from_before_the_state_times_is_migrated_and_its_unfinished_row
     for version, script in enumerate(MIGRATIONS[:-1], start=1):  # every one but the state times
         conn.executescript(script)
         conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
-    conn.execute("INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state)"
-                 " VALUES ('i-old', 's', 'k', 'a', '131016', 'residence-record', 1, 200, '2026-11', 'created')")
+    conn.execute(
+        "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state)"
+        " VALUES ('i-old', 's', 'k', 'a', '131016', 'residence-record', 1, 200, '2026-11', 'created')"
+    )
     conn.close()
     db = LedgerDB(path)
     assert db.version == len(MIGRATIONS) and db.issuance("i-old").changed is None

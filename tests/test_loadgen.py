@@ -30,7 +30,7 @@ def test_poisson_arrivals_have_the_asked_rate_and_stay_in_the_window() -> None:
     assert all(10.0 < t < 60.0 for t in times)
     assert times == sorted(times)
     assert len(times) / 50.0 == pytest.approx(200.0, rel=0.05)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     # exponential gaps: mean 1/rate and standard deviation equal to the mean
     assert statistics.mean(gaps) == pytest.approx(1 / 200, rel=0.05)
     assert statistics.stdev(gaps) == pytest.approx(1 / 200, rel=0.1)
@@ -82,7 +82,9 @@ def test_histograms_merge_across_workers() -> None:
 
 def _spec(**kw) -> LoadSpec:
     kiosk = KioskSpec("kiosk-a1-1", "127.18.11.11", "store-router-a1", "127.18.11.1", 8443, "pool-0000")
-    return LoadSpec(workload=Workload("relay-small", "relay"), state_dir="/nonexistent", kiosks=[kiosk], ca_path="", **kw)
+    return LoadSpec(
+        workload=Workload("relay-small", "relay"), state_dir="/nonexistent", kiosks=[kiosk], ca_path="", **kw
+    )
 
 
 def test_arrivals_without_a_free_kiosk_are_dropped_not_delayed() -> None:
@@ -107,15 +109,29 @@ def test_merged_result_adds_up() -> None:
         for _ in range(ok + refused):
             record_ms(h, ms)
         return {
-            "worker": wid, "arrivals": ok + refused + errors + dropped, "dropped": dropped,
+            "worker": wid,
+            "arrivals": ok + refused + errors + dropped,
+            "dropped": dropped,
             "outcomes": {"ok": ok, "refused:pin-wrong": refused, "error:timeout": errors},
-            "bytes": ok * 10, "latency": encode(h), "hops": {"store-router": encode(h)}, "timeline": {"0": encode(h)},
-            "measured_s": 2.0, "cpu_s": 1.9, "wall_s": 2.0, "cpu_fraction": 0.95, "max_rss_kib": 1, "kiosks": 1, "partial": False,
+            "bytes": ok * 10,
+            "latency": encode(h),
+            "hops": {"store-router": encode(h)},
+            "timeline": {"0": encode(h)},
+            "measured_s": 2.0,
+            "cpu_s": 1.9,
+            "wall_s": 2.0,
+            "cpu_fraction": 0.95,
+            "max_rss_kib": 1,
+            "kiosks": 1,
+            "partial": False,
         }
 
     r = merge_results([worker(0, 90, 5, 1, 4, 10.0), worker(1, 100, 0, 0, 0, 20.0)], _spec(rate=50.0))
     assert r["arrivals"] == 200
-    assert r["arrivals"] == r["dropped"] + r["ok"] + sum(r["refused"].values()) + sum(r["errors"].values()) + r["misdelivered"]
+    assert (
+        r["arrivals"]
+        == r["dropped"] + r["ok"] + sum(r["refused"].values()) + sum(r["errors"].values()) + r["misdelivered"]
+    )
     assert r["ok"] == 190 and r["refused"] == {"pin-wrong": 5} and r["errors"] == {"timeout": 1}
     assert r["throughput_rps"] == pytest.approx(195 / 2.0)
     assert r["bytes_per_s"] == pytest.approx(1900 / 2.0)

@@ -163,8 +163,21 @@ def test_no_topology_node_may_reach_any_metrics_port(topo):
 async def test_curl_with_the_monitoring_certificate_scrapes_the_center(net):
     cert, key = net.pki.principal_paths(MONITORING_PRINCIPAL)
     center = net.topo.node("issuance-center")
-    cmd = ["curl", "-sS", "-m", "20", "--cacert", str(net.pki.network_ca_path), "--cert", str(cert), "--key", str(key),
-           "--interface", MONITORING_ADDRESS, f"https://{center.address}:{METRICS_PORT}/metrics"]
+    cmd = [
+        "curl",
+        "-sS",
+        "-m",
+        "20",
+        "--cacert",
+        str(net.pki.network_ca_path),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "--interface",
+        MONITORING_ADDRESS,
+        f"https://{center.address}:{METRICS_PORT}/metrics",
+    ]
     with trio.fail_after(30):
         proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -194,4 +207,4 @@ def test_a_nodes_metrics_are_made_at_first_use_and_keep_collectors_registered_be
     assert sample(text, "konbini_requests_total", method="POST") == 1.0
     assert sample(text, "konbini_test_app_state") == 7.0
     with pytest.raises(AttributeError):
-        m.no_such_series  # a typo is still an error, not a silent new series
+        _ = m.no_such_series  # a typo is still an error, not a silent new series

@@ -50,7 +50,18 @@ def test_settlement_counts_each_municipality(tmp_path: Path):
 
 def test_settle_shows_the_municipality_by_name(tmp_path: Path):
     _ledger(tmp_path).close()
-    run = [sys.executable, "-m", "topology.cli", "settle", "--month", "2026-11", "--clock", "2026-12-02T10:00+09:00", "--state", str(tmp_path)]
+    run = [
+        sys.executable,
+        "-m",
+        "topology.cli",
+        "settle",
+        "--month",
+        "2026-11",
+        "--clock",
+        "2026-12-02T10:00+09:00",
+        "--state",
+        str(tmp_path),
+    ]
     text = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert text.returncode == 0, text.stderr
     assert "千代田区 131016: 5 copies, 760 yen in fees" in text.stdout
@@ -64,8 +75,20 @@ def test_the_failover_report_names_the_municipality_whose_server_it_kills():
 
     t = targets(load_topology(DEFAULT_TOPOLOGY.parent / "redundant.yaml"))
     assert (t.municipality, t.municipality_name) == ("372013", "高松市")
-    fo = {"ok": True, "events": [], "per_second": [], "faults": [],
-          "targets": {"operator": t.operator, "relays": list(t.relays), "municipality": t.municipality,
-                      "municipality_name": t.municipality_name, "servers": list(t.servers)}}
-    text = "\n".join(md_failover({"scenarios": {"failover": {"konbini": {"rate": 20, "ok": 0, "misdelivered": 0, "failover": fo}}}}))
+    fo = {
+        "ok": True,
+        "events": [],
+        "per_second": [],
+        "faults": [],
+        "targets": {
+            "operator": t.operator,
+            "relays": list(t.relays),
+            "municipality": t.municipality,
+            "municipality_name": t.municipality_name,
+            "servers": list(t.servers),
+        },
+    }
+    text = "\n".join(
+        md_failover({"scenarios": {"failover": {"konbini": {"rate": 20, "ok": 0, "misdelivered": 0, "failover": fo}}}})
+    )
     assert "高松市's document servers muni-takamatsu-1 and muni-takamatsu-2" in text

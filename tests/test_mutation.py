@@ -33,7 +33,13 @@ def test_live_accept_rules_are_read_from_an_nft_listing(topo) -> None:
     assert len(rules) == compiled == 17
     assert [r.chain for r in rules].count("input") == 9 and [r.chain for r in rules].count("output") == 8
     first = rules[0]
-    assert (first.chain, first.handle, first.src_ip, first.dst_ip, first.port) == ("input", 13, "198.18.11.11", "198.18.11.1", 8443)
+    assert (first.chain, first.handle, first.src_ip, first.dst_ip, first.port) == (
+        "input",
+        13,
+        "198.18.11.11",
+        "198.18.11.1",
+        8443,
+    )
     assert first.comment == "nodes.store-router-a1.allow[0]: kiosk-a1-1 -> store-router-a1"
     assert len({r.handle for r in rules}) == 17
 
@@ -44,6 +50,8 @@ def test_policy_mutate_netns_needs_a_running_netns_topology() -> None:
     from pathlib import Path
 
     konbini = str(Path(sys.executable).parent / "konbini")
-    out = subprocess.run([konbini, "policy", "mutate", "--netns", "--tag", "nosuchtag"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [konbini, "policy", "mutate", "--netns", "--tag", "nosuchtag"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.startswith("konbini: ") and ("konbini-nosuchtag-" in out.stderr or "needs root" in out.stderr)

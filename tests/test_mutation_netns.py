@@ -32,14 +32,19 @@ def test_every_dropped_nft_accept_rule_is_caught_and_restored(netns_up, topo) ->
     live = run_nft_mutations(topo, plan, timeout=0.3)
     elapsed = time.monotonic() - t0
     rows = live["mutants"]
-    compiled = sum("ct state new" in line for site in [*plan.sites, MONITORING_SITE]
-                   for line in compile_ruleset(topo, site, plan).splitlines())
+    compiled = sum(
+        "ct state new" in line
+        for site in [*plan.sites, MONITORING_SITE]
+        for line in compile_ruleset(topo, site, plan).splitlines()
+    )
     assert len(rows) == compiled > 150  # every accept rule of every namespace, none skipped
     survivors = [r["description"] for r in rows if r["differences"] == 0]
     assert survivors == [], survivors  # 100 % nft-rule-dropped
     # each difference is on the connection the dropped rule accepts, not a flaky probe elsewhere
     assert live["unexplained"] == 0, [r for r in rows if r["unexplained"]]
-    assert live["reruns"] <= 5, [r for r in rows if r["attempts"] > 1]  # a rerun now and then on a busy machine, not a habit
+    assert live["reruns"] <= 5, [
+        r for r in rows if r["attempts"] > 1
+    ]  # a rerun now and then on a busy machine, not a habit
     assert all(r["restored"] for r in rows) and live["before_ok"] and live["after_ok"], live["after_differences"]
     assert {r["chain"] for r in rows} == {"input", "output"}  # output rules too: seen through the senders' own stacks
     assert elapsed < BOUND_S, f"{elapsed:.0f} s for {len(rows)} mutants"

@@ -46,7 +46,10 @@ def test_municipalities_1741_of_which_about_1300_take_part_with_varied_hours_and
 def test_redundancy_two_dmz_relays_and_a_standby_center(national):
     assert national.node("ec-router-a").hops == ("dmz-relay-a1", "dmz-relay-a2")
     assert national.node("dmz-relay-a1").hops == ("issuance-center", "issuance-center-2")
-    assert [n.id for n in national.of_kind("municipality") if n.municipality.code == "372013"] == ["muni-takamatsu-1", "muni-takamatsu-2"]
+    assert [n.id for n in national.of_kind("municipality") if n.municipality.code == "372013"] == [
+        "muni-takamatsu-1",
+        "muni-takamatsu-2",
+    ]
 
 
 def test_national_store_routers_listen_each_on_its_own_address(national):

@@ -23,7 +23,9 @@ NATIONAL = ROOT / "topology" / "national.yaml"
 def mini_national(path: Path) -> Path:
     """topology/national.yaml with every store range cut to 8 and 40 municipalities (30 taking part)."""
     text = NATIONAL.read_text()
-    text = re.sub(r'range: "([a-f])\[(0+)1-\d+\]"', lambda m: f'range: "{m[1]}[{m[2]}1-{"0" * (len(m[2]) - 1)}8]"', text)
+    text = re.sub(
+        r'range: "([a-f])\[(0+)1-\d+\]"', lambda m: f'range: "{m[1]}[{m[2]}1-{"0" * (len(m[2]) - 1)}8]"', text
+    )
     text = text.replace("count: 1741", "count: 40").replace("participating: 1300", "participating: 30")
     path.write_text(text.replace("name: national", "name: mini-national"))
     return path
@@ -49,9 +51,30 @@ def test_piecewise_arrivals_follow_each_segment_rate() -> None:
 def test_national_peak_bench_issues_over_the_whole_fleet_with_nothing_misdelivered(tmp_path) -> None:
     topo = mini_national(tmp_path / "mini.yaml")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "topology.cli", "bench", "national-peak", "--topology", str(topo), "--state", str(tmp_path / "state"),
-           "--out", str(out), "--processes", "2", "--duration", "2", "--warmup", "0.5", "--levels", "1,10", "--hour-s", "0.2",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "topology.cli",
+        "bench",
+        "national-peak",
+        "--topology",
+        str(topo),
+        "--state",
+        str(tmp_path / "state"),
+        "--out",
+        str(out),
+        "--processes",
+        "2",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--levels",
+        "1,10",
+        "--hour-s",
+        "0.2",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "national-peak.json").read_text())

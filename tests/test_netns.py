@@ -41,7 +41,9 @@ def konbini(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def start_up(tag: str, state: Path, clock: str = CLOCK) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*KONBINI, "up", "--netns", "--tag", tag, "--state", str(state), "--clock", clock],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     seen = []
     for line in proc.stdout:  # waits on the launcher's own "ready" line, not on a sleep
@@ -149,8 +151,12 @@ def test_loopback_policy_check_shows_app_level_refusals(topo, state) -> None:
 
 
 def _start_loopback_up(state: Path, clock: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*KONBINI, "up", "--state", str(state), "--clock", clock],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*KONBINI, "up", "--state", str(state), "--clock", clock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:  # the launcher's own "ready" line
         if line.startswith("ready in"):
             return proc
@@ -256,8 +262,31 @@ def test_a_broken_ruleset_is_caught(netns_up, topo) -> None:
     plan, state = netns_up
     ns = plan.namespace("store-a1")
     wifi, router = plan.address("wifi-a1"), plan.address("store-router-a1")
-    subprocess.run(["ip", "netns", "exec", ns, "nft", "insert", "rule", "inet", "konbini", "input",
-                    "ip", "saddr", wifi, "ip", "daddr", router, "tcp", "dport", "8443", "accept"], check=True)
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            "konbini",
+            "input",
+            "ip",
+            "saddr",
+            wifi,
+            "ip",
+            "daddr",
+            router,
+            "tcp",
+            "dport",
+            "8443",
+            "accept",
+        ],
+        check=True,
+    )
     try:
         out = konbini("policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--json", "--no-outside-tools")
         assert out.returncode == 1, out.stderr
@@ -290,17 +319,38 @@ def test_policy_check_cli_passes_and_writes_report(netns_up, tmp_path, topo) -> 
     # The SEC-KI-4 check waits out (up to 65 s) a maintenance lockout left by the module's earlier
     # annex run against the same running nodes, and the outside tools take 60-120 s (testssl.sh
     # against seven nodes is CPU-bound on two cores), so the bound allows for both.
-    out = konbini("policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--report", str(tmp_path), timeout=420)
+    out = konbini(
+        "policy", "check", "--netns", "--tag", TAG, "--state", str(state), "--report", str(tmp_path), timeout=420
+    )
     report_file = tmp_path / "report.json"
-    assert out.returncode == 0, (_failing_rows(report_file) if report_file.exists() else out.stdout[-2000:]) + out.stderr
+    assert out.returncode == 0, (
+        _failing_rows(report_file) if report_file.exists() else out.stdout[-2000:]
+    ) + out.stderr
     assert time.monotonic() - t0 < 360
     report = json.loads(report_file.read_text())
     assert report["ok"] and not report["differences"]
-    for req in ("SEC-EC-1", "SEC-EC-2", "SEC-EC-3", "SEC-SN-1", "SEC-SN-2", "SEC-SN-3", "SEC-ST-2", "SEC-ST-3/KI-6", "SEC-ST-4",
-                "SEC-KI-1", "SEC-KI-2", "SEC-KI-4", "SEC-KI-5", "SEC-KI-7", "SEC-KI-8"):
+    for req in (
+        "SEC-EC-1",
+        "SEC-EC-2",
+        "SEC-EC-3",
+        "SEC-SN-1",
+        "SEC-SN-2",
+        "SEC-SN-3",
+        "SEC-ST-2",
+        "SEC-ST-3/KI-6",
+        "SEC-ST-4",
+        "SEC-KI-1",
+        "SEC-KI-2",
+        "SEC-KI-4",
+        "SEC-KI-5",
+        "SEC-KI-7",
+        "SEC-KI-8",
+    ):
         assert report["summary"][req]["checks"] > 0 and report["summary"][req]["failed"] == 0, req
     assert report["annex"] and all(c["ok"] for c in report["annex"])
-    assert "inside konbini-" in report["annex_note"]  # the live checks ran in the store's namespace, not a loopback copy
+    assert (
+        "inside konbini-" in report["annex_note"]
+    )  # the live checks ran in the store's namespace, not a loopback copy
     assert all(a["refused"] for a in report["app"])
     assert "SEC-ST-4" in (tmp_path / "report.md").read_text()
     # the outside tools' verdicts, next to konbini's own: testssl.sh and s_client for every server kind, nmap
@@ -317,7 +367,9 @@ def test_policy_check_cli_passes_and_writes_report(netns_up, tmp_path, topo) -> 
 
 @needs_root
 def test_only_the_monitoring_namespace_reaches_the_metrics_port(probed) -> None:
-    store_side = results(probed, kind="metrics-port", src="kiosk-a1-1") + results(probed, kind="metrics-port", src="store-router-a1")
+    store_side = results(probed, kind="metrics-port", src="kiosk-a1-1") + results(
+        probed, kind="metrics-port", src="store-router-a1"
+    )
     assert store_side and all(r.ok and r.observed == "nothing" for r in store_side)
     scrapes = results(probed, kind="metrics-port", src="monitoring")
     assert len(scrapes) >= 14 and all(r.ok and r.observed == "syn-ack" for r in scrapes)
@@ -329,12 +381,15 @@ def test_metrics_scraped_in_netns_move_after_an_issuance(netns_up, topo) -> None
     router = topo.node("store-router-b1")
 
     def requests() -> float:
-        text = scrape_in_namespace(plan.monitoring.namespace, topo.source, state, router.id, plan.address(router.id),
-                                   plan.monitoring.address)
+        text = scrape_in_namespace(
+            plan.monitoring.namespace, topo.source, state, router.id, plan.address(router.id), plan.monitoring.address
+        )
         return sample(text, "konbini_requests_total", method="POST")
 
     before = requests()
-    out = konbini("issue", "--netns", "--tag", TAG, "--state", str(state), "--json", "--store", "store-b1", "--clock", CLOCK)
+    out = konbini(
+        "issue", "--netns", "--tag", TAG, "--state", str(state), "--json", "--store", "store-b1", "--clock", CLOCK
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert requests() >= before + 3  # session, auth, issue (and the notice) through this store router
 
@@ -342,11 +397,18 @@ def test_metrics_scraped_in_netns_move_after_an_issuance(netns_up, topo) -> None
 @needs_root
 def test_issuance_end_to_end_in_netns(netns_up) -> None:
     _, state = netns_up
-    out = konbini("issue", "--netns", "--tag", TAG, "--state", str(state), "--json", "--store", "store-b2", "--clock", CLOCK)
+    out = konbini(
+        "issue", "--netns", "--tag", TAG, "--state", str(state), "--json", "--store", "store-b2", "--clock", CLOCK
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout)
     assert result["status"] == "issued" and result["signature_valid"]
-    assert [h["node"] for h in result["hops"]][:4] == ["issuance-center", "dmz-relay-b", "ec-router-b", "store-router-b2"]
+    assert [h["node"] for h in result["hops"]][:4] == [
+        "issuance-center",
+        "dmz-relay-b",
+        "ec-router-b",
+        "store-router-b2",
+    ]
 
 
 @needs_root
@@ -355,8 +417,16 @@ def test_bench_runs_in_netns_mode_and_tears_down(tmp_path, topo) -> None:
 
     tag = f"b{os.getpid()}"
     opts = BenchOptions(
-        scenarios=["relay-small", "issuance"], topology=topo, state_dir=tmp_path / "state", out_dir=tmp_path / "out",
-        duration_s=1.5, warmup_s=0.3, kiosks=8, progress=False, netns=True, netns_tag=tag,
+        scenarios=["relay-small", "issuance"],
+        topology=topo,
+        state_dir=tmp_path / "state",
+        out_dir=tmp_path / "out",
+        duration_s=1.5,
+        warmup_s=0.3,
+        kiosks=8,
+        progress=False,
+        netns=True,
+        netns_tag=tag,
     )
     try:
         report = run_bench(opts)
@@ -397,7 +467,11 @@ def test_down_cleans_up_after_the_launcher_is_killed(tmp_path) -> None:
     assert netns.list_namespaces(f"konbini-{tag}-") == []
     assert elapsed < 5
     assert not list((tmp_path / "net" / "pids").glob("*.pid"))
-    stray = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "konbini-node" and _alive(p) and tag in _cmdline_ns(p)]
+    stray = [
+        p
+        for p in os.listdir("/proc")
+        if p.isdigit() and _comm(p) == "konbini-node" and _alive(p) and tag in _cmdline_ns(p)
+    ]
     assert stray == []
 
 

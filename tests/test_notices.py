@@ -58,15 +58,21 @@ async def test_a_repeated_notice_is_acknowledged_as_duplicate_and_recorded_once(
 
 async def test_notice_dedupe_survives_a_center_restart(topo, state):
     async with trio.open_nursery() as nursery:
-        first = await nursery.start(lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status))
+        first = await nursery.start(
+            lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status)
+        )
         card = first.cards.ensure_pool(2)[1]
         r = await issue_at(first, "kiosk-b1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"))
         first.stop()
     async with trio.open_nursery() as nursery:
-        second = await nursery.start(lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status))
+        second = await nursery.start(
+            lambda task_status: run_topology(topo, state, clock=Clock(TEST_TIME), task_status=task_status)
+        )
         assert r.issuance_id not in second.app("issuance-center").issuances  # memory is gone, the ledger is not
         kiosk = Kiosk(second.context("kiosk-b1-1"), state)
-        body = kiosk.outbox.conn.execute("SELECT body FROM notices WHERE issuance_id = ?", (r.issuance_id,)).fetchone()[0]
+        body = kiosk.outbox.conn.execute("SELECT body FROM notices WHERE issuance_id = ?", (r.issuance_id,)).fetchone()[
+            0
+        ]
         status, ack = await post(kiosk, "/v1/notice", body)
         assert (status, ack["duplicate"]) == (200, True)
         assert len(rows(second, r.issuance_id, "notice")) == 1
@@ -91,7 +97,9 @@ async def test_unacknowledged_notice_stays_in_the_outbox_and_is_resent_until_ack
     assert (r.status, r.notice_pending) == ("issued", True)  # the resident is done; the notice waits
     assert rows(net, r.issuance_id, "notice") == []
     kiosk = Kiosk(net.context("kiosk-a2-1"), net.state_dir)
-    kiosk.outbox.conn.execute("UPDATE notices SET next_at = 0 WHERE issuance_id = ?", (r.issuance_id,))  # skip the backoff wait
+    kiosk.outbox.conn.execute(
+        "UPDATE notices SET next_at = 0 WHERE issuance_id = ?", (r.issuance_id,)
+    )  # skip the backoff wait
     conn = await kiosk.connect()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
@@ -141,6 +149,8 @@ def test_a_held_refund_notice_waits_for_the_print_and_goes_out_if_the_kiosk_died
     restarted = Outbox(tmp_path / "k.sqlite")
     assert restarted.release_held() == 1
     assert sorted((p.issuance_id, p.body) for p in restarted.due(float("inf"))) == [
-        ("iss-1", b"printed"), ("iss-2", b"refund")]
+        ("iss-1", b"printed"),
+        ("iss-2", b"refund"),
+    ]
     box.confirm("iss-2", "/v1/notice", b"printed")  # too late: a released refund is not overwritten
     assert dict((p.issuance_id, p.body) for p in restarted.due(float("inf")))["iss-2"] == b"refund"

@@ -166,12 +166,16 @@ def test_responder_reads_revocations_from_a_store_in_another_process(pki: PKI, t
     assert check_response(ask(responder, pki, card), card.certificate, pki.jpki_ca, NOW) == "card-revoked"
 
 
-def test_the_cache_relies_on_a_definitive_answer_until_its_next_update_only(responder: OcspResponder, pki: PKI, good_card: Card) -> None:
+def test_the_cache_relies_on_a_definitive_answer_until_its_next_update_only(
+    responder: OcspResponder, pki: PKI, good_card: Card
+) -> None:
     cache = OcspCache()
     problem, until = verdict(ask(responder, pki, good_card), good_card.certificate, pki.jpki_ca, NOW)
     assert problem is None and until is not None
     cache.put(good_card.certificate.serial_number, problem, until)
-    assert cache.get(good_card.certificate.serial_number, until) is None and cache.hits == 1  # good, up to nextUpdate itself
+    assert (
+        cache.get(good_card.certificate.serial_number, until) is None and cache.hits == 1
+    )  # good, up to nextUpdate itself
     assert cache.get(good_card.certificate.serial_number, until + timedelta(seconds=1)) is MISS  # then asked again
     assert cache.get(good_card.certificate.serial_number, NOW) is MISS  # and forgotten
 

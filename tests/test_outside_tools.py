@@ -96,8 +96,10 @@ def test_every_server_kind_gets_a_tls_target_with_an_admitted_source(topo, monke
 
 
 def test_testssl_that_could_not_connect_says_so() -> None:
-    findings = [{"id": "optimal_proto", "finding": "Your OpenSSL cannot connect to 198.18.11.1:9464."},
-                {"id": "scanTime", "finding": "Scan interrupted"}]
+    findings = [
+        {"id": "optimal_proto", "finding": "Your OpenSSL cannot connect to 198.18.11.1:9464."},
+        {"id": "scanTime", "finding": "Scan interrupted"},
+    ]
     v = read_testssl(findings)
     assert not v["ok"] and not v["scanned"] and "cannot connect" in v["summary"]
 
@@ -114,15 +116,51 @@ def test_openssl_wrapper_reads_a_tls13_client_auth_handshake_as_connected(tmp_pa
     certificate: plain s_client's exit status is a race the alert usually wins; the wrapper's
     is 0 every time, and a refused protocol or a closed port still fail."""
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-subj", "/CN=node", "-days", "1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=node",
+            "-days",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     wrapper = tmp_path / "openssl"
     wrapper.write_text(OPENSSL_WRAPPER)
     wrapper.chmod(0o755)
     port = _free_port()
-    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(cert), "-key", str(key),
-                               "-Verify", "1", "-tls1_3", "-quiet"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            "openssl",
+            "s_server",
+            "-accept",
+            f"127.0.0.1:{port}",
+            "-cert",
+            str(cert),
+            "-key",
+            str(key),
+            "-Verify",
+            "1",
+            "-tls1_3",
+            "-quiet",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(50):  # until it listens
             with socket.socket() as s:
@@ -131,8 +169,12 @@ def test_openssl_wrapper_reads_a_tls13_client_auth_handshake_as_connected(tmp_pa
             time.sleep(0.1)
 
         def probe(binary: str, *extra: str) -> int:
-            return subprocess.run([binary, "s_client", "-connect", f"127.0.0.1:{port}", "-msg", *extra], stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=15).returncode
+            return subprocess.run(
+                [binary, "s_client", "-connect", f"127.0.0.1:{port}", "-msg", *extra],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=15,
+            ).returncode
 
         plain = [probe("openssl") for _ in range(10)]
         wrapped = [probe(str(wrapper)) for _ in range(10)]

@@ -39,8 +39,17 @@ def three(national):
 def test_a_part_is_the_named_stores_and_their_way_up(three):
     topo, notes = three
     sites = {n.site for n in topo.nodes.values()}
-    assert sites == {"store-a00001", "store-a00002", "store-a00003", "ec-a", "dmz-a1", "dmz-a2", "center", "center-2",
-                     "lgwan-takamatsu"}  # the first municipality: none was named
+    assert sites == {
+        "store-a00001",
+        "store-a00002",
+        "store-a00003",
+        "ec-a",
+        "dmz-a1",
+        "dmz-a2",
+        "center",
+        "center-2",
+        "lgwan-takamatsu",
+    }  # the first municipality: none was named
     assert "ec-router-b" not in topo.nodes and "store-router-a00004" not in topo.nodes
     assert notes == ["3 site(s) named, 6 added for the way up: center, center-2, dmz-a1, dmz-a2, ec-a, lgwan-takamatsu"]
 
@@ -61,7 +70,9 @@ def test_a_parts_lines_and_allow_entries_name_only_its_nodes(three, national):
 def test_a_parts_netns_addresses_are_renumbered_where_the_file_repeats_them(three, national):
     topo, _ = three
     # the file's derived netns addresses collide at national size: the center and a store controller
-    assert national.nodes["issuance-center"].address_in("netns") == national.nodes["store-controller-a00001"].address_in("netns")
+    assert national.nodes["issuance-center"].address_in("netns") == national.nodes[
+        "store-controller-a00001"
+    ].address_in("netns")
     addresses = [n.address_in("netns") for n in topo.nodes.values()]
     assert len(set(addresses)) == len(addresses)
     assert all(ipaddress.IPv4Address(a) in NETNS_POOL for a in addresses)
@@ -83,7 +94,11 @@ def test_a_large_parts_probes_get_source_ports_unique_per_source_address(nationa
 
 def test_named_municipalities_replace_the_default_one(national):
     topo, _ = part(national, ["store-e0001", "lgwan-000[1-3]"])
-    assert {n.site for n in topo.nodes.values() if n.kind == "municipality"} == {"lgwan-0001", "lgwan-0002", "lgwan-0003"}
+    assert {n.site for n in topo.nodes.values() if n.kind == "municipality"} == {
+        "lgwan-0001",
+        "lgwan-0002",
+        "lgwan-0003",
+    }
     assert {n.site for n in topo.nodes.values() if n.kind == "dmz-relay"} == {"dmz-e"}
 
 
@@ -93,11 +108,16 @@ def test_a_pattern_matching_no_site_is_one_clear_error(national):
 
 
 def test_sites_without_netns_and_netns_on_the_whole_national_file_are_refused():
-    out = subprocess.run([KONBINI, "up", NATIONAL, "--sites", "store-a00001"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [KONBINI, "up", NATIONAL, "--sites", "store-a00001"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and "--sites chooses the part of a file that netns mode brings up" in out.stderr
     if os.geteuid() == 0:
         out = subprocess.run([KONBINI, "up", NATIONAL, "--netns"], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and "247,989 nodes, too many for a namespace per site; bring up a part with --sites" in out.stderr
+        assert (
+            out.returncode == 2
+            and "247,989 nodes, too many for a namespace per site; bring up a part with --sites" in out.stderr
+        )
 
 
 @pytest.mark.skipif(not ROOT, reason="NETNS PART TEST SKIPPED: it needs root, iproute2 and nftables")
@@ -109,8 +129,27 @@ def test_a_national_part_runs_in_netns_issues_and_holds_its_policy(tmp_path):
     default drop, would refuse them, and the probes would find no listener)."""
     tag, state = f"p{os.getpid()}", str(tmp_path)
     # two node processes for the 8 namespaces: each process makes every socket in its node's namespace
-    up = subprocess.Popen([KONBINI, "up", NATIONAL, "--netns", "--sites", "store-b0000[1-2]", "--tag", tag, "--state", state,
-                           "--clock", CLOCK, "--processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [
+            KONBINI,
+            "up",
+            NATIONAL,
+            "--netns",
+            "--sites",
+            "store-b0000[1-2]",
+            "--tag",
+            tag,
+            "--state",
+            state,
+            "--clock",
+            CLOCK,
+            "--processes",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     try:
         for line in up.stdout:
@@ -121,18 +160,72 @@ def test_a_national_part_runs_in_netns_issues_and_holds_its_policy(tmp_path):
             raise AssertionError("up --netns --sites failed:\n" + "".join(seen))
         # 2 stores, ec-b, dmz-b1, dmz-b2, center, center-2, lgwan-takamatsu
         assert "(8 namespaces" in seen[-1] and "2 node processes" in "".join(seen[-2:]), "".join(seen)
-        out = subprocess.run([KONBINI, "issue", "--netns", "--topology", NATIONAL, "--tag", tag, "--state", state, "--json",
-                              "--store", "store-b00002", "--clock", CLOCK], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                KONBINI,
+                "issue",
+                "--netns",
+                "--topology",
+                NATIONAL,
+                "--tag",
+                tag,
+                "--state",
+                state,
+                "--json",
+                "--store",
+                "store-b00002",
+                "--clock",
+                CLOCK,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         result = json.loads(out.stdout)
         assert result["status"] == "issued" and result["signature_valid"]
-        assert [h["node"] for h in result["hops"]][:3] == ["issuance-center", "dmz-relay-b1", "ec-router-b"] or \
-               [h["node"] for h in result["hops"]][:3] == ["issuance-center", "dmz-relay-b2", "ec-router-b"]
-        out = subprocess.run([KONBINI, "issue", "--netns", "--topology", NATIONAL, "--tag", tag, "--state", state,
-                              "--store", "store-b00003", "--clock", CLOCK], capture_output=True, text=True, timeout=120)
+        assert [h["node"] for h in result["hops"]][:3] == ["issuance-center", "dmz-relay-b1", "ec-router-b"] or [
+            h["node"] for h in result["hops"]
+        ][:3] == ["issuance-center", "dmz-relay-b2", "ec-router-b"]
+        out = subprocess.run(
+            [
+                KONBINI,
+                "issue",
+                "--netns",
+                "--topology",
+                NATIONAL,
+                "--tag",
+                tag,
+                "--state",
+                state,
+                "--store",
+                "store-b00003",
+                "--clock",
+                CLOCK,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 2 and "store-b00003" in out.stderr  # not in the part that runs
-        out = subprocess.run([KONBINI, "policy", "check", NATIONAL, "--netns", "--tag", tag, "--state", state, "--json",
-                              "--no-outside-tools"], capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [
+                KONBINI,
+                "policy",
+                "check",
+                NATIONAL,
+                "--netns",
+                "--tag",
+                tag,
+                "--state",
+                state,
+                "--json",
+                "--no-outside-tools",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         report = json.loads(out.stdout)
         assert report["source"].endswith("net/part.yaml") and report["differences"] == []
         assert report["probes"] > 100 and report["summary"]["SEC-EC-2"]["failed"] == 0
@@ -189,8 +282,12 @@ def test_the_allowed_pairs_are_reachabilitys_allowed_entries_in_its_order(nation
     """The kernel rulesets and the Kubernetes NetworkPolicies list the allowed pairs from the allow
     entries (linear) instead of the whole matrix (quadratic: 7.2 million pairs for 999 stores, 34
     billion for the national file); they must be the same rows."""
-    from topology.policy.compiler import (admin_reachability, allowed_admin_reachability, allowed_reachability,
-                                          reachability)
+    from topology.policy.compiler import (
+        admin_reachability,
+        allowed_admin_reachability,
+        allowed_reachability,
+        reachability,
+    )
 
     shipped = [load_topology(str(p)) for p in Path(NATIONAL).parent.glob("*.yaml") if p.name != "national.yaml"]
     for topo in [*shipped, part(national, ["store-c0000[1-4]", "lgwan-00[0-2]*"])[0]]:

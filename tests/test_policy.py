@@ -98,7 +98,9 @@ def test_ocsp_and_municipalities_answer_only_the_issuance_center() -> None:
     assert ocsp.check_request("issuance-center", "POST", "/ocsp/x") == DENY_REQUEST
     for muni in ("muni-a", "muni-b", "muni-c"):
         lst = LISTS[muni]
-        assert lst.check_request("issuance-center", "POST", "/v1/document") == Decision(True, rule=f"nodes.{muni}.allow[0]")
+        assert lst.check_request("issuance-center", "POST", "/v1/document") == Decision(
+            True, rule=f"nodes.{muni}.allow[0]"
+        )
         assert lst.check_request("issuance-center", "POST", "/v1/documents") == DENY_REQUEST
         assert lst.check_address(addr("dmz-relay-a")) == DENY_ADDRESS
 
@@ -107,7 +109,12 @@ def test_store_controller_takes_only_heartbeats_and_faults() -> None:
     controller = LISTS["store-controller-a1"]
     for path in ("/v1/heartbeat", "/v1/fault"):
         assert controller.check_request("kiosk-a1-2", "POST", path).allowed
-    for method, path in [("POST", "/v1/issue"), ("GET", "/v1/heartbeat"), ("POST", "/v1/heartbeat/"), ("POST", "/v1/heartbeatx")]:
+    for method, path in [
+        ("POST", "/v1/issue"),
+        ("GET", "/v1/heartbeat"),
+        ("POST", "/v1/heartbeat/"),
+        ("POST", "/v1/heartbeatx"),
+    ]:
         assert controller.check_request("kiosk-a1-2", method, path) == DENY_REQUEST
 
 
@@ -210,7 +217,12 @@ def test_compiling_a_rule_for_an_unknown_node_fails_loudly() -> None:
         name="t",
         nodes={
             "srv": Node(
-                id="srv", kind="ocsp", site="c", address="127.0.0.1", port=8443, allow=(AllowRule(sources=("ghost",), requests=("GET /",)),)
+                id="srv",
+                kind="ocsp",
+                site="c",
+                address="127.0.0.1",
+                port=8443,
+                allow=(AllowRule(sources=("ghost",), requests=("GET /",)),),
             )
         },
     )

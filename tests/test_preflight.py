@@ -22,7 +22,7 @@ def _listening() -> set[tuple[str, int]]:
         local, state = line.split()[1], line.split()[3]
         if state == "0A":
             ip_hex, port_hex = local.split(":")
-            ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            ip = ".".join(str(int(ip_hex[i : i + 2], 16)) for i in (6, 4, 2, 0))
             out.add((ip, int(port_hex, 16)))
     return out
 

@@ -53,6 +53,7 @@ def test_frame_repr_reads_as_hyperframes_without_hexlifying_the_whole_payload(si
 
 # -- whole TLS reads, over a memory stream (no sockets) ------------------------------------------
 
+
 def _tls_pair(pki) -> tuple[trio.SSLStream, trio.SSLStream]:
     client_end, server_end = trio.testing.memory_stream_pair()
     ca = Path(pki.network_ca_path)
@@ -103,6 +104,7 @@ async def test_the_reader_takes_every_tls_record_already_received_in_one_pass(ne
 
 # -- through the three relays, from a peer with its own frame size --------------------------------
 
+
 async def _raw_client(net, frame_size: int) -> tuple[trio.SSLStream, h2.connection.H2Connection]:
     """A kiosk's connection to its store router over `ssl` + `h2` alone, advertising `frame_size`
     and the protocol's default 65,535-byte windows."""
@@ -115,10 +117,13 @@ async def _raw_client(net, frame_size: int) -> tuple[trio.SSLStream, h2.connecti
     tls = trio.SSLStream(tcp, ctx, server_hostname=router.id)
     await tls.do_handshake()
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.local_settings = h2.settings.Settings(client=True, initial_values={
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size,
-        h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    })
+    conn.local_settings = h2.settings.Settings(
+        client=True,
+        initial_values={
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
     conn.initiate_connection()
     conn.max_inbound_frame_size = frame_size  # h2 would wait for the SETTINGS ACK, which may come behind the first DATA
     await tls.send_all(conn.data_to_send())
@@ -126,7 +131,12 @@ async def _raw_client(net, frame_size: int) -> tuple[trio.SSLStream, h2.connecti
 
 
 def _headers(method: str, path: str) -> list[tuple[bytes, bytes]]:
-    return [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", ROUTER.encode()), (b":path", path.encode())]
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"https"),
+        (b":authority", ROUTER.encode()),
+        (b":path", path.encode()),
+    ]
 
 
 async def _exchange(tls, conn, sid: int, body: bytes = b"") -> tuple[dict, bytes, int]:
@@ -202,8 +212,6 @@ async def _read_until(tls, conn, done, responded: set[int]) -> None:
         await tls.send_all(conn.data_to_send())
 
 
-
-
 RACE_ROUNDS = 320  # x one 64 KiB chunk a hop would lose per round: past each hop's 16 MiB connection window
 
 
@@ -251,8 +259,9 @@ async def idle_net(topo, state, nursery):
     """The store routers close idle connections after 0.5 s, slow readers only after 30 s."""
     limits = {"defaults": Limits(), "store-router": Limits(idle_timeout=0.5, slow_read_timeout=30.0)}
     running = await nursery.start(
-        lambda task_status: run_topology(msgspec.structs.replace(topo, limits=limits), state, clock=Clock(TEST_TIME),
-                                         task_status=task_status)
+        lambda task_status: run_topology(
+            msgspec.structs.replace(topo, limits=limits), state, clock=Clock(TEST_TIME), task_status=task_status
+        )
     )
     yield running
     running.stop()

@@ -41,12 +41,20 @@ def test_center_hours_every_day_narrowed_by_the_municipality(now, muni, expect):
 
 
 def test_outside_hours_message_shows_the_effective_window():
-    assert refusal(at(2026, 11, 24, 20, 0), CENTER, NARROW, "residence-record", 1) == ("outside-hours", {"hours": "08:30–19:00"})
+    assert refusal(at(2026, 11, 24, 20, 0), CENTER, NARROW, "residence-record", 1) == (
+        "outside-hours",
+        {"hours": "08:30–19:00"},
+    )
 
 
 @pytest.mark.parametrize(
     "day, general, vaccination",
-    [((2026, 12, 28), None, None), ((2026, 12, 29), "outside-hours", None), ((2027, 1, 3), "outside-hours", None), ((2027, 1, 4), None, None)],
+    [
+        ((2026, 12, 28), None, None),
+        ((2026, 12, 29), "outside-hours", None),
+        ((2027, 1, 3), "outside-hours", None),
+        ((2027, 1, 4), None, None),
+    ],
 )
 def test_general_service_closes_dec_29_to_jan_3_but_vaccination_does_not(day, general, vaccination):
     now = at(*day, 10, 0)
@@ -56,7 +64,12 @@ def test_general_service_closes_dec_29_to_jan_3_but_vaccination_does_not(day, ge
 
 
 def test_participation_has_start_and_stop_dates():
-    m = Municipality("131016", participating_from="2026-04-01", participating_until="2026-12-31", certificates={"residence-record": 200})
+    m = Municipality(
+        "131016",
+        participating_from="2026-04-01",
+        participating_until="2026-12-31",
+        certificates={"residence-record": 200},
+    )
     assert refusal(at(2026, 3, 31, 10, 0), CENTER, m, "residence-record", 1)[0] == "municipality-not-participating"
     assert refusal(at(2026, 4, 1, 10, 0), CENTER, m, "residence-record", 1) is None
     assert refusal(at(2027, 1, 4, 10, 0), CENTER, m, "residence-record", 1)[0] == "municipality-not-participating"
@@ -64,12 +77,15 @@ def test_participation_has_start_and_stop_dates():
     assert refusal(at(2026, 11, 24, 10, 0), CENTER, off, "residence-record", 1)[0] == "municipality-not-participating"
 
 
-@pytest.mark.parametrize("muni, cert, copies, reason", [
-    (None, "residence-record", 1, "municipality-unknown"),
-    (MUNI, "tax-certificate", 1, "certificate-type-not-offered"),
-    (MUNI, "residence-record", 0, "copies-out-of-range"),  # the copy count's own reason, with the limit
-    (MUNI, "residence-record", 11, "copies-out-of-range"),
-])
+@pytest.mark.parametrize(
+    "muni, cert, copies, reason",
+    [
+        (None, "residence-record", 1, "municipality-unknown"),
+        (MUNI, "tax-certificate", 1, "certificate-type-not-offered"),
+        (MUNI, "residence-record", 0, "copies-out-of-range"),  # the copy count's own reason, with the limit
+        (MUNI, "residence-record", 11, "copies-out-of-range"),
+    ],
+)
 def test_unknown_municipality_type_and_copy_count_are_refused(muni, cert, copies, reason):
     assert refusal(at(2026, 11, 24, 10, 0), CENTER, muni, cert, copies)[0] == reason
 
@@ -89,16 +105,22 @@ def _check_with(tmp_path, change) -> list[str]:
     return [str(p) for p in check_file(path)]
 
 
-@pytest.mark.parametrize("change, expect", [
-    (lambda m: m["certificates"].update({"residence-record": -1}), "fee must not be negative"),
-    (lambda m: m["certificates"].update({"residence-record": 12.5}), "whole number of yen"),
-    (lambda m: m["certificates"].update({"vaccination": 150}), "120 yen"),
-    (lambda m: m.update(hours={"open": "23:00", "close": "06:30"}), "not after it opens"),
-    (lambda m: m.update(hours={"open": "05:00", "close": "23:00"}), "wider than the service hours"),
-    (lambda m: m.update(hours={"open": "6:30", "close": "23:00"}), "is not HH:MM"),
-    (lambda m: m.update(participating_from="2026-13-01"), "is not a date"),
-    (lambda m: m.update(participating_from="2026-05-01", participating_until="2026-04-01"), "before participating_from"),
-])
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda m: m["certificates"].update({"residence-record": -1}), "fee must not be negative"),
+        (lambda m: m["certificates"].update({"residence-record": 12.5}), "whole number of yen"),
+        (lambda m: m["certificates"].update({"vaccination": 150}), "120 yen"),
+        (lambda m: m.update(hours={"open": "23:00", "close": "06:30"}), "not after it opens"),
+        (lambda m: m.update(hours={"open": "05:00", "close": "23:00"}), "wider than the service hours"),
+        (lambda m: m.update(hours={"open": "6:30", "close": "23:00"}), "is not HH:MM"),
+        (lambda m: m.update(participating_from="2026-13-01"), "is not a date"),
+        (
+            lambda m: m.update(participating_from="2026-05-01", participating_until="2026-04-01"),
+            "before participating_from",
+        ),
+    ],
+)
 def test_bad_business_data_is_one_line_naming_the_field(tmp_path, change, expect):
     problems = _check_with(tmp_path, change)
     assert len(problems) == 1 and expect in problems[0] and "nodes.muni-a.municipality" in problems[0], problems
@@ -108,13 +130,30 @@ def test_bad_business_data_is_one_line_naming_the_field(tmp_path, change, expect
 
 
 def test_only_outages_longer_than_ten_minutes_count_against_43200_minutes():
-    rep = availability("2026-11", [
-        (at(2026, 11, 3, 2, 0), at(2026, 11, 3, 2, 10)),  # exactly 10 minutes: ignored
-        (at(2026, 11, 4, 2, 0), at(2026, 11, 4, 2, 30)),  # 30
-        (at(2026, 11, 4, 2, 20), at(2026, 11, 4, 2, 43)),  # overlaps: merged to 43 minutes
-    ])
+    rep = availability(
+        "2026-11",
+        [
+            (at(2026, 11, 3, 2, 0), at(2026, 11, 3, 2, 10)),  # exactly 10 minutes: ignored
+            (at(2026, 11, 4, 2, 0), at(2026, 11, 4, 2, 30)),  # 30
+            (at(2026, 11, 4, 2, 20), at(2026, 11, 4, 2, 43)),  # overlaps: merged to 43 minutes
+        ],
+    )
     assert rep["downtime_minutes"] == 43 and rep["outages_ignored_short"] == 1 and rep["met"]
-    missed = availability("2026-11", [(at(2026, 11, 4, 2, 0), at(2026, 11, 4, 2, 43, ) .replace(second=13))])
+    missed = availability(
+        "2026-11",
+        [
+            (
+                at(2026, 11, 4, 2, 0),
+                at(
+                    2026,
+                    11,
+                    4,
+                    2,
+                    43,
+                ).replace(second=13),
+            )
+        ],
+    )
     assert missed["downtime_minutes"] > 43.2 and not missed["met"]
     edge = availability("2026-11", [(at(2026, 11, 4, 2, 0), at(2026, 11, 4, 2, 43).replace(second=12))])
     assert edge["downtime_minutes"] == 43.2 and edge["met"]  # exactly 99.9 %

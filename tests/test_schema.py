@@ -15,8 +15,6 @@ from topology.spec.load import DEFAULT_TOPOLOGY, check_file, read_yaml
 SHIPPED = sorted(DEFAULT_TOPOLOGY.parent.glob("*.yaml"))
 
 
-
-
 def schema_from_the_command(capsys) -> jsonschema.Draft202012Validator:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
@@ -27,7 +25,10 @@ def schema_from_the_command(capsys) -> jsonschema.Draft202012Validator:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_topology_validates_against_the_schema(path: Path, capsys):
     assert {p.name for p in SHIPPED} >= {"default.yaml", "redundant.yaml", "national.yaml", "realistic.yaml"}
-    errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in schema_from_the_command(capsys).iter_errors(read_yaml(path))]
+    errors = [
+        f"{list(e.absolute_path)}: {e.message[:200]}"
+        for e in schema_from_the_command(capsys).iter_errors(read_yaml(path))
+    ]
     assert errors == []
 
 

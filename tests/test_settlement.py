@@ -48,7 +48,9 @@ def test_bad_month_is_one_clear_error():
 
 
 def _rec(iid: str, operator: str, copies: int, fee: int, month: str = "2026-11") -> IssuanceRecord:
-    return IssuanceRecord(iid, "s-" + iid, "kiosk-" + operator, operator, "131016", "residence-record", copies, fee, month)
+    return IssuanceRecord(
+        iid, "s-" + iid, "kiosk-" + operator, operator, "131016", "residence-record", copies, fee, month
+    )
 
 
 def _ledger(tmp_path: Path) -> LedgerDB:
@@ -95,7 +97,9 @@ def test_fixed_month_refuses_every_later_change(tmp_path):
 
 
 def _konbini(*args: str, state: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "topology.cli", *args, "--state", str(state)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "topology.cli", *args, "--state", str(state)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_settle_cli_reports_fixes_and_then_refuses(tmp_path):

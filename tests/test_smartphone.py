@@ -7,12 +7,12 @@ from datetime import datetime, timedelta
 import pytest
 
 from gateway.business.clock import JST
+from gateway.business.ledger import LedgerDB
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.kiosk import issue_at
 from kiosk_emu.smartphone import SmartphoneStore, add_month
 from tests.conftest import TEST_TIME
-from gateway.business.ledger import LedgerDB
 from topology.pki import PKI, card_id_of, is_smartphone, verify_card_certificate
 
 

@@ -26,8 +26,14 @@ class Hop:
         self.held: list[int] = []
         self.stalls = 0
         self.splice = Splice(
-            self.down, self.up, stamp=self.stamp, observe=lambda d, n, held: self.held.append(held),
-            on_stall=self._stalled, clock=lambda: self.now, response_timeout=response_timeout, slow_read=slow_read,
+            self.down,
+            self.up,
+            stamp=self.stamp,
+            observe=lambda d, n, held: self.held.append(held),
+            on_stall=self._stalled,
+            clock=lambda: self.now,
+            response_timeout=response_timeout,
+            slow_read=slow_read,
             room=room,
         )
         self.requests: list = []  # what reached the origin

@@ -65,8 +65,23 @@ def _children(pid: int) -> list[int]:
 def test_up_with_two_processes_issues_across_them_and_stops_them_all(tmp_path):
     state, log = tmp_path / "s", tmp_path / "up.log"
     with log.open("w") as out:
-        up = subprocess.Popen([sys.executable, "-m", "topology.cli", "up", "--processes", "2", "--state", str(state),
-                               "--clock", IN_HOURS], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "topology.cli",
+                "up",
+                "--processes",
+                "2",
+                "--state",
+                str(state),
+                "--clock",
+                IN_HOURS,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         text = _wait_for(log, "Ctrl-C stops", up)
         assert "2 processes" in text
@@ -76,8 +91,13 @@ def test_up_with_two_processes_issues_across_them_and_stops_them_all(tmp_path):
         parts = spread.partition(load_topology(ROOT / "topology" / "default.yaml"), 2)
         chain = ("store-router-a1", "ec-router-a", "dmz-relay-a", "issuance-center", "ocsp")
         assert {i for i, p in enumerate(parts) for n in chain if n in p} == {0, 1}
-        done = subprocess.run([sys.executable, "-m", "topology.cli", "issue", "--state", str(state), "--clock", IN_HOURS,
-                               "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "topology.cli", "issue", "--state", str(state), "--clock", IN_HOURS, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         issued = json.loads(done.stdout)
         assert issued["status"] == "issued" and issued["signature_valid"] is True, issued

@@ -40,4 +40,3 @@ def test_a_client_offering_only_http_1_1_gets_a_no_application_protocol_alert(pk
     with pytest.raises(ssl.SSLError) as err:
         _handshake(pki, ["http/1.1"])
     assert err.value.reason in ("NO_APPLICATION_PROTOCOL", "TLSV1_ALERT_NO_APPLICATION_PROTOCOL")
-

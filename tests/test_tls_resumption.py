@@ -133,8 +133,15 @@ async def _get(net, conn, path: str, authority: str) -> bytes:
 async def test_a_kiosk_dialling_its_router_again_resumes_and_is_still_judged_per_request(net):
     router, kiosk = net.topo.node(ROUTER), net.topo.node(KIOSK)
     ctx = _fresh_client_ctx(net.pki, KIOSK)  # no session yet: client_context's is shared by the process's tests
-    assert await _get(net, await connect_h2(router.address, router.port, router.id, ctx, local_address=kiosk.address),
-                      "/bench/blob?size=10", router.id) == b"200"
+    assert (
+        await _get(
+            net,
+            await connect_h2(router.address, router.port, router.id, ctx, local_address=kiosk.address),
+            "/bench/blob?size=10",
+            router.id,
+        )
+        == b"200"
+    )
     assert net.servers[ROUTER].resumed == 0
     again = await connect_h2(router.address, router.port, router.id, ctx, local_address=kiosk.address)
     # the allow-list still applies to each request of the resumed connection
@@ -166,7 +173,9 @@ async def test_a_session_from_one_kiosk_does_not_pass_from_another_kiosks_addres
     first = await connect_h2(router.address, router.port, router.id, ctx, local_address=net.topo.node(KIOSK).address)
     assert await _get(net, first, "/bench/blob?size=10", router.id) == b"200"
     ctx.load_cert_chain(*net.pki.node_paths(OTHER_KIOSK))  # its own certificate now, the other's ticket still
-    conn = await connect_h2(router.address, router.port, router.id, ctx, local_address=net.topo.node(OTHER_KIOSK).address)
+    conn = await connect_h2(
+        router.address, router.port, router.id, ctx, local_address=net.topo.node(OTHER_KIOSK).address
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         with trio.fail_after(5):

@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.transport.tls import client_context, server_context
 from gateway.protocol.tlsrecords import TLSRecords, lean_tls
+from gateway.transport.tls import client_context, server_context
 from topology.pki import PKI
 
 ROUTER, KIOSK = "store-router-a1", "kiosk-a1-1"

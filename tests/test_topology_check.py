@@ -97,7 +97,11 @@ def test_default_topology_has_the_documented_nodes_and_lines() -> None:
 def test_default_municipalities_carry_codes_hours_and_fees() -> None:
     topo = load_topology(DEFAULT_TOPOLOGY)
     munis = topo.municipalities()
-    assert {code: node.id for code, node in munis.items()} == {"131016": "muni-a", "141003": "muni-b", "271004": "muni-c"}
+    assert {code: node.id for code, node in munis.items()} == {
+        "131016": "muni-a",
+        "141003": "muni-b",
+        "271004": "muni-c",
+    }
     a, b, c = (topo.node(f"muni-{x}").municipality for x in "abc")
     assert a is not None and b is not None and c is not None
     assert a.certificates == {
@@ -140,7 +144,10 @@ def test_check_main_prints_a_summary_for_a_good_file(capsys: pytest.CaptureFixtu
 def test_unknown_upstream_names_file_line_and_field(tmp_path: Path) -> None:
     path, text = edited(
         tmp_path,
-        ("address: 127.18.11.11\n    upstream: store-router-a1", "address: 127.18.11.11\n    upstream: store-router-a9"),
+        (
+            "address: 127.18.11.11\n    upstream: store-router-a1",
+            "address: 127.18.11.11\n    upstream: store-router-a9",
+        ),
     )
     problem = only(check_file(path), "nodes.kiosk-a1-1.upstream")
     assert problem.file == str(path)
@@ -176,19 +183,27 @@ def test_line_to_nowhere_is_caught(tmp_path: Path) -> None:
 
 
 def test_allow_list_entry_for_unknown_peer_is_caught(tmp_path: Path) -> None:
-    path, text = edited(tmp_path, ("- from: issuance-center\n        requests: [\"POST /ocsp\"]", "- from: [issuance-center, ocsp-admin]\n        requests: [\"POST /ocsp\"]"))
+    path, text = edited(
+        tmp_path,
+        (
+            '- from: issuance-center\n        requests: ["POST /ocsp"]',
+            '- from: [issuance-center, ocsp-admin]\n        requests: ["POST /ocsp"]',
+        ),
+    )
     problem = only(check_file(path), "nodes.ocsp.allow[0].from[1]")
     assert problem.line == line_of(text, "ocsp-admin")
     assert problem.message == "allow-list entry for an unknown peer 'ocsp-admin'"
     assert problem.rule is None
 
 
-
 def test_allow_list_port_other_than_the_nodes_own_is_caught(tmp_path: Path) -> None:
-    path, text = edited(tmp_path, ("requests: [\"POST /ocsp\"]\n        port: 8443", "requests: [\"POST /ocsp\"]\n        port: 9443"))
+    path, text = edited(
+        tmp_path, ('requests: ["POST /ocsp"]\n        port: 8443', 'requests: ["POST /ocsp"]\n        port: 9443')
+    )
     problem = only(check_file(path), "nodes.ocsp.allow[0].port")
     assert problem.line == line_of(text, "port: 9443")
     assert problem.message == "port 9443 is not the port ocsp listens on (8443)"
+
 
 ANNEX_CASES = [
     pytest.param(
@@ -211,7 +226,7 @@ ANNEX_CASES = [
     pytest.param(
         (
             "address: 127.18.11.11\n    upstream: store-router-a1\n",
-            "address: 127.18.11.11\n    upstream: store-router-a1\n    allow:\n      - {from: wifi-a1, requests: [\"GET /*\"]}\n",
+            'address: 127.18.11.11\n    upstream: store-router-a1\n    allow:\n      - {from: wifi-a1, requests: ["GET /*"]}\n',
         ),
         "nodes.kiosk-a1-1.allow[0].from[0]",
         "from: wifi-a1",
@@ -219,28 +234,40 @@ ANNEX_CASES = [
         id="kiosk-reachable-from-wifi",
     ),
     pytest.param(
-        ('from: [kiosk-a1-1, kiosk-a1-2]\n        requests: ["POST /v1/*"', 'from: [kiosk-a1-1, kiosk-a1-2, wifi-a1]\n        requests: ["POST /v1/*"'),
+        (
+            'from: [kiosk-a1-1, kiosk-a1-2]\n        requests: ["POST /v1/*"',
+            'from: [kiosk-a1-1, kiosk-a1-2, wifi-a1]\n        requests: ["POST /v1/*"',
+        ),
         "nodes.store-router-a1.allow[0].from[2]",
         "kiosk-a1-2, wifi-a1]",
         "SEC-ST-4",
         id="wifi-allowed-at-store-router",
     ),
     pytest.param(
-        ("from: [store-router-a1, store-router-a2, store-router-a3]", "from: [store-router-a1, store-router-a2, store-router-a3, kiosk-a1-1]"),
+        (
+            "from: [store-router-a1, store-router-a2, store-router-a3]",
+            "from: [store-router-a1, store-router-a2, store-router-a3, kiosk-a1-1]",
+        ),
         "nodes.ec-router-a.allow[0].from[3]",
         "store-router-a3, kiosk-a1-1]",
         "SEC-EC-1",
         id="ec-router-accepting-a-kiosk",
     ),
     pytest.param(
-        ("from: [store-router-b1, store-router-b2, store-router-b3]", "from: [store-router-b1, store-router-b2, store-router-b3, store-router-a1]"),
+        (
+            "from: [store-router-b1, store-router-b2, store-router-b3]",
+            "from: [store-router-b1, store-router-b2, store-router-b3, store-router-a1]",
+        ),
         "nodes.ec-router-b.allow[0].from[3]",
         "store-router-b3, store-router-a1]",
         "SEC-EC-1",
         id="ec-router-accepting-another-operators-store",
     ),
     pytest.param(
-        ('from: [kiosk-a1-1, kiosk-a1-2]\n        requests: ["POST /v1/*"', 'from: [kiosk-a1-1, kiosk-a1-2, kiosk-a2-1]\n        requests: ["POST /v1/*"'),
+        (
+            'from: [kiosk-a1-1, kiosk-a1-2]\n        requests: ["POST /v1/*"',
+            'from: [kiosk-a1-1, kiosk-a1-2, kiosk-a2-1]\n        requests: ["POST /v1/*"',
+        ),
         "nodes.store-router-a1.allow[0].from[2]",
         "kiosk-a1-2, kiosk-a2-1]",
         "SEC-ST-2",
@@ -271,7 +298,9 @@ ANNEX_CASES = [
 
 
 @pytest.mark.parametrize(("edit", "field", "line_needle", "rule"), ANNEX_CASES)
-def test_security_annex_violation_names_its_rule(tmp_path: Path, edit: tuple[str, str], field: str, line_needle: str, rule: str) -> None:
+def test_security_annex_violation_names_its_rule(
+    tmp_path: Path, edit: tuple[str, str], field: str, line_needle: str, rule: str
+) -> None:
     path, text = edited(tmp_path, edit)
     annex = [p for p in check_file(path) if p.rule is not None]
     assert [(p.field, p.rule) for p in annex] == [(field, rule)]
@@ -281,7 +310,9 @@ def test_security_annex_violation_names_its_rule(tmp_path: Path, edit: tuple[str
 
 
 def test_line_from_store_to_issuance_center_breaks_sec_sn_3(tmp_path: Path) -> None:
-    path, text = edited(tmp_path, append="  - {id: shortcut, a: store-router-a1, b: issuance-center, kind: closed-line}\n")
+    path, text = edited(
+        tmp_path, append="  - {id: shortcut, a: store-router-a1, b: issuance-center, kind: closed-line}\n"
+    )
     problem = only(check_file(path), "lines[50]")
     assert (problem.rule, problem.line) == ("SEC-SN-3", line_of(text, "id: shortcut"))
 
@@ -355,7 +386,9 @@ def test_empty_file_is_a_problem(tmp_path: Path) -> None:
 
 
 def test_struct_errors_name_the_field_and_its_line(tmp_path: Path) -> None:
-    text = SMALL.replace("    port: 8443\n", "    port: 8443\n    colour: red\n").replace("kind: issuance-center", "kind: issuance-centre")
+    text = SMALL.replace("    port: 8443\n", "    port: 8443\n    colour: red\n").replace(
+        "kind: issuance-center", "kind: issuance-centre"
+    )
     problems = check_file(write(tmp_path, text))
     # msgspec stops at the first error inside one node; the kind comes first
     problem = only(problems, "nodes.center.kind")
@@ -409,7 +442,10 @@ def test_municipality_problems_are_caught(tmp_path: Path) -> None:
     path, text = edited(
         tmp_path,
         ('code: "141003"', 'code: "131016"'),
-        ("        tax-certificate: 300\n        vaccination: 120\n\n  muni-c", "        tax-certificate: -300\n        vaccination: 1.5\n\n  muni-c"),
+        (
+            "        tax-certificate: 300\n        vaccination: 120\n\n  muni-c",
+            "        tax-certificate: -300\n        vaccination: 1.5\n\n  muni-c",
+        ),
         ('hours: {open: "08:30", close: "19:00"}', 'hours: {open: "05:30", close: "19:00"}'),
     )
     problems = check_file(path)
@@ -435,7 +471,10 @@ def test_ports_and_upstreams_are_checked(tmp_path: Path) -> None:
         tmp_path,
         ("address: 127.18.0.2\n    port: 8443\n", "address: 127.18.0.2\n"),  # ocsp: a server without a port
         ("address: 127.18.11.3\n", "address: 127.18.11.3\n    port: 8443\n"),  # wifi-a1: not a server
-        ("address: 127.18.11.12\n    upstream: store-router-a1\n", "address: 127.18.11.12\n"),  # kiosk-a1-2: no upstream
+        (
+            "address: 127.18.11.12\n    upstream: store-router-a1\n",
+            "address: 127.18.11.12\n",
+        ),  # kiosk-a1-2: no upstream
     )
     problems = check_file(path)
     assert only(problems, "nodes.ocsp.port").message == "a ocsp is a server and needs a port"

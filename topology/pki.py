@@ -46,10 +46,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
 
+
 def card_id_of(cert: x509.Certificate) -> str:
     """Whose credential this is, as an opaque card id: a card's own id (its subject's common name),
     or for a smartphone credential the id of the card it was made from (its subject's pseudonym)."""
-    holder = cert.subject.get_attributes_for_oid(NameOID.PSEUDONYM) or cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    holder = cert.subject.get_attributes_for_oid(NameOID.PSEUDONYM) or cert.subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
     return holder[0].value  # type: ignore[return-value]
 
 
@@ -196,8 +199,12 @@ class PKI(NodeFiles):
             raise ValueError("not_before must be an aware datetime (Asia/Tokyo from the clock)")
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, card_id)] + (
-                [x509.NameAttribute(NameOID.PSEUDONYM, stands_in_for)] if stands_in_for else [])))
+            .subject_name(
+                x509.Name(
+                    [x509.NameAttribute(NameOID.COMMON_NAME, card_id)]
+                    + ([x509.NameAttribute(NameOID.PSEUDONYM, stands_in_for)] if stands_in_for else [])
+                )
+            )
             .issuer_name(self.jpki_ca.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
@@ -225,7 +232,11 @@ class PKI(NodeFiles):
         """Every node's certificate current, at national size too (250,000 nodes): checked against
         the manifest instead of parsing every file, and what is missing or stale issued in bulk."""
         manifest = NodeManifest.read(self.dir, self.network_ca)
-        stale = [(node.id, _node_ips(node)) for node in topology.nodes.values() if not manifest.current(node.id, _node_ips(node))]
+        stale = [
+            (node.id, _node_ips(node))
+            for node in topology.nodes.values()
+            if not manifest.current(node.id, _node_ips(node))
+        ]
         if not stale:
             return
         todo = []
@@ -410,7 +421,9 @@ class NodeManifest:
         write_atomic(self.path, json.dumps({"ca": self.ca_id, "nodes": self.entries}, separators=(",", ":")).encode())
 
 
-def issue_node_leaves(ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]) -> dict[str, list]:
+def issue_node_leaves(
+    ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]
+) -> dict[str, list]:
     """Issue `todo` (node id, IP SANs) leaves; over one chunk, in one process per core (a leaf
     costs ~0.2 ms of Python, so 250,000 take ~50 s on one core). Returns their manifest entries."""
     chunks = [todo[i : i + _BULK_CHUNK] for i in range(0, len(todo), _BULK_CHUNK)]
@@ -433,7 +446,9 @@ def _issue_chunk_pem(job: tuple[bytes, bytes, Path, list[tuple[str, list[str]]]]
 def _issue_chunk(ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]) -> dict[str, list]:
     out: dict[str, list] = {}
     for node_id, ips in todo:
-        cert = _issue_leaf(ca, ca_key, nodes_dir / node_id, node_id, "node", [ipaddress.ip_address(a) for a in ips], durable=False)
+        cert = _issue_leaf(
+            ca, ca_key, nodes_dir / node_id, node_id, "node", [ipaddress.ip_address(a) for a in ips], durable=False
+        )
         out[node_id] = [ips, cert.not_valid_after_utc.timestamp()]
     return out
 
@@ -457,7 +472,9 @@ def _current_leaf_on_disk(base: Path, ca: x509.Certificate, name: str, ips: list
     return cert.not_valid_after_utc.timestamp()
 
 
-def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list, *, durable: bool = True) -> x509.Certificate:
+def _issue_leaf(
+    ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list, *, durable: bool = True
+) -> x509.Certificate:
     """Issue the leaf at `base` (.pem, .key). `durable=False`: no fsync per file; the bulk caller
     syncs once before the manifest vouches for them."""
     cert_path, key_path = base.with_suffix(".pem"), base.with_suffix(".key")
@@ -512,9 +529,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return aki.key_identifier == _aki(issuer).key_identifier
 
 
-def _leaf_is_current(
-    cert: x509.Certificate, issuer: x509.Certificate, name: str, ips: list[_IPAddress]
-) -> bool:
+def _leaf_is_current(cert: x509.Certificate, issuer: x509.Certificate, name: str, ips: list[_IPAddress]) -> bool:
     if not _issued_by(cert, issuer):
         return False
     try:

@@ -62,8 +62,9 @@ TIMERS_TAG = "konbini-timers"
 TIMERS_FORMAT = f"{TIMERS_TAG} %Ts.%ms %f %TR %Tw %Tc %Tr %Ta %ST"
 
 
-def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None = None,
-           only: list[str] | None = None) -> str:
+def config(
+    topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None = None, only: list[str] | None = None
+) -> str:
     """The haproxy.cfg text. `shim`: (kiosk id, port) adds a cleartext h2 frontend on the kiosk's
     address that speaks mTLS as that kiosk to its store router (h2load has no client-certificate option).
     `only`: the relay nodes HAProxy stands in for (konbini serves the others; the interop tests)."""
@@ -109,10 +110,12 @@ def config(topo: Topology, pki, state_dir: Path, *, shim: tuple[str, int] | None
                 f"    http-request set-header konbini-store {n.site}",
             ]
         for i, rule in enumerate(n.allow):
-            for j, pattern in enumerate(rule.requests):
+            for pattern in rule.requests:
                 method, path, prefix = parse_request_pattern(pattern)
                 match = "path_beg" if prefix else "path"
-                out.append(f"    http-request allow if {{ method {method} }} {{ {match} {path} }}  # allow[{i}] {pattern}")
+                out.append(
+                    f"    http-request allow if {{ method {method} }} {{ {match} {path} }}  # allow[{i}] {pattern}"
+                )
         out += ["    http-request deny deny_status 403", f"    default_backend {fe}-up", ""]
         out += [
             f"backend {fe}-up",
@@ -149,16 +152,22 @@ class HAProxyProcess:
         binary = haproxy_binary()
         check = subprocess.run([binary, "-c", "-q", "-f", str(self.cfg_path)], capture_output=True, text=True)
         if check.returncode != 0:
-            first = next((l for l in (check.stderr + check.stdout).splitlines() if "ALERT" in l), check.stderr.strip()[:300])
+            first = next(
+                (line for line in (check.stderr + check.stdout).splitlines() if "ALERT" in line),
+                check.stderr.strip()[:300],
+            )
             raise HAProxyError(f"haproxy refused {self.cfg_path}: {first}")
         with open(self.log_path, "w") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([binary, "-db", "-f", str(self.cfg_path)], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [binary, "-db", "-f", str(self.cfg_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         pending = list(self.wait_for)
         while pending:
             if self.proc.poll() is not None:
-                raise HAProxyError(f"haproxy exited at start (status {self.proc.returncode}); see {self.cfg_path.with_suffix('.log')}")
+                raise HAProxyError(
+                    f"haproxy exited at start (status {self.proc.returncode}); see {self.cfg_path.with_suffix('.log')}"
+                )
             addr = pending[0]
             try:
                 socket.create_connection(addr, timeout=0.5).close()
@@ -166,7 +175,9 @@ class HAProxyProcess:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise HAProxyError(f"haproxy did not listen on {addr[0]}:{addr[1]} within {timeout:.0f} s") from None
+                    raise HAProxyError(
+                        f"haproxy did not listen on {addr[0]}:{addr[1]} within {timeout:.0f} s"
+                    ) from None
                 time.sleep(0.05)
 
     @property
@@ -199,8 +210,12 @@ class HopTimers:
 
     def as_json(self) -> dict:
         n = self.logged or 1
-        return {"logged": self.logged, "mean_up_ms": round(self.up_ms / n, 3), "mean_receive_ms": round(self.receive_ms / n, 3),
-                "mean_active_ms": round(self.active_ms / n, 3)}
+        return {
+            "logged": self.logged,
+            "mean_up_ms": round(self.up_ms / n, 3),
+            "mean_receive_ms": round(self.receive_ms / n, 3),
+            "mean_active_ms": round(self.active_ms / n, 3),
+        }
 
 
 def hop_timers(log_text: str, kinds: dict[str, str], t0: float, t1: float) -> dict[str, HopTimers]:

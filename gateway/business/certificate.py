@@ -25,7 +25,8 @@ TITLES = {
 }
 VOID_STAMP = "返金済・無効"  # a misprinted job's copies (BIZ-4)
 _STATIC = (
-    "".join(TITLES.values()) + VOID_STAMP
+    "".join(TITLES.values())
+    + VOID_STAMP
     + "氏名生年月日住所発行番号交付日証明書種別上記のとおり相違ないことを証明する。市区町村長印"
     + "この証明書はコンビニ交付により発行されたものです。偽造防止のため地紋と透かしが印刷されています。"
     + "複写すると「複製」の文字が浮き出ます。発行元番号カード"
@@ -65,7 +66,12 @@ def certificate(
         Text(70, height - 300, 10, f"番号カード　{card_id}"),
         Text(70, height - 360, 12, "上記のとおり相違ないことを証明する。"),
         Text(300, height - 400, 14, f"{municipality_name}長印"),
-        Text(70, 90, 8, "この証明書はコンビニ交付により発行されたものです。偽造防止のため地紋と透かしが印刷されています。"),
+        Text(
+            70,
+            90,
+            8,
+            "この証明書はコンビニ交付により発行されたものです。偽造防止のため地紋と透かしが印刷されています。",
+        ),
         Text(70, 76, 8, f"複写すると「複製」の文字が浮き出ます。発行元 {municipality_name} ({municipality_code})"),
     ]
     info = {

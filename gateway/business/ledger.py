@@ -102,7 +102,20 @@ MIGRATIONS: tuple[str, ...] = (
 )
 UNFINISHED = ("created", "sent")  # every other state is final: completed, refunded, cancelled, expired
 
-_ENTRY_FIELDS = ("seq", "kind", "issuance_id", "at", "month", "operator", "municipality", "kiosk", "cert_type", "copies", "amount", "detail")
+_ENTRY_FIELDS = (
+    "seq",
+    "kind",
+    "issuance_id",
+    "at",
+    "month",
+    "operator",
+    "municipality",
+    "kiosk",
+    "cert_type",
+    "copies",
+    "amount",
+    "detail",
+)
 
 
 class LedgerError(Exception):
@@ -214,7 +227,9 @@ class LedgerDB:
         """Apply every migration newer than the file, each in its own transaction. The version is
         read again under the write lock: two centers opening one new ledger at once (a standby
         center in its own process) apply each migration once, not twice."""
-        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
         current = self._check_version(self.version)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             with self.transaction():
@@ -227,7 +242,9 @@ class LedgerDB:
 
     def _check_version(self, current: int) -> int:
         if current > len(MIGRATIONS):
-            raise LedgerError(f"ledger {self.path}: schema version {current} is newer than this konbini ({len(MIGRATIONS)})")
+            raise LedgerError(
+                f"ledger {self.path}: schema version {current} is newer than this konbini ({len(MIGRATIONS)})"
+            )
         return current
 
     def transaction(self):
@@ -235,16 +252,37 @@ class LedgerDB:
 
     # -- appending facts ---------------------------------------------------------------------
 
-    def append(self, kind: str, at: datetime | str, *, issuance_id: str | None = None, month: str | None = None,
-               operator: str | None = None, municipality: str | None = None, kiosk: str | None = None,
-               cert_type: str | None = None, copies: int = 0, amount: int = 0, detail: dict | None = None) -> int:
+    def append(
+        self,
+        kind: str,
+        at: datetime | str,
+        *,
+        issuance_id: str | None = None,
+        month: str | None = None,
+        operator: str | None = None,
+        municipality: str | None = None,
+        kiosk: str | None = None,
+        cert_type: str | None = None,
+        copies: int = 0,
+        amount: int = 0,
+        detail: dict | None = None,
+    ) -> int:
         """Append one chained fact; call inside a transaction."""
         if month is not None and month in self._fixed:
             raise MonthFixed(month, f"{kind} for {issuance_id or 'this month'}")
         row = {
-            "seq": None, "kind": kind, "issuance_id": issuance_id, "at": at if isinstance(at, str) else at.isoformat(),
-            "month": month, "operator": operator, "municipality": municipality, "kiosk": kiosk, "cert_type": cert_type,
-            "copies": copies, "amount": amount, "detail": json.dumps(detail or {}, ensure_ascii=False, sort_keys=True),
+            "seq": None,
+            "kind": kind,
+            "issuance_id": issuance_id,
+            "at": at if isinstance(at, str) else at.isoformat(),
+            "month": month,
+            "operator": operator,
+            "municipality": municipality,
+            "kiosk": kiosk,
+            "cert_type": cert_type,
+            "copies": copies,
+            "amount": amount,
+            "detail": json.dumps(detail or {}, ensure_ascii=False, sort_keys=True),
         }
         seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM entries").fetchone()[0]
         row["seq"] = seq
@@ -257,16 +295,39 @@ class LedgerDB:
         return seq
 
     def _fact(self, kind: str, rec: IssuanceRecord, at: datetime | str, **kw: Any) -> int:
-        return self.append(kind, at, issuance_id=rec.id, month=rec.month, operator=rec.operator,
-                           municipality=rec.municipality, kiosk=rec.kiosk, cert_type=rec.cert_type, **kw)
+        return self.append(
+            kind,
+            at,
+            issuance_id=rec.id,
+            month=rec.month,
+            operator=rec.operator,
+            municipality=rec.municipality,
+            kiosk=rec.kiosk,
+            cert_type=rec.cert_type,
+            **kw,
+        )
 
     def create_issuance(self, rec: IssuanceRecord, at: datetime | str) -> None:
-        self._fact("issuance", rec, at, copies=rec.copies, amount=rec.fee, detail={"session": rec.session, "card": rec.card})
+        self._fact(
+            "issuance", rec, at, copies=rec.copies, amount=rec.fee, detail={"session": rec.session, "card": rec.card}
+        )
         self.conn.execute(
             "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state, card, changed)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (rec.id, rec.session, rec.kiosk, rec.operator, rec.municipality, rec.cert_type, rec.copies, rec.fee, rec.month,
-             "created", rec.card, _iso(at)),
+            (
+                rec.id,
+                rec.session,
+                rec.kiosk,
+                rec.operator,
+                rec.municipality,
+                rec.cert_type,
+                rec.copies,
+                rec.fee,
+                rec.month,
+                "created",
+                rec.card,
+                _iso(at),
+            ),
         )
 
     def set_state(self, issuance_id: str, state: str, at: datetime | str) -> None:
@@ -286,26 +347,38 @@ class LedgerDB:
         its kiosk went away. Expired, not cancelled: a document whose "sent" was lost with its center
         may have been printed, and a late notice must still be taken (`record_notice` does). A fixed
         month's rows are never modified (BIZ-6). The ids expired."""
-        stale = [r[0] for r in self.conn.execute(
-            "SELECT id FROM issuances WHERE ((state = 'created' AND coalesce(changed, '') < ?)"
-            " OR (state = 'sent' AND coalesce(changed, '') < ?)) AND month NOT IN (SELECT month FROM months)",
-            (_iso(created_before), _iso(sent_before)))]
+        stale = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM issuances WHERE ((state = 'created' AND coalesce(changed, '') < ?)"
+                " OR (state = 'sent' AND coalesce(changed, '') < ?)) AND month NOT IN (SELECT month FROM months)",
+                (_iso(created_before), _iso(sent_before)),
+            )
+        ]
         for iid in stale:
             self.set_state(iid, "expired", at)
         return stale
 
     def unfinished(self) -> dict[str, int]:
         """How many issuances are in each unfinished state."""
-        return dict(self.conn.execute(
-            f"SELECT state, count(*) FROM issuances WHERE state IN ({', '.join('?' * len(UNFINISHED))}) GROUP BY state", UNFINISHED).fetchall())
+        return dict(
+            self.conn.execute(
+                f"SELECT state, count(*) FROM issuances WHERE state IN ({', '.join('?' * len(UNFINISHED))}) GROUP BY state",
+                UNFINISHED,
+            ).fetchall()
+        )
 
-    def record_notice(self, issuance_id: str, at: datetime | str, copies: int, fee: int, refunded: bool = False) -> bool:
+    def record_notice(
+        self, issuance_id: str, at: datetime | str, copies: int, fee: int, refunded: bool = False
+    ) -> bool:
         """The completion notice: payment, one row per copy, refund if misprinted. False when a duplicate."""
         rec = self.issuance(issuance_id)
         if rec.month in self._fixed:
             raise MonthFixed(rec.month, f"notice for {issuance_id}")
         at_s = at if isinstance(at, str) else at.isoformat()
-        cur = self.conn.execute("INSERT INTO notices VALUES (?, ?) ON CONFLICT (issuance_id) DO NOTHING", (issuance_id, at_s))
+        cur = self.conn.execute(
+            "INSERT INTO notices VALUES (?, ?) ON CONFLICT (issuance_id) DO NOTHING", (issuance_id, at_s)
+        )
         if cur.rowcount == 0:
             return False
         self._fact("notice", rec, at, copies=copies, amount=fee, detail={"refunded": refunded})
@@ -314,8 +387,10 @@ class LedgerDB:
             self._fact("copy", rec, at, copies=1, detail={"no": no, "stamp": VOID_STAMP if refunded else None})
         if refunded:
             self._fact("refund", rec, at, amount=-fee, detail={"reason": "misprint", "stamp": VOID_STAMP})
-        self.conn.execute("UPDATE issuances SET state = ?, changed = ? WHERE id = ?",
-                          ("refunded" if refunded else "completed", at_s, issuance_id))
+        self.conn.execute(
+            "UPDATE issuances SET state = ?, changed = ? WHERE id = ?",
+            ("refunded" if refunded else "completed", at_s, issuance_id),
+        )
         return True
 
     def record_correction(self, issuance_id: str, at: datetime | str, copies: int, fee: int, reason: str) -> int:
@@ -331,13 +406,21 @@ class LedgerDB:
         if month in self._fixed:
             raise MonthFixed(month, "fixing it again")
         self.append("month-fixed", at, detail={"month": month})
-        self.conn.execute("INSERT INTO months VALUES (?, ?, ?)", (month, at if isinstance(at, str) else at.isoformat(),
-                                                                  json.dumps(report, ensure_ascii=False, sort_keys=True)))
+        self.conn.execute(
+            "INSERT INTO months VALUES (?, ?, ?)",
+            (
+                month,
+                at if isinstance(at, str) else at.isoformat(),
+                json.dumps(report, ensure_ascii=False, sort_keys=True),
+            ),
+        )
         self._fixed.add(month)
 
     def record_outage(self, scope: str, start: datetime, end: datetime, cause: str = "") -> None:
-        self.conn.execute("INSERT INTO outages (scope, start, end, cause) VALUES (?, ?, ?, ?)",
-                          (scope, start.isoformat(), end.isoformat(), cause))
+        self.conn.execute(
+            "INSERT INTO outages (scope, start, end, cause) VALUES (?, ?, ?, ?)",
+            (scope, start.isoformat(), end.isoformat(), cause),
+        )
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -364,8 +447,10 @@ class LedgerDB:
         return json.loads(row[0]) if row else None
 
     def outages(self) -> list[tuple[str, datetime, datetime]]:
-        return [(r[0], datetime.fromisoformat(r[1]), datetime.fromisoformat(r[2]))
-                for r in self.conn.execute("SELECT scope, start, end FROM outages ORDER BY start")]
+        return [
+            (r[0], datetime.fromisoformat(r[1]), datetime.fromisoformat(r[2]))
+            for r in self.conn.execute("SELECT scope, start, end FROM outages ORDER BY start")
+        ]
 
     def count(self, kind: str) -> int:
         return self.conn.execute("SELECT count(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
@@ -497,4 +582,3 @@ def ledger_path(ledger: str | None, state_dir: str | Path) -> str:
         return str(Path(state_dir) / "ledger.sqlite")
     p = Path(ledger)
     return str(p if p.is_absolute() else Path(state_dir) / p)
-

@@ -105,7 +105,9 @@ def build_crl(
     )
     try:
         ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
     except x509.ExtensionNotFound:
         pass
     for serial, (revoked_at, cause) in sorted(revocations.items()):

@@ -75,7 +75,9 @@ def font(chars: str, cache_dir: Path | None = None) -> Font:
     scale = 1000 / font["head"].unitsPerEm
     gids = {chr(cp): font.getGlyphID(name) for cp, name in cmap.items()}
     widths = {gid: round(font["hmtx"][font.getGlyphName(gid)][0] * scale) for gid in gids.values()}
-    lines = [f"<{gid:04X}> <{ord(ch):04X}>" for ch, gid in sorted(gids.items(), key=lambda kv: kv[1]) if ord(ch) <= 0xFFFF]
+    lines = [
+        f"<{gid:04X}> <{ord(ch):04X}>" for ch, gid in sorted(gids.items(), key=lambda kv: kv[1]) if ord(ch) <= 0xFFFF
+    ]
     body = "\n".join(f"{len(chunk)} beginbfchar\n" + "\n".join(chunk) + "\nendbfchar" for chunk in _chunks(lines, 100))
     cmap_text = (
         "/CIDInit /ProcSet findresource begin\n12 dict begin\nbegincmap\n"
@@ -87,12 +89,17 @@ def font(chars: str, cache_dir: Path | None = None) -> Font:
     objects = (
         b"<< /Type /Font /Subtype /Type0 /BaseFont /KONBNI+IPAexMincho /Encoding /Identity-H "
         b"/DescendantFonts [7 0 R] /ToUnicode 10 0 R >>",
-        (b"<< /Type /Font /Subtype /CIDFontType2 /BaseFont /KONBNI+IPAexMincho "
-         b"/CIDSystemInfo << /Registry (Adobe) /Ordering (Identity) /Supplement 0 >> "
-         b"/FontDescriptor 8 0 R /CIDToGIDMap /Identity /DW 1000 /W [" +
-         b" ".join(b"%d [%d]" % (gid, w) for gid, w in sorted(widths.items())) + b"] >>"),
-        (b"<< /Type /FontDescriptor /FontName /KONBNI+IPAexMincho /Flags 6 /FontBBox [0 -141 1000 859] "
-         b"/ItalicAngle 0 /Ascent 880 /Descent -120 /CapHeight 700 /StemV 80 /FontFile2 9 0 R >>"),
+        (
+            b"<< /Type /Font /Subtype /CIDFontType2 /BaseFont /KONBNI+IPAexMincho "
+            b"/CIDSystemInfo << /Registry (Adobe) /Ordering (Identity) /Supplement 0 >> "
+            b"/FontDescriptor 8 0 R /CIDToGIDMap /Identity /DW 1000 /W ["
+            + b" ".join(b"%d [%d]" % (gid, w) for gid, w in sorted(widths.items()))
+            + b"] >>"
+        ),
+        (
+            b"<< /Type /FontDescriptor /FontName /KONBNI+IPAexMincho /Flags 6 /FontBBox [0 -141 1000 859] "
+            b"/ItalicAngle 0 /Ascent 880 /Descent -120 /CapHeight 700 /StemV 80 /FontFile2 9 0 R >>"
+        ),
         _stream(zlib.compress(program, 9)),
         _stream(zlib.compress(cmap_text.encode(), 9)),
     )
@@ -164,8 +171,10 @@ class Page:
             info,
             b"<< /Type /Catalog /Pages 3 0 R >>",
             b"<< /Type /Pages /Kids [4 0 R] /Count 1 >>",
-            (b"<< /Type /Page /Parent 3 0 R /MediaBox [0 0 %.2f %.2f] /Resources << /Font << /F1 6 0 R >> >> "
-             b"/Contents 5 0 R >>" % A4),
+            (
+                b"<< /Type /Page /Parent 3 0 R /MediaBox [0 0 %.2f %.2f] /Resources << /Font << /F1 6 0 R >> >> "
+                b"/Contents 5 0 R >>" % A4
+            ),
             _stream(self._content()),
             *self.font.objects,
         ]
@@ -188,8 +197,11 @@ def _stream(data: bytes) -> bytes:
 
 def _xref(offsets: list[int], at: int) -> bytes:
     rows = b"".join(b"%010d 00000 n \n" % off for off in offsets)
-    return (b"xref\n0 %d\n0000000000 65535 f \n" % (len(offsets) + 1) + rows +
-            b"trailer\n<< /Size %d /Root 2 0 R /Info 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(offsets) + 1, at))
+    return (
+        b"xref\n0 %d\n0000000000 65535 f \n" % (len(offsets) + 1)
+        + rows
+        + b"trailer\n<< /Size %d /Root 2 0 R /Info 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(offsets) + 1, at)
+    )
 
 
 def _xref_at(size: int, n: int) -> int:
@@ -230,14 +242,22 @@ def overlay(document: bytes, runs: list[Text], cut: Font, rgb: tuple[float, floa
     if not found or not size:
         raise ValueError("not a konbini certificate PDF")
     n = int(size[-1])  # the overlay's objects: its content stream, then its five font objects
-    page = (b"<< /Type /Page /Parent 3 0 R /MediaBox [0 0 %.2f %.2f] /Resources << /Font << /F1 6 0 R /F2 %d 0 R >> >> "
-            b"/Contents [5 0 R %d 0 R] >>" % (*A4, n + 1, n))
+    page = (
+        b"<< /Type /Page /Parent 3 0 R /MediaBox [0 0 %.2f %.2f] /Resources << /Font << /F1 6 0 R /F2 %d 0 R >> >> "
+        b"/Contents [5 0 R %d 0 R] >>" % (*A4, n + 1, n)
+    )
     # the font objects refer to each other as 7..10 in the document; renumber them after the content
-    renumber = {b"7 0 R": b"%d 0 R" % (n + 2), b"8 0 R": b"%d 0 R" % (n + 3), b"9 0 R": b"%d 0 R" % (n + 4),
-                b"10 0 R": b"%d 0 R" % (n + 5)}
-    fonts = [re.sub(rb"\b(7|8|9|10) 0 R", lambda m: renumber[m.group(0)], obj) if i < 3 else obj
-             for i, obj in enumerate(cut.objects)]
-    color = "%g %g %g rg" % rgb
+    renumber = {
+        b"7 0 R": b"%d 0 R" % (n + 2),
+        b"8 0 R": b"%d 0 R" % (n + 3),
+        b"9 0 R": b"%d 0 R" % (n + 4),
+        b"10 0 R": b"%d 0 R" % (n + 5),
+    }
+    fonts = [
+        re.sub(rb"\b(7|8|9|10) 0 R", lambda m: renumber[m.group(0)], obj) if i < 3 else obj
+        for i, obj in enumerate(cut.objects)
+    ]
+    color = "{:g} {:g} {:g} rg".format(*rgb)
     ops = zlib.decompress(Page(runs, cut, {})._content()).replace(b"/F1 ", b"/F2 ")
     content = zlib.compress(color.encode() + b"\n" + ops)
     update = [(4, page), (n, _stream(content))] + [(n + 1 + i, obj) for i, obj in enumerate(fonts)]
@@ -250,6 +270,9 @@ def overlay(document: bytes, runs: list[Text], cut: Font, rgb: tuple[float, floa
     xref = [b"xref\n0 1\n0000000000 65535 f \n"]
     for num, off in sorted(offsets):
         xref.append(b"%d 1\n%010d 00000 n \n" % (num, off))
-    trailer = (b"trailer\n<< /Size %d /Root 2 0 R /Info 1 0 R /Prev %s >>\nstartxref\n%d\n%%%%EOF\n"
-               % (n + 6, found.group(1), at))
+    trailer = b"trailer\n<< /Size %d /Root 2 0 R /Info 1 0 R /Prev %s >>\nstartxref\n%d\n%%%%EOF\n" % (
+        n + 6,
+        found.group(1),
+        at,
+    )
     return document + b"".join(out) + b"".join(xref) + trailer

@@ -90,18 +90,23 @@ class SharedSessions:
         self.conn.close()
 
     def __len__(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM kiosk_sessions WHERE created >= ?", (time.monotonic() - self.ttl,)).fetchone()[0]
+        return self.conn.execute(
+            "SELECT count(*) FROM kiosk_sessions WHERE created >= ?", (time.monotonic() - self.ttl,)
+        ).fetchone()[0]
 
     def add(self, s: Session) -> None:
         with self.conn:
             self.conn.execute("DELETE FROM kiosk_sessions WHERE created < ?", (time.monotonic() - self.ttl,))
-            self.conn.execute("INSERT INTO kiosk_sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                              (s.id, s.kiosk, s.store, s.challenge, s.created, s.state.value, s.card, s.card_id))
+            self.conn.execute(
+                "INSERT INTO kiosk_sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.kiosk, s.store, s.challenge, s.created, s.state.value, s.card, s.card_id),
+            )
 
     def get(self, sid: str) -> Session | None:
         """The session as the file has it now (another worker may have moved it since)."""
-        row = self.conn.execute("SELECT kiosk, store, challenge, created, state, card, card_id FROM kiosk_sessions WHERE id = ?",
-                                (sid,)).fetchone()
+        row = self.conn.execute(
+            "SELECT kiosk, store, challenge, created, state, card, card_id FROM kiosk_sessions WHERE id = ?", (sid,)
+        ).fetchone()
         if row is None or time.monotonic() - row[3] > self.ttl:
             return None
         kiosk, store, challenge, created, state, card, card_id = row
@@ -115,11 +120,15 @@ class SharedSessions:
         s.require(event)
         new = s.TABLE[old, event]
         if event is SessionEvent.CANCEL:
-            self.conn.execute("UPDATE kiosk_sessions SET state = ? WHERE id = ? AND state NOT IN (?, ?)",
-                              (new.value, s.id, SessionState.DONE.value, SessionState.CLOSED.value))
+            self.conn.execute(
+                "UPDATE kiosk_sessions SET state = ? WHERE id = ? AND state NOT IN (?, ?)",
+                (new.value, s.id, SessionState.DONE.value, SessionState.CLOSED.value),
+            )
         else:
-            cur = self.conn.execute("UPDATE kiosk_sessions SET state = ?, card = ?, card_id = ? WHERE id = ? AND state = ?",
-                                    (new.value, s.card, s.card_id, s.id, old.value))
+            cur = self.conn.execute(
+                "UPDATE kiosk_sessions SET state = ?, card = ?, card_id = ? WHERE id = ? AND state = ?",
+                (new.value, s.card, s.card_id, s.id, old.value),
+            )
             if cur.rowcount != 1:
                 raise SessionMoved(f"session {s.id}: moved by another worker before {event.name}")
         s.state = new

@@ -138,8 +138,13 @@ def _noticed(entries: list[dict[str, Any]], month: str) -> list[dict[str, Any]]:
             continue
         iid = e["issuance_id"]
         if e["kind"] == "notice":
-            noticed[iid] = {"operator": e["operator"] or "-", "municipality": e.get("municipality") or "-",
-                            "copies": e["copies"], "fee": e["amount"], "refund": 0}
+            noticed[iid] = {
+                "operator": e["operator"] or "-",
+                "municipality": e.get("municipality") or "-",
+                "copies": e["copies"],
+                "fee": e["amount"],
+                "refund": 0,
+            }
         elif e["kind"] == "correction" and iid in noticed:
             noticed[iid].update(copies=e["copies"], fee=e["amount"])
         elif e["kind"] == "refund" and iid in noticed:

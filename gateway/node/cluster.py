@@ -65,8 +65,10 @@ def node_allowlists(topo: Topology, mode: str, only=None) -> dict[str, AllowList
     checked by certificate."""
     if mode != CLUSTER:
         return compile_allowlists(topo, mode, only)
-    return {node_id: ByCertificate(allow, allow.sources.get)
-            for node_id, allow in compile_allowlists(topo, POLICY_MODE, only).items()}
+    return {
+        node_id: ByCertificate(allow, allow.sources.get)
+        for node_id, allow in compile_allowlists(topo, POLICY_MODE, only).items()
+    }
 
 
 def scrape_allowlist(topo: Topology, mode: str) -> MetricsAllowList | ByCertificate:

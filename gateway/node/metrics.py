@@ -57,22 +57,47 @@ class NodeMetrics:
 
     def _build(self) -> None:
         self.registry = r = CollectorRegistry()
-        Gauge("konbini_node_info", "This node (value 1).", ["node", "kind"], registry=r).labels(self.node_id, self.kind).set(1)
+        Gauge("konbini_node_info", "This node (value 1).", ["node", "kind"], registry=r).labels(
+            self.node_id, self.kind
+        ).set(1)
         self.requests = Counter("konbini_requests", "HTTP/2 requests received, allowed or not.", ["method"], registry=r)
-        self.denials = Counter("konbini_denials", "Refused connections, streams and requests, by reason code.", ["reason"], registry=r)
+        self.denials = Counter(
+            "konbini_denials", "Refused connections, streams and requests, by reason code.", ["reason"], registry=r
+        )
         self.streams_in_flight = Gauge("konbini_streams_in_flight", "Requests being handled now.", registry=r)
-        self.tls_handshakes = Counter("konbini_tls_handshakes", "TLS handshakes as a server, by result.", ["result"], registry=r)
-        self.tls_resumed = Counter("konbini_tls_resumed", "TLS handshakes (result ok) that resumed a session ticket.", registry=r)
-        self.connections = Counter("konbini_connections", "Connections admitted (address, certificate and ALPN allowed).", registry=r)
+        self.tls_handshakes = Counter(
+            "konbini_tls_handshakes", "TLS handshakes as a server, by result.", ["result"], registry=r
+        )
+        self.tls_resumed = Counter(
+            "konbini_tls_resumed", "TLS handshakes (result ok) that resumed a session ticket.", registry=r
+        )
+        self.connections = Counter(
+            "konbini_connections", "Connections admitted (address, certificate and ALPN allowed).", registry=r
+        )
         self.connections_open = Gauge("konbini_connections_open", "Admitted connections open now.", registry=r)
         # relays
-        self.bytes_relayed = Counter("konbini_relayed_bytes", "Body bytes forwarded, by direction.", ["direction"], registry=r)
-        self.upstream_failures = Counter("konbini_upstream_failures", "Next hop unreachable, unavailable or late, by reason.", ["reason"], registry=r)
+        self.bytes_relayed = Counter(
+            "konbini_relayed_bytes", "Body bytes forwarded, by direction.", ["direction"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "konbini_upstream_failures", "Next hop unreachable, unavailable or late, by reason.", ["reason"], registry=r
+        )
         # the issuance center
-        self.issuances = Counter("konbini_issuances", "Documents delivered with their signed binding, by certificate type.", ["cert_type"], registry=r)
-        self.refusals = Counter("konbini_refusals", "Issuance-protocol refusals, by reason code (BIZ-2).", ["reason"], registry=r)
-        self.misdeliveries = Counter("konbini_misdelivery_reports", "Documents a kiosk refused as not its own (INT-1).", registry=r)
-        self.notices = Counter("konbini_notices", "Completion notices received, by result (new or duplicate).", ["result"], registry=r)
+        self.issuances = Counter(
+            "konbini_issuances",
+            "Documents delivered with their signed binding, by certificate type.",
+            ["cert_type"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "konbini_refusals", "Issuance-protocol refusals, by reason code (BIZ-2).", ["reason"], registry=r
+        )
+        self.misdeliveries = Counter(
+            "konbini_misdelivery_reports", "Documents a kiosk refused as not its own (INT-1).", registry=r
+        )
+        self.notices = Counter(
+            "konbini_notices", "Completion notices received, by result (new or duplicate).", ["result"], registry=r
+        )
         self.scrapes = Counter("konbini_scrapes", "Metrics scrapes served.", registry=r)
         for collector in self._collectors:
             r.register(collector)
@@ -112,7 +137,9 @@ class ImpairmentStatus:
         except (OSError, ValueError):
             status = {}
         labels = ["line", "dir"]
-        packets = CounterMetricFamily("konbini_impair_packets", "Packets the impairment daemon queued, by line and direction.", labels=labels)
+        packets = CounterMetricFamily(
+            "konbini_impair_packets", "Packets the impairment daemon queued, by line and direction.", labels=labels
+        )
         released = CounterMetricFamily("konbini_impair_released", "Packets released after their delay.", labels=labels)
         dropped = CounterMetricFamily("konbini_impair_dropped", "Packets the daemon dropped.", labels=labels)
         nbytes = CounterMetricFamily("konbini_impair_bytes", "Bytes queued by the daemon.", labels=labels)

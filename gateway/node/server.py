@@ -104,29 +104,42 @@ class NodeContext:
         are never dialled. A missing file is still a start error, naming the node."""
         for path in self.pki.node_paths(self.node.id):
             if not os.path.isfile(path):
-                raise NodeStartError(f"{self.node.id}: its certificate or key {path} is missing (a state dir made for another topology?)")
+                raise NodeStartError(
+                    f"{self.node.id}: its certificate or key {path} is missing (a state dir made for another topology?)"
+                )
 
     def server_tls(self, alpn: str = "h2") -> ssl.SSLContext:
         if (ctx := self._tls.get(alpn)) is None:
             chain, key = self.pki.node_paths(self.node.id)
-            ctx = self._tls[alpn] = server_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor, alpn)
+            ctx = self._tls[alpn] = server_context(
+                Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor, alpn
+            )
         return ctx
 
     def client_tls(self) -> ssl.SSLContext:
         if (ctx := self._tls.get("client")) is None:
             chain, key = self.pki.node_paths(self.node.id)
-            ctx = self._tls["client"] = client_context(Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor)
+            ctx = self._tls["client"] = client_context(
+                Path(chain), Path(key), Path(self.pki.network_ca_path), self.tls12_floor
+            )
         return ctx
 
     async def connect(self, target: Node) -> TrioH2:
         """Open a mutual-TLS HTTP/2 connection from this node to `target` (not yet running)."""
         local = None if self.mode == CLUSTER else self.address  # a pod dials from whatever address it has
-        return await connect_h2(self.address_of(target), target.port or 0, target.id, self.client_tls(), local_address=local,
-                                netns=self.netns)
+        return await connect_h2(
+            self.address_of(target),
+            target.port or 0,
+            target.id,
+            self.client_tls(),
+            local_address=local,
+            netns=self.netns,
+        )
 
 
-async def connect_h2(address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None,
-                     netns: str | None = None) -> TrioH2:
+async def connect_h2(
+    address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None, netns: str | None = None
+) -> TrioH2:
     """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2.
     `netns`: the namespace to make the socket in (`NodeContext.netns`)."""
     if netns is None:
@@ -174,8 +187,9 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_BACKOFF = 0.1  # seconds, as trio.serve_listeners
 
 
-def listening_socket(address: str, port: int, backlog: int = 1024, netns: str | None = None,
-                     reuse_port: bool = False) -> socket.socket:
+def listening_socket(
+    address: str, port: int, backlog: int = 1024, netns: str | None = None, reuse_port: bool = False
+) -> socket.socket:
     """A non-blocking TCP socket listening on `address:port` (SO_REUSEADDR, as Trio's listeners),
     made in namespace `netns` if given; with `reuse_port`, shared with the other processes that
     bind it so (SO_REUSEPORT: the kernel hashes each new connection to one of them)."""
@@ -203,7 +217,12 @@ async def accept_loop(sock: socket.socket, handler, nursery: trio.Nursery) -> No
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept returned %s (%s); retrying in %s s", errno.errorcode[exc.errno], os.strerror(exc.errno), ACCEPT_BACKOFF)
+                log.error(
+                    "accept returned %s (%s); retrying in %s s",
+                    errno.errorcode[exc.errno],
+                    os.strerror(exc.errno),
+                    ACCEPT_BACKOFF,
+                )
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
             nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))

@@ -37,10 +37,17 @@ class AdminServer(NodeServer):
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.ctx.check_tls_files()  # the context is made at the first connection
         try:
-            sock = listening_socket(self.ctx.address, self.ctx.node.port or 0, backlog=64, netns=self.ctx.netns,
-                                     reuse_port=self.ctx.reuse_port)
+            sock = listening_socket(
+                self.ctx.address,
+                self.ctx.node.port or 0,
+                backlog=64,
+                netns=self.ctx.netns,
+                reuse_port=self.ctx.reuse_port,
+            )
         except OSError as exc:
             what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
-            raise NodeStartError(f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}") from None
+            raise NodeStartError(
+                f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}"
+            ) from None
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
         await trio.serve_listeners(self._connection, listeners, task_status=task_status)

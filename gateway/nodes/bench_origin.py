@@ -23,8 +23,12 @@ async def serve_bench(stream: Stream, method: str, node_id: str, t0: float) -> N
     except ValueError:
         raise BadRequest("size must be an integer") from None
     stream.send_headers(
-        [(b":status", b"200"), (b"content-length", str(size).encode()), (b"bench-received", str(received).encode()),
-         timing(node_id, t0, stream)],
+        [
+            (b":status", b"200"),
+            (b"content-length", str(size).encode()),
+            (b"bench-received", str(received).encode()),
+            timing(node_id, t0, stream),
+        ],
         end_stream=size == 0,
     )
     while size > 0:

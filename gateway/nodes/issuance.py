@@ -251,14 +251,23 @@ class IssuanceCenter(App):
         the issuances it holds in memory, by state (each leaves within its bound); the document
         servers it has set aside."""
         states = Counter(iss.state.value for iss in self.issuances.values())
-        yield GaugeMetricFamily("konbini_notices_awaited", "Delivered documents whose completion notice is not in yet.",
-                                value=states[IssuanceState.SENT.value])
-        held = GaugeMetricFamily("konbini_issuances_in_memory", "Issuances the center holds in memory, by state.", labels=["state"])
+        yield GaugeMetricFamily(
+            "konbini_notices_awaited",
+            "Delivered documents whose completion notice is not in yet.",
+            value=states[IssuanceState.SENT.value],
+        )
+        held = GaugeMetricFamily(
+            "konbini_issuances_in_memory", "Issuances the center holds in memory, by state.", labels=["state"]
+        )
         for state in IssuanceState:
             held.add_metric([state.value], states[state.value])
         yield held
-        yield CounterMetricFamily("konbini_issuances_expired", "Delivered issuances whose completion notice never came.", value=self.expired)
-        aside = GaugeMetricFamily("konbini_document_servers_set_aside", "Document servers set aside until a probe finds them answering.")
+        yield CounterMetricFamily(
+            "konbini_issuances_expired", "Delivered issuances whose completion notice never came.", value=self.expired
+        )
+        aside = GaugeMetricFamily(
+            "konbini_document_servers_set_aside", "Document servers set aside until a probe finds them answering."
+        )
         aside.add_metric([], sum(len(servers.outliers.set_aside_at) for servers in self.muni_servers.values()))
         yield aside
 
@@ -364,7 +373,9 @@ class IssuanceCenter(App):
             self.sessions.fire(s, SessionEvent.REJECTED)
             self.refusals[problem] += 1
             self.metrics.refusals.labels(problem).inc()
-            await refuse(stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0, stream), *timings])
+            await refuse(
+                stream, 403, problem, MESSAGES.get(problem, problem), [timing(self.ctx.node.id, t0, stream), *timings]
+            )
             return
         s.card = hashlib.sha256(der).hexdigest()
         s.card_id = card_id_of(cert)
@@ -389,7 +400,9 @@ class IssuanceCenter(App):
         try:
             with trio.fail_after(UPSTREAM_TIMEOUT):
                 conn, st = await self.ocsp.open(
-                    request_headers("POST", "/ocsp", self.ocsp.target.id, [(b"content-type", b"application/ocsp-request")]),
+                    request_headers(
+                        "POST", "/ocsp", self.ocsp.target.id, [(b"content-type", b"application/ocsp-request")]
+                    ),
                     body,
                 )
                 try:
@@ -403,7 +416,11 @@ class IssuanceCenter(App):
         if header(headers, b":status") != b"200":
             return "ocsp-unavailable"
         problem, until = ocsp.verdict(answer, cert, self.jpki_ca, now)
-        if problem == "card-revoked" and is_smartphone(cert) and ocsp.revocation_reason(answer) == x509.ReasonFlags.key_compromise:
+        if (
+            problem == "card-revoked"
+            and is_smartphone(cert)
+            and ocsp.revocation_reason(answer) == x509.ReasonFlags.key_compromise
+        ):
             problem = "smartphone-lost"  # seed 002 §9: the phone is lost, the card stays good
         if self.ocsp_answers is not None:
             self.ocsp_answers.put(cert.serial_number, problem, until)
@@ -418,7 +435,14 @@ class IssuanceCenter(App):
             return
         self.sessions.fire(s, SessionEvent.ISSUE)
         iss = Issuance(
-            "iss-" + secrets.token_hex(12), s.id, s.kiosk, s.store, req.municipality, req.cert_type, req.copies, verdict.fee,
+            "iss-" + secrets.token_hex(12),
+            s.id,
+            s.kiosk,
+            s.store,
+            req.municipality,
+            req.cert_type,
+            req.copies,
+            verdict.fee,
             card=s.card_id or "",
         )
         # One cancellation path (INT-1): whatever fails or times out, wherever, cancels the request
@@ -448,9 +472,21 @@ class IssuanceCenter(App):
         """No document leaves the center before the ledger knows of its issuance."""
         now = self.ctx.clock.now()
         kiosk_node = self.ctx.topo.nodes.get(s.kiosk)
-        record = IssuanceRecord(iss.id, s.id, s.kiosk, kiosk_node.operator if kiosk_node else None, iss.municipality,
-                                iss.cert_type, iss.copies, iss.fee, month_of(now), card=s.card_id)
-        self._forget_finished(time.monotonic())  # at every issuance too: memory stays bounded under load, between sweeps
+        record = IssuanceRecord(
+            iss.id,
+            s.id,
+            s.kiosk,
+            kiosk_node.operator if kiosk_node else None,
+            iss.municipality,
+            iss.cert_type,
+            iss.copies,
+            iss.fee,
+            month_of(now),
+            card=s.card_id,
+        )
+        self._forget_finished(
+            time.monotonic()
+        )  # at every issuance too: memory stays bounded under load, between sweeps
         self.issuances[iss.id] = iss
         await self.ledger.call(LedgerDB.create_issuance, record, now)
 
@@ -496,8 +532,9 @@ class IssuanceCenter(App):
         that died left behind; while running, those of a worker or standby center that died. The
         ids expired."""
         now = self.ctx.clock.now()
-        stale = await self.ledger.call(LedgerDB.expire_stale, now, now - timedelta(seconds=DELIVERY_TIMEOUT),
-                                       now - timedelta(seconds=NOTICE_TTL))
+        stale = await self.ledger.call(
+            LedgerDB.expire_stale, now, now - timedelta(seconds=DELIVERY_TIMEOUT), now - timedelta(seconds=NOTICE_TTL)
+        )
         if stale:
             log.warning("expired %d issuances left unfinished in the ledger", len(stale))
         self.expired += len(stale)
@@ -547,7 +584,9 @@ class IssuanceCenter(App):
             if conn is not None and st is not None:
                 conn.release(st)
 
-    async def _open_document(self, servers: DocumentServers, doc_req: bytes) -> tuple[TrioH2, Stream, tuple[bytes, bytes]]:
+    async def _open_document(
+        self, servers: DocumentServers, doc_req: bytes
+    ) -> tuple[TrioH2, Stream, tuple[bytes, bytes]]:
         """The first of the municipality's document servers that answers 200 to the document
         request: (connection, stream, its server-timing entry). They are asked in the order
         `servers.outliers` gives (file order, those set aside last). One that cannot be reached,
@@ -566,7 +605,11 @@ class IssuanceCenter(App):
                 conn, st = await self._ask(link, doc_req, ATTEMPT_TIMEOUT if n < len(order) - 1 else math.inf)
             except DOCUMENT_SERVER_FAILURES as exc:
                 hung = isinstance(exc, trio.TooSlowError)
-                log.warning("document server %s %s; trying the next", link.target.id, "hung" if hung else f"unavailable ({type(exc).__name__})")
+                log.warning(
+                    "document server %s %s; trying the next",
+                    link.target.id,
+                    "hung" if hung else f"unavailable ({type(exc).__name__})",
+                )
                 self.metrics.upstream_failures.labels("document-server-hung" if hung else "document-server-down").inc()
                 if servers.outliers.failed(i, time.monotonic()):
                     self._nursery.start_soon(self._probe, servers, i)
@@ -674,7 +717,9 @@ class IssuanceCenter(App):
             await self._refuse(stream, 400, "bad-request", t0)
             return
         try:
-            await self.ledger.call(LedgerDB.record_correction, iss.id, self.ctx.clock.now(), corr.copies, corr.fee, corr.reason)
+            await self.ledger.call(
+                LedgerDB.record_correction, iss.id, self.ctx.clock.now(), corr.copies, corr.fee, corr.reason
+            )
         except MonthFixed:
             await self._refuse(stream, 409, "month-fixed", t0)
             return
@@ -686,5 +731,11 @@ class IssuanceCenter(App):
     async def _misdelivery(self, stream: Stream, s: Session, report: MisdeliveryReport, t0: float) -> None:
         self.misdeliveries.append(report)
         self.metrics.misdeliveries.inc()
-        log.error("misdelivery refused by kiosk=%s session=%s issuance=%s problem=%s", s.kiosk, s.id, report.issuance_id, report.problem)
+        log.error(
+            "misdelivery refused by kiosk=%s session=%s issuance=%s problem=%s",
+            s.kiosk,
+            s.id,
+            report.issuance_id,
+            report.problem,
+        )
         await send_json(stream, 200, {"status": "recorded"}, [timing(self.ctx.node.id, t0, stream)])

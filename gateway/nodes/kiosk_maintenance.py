@@ -72,8 +72,18 @@ class MaintenanceCredentials:
         with os.fdopen(fd, "w") as f:
             f.write(password + "\n")
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"kdf": "scrypt", "salt": creds.salt.hex(), "digest": creds.digest.hex(),
-                                   "n": creds.n, "r": creds.r, "p": creds.p}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "kdf": "scrypt",
+                    "salt": creds.salt.hex(),
+                    "digest": creds.digest.hex(),
+                    "n": creds.n,
+                    "r": creds.r,
+                    "p": creds.p,
+                }
+            )
+        )
         tmp.replace(path)
 
     @classmethod
@@ -135,9 +145,19 @@ class KioskMaintenance(App):
             if not self._authorized(stream, peer):
                 await refuse(stream, 401, "login-required", "Log in to the maintenance endpoint first.")
                 return
-            await send_json(stream, 200, {"kiosk": self.ctx.node.id, "logins": dict(self.attempts),
-                                          "limit": {"max_failures": self.limiter.max_failures, "window_s": self.limiter.window,
-                                                    "lockout_s": self.limiter.lockout}})
+            await send_json(
+                stream,
+                200,
+                {
+                    "kiosk": self.ctx.node.id,
+                    "logins": dict(self.attempts),
+                    "limit": {
+                        "max_failures": self.limiter.max_failures,
+                        "window_s": self.limiter.window,
+                        "lockout_s": self.limiter.lockout,
+                    },
+                },
+            )
         else:
             await refuse(stream, 404, "bad-request", "unknown endpoint")
 
@@ -148,14 +168,23 @@ class KioskMaintenance(App):
         if wait > 0:  # refused before the hash is even computed: a locked-out guesser costs nothing
             self.attempts["rate-limited"] += 1
             log.warning("maintenance login rate-limited kiosk=%s principal=%s", self.ctx.node.id, peer.identity)
-            await refuse(stream, 429, "rate-limited", "Too many failed logins; try again later.",
-                         [(b"retry-after", str(int(wait) + 1).encode())])
+            await refuse(
+                stream,
+                429,
+                "rate-limited",
+                "Too many failed logins; try again later.",
+                [(b"retry-after", str(int(wait) + 1).encode())],
+            )
             return
         try:
             password = json.loads(body or b"{}").get("password", "")
         except (ValueError, AttributeError):
             password = ""
-        ok = isinstance(password, str) and bool(password) and await trio.to_thread.run_sync(self.credentials.matches, password)
+        ok = (
+            isinstance(password, str)
+            and bool(password)
+            and await trio.to_thread.run_sync(self.credentials.matches, password)
+        )
         if not ok:
             self.attempts["bad-credentials"] += 1
             self.limiter.failed(key, now)

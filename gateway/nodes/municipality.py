@@ -59,10 +59,18 @@ class MunicipalityServer(App):
             await refuse(stream, 400, "bad-request", "bad document request")
             return
         muni = self.ctx.node.municipality
-        page = certificate(issuance_id=req.issuance_id, cert_type=req.cert_type, card_id=req.card,
-                           municipality_code=muni.code if muni else "", municipality_name=display_name(self.ctx.node),
-                           issued_at=self.ctx.clock.now(), cut=self._font or await self.font())
-        stream.send_headers([(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0, stream)])
+        page = certificate(
+            issuance_id=req.issuance_id,
+            cert_type=req.cert_type,
+            card_id=req.card,
+            municipality_code=muni.code if muni else "",
+            municipality_name=display_name(self.ctx.node),
+            issued_at=self.ctx.clock.now(),
+            cut=self._font or await self.font(),
+        )
+        stream.send_headers(
+            [(b":status", b"200"), (b"content-type", b"application/pdf"), timing(self.ctx.node.id, t0, stream)]
+        )
         for piece in document_chunks(page, req.issuance_id, max(req.size, 0)):
             await stream.send_data(piece)
         stream.end()

@@ -47,6 +47,10 @@ class OcspNode(App):
             return
         answer = self.responder.respond(await stream.read_body(16 * 1024))
         stream.send_headers(
-            [(b":status", b"200"), (b"content-type", b"application/ocsp-response"), timing(self.ctx.node.id, t0, stream)]
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/ocsp-response"),
+                timing(self.ctx.node.id, t0, stream),
+            ]
         )
         await stream.send_data(answer, end_stream=True)

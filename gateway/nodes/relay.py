@@ -97,8 +97,14 @@ class Relay(App):
 
         alarm = Alarm()
         splice = Splice(
-            conn.core, up.core, stamp=self._stamp, observe=observe, on_done=lambda pair: in_flight.dec(),
-            on_stall=alarm.set, clock=trio.current_time, response_timeout=RESPONSE_TIMEOUT,
+            conn.core,
+            up.core,
+            stamp=self._stamp,
+            observe=observe,
+            on_done=lambda pair: in_flight.dec(),
+            on_stall=alarm.set,
+            clock=trio.current_time,
+            response_timeout=RESPONSE_TIMEOUT,
             slow_read=conn.limits.slow_read_timeout if conn.limits else None,
             room=lambda: OUTPUT_ROOM - conn.unsent,
         )
@@ -118,7 +124,9 @@ class Relay(App):
                 deadlines.cancel()
                 up.close()
 
-    def _take(self, splice: Splice, server: NodeServer, peer: Peer, conn: TrioH2, up: TrioH2, st: StreamState) -> Handler | None:
+    def _take(
+        self, splice: Splice, server: NodeServer, peer: Peer, conn: TrioH2, up: TrioH2, st: StreamState
+    ) -> Handler | None:
         """A request, in the downstream reader: the allow-list, then forwarded at once (None), or
         the handler that refuses it."""
         read_at = time.perf_counter()
@@ -164,8 +172,9 @@ class Relay(App):
         now = time.perf_counter()
         return [*headers, timing(self.ctx.node.id, now - pair.own, upstream=now - pair.opened, queue=pair.queue)]
 
-    async def _deadlines(self, splice: Splice, conn: TrioH2, up: TrioH2, scope: trio.CancelScope, alarm: Alarm,
-                         hung: Callable[[], None]) -> None:
+    async def _deadlines(
+        self, splice: Splice, conn: TrioH2, up: TrioH2, scope: trio.CancelScope, alarm: Alarm, hung: Callable[[], None]
+    ) -> None:
         """Late answers get 504 (the upstream stream reset, INT-1); a peer that keeps its window
         shut on a waiting response past slow_read_timeout is closed, as any slow reader is; an
         upstream that does not answer a PING is hung (`hung`)."""

@@ -36,7 +36,9 @@ MAX_SILENCE_LIMIT = 300.0
 
 
 class StoreController(App):
-    def __init__(self, ctx: NodeContext, nursery: trio.Nursery | None = None, silence_limit: float = SILENCE_LIMIT) -> None:
+    def __init__(
+        self, ctx: NodeContext, nursery: trio.Nursery | None = None, silence_limit: float = SILENCE_LIMIT
+    ) -> None:
         self.ctx = ctx
         self.monitor = HeartbeatMonitor(limit=silence_limit)
         self.faults: list[tuple[str, bytes]] = []
@@ -72,7 +74,13 @@ class StoreController(App):
                 log.warning("kiosk %s is back", peer.identity)
         elif path == "/v1/fault":
             self.faults.append((peer.identity, body))
-            self._push({"kiosk": peer.identity, "fault": body.decode("utf-8", "replace")[:512], "at": self.ctx.clock.now().isoformat()})
+            self._push(
+                {
+                    "kiosk": peer.identity,
+                    "fault": body.decode("utf-8", "replace")[:512],
+                    "at": self.ctx.clock.now().isoformat(),
+                }
+            )
         else:
             await refuse(stream, 404, "bad-request", "unknown endpoint")
             return
@@ -82,13 +90,16 @@ class StoreController(App):
         silent_for = trio.current_time() - self.monitor.silent_since.get(kiosk, trio.current_time())
         log.error("kiosk %s silent for %.1f s (limit %.1f s)", kiosk, silent_for, self.monitor.limit)
         at = self.ctx.clock.now().isoformat()
-        self.silence_reports.append({"kiosk": kiosk, "at": at, "silent_for_s": round(silent_for, 3), "limit_s": self.monitor.limit})
+        self.silence_reports.append(
+            {"kiosk": kiosk, "at": at, "silent_for_s": round(silent_for, 3), "limit_s": self.monitor.limit}
+        )
         self._push({"kiosk": kiosk, "fault": "silent", "at": at})
 
     def _push(self, fault: dict) -> None:
         async def to(sink: list[dict]):
             async def send(f: dict) -> None:
                 sink.append(f)
+
             return send
 
         async def fan_out() -> None:
@@ -115,12 +126,20 @@ class StoreControllerAdmin(App):
         log.info("admin %s %s by %s", method, path, peer.identity)  # the audit trail: who operated what
         if (method, path) == ("GET", "/admin/kiosks"):
             now = trio.current_time()
-            kiosks = [{"kiosk": k, "last_heartbeat_s_ago": round(now - t, 3), "silent": k in c.monitor.silent_since}
-                      for k, t in sorted(c.monitor.last_seen.items())]
-            await send_json(stream, 200, {"kiosks": kiosks, "silence_limit": c.monitor.limit, "silence_reports": c.silence_reports})
+            kiosks = [
+                {"kiosk": k, "last_heartbeat_s_ago": round(now - t, 3), "silent": k in c.monitor.silent_since}
+                for k, t in sorted(c.monitor.last_seen.items())
+            ]
+            await send_json(
+                stream, 200, {"kiosks": kiosks, "silence_limit": c.monitor.limit, "silence_reports": c.silence_reports}
+            )
         elif method == "POST" and len(parts) == 4 and parts[:2] == ["admin", "kiosks"] and parts[3] == "restart":
             kiosk = parts[2]
-            if c.ctx.topo.nodes.get(kiosk) is None or c.ctx.topo.nodes[kiosk].kind != "kiosk" or c.ctx.topo.nodes[kiosk].site != c.ctx.node.site:
+            if (
+                c.ctx.topo.nodes.get(kiosk) is None
+                or c.ctx.topo.nodes[kiosk].kind != "kiosk"
+                or c.ctx.topo.nodes[kiosk].site != c.ctx.node.site
+            ):
                 await refuse(stream, 404, "unknown-kiosk", f"{kiosk} is not a kiosk of this store")
                 return
             order = {"kiosk": kiosk, "by": peer.identity, "at": c.ctx.clock.now().isoformat()}
@@ -134,7 +153,12 @@ class StoreControllerAdmin(App):
             except (ValueError, TypeError, AttributeError):
                 limit = math.nan
             if not 0 < limit <= MAX_SILENCE_LIMIT:
-                await refuse(stream, 400, "bad-config", f"silence_limit must be a number of seconds in (0, {MAX_SILENCE_LIMIT:.0f}]")
+                await refuse(
+                    stream,
+                    400,
+                    "bad-config",
+                    f"silence_limit must be a number of seconds in (0, {MAX_SILENCE_LIMIT:.0f}]",
+                )
                 return
             c.set_silence_limit(limit)
             log.warning("silence limit set to %.1f s by %s", limit, peer.identity)

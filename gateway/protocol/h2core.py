@@ -718,7 +718,6 @@ class H2Core(CoreBase):
         return len(self.conn._data_to_send)  # h2's own buffer (no public size)
 
 
-
 def header(headers: Headers | None, name: bytes) -> bytes | None:
     """First value of a header (names are lowercase in HTTP/2)."""
     for k, v in headers or ():

@@ -60,9 +60,24 @@ from topology.spec.model import Limits
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x0, 0x1, 0x3, 0x5, 0x6, 0x7, 0x8
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = (
+    0x0,
+    0x1,
+    0x3,
+    0x5,
+    0x6,
+    0x7,
+    0x8,
+)
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = range(1, 7)
+(
+    S_HEADER_TABLE_SIZE,
+    S_ENABLE_PUSH,
+    S_MAX_CONCURRENT_STREAMS,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_FRAME_SIZE,
+    S_MAX_HEADER_LIST_SIZE,
+) = range(1, 7)
 MAX_WINDOW = 2**31 - 1
 MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE + 4096  # compressed, CONTINUATIONs included (as H2Core)
 MAX_CONTINUATIONS = 64  # frames in one header block (h2's CONTINUATION_BACKLOG)
@@ -668,8 +683,13 @@ class LeanCore(CoreBase):
         size, out = self.max_frame_size, self._out
         for start in range(0, n, size):
             stop = min(start + size, n)
-            out += _head.pack((stop - start) >> 8, (stop - start) & 0xFF, DATA,
-                              END_STREAM if end_stream and stop == len(data) else 0, stream_id)
+            out += _head.pack(
+                (stop - start) >> 8,
+                (stop - start) & 0xFF,
+                DATA,
+                END_STREAM if end_stream and stop == len(data) else 0,
+                stream_id,
+            )
             out += bytes(data[start:stop])  # the header and the payload as two pieces: one copy, not two
         if not data:
             out += frame(DATA, END_STREAM if end_stream else 0, stream_id)
@@ -744,11 +764,16 @@ class LeanClientCore(LeanCore):
     """`H2Core(client_side=True)`'s interface, without h2: opens requests, reads responses."""
 
     def __init__(self, *, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
-        super().__init__(max_header_list_size, {
-            S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            S_INITIAL_WINDOW_SIZE: STREAM_WINDOW, S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            S_MAX_HEADER_LIST_SIZE: max_header_list_size,
-        })
+        super().__init__(
+            max_header_list_size,
+            {
+                S_ENABLE_PUSH: 0,
+                S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                S_MAX_HEADER_LIST_SIZE: max_header_list_size,
+            },
+        )
         self._out.prepend(PREFACE)
         self._next_id = 1
 
@@ -800,10 +825,16 @@ class LeanServerCore(LeanCore):
     def __init__(self, *, limits: Limits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         lim = limits or Limits()
         self.max_inbound = lim.max_concurrent_streams
-        super().__init__(lim.max_header_list_size, {
-            S_MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams, S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            S_MAX_FRAME_SIZE: MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE: lim.max_header_list_size, S_ENABLE_PUSH: 0,
-        })
+        super().__init__(
+            lim.max_header_list_size,
+            {
+                S_MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
+                S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                S_MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
+                S_ENABLE_PUSH: 0,
+            },
+        )
         self._preface_left = len(PREFACE)
         self._highest_in = 0
         self.clock = clock
@@ -841,7 +872,10 @@ class LeanServerCore(LeanCore):
             expected = _request_fields(headers)
             if end and expected > 0:
                 raise _Violation(PROTOCOL_ERROR, "content-length without a body")
-            if len(self._state) >= self.max_inbound and sum(not s.closed for s in self._state.values()) >= self.max_inbound:
+            if (
+                len(self._state) >= self.max_inbound
+                and sum(not s.closed for s in self._state.values()) >= self.max_inbound
+            ):
                 raise _Violation(REFUSED_STREAM, "beyond SETTINGS_MAX_CONCURRENT_STREAMS", "too-many-streams")
             state = self._state[sid] = _Stream(self.initial_window)
             state.expected, state.remote_ended = expected, end

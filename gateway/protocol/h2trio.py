@@ -294,7 +294,9 @@ class TrioH2(H2Driver):
         """Close for what the peer did: GOAWAY (ENHANCE_YOUR_CALM, or NO_ERROR when idle), every stream ends."""
         if not self.core.closed:
             log.info("closing connection from %s: %s", self.peer, reason)
-            self.core.abort(reason, h2.errors.ErrorCodes.NO_ERROR if reason == "idle" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.core.abort(
+                reason, h2.errors.ErrorCodes.NO_ERROR if reason == "idle" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            )
         self.wake({0})
         self.flush()
 

@@ -42,8 +42,14 @@ def request_headers(method: str, path: str, authority: str, extra: Headers = ())
     ]
 
 
-def timing(node_id: str, started: float, stream: Stream | None = None, *, upstream: float | None = None,
-           queue: float | None = None) -> tuple[bytes, bytes]:
+def timing(
+    node_id: str,
+    started: float,
+    stream: Stream | None = None,
+    *,
+    upstream: float | None = None,
+    queue: float | None = None,
+) -> tuple[bytes, bytes]:
     """A server-timing entry for this hop: `dur`, its own time since `started` (time.perf_counter());
     `queue`, the time from reading the request's HEADERS to the handler's start (event-loop
     backlog; from `stream` when `started` is the handler's start, else given); `up`, seconds spent waiting for the next hop's answer (relays). Together
@@ -61,7 +67,12 @@ def timing(node_id: str, started: float, stream: Stream | None = None, *, upstre
 async def send_json(stream: Stream, status: int, body: object, extra: Headers = ()) -> None:
     data = msgspec.json.encode(body)
     stream.send_headers(
-        [(b":status", str(status).encode()), (b"content-type", JSON), (b"content-length", str(len(data)).encode()), *extra]
+        [
+            (b":status", str(status).encode()),
+            (b"content-type", JSON),
+            (b"content-length", str(len(data)).encode()),
+            *extra,
+        ]
     )
     await stream.send_data(data, end_stream=True)
 
@@ -69,7 +80,9 @@ async def send_json(stream: Stream, status: int, body: object, extra: Headers = 
 async def refuse(stream: Stream, status: int, reason: str, message: str, extra: Headers = ()) -> None:
     """A refusal every hop and the kiosk understand: reason code + the kiosk's screen message."""
     await send_json(
-        stream, status, {"status": "refused", "reason": reason, "message": message},
+        stream,
+        status,
+        {"status": "refused", "reason": reason, "message": message},
         [(b"konbini-reason", reason.encode()), *extra],
     )
 

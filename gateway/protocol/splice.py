@@ -111,8 +111,15 @@ class Splice:
         end = st.body_ends_here
         ust = up.send_request(headers, end)
         now = time.perf_counter()
-        pair = Pair(st, ust, opened=now, own=now - read_at, queue=read_at - (st.received_at or read_at),
-                    due=self.clock() + self.response_timeout, request_done=end)
+        pair = Pair(
+            st,
+            ust,
+            opened=now,
+            own=now - read_at,
+            queue=read_at - (st.received_at or read_at),
+            due=self.clock() + self.response_timeout,
+            request_done=end,
+        )
         self.by_down[st.id] = pair
         self.by_up[ust.id] = pair
         if end:
@@ -159,7 +166,9 @@ class Splice:
                 self.down.reset(down.id, CANCEL)
             else:
                 if not pair.request_done:
-                    pair.request, pair.request_done, moved = self._move(self.down, down, self.up, up.id, pair.request, "request")
+                    pair.request, pair.request_done, moved = self._move(
+                        self.down, down, self.up, up.id, pair.request, "request"
+                    )
                     if pair.request_done:
                         self._await_response(pair)
                     elif moved:
@@ -185,8 +194,9 @@ class Splice:
                 pair.response_done = True
                 return
         budget = None if self.room is None else self.room()
-        pair.response, pair.response_done, moved = self._move(self.up, ust, self.down, pair.down.id, pair.response,
-                                                             "response", budget)
+        pair.response, pair.response_done, moved = self._move(
+            self.up, ust, self.down, pair.down.id, pair.response, "response", budget
+        )
         if pair.response is not None and budget is not None and budget - moved <= 0:
             self.roomless.add(pair)  # our own queue is full, not the peer's window: `drained` goes on
             return
@@ -201,8 +211,16 @@ class Splice:
                 if self.on_stall is not None:
                     self.on_stall()
 
-    def _move(self, src: H2Core, sst: StreamState, dst: H2Core, did: int, pending: memoryview | None,
-              direction: str, budget: int | None = None) -> tuple[memoryview | None, bool, int]:
+    def _move(
+        self,
+        src: H2Core,
+        sst: StreamState,
+        dst: H2Core,
+        did: int,
+        pending: memoryview | None,
+        direction: str,
+        budget: int | None = None,
+    ) -> tuple[memoryview | None, bool, int]:
         """Move what `sst` holds to stream `did` of `dst`, as far as dst's windows (and `budget`
         bytes) allow, acking each byte to its sender once dst took it. Returns what is left of a
         chunk, whether the end (or the trailers) went too, and how many bytes moved."""

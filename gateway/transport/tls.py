@@ -60,8 +60,15 @@ def peer_identity(cert: dict | None) -> str | None:
 # client that offers only other protocols by negotiating none (SSL_TLSEXT_ERR_NOACK), so the
 # handshake completed and the connection was then dropped; RFC 7301 §3.2 wants the handshake to
 # fail with a no_application_protocol alert, which OpenSSL sends when the callback says so.
-_SELECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_ubyte),
-                           ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
+_SELECT = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_ubyte),
+    ctypes.c_void_p,
+    ctypes.c_uint,
+    ctypes.c_void_p,
+)
 _TLSEXT_ERR_OK, _TLSEXT_ERR_ALERT_FATAL = 0, 2
 
 

@@ -85,7 +85,8 @@ class Outbox:
     def due(self, now: float, limit: int = 100) -> list[Pending]:
         rows = self.conn.execute(
             "SELECT issuance_id, path, body, attempts FROM notices WHERE state = 'pending' AND next_at <= ? "
-            "ORDER BY next_at LIMIT ?", (now, limit),
+            "ORDER BY next_at LIMIT ?",
+            (now, limit),
         )
         return [Pending(*r) for r in rows]
 
@@ -97,14 +98,19 @@ class Outbox:
         self.conn.execute("UPDATE notices SET state = 'acked', reason = NULL WHERE issuance_id = ?", (issuance_id,))
 
     def rejected(self, issuance_id: str, reason: str) -> None:
-        self.conn.execute("UPDATE notices SET state = 'rejected', reason = ? WHERE issuance_id = ?", (reason, issuance_id))
+        self.conn.execute(
+            "UPDATE notices SET state = 'rejected', reason = ? WHERE issuance_id = ?", (reason, issuance_id)
+        )
 
     def failed(self, issuance_id: str, now: float, reason: str) -> float:
         """Count a failed send; returns when to try again."""
-        attempts = self.conn.execute("SELECT attempts FROM notices WHERE issuance_id = ?", (issuance_id,)).fetchone()[0] + 1
+        attempts = (
+            self.conn.execute("SELECT attempts FROM notices WHERE issuance_id = ?", (issuance_id,)).fetchone()[0] + 1
+        )
         at = now + backoff(attempts)
         self.conn.execute(
-            "UPDATE notices SET attempts = ?, next_at = ?, reason = ? WHERE issuance_id = ?", (attempts, at, reason, issuance_id)
+            "UPDATE notices SET attempts = ?, next_at = ?, reason = ? WHERE issuance_id = ?",
+            (attempts, at, reason, issuance_id),
         )
         return at
 

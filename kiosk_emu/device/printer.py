@@ -41,8 +41,11 @@ class Printer:
     (`konbini issue --save`)."""
 
     def __init__(
-        self, fault: Callable[[str, int], bool] | None = None, seconds_per_copy: float = 0.0,
-        jam: Callable[[str, int], bool] | None = None, save_to: Path | None = None,
+        self,
+        fault: Callable[[str, int], bool] | None = None,
+        seconds_per_copy: float = 0.0,
+        jam: Callable[[str, int], bool] | None = None,
+        save_to: Path | None = None,
     ) -> None:
         self.fault = fault
         self.save_to = save_to

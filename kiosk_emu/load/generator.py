@@ -83,7 +83,15 @@ def percentiles(hist: HdrHistogram) -> dict[str, float | int | None]:
     """p50/p90/p99/p99.9/max/mean in ms (None when nothing was recorded)."""
     n = hist.get_total_count()
     if not n:
-        return {"count": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None, "mean_ms": None}
+        return {
+            "count": 0,
+            "p50_ms": None,
+            "p90_ms": None,
+            "p99_ms": None,
+            "p999_ms": None,
+            "max_ms": None,
+            "mean_ms": None,
+        }
     at = hist.get_value_at_percentile
     return {
         "count": n,
@@ -230,8 +238,17 @@ class _Stats:
         self.connects = 0  # fleet mode: kiosks that dialled their store router during the run
         self.misdelivery: Counter[str] = Counter()  # the kiosk's reason for each rejected document
 
-    def record(self, second: int, ms: float, outcome: str, nbytes: int, hops: dict[str, float], split: dict[str, float],
-               group: str = "", credential: str = "") -> None:
+    def record(
+        self,
+        second: int,
+        ms: float,
+        outcome: str,
+        nbytes: int,
+        hops: dict[str, float],
+        split: dict[str, float],
+        group: str = "",
+        credential: str = "",
+    ) -> None:
         self.outcomes[outcome] += 1
         for breakdown, key in ((self.groups, group), (self.credentials, credential)):
             if key:
@@ -280,7 +297,9 @@ class _Kiosk:
                 s = self.spec
                 if self.ctx is None:  # fleet mode: made at the kiosk's first customer
                     self.ctx = self.make_ctx(s)
-                self.conn = await connect_h2(s.router_address, s.router_port, s.router_id, self.ctx, local_address=s.address)
+                self.conn = await connect_h2(
+                    s.router_address, s.router_port, s.router_id, self.ctx, local_address=s.address
+                )
                 if stats is not None:
                     stats.connects += 1
             return self.conn
@@ -291,7 +310,9 @@ class _Kiosk:
             self.conn = None
 
 
-async def _relay_request(k: _Kiosk, w: Workload, hops: dict[str, float], split: dict[str, float], kinds: dict[str, str]) -> tuple[str, int]:
+async def _relay_request(
+    k: _Kiosk, w: Workload, hops: dict[str, float], split: dict[str, float], kinds: dict[str, str]
+) -> tuple[str, int]:
     conn = await k.connection()
     t0 = time.perf_counter()
     st = await conn.open_stream(request_headers("GET", f"/bench/blob?size={w.size}", k.spec.router_id), end_stream=True)
@@ -360,15 +381,18 @@ class _Worker:
         self.measured_cap = None if spec.count is None else max(1, math.ceil(spec.count / nworkers))
         self.trace: list[tuple[float, float, str, list[str]]] | None = [] if spec.trace is not None else None
         self.card_pool: list = []  # fleet mode: the residents' cards not in a kiosk now
-        self.idle: OrderedDict[str, _Kiosk] = OrderedDict()  # fleet mode: connected kiosks with no customer, oldest first
+        self.idle: OrderedDict[str, _Kiosk] = (
+            OrderedDict()
+        )  # fleet mode: connected kiosks with no customer, oldest first
 
     # -- setup -----------------------------------------------------------------------------
 
     def load_identities(self) -> None:
         state = Path(self.spec.state_dir)
         nodes = state / "pki" / "nodes"
-        center_key = tuple(x509.load_pem_x509_certificate((nodes / f"{c}.pem").read_bytes()).public_key()
-                           for c in self.spec.centers)
+        center_key = tuple(
+            x509.load_pem_x509_certificate((nodes / f"{c}.pem").read_bytes()).public_key() for c in self.spec.centers
+        )
         cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
         cards.dir = state / "cards"
         if self.spec.fleet:
@@ -381,7 +405,7 @@ class _Worker:
                 k = _Kiosk(ks, None, None, center_key)
                 k.make_ctx = make_ctx
                 self.kiosks.append(k)
-            for card_id in self.spec.cards[self.wid::self.n]:
+            for card_id in self.spec.cards[self.wid :: self.n]:
                 card = cards.load(card_id)
                 card.on_counter_change = None
                 self.card_pool.append(card)
@@ -457,7 +481,9 @@ class _Worker:
                 split["generator wait"] = (started - intended) * 1000
                 split["kiosk / generator own"] = total - sum(split.values())
             credential = "" if w.kind != "issuance" else "smartphone" if case == "smartphone" else "card"
-            self.stats.record(int(intended - self.t_warm), total, outcome, nbytes, hops, split, k.spec.group, credential)
+            self.stats.record(
+                int(intended - self.t_warm), total, outcome, nbytes, hops, split, k.spec.group, credential
+            )
             if self.trace is not None:
                 seen = [h for h in hops if h in self.spec.trace]
                 self.trace.append((round(intended - self.t_warm, 3), round(done - self.t_warm, 3), outcome, seen))
@@ -480,8 +506,13 @@ class _Worker:
         muni = spec.closed_muni if case == "outside-hours" else spec.open_muni
         if resident is not None and spec.munis:
             muni = self.rng.choice(spec.munis)
-        card = (self.revoked if case == "card-revoked" and self.revoked is not None
-                else self.phone if case == "smartphone" and self.phone is not None else resident or k.card)
+        card = (
+            self.revoked
+            if case == "card-revoked" and self.revoked is not None
+            else self.phone
+            if case == "smartphone" and self.phone is not None
+            else resident or k.card
+        )
         pin = "9999" if case == "pin-wrong" else DEFAULT_PIN
         flow = KioskFlow(k.spec.id, card, pin, IssueRequest(muni, spec.cert_type, 1, w.size or None), k.center_key)
         flow.hop_kinds = spec.hop_kinds
@@ -724,8 +755,14 @@ class LoadError(Exception):
     """The load could not be run (kiosks cannot connect, a worker died); one line for the user."""
 
 
-def run_load(spec: LoadSpec, workers: int = 1, *, progress: bool = True, label: str = "",
-             on_go: Callable[[float], None] | None = None) -> dict:
+def run_load(
+    spec: LoadSpec,
+    workers: int = 1,
+    *,
+    progress: bool = True,
+    label: str = "",
+    on_go: Callable[[float], None] | None = None,
+) -> dict:
     """Run one load across `workers` processes; returns the merged result (see `merge_results`).
     `on_go(wall_time)` is told when the workers start (warm-up begins): the bench's cost model
     times its CPU window from it."""
@@ -792,7 +829,9 @@ def worker_shares(kiosks: list[KioskSpec], workers: int) -> list[list[KioskSpec]
     return [g[i::n] for g in groups.values() for n in [min(per, len(g))] for i in range(n)]
 
 
-def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: str, deadline_s: float | None = None) -> dict[int, dict]:
+def _collect(
+    out, procs, spec: LoadSpec, workers: int, progress: bool, label: str, deadline_s: float | None = None
+) -> dict[int, dict]:
     results: dict[int, dict] = {}
     done_by: dict[int, int] = {}
     total_s = spec.warmup_s + spec.duration_s
@@ -801,7 +840,13 @@ def _collect(out, procs, spec: LoadSpec, workers: int, progress: bool, label: st
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]} done"), TimeRemainingColumn(), transient=True)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[done]} done"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         bar.start()
         task = bar.add_task(label or spec.workload.name, total=total_s, done=0)
     t0 = time.monotonic()
@@ -898,7 +943,9 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         "hops": hops,
         # mean ms per part of a request's latency; the parts add up to latency_split_total_ms (the mean latency)
         "latency_split": split,
-        "latency_split_total_ms": round(sum(r.get("split_total_ms", 0.0) for r in results) / split_n, 3) if split_n else None,
+        "latency_split_total_ms": round(sum(r.get("split_total_ms", 0.0) for r in results) / split_n, 3)
+        if split_n
+        else None,
         "timeline": timeline,
         "generator": {
             "workers": workers,

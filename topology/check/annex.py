@@ -88,7 +88,9 @@ async def open_as_principal(running, principal: str, console: str, dst: str) -> 
     chain, key = pki.principal_paths(principal)
     tls = client_context(Path(chain), Path(key), Path(pki.network_ca_path), topo.tls_min_version == "1.2")
     node = topo.node(dst)
-    return await connect_h2(node.address_in(mode), node.admin_port or 0, dst, tls, local_address=topo.node(console).address_in(mode))
+    return await connect_h2(
+        node.address_in(mode), node.admin_port or 0, dst, tls, local_address=topo.node(console).address_in(mode)
+    )
 
 
 async def call(conn: TrioH2, authority: str, method: str, path: str, body: object = None, extra=()) -> tuple[int, dict]:
@@ -156,19 +158,31 @@ async def check_no_card_signature(running) -> AnnexCheck:
         status, answer = await s("POST", f"/v1/session/{ch.get('session')}/issue", request)
         seen.append(("issue, no authentication", status, answer.get("reason")))
         _, ch = await s("POST", "/v1/session", {})
-        forged = {"certificate": base64.b64encode(card.certificate_der).decode(), "signature": base64.b64encode(b"\0" * 256).decode()}
+        forged = {
+            "certificate": base64.b64encode(card.certificate_der).decode(),
+            "signature": base64.b64encode(b"\0" * 256).decode(),
+        }
         status, answer = await s("POST", f"/v1/session/{ch.get('session')}/auth", forged)
         seen.append(("auth, forged signature", status, answer.get("reason")))
         status, answer = await s("POST", f"/v1/session/{ch.get('session')}/issue", request)
         seen.append(("issue after failed authentication", status, answer.get("reason")))
     ok = all(st in (400, 401, 403, 409) for _, st, _ in seen)
-    return AnnexCheck("SEC-KI-1", "issuance without card authentication", "every step refused (4xx), no document",
-                      "; ".join(f"{what}: {st} {reason}" for what, st, reason in seen), ok,
-                      numbers={"attempts": len(seen), "refused": sum(st >= 400 for _, st, _ in seen)})
+    return AnnexCheck(
+        "SEC-KI-1",
+        "issuance without card authentication",
+        "every step refused (4xx), no document",
+        "; ".join(f"{what}: {st} {reason}" for what, st, reason in seen),
+        ok,
+        numbers={"attempts": len(seen), "refused": sum(st >= 400 for _, st, _ in seen)},
+    )
 
 
-ADMIN_CALLS = (("GET", "/admin/kiosks", None), ("GET", "/admin/config", None),
-               ("PUT", "/admin/config", "same"), ("POST", "/admin/kiosks/{kiosk}/restart", None))
+ADMIN_CALLS = (
+    ("GET", "/admin/kiosks", None),
+    ("GET", "/admin/config", None),
+    ("PUT", "/admin/config", "same"),
+    ("POST", "/admin/kiosks/{kiosk}/restart", None),
+)
 
 
 async def check_admin_principals(running) -> list[AnnexCheck]:
@@ -189,24 +203,36 @@ async def check_admin_principals(running) -> list[AnnexCheck]:
         if want == "allowed":
             ok = all(200 <= st < 300 for _, st, _ in seen)
         else:
-            ok = all(st == 403 and r == "principal-not-allowed" for _, st, r in seen) and (server is None or counted >= len(seen))
-        out.append(AnnexCheck(
-            "SEC-ST-3/KI-6", f"store controller admin API as {principal} (at {ctl_console})",
-            "2xx on every call" if want == "allowed" else "403 principal-not-allowed on every call, each counted",
-            "; ".join(f"{what}: {st}{' ' + r if r else ''}" for what, st, r in seen), ok,
-            numbers={"calls": len(seen), "denials_counted": counted}))
+            ok = all(st == 403 and r == "principal-not-allowed" for _, st, r in seen) and (
+                server is None or counted >= len(seen)
+            )
+        out.append(
+            AnnexCheck(
+                "SEC-ST-3/KI-6",
+                f"store controller admin API as {principal} (at {ctl_console})",
+                "2xx on every call" if want == "allowed" else "403 principal-not-allowed on every call, each counted",
+                "; ".join(f"{what}: {st}{' ' + r if r else ''}" for what, st, r in seen),
+                ok,
+                numbers={"calls": len(seen), "denials_counted": counted},
+            )
+        )
     kserver = running.admin_servers.get(kiosk)
     for principal in ("store-staff", "operator"):
         before = _denials(kserver, "principal-not-allowed")
         async with Session(open_as_principal(running, principal, kiosk_console, kiosk), kiosk) as s:
             status, answer = await s("POST", "/maintenance/login", {"password": "x"})
         counted = _denials(kserver, "principal-not-allowed") - before
-        out.append(AnnexCheck(
-            "SEC-ST-3/KI-6", f"kiosk {kiosk} maintenance endpoint as {principal}",
-            "403 principal-not-allowed" + (", counted" if kserver is not None else " (its counter is in the node's process)"),
-            f"POST /maintenance/login: {status} {answer.get('reason')}; denials counted {counted}",
-            status == 403 and answer.get("reason") == "principal-not-allowed" and (kserver is None or counted == 1),
-            numbers={"denials_counted": counted}))
+        out.append(
+            AnnexCheck(
+                "SEC-ST-3/KI-6",
+                f"kiosk {kiosk} maintenance endpoint as {principal}",
+                "403 principal-not-allowed"
+                + (", counted" if kserver is not None else " (its counter is in the node's process)"),
+                f"POST /maintenance/login: {status} {answer.get('reason')}; denials counted {counted}",
+                status == 403 and answer.get("reason") == "principal-not-allowed" and (kserver is None or counted == 1),
+                numbers={"denials_counted": counted},
+            )
+        )
     return out
 
 
@@ -243,12 +269,20 @@ async def check_maintenance_logins(running) -> AnnexCheck:
     want = [200, 200, 401, *([401] * limit), 429, 429]
     counts = dict(app.attempts) if app is not None else {}
     return AnnexCheck(
-        "SEC-KI-4", f"maintenance logins at {kiosk} (maintenance principal, at {console})",
+        "SEC-KI-4",
+        f"maintenance logins at {kiosk} (maintenance principal, at {console})",
         f"right 200, status 200 with token / 401 without, {limit} wrong 401, then 429 even for the right password",
-        " ".join(f"{what}:{st}" for what, st, _ in seen), statuses == want,
-        numbers={"attempts": sum(1 for w, _, _ in seen if w not in ("status with token", "status without token")),
-                 "rate_limit": limit, "lockout_s": app.limiter.lockout if app is not None else None,
-                 "counted": counts, "kdf": "scrypt n=2^14 r=8 p=1", "waited_for_earlier_lockout_s": waited})
+        " ".join(f"{what}:{st}" for what, st, _ in seen),
+        statuses == want,
+        numbers={
+            "attempts": sum(1 for w, _, _ in seen if w not in ("status with token", "status without token")),
+            "rate_limit": limit,
+            "lockout_s": app.limiter.lockout if app is not None else None,
+            "counted": counts,
+            "kdf": "scrypt n=2^14 r=8 p=1",
+            "waited_for_earlier_lockout_s": waited,
+        },
+    )
 
 
 async def check_spool_erase(running, n: int = 3) -> AnnexCheck:
@@ -267,12 +301,18 @@ async def check_spool_erase(running, n: int = 3) -> AnnexCheck:
     log_path = running.state_dir / "kiosk-logs" / f"{kiosk_id}.jsonl"
     events = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     for iid in issued:
-        erased_logged += any(e.get("issuance") == iid and e.get("event") == "spool-erased" and e.get("erased") is True for e in events)
+        erased_logged += any(
+            e.get("issuance") == iid and e.get("event") == "spool-erased" and e.get("erased") is True for e in events
+        )
     ok = len(issued) == n and erased_logged == n and not left
-    return AnnexCheck("SEC-KI-2", f"{n} issuances at {kiosk_id}, then the spool and the log",
-                      f"{n} issued; spool directory empty; {n} 'spool-erased' entries with erased=true",
-                      f"{len(issued)} issued; spool holds {len(left)} files; {erased_logged} erase entries", ok,
-                      numbers={"issuances": len(issued), "spool_files_left": len(left), "erase_entries": erased_logged})
+    return AnnexCheck(
+        "SEC-KI-2",
+        f"{n} issuances at {kiosk_id}, then the spool and the log",
+        f"{n} issued; spool directory empty; {n} 'spool-erased' entries with erased=true",
+        f"{len(issued)} issued; spool holds {len(left)} files; {erased_logged} erase entries",
+        ok,
+        numbers={"issuances": len(issued), "spool_files_left": len(left), "erase_entries": erased_logged},
+    )
 
 
 _CARD_NUMBER = re.compile(r"(?<![0-9a-fA-F])\d{12}(?![0-9a-fA-F])")  # My Number: 12 digits
@@ -327,10 +367,15 @@ async def check_logs_hold_no_personal_data(running) -> AnnexCheck:
     found = scan_for_personal_data(lines, names, hidden)
     timed = sum(1 for line in lines if '"time":' in line)
     ok = bool(lines) and timed == len(lines) and not found
-    return AnnexCheck("SEC-KI-5", f"{len(logs)} kiosk logs scanned for personal data",
-                      "entries with date/time; no card numbers, names, PINs or passwords",
-                      f"{len(lines)} entries, {timed} with time; {len(found)} findings" + (f": {'; '.join(found[:5])}" if found else ""),
-                      ok, numbers={"logs": len(logs), "entries": len(lines), "names_searched": len(names), "findings": len(found)})
+    return AnnexCheck(
+        "SEC-KI-5",
+        f"{len(logs)} kiosk logs scanned for personal data",
+        "entries with date/time; no card numbers, names, PINs or passwords",
+        f"{len(lines)} entries, {timed} with time; {len(found)} findings"
+        + (f": {'; '.join(found[:5])}" if found else ""),
+        ok,
+        numbers={"logs": len(logs), "entries": len(lines), "names_searched": len(names), "findings": len(found)},
+    )
 
 
 async def check_fault_fan_out(running) -> AnnexCheck:
@@ -348,9 +393,14 @@ async def check_fault_fan_out(running) -> AnnexCheck:
                     if sink not in got and any(code in str(f.get("fault")) for f in faults.get(sink, ())):
                         got[sink] = round((time.perf_counter() - t0) * 1000, 1)
                 await trio.sleep(0.02)
-    return AnnexCheck("SEC-KI-7", f"fault {code!r} from {kiosk_id}", "arrives at the store register and the maintenance center",
-                      ", ".join(f"{k} after {v} ms" for k, v in got.items()) or "arrived nowhere", len(got) == 2,
-                      numbers={"attempts": attempts, "ms": got})
+    return AnnexCheck(
+        "SEC-KI-7",
+        f"fault {code!r} from {kiosk_id}",
+        "arrives at the store register and the maintenance center",
+        ", ".join(f"{k} after {v} ms" for k, v in got.items()) or "arrived nowhere",
+        len(got) == 2,
+        numbers={"attempts": attempts, "ms": got},
+    )
 
 
 async def check_silent_kiosk(running, short: float = SHORT_SILENCE_LIMIT) -> AnnexCheck:
@@ -366,7 +416,10 @@ async def check_silent_kiosk(running, short: float = SHORT_SILENCE_LIMIT) -> Ann
             async with trio.open_nursery() as nursery:
                 await nursery.start(kiosk.run_heartbeat, 0.2)
                 with trio.move_on_after(5):  # until the controller sees this kiosk alive
-                    while not any(k["kiosk"] == kiosk_id and not k["silent"] for k in (await s("GET", "/admin/kiosks"))[1]["kiosks"]):
+                    while not any(
+                        k["kiosk"] == kiosk_id and not k["silent"]
+                        for k in (await s("GET", "/admin/kiosks"))[1]["kiosks"]
+                    ):
                         await trio.sleep(0.05)
                 await trio.sleep(0.5)
                 nursery.cancel_scope.cancel()  # the kiosk falls silent
@@ -382,12 +435,23 @@ async def check_silent_kiosk(running, short: float = SHORT_SILENCE_LIMIT) -> Ann
             await s("PUT", "/admin/config", {"silence_limit": configured})
     silent_for = report["silent_for_s"] if report else None
     ok = report is not None and silent_for <= short + 0.5 and measured <= short + 1.0
-    return AnnexCheck("SEC-KI-8", f"{kiosk_id}'s heartbeats stopped (every 0.2 s before)",
-                      f"reported within the bound: configured {configured} s; this check set {short} s through PUT /admin/config",
-                      (f"reported {silent_for} s after its last heartbeat (controller), {measured} s after the check stopped it"
-                       if report else "never reported"), ok,
-                      numbers={"configured_bound_s": configured, "test_bound_s": short, "controller_silent_for_s": silent_for,
-                               "measured_s": measured})
+    return AnnexCheck(
+        "SEC-KI-8",
+        f"{kiosk_id}'s heartbeats stopped (every 0.2 s before)",
+        f"reported within the bound: configured {configured} s; this check set {short} s through PUT /admin/config",
+        (
+            f"reported {silent_for} s after its last heartbeat (controller), {measured} s after the check stopped it"
+            if report
+            else "never reported"
+        ),
+        ok,
+        numbers={
+            "configured_bound_s": configured,
+            "test_bound_s": short,
+            "controller_silent_for_s": silent_for,
+            "measured_s": measured,
+        },
+    )
 
 
 # in an order that leaves each its own evidence; the log scan last: it scans what the others logged
@@ -426,7 +490,9 @@ def open_time(topo: Topology, now: datetime) -> datetime | None:
     return rules.next_open(day, topo.service_hours, node.municipality, EVIDENCE_CERTIFICATE)
 
 
-async def run_annex_checks(running, only: frozenset[str] | None = None, skip: frozenset[str] = frozenset()) -> list[dict]:
+async def run_annex_checks(
+    running, only: frozenset[str] | None = None, skip: frozenset[str] = frozenset()
+) -> list[dict]:
     """Every live check above against `running` (or those `only` names, less those in `skip`). One
     the topology cannot support (e.g. no store with an admin API) is a failed NOT RUN item, never a
     crash or a pass; the others still run."""
@@ -438,8 +504,7 @@ async def run_annex_checks(running, only: frozenset[str] | None = None, skip: fr
             got = await check(running)
         except NotCheckable as exc:
             what = " ".join(check.__doc__.split(":", 1)[1].split()).rstrip(".") if check.__doc__ else check.__name__
-            out.append(AnnexCheck(requirement, what,
-                                  "checked against the running topology", f"NOT RUN: {exc}", False))
+            out.append(AnnexCheck(requirement, what, "checked against the running topology", f"NOT RUN: {exc}", False))
             continue
         out += got if isinstance(got, list) else [got]
     return [asdict(c) for c in out]
@@ -474,8 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock-speed", type=float, default=1.0)
     p.add_argument("--only", help="these requirements' checks only (comma-separated)")
     p.add_argument("--skip", default="", help="not these requirements' checks (comma-separated)")
-    p.add_argument("--launch", action="store_true",
-                   help="launch the topology here first (loopback, at --clock), in a network namespace of the caller's")
+    p.add_argument(
+        "--launch",
+        action="store_true",
+        help="launch the topology here first (loopback, at --clock), in a network namespace of the caller's",
+    )
     args = p.parse_args(argv)
     topo = load_topology(args.topology)
     state = Path(args.state)
@@ -486,7 +554,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def launched():
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(lambda task_status: run_topology(topo, state, clock=clock, pki=pki, task_status=task_status))
+            running = await nursery.start(
+                lambda task_status: run_topology(topo, state, clock=clock, pki=pki, task_status=task_status)
+            )
             out = await run_annex_checks(running, only, skip)
             nursery.cancel_scope.cancel()
             return out
@@ -494,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.launch:
         out = trio.run(launched)
     else:
-        out = trio.run(run_annex_checks, RemoteRun(topo, state, pki, CardStore(state, pki, clock.now), clock), only, skip)
+        out = trio.run(
+            run_annex_checks, RemoteRun(topo, state, pki, CardStore(state, pki, clock.now), clock), only, skip
+        )
     print(json.dumps(out))
     sys.stdout.flush()
     return 0

@@ -102,12 +102,17 @@ async def run_check(topo: Topology, pki: PKI, mode: str, check: str) -> AppCheck
             await tls.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             data = await _read_until_closed(tls)
             result.refused = not data
-            result.detail = "closed after the handshake" if not data else "the server spoke h2 to a client without a certificate"
+            result.detail = (
+                "closed after the handshake" if not data else "the server spoke h2 to a client without a certificate"
+            )
             await trio.aclose_forcefully(tls)
     except trio.TooSlowError:
         result.refused, result.detail = True, "no answer at all (dropped)"
     except (OSError, trio.BrokenResourceError, ssl.SSLError, ConnectionError) as exc:
-        result.refused, result.detail = True, f"refused: {type(exc).__name__} {getattr(exc, 'strerror', None) or exc}"[:160]
+        result.refused, result.detail = (
+            True,
+            f"refused: {type(exc).__name__} {getattr(exc, 'strerror', None) or exc}"[:160],
+        )
     return result
 
 

@@ -63,7 +63,9 @@ def _session(lists, dst: str, port: int, address: str, identity: str, requests: 
     return "answers" if requests else "refused:every-request"
 
 
-def check_matrix(topo: Topology, lists: dict[str, AllowList], admin: dict[str, AdminAllowList], mode: str = "loopback") -> list[MatrixResult]:
+def check_matrix(
+    topo: Topology, lists: dict[str, AllowList], admin: dict[str, AdminAllowList], mode: str = "loopback"
+) -> list[MatrixResult]:
     """Expected from `topo` (the file), observed from `lists`/`admin` (the compiled policy)."""
     out: list[MatrixResult] = []
     for r in reachability(topo):
@@ -71,28 +73,66 @@ def check_matrix(topo: Topology, lists: dict[str, AllowList], admin: dict[str, A
         requests = tuple(p for rule in dst.allow if r.src in rule.sources for p in rule.requests)
         expected = "answers" if r.allowed else "refused"
         observed = _session(lists, r.dst, r.port, src.address_in(mode), r.src, requests or ("POST /v1/session",))
-        out.append(MatrixResult("pair", r.src, r.dst, expected, "answers" if observed == "answers" else
-                                ("refused" if not r.allowed and observed.startswith(("refused", "no-listener")) else observed)))
+        out.append(
+            MatrixResult(
+                "pair",
+                r.src,
+                r.dst,
+                expected,
+                "answers"
+                if observed == "answers"
+                else ("refused" if not r.allowed and observed.startswith(("refused", "no-listener")) else observed),
+            )
+        )
     for r in admin_reachability(topo):
         src = topo.node(r.src)
         # the console's own node certificate is never admitted; an admitted console is shown by the principals below
         observed = _session(admin, r.dst, r.port, src.address_in(mode), r.src, ("GET /",))
-        out.append(MatrixResult("admin-pair", r.src, r.dst, "refused", "refused" if observed.startswith(("refused", "no-listener")) else observed))
+        out.append(
+            MatrixResult(
+                "admin-pair",
+                r.src,
+                r.dst,
+                "refused",
+                "refused" if observed.startswith(("refused", "no-listener")) else observed,
+            )
+        )
         if not r.allowed:  # any principal from a non-console address: refused before TLS
             observed = _session(admin, r.dst, r.port, src.address_in(mode), PRINCIPALS[0], ("GET /",))
-            out.append(MatrixResult("admin-pair", f"{PRINCIPALS[0]}@{r.src}", r.dst, "refused",
-                                    "refused" if observed.startswith(("refused", "no-listener")) else observed))
+            out.append(
+                MatrixResult(
+                    "admin-pair",
+                    f"{PRINCIPALS[0]}@{r.src}",
+                    r.dst,
+                    "refused",
+                    "refused" if observed.startswith(("refused", "no-listener")) else observed,
+                )
+            )
     for p in principal_matrix(topo, PRINCIPALS):
         dst = topo.node(p.dst)
         surface = tuple(dict.fromkeys(q for rule in dst.admin for q in rule.requests))  # every request the surface has
         if p.allowed:
-            observed = _session(admin, p.dst, dst.admin_port or 0, topo.node(p.console).address_in(mode), p.principal, p.requests)
+            observed = _session(
+                admin, p.dst, dst.admin_port or 0, topo.node(p.console).address_in(mode), p.principal, p.requests
+            )
         else:  # refused means refused for each request the surface serves anyone
-            answered = [q for q in surface if _session(admin, p.dst, dst.admin_port or 0, topo.node(p.console).address_in(mode),
-                                                       p.principal, (q,)) == "answers"]
+            answered = [
+                q
+                for q in surface
+                if _session(admin, p.dst, dst.admin_port or 0, topo.node(p.console).address_in(mode), p.principal, (q,))
+                == "answers"
+            ]
             observed = f"answers {answered[0]}" if answered else "refused"
         expected = "answers" if p.allowed else "refused"
-        out.append(MatrixResult("principal", f"{p.principal}@{p.console}", p.dst, expected,
-                                "answers" if observed == "answers" else
-                                ("refused" if not p.allowed and observed.startswith(("refused", "no-listener")) else observed)))
+        out.append(
+            MatrixResult(
+                "principal",
+                f"{p.principal}@{p.console}",
+                p.dst,
+                expected,
+                "answers"
+                if observed == "answers"
+                else ("refused" if not p.allowed and observed.startswith(("refused", "no-listener")) else observed),
+            )
+        )
     return out

@@ -77,7 +77,11 @@ def mutants(topo: Topology):
                     allow[i] = msgspec.structs.replace(rule, sources=rest)
                 else:
                     del allow[i]
-                yield "allow-removed", f"{node.id}.allow[{i}] without {src}", _replace_node(topo, msgspec.structs.replace(node, allow=tuple(allow)))
+                yield (
+                    "allow-removed",
+                    f"{node.id}.allow[{i}] without {src}",
+                    _replace_node(topo, msgspec.structs.replace(node, allow=tuple(allow))),
+                )
         for i, rule in enumerate(node.admin):
             for p in rule.principals:
                 rest = tuple(x for x in rule.principals if x != p)
@@ -86,36 +90,57 @@ def mutants(topo: Topology):
                     admin[i] = msgspec.structs.replace(rule, principals=rest)
                 else:
                     del admin[i]
-                yield "allow-removed", f"{node.id}.admin[{i}] without principal {p}", _replace_node(topo, msgspec.structs.replace(node, admin=tuple(admin)))
+                yield (
+                    "allow-removed",
+                    f"{node.id}.admin[{i}] without principal {p}",
+                    _replace_node(topo, msgspec.structs.replace(node, admin=tuple(admin))),
+                )
     for r in reachability(topo):
         if not r.allowed:
             dst = topo.node(r.dst)
             extra = AllowRule(sources=(r.src,), requests=("POST /v1/*",))
-            yield "forbidden-allowed", f"{r.src} -> {r.dst}:{r.port}", _replace_node(topo, msgspec.structs.replace(dst, allow=(*dst.allow, extra)))
+            yield (
+                "forbidden-allowed",
+                f"{r.src} -> {r.dst}:{r.port}",
+                _replace_node(topo, msgspec.structs.replace(dst, allow=(*dst.allow, extra))),
+            )
     for node in topo.nodes.values():  # a principal admitted where it must not be (store staff, most of all)
-        for i, rule in enumerate(node.admin):
+        for rule in node.admin:
             for p in PRINCIPALS:
                 if p not in rule.principals:
                     admin = (*node.admin, AdminRule(principals=(p,), at=rule.at, requests=rule.requests))
-                    yield "forbidden-allowed", f"principal {p} at {node.id}.admin", _replace_node(topo, msgspec.structs.replace(node, admin=admin))
+                    yield (
+                        "forbidden-allowed",
+                        f"principal {p} at {node.id}.admin",
+                        _replace_node(topo, msgspec.structs.replace(node, admin=admin)),
+                    )
     for node in topo.nodes.values():
         if node.port is not None:
             allow = tuple(msgspec.structs.replace(r, port=None) for r in node.allow)
-            yield "port-shifted", f"{node.id} port {node.port} -> {node.port + 1}", _replace_node(
-                topo, msgspec.structs.replace(node, port=node.port + 1, allow=allow))
+            yield (
+                "port-shifted",
+                f"{node.id} port {node.port} -> {node.port + 1}",
+                _replace_node(topo, msgspec.structs.replace(node, port=node.port + 1, allow=allow)),
+            )
         if node.admin_port is not None:
-            yield "port-shifted", f"{node.id} admin_port {node.admin_port} -> {node.admin_port + 1}", _replace_node(
-                topo, msgspec.structs.replace(node, admin_port=node.admin_port + 1))
+            yield (
+                "port-shifted",
+                f"{node.id} admin_port {node.admin_port} -> {node.admin_port + 1}",
+                _replace_node(topo, msgspec.structs.replace(node, admin_port=node.admin_port + 1)),
+            )
 
 
-def run_mutations(topo: Topology, mode: str = "loopback", plan: NetPlan | None = None,
-                  timeout: float = PROBE_TIMEOUT) -> dict:
+def run_mutations(
+    topo: Topology, mode: str = "loopback", plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT
+) -> dict:
     """Every mutant through the check; the score is caught / total (100 % required). With `plan`
     (netns mode, the topology running) the nftables mutants too, live."""
     t0 = time.perf_counter()
     baseline = check_matrix(topo, compile_allowlists(topo, mode), compile_admin_allowlists(topo, mode), mode)
     if not all(r.ok for r in baseline):
-        raise ValueError(f"the unmutated policy already differs from its matrix: {[r for r in baseline if not r.ok][:3]}")
+        raise ValueError(
+            f"the unmutated policy already differs from its matrix: {[r for r in baseline if not r.ok][:3]}"
+        )
     out: list[Mutant] = []
     for kind, description, mutated in mutants(topo):
         observed = check_matrix(topo, compile_allowlists(mutated, mode), compile_admin_allowlists(mutated, mode), mode)
@@ -123,7 +148,10 @@ def run_mutations(topo: Topology, mode: str = "loopback", plan: NetPlan | None =
         out.append(Mutant(kind, description, diffs > 0, diffs, bool(annex_violations(mutated))))
     live = run_nft_mutations(topo, plan, timeout) if plan is not None else None
     if live is not None:
-        out += [Mutant("nft-rule-dropped", m["description"], m["differences"] > 0, m["differences"], False) for m in live["mutants"]]
+        out += [
+            Mutant("nft-rule-dropped", m["description"], m["differences"] > 0, m["differences"], False)
+            for m in live["mutants"]
+        ]
     by_kind: dict[str, dict] = {}
     for m in out:
         k = by_kind.setdefault(m.kind, {"mutants": 0, "caught": 0})
@@ -148,8 +176,10 @@ def run_mutations(topo: Topology, mode: str = "loopback", plan: NetPlan | None =
 # -- nftables mutants, live in the namespaces of a running `konbini up --netns` ----------------------
 
 # an accept rule of an allow entry as `nft -a list chain` prints it (topology.policy.nft.accept_rule)
-_ACCEPT = re.compile(r"ip saddr (?P<src>\S+) ip daddr (?P<dst>\S+) tcp dport (?P<port>\d+) ct state new .*\baccept "
-                     r'comment "(?P<comment>[^"]*)" # handle (?P<handle>\d+)$')
+_ACCEPT = re.compile(
+    r"ip saddr (?P<src>\S+) ip daddr (?P<dst>\S+) tcp dport (?P<port>\d+) ct state new .*\baccept "
+    r'comment "(?P<comment>[^"]*)" # handle (?P<handle>\d+)$'
+)
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 _HANDLE = re.compile(r" # handle \d+")
 RETRIES = 2  # a run with differences off the dropped rule's connection (a reply late on a busy machine) is run again
@@ -167,8 +197,14 @@ class NftRule:
 
 
 def _nft(namespace: str, *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run(["ip", "netns", "exec", namespace, "nft", *args], input=stdin, capture_output=True, text=True,
-                          timeout=20, check=False)
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, "nft", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"nft {' '.join(args)} in {namespace}: {done.stderr.strip()[-300:]}")
     return done.stdout
@@ -220,7 +256,9 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
     rulesets = compile_rulesets(topo, plan)
     before, before_reruns = _full_run(agents, probes, timeout)
     if before:
-        raise ValueError(f"the running topology already differs from its policy: {len(before)} probes, e.g. {before[0]}")
+        raise ValueError(
+            f"the running topology already differs from its policy: {len(before)} probes, e.g. {before[0]}"
+        )
     rows = []
     for site in sites:
         ns = _namespace(plan, site)
@@ -241,20 +279,38 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
                 finally:
                     _nft(ns, "-f", "-", stdin=rulesets[site])
                 diffs = [r for r in compare(watched, answered) if not r.ok]
-                off = [f"{d.kind} {d.src} -> {d.dst}:{d.port}" for d, p in ((d, probes[d.id]) for d in diffs)
-                       if (p.src_ip, p.dst_ip, p.port) != mutant] if failed is None else [failed]
+                off = (
+                    [
+                        f"{d.kind} {d.src} -> {d.dst}:{d.port}"
+                        for d, p in ((d, probes[d.id]) for d in diffs)
+                        if (p.src_ip, p.dst_ip, p.port) != mutant
+                    ]
+                    if failed is None
+                    else [failed]
+                )
                 now, rules = _listing(plan, site)
                 if not off or now != unmutated:
                     break
-                rule = next(r for r in rules if (r.chain, r.comment, r.src_ip, r.dst_ip, r.port) == (rule.chain, rule.comment, *mutant))
-            rows.append({
-                "description": f"{site} {rule.chain}: {rule.comment}",
-                "site": site, "chain": rule.chain, "rule": rule.comment.split(":")[0],
-                "differences": len(diffs), "probes": len(watched),
-                "unexplained": len(off), "unexplained_probes": off, "attempts": attempt,
-                "restored": now == unmutated,
-                "seconds": round(time.perf_counter() - t1, 3),
-            })
+                rule = next(
+                    r
+                    for r in rules
+                    if (r.chain, r.comment, r.src_ip, r.dst_ip, r.port) == (rule.chain, rule.comment, *mutant)
+                )
+            rows.append(
+                {
+                    "description": f"{site} {rule.chain}: {rule.comment}",
+                    "site": site,
+                    "chain": rule.chain,
+                    "rule": rule.comment.split(":")[0],
+                    "differences": len(diffs),
+                    "probes": len(watched),
+                    "unexplained": len(off),
+                    "unexplained_probes": off,
+                    "attempts": attempt,
+                    "restored": now == unmutated,
+                    "seconds": round(time.perf_counter() - t1, 3),
+                }
+            )
             if now != unmutated:
                 raise RuntimeError(f"{ns}: the compiled ruleset did not come back after {rows[-1]['description']}")
     after, after_reruns = _full_run(agents, probes, timeout)

@@ -43,8 +43,14 @@ SCLIENT_TIMEOUT = 15
 NMAP_PORTS = "1-1024,8443,9440,9464"  # the well-known ports and every konbini port (service, admin, metrics)
 UNROUTED = "198.19.255.254"  # in 198.18/15, no node's, no namespace has a route to it
 OLD_PROTOCOLS = ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2")
-WEAK_CIPHERS = ("cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW", "cipherlist_3DES_IDEA",
-                "cipherlist_AVERAGE")
+WEAK_CIPHERS = (
+    "cipherlist_NULL",
+    "cipherlist_aNULL",
+    "cipherlist_EXPORT",
+    "cipherlist_LOW",
+    "cipherlist_3DES_IDEA",
+    "cipherlist_AVERAGE",
+)
 REACHABLE = ("open", "closed", "unfiltered", "open|filtered")  # "closed": a RST came back, so the host is reachable
 
 # testssl.sh's feature probes (`openssl s_client -tls1_3` and the like) dial localhost:4433 when
@@ -101,10 +107,18 @@ def read_testssl(findings: list[dict]) -> dict:
     if not scanned:
         summary = f"no protocol findings: {by_id.get('optimal_proto') or by_id.get('scanTime') or 'scan cut short'}"
     else:
-        summary = (f"TLS1_3 {by_id['TLS1_3']!r}; older offered: {', '.join(offered_old) or 'none'}; "
-                   f"weak cipher categories offered: {', '.join(weak) or 'none'}")
-    return {"scanned": scanned, "tls13": tls13, "older_offered": offered_old, "weak_offered": weak,
-            "ok": tls13 and not offered_old and not weak, "summary": summary}
+        summary = (
+            f"TLS1_3 {by_id['TLS1_3']!r}; older offered: {', '.join(offered_old) or 'none'}; "
+            f"weak cipher categories offered: {', '.join(weak) or 'none'}"
+        )
+    return {
+        "scanned": scanned,
+        "tls13": tls13,
+        "older_offered": offered_old,
+        "weak_offered": weak,
+        "ok": tls13 and not offered_old and not weak,
+        "summary": summary,
+    }
 
 
 def read_sclient(text: str, http: bool = False) -> dict:
@@ -118,7 +132,13 @@ def read_sclient(text: str, http: bool = False) -> dict:
     closed = alert or "unexpected eof" in text or "errno=104" in text
     answered = "HTTP/1." in text
     refused = alert or (http and closed and not answered)
-    return {"certificate_request": asked, "alert": alert, "answered": answered, "refused": refused, "ok": asked and refused}
+    return {
+        "certificate_request": asked,
+        "alert": alert,
+        "answered": answered,
+        "refused": refused,
+        "ok": asked and refused,
+    }
 
 
 def read_nmap(xml_text: str) -> dict:
@@ -145,12 +165,16 @@ def read_nmap(xml_text: str) -> dict:
 
 
 def _namespace(plan: NetPlan, site: str) -> str:
-    return plan.monitoring.namespace if site == MONITORING_SITE and plan.monitoring is not None else plan.namespace(site)
+    return (
+        plan.monitoring.namespace if site == MONITORING_SITE and plan.monitoring is not None else plan.namespace(site)
+    )
 
 
 def _kernel_source(namespace: str, address: str) -> str | None:
     """The source address this namespace's kernel picks towards `address` (tools cannot bind one)."""
-    done = subprocess.run(["ip", "-n", namespace, "route", "get", address], capture_output=True, text=True, timeout=10, check=False)
+    done = subprocess.run(
+        ["ip", "-n", namespace, "route", "get", address], capture_output=True, text=True, timeout=10, check=False
+    )
     words = done.stdout.split()
     return words[words.index("src") + 1] if "src" in words else None
 
@@ -161,7 +185,9 @@ def tls_targets(topo: Topology, plan: NetPlan) -> list[TlsTarget]:
     flows = allowed_flows(topo, plan)
     out = []
     for kind in dict.fromkeys(n.kind for n in topo.nodes.values() if n.is_server):
-        candidates = [f for f in flows if f.surface == "line" and f.src_site != f.dst_site and topo.node(f.dst).kind == kind]
+        candidates = [
+            f for f in flows if f.surface == "line" and f.src_site != f.dst_site and topo.node(f.dst).kind == kind
+        ]
         candidates += [f for f in flows if f.surface == "metrics" and topo.node(f.dst).kind == kind]
         for f in candidates:
             ns = _namespace(plan, f.src_site)
@@ -184,9 +210,31 @@ def _testssl(t: TlsTarget, work: Path, binary: str, attempts: int = 2) -> dict:
     t0 = time.perf_counter()
     for attempt in range(1, attempts + 1):
         out = work / f"testssl-{t.node}-{attempt}.json"
-        cmd = ["ip", "netns", "exec", t.namespace, binary, "--openssl", str(work / "openssl"), "--quiet", "--warnings", "batch",
-               "--nodns", "none", "--color", "0", "-p", "-s", "--connect-timeout", "10", "--openssl-timeout", "10",
-               "--jsonfile", str(out), f"https://{t.address}:{t.port}"]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            t.namespace,
+            binary,
+            "--openssl",
+            str(work / "openssl"),
+            "--quiet",
+            "--warnings",
+            "batch",
+            "--nodns",
+            "none",
+            "--color",
+            "0",
+            "-p",
+            "-s",
+            "--connect-timeout",
+            "10",
+            "--openssl-timeout",
+            "10",
+            "--jsonfile",
+            str(out),
+            f"https://{t.address}:{t.port}",
+        ]
         try:
             subprocess.run(cmd, capture_output=True, text=True, timeout=TESTSSL_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
@@ -198,9 +246,22 @@ def _testssl(t: TlsTarget, work: Path, binary: str, attempts: int = 2) -> dict:
         v = read_testssl(findings)
         if v["scanned"]:
             break
-    return asdict(AnnexCheck("SEC-SN-2", check, expected, v["summary"], v["ok"], tool=tool,
-                             numbers={"seconds": round(time.perf_counter() - t0, 1), "surface": t.surface, "attempts": attempt,
-                                      "json": out.name}))
+    return asdict(
+        AnnexCheck(
+            "SEC-SN-2",
+            check,
+            expected,
+            v["summary"],
+            v["ok"],
+            tool=tool,
+            numbers={
+                "seconds": round(time.perf_counter() - t0, 1),
+                "surface": t.surface,
+                "attempts": attempt,
+                "json": out.name,
+            },
+        )
+    )
 
 
 def _sclient(t: TlsTarget, ca: str) -> dict:
@@ -208,33 +269,83 @@ def _sclient(t: TlsTarget, ca: str) -> dict:
     expected = "the server asks for a client certificate and refuses the handshake without one"
     tool = "openssl s_client -msg"
     alpn = "h2" if t.surface == "line" else "http/1.1"
-    cmd = ["ip", "netns", "exec", t.namespace, "openssl", "s_client", "-connect", f"{t.address}:{t.port}", "-tls1_3", "-msg",
-           "-ign_eof", "-alpn", alpn, "-CAfile", ca, "-servername", t.node]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        t.namespace,
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{t.address}:{t.port}",
+        "-tls1_3",
+        "-msg",
+        "-ign_eof",
+        "-alpn",
+        alpn,
+        "-CAfile",
+        ca,
+        "-servername",
+        t.node,
+    ]
     try:
-        done = subprocess.run(cmd, input=f"GET / HTTP/1.1\r\nHost: {t.node}\r\n\r\n", capture_output=True, text=True,
-                              timeout=SCLIENT_TIMEOUT, check=False)
+        done = subprocess.run(
+            cmd,
+            input=f"GET / HTTP/1.1\r\nHost: {t.node}\r\n\r\n",
+            capture_output=True,
+            text=True,
+            timeout=SCLIENT_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return _not_run("SEC-SN-2", check, expected, f"s_client ran over {SCLIENT_TIMEOUT} s", tool)
     v = read_sclient(done.stdout + done.stderr, http=alpn == "http/1.1")
     how = "alert certificate_required" if v["alert"] else "connection closed, no HTTP response"
-    observed = (f"CertificateRequest {'sent' if v['certificate_request'] else 'NOT sent'}; "
-                f"{'refused: ' + how if v['refused'] else 'NOT refused' + (' (HTTP response)' if v['answered'] else '')}")
+    observed = (
+        f"CertificateRequest {'sent' if v['certificate_request'] else 'NOT sent'}; "
+        f"{'refused: ' + how if v['refused'] else 'NOT refused' + (' (HTTP response)' if v['answered'] else '')}"
+    )
     return asdict(AnnexCheck("SEC-SN-2", check, expected, observed, v["ok"], tool=tool))
 
 
-def _nmap(requirement: str, namespace: str, source: str, targets: dict[str, str], control: tuple[str, str, int] | None,
-          work: Path) -> dict:
+def _nmap(
+    requirement: str,
+    namespace: str,
+    source: str,
+    targets: dict[str, str],
+    control: tuple[str, str, int] | None,
+    work: Path,
+) -> dict:
     """nmap from `namespace` against `targets` (address -> node): none of them reachable; `control`
     (node, address, port) must be open, or the scan proves nothing."""
     names = ", ".join(targets.values())
-    check = f"nmap from {source} ({namespace}) against {names}" + (f"; control {control[0]}:{control[2]}" if control else "")
+    check = f"nmap from {source} ({namespace}) against {names}" + (
+        f"; control {control[0]}:{control[2]}" if control else ""
+    )
     expected = f"no port of {NMAP_PORTS} open or closed on any of them" + ("; the control open" if control else "")
     tool = "nmap -sT -Pn"
     out = work / f"nmap-{namespace}.xml"
     addrs = [*targets, *([control[1]] if control else [])]
     ports = NMAP_PORTS if not control else f"{NMAP_PORTS},{control[2]}"
-    cmd = ["ip", "netns", "exec", namespace, "nmap", "-n", "-Pn", "-sT", "-p", ports, "--max-retries", "1", "--host-timeout", "40s",
-           "-oX", str(out), *addrs]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        "nmap",
+        "-n",
+        "-Pn",
+        "-sT",
+        "-p",
+        ports,
+        "--max-retries",
+        "1",
+        "--host-timeout",
+        "40s",
+        "-oX",
+        str(out),
+        *addrs,
+    ]
     try:
         subprocess.run(cmd, capture_output=True, text=True, timeout=NMAP_TIMEOUT, check=False)
         hosts = read_nmap(out.read_text())
@@ -245,14 +356,22 @@ def _nmap(requirement: str, namespace: str, source: str, targets: dict[str, str]
     reached = {targets[a]: h["reachable"] for a, h in hosts.items() if a in targets and h["reachable"]}
     missing = [targets[a] for a in targets if a not in hosts]
     control_open = control is None or f"{control[2]}/open" in hosts.get(control[1], {}).get("reachable", [])
-    observed = (f"reachable: {reached or 'nothing'}; filtered ports: {sum(h['filtered'] for a, h in hosts.items() if a in targets)}"
-                + (f"; not scanned: {missing}" if missing else "")
-                + (f"; control {'open' if control_open else 'NOT open'}" if control else ""))
-    return asdict(AnnexCheck(requirement, check, expected, observed, not reached and not missing and control_open, tool=tool))
+    observed = (
+        f"reachable: {reached or 'nothing'}; filtered ports: {sum(h['filtered'] for a, h in hosts.items() if a in targets)}"
+        + (f"; not scanned: {missing}" if missing else "")
+        + (f"; control {'open' if control_open else 'NOT open'}" if control else "")
+    )
+    return asdict(
+        AnnexCheck(requirement, check, expected, observed, not reached and not missing and control_open, tool=tool)
+    )
 
 
 def _store_targets(topo: Topology, plan: NetPlan, site: str) -> dict[str, str]:
-    return {plan.address(n): n for n in plan.sites[site].nodes if topo.node(n).kind in ("kiosk", "store-router", "store-controller")}
+    return {
+        plan.address(n): n
+        for n in plan.sites[site].nodes
+        if topo.node(n).kind in ("kiosk", "store-router", "store-controller")
+    }
 
 
 def nmap_checks(topo: Topology, plan: NetPlan, work: Path) -> list[tuple]:
@@ -262,7 +381,9 @@ def nmap_checks(topo: Topology, plan: NetPlan, work: Path) -> list[tuple]:
         store = next((i.peer_site for i in plan.sites[wifi.site].interfaces), None)
         if store is not None:
             runs.append(("SEC-ST-4", plan.namespace(wifi.site), wifi.id, _store_targets(topo, plan, store), None))
-    center = {plan.address(n.id): n.id for n in topo.nodes.values() if n.kind in ("issuance-center", "ocsp", "municipality")}
+    center = {
+        plan.address(n.id): n.id for n in topo.nodes.values() if n.kind in ("issuance-center", "ocsp", "municipality")
+    }
     for router in topo.of_kind("store-router"):
         ns = plan.namespace(router.site)
         up = next((f for f in allowed_flows(topo, plan) if f.src == router.id and f.src_site != f.dst_site), None)
@@ -288,26 +409,57 @@ def run_outside_tools(topo: Topology, plan: NetPlan, state_dir: Path) -> list[di
             nmaps = [pool.submit(_nmap, *run, work) for run in nmap_runs]
         else:
             nmaps = []
-            out += [_not_run(r[0], f"nmap from {r[2]} ({r[1]})", "nothing reachable", "nmap not installed (apt-get install nmap)",
-                             "nmap -sT -Pn") for r in nmap_runs]
+            out += [
+                _not_run(
+                    r[0],
+                    f"nmap from {r[2]} ({r[1]})",
+                    "nothing reachable",
+                    "nmap not installed (apt-get install nmap)",
+                    "nmap -sT -Pn",
+                )
+                for r in nmap_runs
+            ]
         if testssl:
             tls = [pool.submit(_testssl, t, work, testssl) for t in targets]
         else:
             tls = []
-            out += [_not_run("SEC-SN-2", f"{t.node} ({t.kind}) {t.address}:{t.port}", "TLS 1.3 only, no weak cipher",
-                             "testssl.sh not installed (apt-get install testssl.sh)", "testssl.sh -p -s (Debian)") for t in targets]
+            out += [
+                _not_run(
+                    "SEC-SN-2",
+                    f"{t.node} ({t.kind}) {t.address}:{t.port}",
+                    "TLS 1.3 only, no weak cipher",
+                    "testssl.sh not installed (apt-get install testssl.sh)",
+                    "testssl.sh -p -s (Debian)",
+                )
+                for t in targets
+            ]
         if shutil.which("openssl"):
             ca = str(PKI.ensure(state_dir, topo).network_ca_path)
             tls += [pool.submit(_sclient, t, ca) for t in targets]
         else:
-            out += [_not_run("SEC-SN-2", f"{t.node} without a client certificate", "refused", "openssl not installed",
-                             "openssl s_client -msg") for t in targets]
+            out += [
+                _not_run(
+                    "SEC-SN-2",
+                    f"{t.node} without a client certificate",
+                    "refused",
+                    "openssl not installed",
+                    "openssl s_client -msg",
+                )
+                for t in targets
+            ]
         out += [f.result() for f in tls + nmaps]
     kinds = {n.kind for n in topo.nodes.values() if n.is_server}
     missing = sorted(kinds - {t.kind for t in targets})
     if missing:  # a kind with no admissible source the tools could use is a gap, reported as one
-        out.append(_not_run("SEC-SN-2", f"server kinds {', '.join(missing)}", "one node of each server kind scanned",
-                            "no admitted source whose address the kernel picks", "testssl.sh -p -s (Debian)"))
+        out.append(
+            _not_run(
+                "SEC-SN-2",
+                f"server kinds {', '.join(missing)}",
+                "one node of each server kind scanned",
+                "no admitted source whose address the kernel picks",
+                "testssl.sh -p -s (Debian)",
+            )
+        )
     for c in out:
         c["numbers"] = {**c.get("numbers", {}), "outside_tools_s": round(time.perf_counter() - t0, 1)}
     return out

@@ -45,8 +45,8 @@ from topology.check.annex import (
 from topology.check.app import CHECKS, pick, run_check
 from topology.check.matrix import check_matrix
 from topology.check.scrape import ScrapeError, sample, scrape_in_namespace
-from topology.launch.loopback import run_topology
 from topology.launch.clockfile import read_clock, running_clock
+from topology.launch.loopback import run_topology
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (
@@ -85,9 +85,8 @@ REQUIREMENTS = {
     "SEC-KI-8": "the store controller reports a silent kiosk within a bound",
 }
 OUT_OF_SCOPE = {
-    "SEC-ST-1, SEC-KI-3 and the annex's other physical/organisational items":
-        "locks, cameras, ISMS certification, franchise rules: DESIGN §2 leaves them out; no network "
-        "emulation can show them, so they are audited on site, not by konbini",
+    "SEC-ST-1, SEC-KI-3 and the annex's other physical/organisational items": "locks, cameras, ISMS certification, franchise rules: DESIGN §2 leaves them out; no network "
+    "emulation can show them, so they are audited on site, not by konbini",
 }
 NETNS_ONLY = ("SEC-EC-2 kernel filtering", "SEC-SN-1 no route out / spoofing", "SEC-ST-4 Wi-Fi blocked in the kernel")
 
@@ -106,7 +105,9 @@ _ALLOWED_REQS = {
 @dataclass
 class Probe:
     id: int
-    kind: str  # "tcp-pair" | "sender-stack" | "other-port" | "udp" | "icmp" | "spoof" | "outside" | "metrics-port" | ...
+    kind: (
+        str  # "tcp-pair" | "sender-stack" | "other-port" | "udp" | "icmp" | "spoof" | "outside" | "metrics-port" | ...
+    )
     site: str  # the namespace it is sent from
     iface: str | None  # None: no route; sent on every veth of `site`
     src: str  # node id or "-"
@@ -146,7 +147,11 @@ def _pair_reqs(src: Node, dst: Node, allowed: bool) -> tuple[str, ...]:
         return _ALLOWED_REQS.get(dst.kind, ("SEC-EC-2",))
     broken = _allow_violation(src, dst)
     reqs = [broken[0]] if broken else []
-    if src.kind in ("kiosk", "store-router", "store-controller", "wifi") and dst.kind in ("issuance-center", "ocsp", "municipality"):
+    if src.kind in ("kiosk", "store-router", "store-controller", "wifi") and dst.kind in (
+        "issuance-center",
+        "ocsp",
+        "municipality",
+    ):
         reqs.append("SEC-SN-3")
     if dst.kind == "ec-router":
         reqs.append("SEC-EC-1")
@@ -170,13 +175,22 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
         reqs = _pair_reqs(src, dst, r.allowed)
         egress = plan.egress(src.site, d_ip)
         common = dict(site=src.site, iface=egress, src=r.src, dst=r.dst, src_ip=s_ip, dst_ip=d_ip, watch={dst.site})
-        add(kind="tcp-pair", proto="tcp", port=r.port, expect_answer=r.allowed, requirements=reqs, rule=r.rule, **common)
+        add(
+            kind="tcp-pair", proto="tcp", port=r.port, expect_answer=r.allowed, requirements=reqs, rule=r.rule, **common
+        )
         if not r.allowed:
             continue
         # protocol-level filtering: only the allow-listed port and protocol get through
         for port in OTHER_PORTS:
             if port != r.port:
-                add(kind="other-port", proto="tcp", port=port, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
+                add(
+                    kind="other-port",
+                    proto="tcp",
+                    port=port,
+                    expect_answer=False,
+                    requirements=("SEC-EC-2", *reqs),
+                    **common,
+                )
         add(kind="udp", proto="udp", port=r.port, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
         add(kind="icmp", proto="icmp", port=0, expect_answer=False, requirements=("SEC-EC-2", *reqs), **common)
         # spoofing: a neighbour of the destination claims to be the allowed source
@@ -184,11 +198,24 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
             if other.name in (src.site, dst.site):
                 continue
             for iface in other.interfaces:
-                if iface.peer == r.dst or (site(iface.peer) == dst.site and plan.egress(other.name, d_ip) == iface.name):
+                if iface.peer == r.dst or (
+                    site(iface.peer) == dst.site and plan.egress(other.name, d_ip) == iface.name
+                ):
                     extra = ("SEC-ST-4",) if any(topo.node(n).kind == "wifi" for n in other.nodes) else ()
-                    add(kind="spoof", site=other.name, iface=iface.name, src=r.src, dst=r.dst, src_ip=s_ip, dst_ip=d_ip,
-                        proto="tcp", port=r.port, expect_answer=False, requirements=("SEC-SN-1", *extra, *reqs),
-                        watch={dst.site, src.site})
+                    add(
+                        kind="spoof",
+                        site=other.name,
+                        iface=iface.name,
+                        src=r.src,
+                        dst=r.dst,
+                        src_ip=s_ip,
+                        dst_ip=d_ip,
+                        proto="tcp",
+                        port=r.port,
+                        expect_answer=False,
+                        requirements=("SEC-SN-1", *extra, *reqs),
+                        watch={dst.site, src.site},
+                    )
                     break
     # the metrics port: only the monitoring namespace opens it (no line's source does), and the
     # admin ports: only their consoles (packets from anywhere else are dropped before any TLS)
@@ -196,54 +223,140 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
         if r.allowed:
             src, dst = topo.node(r.src), topo.node(r.dst)
             d_ip = plan.address(r.dst)
-            add(kind="metrics-port", site=src.site, iface=plan.egress(src.site, d_ip), src=r.src, dst=r.dst,
-                src_ip=plan.address(r.src), dst_ip=d_ip, proto="tcp", port=METRICS_PORT, expect_answer=False,
-                requirements=("SEC-SN-3", "SEC-EC-2"), watch={dst.site})
+            add(
+                kind="metrics-port",
+                site=src.site,
+                iface=plan.egress(src.site, d_ip),
+                src=r.src,
+                dst=r.dst,
+                src_ip=plan.address(r.src),
+                dst_ip=d_ip,
+                proto="tcp",
+                port=METRICS_PORT,
+                expect_answer=False,
+                requirements=("SEC-SN-3", "SEC-EC-2"),
+                watch={dst.site},
+            )
     if plan.monitoring is not None:
         for site in plan.monitoring.links:
             for node_id in plan.sites[site].servers:
                 d_ip = plan.address(node_id)
-                add(kind="metrics-port", site=MONITORING_SITE, iface=plan.monitoring.links[site].mon_ifname, src="monitoring",
-                    dst=node_id, src_ip=plan.monitoring.address, dst_ip=d_ip, proto="tcp", port=METRICS_PORT,
-                    expect_answer=True, requirements=("SEC-SN-3",), rule="monitoring", watch={site})
+                add(
+                    kind="metrics-port",
+                    site=MONITORING_SITE,
+                    iface=plan.monitoring.links[site].mon_ifname,
+                    src="monitoring",
+                    dst=node_id,
+                    src_ip=plan.monitoring.address,
+                    dst_ip=d_ip,
+                    proto="tcp",
+                    port=METRICS_PORT,
+                    expect_answer=True,
+                    requirements=("SEC-SN-3",),
+                    rule="monitoring",
+                    watch={site},
+                )
     for r in admin_reachability(topo):
         src, dst = topo.node(r.src), topo.node(r.dst)
         d_ip = plan.address(r.dst)
         egress = plan.egress(src.site, d_ip)
         if egress is None:
             continue  # no line carries it at all: the "tcp-pair" probes show that for the main port
-        add(kind="admin-port", site=src.site, iface=egress, src=r.src, dst=r.dst, src_ip=plan.address(r.src), dst_ip=d_ip,
-            proto="tcp", port=r.port, expect_answer=r.allowed, rule=r.rule,
+        add(
+            kind="admin-port",
+            site=src.site,
+            iface=egress,
+            src=r.src,
+            dst=r.dst,
+            src_ip=plan.address(r.src),
+            dst_ip=d_ip,
+            proto="tcp",
+            port=r.port,
+            expect_answer=r.allowed,
+            rule=r.rule,
             requirements=("SEC-ST-3/KI-6",) + (() if r.allowed else ("SEC-KI-4",) if dst.kind == "kiosk" else ()),
-            watch={dst.site})
+            watch={dst.site},
+        )
     for f in allowed_flows(topo, plan):  # a node's own console (the store controller's): not a pair of nodes above
         if f.surface == "admin" and f.src == f.dst:
-            add(kind="admin-port", site=f.src_site, iface=OWN_STACK, src=f.src, dst=f.dst, src_ip=f.src_ip, dst_ip=f.dst_ip,
-                proto="tcp", port=f.port, expect_answer=True, rule=f.rule, requirements=("SEC-ST-3/KI-6",))
+            add(
+                kind="admin-port",
+                site=f.src_site,
+                iface=OWN_STACK,
+                src=f.src,
+                dst=f.dst,
+                src_ip=f.src_ip,
+                dst_ip=f.dst_ip,
+                proto="tcp",
+                port=f.port,
+                expect_answer=True,
+                rule=f.rule,
+                requirements=("SEC-ST-3/KI-6",),
+            )
     # in-store Wi-Fi reaches no kiosk, on any protocol (kiosks do not listen, but an unfiltered
     # kernel would still answer with a RST or an echo reply)
     for wifi in topo.of_kind("wifi"):
         for kiosk in topo.of_kind("kiosk"):
             k_ip = plan.address(kiosk.id)
             for proto, port in (("tcp", 8443), ("tcp", 22), ("udp", 53), ("icmp", 0)):
-                add(kind="wifi-kiosk", site=wifi.site, iface=plan.egress(wifi.site, k_ip), src=wifi.id, dst=kiosk.id,
-                    src_ip=plan.address(wifi.id), dst_ip=k_ip, proto=proto, port=port, expect_answer=False,
-                    requirements=("SEC-ST-4",), watch={kiosk.site})
+                add(
+                    kind="wifi-kiosk",
+                    site=wifi.site,
+                    iface=plan.egress(wifi.site, k_ip),
+                    src=wifi.id,
+                    dst=kiosk.id,
+                    src_ip=plan.address(wifi.id),
+                    dst_ip=k_ip,
+                    proto=proto,
+                    port=port,
+                    expect_answer=False,
+                    requirements=("SEC-ST-4",),
+                    watch={kiosk.site},
+                )
     # nothing outside the topology answers, whatever interface it is tried on
     for s in plan.sites.values():
         for addr in OUTSIDE:
             if topo.by_address(addr) is None:
-                add(kind="outside", site=s.name, iface=None, src=s.nodes[0], dst=addr, src_ip=plan.address(s.nodes[0]),
-                    dst_ip=addr, proto="tcp", port=8443, expect_answer=False, requirements=("SEC-SN-1",))
+                add(
+                    kind="outside",
+                    site=s.name,
+                    iface=None,
+                    src=s.nodes[0],
+                    dst=addr,
+                    src_ip=plan.address(s.nodes[0]),
+                    dst_ip=addr,
+                    proto="tcp",
+                    port=8443,
+                    expect_answer=False,
+                    requirements=("SEC-SN-1",),
+                )
     # every connection the rulesets accept across a line, sent through the *sender's* own stack:
     # the frame probes above leave below the sender's output chain, so only these show that the
     # sending namespace lets its allowed connections out (an output accept rule dropped is caught)
     for f in allowed_flows(topo, plan):
         if f.src_site != f.dst_site:
-            reqs = (_ALLOWED_REQS.get(topo.node(f.dst).kind, ("SEC-EC-2",)) if f.surface == "line"
-                    else ("SEC-ST-3/KI-6",) if f.surface == "admin" else ("SEC-SN-3",))
-            add(kind="sender-stack", site=f.src_site, iface=OWN_STACK, src=f.src, dst=f.dst, src_ip=f.src_ip, dst_ip=f.dst_ip,
-                proto="tcp", port=f.port, expect_answer=True, requirements=reqs, rule=f.rule, watch={f.dst_site})
+            reqs = (
+                _ALLOWED_REQS.get(topo.node(f.dst).kind, ("SEC-EC-2",))
+                if f.surface == "line"
+                else ("SEC-ST-3/KI-6",)
+                if f.surface == "admin"
+                else ("SEC-SN-3",)
+            )
+            add(
+                kind="sender-stack",
+                site=f.src_site,
+                iface=OWN_STACK,
+                src=f.src,
+                dst=f.dst,
+                src_ip=f.src_ip,
+                dst_ip=f.dst_ip,
+                proto="tcp",
+                port=f.port,
+                expect_answer=True,
+                requirements=reqs,
+                rule=f.rule,
+                watch={f.dst_site},
+            )
     return renumber(probes)
 
 
@@ -257,8 +370,10 @@ def renumber(probes: list[Probe]) -> list[Probe]:
     per_source = Counter(p.src_ip for p in probes)
     most = max(per_source.values(), default=0)
     if most > SOURCE_PORTS[1] - SOURCE_PORTS[0]:
-        raise ValueError(f"{most:,} probes from one source address, more than the "
-                         f"{SOURCE_PORTS[1] - SOURCE_PORTS[0]:,} source ports a run gives them")
+        raise ValueError(
+            f"{most:,} probes from one source address, more than the "
+            f"{SOURCE_PORTS[1] - SOURCE_PORTS[0]:,} source ports a run gives them"
+        )
     base = random.randrange(SOURCE_PORTS[0], SOURCE_PORTS[1] - most)
     seq = random.randrange(1 << 31)
     taken: Counter[str] = Counter()
@@ -308,7 +423,9 @@ def _namespace(plan: NetPlan, site: str) -> str:
     return plan.namespace(site)
 
 
-def run_probes(plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT) -> tuple[dict[int, str], dict[str, dict]]:
+def run_probes(
+    plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT
+) -> tuple[dict[int, str], dict[str, dict]]:
     """Start one `topology.probe` per namespace, release them together, gather what they saw."""
     with ProbeAgents(plan) as agents:
         return agents.run(probes, timeout)
@@ -350,7 +467,10 @@ class ProbeAgents:
         if site not in self.procs:
             self.procs[site] = subprocess.Popen(
                 ["ip", "netns", "exec", _namespace(self.plan, site), sys.executable, "-m", "topology.check.probe"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         return self.procs[site]
 
@@ -367,8 +487,9 @@ class ProbeAgents:
         self.close()
         raise AgentError(f"probe in {_namespace(self.plan, site)} failed ({state}): {err}")
 
-    def run(self, probes: list[Probe], timeout: float = PROBE_TIMEOUT,
-            only_used: bool = False) -> tuple[dict[int, str], dict[str, dict]]:
+    def run(
+        self, probes: list[Probe], timeout: float = PROBE_TIMEOUT, only_used: bool = False
+    ) -> tuple[dict[int, str], dict[str, dict]]:
         """`only_used`: only in the namespaces these probes are sent from or watched in (a partial
         run, as `policy mutate --netns` makes; its surroundings then cover only those namespaces)."""
         plan = self.plan
@@ -381,8 +502,17 @@ class ProbeAgents:
             for iface, frame in _frames(plan, p):
                 jobs[p.site]["send"].append({"id": p.id, "iface": iface, "frame": frame})
             for s in p.watch:
-                jobs[s]["watch"].append({"id": p.id, "src": p.src_ip, "dst": p.dst_ip, "proto": p.proto, "port": p.port,
-                                          "sport": p.sport, "ack": (p.seq + 1) % (1 << 32)})
+                jobs[s]["watch"].append(
+                    {
+                        "id": p.id,
+                        "src": p.src_ip,
+                        "dst": p.dst_ip,
+                        "proto": p.proto,
+                        "port": p.port,
+                        "sport": p.sport,
+                        "ack": (p.seq + 1) % (1 << 32),
+                    }
+                )
         for s, job in jobs.items():
             proc = self._agent(s)
             proc.stdin.write(json.dumps(job) + "\n")
@@ -410,7 +540,22 @@ def compare(probes: list[Probe], answered: dict[int, str]) -> list[Result]:
         seen = answered.get(p.id)
         expected = "syn-ack" if p.expect_answer else "nothing"
         ok = seen == "syn-ack" if p.expect_answer else seen is None
-        results.append(Result(p.id, p.kind, p.src, p.dst, p.proto, p.port, p.site, expected, seen or "nothing", ok, p.requirements, p.rule))
+        results.append(
+            Result(
+                p.id,
+                p.kind,
+                p.src,
+                p.dst,
+                p.proto,
+                p.port,
+                p.site,
+                expected,
+                seen or "nothing",
+                ok,
+                p.requirements,
+                p.rule,
+            )
+        )
     return results
 
 
@@ -427,10 +572,39 @@ def surroundings_results(plan: NetPlan, sites: dict[str, dict], start_id: int) -
             ("default-route", "none", "present" if info["default_route"] else "none"),
             ("route-out", "unreachable", info["route_out"] or "unreachable"),
         ):
-            results.append(Result(start_id + len(results), kind, "-", "-", "-", 0, s, expected, observed,
-                                  expected == observed, ("SEC-SN-1",), None))
+            results.append(
+                Result(
+                    start_id + len(results),
+                    kind,
+                    "-",
+                    "-",
+                    "-",
+                    0,
+                    s,
+                    expected,
+                    observed,
+                    expected == observed,
+                    ("SEC-SN-1",),
+                    None,
+                )
+            )
         for err in info.get("errors", []):
-            results.append(Result(start_id + len(results), "probe-error", "-", "-", "-", 0, s, "no error", err, False, ("SEC-SN-1",), None))
+            results.append(
+                Result(
+                    start_id + len(results),
+                    "probe-error",
+                    "-",
+                    "-",
+                    "-",
+                    0,
+                    s,
+                    "no error",
+                    err,
+                    False,
+                    ("SEC-SN-1",),
+                    None,
+                )
+            )
     return results
 
 
@@ -441,6 +615,7 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
     """Launch the topology in-process (loopback) and run the app checks against it, with the
     servers' denial counters as evidence. If the addresses are taken (`konbini up` is running),
     check the running one instead, without counters."""
+
     async def checks(pki, running) -> list[dict]:
         out = []
         for name in CHECKS:
@@ -457,7 +632,9 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
         return out
 
     async def taken(start_error):
-        return await checks(PKI.ensure(state_dir, topo), None), f"topology already running ({start_error}); denial counters not read"
+        return await checks(
+            PKI.ensure(state_dir, topo), None
+        ), f"topology already running ({start_error}); denial counters not read"
 
     return trio.run(_launched, topo, state_dir, None, lambda running: checks(running.pki, running), taken)
 
@@ -467,7 +644,9 @@ async def _launched(topo: Topology, state_dir: Path, clock: Clock | None, run, t
     when its addresses are already in use (a `konbini up` is running). Returns (results, note)."""
     try:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(lambda task_status: run_topology(topo, state_dir, clock=clock, task_status=task_status))
+            running = await nursery.start(
+                lambda task_status: run_topology(topo, state_dir, clock=clock, task_status=task_status)
+            )
             out = await run(running)
             nursery.cancel_scope.cancel()
             return out, None
@@ -495,8 +674,9 @@ def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str 
         now = running_clock(state_dir)
         pki = PKI.ensure(state_dir, topo)
         skip = _closed_checks(topo, now)
-        annex = await run_annex_checks(RemoteRun(topo, state_dir, pki, CardStore(state_dir, pki, now.now), now, mode="loopback"),
-                                       skip=skip)
+        annex = await run_annex_checks(
+            RemoteRun(topo, state_dir, pki, CardStore(state_dir, pki, now.now), now, mode="loopback"), skip=skip
+        )
         note = f"checked against the running topology ({start_error}), at its time {now.now():%Y-%m-%d %H:%M} JST"
         return annex, note
 
@@ -520,21 +700,55 @@ def private_launch_checks(topo: Topology, requirements: frozenset[str], nodes_cl
     if not requirements:
         return []
     at = evidence_clock(topo).now()
-    why = (f"on a launch of the same file at {at:%Y-%m-%d %H:%M} JST in a private network namespace: "
-           f"the running nodes' time {nodes_clock.now():%Y-%m-%d %H:%M} JST is outside service hours "
-           f"({closed_at(topo, nodes_clock.now())})")
+    why = (
+        f"on a launch of the same file at {at:%Y-%m-%d %H:%M} JST in a private network namespace: "
+        f"the running nodes' time {nodes_clock.now():%Y-%m-%d %H:%M} JST is outside service hours "
+        f"({closed_at(topo, nodes_clock.now())})"
+    )
     with tempfile.TemporaryDirectory(prefix="konbini-evidence-") as tmp:
-        cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "topology.check.annex",
-               "--launch", "--topology", topo.source, "--state", tmp, "--clock", at.isoformat(), "--only", ",".join(sorted(requirements))]
+        cmd = [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "topology.check.annex",
+            "--launch",
+            "--topology",
+            topo.source,
+            "--state",
+            tmp,
+            "--clock",
+            at.isoformat(),
+            "--only",
+            ",".join(sorted(requirements)),
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            failure = None if done.returncode == 0 and done.stdout.strip() else (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            failure = (
+                None
+                if done.returncode == 0 and done.stdout.strip()
+                else (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             failure = str(exc)
     if failure is not None:
-        return [asdict(AnnexCheck(req, why, "checked at an open hour", f"NOT RUN: {failure} (as root it runs in a network "
-                                  "namespace of its own; else start the topology at an open hour: `konbini up --clock …`)", False))
-                for req in sorted(requirements)]
+        return [
+            asdict(
+                AnnexCheck(
+                    req,
+                    why,
+                    "checked at an open hour",
+                    f"NOT RUN: {failure} (as root it runs in a network "
+                    "namespace of its own; else start the topology at an open hour: `konbini up --clock …`)",
+                    False,
+                )
+            )
+            for req in sorted(requirements)
+        ]
     checks = json.loads(done.stdout.strip().splitlines()[-1])
     return [{**c, "check": f"{c['check']}, {why}"} for c in checks]
 
@@ -560,32 +774,66 @@ def annex_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> tuple[
         if plan.monitoring is None or ctl is None:
             return None
         try:
-            text = scrape_in_namespace(plan.monitoring.namespace, topo.source, state_dir, ctl, plan.address(ctl),
-                                       plan.monitoring.address)
+            text = scrape_in_namespace(
+                plan.monitoring.namespace, topo.source, state_dir, ctl, plan.address(ctl), plan.monitoring.address
+            )
         except ScrapeError:
             return None
         return sample(text, "konbini_denials_total", reason="principal-not-allowed")
 
     before = denials()
-    cmd = ["ip", "netns", "exec", plan.namespace(site), sys.executable, "-m", "topology.check.annex",
-           "--topology", topo.source, "--state", str(state_dir), "--clock-speed", str(speed), "--skip", ",".join(sorted(closed))]
-    done = subprocess.run(cmd + (["--clock", clock] if clock else []), capture_output=True, text=True, timeout=120, check=False)
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        plan.namespace(site),
+        sys.executable,
+        "-m",
+        "topology.check.annex",
+        "--topology",
+        topo.source,
+        "--state",
+        str(state_dir),
+        "--clock-speed",
+        str(speed),
+        "--skip",
+        ",".join(sorted(closed)),
+    ]
+    done = subprocess.run(
+        cmd + (["--clock", clock] if clock else []), capture_output=True, text=True, timeout=120, check=False
+    )
     if done.returncode != 0 or not done.stdout.strip():
-        return [], f"annex checks failed in {plan.namespace(site)}: {(done.stderr.strip().splitlines() or ['no output'])[-1][:300]}"
+        return (
+            [],
+            f"annex checks failed in {plan.namespace(site)}: {(done.stderr.strip().splitlines() or ['no output'])[-1][:300]}",
+        )
     annex = json.loads(done.stdout.strip().splitlines()[-1])
     after = denials()
     if ctl is not None:
-        refused_calls = sum(c["numbers"].get("calls", 0) for c in annex
-                            if c["requirement"] == "SEC-ST-3/KI-6" and "admin API as store-staff" in c["check"])
+        refused_calls = sum(
+            c["numbers"].get("calls", 0)
+            for c in annex
+            if c["requirement"] == "SEC-ST-3/KI-6" and "admin API as store-staff" in c["check"]
+        )
         counted = None if before is None or after is None else int(after - before)
-        annex.append(asdict(AnnexCheck(
-            "SEC-ST-3/KI-6", f"{ctl}'s refusals of store staff, in its metrics (scraped from {plan.monitoring.namespace if plan.monitoring else '-'})",
-            f"konbini_denials_total{{reason=\"principal-not-allowed\"}} up by at least {refused_calls}",
-            f"up by {counted}" if counted is not None else "scrape failed", counted is not None and counted >= refused_calls > 0,
-            tool="Prometheus scrape as the monitoring principal (topology/check/scrape.py)",
-            numbers={"before": before, "after": after, "refused_calls": refused_calls})))
+        annex.append(
+            asdict(
+                AnnexCheck(
+                    "SEC-ST-3/KI-6",
+                    f"{ctl}'s refusals of store staff, in its metrics (scraped from {plan.monitoring.namespace if plan.monitoring else '-'})",
+                    f'konbini_denials_total{{reason="principal-not-allowed"}} up by at least {refused_calls}',
+                    f"up by {counted}" if counted is not None else "scrape failed",
+                    counted is not None and counted >= refused_calls > 0,
+                    tool="Prometheus scrape as the monitoring principal (topology/check/scrape.py)",
+                    numbers={"before": before, "after": after, "refused_calls": refused_calls},
+                )
+            )
+        )
     annex += private_launch_checks(topo, closed, nodes_clock)
-    return annex, f"kiosk and store checks ran inside {plan.namespace(site)} against the running nodes, at their time {nodes_clock.now():%Y-%m-%d %H:%M} JST"
+    return (
+        annex,
+        f"kiosk and store checks ran inside {plan.namespace(site)} against the running nodes, at their time {nodes_clock.now():%Y-%m-%d %H:%M} JST",
+    )
 
 
 def _find(exc: BaseException, kind: type) -> BaseException | None:
@@ -604,15 +852,38 @@ def app_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> list[dic
     for name in CHECKS:
         src, _ = pick(topo, name)
         procs[name] = subprocess.Popen(
-            ["ip", "netns", "exec", plan.namespace(topo.node(src).site), sys.executable, "-m", "topology.check.app",
-             "--topology", topo.source, "--state", str(state_dir), "--mode", "netns", name],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                "ip",
+                "netns",
+                "exec",
+                plan.namespace(topo.node(src).site),
+                sys.executable,
+                "-m",
+                "topology.check.app",
+                "--topology",
+                topo.source,
+                "--state",
+                str(state_dir),
+                "--mode",
+                "netns",
+                name,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     out = []
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=30)
         if proc.returncode != 0:
-            out.append({"check": name, "refused": False, "detail": f"check failed: {stderr.strip()[-200:]}", "requirements": CHECKS[name][2]})
+            out.append(
+                {
+                    "check": name,
+                    "refused": False,
+                    "detail": f"check failed: {stderr.strip()[-200:]}",
+                    "requirements": CHECKS[name][2],
+                }
+            )
         else:
             out.append(json.loads(stdout))
     return out
@@ -626,8 +897,15 @@ def annex_note_is_failure(annex: list[dict], note: str | None) -> bool:
     return not annex
 
 
-def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT,
-          extra: list[dict] | None = None) -> dict:
+def check(
+    topo: Topology,
+    state_dir: Path,
+    *,
+    netns: bool,
+    plan: NetPlan | None = None,
+    timeout: float = PROBE_TIMEOUT,
+    extra: list[dict] | None = None,
+) -> dict:
     """`extra`: evidence from outside tools (testssl.sh, nmap), as annex checks are shaped."""
     t0 = time.perf_counter()
     results: list[Result] = []
@@ -640,7 +918,9 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
         note = None
     else:
         app, note = app_checks_loopback(topo, state_dir)
-    annex, annex_note = annex_checks_netns(topo, plan, state_dir) if netns and plan else annex_checks_live(topo, state_dir)
+    annex, annex_note = (
+        annex_checks_netns(topo, plan, state_dir) if netns and plan else annex_checks_live(topo, state_dir)
+    )
     mode = "netns" if netns else "loopback"
     matrix = check_matrix(topo, compile_allowlists(topo, mode), compile_admin_allowlists(topo, mode), mode)
     summary: dict[str, dict] = {}
@@ -657,8 +937,11 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
     tools: dict[str, set[str]] = {}
     for r in results:
         for req in r.requirements:
-            tools.setdefault(req, set()).add("scapy probes (topology/check/probe.py)" if r.kind not in
-                                             ("interfaces", "default-route", "route-out") else "ip link/route in each namespace")
+            tools.setdefault(req, set()).add(
+                "scapy probes (topology/check/probe.py)"
+                if r.kind not in ("interfaces", "default-route", "route-out")
+                else "ip link/route in each namespace"
+            )
     for a in app:
         for req in a["requirements"]:
             tools.setdefault(req, set()).add("konbini app check (topology/check/app.py)")
@@ -675,7 +958,9 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
     requirements = []
     for req, rule in REQUIREMENTS.items():
         s = summary.get(req, {"checks": 0, "failed": 0})
-        status = "FAIL" if s["failed"] else ("pass" if s["checks"] else ("needs --netns" if not netns else "NOT CHECKED"))
+        status = (
+            "FAIL" if s["failed"] else ("pass" if s["checks"] else ("needs --netns" if not netns else "NOT CHECKED"))
+        )
         requirements.append({"id": req, "rule": rule, **s, "status": status, "tools": sorted(tools.get(req, ()))})
     failed = [r for r in results if not r.ok]
     return {
@@ -683,8 +968,12 @@ def check(topo: Topology, state_dir: Path, *, netns: bool, plan: NetPlan | None 
         "source": topo.source,
         "mode": "netns" if netns else "loopback",
         "elapsed_s": round(time.perf_counter() - t0, 3),
-        "ok": not failed and all(a["refused"] for a in app) and all(c["ok"] for c in annex)
-        and all(c["ok"] for c in extra or ()) and not annex_note_is_failure(annex, annex_note) and all(m.ok for m in matrix),
+        "ok": not failed
+        and all(a["refused"] for a in app)
+        and all(c["ok"] for c in annex)
+        and all(c["ok"] for c in extra or ())
+        and not annex_note_is_failure(annex, annex_note)
+        and all(m.ok for m in matrix),
         "probes": len(results),
         "differences": [asdict(r) for r in failed],
         "summary": dict(sorted(summary.items())),
@@ -718,8 +1007,10 @@ def render_markdown(report: dict) -> str:
         "",
         "| requirement | rule | checks | failed | status | observed by |",
         "|---|---|---:|---:|---|---|",
-        *(f"| {r['id']} | {r['rule']} | {r['checks']} | {r['failed']} | {r['status']} | {'; '.join(r['tools'])} |"
-          for r in report.get("requirements", ())),
+        *(
+            f"| {r['id']} | {r['rule']} | {r['checks']} | {r['failed']} | {r['status']} | {'; '.join(r['tools'])} |"
+            for r in report.get("requirements", ())
+        ),
         "",
         "Out of scope: " + "; ".join(f"{k}: {v}" for k, v in report.get("out_of_scope", {}).items()) + ".",
         "",
@@ -730,14 +1021,20 @@ def render_markdown(report: dict) -> str:
         "",
         "| requirement | check | expected | observed | ok | tool |",
         "|---|---|---|---|---|---|",
-        *(f"| {c['requirement']} | {_cell(c['check'])} | {_cell(c['expected'])} | {_cell(c['observed'])} | "
-          f"{'yes' if c['ok'] else '**NO**'} | {c['tool']} |" for c in [*report.get("annex", ()), *report.get("evidence", ())]),
+        *(
+            f"| {c['requirement']} | {_cell(c['check'])} | {_cell(c['expected'])} | {_cell(c['observed'])} | "
+            f"{'yes' if c['ok'] else '**NO**'} | {c['tool']} |"
+            for c in [*report.get("annex", ()), *report.get("evidence", ())]
+        ),
         "",
         "## App level",
         "",
         "| check | from | to | refused | detail | requirements |",
         "|---|---|---|---|---|---|",
-        *(f"| {a['check']} | {a.get('src', '-')} | {a.get('dst', '-')} | {'yes' if a['refused'] else '**NO**'} | {a['detail']} | {', '.join(a['requirements'])} |" for a in report["app"]),
+        *(
+            f"| {a['check']} | {a.get('src', '-')} | {a.get('dst', '-')} | {'yes' if a['refused'] else '**NO**'} | {a['detail']} | {', '.join(a['requirements'])} |"
+            for a in report["app"]
+        ),
     ]
     if report.get("app_note"):
         lines += ["", f"Note: {report['app_note']}"]
@@ -746,11 +1043,26 @@ def render_markdown(report: dict) -> str:
     if report["needs_netns"]:
         lines += ["", "## Needs `--netns` (root)", "", *(f"- {n}" for n in report["needs_netns"])]
     if report.get("rule_origins"):
-        lines += ["", "## Allow entries and the template lines they came from", "", "| allow entry | written at |", "|---|---|"]
+        lines += [
+            "",
+            "## Allow entries and the template lines they came from",
+            "",
+            "| allow entry | written at |",
+            "|---|---|",
+        ]
         lines += [f"| {rule} | {origin} |" for rule, origin in report["rule_origins"].items()]
     if report["differences"]:
-        lines += ["", "## Differences", "", "| kind | from site | src | dst | proto/port | expected | observed | requirements |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {d['kind']} | {d['sent_from']} | {d['src']} | {d['dst']} | {d['proto']}/{d['port']} | {d['expected']} | {d['observed']} | {', '.join(d['requirements'])} |" for d in report["differences"]]
+        lines += [
+            "",
+            "## Differences",
+            "",
+            "| kind | from site | src | dst | proto/port | expected | observed | requirements |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d['kind']} | {d['sent_from']} | {d['src']} | {d['dst']} | {d['proto']}/{d['port']} | {d['expected']} | {d['observed']} | {', '.join(d['requirements'])} |"
+            for d in report["differences"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -774,25 +1086,64 @@ def render_html(report: dict) -> str:
         f"<p class='{verdict}'>{verdict}: {report['probes']} kernel-level probes, {len(report['differences'])} differences, "
         f"{len(report['app'])} app-level checks, {len(report.get('annex', ()))} kiosk/store checks, {report['elapsed_s']} s.</p>",
         "<h2>Every requirement of the security annex (DESIGN §2)</h2>",
-        table(("requirement", "rule", "checks", "failed", "status", "observed by"),
-              [(r["id"], r["rule"], r["checks"], r["failed"], r["status"], "; ".join(r["tools"])) for r in report.get("requirements", ())]),
-        "<h3>Out of scope</h3><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in report.get("out_of_scope", {}).items()) + "</ul>",
+        table(
+            ("requirement", "rule", "checks", "failed", "status", "observed by"),
+            [
+                (r["id"], r["rule"], r["checks"], r["failed"], r["status"], "; ".join(r["tools"]))
+                for r in report.get("requirements", ())
+            ],
+        ),
+        "<h3>Out of scope</h3><ul>"
+        + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in report.get("out_of_scope", {}).items())
+        + "</ul>",
         "<h2>Kiosk and store checks</h2>",
-        table(("requirement", "check", "expected", "observed", "ok", "tool"),
-              [(c["requirement"], c["check"], c["expected"], c["observed"], "yes" if c["ok"] else "NO", c["tool"])
-               for c in [*report.get("annex", ()), *report.get("evidence", ())]]),
+        table(
+            ("requirement", "check", "expected", "observed", "ok", "tool"),
+            [
+                (c["requirement"], c["check"], c["expected"], c["observed"], "yes" if c["ok"] else "NO", c["tool"])
+                for c in [*report.get("annex", ()), *report.get("evidence", ())]
+            ],
+        ),
         "<h2>App level</h2>",
-        table(("check", "from", "to", "refused", "detail", "requirements"),
-              [(a["check"], a.get("src", "-"), a.get("dst", "-"), "yes" if a["refused"] else "NO", a["detail"], ", ".join(a["requirements"]))
-               for a in report["app"]]),
+        table(
+            ("check", "from", "to", "refused", "detail", "requirements"),
+            [
+                (
+                    a["check"],
+                    a.get("src", "-"),
+                    a.get("dst", "-"),
+                    "yes" if a["refused"] else "NO",
+                    a["detail"],
+                    ", ".join(a["requirements"]),
+                )
+                for a in report["app"]
+            ],
+        ),
     ]
     if report.get("rule_origins"):
-        parts += ["<h2>Allow entries and the template lines they came from</h2>",
-                  table(("allow entry", "written at"), list(report["rule_origins"].items()))]
+        parts += [
+            "<h2>Allow entries and the template lines they came from</h2>",
+            table(("allow entry", "written at"), list(report["rule_origins"].items())),
+        ]
     if report["differences"]:
-        parts += ["<h2>Differences</h2>", table(("kind", "from site", "src", "dst", "proto/port", "expected", "observed"),
-                  [(d["kind"], d["sent_from"], d["src"], d["dst"], f"{d['proto']}/{d['port']}", d["expected"], d["observed"])
-                   for d in report["differences"]])]
+        parts += [
+            "<h2>Differences</h2>",
+            table(
+                ("kind", "from site", "src", "dst", "proto/port", "expected", "observed"),
+                [
+                    (
+                        d["kind"],
+                        d["sent_from"],
+                        d["src"],
+                        d["dst"],
+                        f"{d['proto']}/{d['port']}",
+                        d["expected"],
+                        d["observed"],
+                    )
+                    for d in report["differences"]
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 

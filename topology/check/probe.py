@@ -166,8 +166,14 @@ def run(job: dict, wait_go) -> dict:
     for s in senders.values():
         s.close()
     names, default, out = _surroundings()
-    return {"site": job.get("site"), "answered": answered, "interfaces": names, "default_route": default,
-            "route_out": out, "errors": errors}
+    return {
+        "site": job.get("site"),
+        "answered": answered,
+        "interfaces": names,
+        "default_route": default,
+        "route_out": out,
+        "errors": errors,
+    }
 
 
 def main() -> int:

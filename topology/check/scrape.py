@@ -62,9 +62,29 @@ def sample(text: str, name: str, **labels: str) -> float:
 def scrape_in_namespace(namespace: str, topology: str, state_dir: Path, node_id: str, address: str, source: str) -> str:
     """`scrape` run inside `namespace` (netns mode's monitoring namespace); ScrapeError if it fails."""
     done = subprocess.run(
-        ["ip", "netns", "exec", namespace, sys.executable, "-m", "topology.check.scrape", "--topology", topology,
-         "--state", str(state_dir), "--node", node_id, "--address", address, "--source", source],
-        capture_output=True, text=True, timeout=SCRAPE_TIMEOUT + 10, check=False,
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            "-m",
+            "topology.check.scrape",
+            "--topology",
+            topology,
+            "--state",
+            str(state_dir),
+            "--node",
+            node_id,
+            "--address",
+            address,
+            "--source",
+            source,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SCRAPE_TIMEOUT + 10,
+        check=False,
     )
     if done.returncode != 0:
         raise ScrapeError((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])

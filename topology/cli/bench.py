@@ -21,48 +21,99 @@ NATIONAL_STATE = ".konbini-bench-national"  # its PKI (2 GB for national.yaml) i
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmark scenarios with the kiosk load generator (optionally against HAProxy)")
-    b.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance); or {NATIONAL} alone: "
-                        "issuances over every store of topology/national.yaml at the national rate (a compressed day) and at "
-                        "--levels x its peak, p50/p99 and misdelivered per operator")
-    b.add_argument("--topology", help="topology file (default: the shipped default topology; failover: topology/redundant.yaml)")
+    b.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"one or more of: {', '.join(SCENARIOS)} (default: relay-small relay-64k issuance); or {NATIONAL} alone: "
+        "issuances over every store of topology/national.yaml at the national rate (a compressed day) and at "
+        "--levels x its peak, p50/p99 and misdelivered per operator",
+    )
+    b.add_argument(
+        "--topology", help="topology file (default: the shipped default topology; failover: topology/redundant.yaml)"
+    )
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sweep: the starting rate)")
     mode.add_argument("--concurrency", type=int, help="closed loop: requests in flight")
     b.add_argument("--duration", type=float, help="measured seconds per run (default 10; failover 24)")
     b.add_argument("--warmup", type=float, help="warm-up seconds, not recorded (default: 20 %% of duration, at most 2)")
     b.add_argument("--count", type=int, help="stop a run after this many measured requests")
-    b.add_argument("--kiosks", type=int, default=24, help="emulated kiosks, each one connection to its store router (default 24)")
+    b.add_argument(
+        "--kiosks", type=int, default=24, help="emulated kiosks, each one connection to its store router (default 24)"
+    )
     b.add_argument("--workers", type=int, default=1, help="load-generator processes (default 1)")
     b.add_argument("--baseline", choices=["haproxy"], help="run every scenario again with HAProxy as the relay chain")
     b.add_argument("--p99-target", type=float, default=100.0, help="sweep: p99 target in ms (default 100)")
     b.add_argument("--sweep-steps", type=int, default=8, help="sweep: at most this many rate steps")
     b.add_argument("--h2load", action="store_true", help="also cross-check relay-small/relay-64k with h2load")
-    b.add_argument("--cross-check", action="store_true",
-                   help="also drive relay-small/relay-64k/relay-1m with the compiled Go client against konbini's and "
-                        "HAProxy's relays; the report shows its ratios beside the generator's (needs golang-go, haproxy)")
-    b.add_argument("--relay-processes", choices=["operator", "hop"], default="operator",
-                   help="konbini's relays: one process per operator (default), or per operator and hop kind, so the "
-                        "cost model shows each hop's CPU per request")
-    b.add_argument("--center-processes", choices=["one", "role"], default="one",
-                   help="the center side: one process (default), or one per role (the issuance centers, the OCSP "
-                        "responders, the municipalities), so it can use more than one core and the cost model shows "
-                        "each role's CPU per request")
-    b.add_argument("--center-workers", type=int, default=1, metavar="N",
-                   help="the center side (issuance centers, OCSP, municipalities) in N worker processes sharing its "
-                        "addresses (SO_REUSEPORT) and its ledger file (default 1)")
-    b.add_argument("--netns", action="store_true", help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)")
+    b.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="also drive relay-small/relay-64k/relay-1m with the compiled Go client against konbini's and "
+        "HAProxy's relays; the report shows its ratios beside the generator's (needs golang-go, haproxy)",
+    )
+    b.add_argument(
+        "--relay-processes",
+        choices=["operator", "hop"],
+        default="operator",
+        help="konbini's relays: one process per operator (default), or per operator and hop kind, so the "
+        "cost model shows each hop's CPU per request",
+    )
+    b.add_argument(
+        "--center-processes",
+        choices=["one", "role"],
+        default="one",
+        help="the center side: one process (default), or one per role (the issuance centers, the OCSP "
+        "responders, the municipalities), so it can use more than one core and the cost model shows "
+        "each role's CPU per request",
+    )
+    b.add_argument(
+        "--center-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the center side (issuance centers, OCSP, municipalities) in N worker processes sharing its "
+        "addresses (SO_REUSEPORT) and its ledger file (default 1)",
+    )
+    b.add_argument(
+        "--netns",
+        action="store_true",
+        help="run the topology in netns mode and the load workers in the kiosks' namespaces (root)",
+    )
     b.add_argument("--tag", default="bench", help="--netns: namespaces konbini-TAG-* (default bench)")
     b.add_argument("--state", help=f"state directory for the bench topology (default {DEFAULT_STATE})")
     b.add_argument("--out", default="bench-out", help="report directory (default bench-out)")
-    b.add_argument("--line", action="append", metavar="KIND=DELAY",
-                   help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)")
-    b.add_argument("--levels", default="1,10,100", help=f"{NATIONAL}: multiples of the peak hour's rate, comma-separated (default 1,10,100)")
-    b.add_argument("--hour-s", type=float, default=2.0, help=f"{NATIONAL}: seconds per service hour of the compressed day (default 2; 0: none)")
-    b.add_argument("--processes", type=int, default=12, help=f"{NATIONAL}: node processes for the issuance path (default 12)")
-    b.add_argument("--max-open", type=int, default=2000, help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)")
-    b.add_argument("--no-progress", action="store_true",
-                   help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either")
+    b.add_argument(
+        "--line",
+        action="append",
+        metavar="KIND=DELAY",
+        help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)",
+    )
+    b.add_argument(
+        "--levels",
+        default="1,10,100",
+        help=f"{NATIONAL}: multiples of the peak hour's rate, comma-separated (default 1,10,100)",
+    )
+    b.add_argument(
+        "--hour-s",
+        type=float,
+        default=2.0,
+        help=f"{NATIONAL}: seconds per service hour of the compressed day (default 2; 0: none)",
+    )
+    b.add_argument(
+        "--processes", type=int, default=12, help=f"{NATIONAL}: node processes for the issuance path (default 12)"
+    )
+    b.add_argument(
+        "--max-open",
+        type=int,
+        default=2000,
+        help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)",
+    )
+    b.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either",
+    )
     b.set_defaults(func=cmd_bench)
 
 
@@ -73,7 +124,9 @@ def cmd_bench(args) -> int:
     chosen = [SCENARIOS[s] for s in scenarios if s in SCENARIOS]  # an unknown name is the runner's error
     own = next((str(DEFAULT_TOPOLOGY.parent / sc.topology) for sc in chosen if sc.topology), None)
     topo = load(args.topology or own)
-    duration = args.duration if args.duration is not None else max((sc.duration_s or 10.0 for sc in chosen), default=10.0)
+    duration = (
+        args.duration if args.duration is not None else max((sc.duration_s or 10.0 for sc in chosen), default=10.0)
+    )
     opts = BenchOptions(
         scenarios=scenarios,
         topology=topo,
@@ -111,50 +164,84 @@ def cmd_bench(args) -> int:
                 continue
             ratio = entry.get("ratios", {}) if phase == "haproxy" else {}
             gen = r.get("generator", {})
-            rows.append((
-                f"{name} {phase}", f"{r.get('throughput_rps', 0):.1f}", f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
-                _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), str(r.get("dropped", 0)), str(sum((r.get("errors") or {}).values())),
-                str(r.get("misdelivered", 0)),
-                f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
-                " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
-            ))
+            rows.append(
+                (
+                    f"{name} {phase}",
+                    f"{r.get('throughput_rps', 0):.1f}",
+                    f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
+                    _ms(r.get("p50_ms")),
+                    _ms(r.get("p99_ms")),
+                    str(r.get("dropped", 0)),
+                    str(sum((r.get("errors") or {}).values())),
+                    str(r.get("misdelivered", 0)),
+                    f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}"
+                    if gen
+                    else "-",
+                    " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
+                )
+            )
             if split := r.get("latency_split"):
                 top = sorted(split.items(), key=lambda kv: -abs(kv[1]))
-                soaks.append(f"{name} {phase} where the time goes (mean ms, adds up to {r.get('latency_split_total_ms')}): "
-                             + ", ".join(f"{k} {v:.1f}" for k, v in top))
+                soaks.append(
+                    f"{name} {phase} where the time goes (mean ms, adds up to {r.get('latency_split_total_ms')}): "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in top)
+                )
             if costs := r.get("costs"):
                 soaks.append(f"{name} {phase} CPU µs per request: " + cost_line(costs))
             if soak := r.get("soak"):
                 worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
-                fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
-                soaks.append(f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
-                             f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
-                             f"errors {soak['errors']}, misdelivered {soak['misdelivered']}"
-                             + (f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
-                                f"{iss['past_bound']}" if (iss := soak.get("issuances")) else ""))
+                fds = ", ".join(
+                    f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items()
+                )
+                soaks.append(
+                    f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
+                    f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
+                    f"errors {soak['errors']}, misdelivered {soak['misdelivered']}"
+                    + (
+                        f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
+                        f"{iss['past_bound']}"
+                        if (iss := soak.get("issuances"))
+                        else ""
+                    )
+                )
             if fo := r.get("failover"):
                 failovers += failover_lines(f"{name} {phase}", fo)
             if r.get("best_rate") is not None or "steps" in r:
                 rows.append((f"{name} {phase}", f"best {r.get('best_rate')}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
     console = Console()
-    title = "konbini bench" + (" (netns)" if report.get("mode") == "netns" else "") + (" (partial)" if report["partial"] else "")
-    show(console, title, ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"), rows)
+    title = (
+        "konbini bench"
+        + (" (netns)" if report.get("mode") == "netns" else "")
+        + (" (partial)" if report["partial"] else "")
+    )
+    show(
+        console,
+        title,
+        ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"),
+        rows,
+    )
     for line in soaks:
         console.print(line, markup=False, highlight=False)
     for line in failovers:  # a table of its own: one line a second, not wrapped
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     for name, entry in (report.get("cross_check") or {}).get("scenarios", {}).items():
         ratios = entry["ratios"]
-        console.print(f"cross-check {name}: konbini ÷ HAProxy with the compiled client {ratios['compiled_client']}, "
-                      f"with konbini's generator {ratios['generator'] if ratios['generator'] is not None else '- (no --baseline haproxy)'}"
-                      + ("" if ratios["agree"] is not False else "  (they disagree: see report.md)"), markup=False, highlight=False)
-    console.print(f"reports: {opts.out_dir / 'report.json'}, {opts.out_dir / 'report.html'} and {opts.out_dir / 'report.md'}")
-    failed = any(
-        (entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES
+        console.print(
+            f"cross-check {name}: konbini ÷ HAProxy with the compiled client {ratios['compiled_client']}, "
+            f"with konbini's generator {ratios['generator'] if ratios['generator'] is not None else '- (no --baseline haproxy)'}"
+            + ("" if ratios["agree"] is not False else "  (they disagree: see report.md)"),
+            markup=False,
+            highlight=False,
+        )
+    console.print(
+        f"reports: {opts.out_dir / 'report.json'}, {opts.out_dir / 'report.html'} and {opts.out_dir / 'report.md'}"
     )
+    failed = any((entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES)
     soak_failed = any(
         not (entry.get(p) or {}).get(check, {"ok": True})["ok"]
-        for entry in report["scenarios"].values() for p in PHASES for check in ("soak", "failover")
+        for entry in report["scenarios"].values()
+        for p in PHASES
+        for check in ("soak", "failover")
     )
     return 1 if failed or soak_failed or report["partial"] else 0
 
@@ -168,9 +255,17 @@ def cmd_national(args) -> int:
         raise UserError(f"--levels {args.levels!r}: give multiples of the peak rate, e.g. 1,10,100") from None
     topo = load(args.topology or str(DEFAULT_TOPOLOGY.parent / "national.yaml"))
     opts = NationalOptions(
-        topology=topo, state_dir=Path(args.state or NATIONAL_STATE), out_dir=Path(args.out), levels=levels,
-        duration_s=args.duration if args.duration is not None else 20.0, warmup_s=args.warmup if args.warmup is not None else 2.0,
-        hour_s=args.hour_s, processes=args.processes, workers=args.workers, max_open=args.max_open, progress=not args.no_progress,
+        topology=topo,
+        state_dir=Path(args.state or NATIONAL_STATE),
+        out_dir=Path(args.out),
+        levels=levels,
+        duration_s=args.duration if args.duration is not None else 20.0,
+        warmup_s=args.warmup if args.warmup is not None else 2.0,
+        hour_s=args.hour_s,
+        processes=args.processes,
+        workers=args.workers,
+        max_open=args.max_open,
+        progress=not args.no_progress,
     )
     try:
         report = run_national_peak(opts)
@@ -179,14 +274,40 @@ def cmd_national(args) -> int:
     rows = []
     for r in report["phases"]:
         for g, v in r["by_group"].items():
-            rows.append((r["name"], g, f"{r['offered_rps']:g}", str(v["issued"]), str(v["refused"]), str(sum(v["errors"].values())),
-                         _ms(v.get("p50_ms")), _ms(v.get("p99_ms")), str(v["misdelivered"])))
-        rows.append((r["name"], "all", f"{r['offered_rps']:g}", str(r["ok"]), str(sum((r.get("refused") or {}).values())),
-                     str(sum((r.get("errors") or {}).values())), _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), str(r["misdelivered"])))
+            rows.append(
+                (
+                    r["name"],
+                    g,
+                    f"{r['offered_rps']:g}",
+                    str(v["issued"]),
+                    str(v["refused"]),
+                    str(sum(v["errors"].values())),
+                    _ms(v.get("p50_ms")),
+                    _ms(v.get("p99_ms")),
+                    str(v["misdelivered"]),
+                )
+            )
+        rows.append(
+            (
+                r["name"],
+                "all",
+                f"{r['offered_rps']:g}",
+                str(r["ok"]),
+                str(sum((r.get("refused") or {}).values())),
+                str(sum((r.get("errors") or {}).values())),
+                _ms(r.get("p50_ms")),
+                _ms(r.get("p99_ms")),
+                str(r["misdelivered"]),
+            )
+        )
     console = Console()
-    show(console, f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
-         + (" (partial)" if report["partial"] else ""),
-         ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"), rows)
+    show(
+        console,
+        f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
+        + (" (partial)" if report["partial"] else ""),
+        ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
+        rows,
+    )
     console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
     misdelivered = sum(r["misdelivered"] for r in report["phases"])
     return 1 if misdelivered or report["partial"] else 0
@@ -206,16 +327,23 @@ def failover_lines(label: str, fo: dict) -> list[str]:
         via = "/".join(str(row["via"].get(w, 0)) for w in watched)
         reasons = ", ".join(f"{k} {v}" for k, v in row["reasons"].items())
         bar = "#" * round(row["ok"] * scale) + "x" * math.ceil(row["failed"] * scale)
-        out.append(f"  {row['second']:3d}s ok {row['ok']:3d} failed {row['failed']:3d}  via {via:<11} {bar:<40} "
-                   f"{reasons}{'  <- ' + '; '.join(marks[row['second']]) if row['second'] in marks else ''}")
+        out.append(
+            f"  {row['second']:3d}s ok {row['ok']:3d} failed {row['failed']:3d}  via {via:<11} {bar:<40} "
+            f"{reasons}{'  <- ' + '; '.join(marks[row['second']]) if row['second'] in marks else ''}"
+        )
     for f in fo["faults"]:
         ttp = f["time_to_pass_over_s"]
-        what = (f"SIGKILLed at {f['at_s']:.1f} s (pid {f['pid']} {'gone' if f['pid_gone'] else 'STILL THERE'}), restarted"
-                if f["fault"] == "kill" else f"SIGSTOPped (hung) at {f['at_s']:.1f} s (pid {f['pid']}), continued")
-        out.append(f"{label}: {f['node']} {what} at {f['until_s']} s: failures "
-                   f"{', '.join(f'{k} {v}' for k, v in f['failures'].items()) or 'none'}; time to pass over "
-                   f"{'NEVER' if ttp is None else f'{ttp:.3f} s'}; of the issuances started meanwhile "
-                   f"{f['ok_while_down']} succeeded, {f['ok_while_down_via_survivor']} via {f['survivor']}")
+        what = (
+            f"SIGKILLed at {f['at_s']:.1f} s (pid {f['pid']} {'gone' if f['pid_gone'] else 'STILL THERE'}), restarted"
+            if f["fault"] == "kill"
+            else f"SIGSTOPped (hung) at {f['at_s']:.1f} s (pid {f['pid']}), continued"
+        )
+        out.append(
+            f"{label}: {f['node']} {what} at {f['until_s']} s: failures "
+            f"{', '.join(f'{k} {v}' for k, v in f['failures'].items()) or 'none'}; time to pass over "
+            f"{'NEVER' if ttp is None else f'{ttp:.3f} s'}; of the issuances started meanwhile "
+            f"{f['ok_while_down']} succeeded, {f['ok_while_down_via_survivor']} via {f['survivor']}"
+        )
     for err in fo.get("errors", []):
         out.append(f"{label}: fault schedule error: {err}")
     out.append(f"{label}: failover {'passed' if fo['ok'] else 'FAILED'}")
@@ -224,7 +352,9 @@ def failover_lines(label: str, fo: dict) -> list[str]:
 
 def cost_line(costs: dict) -> str:
     """Every process's µs per completed request, and the notes that say what limits the phase."""
-    procs = ", ".join(f"{p['name']} {p['us_per_request']:,.0f}" for p in costs["processes"] if p.get("us_per_request") is not None)
+    procs = ", ".join(
+        f"{p['name']} {p['us_per_request']:,.0f}" for p in costs["processes"] if p.get("us_per_request") is not None
+    )
     return (procs or "no requests completed") + "".join(f"; NOTE {n}" for n in costs.get("notes", []))
 
 

@@ -18,7 +18,7 @@ from topology.cli.common import UserError, load, parse_clock
 def open_ledger(args, topo) -> LedgerDB:
     path = ledger_path(topo.ledger, Path(args.state or topo.state_dir))
     if path == MEMORY:
-        raise UserError("the topology keeps its ledger in memory (ledger: \":memory:\"); there is nothing to report on")
+        raise UserError('the topology keeps its ledger in memory (ledger: ":memory:"); there is nothing to report on')
     if not Path(path).exists():
         raise UserError(f"no ledger at {path} (run `konbini up` and issue first, or pass --state)")
     try:
@@ -50,8 +50,10 @@ def cmd_settle(args, topo) -> int:
         raise UserError(str(exc)) from None
     rep = {**rep, "status": status}
     munis = topo.municipalities()
-    named = {code: {**t, "name": munis[code].municipality.name if code in munis else None}
-             for code, t in rep.get("municipalities", {}).items()}  # a month fixed before this has none
+    named = {
+        code: {**t, "name": munis[code].municipality.name if code in munis else None}
+        for code, t in rep.get("municipalities", {}).items()
+    }  # a month fixed before this has none
     rep["municipalities"] = named
     if args.json:
         print(json.dumps(rep, ensure_ascii=False))
@@ -65,7 +67,9 @@ def cmd_settle(args, topo) -> int:
     for code, t in named.items():
         print(f"  {(t['name'] + ' ' if t['name'] else '')}{code}: {t['copies']} copies, {t['fees']} yen in fees")
     d = rep["deadlines"]
-    print(f"deadlines: reconcile {d['reconcile']}, amount fixed {d['fix']}, invoice {d['invoice']}, payment {d['payment']}")
+    print(
+        f"deadlines: reconcile {d['reconcile']}, amount fixed {d['fix']}, invoice {d['invoice']}, payment {d['payment']}"
+    )
     return 0
 
 
@@ -93,9 +97,11 @@ def cmd_sla(args, topo) -> int:
         print(json.dumps(rep, ensure_ascii=False))
     else:
         verdict = "met" if rep["met"] else "MISSED"
-        print(f"availability {rep['month']}: {rep['availability_percent']:.4f} % (target {rep['target_percent']:.1f} %: {verdict}); "
-              f"downtime {rep['downtime_minutes']:.1f} of {rep['month_minutes']} minutes; "
-              f"{len(rep['outages_counted'])} outages counted, {rep['outages_ignored_short']} of 10 minutes or less ignored")
+        print(
+            f"availability {rep['month']}: {rep['availability_percent']:.4f} % (target {rep['target_percent']:.1f} %: {verdict}); "
+            f"downtime {rep['downtime_minutes']:.1f} of {rep['month_minutes']} minutes; "
+            f"{len(rep['outages_counted'])} outages counted, {rep['outages_ignored_short']} of 10 minutes or less ignored"
+        )
     return 0 if rep["met"] else 1
 
 
@@ -114,13 +120,23 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("settle", help="monthly settlement per operator (BIZ-6)")
     s.add_argument("--month", required=True, help="YYYY-MM, e.g. 2026-11")
     s.add_argument("--fix", action="store_true", help="fix the month: its records can never change after this")
-    s.add_argument("--json", action="store_true", help="print one JSON object: per operator copies, fees, consignment, amount due; deadlines")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: per operator copies, fees, consignment, amount due; deadlines",
+    )
     s.add_argument("--topology", help="topology file")
     s.add_argument("--state", help="state directory")
-    s.add_argument("--clock", help="emulated now, e.g. 2026-12-09T10:00 (Japan time unless an offset is given; the month must be over)")
+    s.add_argument(
+        "--clock",
+        help="emulated now, e.g. 2026-12-09T10:00 (Japan time unless an offset is given; the month must be over)",
+    )
     s.set_defaults(func=wrap(cmd_settle))
 
-    a = sub.add_parser("sla", help="monthly availability under the MynaSign service terms (BIZ-9): 43,200-minute month, outages over 10 minutes count, target 99.9 %%; exit 1 when missed")
+    a = sub.add_parser(
+        "sla",
+        help="monthly availability under the MynaSign service terms (BIZ-9): 43,200-minute month, outages over 10 minutes count, target 99.9 %%; exit 1 when missed",
+    )
     a.add_argument("--month", required=True, help="YYYY-MM")
     a.add_argument("--json", action="store_true")
     a.add_argument("--record-outage", nargs=2, metavar=("START", "END"), help="record a complete service outage first")

@@ -19,24 +19,36 @@ def cmd_card(args) -> int:
     try:
         if args.card_cmd == "new":
             card = store.new(
-                pin=args.pin, profile=CardProfile(args.profile), card_id=args.id, expired=args.expired, legacy=args.legacy
+                pin=args.pin,
+                profile=CardProfile(args.profile),
+                card_id=args.id,
+                expired=args.expired,
+                legacy=args.legacy,
             )
             key = "legacy SHA-1/RSA-1024 certificate, refused by default; " if args.legacy else ""
-            print(f"created {card.card_id} ({key}PIN profile {card.profile}, "
-                  f"valid {card.certificate.not_valid_before_utc:%Y-%m-%d} to {card.certificate.not_valid_after_utc:%Y-%m-%d})")
+            print(
+                f"created {card.card_id} ({key}PIN profile {card.profile}, "
+                f"valid {card.certificate.not_valid_before_utc:%Y-%m-%d} to {card.certificate.not_valid_after_utc:%Y-%m-%d})"
+            )
         elif args.card_cmd == "list":
             print_cards(store, clock.now())
         elif args.card_cmd == "revoke":
             if not store.revoke(args.id, args.reason):
                 at, reason = store.revocations()[store.load(args.id).serial]
-                raise UserError(f"card {args.id} was already revoked on {at:%Y-%m-%d %H:%M} JST ({reason}); nothing changed")
+                raise UserError(
+                    f"card {args.id} was already revoked on {at:%Y-%m-%d %H:%M} JST ({reason}); nothing changed"
+                )
             phones = SmartphoneStore(store).revoke_card(args.id, args.reason)  # and its phones (seed 002 §8.1)
-            print(f"revoked {args.id} ({args.reason}); the OCSP responder answers 'revoked' from now on"
-                  + (f"; so are its smartphone credentials {', '.join(phones)}" if phones else ""))
+            print(
+                f"revoked {args.id} ({args.reason}); the OCSP responder answers 'revoked' from now on"
+                + (f"; so are its smartphone credentials {', '.join(phones)}" if phones else "")
+            )
         elif args.card_cmd == "phone":
             phone = SmartphoneStore(store).issue(args.id, args.pin)
-            print(f"created {phone.card_id} for card {args.id} (valid until {phone.certificate.not_valid_after_utc:%Y-%m-%d}, "
-                  "reissued while the card is good)")
+            print(
+                f"created {phone.card_id} for card {args.id} (valid until {phone.certificate.not_valid_after_utc:%Y-%m-%d}, "
+                "reissued while the card is good)"
+            )
         elif args.card_cmd == "lost":
             SmartphoneStore(store).report_lost(args.id)
             print(f"revoked {args.id} (lost); the card it was made from stays good")
@@ -58,7 +70,9 @@ def print_cards(store: CardStore, now) -> None:
         state = "revoked" if card.serial in revoked else problem or "valid"
         tries = "locked" if card.locked else f"{card.tries_left} of {card.profile.max_tries}"
         key = f"RSA-{card.key.key_size}" + (" legacy" if card.key.key_size < 2048 else "")
-        rows.append((card_id, card.profile.value, key, state, tries, f"{card.certificate.not_valid_after_utc:%Y-%m-%d}"))
+        rows.append(
+            (card_id, card.profile.value, key, state, tries, f"{card.certificate.not_valid_after_utc:%Y-%m-%d}")
+        )
     head = ("card", "PIN profile", "key", "certificate", "PIN tries left", "valid until")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     for row in (head, *rows):

@@ -45,8 +45,10 @@ def clock_option(text: str | None, option: str = "--clock") -> str | None:
     try:
         start = datetime.fromisoformat(text)
     except ValueError:
-        raise UserError(f"{option} {text!r} is not a time; write it as 2026-11-24T10:00 (Japan time) "
-                        "or with an offset, 2026-11-24T10:00:00+09:00") from None
+        raise UserError(
+            f"{option} {text!r} is not a time; write it as 2026-11-24T10:00 (Japan time) "
+            "or with an offset, 2026-11-24T10:00:00+09:00"
+        ) from None
     return (start if start.tzinfo is not None else start.replace(tzinfo=JST)).isoformat()
 
 
@@ -106,16 +108,28 @@ def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
 def _share(p: argparse.ArgumentParser, reads_topology: bool) -> None:
     options = p._option_string_actions
     if "--verbose" not in options:
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log denials and node events")
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log denials and node events"
+        )
     if not reads_topology:
         return  # `schema`; the groups `policy`, `export` and `link` (their subcommands read one)
     positionals = [a for a in p._actions if not a.option_strings]
     if "--topology" not in options:
-        p.add_argument("--topology", default=argparse.SUPPRESS, metavar="FILE", help="topology file (default: the shipped default topology)")
+        p.add_argument(
+            "--topology",
+            default=argparse.SUPPRESS,
+            metavar="FILE",
+            help="topology file (default: the shipped default topology)",
+        )
     if "--state" not in options:
         p.add_argument("--state", default=argparse.SUPPRESS, help="state directory (PKI, cards, spools, logs)")
     # FILE only where it is the one positional: after others (`card revoke ID FILE`) argparse
     # takes an optional positional early, empty, when an option comes between
     if not positionals:
-        p.add_argument("file", nargs="?", default=argparse.SUPPRESS, metavar="FILE",
-                       help="topology file (default: the shipped default topology)")
+        p.add_argument(
+            "file",
+            nargs="?",
+            default=argparse.SUPPRESS,
+            metavar="FILE",
+            help="topology file (default: the shipped default topology)",
+        )

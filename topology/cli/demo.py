@@ -43,8 +43,12 @@ class Step:
 async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Step], list[IssuanceResult], float]:
     clock = Clock(DEMO_TIME)
     async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(lambda task_status: run_topology(topo, state, clock=clock, task_status=task_status))
-        console.print(f"topology [bold]{topo.name}[/]: {len(running.servers)} servers up in {running.ready_s * 1000:.0f} ms; emulated time {clock.now():%Y-%m-%d %H:%M} JST")
+        running: Running = await nursery.start(
+            lambda task_status: run_topology(topo, state, clock=clock, task_status=task_status)
+        )
+        console.print(
+            f"topology [bold]{topo.name}[/]: {len(running.servers)} servers up in {running.ready_s * 1000:.0f} ms; emulated time {clock.now():%Y-%m-%d %H:%M} JST"
+        )
         kiosks = [n.id for n in topo.of_kind("kiosk")]
         munis = {n.id: n.municipality.code for n in topo.of_kind("municipality") if n.municipality}
         cards = running.cards
@@ -55,13 +59,49 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
             expired = cards.new(expired=True)
         a, b, c = munis.get("muni-a"), munis.get("muni-b"), munis.get("muni-c")
         plan = [
-            (Step("residence record, 1 copy", "issued"), kiosks[0], pool[0], DEFAULT_PIN, IssueRequest(a, "residence-record")),
-            (Step("seal registration, 2 copies", "issued"), kiosks[-1], pool[1], DEFAULT_PIN, IssueRequest(b, "seal-registration", 2)),
+            (
+                Step("residence record, 1 copy", "issued"),
+                kiosks[0],
+                pool[0],
+                DEFAULT_PIN,
+                IssueRequest(a, "residence-record"),
+            ),
+            (
+                Step("seal registration, 2 copies", "issued"),
+                kiosks[-1],
+                pool[1],
+                DEFAULT_PIN,
+                IssueRequest(b, "seal-registration", 2),
+            ),
             (Step("wrong PIN", "pin-wrong"), kiosks[1], pool[2], "9999", IssueRequest(a, "residence-record")),
-            (Step("municipality not participating", "municipality-not-participating"), kiosks[2], pool[0], DEFAULT_PIN, IssueRequest(c, "residence-record")),
-            (Step("certificate type not offered", "certificate-type-not-offered"), kiosks[3], pool[0], DEFAULT_PIN, IssueRequest(b, "family-register")),
-            (Step("revoked card", "card-revoked"), kiosks[4], revoked, DEFAULT_PIN, IssueRequest(a, "residence-record")),
-            (Step("expired card", "card-expired"), kiosks[5], expired, DEFAULT_PIN, IssueRequest(a, "residence-record")),
+            (
+                Step("municipality not participating", "municipality-not-participating"),
+                kiosks[2],
+                pool[0],
+                DEFAULT_PIN,
+                IssueRequest(c, "residence-record"),
+            ),
+            (
+                Step("certificate type not offered", "certificate-type-not-offered"),
+                kiosks[3],
+                pool[0],
+                DEFAULT_PIN,
+                IssueRequest(b, "family-register"),
+            ),
+            (
+                Step("revoked card", "card-revoked"),
+                kiosks[4],
+                revoked,
+                DEFAULT_PIN,
+                IssueRequest(a, "residence-record"),
+            ),
+            (
+                Step("expired card", "card-expired"),
+                kiosks[5],
+                expired,
+                DEFAULT_PIN,
+                IssueRequest(a, "residence-record"),
+            ),
         ]
         steps = []
         for step, kiosk, card, pin, req in plan:
@@ -77,7 +117,11 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
         t0 = trio.current_time()
 
         async def one(i: int) -> None:
-            results.append(await issue_at(running, kiosks[i % len(kiosks)], pool[3 + i], DEFAULT_PIN, IssueRequest(a, "residence-record")))
+            results.append(
+                await issue_at(
+                    running, kiosks[i % len(kiosks)], pool[3 + i], DEFAULT_PIN, IssueRequest(a, "residence-record")
+                )
+            )
 
         async with trio.open_nursery() as burst:
             for i in range(CONCURRENT):
@@ -91,12 +135,24 @@ def run_demo(topo: Topology, state: Path | None) -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="konbini-demo-") as tmp:
         steps, burst, elapsed = trio.run(_demo, topo, state or Path(tmp), console)
-    show(console, "issuances", ("step", "expected", "status", "reason", "bytes", "fee", "latency ms", "kiosk screen"), [
-        (s.title, s.expect, s.result.status if s.ok else f"{s.result.status} (UNEXPECTED)", s.result.reason or "-",
-         str(s.result.document_bytes), str(s.result.fee), f"{s.result.latency_ms:.1f}",
-         s.result.message if s.result.status != "issued" else "printed; spool erased")
-        for s in steps
-    ])
+    show(
+        console,
+        "issuances",
+        ("step", "expected", "status", "reason", "bytes", "fee", "latency ms", "kiosk screen"),
+        [
+            (
+                s.title,
+                s.expect,
+                s.result.status if s.ok else f"{s.result.status} (UNEXPECTED)",
+                s.result.reason or "-",
+                str(s.result.document_bytes),
+                str(s.result.fee),
+                f"{s.result.latency_ms:.1f}",
+                s.result.message if s.result.status != "issued" else "printed; spool erased",
+            )
+            for s in steps
+        ],
+    )
     issued = sum(r.status == "issued" for r in burst)
     misdelivered = sum(r.status == "misdelivered" for r in burst)
     lat = sorted(r.latency_ms for r in burst)

@@ -59,7 +59,11 @@ def write_expanded(topo: Topology, out: TextIO) -> None:
     for node in topo.nodes.values():
         line = f"  {node.id}: {_enc.encode(_node_fields(node)).decode()}"
         if origins and node.allow:
-            came = [f"allow[{i}] from {origins[k]}" for i in range(len(node.allow)) if (k := f"nodes.{node.id}.allow[{i}]") in origins]
+            came = [
+                f"allow[{i}] from {origins[k]}"
+                for i in range(len(node.allow))
+                if (k := f"nodes.{node.id}.allow[{i}]") in origins
+            ]
             if came:
                 line += "  # " + ", ".join(came)
         write(line + "\n")

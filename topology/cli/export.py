@@ -38,8 +38,12 @@ def _pki(args, topo) -> PKI:
 def cmd_export_k8s(args) -> int:
     topo = load(args.file)
     source = Path(topo.source)
-    opts = KubeOptions(namespace=args.namespace, image=args.image, topology_text=source.read_text(encoding="utf-8"),
-                       group_stores=args.group_stores)
+    opts = KubeOptions(
+        namespace=args.namespace,
+        image=args.image,
+        topology_text=source.read_text(encoding="utf-8"),
+        group_stores=args.group_stores,
+    )
     pki = _pki(args, pki_topology(topo, opts))
     files = {n.id: pki_files(pki, n) for n in exported_nodes(topo, opts)}
     try:
@@ -57,8 +61,10 @@ def cmd_export_k8s(args) -> int:
         print(f"  {name:28} {len(docs):3}  {', '.join(kinds)}")
     if grouped(topo, opts):
         store = [n for n in topo.nodes.values() if n.kind in STORE_KINDS]
-        print(f"store side grouped: {len(store)} nodes selected by kind and operator, policies only, no workloads "
-              "(per-node identities and Service names for every store do not fit a bounded export)")
+        print(
+            f"store side grouped: {len(store)} nodes selected by kind and operator, policies only, no workloads "
+            "(per-node identities and Service names for every store do not fit a bounded export)"
+        )
     print(f"apply: kubectl apply -f {out}/   (the Secrets hold the test PKI's private keys: a test cluster only)")
     return 0
 
@@ -87,8 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--namespace", default="konbini")
     k.add_argument("--image", default="konbini:latest", help="container image built from the Containerfile")
     k.add_argument("--state", help="state directory holding the test PKI (created when missing)")
-    k.add_argument("--group-stores", action=argparse.BooleanOptionalAction, default=None,
-                   help="select the store side by kind and operator, without its workloads (default: past 1000 store-side nodes)")
+    k.add_argument(
+        "--group-stores",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="select the store side by kind and operator, without its workloads (default: past 1000 store-side nodes)",
+    )
     k.set_defaults(func=cmd_export_k8s)
     c = esub.add_parser("compose", help="a compose file for one host: a network per line")
     c.add_argument("file", nargs="?", help="topology file (default: the shipped default topology)")

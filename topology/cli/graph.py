@@ -75,7 +75,11 @@ class Drawing:
 
 
 def _impair_text(impair: Impairment) -> str:
-    parts = [f"{k} {v}" for k, v in (("delay", impair.delay), ("jitter", impair.jitter), ("loss", impair.loss), ("rate", impair.rate)) if v]
+    parts = [
+        f"{k} {v}"
+        for k, v in (("delay", impair.delay), ("jitter", impair.jitter), ("loss", impair.loss), ("rate", impair.rate))
+        if v
+    ]
     return ", ".join(parts)
 
 
@@ -112,11 +116,17 @@ def aggregate(topo: Topology) -> tuple[list[list[tuple[str, str, str]]], list[tu
     many = len(servers) > _MANY_MUNIS
     if many:
         taking = {n.municipality.code for n in munis if n.municipality.participating}
-        cols[4].append(("munis", f"{len(servers):,} municipalities", f"{len(taking):,} participating, {len(munis):,} servers"))
+        cols[4].append(
+            ("munis", f"{len(servers):,} municipalities", f"{len(taking):,} participating, {len(munis):,} servers")
+        )
     else:
         for code, group in servers.items():
             m = group[0].municipality
-            detail = code + (f", {len(group)} document servers" if len(group) > 1 else "") + ("" if m.participating else ", not participating")
+            detail = (
+                code
+                + (f", {len(group)} document servers" if len(group) > 1 else "")
+                + ("" if m.participating else ", not participating")
+            )
             cols[4].append((f"muni:{code}", m.name or f"municipality {code}", detail))
 
     def key(node_id: str) -> str:
@@ -151,7 +161,10 @@ def layout(topo: Topology) -> Drawing:
     cols, links = aggregate(topo)
     index = {k: (c, r) for c, col in enumerate(cols) for r, (k, _, _) in enumerate(col)}
     links = [(a, b, text) for a, b, text in links if a in index and b in index]
-    widths = [max([_MIN_BOX_W] + [16 + max(text_width(t, _TITLE_PX), text_width(d, _DETAIL_PX)) for _, t, d in col]) for col in cols]
+    widths = [
+        max([_MIN_BOX_W] + [16 + max(text_width(t, _TITLE_PX), text_width(d, _DETAIL_PX)) for _, t, d in col])
+        for col in cols
+    ]
     brackets = [[(a, b, t) for a, b, t in links if index[a][0] == index[b][0] == c] for c in range(len(cols))]
     bracket_w = [(_BRACKET * len(bs) + _LABEL_PX + 8) if bs else 0 for bs in brackets]
     label_w = [0.0] * len(cols)
@@ -163,8 +176,11 @@ def layout(topo: Topology) -> Drawing:
     xs = [float(_MARGIN)]
     for c in range(len(cols) - 1):
         xs.append(xs[-1] + widths[c] + gaps[c])
-    boxes = {k: Box(k, t, d, xs[c], _TOP + r * (_BOX_H + _ROW_GAP), widths[c])
-             for c, col in enumerate(cols) for r, (k, t, d) in enumerate(col)}
+    boxes = {
+        k: Box(k, t, d, xs[c], _TOP + r * (_BOX_H + _ROW_GAP), widths[c])
+        for c, col in enumerate(cols)
+        for r, (k, t, d) in enumerate(col)
+    }
     arrows = []
     for a, b, text in links:
         ba, bb = boxes[a], boxes[b]
@@ -181,8 +197,13 @@ def layout(topo: Topology) -> Drawing:
             x1, x2 = ba.x + ba.w, bb.x
             points = ((x1, ya), (x2, yb))
             start, end = x1 + bracket_w[ca] + 4, xs[ca + 1] - 4  # the gap's labels stay clear of a bracket's
-            label = _place(text, tw, [(start + end) / 2, start + tw / 2, end - tw / 2],
-                           lambda x, x1=x1, x2=x2, ya=ya, yb=yb: ya + (yb - ya) * (x - x1) / (x2 - x1), [a.label for a in arrows])
+            label = _place(
+                text,
+                tw,
+                [(start + end) / 2, start + tw / 2, end - tw / 2],
+                lambda x, x1=x1, x2=x2, ya=ya, yb=yb: ya + (yb - ya) * (x - x1) / (x2 - x1),
+                [a.label for a in arrows],
+            )
         arrows.append(Arrow(points, label))
     height = _TOP + max(len(c) for c in cols) * (_BOX_H + _ROW_GAP) + 40
     for arrow in arrows:  # a bracket's label may reach below the last row
@@ -215,7 +236,9 @@ def svg(topo: Topology) -> str:
     for x, name in d.columns:
         out.append(f'<text x="{x:.0f}" y="{_TOP - 12}" fill="#666">{name}</text>')
     for b in d.boxes:
-        out.append(f'<rect x="{b.x:.0f}" y="{b.y:.0f}" width="{b.w:.0f}" height="{b.h:.0f}" rx="6" fill="#eef3fb" stroke="#4a6fa5"/>')
+        out.append(
+            f'<rect x="{b.x:.0f}" y="{b.y:.0f}" width="{b.w:.0f}" height="{b.h:.0f}" rx="6" fill="#eef3fb" stroke="#4a6fa5"/>'
+        )
         out.append(f'<text x="{b.x + 8:.0f}" y="{b.y + 18:.0f}" font-weight="bold">{html.escape(b.title)}</text>')
         out.append(f'<text x="{b.x + 8:.0f}" y="{b.y + 36:.0f}" fill="#333">{html.escape(b.detail)}</text>')
     for a in d.arrows:
@@ -224,7 +247,9 @@ def svg(topo: Topology) -> str:
         lb = a.label
         turn = f' transform="rotate(90 {lb.x:.1f} {lb.y:.1f})"' if lb.rotated else ""
         anchor = "start" if lb.rotated else "middle"
-        out.append(f'<text x="{lb.x:.1f}" y="{lb.y:.1f}" font-size="{_LABEL_PX}" text-anchor="{anchor}" fill="#444"{turn}>{html.escape(lb.text)}</text>')
+        out.append(
+            f'<text x="{lb.x:.1f}" y="{lb.y:.1f}" font-size="{_LABEL_PX}" text-anchor="{anchor}" fill="#444"{turn}>{html.escape(lb.text)}</text>'
+        )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

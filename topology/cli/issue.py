@@ -32,8 +32,10 @@ def pick_kiosk(topo, kiosk: str | None, store: str | None) -> str:
     kiosks = topo.of_kind("kiosk")
     if store is not None and not any(store in (k.site, k.upstream) for k in kiosks):
         stores = sorted({k.site for k in kiosks})
-        raise UserError(f"unknown store {store!r}; stores are sites with kiosks: {', '.join(stores[:5])}"
-                        + (f" … ({len(stores)} in all)" if len(stores) > 5 else ""))
+        raise UserError(
+            f"unknown store {store!r}; stores are sites with kiosks: {', '.join(stores[:5])}"
+            + (f" … ({len(stores)} in all)" if len(stores) > 5 else "")
+        )
     if kiosk:
         if kiosk not in topo.nodes or topo.nodes[kiosk].kind != "kiosk":
             raise UserError(f"unknown kiosk {kiosk!r} (see `konbini up` for the node list)")
@@ -51,7 +53,11 @@ def _certificate_refused(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, ssl.SSLCertVerificationError) or "certificate" in str(getattr(exc, "reason", "") or "").lower():
         return True
-    return any(_certificate_refused(e) for e in (*getattr(exc, "exceptions", ()), exc.__cause__, exc.__context__) if e is not exc)
+    return any(
+        _certificate_refused(e)
+        for e in (*getattr(exc, "exceptions", ()), exc.__cause__, exc.__context__)
+        if e is not exc
+    )
 
 
 def outside_hours_hint(topo, muni: str | None, cert_type: str, clock, launched: bool) -> str:
@@ -71,7 +77,9 @@ def outside_hours_hint(topo, muni: str | None, cert_type: str, clock, launched: 
 def check_size(size: int | None) -> None:
     """`--size`: a document of at least one byte, at most what the center serves (it would cut it)."""
     if size is not None and not 1 <= size <= MAX_DOCUMENT_SIZE:
-        raise UserError(f"--size {size}: a document is 1 to {MAX_DOCUMENT_SIZE:,} bytes (default {DEFAULT_DOCUMENT_SIZE:,})")
+        raise UserError(
+            f"--size {size}: a document is 1 to {MAX_DOCUMENT_SIZE:,} bytes (default {DEFAULT_DOCUMENT_SIZE:,})"
+        )
 
 
 def smartphone(cards: CardStore, phone_id: str, card: Card) -> Card:
@@ -102,12 +110,17 @@ def cmd_issue(args) -> int:
         raise UserError("--copies must be at least 1")
     check_size(args.size)
     if args.clock and not args.up:  # said, not silently ignored: the servers keep their own clock
-        print("konbini: note: --clock sets this kiosk's time only (its cards and notices); the running topology "
-              "keeps its own clock (start it with `konbini up --clock …`, or use --up)", file=sys.stderr)
+        print(
+            "konbini: note: --clock sets this kiosk's time only (its cards and notices); the running topology "
+            "keeps its own clock (start it with `konbini up --clock …`, or use --up)",
+            file=sys.stderr,
+        )
     # joining a running topology: its time, so that a card made now is valid there (item 8)
     clock = parse_clock(args.clock) if args.clock or args.up else running_clock(sdir)
     if not args.up and mode != CLUSTER and not (sdir / "pki").is_dir():  # never a new PKI nobody trusts
-        raise UserError(f"no PKI in {sdir}: pass the --state that `konbini up` runs with, or --up to launch the topology for this run")
+        raise UserError(
+            f"no PKI in {sdir}: pass the --state that `konbini up` runs with, or --up to launch the topology for this run"
+        )
     save = Path(args.save) if args.save else None
     if save is not None and not save.parent.is_dir():
         raise UserError(f"--save {args.save}: folder {save.parent} does not exist")
@@ -131,17 +144,23 @@ def cmd_issue(args) -> int:
                 conn.close()
         except (OSError, trio.BrokenResourceError, BaseExceptionGroup) as exc:
             if _certificate_refused(exc):
-                raise UserError(f"{where} does not trust the PKI in {sdir / 'pki'}, made for another state directory; "
-                                "pass the --state that `konbini up` runs with") from None
+                raise UserError(
+                    f"{where} does not trust the PKI in {sdir / 'pki'}, made for another state directory; "
+                    "pass the --state that `konbini up` runs with"
+                ) from None
             if isinstance(exc, OSError):
-                raise UserError(f"cannot reach {where}: {exc.strerror or exc} (is `konbini up` running? or pass --up)") from None
+                raise UserError(
+                    f"cannot reach {where}: {exc.strerror or exc} (is `konbini up` running? or pass --up)"
+                ) from None
             raise
         return result
 
     async def main():
         if args.up:
             async with trio.open_nursery() as nursery:
-                running = await nursery.start(lambda task_status: run_topology(topo, sdir, clock=clock, task_status=task_status))
+                running = await nursery.start(
+                    lambda task_status: run_topology(topo, sdir, clock=clock, task_status=task_status)
+                )
                 result = await once(running)
                 nursery.cancel_scope.cancel()
                 return result

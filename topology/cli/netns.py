@@ -30,7 +30,9 @@ from topology.policy.nft import compile_ruleset
 from topology.spec.model import Impairment
 from topology.spec.part import PartError, part
 
-NETNS_NODE_LIMIT = 20_000  # a namespace per site; past this, `up --netns` asks for --sites (README "Netns mode on a large file")
+NETNS_NODE_LIMIT = (
+    20_000  # a namespace per site; past this, `up --netns` asks for --sites (README "Netns mode on a large file")
+)
 
 
 def _plan(topo, tag):
@@ -72,9 +74,11 @@ def cmd_up_netns(args) -> int:
             console.print(f"[yellow]sites[/] {note}")
         topo = _write_part(topo, state_dir(args, topo))
     elif len(topo.nodes) > NETNS_NODE_LIMIT:
-        raise UserError(f"{topo.name!r} has {len(topo.nodes):,} nodes, too many for a namespace per site; bring up a "
-                        f"part with --sites (e.g. --sites 'store-a0000[1-9]'), or run it in loopback mode "
-                        f"(`konbini up {args.file or ''} --processes N`)")
+        raise UserError(
+            f"{topo.name!r} has {len(topo.nodes):,} nodes, too many for a namespace per site; bring up a "
+            f"part with --sites (e.g. --sites 'store-a0000[1-9]'), or run it in loopback mode "
+            f"(`konbini up {args.file or ''} --processes N`)"
+        )
     processes = getattr(args, "processes", None)
     if processes is not None and processes < 1:
         raise UserError(f"--processes must be at least 1, not {processes}")
@@ -89,19 +93,27 @@ def cmd_up_netns(args) -> int:
     try:
         warnings = netns.apply_impairments(plan, sdir)
         lines = impair.Impairments(topo, "netns", plan, sdir)
-        hosts = netns.start_nodehosts(plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki, processes=processes)
+        hosts = netns.start_nodehosts(
+            plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki, processes=processes
+        )
         up_s = time.perf_counter() - t0
         supervisor = supervise(hosts, netns.net_dir(sdir) / "processes", args, "netns", console)
-        show_nodes(console, topo, f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces "
-                   f"{plan.prefix}SITE)", {n for n in topo.nodes if topo.nodes[n].is_server},
-                   processes=[(h.job[0], h.pid, h.job[2]) for h in hosts], address=lambda node: node.address_in("netns"))
+        show_nodes(
+            console,
+            topo,
+            f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces {plan.prefix}SITE)",
+            {n for n in topo.nodes if topo.nodes[n].is_server},
+            processes=[(h.job[0], h.pid, h.job[2]) for h in hosts],
+            address=lambda node: node.address_in("netns"),
+        )
         for w in warnings:
             console.print(f"[yellow]lines[/] {w}")
         console.print(
             f"[bold green]ready[/] in {up_s * 1000:.0f} ms ({len(plan.sites)} namespaces, {len(plan.veths)} veths, "
             f"network {net_s * 1000:.0f} ms, {len(hosts)} node processes); e.g. `ip netns exec {plan.namespace(topo.of_kind('kiosk')[0].site) if topo.of_kind('kiosk') else plan.prefix + '…'} "
             f"konbini issue --netns`; `konbini node kill|stop|start|restart NODE --netns` injects a fault; "
-            f"Ctrl-C or `konbini down` stops.", soft_wrap=True,
+            f"Ctrl-C or `konbini down` stops.",
+            soft_wrap=True,
         )
         if plan.monitoring is not None:  # issue 14: where to scrape (only from the monitoring namespace)
             cert, key = pki.principal_paths("monitoring")
@@ -111,7 +123,10 @@ def cmd_up_netns(args) -> int:
                 f"{plan.monitoring.namespace} ({plan.monitoring.address}) with the monitoring certificate:\n"
                 f"  ip netns exec {plan.monitoring.namespace} curl --cacert {pki.network_ca_path} --cert {cert} "
                 f"--key {key} --resolve {first.id}:9464:{first.address_in('netns')} https://{first.id}:9464/metrics"
-                if first else "", soft_wrap=True)
+                if first
+                else "",
+                soft_wrap=True,
+            )
         stop = {"now": False}
 
         def on_signal(signum, frame):
@@ -125,10 +140,14 @@ def cmd_up_netns(args) -> int:
             daemon = lines.daemon() if watch else {}
             if daemon and (daemon["restarts"] or 0) > restarts:
                 restarts = daemon["restarts"]
-                console.print(f"[yellow]impairment daemon restarted[/] ({restarts} so far; see {lines.dir / 'impaird.log'})")
+                console.print(
+                    f"[yellow]impairment daemon restarted[/] ({restarts} so far; see {lines.dir / 'impaird.log'})"
+                )
             if daemon and daemon["down"] and not reported_down:
                 reported_down = True
-                console.print(f"[red]impairment daemon down[/]: {daemon.get('note') or 'supervisor gone'}; lines pass unimpaired")
+                console.print(
+                    f"[red]impairment daemon down[/]: {daemon.get('note') or 'supervisor gone'}; lines pass unimpaired"
+                )
             supervisor.tick()
             time.sleep(0.2)
     finally:
@@ -166,7 +185,9 @@ def cmd_down(args) -> int:
         except UserError:
             sdir = None
     removed, killed = netns.teardown(namespace_prefix(args.tag), sdir)
-    print(f"removed {len(removed)} namespaces, stopped {killed} processes in {(time.perf_counter() - t0) * 1000:.0f} ms")
+    print(
+        f"removed {len(removed)} namespaces, stopped {killed} processes in {(time.perf_counter() - t0) * 1000:.0f} ms"
+    )
     return 0
 
 
@@ -231,7 +252,9 @@ def cmd_policy_check(args) -> int:
 @_user_errors
 def cmd_policy_mutate(args) -> int:
     topo = load(args.file)
-    plan = _running_plan(topo, args.tag, "`konbini policy mutate --netns`", state_dir(args, topo)) if args.netns else None
+    plan = (
+        _running_plan(topo, args.tag, "`konbini policy mutate --netns`", state_dir(args, topo)) if args.netns else None
+    )
     topo = plan.topo if plan is not None else topo
     try:
         result = run_mutations(topo, "netns" if args.netns else "loopback", plan, args.timeout)
@@ -243,16 +266,20 @@ def cmd_policy_mutate(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"mutation score {result['score']} %: {result['caught']} of {result['mutants']} mutants caught "
-              f"({result['pairs_checked']} pairs checked per mutant, {result['elapsed_s']} s)")
+        print(
+            f"mutation score {result['score']} %: {result['caught']} of {result['mutants']} mutants caught "
+            f"({result['pairs_checked']} pairs checked per mutant, {result['elapsed_s']} s)"
+        )
         for kind, k in result["by_kind"].items():
             print(f"  {kind}: {k['caught']}/{k['mutants']}")
         if "netns" in result:
             live = result["netns"]
-            print(f"  nft-rule-dropped: {len(live['mutants'])} accept rules in {live['namespaces']} namespaces, each probed and "
-                  f"restored, {live['elapsed_s']} s; full probe plan ({live['probes_full_run']} probes) before: pass, "
-                  f"after: {'pass' if live['after_ok'] else 'FAIL'}; differences off the dropped rule's connection: {live['unexplained']} "
-                  f"(after {live['reruns']} reruns)")
+            print(
+                f"  nft-rule-dropped: {len(live['mutants'])} accept rules in {live['namespaces']} namespaces, each probed and "
+                f"restored, {live['elapsed_s']} s; full probe plan ({live['probes_full_run']} probes) before: pass, "
+                f"after: {'pass' if live['after_ok'] else 'FAIL'}; differences off the dropped rule's connection: {live['unexplained']} "
+                f"(after {live['reruns']} reruns)"
+            )
         for m in result["survivors"]:
             print(f"  SURVIVED {m['kind']}: {m['description']}")
     return 0 if result["caught"] == result["mutants"] and result.get("netns", {}).get("after_ok", True) else 1
@@ -278,7 +305,9 @@ def _running_lines(args) -> impair.Impairments:
         mode = "netns" if netns_run.exists() else "loopback"
     if os.geteuid() != 0:
         raise UserError("`konbini link` needs root (line impairments are kernel rules); run it with sudo")
-    plan = _plan(netns.running_part(topo, sdir), args.tag) if mode == "netns" else None  # a part's lines, as `up --sites` ran them
+    plan = (
+        _plan(netns.running_part(topo, sdir), args.tag) if mode == "netns" else None
+    )  # a part's lines, as `up --sites` ran them
     return impair.Impairments.attach(plan.topo if plan else topo, mode, plan, sdir)
 
 
@@ -317,24 +346,65 @@ def cmd_link_show(args) -> int:
     rows = lines.show()
     daemon = lines.daemon()
     if args.json:
-        print(json.dumps({"mode": lines.mode, "netem": lines.netem, "daemon": {k: v for k, v in daemon.items() if k != "queues"},
-                          "lines": rows}))
+        print(
+            json.dumps(
+                {
+                    "mode": lines.mode,
+                    "netem": lines.netem,
+                    "daemon": {k: v for k, v in daemon.items() if k != "queues"},
+                    "lines": rows,
+                }
+            )
+        )
         return 0
     if not args.all:
         rows = [r for r in rows if r["impair"] != "-"]
     fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
-    show(Console(), f"lines of {lines.topo.name!r} ({lines.mode})",
-         ("line", "direction", "kind", "in force", "from", "by", "kernel", "packets", "held", "dropped", "lag mean/max ms"),
-         [(r["line"], r["dir"], r["kind"], r["impair"], r["from"], r["mechanism"], r["kernel"], fmt(r["packets"]), fmt(r["held_now"]),
-           fmt(r["dropped"]), "-" if r["lag_mean_ms"] is None else f"{r['lag_mean_ms']:.2f}/{r['lag_max_ms']:.2f}") for r in rows])
+    show(
+        Console(),
+        f"lines of {lines.topo.name!r} ({lines.mode})",
+        (
+            "line",
+            "direction",
+            "kind",
+            "in force",
+            "from",
+            "by",
+            "kernel",
+            "packets",
+            "held",
+            "dropped",
+            "lag mean/max ms",
+        ),
+        [
+            (
+                r["line"],
+                r["dir"],
+                r["kind"],
+                r["impair"],
+                r["from"],
+                r["mechanism"],
+                r["kernel"],
+                fmt(r["packets"]),
+                fmt(r["held_now"]),
+                fmt(r["dropped"]),
+                "-" if r["lag_mean_ms"] is None else f"{r['lag_mean_ms']:.2f}/{r['lag_max_ms']:.2f}",
+            )
+            for r in rows
+        ],
+    )
     missing = [r for r in rows if r["kernel"].startswith("MISSING")]
     if missing:
         print(f"{len(missing)} line directions are not in force: the kernel lacks their rules (kernel column)")
     if daemon["down"]:
-        print(f"impairment daemon DOWN: {daemon.get('note') or 'its supervisor is gone'}; queued lines pass unimpaired (queue bypass)")
+        print(
+            f"impairment daemon DOWN: {daemon.get('note') or 'its supervisor is gone'}; queued lines pass unimpaired (queue bypass)"
+        )
     else:
-        print(f"impairment daemon pid {daemon['daemon_pid']}, restarts {daemon['restarts']}, CPU {fmt(daemon['cpu_s'], '.2f')} s"
-              f"; changes: {lines.dir / 'changes.log'}")
+        print(
+            f"impairment daemon pid {daemon['daemon_pid']}, restarts {daemon['restarts']}, CPU {fmt(daemon['cpu_s'], '.2f')} s"
+            f"; changes: {lines.dir / 'changes.log'}"
+        )
     return 0
 
 
@@ -389,26 +459,42 @@ def register(sub) -> None:
     ps.set_defaults(func=cmd_policy_show)
     pc = psub.add_parser("check", help="probe the expected reachability matrix; exit 1 on any difference")
     pc.add_argument("file", nargs="?", help="topology file")
-    pc.add_argument("--netns", action="store_true", help="probe the running netns topology from inside each namespace (root)")
+    pc.add_argument(
+        "--netns", action="store_true", help="probe the running netns topology from inside each namespace (root)"
+    )
     pc.add_argument("--state", help="state directory")
     pc.add_argument("--tag", help="namespaces konbini-TAG-* (as given to `up --netns --tag`)")
     pc.add_argument("--json", action="store_true", help="print the report summary as one JSON object")
     pc.add_argument("--report", help="write report.md and report.json into this directory")
     pc.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for replies (default 0.5)")
-    pc.add_argument("--no-outside-tools", action="store_true", help="with --netns: skip the testssl.sh and nmap evidence")
+    pc.add_argument(
+        "--no-outside-tools", action="store_true", help="with --netns: skip the testssl.sh and nmap evidence"
+    )
     pc.set_defaults(func=cmd_policy_check)
 
-    pm = psub.add_parser("mutate", help="every single-rule mutation of the compiled policy; exit 1 unless the check catches all")
+    pm = psub.add_parser(
+        "mutate", help="every single-rule mutation of the compiled policy; exit 1 unless the check catches all"
+    )
     pm.add_argument("file", nargs="?", help="topology file")
     pm.add_argument("--json", action="store_true", help="print the result as one JSON object")
     pm.add_argument("--report", help="write mutation.json into this directory")
-    pm.add_argument("--netns", action="store_true", help="also drop each nftables accept rule of the running netns topology in turn (root)")
+    pm.add_argument(
+        "--netns",
+        action="store_true",
+        help="also drop each nftables accept rule of the running netns topology in turn (root)",
+    )
     pm.add_argument("--tag", help="namespaces konbini-TAG-* (as given to `up --netns --tag`)")
-    pm.add_argument("--timeout", type=float, default=0.3,
-                    help="with --netns: seconds to wait for probe replies, per mutant (default 0.3; replies take well under 1 ms)")
+    pm.add_argument(
+        "--timeout",
+        type=float,
+        default=0.3,
+        help="with --netns: seconds to wait for probe replies, per mutant (default 0.3; replies take well under 1 ms)",
+    )
     pm.set_defaults(func=cmd_policy_mutate)
 
-    lk = sub.add_parser("link", help="line impairments (delay, jitter, loss, rate) of a running topology, both modes (root)")
+    lk = sub.add_parser(
+        "link", help="line impairments (delay, jitter, loss, rate) of a running topology, both modes (root)"
+    )
     lsub = lk.add_subparsers(dest="link_cmd", required=True)
 
     def target(q):
@@ -419,7 +505,9 @@ def register(sub) -> None:
         m.add_argument("--netns", action="store_true", help="the running netns topology")
         m.add_argument("--loopback", action="store_true", help="the running loopback topology (root)")
 
-    ls = lsub.add_parser("set", help="give LINE exactly these values, e.g. --delay 20ms --jitter 5ms --loss 0.5%% --rate 10mbit")
+    ls = lsub.add_parser(
+        "set", help="give LINE exactly these values, e.g. --delay 20ms --jitter 5ms --loss 0.5%% --rate 10mbit"
+    )
     ls.add_argument("line")
     target(ls)
     ls.add_argument("--delay", help="one way, e.g. 20ms")

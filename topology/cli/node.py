@@ -24,8 +24,9 @@ def supervise(hosts, run_dir: Path, args, mode: str, console: Console) -> Superv
     """`up`'s supervisor over its node processes: `--restart`'s policy, `konbini node`'s requests,
     every event printed as it happens."""
     policy = RestartPolicy(getattr(args, "restart", None) or POLICIES[0])
-    return Supervisor(hosts, run_dir, policy, mode,
-                      lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    return Supervisor(
+        hosts, run_dir, policy, mode, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
+    )
 
 
 def _run_dir(args) -> Path:
@@ -36,15 +37,19 @@ def _run_dir(args) -> Path:
     if args.netns or args.loopback:
         mode = "netns" if args.netns else "loopback"
         if mode not in live:
-            raise UserError(f"no {mode} topology with node processes runs on state {sdir} "
-                            f"(start one with `konbini up {'--netns' if args.netns else '--processes N'}`)")
+            raise UserError(
+                f"no {mode} topology with node processes runs on state {sdir} "
+                f"(start one with `konbini up {'--netns' if args.netns else '--processes N'}`)"
+            )
         return live[mode]
     if len(live) > 1:
         raise UserError("a netns and a loopback topology both run on this state; say --netns or --loopback")
     if not live:
-        raise UserError(f"no topology with node processes runs on state {sdir} (start one with "
-                        "`konbini up --processes N` or `konbini up --netns`; a one-process `konbini up` has "
-                        "no process per node to act on)")
+        raise UserError(
+            f"no topology with node processes runs on state {sdir} (start one with "
+            "`konbini up --processes N` or `konbini up --netns`; a one-process `konbini up` has "
+            "no process per node to act on)"
+        )
     return next(iter(live.values()))
 
 
@@ -67,16 +72,23 @@ def _list(run_dir: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status))
         return 0
-    show(Console(), f"node processes ({status['mode']}, restart policy {status['policy']}; events: {run_dir / 'events.log'})",
-         ("process", "state", "pid", "restarts", "since", "nodes"),
-         [(p["process"], p["state"], str(p["pid"] or "-"), str(p["restarts"]), p["since"], ", ".join(p["nodes"]))
-          for p in status["processes"]])
+    show(
+        Console(),
+        f"node processes ({status['mode']}, restart policy {status['policy']}; events: {run_dir / 'events.log'})",
+        ("process", "state", "pid", "restarts", "since", "nodes"),
+        [
+            (p["process"], p["state"], str(p["pid"] or "-"), str(p["restarts"]), p["since"], ", ".join(p["nodes"]))
+            for p in status["processes"]
+        ],
+    )
     return 0
 
 
 def register(sub) -> None:
     """`konbini node …` on the `konbini` subparsers."""
-    n = sub.add_parser("node", help="inject a fault into a running topology: kill, stop, start or restart one node's process")
+    n = sub.add_parser(
+        "node", help="inject a fault into a running topology: kill, stop, start or restart one node's process"
+    )
     nsub = n.add_subparsers(dest="node_cmd", required=True)
     helps = {
         "list": "the node processes: state, pid, restarts and the nodes each serves",
@@ -101,6 +113,10 @@ def register(sub) -> None:
 
 def add_restart_option(up) -> None:
     """`up --restart`: what happens to a node process that dies."""
-    up.add_argument("--restart", choices=POLICIES, default=POLICIES[0],
-                    help="a node process that dies unasked: on-failure restarts it (at once, then backing off up to "
-                         "30 s while it keeps dying), no leaves it down while the rest serve (default %(default)s)")
+    up.add_argument(
+        "--restart",
+        choices=POLICIES,
+        default=POLICIES[0],
+        help="a node process that dies unasked: on-failure restarts it (at once, then backing off up to "
+        "30 s while it keeps dying), no leaves it down while the rest serve (default %(default)s)",
+    )

@@ -46,18 +46,23 @@ def show_nodes(console: Console, topo, title: str, listening, processes=None, ad
     if len(topo.nodes) <= TABLE_LIMIT:
         # a process per site (netns mode) is named by its site: one column says both
         by_site = bool(served) and all(served[n] == topo.nodes[n].site for n in served)
-        table = _table(title, ("node", "kind", *(() if by_site else ("site",)), "address",
-                               "process" if processes else "ready"))
+        table = _table(
+            title, ("node", "kind", *(() if by_site else ("site",)), "address", "process" if processes else "ready")
+        )
         for node in topo.nodes.values():
             addr = address(node)
-            table.add_row(node.id, node.kind, *(() if by_site else (node.site,)),
-                          f"{addr}:{node.port}" if node.port else addr,
-                          served.get(node.id, "client") if processes else
-                          ("listening" if node.id in listening else "client"))
+            table.add_row(
+                node.id,
+                node.kind,
+                *(() if by_site else (node.site,)),
+                f"{addr}:{node.port}" if node.port else addr,
+                served.get(node.id, "client") if processes else ("listening" if node.id in listening else "client"),
+            )
         console.print(table)
         if processes:
-            console.print("pids: " + ", ".join(f"{name} {pid}" for name, pid, _ in processes), markup=False,
-                          highlight=False)
+            console.print(
+                "pids: " + ", ".join(f"{name} {pid}" for name, pid, _ in processes), markup=False, highlight=False
+            )
         return
     kinds = Counter(node.kind for node in topo.nodes.values())
     up = Counter(node.kind for node in topo.nodes.values() if node.id in listening)

@@ -23,8 +23,9 @@ from topology.policy.monitoring import METRICS_PORT, monitoring_address
 PLANNED_CONNECTIONS = 512  # concurrent connections `up` plans for (a bench's in-flight requests x hops)
 
 
-def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTIONS, processes: int = 1,
-                  enforce: bool = True) -> None:
+def run_preflight(
+    topo, console: Console, *, connections: int = PLANNED_CONNECTIONS, processes: int = 1, enforce: bool = True
+) -> None:
     """Name every limit too low for this topology before anything starts (topology/launch/preflight.py)."""
     needs, notes = preflight.check(topo, connections=connections, processes=processes)
     for note in notes:
@@ -34,8 +35,10 @@ def run_preflight(topo, console: Console, *, connections: int = PLANNED_CONNECTI
             console.print(f"[yellow]pre-flight[/] {need.line()}", soft_wrap=True)
     stop = preflight.refusals(needs)
     if stop and enforce:
-        raise UserError(f"pre-flight: {len(stop)} limit(s) too low for {topo.name!r} (above); raise them, "
-                        "or start anyway with --no-preflight")
+        raise UserError(
+            f"pre-flight: {len(stop)} limit(s) too low for {topo.name!r} (above); raise them, "
+            "or start anyway with --no-preflight"
+        )
 
 
 def cmd_preflight(args) -> int:
@@ -45,8 +48,10 @@ def cmd_preflight(args) -> int:
     for need in needs:
         console.print(("[green]ok[/]   " if need.ok else "[red]LOW[/]  ") + need.line(), soft_wrap=True)
     stop = preflight.refusals(needs)
-    console.print(f"{topo.name}: {len(topo.nodes):,} nodes, {preflight.listeners(topo):,} listeners; "
-                  + (f"{len(stop)} limit(s) would stop `konbini up`" if stop else "`konbini up` fits this machine"))
+    console.print(
+        f"{topo.name}: {len(topo.nodes):,} nodes, {preflight.listeners(topo):,} listeners; "
+        + (f"{len(stop)} limit(s) would stop `konbini up`" if stop else "`konbini up` fits this machine")
+    )
     return 1 if stop else 0
 
 
@@ -58,8 +63,10 @@ def cmd_up(args) -> int:
     if getattr(args, "netns", False):
         return cmd_up_netns(args)  # a process per site there: the one-process figures do not apply
     if getattr(args, "sites", None):
-        raise UserError("--sites chooses the part of a file that netns mode brings up; with --netns only "
-                        "(loopback mode runs the whole file: `--processes N` for a large one)")
+        raise UserError(
+            "--sites chooses the part of a file that netns mode brings up; with --netns only "
+            "(loopback mode runs the whole file: `--processes N` for a large one)"
+        )
     topo = load(args.file)
     console = Console()
     processes = getattr(args, "processes", None)
@@ -81,12 +88,16 @@ def cmd_up(args) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(lambda task_status: run_topology(topo, state_dir(args, topo), clock=clock, task_status=task_status))
+            running = await nursery.start(
+                lambda task_status: run_topology(topo, state_dir(args, topo), clock=clock, task_status=task_status)
+            )
             show_nodes(console, topo, f"konbini topology {topo.name!r} ({running.mode})", running.servers)
             for note in notes:
                 console.print(f"[yellow]lines[/] {note}")
             console.print(scrape_hint(running, lines.status_file), soft_wrap=True)
-            console.print(f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops.")
+            console.print(
+                f"[bold green]ready[/] in {running.ready_s * 1000:.0f} ms; clock {clock.now().isoformat()}; Ctrl-C stops."
+            )
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break  # shutdown is a cancel: every node's nursery unwinds
@@ -105,8 +116,10 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
     t0 = time.perf_counter()
     sdir = state_dir(args, topo)
     parts = spread.partition(topo, processes)
-    console.print(f"starting {len(topo.nodes):,} nodes in {len(parts)} processes "
-                  f"({', '.join(f'{len(p):,}' for p in parts)} nodes each)")
+    console.print(
+        f"starting {len(topo.nodes):,} nodes in {len(parts)} processes "
+        f"({', '.join(f'{len(p):,}' for p in parts)} nodes each)"
+    )
 
     def progress(done: int, total: int) -> None:
         console.print(f"  {done}/{total} processes ready ({time.perf_counter() - t0:.1f} s)")
@@ -128,13 +141,21 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
     supervisor = supervise(hosts, sdir / "processes", args, "loopback", console)
     try:
         ready_s = time.perf_counter() - t0
-        show_nodes(console, topo, f"konbini topology {topo.name!r} (loopback, {len(hosts)} processes)",
-                   {n for n in topo.nodes if topo.nodes[n].is_server}, processes=[(h.job[0], h.pid, h.job[2]) for h in hosts])
+        show_nodes(
+            console,
+            topo,
+            f"konbini topology {topo.name!r} (loopback, {len(hosts)} processes)",
+            {n for n in topo.nodes if topo.nodes[n].is_server},
+            processes=[(h.job[0], h.pid, h.job[2]) for h in hosts],
+        )
         for note in notes:
             console.print(f"[yellow]lines[/] {note}")
-        console.print(f"[bold green]ready[/] in {ready_s * 1000:.0f} ms; {len(hosts)} processes "
-                      f"(logs {sdir / 'processes'}; restart policy {supervisor.policy.name}); "
-                      "`konbini node kill|stop|start|restart NODE` injects a fault; Ctrl-C stops.", soft_wrap=True)
+        console.print(
+            f"[bold green]ready[/] in {ready_s * 1000:.0f} ms; {len(hosts)} processes "
+            f"(logs {sdir / 'processes'}; restart policy {supervisor.policy.name}); "
+            "`konbini node kill|stop|start|restart NODE` injects a fault; Ctrl-C stops.",
+            soft_wrap=True,
+        )
         while not stop["now"]:
             supervisor.tick()
             time.sleep(0.2)

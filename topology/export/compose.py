@@ -29,11 +29,34 @@ def export_compose(topo: Topology, image: str, topology_file: str, pki_dir: str)
             continue
         check_name("node id", node.id)
         if node.is_server:
-            command = ["python", "-m", "topology.launch.nodehost", "--topology", TOPOLOGY_PATH, "--state", STATE,
-                       "--mode", NODE_MODE, "--nodes", node.id]
+            command = [
+                "python",
+                "-m",
+                "topology.launch.nodehost",
+                "--topology",
+                TOPOLOGY_PATH,
+                "--state",
+                STATE,
+                "--mode",
+                NODE_MODE,
+                "--nodes",
+                node.id,
+            ]
         else:
-            command = ["konbini", "issue", "--topology", TOPOLOGY_PATH, "--state", STATE, "--kiosk", node.id,
-                       "--store", node.site, "--cluster", "--json"]
+            command = [
+                "konbini",
+                "issue",
+                "--topology",
+                TOPOLOGY_PATH,
+                "--state",
+                STATE,
+                "--kiosk",
+                node.id,
+                "--store",
+                node.site,
+                "--cluster",
+                "--json",
+            ]
         service: dict = {
             "image": image,
             "command": command,

@@ -83,7 +83,11 @@ def check_name(what: str, name: str) -> None:
 
 
 def _meta(name: str, namespace: str, node: Node | None = None, annotations: dict | None = None) -> dict:
-    meta: dict = {"name": name, "namespace": namespace, "labels": node_labels(node) if node else {f"{LABEL}/part": "topology"}}
+    meta: dict = {
+        "name": name,
+        "namespace": namespace,
+        "labels": node_labels(node) if node else {f"{LABEL}/part": "topology"},
+    }
     if annotations:
         meta["annotations"] = annotations
     return meta
@@ -113,7 +117,10 @@ def _secret_key(path: str) -> str:
 
 def _secret(node: Node, files: dict[str, bytes], namespace: str) -> dict:
     return {
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True,
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "immutable": True,
         "metadata": _meta(f"{node.id}-pki", namespace, node),
         "data": {_secret_key(p): base64.b64encode(b).decode("ascii") for p, b in sorted(files.items())},
     }
@@ -127,7 +134,9 @@ def _resources(kind: str) -> dict:
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": limit}}
 
 
-def _pod_spec(node: Node, files: list[str], command: list[str], opts: KubeOptions, restart: str, state_claim: bool) -> dict:
+def _pod_spec(
+    node: Node, files: list[str], command: list[str], opts: KubeOptions, restart: str, state_claim: bool
+) -> dict:
     container: dict = {
         "name": node.kind,
         "image": opts.image,
@@ -135,7 +144,9 @@ def _pod_spec(node: Node, files: list[str], command: list[str], opts: KubeOption
         "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
         "resources": _resources(node.kind),
         "securityContext": {
-            "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [
             {"name": "topology", "mountPath": "/etc/konbini", "readOnly": True},
@@ -145,17 +156,28 @@ def _pod_spec(node: Node, files: list[str], command: list[str], opts: KubeOption
         ],
     }
     if node.is_server:
-        container["ports"] = [{"name": "h2-tls", "containerPort": node.port, "protocol": "TCP"},
-                              {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+        container["ports"] = [
+            {"name": "h2-tls", "containerPort": node.port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ]
         # a TCP connect to the real TLS port: the listener is bound. In cluster mode the address is
         # NetworkPolicy's to check, so the kubelet's connect reaches TLS and its close is counted as
         # a `tls-handshake` denial, every period: the price of probing the port that serves.
         container["readinessProbe"] = {"tcpSocket": {"port": node.port}, "periodSeconds": 5, "failureThreshold": 3}
         container["stdin"] = True  # nodehost runs until its stdin reaches EOF
     volumes: list[dict] = [
-        {"name": "topology", "configMap": {"name": "topology", "items": [{"key": opts.topology_name, "path": "topology.yaml"}]}},
-        {"name": "pki", "secret": {"secretName": f"{node.id}-pki", "defaultMode": 0o440,
-                                   "items": [{"key": _secret_key(p), "path": p} for p in sorted(files)]}},
+        {
+            "name": "topology",
+            "configMap": {"name": "topology", "items": [{"key": opts.topology_name, "path": "topology.yaml"}]},
+        },
+        {
+            "name": "pki",
+            "secret": {
+                "secretName": f"{node.id}-pki",
+                "defaultMode": 0o440,
+                "items": [{"key": _secret_key(p), "path": p} for p in sorted(files)],
+            },
+        },
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
     if not state_claim:
@@ -165,7 +187,10 @@ def _pod_spec(node: Node, files: list[str], command: list[str], opts: KubeOption
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,  # no FOO_SERVICE_HOST variables for 20 Services
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": _RUN_AS, "runAsGroup": _RUN_AS, "fsGroup": _RUN_AS,
+            "runAsNonRoot": True,
+            "runAsUser": _RUN_AS,
+            "runAsGroup": _RUN_AS,
+            "fsGroup": _RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -174,8 +199,19 @@ def _pod_spec(node: Node, files: list[str], command: list[str], opts: KubeOption
 
 
 def _nodehost(node: Node) -> list[str]:
-    return ["python", "-m", "topology.launch.nodehost", "--topology", TOPOLOGY_PATH, "--state", STATE,
-            "--mode", NODE_MODE, "--nodes", node.id]
+    return [
+        "python",
+        "-m",
+        "topology.launch.nodehost",
+        "--topology",
+        TOPOLOGY_PATH,
+        "--state",
+        STATE,
+        "--mode",
+        NODE_MODE,
+        "--nodes",
+        node.id,
+    ]
 
 
 def _workload(node: Node, files: list[str], opts: KubeOptions, impair: Impairments) -> dict:
@@ -188,24 +224,35 @@ def _workload(node: Node, files: list[str], opts: KubeOptions, impair: Impairmen
     spec: dict = {"replicas": 1, "selector": selector(node.id), "template": template}
     if stateful:
         spec["serviceName"] = node.id
-        spec["volumeClaimTemplates"] = [{
-            "metadata": {"name": "state"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-        }]
+        spec["volumeClaimTemplates"] = [
+            {
+                "metadata": {"name": "state"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+        ]
     else:
         spec["strategy"] = {"type": "Recreate"}  # one identity, one pod: never two at once
     return {
-        "apiVersion": "apps/v1", "kind": "StatefulSet" if stateful else "Deployment",
-        "metadata": _meta(node.id, opts.namespace, node), "spec": spec,
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet" if stateful else "Deployment",
+        "metadata": _meta(node.id, opts.namespace, node),
+        "spec": spec,
     }
 
 
 def _template_meta(node: Node, impair: Impairments) -> dict:
     meta: dict = {"labels": node_labels(node)}
     notes = impair.annotations(node.id)
-    if node.is_server:  # the scrape port answers only the monitoring principal's certificate (topology/policy/monitoring.py)
-        notes = {**notes, "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
-                 "prometheus.io/scheme": "https", "prometheus.io/path": METRICS_PATH}
+    if (
+        node.is_server
+    ):  # the scrape port answers only the monitoring principal's certificate (topology/policy/monitoring.py)
+        notes = {
+            **notes,
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(METRICS_PORT),
+            "prometheus.io/scheme": "https",
+            "prometheus.io/path": METRICS_PATH,
+        }
     if notes:
         meta["annotations"] = notes
     return meta
@@ -218,13 +265,17 @@ def _service(node: Node, topo: Topology, namespace: str) -> dict:
     if METRICS_PORT in ports:
         raise ExportError(f"node {node.id!r} serves on {METRICS_PORT}, the metrics port; move it")
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": _meta(service_name(node.id), namespace, node),
         "spec": {
             "type": "ClusterIP",
             "selector": selector(node.id)["matchLabels"],
-            "ports": [{"name": f"h2-tls-{p}" if p != node.port else "h2-tls", "port": p, "targetPort": p, "protocol": "TCP"}
-                      for p in ports] + [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"}],
+            "ports": [
+                {"name": f"h2-tls-{p}" if p != node.port else "h2-tls", "port": p, "targetPort": p, "protocol": "TCP"}
+                for p in ports
+            ]
+            + [{"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"}],
             "publishNotReadyAddresses": False,
         },
     }
@@ -233,11 +284,24 @@ def _service(node: Node, topo: Topology, namespace: str) -> dict:
 def _kiosk_job(node: Node, files: list[str], opts: KubeOptions, impair: Impairments) -> dict:
     """One kiosk's load: `konbini issue` from this kiosk, KIOSK_ISSUANCES times, one pod after another
     (a pod carries one node's labels, so each kiosk is its own Job and its own policy peer)."""
-    command = ["konbini", "issue", "--topology", TOPOLOGY_PATH, "--state", STATE, "--kiosk", node.id,
-               "--store", node.site, "--cluster", "--json"]
+    command = [
+        "konbini",
+        "issue",
+        "--topology",
+        TOPOLOGY_PATH,
+        "--state",
+        STATE,
+        "--kiosk",
+        node.id,
+        "--store",
+        node.site,
+        "--cluster",
+        "--json",
+    ]
     template = {"metadata": _template_meta(node, impair), "spec": _pod_spec(node, files, command, opts, "Never", False)}
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "metadata": _meta(f"{node.id}-load", opts.namespace, node),
         "spec": {"completions": KIOSK_ISSUANCES, "parallelism": 1, "backoffLimit": 3, "template": template},
     }
@@ -245,14 +309,20 @@ def _kiosk_job(node: Node, files: list[str], opts: KubeOptions, impair: Impairme
 
 def _config_map(opts: KubeOptions) -> dict:
     return {
-        "apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "immutable": True,
         "metadata": _meta("topology", opts.namespace),
         "data": {opts.topology_name: opts.topology_text},
     }
 
 
 def _namespace(opts: KubeOptions) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": opts.namespace, "labels": {f"{LABEL}/part": "topology"}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": opts.namespace, "labels": {f"{LABEL}/part": "topology"}},
+    }
 
 
 def grouped(topo: Topology, opts: KubeOptions) -> bool:
@@ -266,8 +336,14 @@ def exported_nodes(topo: Topology, opts: KubeOptions) -> list[Node]:
     """The nodes that get a workload (and so a PKI Secret): servers and kiosks, by id; grouped, the
     store side's run nowhere. Wi-Fi runs nothing in either case: a policy subject only."""
     store_side = grouped(topo, opts)
-    return sorted((n for n in topo.nodes.values()
-                   if (n.is_server or n.kind == "kiosk") and not (store_side and n.kind in STORE_KINDS)), key=lambda n: n.id)
+    return sorted(
+        (
+            n
+            for n in topo.nodes.values()
+            if (n.is_server or n.kind == "kiosk") and not (store_side and n.kind in STORE_KINDS)
+        ),
+        key=lambda n: n.id,
+    )
 
 
 def pki_topology(topo: Topology, opts: KubeOptions) -> Topology:
@@ -290,8 +366,11 @@ def monitoring_files(pki: PKI) -> dict[str, bytes]:
     """The scraper's mTLS material: the network CA (node certificates verify against it) and the
     `monitoring` principal's certificate and key, issued on first use; Secret key -> contents."""
     cert, key = pki.principal_paths(MONITORING_PRINCIPAL)
-    return {"network-ca.pem": (pki.dir / "network-ca.pem").read_bytes(),
-            f"{MONITORING_PRINCIPAL}.pem": cert.read_bytes(), f"{MONITORING_PRINCIPAL}.key": key.read_bytes()}
+    return {
+        "network-ca.pem": (pki.dir / "network-ca.pem").read_bytes(),
+        f"{MONITORING_PRINCIPAL}.pem": cert.read_bytes(),
+        f"{MONITORING_PRINCIPAL}.key": key.read_bytes(),
+    }
 
 
 def scrape_config(servers: list[Node]) -> dict:
@@ -304,14 +383,19 @@ def scrape_config(servers: list[Node]) -> dict:
     pki = f"{PROMETHEUS_ETC}/pki"
     return {
         "global": {"scrape_interval": "15s"},
-        "scrape_configs": [{
-            "job_name": "konbini",
-            "scheme": "https",
-            "metrics_path": METRICS_PATH,
-            "tls_config": {"ca_file": f"{pki}/network-ca.pem", "cert_file": f"{pki}/{MONITORING_PRINCIPAL}.pem",
-                           "key_file": f"{pki}/{MONITORING_PRINCIPAL}.key"},
-            "static_configs": [{"targets": [f"{service_name(n.id)}:{METRICS_PORT}" for n in servers]}],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "konbini",
+                "scheme": "https",
+                "metrics_path": METRICS_PATH,
+                "tls_config": {
+                    "ca_file": f"{pki}/network-ca.pem",
+                    "cert_file": f"{pki}/{MONITORING_PRINCIPAL}.pem",
+                    "key_file": f"{pki}/{MONITORING_PRINCIPAL}.key",
+                },
+                "static_configs": [{"targets": [f"{service_name(n.id)}:{METRICS_PORT}" for n in servers]}],
+            }
+        ],
     }
 
 
@@ -320,18 +404,40 @@ def monitoring_manifests(opts: KubeOptions, servers: list[Node], files: dict[str
     and a Prometheus Deployment labelled MONITORING_LABELS (what `metrics-ingress` admits)."""
     labels = {**MONITORING_LABELS, f"{LABEL}/part": MONITORING}
     meta = {"name": MONITORING, "namespace": opts.namespace, "labels": labels}
-    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True,
-              "metadata": {**meta, "name": f"{MONITORING}-pki"},
-              "data": {k: base64.b64encode(v).decode("ascii") for k, v in sorted(files.items())}}
-    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {**meta, "name": f"{MONITORING}-scrape"},
-              "data": {"prometheus.yml": yaml.safe_dump(scrape_config(servers), sort_keys=False)}}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "immutable": True,
+        "metadata": {**meta, "name": f"{MONITORING}-pki"},
+        "data": {k: base64.b64encode(v).decode("ascii") for k, v in sorted(files.items())},
+    }
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**meta, "name": f"{MONITORING}-scrape"},
+        "data": {"prometheus.yml": yaml.safe_dump(scrape_config(servers), sort_keys=False)},
+    }
     container = {
-        "name": "prometheus", "image": opts.prometheus_image,
-        "args": [f"--config.file={PROMETHEUS_ETC}/prometheus.yml", "--storage.tsdb.path=/prometheus",
-                 "--storage.tsdb.retention.time=1d"],
-        "ports": [{"name": "web", "containerPort": 9090, "protocol": "TCP"}],  # kubectl port-forward; no policy opens it
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},  # a guess, not measured
-        "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "name": "prometheus",
+        "image": opts.prometheus_image,
+        "args": [
+            f"--config.file={PROMETHEUS_ETC}/prometheus.yml",
+            "--storage.tsdb.path=/prometheus",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        "ports": [
+            {"name": "web", "containerPort": 9090, "protocol": "TCP"}
+        ],  # kubectl port-forward; no policy opens it
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "1Gi"},
+        },  # a guess, not measured
+        "securityContext": {
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
         "volumeMounts": [
             {"name": "config", "mountPath": PROMETHEUS_ETC, "readOnly": True},
             {"name": "pki", "mountPath": f"{PROMETHEUS_ETC}/pki", "readOnly": True},
@@ -339,9 +445,15 @@ def monitoring_manifests(opts: KubeOptions, servers: list[Node], files: dict[str
         ],
     }
     pod = {
-        "automountServiceAccountToken": False, "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": _PROMETHEUS_USER, "runAsGroup": _PROMETHEUS_USER,
-                            "fsGroup": _PROMETHEUS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": _PROMETHEUS_USER,
+            "runAsGroup": _PROMETHEUS_USER,
+            "fsGroup": _PROMETHEUS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": f"{MONITORING}-scrape"}},
@@ -349,14 +461,23 @@ def monitoring_manifests(opts: KubeOptions, servers: list[Node], files: dict[str
             {"name": "data", "emptyDir": {"sizeLimit": "2Gi"}},
         ],
     }
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
-                  "spec": {"replicas": 1, "selector": {"matchLabels": dict(MONITORING_LABELS)}, "strategy": {"type": "Recreate"},
-                           "template": {"metadata": {"labels": dict(labels)}, "spec": pod}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": dict(MONITORING_LABELS)},
+            "strategy": {"type": "Recreate"},
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod},
+        },
+    }
     return [secret, config, deployment]
 
 
-def export_k8s(topo: Topology, opts: KubeOptions, files: dict[str, dict[str, bytes]],
-               monitoring: dict[str, bytes] | None = None) -> dict[str, list[dict]]:
+def export_k8s(
+    topo: Topology, opts: KubeOptions, files: dict[str, dict[str, bytes]], monitoring: dict[str, bytes] | None = None
+) -> dict[str, list[dict]]:
     """Manifests by file name, in the order `kubectl apply -f DIR` reads them (names sort).
 
     `files`: node id -> its PKI files (`pki_files`), for every one of `exported_nodes`.
@@ -365,7 +486,9 @@ def export_k8s(topo: Topology, opts: KubeOptions, files: dict[str, dict[str, byt
     """
     check_name("namespace", opts.namespace)
     if "metrics" in topo.nodes:
-        raise ExportError("node id 'metrics' would share its policy name with the scrape port's (metrics-ingress); rename it")
+        raise ExportError(
+            "node id 'metrics' would share its policy name with the scrape port's (metrics-ingress); rename it"
+        )
     if not opts.topology_name or not re.fullmatch(r"[-._a-zA-Z0-9]+", opts.topology_name):
         raise ExportError(f"ConfigMap key {opts.topology_name!r}: letters, digits, '-', '_' and '.' only")
     for node in topo.nodes.values():
@@ -399,7 +522,9 @@ def export_k8s(topo: Topology, opts: KubeOptions, files: dict[str, dict[str, byt
         "60-kiosk-load.yaml": jobs,
     }
     if monitoring is not None:
-        out["70-monitoring.yaml"] = monitoring_manifests(opts, [n for n in exported_nodes(topo, opts) if n.is_server], monitoring)
+        out["70-monitoring.yaml"] = monitoring_manifests(
+            opts, [n for n in exported_nodes(topo, opts) if n.is_server], monitoring
+        )
     return out
 
 

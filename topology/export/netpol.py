@@ -70,7 +70,6 @@ def servers_selector() -> dict:
     return {"matchExpressions": [{"key": f"{LABEL}/kind", "operator": "In", "values": sorted(SERVER_KINDS)}]}
 
 
-
 class Subjects:
     """What a policy selects: one node, or (grouped) the store side of one kind and operator.
 
@@ -106,7 +105,7 @@ def group_name(node: Node) -> str:
 
 
 def impairment_text(impair: Impairment) -> str:
-    """"delay=2ms loss=0.1%", or "" when the line is not impaired."""
+    """ "delay=2ms loss=0.1%", or "" when the line is not impaired."""
     fields = (("delay", impair.delay), ("jitter", impair.jitter), ("loss", impair.loss), ("rate", impair.rate))
     return " ".join(f"{name}={value}" for name, value in fields if value)
 
@@ -144,7 +143,9 @@ def impairment_annotations(topo: Topology, node_id: str) -> dict[str, str]:
     return Impairments(topo, Subjects(topo)).annotations(node_id)
 
 
-def _policy(name: str, namespace: str, pod_selector: dict, types: list[str], annotations: dict[str, str], **rules) -> dict:
+def _policy(
+    name: str, namespace: str, pod_selector: dict, types: list[str], annotations: dict[str, str], **rules
+) -> dict:
     meta: dict = {"name": name, "namespace": namespace, "labels": {f"{LABEL}/topology-policy": "true"}}
     if annotations:
         meta["annotations"] = annotations
@@ -159,12 +160,18 @@ def _allowed_by(pairs: set[tuple[str, int, str]]) -> str:
     rules: dict[str, set[str]] = defaultdict(set)
     for peer, port, rule in pairs:
         rules[f"{peer}:{port}"].add(rule)
-    return json.dumps({k: " ".join(sorted(v)) if len(v) <= MAX_LINE_NOTES else f"{len(v)} allow entries"
-                       for k, v in sorted(rules.items())}, separators=(",", ":"))
+    return json.dumps(
+        {
+            k: " ".join(sorted(v)) if len(v) <= MAX_LINE_NOTES else f"{len(v)} allow entries"
+            for k, v in sorted(rules.items())
+        },
+        separators=(",", ":"),
+    )
 
 
-def network_policies(topo: Topology, namespace: str, subjects: Subjects | None = None,
-                     impairments: Impairments | None = None) -> list[dict]:
+def network_policies(
+    topo: Topology, namespace: str, subjects: Subjects | None = None, impairments: Impairments | None = None
+) -> list[dict]:
     """Default deny, then one ingress policy per reachable subject and one egress policy per source."""
     subjects = subjects or Subjects(topo)
     impairments = impairments or Impairments(topo, subjects)
@@ -182,16 +189,26 @@ def network_policies(topo: Topology, namespace: str, subjects: Subjects | None =
         by_port: dict[int, set[str]] = defaultdict(set)
         for src, port, _ in ingress[dst]:
             by_port[port].add(src)
-        rules = [{"from": [{"podSelector": subjects.selector(src)} for src in sorted(srcs)], "ports": [{"protocol": "TCP", "port": port}]}
-                 for port, srcs in sorted(by_port.items())]
+        rules = [
+            {
+                "from": [{"podSelector": subjects.selector(src)} for src in sorted(srcs)],
+                "ports": [{"protocol": "TCP", "port": port}],
+            }
+            for port, srcs in sorted(by_port.items())
+        ]
         notes = {f"{LABEL}/allowed-by": _allowed_by(ingress[dst]), **impairments.annotations(dst)}
         out.append(_policy(f"{dst}-ingress", namespace, subjects.selector(dst), ["Ingress"], notes, ingress=rules))
     for src in sorted(egress):
         by_dst: dict[str, set[int]] = defaultdict(set)
         for dst, port, _ in egress[src]:
             by_dst[dst].add(port)
-        rules = [{"to": [{"podSelector": subjects.selector(dst)}], "ports": [{"protocol": "TCP", "port": p} for p in sorted(ports)]}
-                 for dst, ports in sorted(by_dst.items())]
+        rules = [
+            {
+                "to": [{"podSelector": subjects.selector(dst)}],
+                "ports": [{"protocol": "TCP", "port": p} for p in sorted(ports)],
+            }
+            for dst, ports in sorted(by_dst.items())
+        ]
         rules.append(_dns_egress())
         notes = {f"{LABEL}/allowed-by": _allowed_by(egress[src]), **impairments.annotations(src)}
         out.append(_policy(f"{src}-egress", namespace, subjects.selector(src), ["Egress"], notes, egress=rules))
@@ -200,8 +217,12 @@ def network_policies(topo: Topology, namespace: str, subjects: Subjects | None =
 
 def _dns_egress() -> dict:
     return {
-        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": DNS_NAMESPACE}},
-                "podSelector": {"matchLabels": dict(DNS_POD_LABELS)}}],
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": DNS_NAMESPACE}},
+                "podSelector": {"matchLabels": dict(DNS_POD_LABELS)},
+            }
+        ],
         "ports": [dict(p) for p in DNS_PORTS],
     }
 
@@ -218,8 +239,20 @@ def metrics_policies(namespace: str) -> list[dict]:
     note = {f"{LABEL}/allowed-by": f"topology/policy/monitoring.py ({MONITORING_PRINCIPAL} principal only)"}
     monitoring = {"matchLabels": dict(MONITORING_LABELS)}
     return [
-        _policy("metrics-ingress", namespace, servers_selector(), ["Ingress"], note,
-                ingress=[{"from": [{"podSelector": monitoring}], "ports": port}]),
-        _policy("monitoring-egress", namespace, monitoring, ["Egress"], note,
-                egress=[{"to": [{"podSelector": servers_selector()}], "ports": port}, _dns_egress()]),
+        _policy(
+            "metrics-ingress",
+            namespace,
+            servers_selector(),
+            ["Ingress"],
+            note,
+            ingress=[{"from": [{"podSelector": monitoring}], "ports": port}],
+        ),
+        _policy(
+            "monitoring-egress",
+            namespace,
+            monitoring,
+            ["Egress"],
+            note,
+            egress=[{"to": [{"podSelector": servers_selector()}], "ports": port}, _dns_egress()],
+        ),
     ]

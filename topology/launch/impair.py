@@ -66,7 +66,9 @@ def _run(cmd: list[str], stdin: str | None = None, check: bool = True) -> str:
     try:
         done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise LineError(f"{cmd[0]} not found; line impairments need nftables, iproute2 and iptables (Debian's iptables package)") from None
+        raise LineError(
+            f"{cmd[0]} not found; line impairments need nftables, iproute2 and iptables (Debian's iptables package)"
+        ) from None
     if check and done.returncode != 0:
         first = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[0]
         raise LineError(f"{' '.join(cmd[:6])}…: {first}")
@@ -85,8 +87,11 @@ def kernel_has_netem(namespace: str | None) -> bool:
     """Try a netem qdisc on the namespace's own lo and remove it again. KONBINI_IMPAIR=daemon skips it."""
     if os.environ.get("KONBINI_IMPAIR") == "daemon" or namespace is None:
         return False
-    done = subprocess.run(["tc", "-n", namespace, "qdisc", "add", "dev", "lo", "root", "handle", "9:", "netem", "delay", "1ms"],
-                          capture_output=True, check=False)
+    done = subprocess.run(
+        ["tc", "-n", namespace, "qdisc", "add", "dev", "lo", "root", "handle", "9:", "netem", "delay", "1ms"],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode == 0:
         subprocess.run(["tc", "-n", namespace, "qdisc", "del", "dev", "lo", "root"], capture_output=True, check=False)
     return done.returncode == 0
@@ -101,7 +106,11 @@ def loopback_cleanup(table: str, chain: str) -> list[list[str]]:
         ["iptables", "-t", "mangle", "-F", chain],
         ["iptables", "-t", "mangle", "-X", chain],
         # iptables-nft leaves its (now empty) `ip mangle` table behind; drop it when nothing else uses it
-        ["sh", "-c", "nft -j list table ip mangle 2>/dev/null | grep -q '\"rule\"' || nft delete table ip mangle 2>/dev/null; true"],
+        [
+            "sh",
+            "-c",
+            "nft -j list table ip mangle 2>/dev/null | grep -q '\"rule\"' || nft delete table ip mangle 2>/dev/null; true",
+        ],
     ]
 
 
@@ -109,7 +118,9 @@ def _pid_alive(pid: int | None, mark: bytes = DAEMON_MARK) -> bool:
     if not pid:
         return False
     try:
-        return mark in Path(f"/proc/{pid}/cmdline").read_bytes() and not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+        return mark in Path(f"/proc/{pid}/cmdline").read_bytes() and not Path(f"/proc/{pid}/stat").read_text().split(
+            ") ", 1
+        )[1].startswith("Z")
     except (OSError, IndexError):
         return False
 
@@ -139,8 +150,15 @@ def _write_json(path: Path, data: dict) -> None:
 class Impairments:
     """One running topology's line impairments: its plan, its rules and its daemon."""
 
-    def __init__(self, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None,
-                 overrides: dict[str, Impairment] | None = None, netem: bool = False) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        mode: str,
+        plan: NetPlan | None = None,
+        state_dir: Path | None = None,
+        overrides: dict[str, Impairment] | None = None,
+        netem: bool = False,
+    ) -> None:
         self.topo, self.mode, self.plan = topo, mode, plan
         self.dir = run_dir(mode, plan.prefix if plan else None, state_dir)
         self.overrides = dict(overrides or {})
@@ -155,7 +173,9 @@ class Impairments:
     # -- state ---------------------------------------------------------------------------------
 
     @classmethod
-    def attach(cls, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None) -> Impairments:
+    def attach(
+        cls, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None
+    ) -> Impairments:
         """The impairments of a running topology (for `konbini link …`)."""
         run = cls(topo, mode, plan, state_dir)
         saved = _read_json(run.dir / "state.json")
@@ -168,16 +188,27 @@ class Impairments:
         return run
 
     def _save(self) -> None:
-        _write_json(self.dir / "state.json", {
-            "mode": self.mode, "prefix": self.plan.prefix if self.plan else None, "topology": self.topo.source,
-            "netem": self.netem, "queue": self.queue, "table": self.table, "chain": self.chain, "launcher": os.getpid(),
-            "overrides": {k: {f: getattr(v, f) for f in v.__struct_fields__} for k, v in self.overrides.items()},
-            "queued_namespaces": sorted(self._queued_namespaces, key=str),
-        })
+        _write_json(
+            self.dir / "state.json",
+            {
+                "mode": self.mode,
+                "prefix": self.plan.prefix if self.plan else None,
+                "topology": self.topo.source,
+                "netem": self.netem,
+                "queue": self.queue,
+                "table": self.table,
+                "chain": self.chain,
+                "launcher": os.getpid(),
+                "overrides": {k: {f: getattr(v, f) for f in v.__struct_fields__} for k, v in self.overrides.items()},
+                "queued_namespaces": sorted(self._queued_namespaces, key=str),
+            },
+        )
 
     def lines(self) -> list[LineImpairment]:
         try:
-            return plan_impairments(self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem, self.queue)
+            return plan_impairments(
+                self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem, self.queue
+            )
         except ImpairError as exc:
             raise LineError(str(exc)) from None
 
@@ -188,7 +219,9 @@ class Impairments:
 
     def _daemon_config(self, lines: list[LineImpairment]) -> None:
         queues = [q for li in lines for q in li.daemon_queues()]
-        on_exit = loopback_cleanup(self.table, self.chain) if self.mode == "loopback" else []  # netns: the namespaces take them along
+        on_exit = (
+            loopback_cleanup(self.table, self.chain) if self.mode == "loopback" else []
+        )  # netns: the namespaces take them along
         _write_json(self.config, {"queues": queues, "on_exit": on_exit})
 
     def _apply_namespace(self, lines: list[LineImpairment], namespace: str | None) -> None:
@@ -199,7 +232,10 @@ class Impairments:
             _run(_in(namespace, ["nft", "delete", "table", "inet", self.table]), check=False)
         queued = any(h.namespace == namespace for li in lines if li.queued for h in li.hops)
         if queued:
-            _run(_in(namespace, ["iptables-restore", "-w", "--noflush"]), compile_queue_rules(lines, namespace, self.chain, self.queue))
+            _run(
+                _in(namespace, ["iptables-restore", "-w", "--noflush"]),
+                compile_queue_rules(lines, namespace, self.chain, self.queue),
+            )
             jump = ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", self.chain]
             if subprocess.run(_in(namespace, jump), capture_output=True, check=False).returncode != 0:
                 _run(_in(namespace, ["iptables", "-w", "-t", "mangle", "-I", "PREROUTING", "1", "-j", self.chain]))
@@ -239,8 +275,14 @@ class Impairments:
         """Apply every line's impairment and start the daemon; returns notes for the user."""
         if os.geteuid() != 0:
             n = sum(1 for li in self.lines() if not li.shape.empty)
-            return [f"lines are not impaired: {n} lines declare impairments, applying them needs root "
-                    f"(run `sudo konbini up`, or `konbini up --netns`)"] if n else []
+            return (
+                [
+                    f"lines are not impaired: {n} lines declare impairments, applying them needs root "
+                    f"(run `sudo konbini up`, or `konbini up --netns`)"
+                ]
+                if n
+                else []
+            )
         self.stop_stale()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._queued_namespaces: set[str | None] = set()
@@ -267,7 +309,9 @@ class Impairments:
             self._daemon_config(lines)
             self._save()
         else:
-            raise LineError(f"impairment daemon could not bind a queue in {QUEUE_TRIES} tries (see {self.dir / 'impaird.log'})")
+            raise LineError(
+                f"impairment daemon could not bind a queue in {QUEUE_TRIES} tries (see {self.dir / 'impaird.log'})"
+            )
         with ThreadPoolExecutor(APPLY_WORKERS) as pool:  # each waits on its commands, not on Python
             for _ in pool.map(lambda ns: self._apply_namespace(lines, ns), self.namespaces()):
                 pass
@@ -292,9 +336,12 @@ class Impairments:
         impaired = [li for li in lines if not li.shape.empty]
         if not impaired:
             return []
-        how = ("netem on the veth ends (the kernel has sch_netem), the daemon for lines on one lo" if self.netem else
-               "delay/jitter: NFQUEUE + impairment daemon on the receiving side; loss: nft numgen; "
-               + ("rate: tbf on the veth ends" if self.mode == "netns" else "rate: the daemon's clock"))
+        how = (
+            "netem on the veth ends (the kernel has sch_netem), the daemon for lines on one lo"
+            if self.netem
+            else "delay/jitter: NFQUEUE + impairment daemon on the receiving side; loss: nft numgen; "
+            + ("rate: tbf on the veth ends" if self.mode == "netns" else "rate: the daemon's clock")
+        )
         return [f"{len(impaired)} lines impaired ({how}); `konbini link show` for counters"]
 
     def change(self, line_id: str, impair: Impairment | None, reset: bool = False) -> str:
@@ -331,8 +378,19 @@ class Impairments:
         logf = open(self.dir / "impaird.log", "a")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "topology.launch.impaird", "--supervise", str(self.config), str(self.status_file)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, preexec_fn=die_with_parent,
+                [
+                    sys.executable,
+                    "-m",
+                    "topology.launch.impaird",
+                    "--supervise",
+                    str(self.config),
+                    str(self.status_file),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             logf.close()
@@ -344,10 +402,16 @@ class Impairments:
         sup = _read_json(self.status_file.with_name(self.status_file.name + ".supervisor"))
         status = _read_json(self.status_file)
         alive = _pid_alive(sup.get("pid"))
-        return {"supervisor_alive": alive, "daemon_alive": alive and _pid_alive(sup.get("daemon_pid")),
-                "down": sup.get("down", False) or not alive, **{k: sup.get(k) for k in ("daemon_pid", "restarts", "last_exit", "note")},
-                "cpu_s": status.get("cpu_s"), "queues": status.get("queues", []), "updated": status.get("updated"),
-                "status_pid": status.get("pid")}  # == daemon_pid once a restarted daemon has bound its queues
+        return {
+            "supervisor_alive": alive,
+            "daemon_alive": alive and _pid_alive(sup.get("daemon_pid")),
+            "down": sup.get("down", False) or not alive,
+            **{k: sup.get(k) for k in ("daemon_pid", "restarts", "last_exit", "note")},
+            "cpu_s": status.get("cpu_s"),
+            "queues": status.get("queues", []),
+            "updated": status.get("updated"),
+            "status_pid": status.get("pid"),
+        }  # == daemon_pid once a restarted daemon has bound its queues
 
     def stop(self) -> None:
         """Stop the daemon this object started (its supervisor runs the loopback cleanup) and forget
@@ -372,8 +436,10 @@ class Impairments:
             pid = None
         if _pid_alive(pid):
             launcher = _read_json(self.dir / "state.json").get("launcher")
-            raise LineError(f"a topology with these line impairments is running (launcher pid {launcher or '?'}, "
-                            f"run {self.dir}); its lines are left as they are")
+            raise LineError(
+                f"a topology with these line impairments is running (launcher pid {launcher or '?'}, "
+                f"run {self.dir}); its lines are left as they are"
+            )
         stop_run(self.dir)
 
     # -- show ------------------------------------------------------------------------------------
@@ -383,7 +449,14 @@ class Impairments:
         queued hops' set, the mark rule, the NFQUEUE rule and its jump, and the bound queues."""
         out: dict[str | None, dict] = {}
         for ns in self.namespaces():
-            held = out[ns] = {"loss": {}, "queued": set(), "mark": False, "queue_rule": False, "jump": False, "bound": set()}
+            held = out[ns] = {
+                "loss": {},
+                "queued": set(),
+                "mark": False,
+                "queue_rule": False,
+                "jump": False,
+                "bound": set(),
+            }
             text = _run(_in(ns, ["nft", "-j", "list", "table", "inet", self.table]), check=False)
             try:
                 items = json.loads(text).get("nftables", []) if text else []
@@ -391,7 +464,9 @@ class Impairments:
                 items = []
             for item in items:
                 if "set" in item and item["set"].get("name") == "queued":
-                    held["queued"] = {tuple(e["concat"]) for e in item["set"].get("elem", []) if isinstance(e, dict) and "concat" in e}
+                    held["queued"] = {
+                        tuple(e["concat"]) for e in item["set"].get("elem", []) if isinstance(e, dict) and "concat" in e
+                    }
                 rule = item.get("rule")
                 if not rule:
                     continue
@@ -400,11 +475,16 @@ class Impairments:
                     held["mark"] = True
                 elif comment.startswith("line "):
                     line, direction = comment.split()[1], comment.split()[2].rstrip(":")
-                    held["loss"][(line, direction)] = sum(e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e)
+                    held["loss"][(line, direction)] = sum(
+                        e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e
+                    )
             rules = _run(_in(ns, ["iptables", "-w", "-t", "mangle", "-S", self.chain]), check=False)
             held["queue_rule"] = f"--queue-num {self.queue} " in rules
-            jump = subprocess.run(_in(ns, ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", self.chain]),
-                                  capture_output=True, check=False)
+            jump = subprocess.run(
+                _in(ns, ["iptables", "-w", "-t", "mangle", "-C", "PREROUTING", "-j", self.chain]),
+                capture_output=True,
+                check=False,
+            )
             held["jump"] = jump.returncode == 0
             bound = _run(_in(ns, ["cat", "/proc/net/netfilter/nfnetlink_queue"]), check=False)
             held["bound"] = {int(row.split()[0]) for row in bound.splitlines() if row.strip()}
@@ -448,14 +528,22 @@ class Impairments:
                 q = queues.get((li.line, h.direction), {})
                 held = kernel.get(h.namespace, {})
                 gone = self.missing(li, h, held) if held else ["namespace"]
-                rows.append({
-                    "line": li.line, "dir": f"{h.src} -> {h.dst}", "kind": li.kind, "impair": li.shape.describe(),
-                    "from": "link set" if li.line in self.overrides else "file", "mechanism": li.mechanism,
-                    "kernel": "-" if li.shape.empty else ("in force" if not gone else "MISSING " + ", ".join(gone)),
-                    "packets": q.get("packets", 0 if li.queued else None), "held_now": q.get("held_now"),
-                    "dropped": held.get("loss", {}).get((li.line, h.direction), 0) + (q.get("dropped") or 0),
-                    "lag_mean_ms": q.get("lag_mean_ms"), "lag_max_ms": q.get("lag_max_ms"),
-                })
+                rows.append(
+                    {
+                        "line": li.line,
+                        "dir": f"{h.src} -> {h.dst}",
+                        "kind": li.kind,
+                        "impair": li.shape.describe(),
+                        "from": "link set" if li.line in self.overrides else "file",
+                        "mechanism": li.mechanism,
+                        "kernel": "-" if li.shape.empty else ("in force" if not gone else "MISSING " + ", ".join(gone)),
+                        "packets": q.get("packets", 0 if li.queued else None),
+                        "held_now": q.get("held_now"),
+                        "dropped": held.get("loss", {}).get((li.line, h.direction), 0) + (q.get("dropped") or 0),
+                        "lag_mean_ms": q.get("lag_mean_ms"),
+                        "lag_max_ms": q.get("lag_max_ms"),
+                    }
+                )
         return rows
 
 

@@ -90,7 +90,7 @@ def _attrs(data: memoryview, offset: int, end: int) -> dict[int, memoryview]:
         length, kind = _NLA.unpack_from(data, offset)
         if length < 4:
             break
-        out[kind & 0x3FFF] = data[offset + 4: offset + length]
+        out[kind & 0x3FFF] = data[offset + 4 : offset + length]
         offset += (length + 3) & ~3
     return out
 
@@ -152,10 +152,22 @@ class Direction:
 
     def status(self) -> dict:
         return {
-            "queue": self.num, "netns": self.netns, "saddr": self.saddr, "daddr": self.daddr, "line": self.line, "dir": self.dir,
-            "delay_ms": self.delay_s * 1e3, "jitter_ms": self.jitter_s * 1e3, "rate_bps": self.rate_bps,
-            "reorder": self.reorder, "packets": self.packets, "bytes": self.bytes, "released": self.released,
-            "held_now": len(self.held), "dropped": self.dropped, "lag_max_ms": round(self.lag_max * 1e3, 3),
+            "queue": self.num,
+            "netns": self.netns,
+            "saddr": self.saddr,
+            "daddr": self.daddr,
+            "line": self.line,
+            "dir": self.dir,
+            "delay_ms": self.delay_s * 1e3,
+            "jitter_ms": self.jitter_s * 1e3,
+            "rate_bps": self.rate_bps,
+            "reorder": self.reorder,
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "released": self.released,
+            "held_now": len(self.held),
+            "dropped": self.dropped,
+            "lag_max_ms": round(self.lag_max * 1e3, 3),
             "lag_mean_ms": round(self.lag_sum / self.released * 1e3, 3) if self.released else 0.0,
         }
 
@@ -199,13 +211,18 @@ class QueueSocket:
 
     def bind(self, queue: int) -> None:
         self._request(queue, _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_INET))))
-        self._request(queue, _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
-                      + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
-                      + _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_GSO))
-                      + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_GSO)))
+        self._request(
+            queue,
+            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
+            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
+            + _attr(NFQA_CFG_FLAGS, struct.pack("!I", NFQA_CFG_F_GSO))
+            + _attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_GSO)),
+        )
 
     def unbind(self, queue: int) -> None:
-        self._request(queue, _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_UNBIND, socket.htons(socket.AF_INET))))
+        self._request(
+            queue, _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_UNBIND, socket.htons(socket.AF_INET)))
+        )
 
     def verdict(self, queue: int, packet_id: int, verdict: int = NF_ACCEPT) -> None:
         self.sock.send(verdict_message(queue, packet_id, verdict))
@@ -287,7 +304,11 @@ class Daemon:
             config = json.load(f)
         wanted = {hop_key(q.get("netns"), q["saddr"], q["daddr"]): q for q in config.get("queues", [])}
         queues = {(q.get("netns"), int(q["num"])) for q in wanted.values()}
-        for key in [k for k in self.dirs if k not in wanted or (k[0], int(wanted[k]["num"])) != (self.dirs[k].netns, self.dirs[k].num)]:
+        for key in [
+            k
+            for k in self.dirs
+            if k not in wanted or (k[0], int(wanted[k]["num"])) != (self.dirs[k].netns, self.dirs[k].num)
+        ]:
             self._release(self.dirs.pop(key), float("inf"))
         for netns, num in sorted(self.bound - queues, key=str):
             self.sockets[netns].unbind(num)
@@ -310,15 +331,21 @@ class Daemon:
                 continue
             d = self.dirs.get(key)
             if d is None:
-                d = self.dirs[key] = Direction(num, netns, spec["saddr"], spec["daddr"], spec.get("line", "?"), spec.get("dir", "?"))
+                d = self.dirs[key] = Direction(
+                    num, netns, spec["saddr"], spec["daddr"], spec.get("line", "?"), spec.get("dir", "?")
+                )
             d.configure(spec)
         self.reloads += 1
         shapes: dict[str, int] = {}
         for d in self.dirs.values():
-            shape = f"{d.delay_s * 1e3:g}±{d.jitter_s * 1e3:g} ms" + (f" {d.rate_bps / 1e6:g} Mbit/s" if d.rate_bps else "")
+            shape = f"{d.delay_s * 1e3:g}±{d.jitter_s * 1e3:g} ms" + (
+                f" {d.rate_bps / 1e6:g} Mbit/s" if d.rate_bps else ""
+            )
             shapes[shape] = shapes.get(shape, 0) + 1
-        self.log(f"config {self.reloads}: {len(self.dirs)} line directions on {len(self.bound)} queues: "
-                 + ", ".join(f"{n} × {shape}" for shape, n in shapes.items()))
+        self.log(
+            f"config {self.reloads}: {len(self.dirs)} line directions on {len(self.bound)} queues: "
+            + ", ".join(f"{n} × {shape}" for shape, n in shapes.items())
+        )
 
     def _due(self, d: Direction, now: float, out: list[bytes]) -> None:
         """The accept verdicts of every packet of `d` due by `now`, appended to `out`."""
@@ -338,9 +365,14 @@ class Daemon:
     def write_status(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         status = {
-            "pid": os.getpid(), "started": self.started, "updated": time.time(), "reloads": self.reloads,
-            "config_mtime_ns": self.mtime, "errors": self.errors[-10:],
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3), "directions": len(self.dirs),
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": time.time(),
+            "reloads": self.reloads,
+            "config_mtime_ns": self.mtime,
+            "errors": self.errors[-10:],
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "directions": len(self.dirs),
             # the directions that carried packets: the national file has 110,000, five writes a second
             "queues": [d.status() for d in self.dirs.values() if d.packets],
         }
@@ -454,8 +486,9 @@ def supervise(config_path: str, status_path: str) -> int:
     signal.signal(signal.SIGINT, on_signal)
     recent: list[float] = []
     while not stop["now"]:
-        proc = subprocess.Popen([sys.executable, "-m", "topology.launch.impaird", config_path, status_path],
-                                preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "topology.launch.impaird", config_path, status_path], preexec_fn=die_with_parent
+        )
         child["proc"] = proc
         state["daemon_pid"] = proc.pid
         write()

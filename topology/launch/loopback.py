@@ -52,5 +52,17 @@ async def run_topology(
         pki = PKI.load(state_dir, topo) if mode == CLUSTER else PKI.ensure(state_dir, topo)
     clock = clock or Clock()
     cards = CardStore(state_dir, pki, clock.now)  # cards are issued at emulated time too
-    await run_servers(topo, state_dir, pki, cards, clock, mode=mode, only=only, bind=bind, namespaces=namespaces,
-                      reuse_port=reuse_port, t0=t0, task_status=task_status)
+    await run_servers(
+        topo,
+        state_dir,
+        pki,
+        cards,
+        clock,
+        mode=mode,
+        only=only,
+        bind=bind,
+        namespaces=namespaces,
+        reuse_port=reuse_port,
+        t0=t0,
+        task_status=task_status,
+    )

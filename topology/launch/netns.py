@@ -173,16 +173,29 @@ def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = Non
         rulesets = compile_rulesets(plan.topo, plan)
         procs = {
             site: subprocess.Popen(
-                [*in_namespace_argv(plan.namespace(site)), "sh", "-ec", _site_script(plan, site, files, rulesets[site])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                [
+                    *in_namespace_argv(plan.namespace(site)),
+                    "sh",
+                    "-ec",
+                    _site_script(plan, site, files, rulesets[site]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for site in plan.sites
         }
         if plan.monitoring is not None:
             procs[MONITORING_SITE] = subprocess.Popen(
-                [*in_namespace_argv(plan.monitoring.namespace), "sh", "-ec",
-                 _monitoring_script(plan, files, rulesets[MONITORING_SITE])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                [
+                    *in_namespace_argv(plan.monitoring.namespace),
+                    "sh",
+                    "-ec",
+                    _monitoring_script(plan, files, rulesets[MONITORING_SITE]),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         failed = []
         for site, proc in procs.items():
@@ -194,8 +207,9 @@ def create_network(plan: NetPlan, state_dir: Path, sites: list[str] | None = Non
     except BaseException:
         _delete_namespaces(created)
         raise
-    (files / "up.json").write_text(json.dumps({"prefix": plan.prefix, "topology": plan.topo.source, "namespaces": wanted,
-                                               "sites": sites}))
+    (files / "up.json").write_text(
+        json.dumps({"prefix": plan.prefix, "topology": plan.topo.source, "namespaces": wanted, "sites": sites})
+    )
     return time.perf_counter() - t0
 
 
@@ -246,11 +260,20 @@ class Nodehost:
         self.ready_fd = self.stdin_fd = -1  # once: the numbers may be another pipe's by the next call
 
 
-def _fork_nodehost(site, namespace: str | None, argv: list[str], log_path: Path, siblings: list[Nodehost], topo=None,
-                   pki=None, namespaces=None, append: bool = False) -> Nodehost:
+def _fork_nodehost(
+    site,
+    namespace: str | None,
+    argv: list[str],
+    log_path: Path,
+    siblings: list[Nodehost],
+    topo=None,
+    pki=None,
+    namespaces=None,
+    append: bool = False,
+) -> Nodehost:
     """fork + setns rather than `ip netns exec python -m topology.launch.nodehost`: the child inherits
-    the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
-to well under one."""
+        the already imported modules (nodehost among them), which cuts a 20-namespace start from seconds
+    to well under one."""
     ready_r, ready_w = os.pipe()
     stdin_r, stdin_w = os.pipe()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
@@ -306,8 +329,14 @@ def processes_for(namespaces: int, asked: int | None = None) -> int:
 
 
 def start_nodehosts(
-    plan: NetPlan, topo_file: str, state_dir: Path, clock: str | None = None, clock_speed: float = 1.0, topo=None,
-    pki: PKI | None = None, processes: int | None = None,
+    plan: NetPlan,
+    topo_file: str,
+    state_dir: Path,
+    clock: str | None = None,
+    clock_speed: float = 1.0,
+    topo=None,
+    pki: PKI | None = None,
+    processes: int | None = None,
 ) -> list[Nodehost]:
     """Nodehosts for the namespaces with servers, one each or (`processes_for`) several namespaces
     to a process, whose every socket is then made in its node's namespace (`in_namespace`); returns
@@ -322,25 +351,52 @@ def start_nodehosts(
     pid_dir = net_dir(state_dir) / "pids"
     pid_dir.mkdir(parents=True, exist_ok=True)
     write_clock(state_dir, clock, clock_speed)
-    jobs = [(site.name, site.namespace, hosted) for site in plan.sites.values() if (hosted := hosted_nodes(plan, site.name))]
+    jobs = [
+        (site.name, site.namespace, hosted) for site in plan.sites.values() if (hosted := hosted_nodes(plan, site.name))
+    ]
     count = processes_for(len(jobs), processes)
     namespaces = None
     if count < len(jobs):  # consecutive sites together: a store's neighbours, an operator's stores
         namespaces = {site.name: site.namespace for site in plan.sites.values()}
-        groups = [jobs[i * len(jobs) // count:(i + 1) * len(jobs) // count] for i in range(count)]
+        groups = [jobs[i * len(jobs) // count : (i + 1) * len(jobs) // count] for i in range(count)]
         jobs = [(f"group-{i}", group[0][1], [n for _, _, ids in group for n in ids]) for i, group in enumerate(groups)]
 
     def started(host: Nodehost, namespace: str | None) -> None:
         (pid_dir / f"{namespace}.pid").write_text(f"{host.pid}\n")
 
-    return fork_nodehosts(jobs, "netns", topo_file, state_dir, net_dir(state_dir) / "logs", READY_TIMEOUT,
-                          clock, clock_speed, topo, pki, started=started, namespaces=namespaces)
+    return fork_nodehosts(
+        jobs,
+        "netns",
+        topo_file,
+        state_dir,
+        net_dir(state_dir) / "logs",
+        READY_TIMEOUT,
+        clock,
+        clock_speed,
+        topo,
+        pki,
+        started=started,
+        namespaces=namespaces,
+    )
 
 
-def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Path, timeout: float,
-                   clock: str | None = None, clock_speed: float = 1.0, topo=None, pki=None,
-                   started=None, progress=None, namespaces=None, siblings: list[Nodehost] = (),
-                   restart: bool = False) -> list[Nodehost]:
+def fork_nodehosts(
+    jobs,
+    mode: str,
+    topo_file: str,
+    state_dir: Path,
+    log_dir: Path,
+    timeout: float,
+    clock: str | None = None,
+    clock_speed: float = 1.0,
+    topo=None,
+    pki=None,
+    started=None,
+    progress=None,
+    namespaces=None,
+    siblings: list[Nodehost] = (),
+    restart: bool = False,
+) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
     `topo`, `pki`: the parent's, for the children to inherit instead of making again.
@@ -357,15 +413,47 @@ def fork_nodehosts(jobs, mode: str, topo_file: str, state_dir: Path, log_dir: Pa
     gc.freeze()
     try:
         for name, namespace, ids in jobs:
-            argv = ["--topology", str(Path(topo_file).resolve()), "--state", str(Path(state_dir).resolve()),
-                    "--mode", mode, "--nodes", ",".join(ids), "--clock-speed", str(clock_speed)]
+            argv = [
+                "--topology",
+                str(Path(topo_file).resolve()),
+                "--state",
+                str(Path(state_dir).resolve()),
+                "--mode",
+                mode,
+                "--nodes",
+                ",".join(ids),
+                "--clock-speed",
+                str(clock_speed),
+            ]
             if clock:
                 argv += ["--clock", clock]
-            host = _fork_nodehost(name, namespace, argv, log_dir / f"{name}.log", [*siblings, *hosts], topo, pki,
-                                  namespaces, append=restart)
+            host = _fork_nodehost(
+                name,
+                namespace,
+                argv,
+                log_dir / f"{name}.log",
+                [*siblings, *hosts],
+                topo,
+                pki,
+                namespaces,
+                append=restart,
+            )
             host.job = (name, namespace, ids)
-            host.again = functools.partial(_fork_again, (name, namespace, ids), mode, topo_file, state_dir, log_dir,
-                                           timeout, clock, clock_speed, topo, pki, started, namespaces)
+            host.again = functools.partial(
+                _fork_again,
+                (name, namespace, ids),
+                mode,
+                topo_file,
+                state_dir,
+                log_dir,
+                timeout,
+                clock,
+                clock_speed,
+                topo,
+                pki,
+                started,
+                namespaces,
+            )
             hosts.append(host)
             if started is not None:
                 started(host, namespace)
@@ -384,8 +472,9 @@ def _fork_again(job, *args, siblings: list[Nodehost]) -> Nodehost:
     return fork_nodehosts([job], *args, siblings=siblings, restart=True)[0]
 
 
-def wait_ready(hosts: list[Nodehost], sel: selectors.BaseSelector, log_dir: Path, timeout: float,
-               progress=None) -> None:
+def wait_ready(
+    hosts: list[Nodehost], sel: selectors.BaseSelector, log_dir: Path, timeout: float, progress=None
+) -> None:
     """Until every nodehost in `sel` said "ready"; NetnsError naming the first that exited, or
     those still starting after `timeout`. `progress(ready, total)` after each one."""
     waiting = {h.site for h in hosts}
@@ -404,7 +493,9 @@ def wait_ready(hosts: list[Nodehost], sel: selectors.BaseSelector, log_dir: Path
                     progress(len(hosts) - len(waiting), len(hosts))
             elif not data:
                 log = (log_dir / f"{host.site}.log").read_text(errors="replace").strip().splitlines()
-                raise NetnsError(f"nodes of {host.site} exited: {log[-1] if log else 'no output'} (see {log_dir / host.site}.log)")
+                raise NetnsError(
+                    f"nodes of {host.site} exited: {log[-1] if log else 'no output'} (see {log_dir / host.site}.log)"
+                )
 
 
 def stop_nodehosts(hosts: list[Nodehost], grace: float = 1.0) -> None:

@@ -33,8 +33,16 @@ async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: run_topology(
-                topo, Path(args.state), mode=args.mode, clock=clock, only=only, bind=args.bind, pki=pki,
-                namespaces=namespaces, reuse_port=args.reuse_port, task_status=task_status,
+                topo,
+                Path(args.state),
+                mode=args.mode,
+                clock=clock,
+                only=only,
+                bind=args.bind,
+                pki=pki,
+                namespaces=namespaces,
+                reuse_port=args.reuse_port,
+                task_status=task_status,
             )
         )
         os.write(1, b"ready\n")  # fd 1 (the launcher's pipe), not sys.stdout (replaced under pytest)
@@ -51,13 +59,20 @@ def main(argv: list[str] | None = None, topo=None, pki=None, namespaces=None) ->
     p = argparse.ArgumentParser(prog="python -m topology.launch.nodehost")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
-    p.add_argument("--mode", default="netns", choices=["loopback", "netns", "cluster"],
-                   help="cluster: a Kubernetes pod (bind all, dial Service names, read-only PKI under STATE/pki)")
+    p.add_argument(
+        "--mode",
+        default="netns",
+        choices=["loopback", "netns", "cluster"],
+        help="cluster: a Kubernetes pod (bind all, dial Service names, read-only PKI under STATE/pki)",
+    )
     p.add_argument("--bind", help="cluster mode: listen on this address instead of all (tests on one loopback)")
     p.add_argument("--nodes", required=True, help="comma-separated server node ids")
     p.add_argument("--clock")
-    p.add_argument("--reuse-port", action="store_true",
-                   help="one of several worker processes serving these nodes on the same addresses (SO_REUSEPORT)")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="one of several worker processes serving these nodes on the same addresses (SO_REUSEPORT)",
+    )
     p.add_argument("--clock-speed", type=float, default=1.0)
     args = p.parse_args(argv)
     try:

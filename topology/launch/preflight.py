@@ -117,7 +117,9 @@ def _mem_available() -> int | None:
     return None
 
 
-def check(topo: Topology, *, connections: int = 512, processes: int = 1, raise_soft: bool = True) -> tuple[list[Need], list[str]]:
+def check(
+    topo: Topology, *, connections: int = 512, processes: int = 1, raise_soft: bool = True
+) -> tuple[list[Need], list[str]]:
     """(every limit with its verdict, notes on what was changed here). `connections`: the
     concurrent connections to plan for (a bench's in-flight requests times the hops);
     `processes`: `up --processes`, the nodes spread over that many (the open-files limit is per
@@ -137,29 +139,69 @@ def check(topo: Topology, *, connections: int = 512, processes: int = 1, raise_s
             except (ValueError, OSError):  # root without CAP_SYS_RESOURCE (a container) may not raise the hard limit
                 notes.append(f"open files: could not raise the hard limit {hard:,} (no CAP_SYS_RESOURCE here)")
             else:
-                notes.append(f"open files: limit raised from {soft:,} to {fds:,} for this run"
-                             + (f" (hard limit {hard:,} -> {new_hard:,}, as root)" if new_hard != hard else f" (hard limit {hard:,})"))
+                notes.append(
+                    f"open files: limit raised from {soft:,} to {fds:,} for this run"
+                    + (
+                        f" (hard limit {hard:,} -> {new_hard:,}, as root)"
+                        if new_hard != hard
+                        else f" (hard limit {hard:,})"
+                    )
+                )
                 soft = fds
     needs = [
-        Need("open files (RLIMIT_NOFILE, one process)", fds, soft, "descriptors",
-             f"run `ulimit -n {fds}` first (as root, or raise the hard limit in /etc/security/limits.conf"
-             + (f"; fs.nr_open is {nr_open:,}" if nr_open else "") + ")"
-             + (f", or spread the nodes: `--processes {-(-n_listen // max(1, soft - CONNECTION_FDS * connections - FD_RESERVE))}`"
-                if soft > CONNECTION_FDS * connections + FD_RESERVE else ""),
-             (f"{per_process:,} of {n_listen:,} listeners in each of {processes} processes" if processes > 1 else f"{n_listen:,} listeners")
-             + f" + {connections:,} connections x {CONNECTION_FDS} + {FD_RESERVE} spare"),
-        Need("system-wide open files (fs.file-max)", n_listen + fds * processes - per_process * processes,
-             _read_int("/proc/sys/fs/file-max"), "descriptors", f"`sysctl -w fs.file-max={2 * (n_listen + fds)}`"),
+        Need(
+            "open files (RLIMIT_NOFILE, one process)",
+            fds,
+            soft,
+            "descriptors",
+            f"run `ulimit -n {fds}` first (as root, or raise the hard limit in /etc/security/limits.conf"
+            + (f"; fs.nr_open is {nr_open:,}" if nr_open else "")
+            + ")"
+            + (
+                f", or spread the nodes: `--processes {-(-n_listen // max(1, soft - CONNECTION_FDS * connections - FD_RESERVE))}`"
+                if soft > CONNECTION_FDS * connections + FD_RESERVE
+                else ""
+            ),
+            (
+                f"{per_process:,} of {n_listen:,} listeners in each of {processes} processes"
+                if processes > 1
+                else f"{n_listen:,} listeners"
+            )
+            + f" + {connections:,} connections x {CONNECTION_FDS} + {FD_RESERVE} spare",
+        ),
+        Need(
+            "system-wide open files (fs.file-max)",
+            n_listen + fds * processes - per_process * processes,
+            _read_int("/proc/sys/fs/file-max"),
+            "descriptors",
+            f"`sysctl -w fs.file-max={2 * (n_listen + fds)}`",
+        ),
     ]
     relay, fan = upstream_fanout(topo)
     if relay:
-        needs.append(Need(f"ephemeral ports per source address ({relay} to its next hop)", fan, _port_range(), "ports",
-                          '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
-                          f"{fan:,} kiosks behind it, each connection paired with an upstream one", blocking=False))
+        needs.append(
+            Need(
+                f"ephemeral ports per source address ({relay} to its next hop)",
+                fan,
+                _port_range(),
+                "ports",
+                '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
+                f"{fan:,} kiosks behind it, each connection paired with an upstream one",
+                blocking=False,
+            )
+        )
     mem = BASE_RSS * processes + MODEL_PER_NODE * len(topo.nodes) + RSS_PER_LISTENER * n_listen
-    needs.append(Need("memory (MemAvailable)", mem // MIB, (m // MIB) if (m := _mem_available()) else None, "MiB",
-                      "free memory, or fewer processes", f"~{RSS_PER_LISTENER // 1024} KiB a listener, "
-                      f"~{MODEL_PER_NODE / 1024:.1f} KiB a node and {BASE_RSS // MIB} MiB a process, measured"))
+    needs.append(
+        Need(
+            "memory (MemAvailable)",
+            mem // MIB,
+            (m // MIB) if (m := _mem_available()) else None,
+            "MiB",
+            "free memory, or fewer processes",
+            f"~{RSS_PER_LISTENER // 1024} KiB a listener, "
+            f"~{MODEL_PER_NODE / 1024:.1f} KiB a node and {BASE_RSS // MIB} MiB a process, measured",
+        )
+    )
     return needs, notes
 
 

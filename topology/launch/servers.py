@@ -104,7 +104,9 @@ async def run_servers(
                 if node.id not in admin_allow:
                     continue
                 netns = namespaces.get(node.site) if namespaces else None
-                ctx = admin_context(NodeContext(topo, node, pki, mode, running.clock, netns=netns, reuse_port=reuse_port))
+                ctx = admin_context(
+                    NodeContext(topo, node, pki, mode, running.clock, netns=netns, reuse_port=reuse_port)
+                )
                 main = running.servers[node.id].app if node.id in running.servers else None
                 shared = running.servers[node.id].metrics if main is not None else None  # one scrape per node
                 server = AdminServer(ctx, admin_allow[node.id], make_admin_app(ctx, env, main), metrics=shared)

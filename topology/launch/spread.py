@@ -54,12 +54,30 @@ def partition(topo: Topology, processes: int, kinds: frozenset[str] | None = Non
     return [p for p in parts if p]
 
 
-def start(topo: Topology, state_dir: Path, processes: int, clock: str | None = None, clock_speed: float = 1.0,
-          progress=None, kinds: frozenset[str] | None = None) -> list[Nodehost]:
+def start(
+    topo: Topology,
+    state_dir: Path,
+    processes: int,
+    clock: str | None = None,
+    clock_speed: float = 1.0,
+    progress=None,
+    kinds: frozenset[str] | None = None,
+) -> list[Nodehost]:
     """Fork `processes` loopback nodehosts over the topology (its servers of `kinds` only, if
     given); returns once each said "ready"."""
     state_dir = Path(state_dir).resolve()
     pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
     jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
-    return fork_nodehosts(jobs, "loopback", topo.source or "-", state_dir, state_dir / "processes", READY_TIMEOUT,
-                          clock, clock_speed, topo, pki, progress=progress)
+    return fork_nodehosts(
+        jobs,
+        "loopback",
+        topo.source or "-",
+        state_dir,
+        state_dir / "processes",
+        READY_TIMEOUT,
+        clock,
+        clock_speed,
+        topo,
+        pki,
+        progress=progress,
+    )

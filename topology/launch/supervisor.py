@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from topology.launch.netns import Nodehost, NetnsError
+from topology.launch.netns import NetnsError, Nodehost
 
 ACTIONS = ("kill", "stop", "start", "restart")
 POLICIES = ("on-failure", "no")
@@ -91,8 +91,9 @@ def launcher_pid(run_dir: Path) -> int | None:
 class Supervisor:
     """The launcher's view of its nodehosts; `tick()` from its wait loop, `hosts` to stop them all."""
 
-    def __init__(self, hosts: list[Nodehost], run_dir: Path, policy: RestartPolicy, mode: str,
-                 say: Callable[[str], None]) -> None:
+    def __init__(
+        self, hosts: list[Nodehost], run_dir: Path, policy: RestartPolicy, mode: str, say: Callable[[str], None]
+    ) -> None:
         self.slots = {h.job[0]: Slot(h, time.time()) for h in hosts}
         self.serving = {n: name for name, slot in self.slots.items() for n in slot.nodes}
         self.policy, self.mode, self.say = policy, mode, say
@@ -133,7 +134,9 @@ class Supervisor:
         what = f"{slot.name} ({nodes_text(slot.nodes)}) pid {slot.host.pid} exited ({_status(code)})"
         if asked == "stop":
             slot.state = "stopped"
-            self._answer(slot, self._event(f"{what}: stopped by `konbini node stop`; stays down until `konbini node start`"))
+            self._answer(
+                slot, self._event(f"{what}: stopped by `konbini node stop`; stays down until `konbini node start`")
+            )
             return
         if asked == "restart":
             self._event(f"{what}: restarting (`konbini node restart`)")
@@ -147,8 +150,13 @@ class Supervisor:
             self._answer(slot, self._event(f"{what}{why}; stays down (--restart no); the other processes keep serving"))
             return
         slot.state, slot.due = "restarting", now + delay
-        self._answer(slot, self._event(f"{what}{why}; restarting {'now' if not delay else f'in {delay:.0f} s'} "
-                                       f"(--restart {self.policy.name}, crash {slot.crashes} in a row)"))
+        self._answer(
+            slot,
+            self._event(
+                f"{what}{why}; restarting {'now' if not delay else f'in {delay:.0f} s'} "
+                f"(--restart {self.policy.name}, crash {slot.crashes} in a row)"
+            ),
+        )
 
     def _start(self, slot: Slot) -> None:
         t0 = time.time()
@@ -159,12 +167,21 @@ class Supervisor:
             slot.crashes += 1
             delay = self.policy.delay(slot.crashes)
             slot.state, slot.due = ("down", 0.0) if delay is None else ("restarting", time.time() + delay)
-            self._answer(slot, self._event(f"{slot.name} did not start: {exc}"
-                                           + ("" if delay is None else f"; next try in {delay:.0f} s")))
+            self._answer(
+                slot,
+                self._event(
+                    f"{slot.name} did not start: {exc}" + ("" if delay is None else f"; next try in {delay:.0f} s")
+                ),
+            )
             return
         slot.state, slot.started, slot.restarts = "up", time.time(), slot.restarts + 1
-        self._answer(slot, self._event(f"{slot.name} ({nodes_text(slot.nodes)}) up again: pid {slot.host.pid}, "
-                                       f"ready in {time.time() - t0:.1f} s (restart {slot.restarts})"))
+        self._answer(
+            slot,
+            self._event(
+                f"{slot.name} ({nodes_text(slot.nodes)}) up again: pid {slot.host.pid}, "
+                f"ready in {time.time() - t0:.1f} s (restart {slot.restarts})"
+            ),
+        )
 
     # -- requests from `konbini node` ----------------------------------------------------------
 
@@ -181,8 +198,12 @@ class Supervisor:
             path.unlink(missing_ok=True)
             name = self.serving.get(node)
             if name is None:
-                _reply(reply, 2, f"{node!r} is served by no process here (client nodes have no process; "
-                                 f"`konbini node list` shows which serve what)")
+                _reply(
+                    reply,
+                    2,
+                    f"{node!r} is served by no process here (client nodes have no process; "
+                    f"`konbini node list` shows which serve what)",
+                )
                 continue
             self._act(self.slots[name], action, node, reply)
         return taken
@@ -196,10 +217,19 @@ class Supervisor:
         if action in ("kill", "stop") and slot.state != "up":
             if action == "stop" and slot.state in ("restarting", "down"):
                 was, slot.state = slot.state, "stopped"
-                _reply(reply, 0, self._event(f"{slot.name} ({nodes_text(slot.nodes)}) was {was}: "
-                                             "held down until `konbini node start`"))
+                _reply(
+                    reply,
+                    0,
+                    self._event(
+                        f"{slot.name} ({nodes_text(slot.nodes)}) was {was}: held down until `konbini node start`"
+                    ),
+                )
             else:
-                _reply(reply, 1, f"{slot.name} ({node}) is not running ({slot.state}); `konbini node start {node}` starts it")
+                _reply(
+                    reply,
+                    1,
+                    f"{slot.name} ({node}) is not running ({slot.state}); `konbini node start {node}` starts it",
+                )
             return
         if action == "start" and slot.state == "up":
             _reply(reply, 1, f"{slot.name} ({node}) is already up, pid {slot.host.pid}")
@@ -231,9 +261,22 @@ class Supervisor:
         return line
 
     def _write_status(self) -> None:
-        status = {"launcher": os.getpid(), "mode": self.mode, "policy": self.policy.name, "processes": [
-            {"process": s.name, "pid": s.host.pid if s.state == "up" else None, "state": s.state, "restarts": s.restarts,
-             "since": stamp(s.started), "nodes": s.nodes} for s in self.slots.values()]}
+        status = {
+            "launcher": os.getpid(),
+            "mode": self.mode,
+            "policy": self.policy.name,
+            "processes": [
+                {
+                    "process": s.name,
+                    "pid": s.host.pid if s.state == "up" else None,
+                    "state": s.state,
+                    "restarts": s.restarts,
+                    "since": stamp(s.started),
+                    "nodes": s.nodes,
+                }
+                for s in self.slots.values()
+            ],
+        }
         tmp = self.run_dir / "status.json.tmp"
         tmp.write_text(json.dumps(status))
         tmp.replace(self.run_dir / "status.json")

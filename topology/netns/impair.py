@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from topology.netns.plan import NetPlan
 from topology.spec.model import Impairment, Topology
 
-QUEUE_BASE = {"netns": 100, "loopback": 2000}  # the run's NFQUEUE number; loopback runs on one lo take the next free one
+QUEUE_BASE = {
+    "netns": 100,
+    "loopback": 2000,
+}  # the run's NFQUEUE number; loopback runs on one lo take the next free one
 QUEUE_LIMIT = 65535  # NFQUEUE numbers are 16 bits (the netlink header's res_id)
 RATE_LIMIT_S = 0.1  # a rate-limited line queues at most 100 ms of serialisation, then tail-drops
 
@@ -112,7 +115,12 @@ class Shape:
 
     @classmethod
     def of(cls, impair: Impairment) -> Shape:
-        shape = cls(parse_time(impair.delay), parse_time(impair.jitter, "jitter"), parse_loss(impair.loss), parse_rate(impair.rate))
+        shape = cls(
+            parse_time(impair.delay),
+            parse_time(impair.jitter, "jitter"),
+            parse_loss(impair.loss),
+            parse_rate(impair.rate),
+        )
         if shape.jitter_s and not shape.delay_s:
             raise ImpairError("jitter needs a delay")
         return shape
@@ -192,9 +200,18 @@ class LineImpairment:
             return []
         rate = self.shape.rate_bps if self.veth is None else 0.0  # a veth's rate is tbf's job
         return [
-            {"num": h.queue, "netns": h.namespace, "saddr": h.saddr, "daddr": h.daddr, "line": self.line, "dir": h.direction,
-             "delay_s": self.shape.delay_s,
-             "jitter_s": self.shape.jitter_s, "rate_bps": rate, "limit_s": RATE_LIMIT_S}
+            {
+                "num": h.queue,
+                "netns": h.namespace,
+                "saddr": h.saddr,
+                "daddr": h.daddr,
+                "line": self.line,
+                "dir": h.direction,
+                "delay_s": self.shape.delay_s,
+                "jitter_s": self.shape.jitter_s,
+                "rate_bps": rate,
+                "limit_s": RATE_LIMIT_S,
+            }
             for h in self.hops
         ]
 
@@ -207,7 +224,11 @@ def impairments(topo: Topology, overrides: dict[str, Impairment] | None = None) 
 
 
 def plan_impairments(
-    topo: Topology, mode: str, impairs: dict[str, Impairment], plan: NetPlan | None = None, netem: bool = False,
+    topo: Topology,
+    mode: str,
+    impairs: dict[str, Impairment],
+    plan: NetPlan | None = None,
+    netem: bool = False,
     queue: int | None = None,
 ) -> list[LineImpairment]:
     """Every line of the topology with what carries its impairment (lines without one too).
@@ -225,8 +246,19 @@ def plan_impairments(
         for k, (src, dst) in enumerate(((a, b), (b, a))):
             namespace = plan.namespace(dst.site) if plan else None
             iif = veth.name if veth else "lo"
-            hops.append(Hop(line.id, ("a>b", "b>a")[k], src.id, dst.id, namespace, iif,
-                            src.address_in(mode), dst.address_in(mode), queue))
+            hops.append(
+                Hop(
+                    line.id,
+                    ("a>b", "b>a")[k],
+                    src.id,
+                    dst.id,
+                    namespace,
+                    iif,
+                    src.address_in(mode),
+                    dst.address_in(mode),
+                    queue,
+                )
+            )
         where = (plan.namespace(veth.site_a), plan.namespace(veth.site_b), veth.name) if veth and plan else None
         out.append(LineImpairment(line.id, line.kind, shape, (hops[0], hops[1]), where, netem and where is not None))
     return out

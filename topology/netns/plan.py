@@ -100,7 +100,11 @@ class NetPlan:
         """(address, interface) host routes of the monitoring namespace: every server node's address."""
         if self.monitoring is None:
             return []
-        return [(self.address(n), link.mon_ifname) for site, link in self.monitoring.links.items() for n in self.sites[site].servers]
+        return [
+            (self.address(n), link.mon_ifname)
+            for site, link in self.monitoring.links.items()
+            for n in self.sites[site].servers
+        ]
 
     def namespace(self, site: str) -> str:
         return self.sites[site].namespace
@@ -145,7 +149,7 @@ class NetPlan:
 
 
 def namespace_prefix(tag: str | None = None) -> str:
-    """"konbini-", or "konbini-<tag>-" so a test run's namespaces never meet the user's."""
+    """ "konbini-", or "konbini-<tag>-" so a test run's namespaces never meet the user's."""
     if not tag:
         return NS_PREFIX
     if not _NS_PART.fullmatch(tag):
@@ -164,7 +168,9 @@ def build_plan(topo: Topology, tag: str | None = None) -> NetPlan:
     sites: dict[str, Site] = {}
     for node in topo.nodes.values():
         if not _NS_PART.fullmatch(node.site):
-            raise PlanError(f"site {node.site!r} (node {node.id}) cannot name a namespace; use letters, digits, '_', '.', '-'")
+            raise PlanError(
+                f"site {node.site!r} (node {node.id}) cannot name a namespace; use letters, digits, '_', '.', '-'"
+            )
         site = sites.setdefault(node.site, Site(node.site, prefix + node.site))
         site.nodes.append(node.id)
         if node.is_server:
@@ -200,8 +206,11 @@ def _monitoring(topo: Topology, prefix: str, sites: dict[str, Site], used: dict[
     mon = Monitoring(prefix + MONITORING_SITE, address)
     for index, site in enumerate(s for s in sites.values() if s.servers):
         if MONITOR_IFNAME in used[site.name]:
-            raise PlanError(f"line interface name {MONITOR_IFNAME!r} in site {site.name} is reserved for the monitoring veth")
+            raise PlanError(
+                f"line interface name {MONITOR_IFNAME!r} in site {site.name} is reserved for the monitoring veth"
+            )
         mon_ifname = f"mon{index}"
-        mon.links[site.name] = MonitorLink(site.name, MONITOR_IFNAME, mon_ifname,
-                                           _mac(site.namespace, MONITOR_IFNAME), _mac(mon.namespace, mon_ifname))
+        mon.links[site.name] = MonitorLink(
+            site.name, MONITOR_IFNAME, mon_ifname, _mac(site.namespace, MONITOR_IFNAME), _mac(mon.namespace, mon_ifname)
+        )
     return mon

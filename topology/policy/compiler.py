@@ -58,7 +58,9 @@ def parse_request_pattern(pattern: str) -> tuple[str, str, bool]:
     """Split a request pattern: "POST /v1/*" -> ("POST", "/v1/", True), i.e. method, path, is-a-prefix."""
     m = _REQUEST_PATTERN.fullmatch(pattern)
     if m is None:
-        raise ValueError(f"{pattern!r} is not 'METHOD /path' (GET, POST, PUT, DELETE or HEAD; a trailing * matches any suffix)")
+        raise ValueError(
+            f"{pattern!r} is not 'METHOD /path' (GET, POST, PUT, DELETE or HEAD; a trailing * matches any suffix)"
+        )
     return m[1], m[2], m[3] == "*"
 
 
@@ -214,7 +216,9 @@ class AdminAllowList:
         return set(self._requests)
 
     def __repr__(self) -> str:
-        return f"AdminAllowList({self.node_id!r}, principals={sorted(self._requests)}, consoles={sorted(self.consoles)})"
+        return (
+            f"AdminAllowList({self.node_id!r}, principals={sorted(self._requests)}, consoles={sorted(self.consoles)})"
+        )
 
 
 def compile_admin_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AdminAllowList]:
@@ -335,8 +339,16 @@ def principal_matrix(topo: Topology, principals: tuple[str, ...]) -> list[Princi
             for principal in principals:
                 rules = [(i, r) for i, r in enumerate(dst.admin) if principal in r.principals and console in r.at]
                 patterns = tuple(p for _, r in rules for p in r.requests)
-                out.append(PrincipalReach(principal, console, dst.id, bool(rules), patterns,
-                                          admin_label(dst.id, rules[0][0]) if rules else None))
+                out.append(
+                    PrincipalReach(
+                        principal,
+                        console,
+                        dst.id,
+                        bool(rules),
+                        patterns,
+                        admin_label(dst.id, rules[0][0]) if rules else None,
+                    )
+                )
     return out
 
 
@@ -425,7 +437,9 @@ def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list
                     continue
                 broken = _allow_violation(src, dst)
                 if broken:
-                    found.append(Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1]))
+                    found.append(
+                        Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1])
+                    )
         if dst.kind in _UPSTREAM_KIND:
             want, rule_id = _UPSTREAM_KIND[dst.kind]
             for hop_index, hop in enumerate(dst.hops):
@@ -438,7 +452,11 @@ def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list
             for principal_index, principal in enumerate(rule.principals):
                 broken = _admin_violation(dst, principal)
                 if broken:
-                    found.append(Violation(broken[0], ("nodes", dst.id, "admin", index, "principals", principal_index), broken[1]))
+                    found.append(
+                        Violation(
+                            broken[0], ("nodes", dst.id, "admin", index, "principals", principal_index), broken[1]
+                        )
+                    )
     for index, line in enumerate(topo.lines):
         if line.a in skip or line.b in skip:
             continue
@@ -448,4 +466,3 @@ def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list
             if broken:
                 found.append(Violation(broken[0], ("lines", index), f"{line.id}: {broken[1]}"))
     return found
-

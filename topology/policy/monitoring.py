@@ -69,6 +69,8 @@ def metrics_reachability(topo: Topology) -> list[Reach]:
             continue
         matrix.append(Reach(MONITORING_PRINCIPAL, dst.id, METRICS_PORT, "http/1.1+tls", True, RULE))
         matrix.extend(
-            Reach(src.id, dst.id, METRICS_PORT, "http/1.1+tls", False, None) for src in topo.nodes.values() if src.id != dst.id
+            Reach(src.id, dst.id, METRICS_PORT, "http/1.1+tls", False, None)
+            for src in topo.nodes.values()
+            if src.id != dst.id
         )
     return matrix

@@ -45,26 +45,61 @@ def allowed_flows(topo: Topology, plan: NetPlan) -> list[Flow]:
     for surface, matrix in (("line", allowed_reachability(topo)), ("admin", allowed_admin_reachability(topo))):
         for r in matrix:
             if r.allowed:
-                flows.append(Flow(r.src, r.dst, topo.nodes[r.src].site, topo.nodes[r.dst].site, plan.address(r.src),
-                                  plan.address(r.dst), r.port, r.rule or "", surface))
+                flows.append(
+                    Flow(
+                        r.src,
+                        r.dst,
+                        topo.nodes[r.src].site,
+                        topo.nodes[r.dst].site,
+                        plan.address(r.src),
+                        plan.address(r.dst),
+                        r.port,
+                        r.rule or "",
+                        surface,
+                    )
+                )
     for node in topo.nodes.values():  # a console at the node itself (the store controller's own console)
         index = next((i for i, rule in enumerate(node.admin) if node.id in rule.at), None)
         if index is not None and node.admin_port is not None:
             addr = plan.address(node.id)
-            flows.append(Flow(node.id, node.id, node.site, node.site, addr, addr, node.admin_port,
-                              admin_label(node.id, index), "admin"))
+            flows.append(
+                Flow(
+                    node.id,
+                    node.id,
+                    node.site,
+                    node.site,
+                    addr,
+                    addr,
+                    node.admin_port,
+                    admin_label(node.id, index),
+                    "admin",
+                )
+            )
     if plan.monitoring is not None:
         for site in plan.monitoring.links:
             for node_id in plan.sites[site].servers:
-                flows.append(Flow(MONITORING_PRINCIPAL, node_id, MONITORING_SITE, site, plan.monitoring.address,
-                                  plan.address(node_id), METRICS_PORT, MONITORING_RULE, "metrics"))
+                flows.append(
+                    Flow(
+                        MONITORING_PRINCIPAL,
+                        node_id,
+                        MONITORING_SITE,
+                        site,
+                        plan.monitoring.address,
+                        plan.address(node_id),
+                        METRICS_PORT,
+                        MONITORING_RULE,
+                        "metrics",
+                    )
+                )
     return flows
 
 
 def accept_rule(flow: Flow) -> str:
     """The one nft rule that lets `flow` open a connection (in the input or the output chain alike)."""
-    return (f"ip saddr {flow.src_ip} ip daddr {flow.dst_ip} tcp dport {flow.port} ct state new counter accept "
-            + _comment(f"{flow.rule}: {flow.src} -> {flow.dst}"))
+    return (
+        f"ip saddr {flow.src_ip} ip daddr {flow.dst_ip} tcp dport {flow.port} ct state new counter accept "
+        + _comment(f"{flow.rule}: {flow.src} -> {flow.dst}")
+    )
 
 
 def _comment(text: str) -> str:
@@ -149,17 +184,26 @@ def compile_ruleset(topo: Topology, site: str, plan: NetPlan | None = None, flow
     info = plan.sites[site]
     antispoof = ['iifname "lo" ip saddr != @local counter drop comment "anti-spoofing: lo carries only local sources"']
     for iface in info.interfaces:
-        antispoof.append(f'iifname "{iface.name}" ip saddr != {plan.address(iface.peer)} counter drop '
-                         + _comment(f"anti-spoofing: line {iface.line} reaches only {iface.peer}"))
+        antispoof.append(
+            f'iifname "{iface.name}" ip saddr != {plan.address(iface.peer)} counter drop '
+            + _comment(f"anti-spoofing: line {iface.line} reaches only {iface.peer}")
+        )
     link = plan.monitor_link(site)
     if link is not None and plan.monitoring is not None:
-        antispoof.append(f'iifname "{link.site_ifname}" ip saddr != {plan.monitoring.address} counter drop '
-                         + _comment("anti-spoofing: the monitoring veth carries only the monitoring principal"))
-    head = _header([f"# konbini {topo.name}: site {site} (namespace {info.namespace}); nodes {', '.join(info.nodes)}",
-                    f"# compiled from the allow-lists of {topo.source}; default drop, every accept names its allow entry"],
-                   ", ".join(plan.local_addresses(site)))
-    out = head + _chains(antispoof, plan.interface_names(site), _allow_rules(flows, site, "dst"),
-                         _allow_rules(flows, site, "src"))
+        antispoof.append(
+            f'iifname "{link.site_ifname}" ip saddr != {plan.monitoring.address} counter drop '
+            + _comment("anti-spoofing: the monitoring veth carries only the monitoring principal")
+        )
+    head = _header(
+        [
+            f"# konbini {topo.name}: site {site} (namespace {info.namespace}); nodes {', '.join(info.nodes)}",
+            f"# compiled from the allow-lists of {topo.source}; default drop, every accept names its allow entry",
+        ],
+        ", ".join(plan.local_addresses(site)),
+    )
+    out = head + _chains(
+        antispoof, plan.interface_names(site), _allow_rules(flows, site, "dst"), _allow_rules(flows, site, "src")
+    )
     return "\n".join(out) + "\n"
 
 
@@ -171,10 +215,17 @@ def compile_monitoring_ruleset(topo: Topology, plan: NetPlan, flows: list[Flow] 
     antispoof = ['iifname "lo" ip saddr != @local counter drop comment "anti-spoofing: lo carries only local sources"']
     for site, link in mon.links.items():
         servers = ", ".join(plan.address(n) for n in plan.sites[site].servers)
-        antispoof.append(f'iifname "{link.mon_ifname}" ip saddr != {{ {servers} }} counter drop '
-                         + _comment(f"anti-spoofing: this veth reaches only the servers of {site}"))
-    head = _header([f"# konbini {topo.name}: the monitoring namespace {mon.namespace} ({mon.address})",
-                    "# compiled from topology/policy/monitoring.py: scrapes out, nothing in; default drop"], mon.address)
+        antispoof.append(
+            f'iifname "{link.mon_ifname}" ip saddr != {{ {servers} }} counter drop '
+            + _comment(f"anti-spoofing: this veth reaches only the servers of {site}")
+        )
+    head = _header(
+        [
+            f"# konbini {topo.name}: the monitoring namespace {mon.namespace} ({mon.address})",
+            "# compiled from topology/policy/monitoring.py: scrapes out, nothing in; default drop",
+        ],
+        mon.address,
+    )
     names = ["lo", *(link.mon_ifname for link in mon.links.values())]
     flows = allowed_flows(topo, plan) if flows is None else flows
     out = head + _chains(antispoof, names, [], _allow_rules(flows, MONITORING_SITE, "src"))
@@ -183,7 +234,9 @@ def compile_monitoring_ruleset(topo: Topology, plan: NetPlan, flows: list[Flow] 
 
 # -- line impairments (topology.netns.impair): loss and queue rules on the receiving side -----------
 
-IMPAIR_TABLE = "konbini_impair"  # a run's own table is konbini_impair_<run>: replacing it never touches the policy above
+IMPAIR_TABLE = (
+    "konbini_impair"  # a run's own table is konbini_impair_<run>: replacing it never touches the policy above
+)
 IMPAIR_CHAIN = "KONBINI-IMP"  # a run's iptables-nft chain in table mangle, KONBINI-IMP-<run> (nft has no `queue` here; xt NFQUEUE does)
 LOSS_PRIORITY = -160  # after anti-spoofing (raw, -300), just before the hold (mangle, -150)
 LOSS_SCALE = 1_000_000  # numgen draws per million: 0.001 % is the finest loss
@@ -205,19 +258,30 @@ def compile_impair_ruleset(lines: list[LineImpairment], namespace: str | None, t
     rules = [
         f"\t\t{_hop_match(h)} numgen random mod {LOSS_SCALE} < {round(li.shape.loss * LOSS_SCALE)} counter drop "
         + _comment(f"line {li.line} {h.direction}: loss {li.shape.loss * 100:g}%")
-        for li in lines if li.shape.loss and not li.netem
-        for h in li.hops if h.namespace == namespace
+        for li in lines
+        if li.shape.loss and not li.netem
+        for h in li.hops
+        if h.namespace == namespace
     ]
-    queued = [f'"{h.iif}" . {h.saddr} . {h.daddr}' for li in lines if li.queued for h in li.hops if h.namespace == namespace]
+    queued = [
+        f'"{h.iif}" . {h.saddr} . {h.daddr}' for li in lines if li.queued for h in li.hops if h.namespace == namespace
+    ]
     if not rules and not queued:
         return None
     out = [f"table inet {table}", f"delete table inet {table}", f"table inet {table} {{"]
     if queued:
-        out += ["\tset queued {", "\t\ttype ifname . ipv4_addr . ipv4_addr", f"\t\telements = {{ {', '.join(queued)} }}", "\t}"]
+        out += [
+            "\tset queued {",
+            "\t\ttype ifname . ipv4_addr . ipv4_addr",
+            f"\t\telements = {{ {', '.join(queued)} }}",
+            "\t}",
+        ]
     out += ["\tchain loss {", f"\t\ttype filter hook prerouting priority {LOSS_PRIORITY}; policy accept;", *rules]
     if queued:
-        out.append(f"\t\tiifname . ip saddr . ip daddr @queued meta mark set 0x{run_mark(queue):08x} "
-                   + _comment(f"queued lines: NFQUEUE {queue}"))
+        out.append(
+            f"\t\tiifname . ip saddr . ip daddr @queued meta mark set 0x{run_mark(queue):08x} "
+            + _comment(f"queued lines: NFQUEUE {queue}")
+        )
     return "\n".join(out + ["\t}", "}"]) + "\n"
 
 
@@ -227,6 +291,8 @@ def compile_queue_rules(lines: list[LineImpairment], namespace: str | None, chai
     `--queue-bypass`: with no daemon bound the line passes unimpaired instead of going dead."""
     out = ["*mangle", f":{chain} - [0:0]"]
     if any(h.namespace == namespace for li in lines if li.queued for h in li.hops):
-        out.append(f"-A {chain} -m mark --mark 0x{run_mark(queue):x}/0x{MARK_MASK:x} -m comment --comment \"queued lines\" "
-                   f"-j NFQUEUE --queue-num {queue} --queue-bypass")
+        out.append(
+            f'-A {chain} -m mark --mark 0x{run_mark(queue):x}/0x{MARK_MASK:x} -m comment --comment "queued lines" '
+            f"-j NFQUEUE --queue-num {queue} --queue-bypass"
+        )
     return "\n".join(out + ["COMMIT"]) + "\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from topology.spec.model import Topology
 
-
 EVIDENCE_CERTIFICATE = "residence-record"  # what the issuing checks ask for
 
 
@@ -22,8 +21,10 @@ def first_store(topo: Topology) -> tuple[str, str, str, str]:
         kiosks = [k for k in topo.of_kind("kiosk") if k.site == ctl.site and k.admin]
         if ctl.admin and kiosks:
             return ctl.id, ctl.admin[0].at[0], kiosks[0].id, kiosks[0].admin[0].at[0]
-    raise NotCheckable("no store whose controller has an admin API and a kiosk a maintenance endpoint (admin_port "
-                       "and admin; a compact group has them unless it says `admin: false`)")
+    raise NotCheckable(
+        "no store whose controller has an admin API and a kiosk a maintenance endpoint (admin_port "
+        "and admin; a compact group has them unless it says `admin: false`)"
+    )
 
 
 def monitored_store(topo: Topology) -> tuple[str, str, str]:
@@ -61,8 +62,12 @@ def evidence_municipality(topo: Topology) -> str:
 def unshowable(topo: Topology) -> list[tuple[str, str]]:
     """(requirement, why) for every annex item whose live check this file gives nothing to run on."""
     out = []
-    for requirements, find in ((("SEC-ST-3/KI-6", "SEC-KI-4"), first_store), (("SEC-KI-7", "SEC-KI-8"), monitored_store),
-                               (("SEC-KI-1", "SEC-KI-2", "SEC-KI-5"), evidence_site), (("SEC-KI-2",), evidence_municipality)):
+    for requirements, find in (
+        (("SEC-ST-3/KI-6", "SEC-KI-4"), first_store),
+        (("SEC-KI-7", "SEC-KI-8"), monitored_store),
+        (("SEC-KI-1", "SEC-KI-2", "SEC-KI-5"), evidence_site),
+        (("SEC-KI-2",), evidence_municipality),
+    ):
         try:
             find(topo)
         except NotCheckable as exc:

@@ -154,7 +154,9 @@ KIOSK_MAINTENANCE = ("POST /maintenance/*", "GET /maintenance/*")
 
 def store_admin(kind: str, controller: str) -> dict[str, Any]:
     """The admin fields of a member store's `kind` node whose console is `controller`."""
-    principal, requests = ("operator", CONTROLLER_ADMIN) if kind == "store-controller" else ("maintenance", KIOSK_MAINTENANCE)
+    principal, requests = (
+        ("operator", CONTROLLER_ADMIN) if kind == "store-controller" else ("maintenance", KIOSK_MAINTENANCE)
+    )
     return {"admin_port": ADMIN_PORT, "admin": (AdminStruct((principal,), (controller,), requests),)}
 
 
@@ -207,7 +209,9 @@ def json_schema() -> dict[str, Any]:
 
 _RANGE = re.compile(r"([A-Za-z0-9_-]*)\[(\d+)-(\d+)\]([A-Za-z0-9_-]*)")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
-_THE_STORES_KIOSKS = Role(kind="kiosk", same="site")  # within a group: its own kiosks (explicit kiosks cannot stand at a member's site)
+_THE_STORES_KIOSKS = Role(
+    kind="kiosk", same="site"
+)  # within a group: its own kiosks (explicit kiosks cannot stand at a member's site)
 _INHERITED = ("port", "operator", "upstream", "upstreams", "upstream_policy", "allow", "municipality")
 _MEMBER_ID = re.compile(r"kiosk-(?P<kiosk>.+)-(?P<k>[0-9]+)|(?:store-router|store-controller|wifi)-(?P<member>.+)")
 _GROUP_KINDS = frozenset({"store-router", "store-controller", "wifi", "kiosk"})  # the nodes a group makes
@@ -287,14 +291,18 @@ def _normalize_allow(raw: Any) -> Any:
 
 
 class _Expansion:
-    def __init__(self, data: dict[str, Any], file: str, report: Report, convert: Convert, line_of: Callable[[FieldPath], int]):
+    def __init__(
+        self, data: dict[str, Any], file: str, report: Report, convert: Convert, line_of: Callable[[FieldPath], int]
+    ):
         self.data, self.file, self.report, self.convert, self.line_of = data, file, report, convert, line_of
         self.out = Expanded(raw_nodes={}, raw_lines=[])
         self.pools: dict[str, _Pool] = {}
         self._origin_text: dict[FieldPath, str] = {}
         self._indexed_kinds: set[str] = set()
         self.broken_groups = False
-        self._claimed_members: dict[str, list[tuple[str, int]]] = {}  # member name -> (the clash to report, kiosk number or 0: all)
+        self._claimed_members: dict[
+            str, list[tuple[str, int]]
+        ] = {}  # member name -> (the clash to report, kiosk number or 0: all)
         self._claims_indexed = False
         self.used: set[FieldPath] = set()  # inherited fields some node took, e.g. ("kinds", "kiosk", "upstream")
         # role indexes over every node: (kind) / (kind, "site", site) / (kind, "operator", op) -> ids
@@ -351,7 +359,9 @@ class _Expansion:
                 if placed is not None and self._buildable(name, group) and self._ids_free(name, placed[0], placed[2]):
                     built.append((name, group, *placed))
                 else:
-                    self.broken_groups = True  # roles that would match its members stay quiet: one problem, not a cascade
+                    self.broken_groups = (
+                        True  # roles that would match its members stay quiet: one problem, not a cascade
+                    )
         self.built = built
         self._municipalities(d.get("municipalities"))
         for name, group, members, start, kiosks in built:
@@ -368,8 +378,11 @@ class _Expansion:
             return  # the broken group's members would have taken some: one problem, not a cascade
         levels: list[tuple[FieldPath, str | None, dict[str, Any]]] = [(("defaults",), None, self.defaults)]
         levels += [(("kinds", kind), kind, fields) for kind, fields in self.kinds.items()]
-        levels += [(("groups", name, "kinds", kind), kind, msgspec.to_builtins(fields))
-                   for name, group, *_ in built for kind, fields in group.kinds.items()]
+        levels += [
+            (("groups", name, "kinds", kind), kind, msgspec.to_builtins(fields))
+            for name, group, *_ in built
+            for kind, fields in group.kinds.items()
+        ]
         for path, kind, fields in levels:
             for key in _INHERITED:
                 if fields.get(key) is None or path + (key,) in self.used:
@@ -397,7 +410,10 @@ class _Expansion:
                 continue
             for first, last, name in taken:
                 if at is not None and first <= at <= last:
-                    self.report(("nodes", node_id, "address"), f"address {raw['address']} is inside pool {name}, given to a group's members")
+                    self.report(
+                        ("nodes", node_id, "address"),
+                        f"address {raw['address']} is inside pool {name}, given to a group's members",
+                    )
 
     def _check_pool_overlap(self) -> None:
         spans = sorted((p.first, p.last, name) for name, p in self.pools.items())
@@ -411,7 +427,10 @@ class _Expansion:
         kind = raw.get("kind")
         merged: dict[str, Any] = {}
         taken: dict[str, FieldPath] = {}
-        for level, where in ((self.defaults, ("defaults",)), (self.kinds.get(kind, {}) if isinstance(kind, str) else {}, ("kinds", kind))):
+        for level, where in (
+            (self.defaults, ("defaults",)),
+            (self.kinds.get(kind, {}) if isinstance(kind, str) else {}, ("kinds", kind)),
+        ):
             for key in _INHERITED:
                 if key in level and key not in raw:
                     if key in ("port", "allow") and kind not in SERVER_KINDS:
@@ -423,7 +442,12 @@ class _Expansion:
         merged.update(raw)
         if "allow" in raw:
             merged["allow"] = _normalize_allow(raw["allow"])
-        if "upstreams" in merged and "upstream" not in merged and isinstance(merged["upstreams"], list) and merged["upstreams"]:
+        if (
+            "upstreams" in merged
+            and "upstream" not in merged
+            and isinstance(merged["upstreams"], list)
+            and merged["upstreams"]
+        ):
             merged["upstream"] = merged["upstreams"][0]
         if origin is not None:
             merged["__origin__"] = origin
@@ -470,17 +494,26 @@ class _Expansion:
             return None
         offsets = [lay.store_router, lay.store_controller, lay.wifi] + [lay.kiosk + k for k in range(most)]
         if len(set(offsets)) != len(offsets) or min(offsets) < 0 or max(offsets) >= lay.block:
-            self.report(path + ("layout",), f"offsets must be distinct and inside the block of {lay.block} ({most} kiosks from offset {lay.kiosk})")
+            self.report(
+                path + ("layout",),
+                f"offsets must be distinct and inside the block of {lay.block} ({most} kiosks from offset {lay.kiosk})",
+            )
             return None
         pool = self.pools.get(group.pool)
         if pool is None:
-            self.report(path + ("pool",), f"unknown pool {group.pool!r}" + (f"; pools: {', '.join(self.pools)}" if self.pools else ""))
+            self.report(
+                path + ("pool",),
+                f"unknown pool {group.pool!r}" + (f"; pools: {', '.join(self.pools)}" if self.pools else ""),
+            )
             return None
         need = len(members) * lay.block
         start = pool.take(need)
         if start is None:
             left = pool.last - pool.next + 1
-            self.report(path + ("range",), f"{len(members)} stores x {lay.block} addresses = {need} overflow pool {group.pool} ({left} of {pool.last - pool.first + 1} addresses left)")
+            self.report(
+                path + ("range",),
+                f"{len(members)} stores x {lay.block} addresses = {need} overflow pool {group.pool} ({left} of {pool.last - pool.first + 1} addresses left)",
+            )
             return None
         return members, start, kiosks
 
@@ -496,7 +529,10 @@ class _Expansion:
             if kind in SERVER_KINDS and merged.get("port") is None:
                 self.report(path, f"the group's {kind}s need a port (set defaults.port or kinds.{kind}.port)")
                 return False
-        return all(self._allow_templates(merged.get("allow"), where.get("allow")) is not None for merged, where in fields.values())
+        return all(
+            self._allow_templates(merged.get("allow"), where.get("allow")) is not None
+            for merged, where in fields.values()
+        )
 
     def _ids_free(self, name: str, members: list[str], kiosks: list[int]) -> bool:
         """Whether the ids the group derives are its own. Checked before building, so that a clash is
@@ -515,7 +551,9 @@ class _Expansion:
                     return False
         line = self.line_of(("groups", name, "range"))
         for m in members:
-            claimed.setdefault(m, []).append((f"derived id 'store-router-{m}' is already taken by group {name} (line {line})", 0))
+            claimed.setdefault(m, []).append(
+                (f"derived id 'store-router-{m}' is already taken by group {name} (line {line})", 0)
+            )
         return True
 
     def _member_fields(self, group: StoreGroup, kind: str) -> tuple[dict[str, Any], dict[str, FieldPath]]:
@@ -563,18 +601,46 @@ class _Expansion:
             kiosk_ids = [f"kiosk-{m}-{k}" for k in range(1, kiosks[index] + 1)]
             r_at, c_at, w_at = base + lay.store_router, base + lay.store_controller, base + lay.wifi
             made = [
-                NodeStruct(router, "store-router", site, _ip(r_at), netns_address=_netns_ip(r_at), port=rport, upstream=hops[0],
-                           upstreams=hops if len(hops) > 1 else (), upstream_policy=policy, operator=op,
-                           allow=self._rules(router, site, op, allow["store-router"], kiosk_ids, first)),
-                NodeStruct(ctl, "store-controller", site, _ip(c_at), netns_address=_netns_ip(c_at), port=cport, operator=op,
-                           allow=self._rules(ctl, site, op, allow["store-controller"], kiosk_ids, first),
-                           **(store_admin("store-controller", ctl) if group.admin else {})),
+                NodeStruct(
+                    router,
+                    "store-router",
+                    site,
+                    _ip(r_at),
+                    netns_address=_netns_ip(r_at),
+                    port=rport,
+                    upstream=hops[0],
+                    upstreams=hops if len(hops) > 1 else (),
+                    upstream_policy=policy,
+                    operator=op,
+                    allow=self._rules(router, site, op, allow["store-router"], kiosk_ids, first),
+                ),
+                NodeStruct(
+                    ctl,
+                    "store-controller",
+                    site,
+                    _ip(c_at),
+                    netns_address=_netns_ip(c_at),
+                    port=cport,
+                    operator=op,
+                    allow=self._rules(ctl, site, op, allow["store-controller"], kiosk_ids, first),
+                    **(store_admin("store-controller", ctl) if group.admin else {}),
+                ),
                 NodeStruct(wifi, "wifi", f"wifi-{m}", _ip(w_at), netns_address=_netns_ip(w_at), operator=op),
             ]
             for k, kid in enumerate(kiosk_ids):
                 a = base + lay.kiosk + k
-                made.append(NodeStruct(kid, "kiosk", site, _ip(a), netns_address=_netns_ip(a), upstream=router, operator=op,
-                                       **(store_admin("kiosk", ctl) if group.admin else {})))
+                made.append(
+                    NodeStruct(
+                        kid,
+                        "kiosk",
+                        site,
+                        _ip(a),
+                        netns_address=_netns_ip(a),
+                        upstream=router,
+                        operator=op,
+                        **(store_admin("kiosk", ctl) if group.admin else {}),
+                    )
+                )
             for node in made:
                 if node.id in nodes or node.id in raw_nodes:
                     self.report(range_path, f"derived id {node.id!r} is already taken")
@@ -584,7 +650,11 @@ class _Expansion:
                 if not first:
                     bulk_add(node.id)
             for j, hop in enumerate(hops):
-                lines.append(LineStruct(f"closed-{m}" if j == 0 else f"closed-{m}-{j + 1}", router, hop, "closed-line", closed_imp))
+                lines.append(
+                    LineStruct(
+                        f"closed-{m}" if j == 0 else f"closed-{m}-{j + 1}", router, hop, "closed-line", closed_imp
+                    )
+                )
             for k, kid in enumerate(kiosk_ids, 1):
                 lines.append(LineStruct(f"lan-{m}-k{k}", kid, router, "lan", lan_imp))
             lines.append(LineStruct(f"lan-{m}-ctl", ctl, router, "lan", lan_imp))
@@ -609,8 +679,15 @@ class _Expansion:
             return None
         return [(t, (where or ()) + (i,)) for i, t in enumerate(converted)]
 
-    def _rules(self, node_id: str, site: str, operator: str | None,
-               templates: list[tuple[AllowTemplate, FieldPath]], site_kiosks: list[str], first: bool) -> tuple[AllowStruct, ...]:
+    def _rules(
+        self,
+        node_id: str,
+        site: str,
+        operator: str | None,
+        templates: list[tuple[AllowTemplate, FieldPath]],
+        site_kiosks: list[str],
+        first: bool,
+    ) -> tuple[AllowStruct, ...]:
         rules = []
         origins = self.out.origins
         for i, (t, where) in enumerate(templates):
@@ -618,15 +695,24 @@ class _Expansion:
             if origin is None:
                 origin = self._origin_text[where] = f"{self.file}:{self.line_of(where)}"
             if len(t.sources) == 1 and t.sources[0] == _THE_STORES_KIOSKS:
-                rules.append(AllowStruct(tuple(site_kiosks), t.requests, t.port, t.proto))  # the common case, no look-up
+                rules.append(
+                    AllowStruct(tuple(site_kiosks), t.requests, t.port, t.proto)
+                )  # the common case, no look-up
                 origins[f"nodes.{node_id}.allow[{i}]"] = origin
                 continue
             sources: list[str] = []
             for j, source in enumerate(t.sources):
                 if isinstance(source, str):
                     sources.append(source)
-                elif source.kind == "kiosk" and source.same == "site" and source.group is None and source.operator is None:
-                    sources.extend(site_kiosks)  # the common case, without a look-up; explicit kiosks at a store site are not allowed
+                elif (
+                    source.kind == "kiosk"
+                    and source.same == "site"
+                    and source.group is None
+                    and source.operator is None
+                ):
+                    sources.extend(
+                        site_kiosks
+                    )  # the common case, without a look-up; explicit kiosks at a store site are not allowed
                 else:
                     sources.extend(self._resolve(source, site, operator, where + ("from", j), first))
             rules.append(AllowStruct(tuple(sources), t.requests, t.port, t.proto))
@@ -672,7 +758,11 @@ class _Expansion:
         groups = self.data.get("groups") or {}
         if role.group is not None and role.group not in groups:
             if report:
-                self.report(where, f"template names an unknown group {role.group!r}" + (f"; groups: {', '.join(groups)}" if groups else ""))
+                self.report(
+                    where,
+                    f"template names an unknown group {role.group!r}"
+                    + (f"; groups: {', '.join(groups)}" if groups else ""),
+                )
             return []
         if role.kind is None:
             if report:
@@ -721,7 +811,9 @@ class _Expansion:
                         templated = True
                         role = self.convert(source, Role, base + (i, "from", j))
                         if role is not None:
-                            sources.extend(self._resolve(role, raw.get("site"), raw.get("operator"), base + (i, "from", j), True))
+                            sources.extend(
+                                self._resolve(role, raw.get("site"), raw.get("operator"), base + (i, "from", j), True)
+                            )
                     else:
                         sources.append(source)
                 if templated and not sources and self.broken_groups:
@@ -746,7 +838,10 @@ class _Expansion:
             return
         start = pool.take(gen.count)
         if start is None:
-            self.report(path + ("count",), f"{gen.count} municipalities overflow pool {gen.pool} ({pool.last - pool.next + 1} addresses left)")
+            self.report(
+                path + ("count",),
+                f"{gen.count} municipalities overflow pool {gen.pool} ({pool.last - pool.next + 1} addresses left)",
+            )
             return
         participating = gen.count if gen.participating is None else gen.participating
         if not 0 <= participating <= gen.count:
@@ -766,7 +861,9 @@ class _Expansion:
         ids = [gen.id.format(n=n) for n in range(1, gen.count + 1)]
         raw_nodes = self.out.raw_nodes if isinstance(self.out.raw_nodes, dict) else {}
         if (clash := next((x for x in ids if x in raw_nodes or x in self.out.members), None)) is not None:
-            self.report(path + ("id",), f"derived id {clash!r} is already taken")  # before building: one problem, none half made
+            self.report(
+                path + ("id",), f"derived id {clash!r} is already taken"
+            )  # before building: one problem, none half made
             return
         if len(set(ids)) < len(ids):
             self.report(path + ("id",), f"{gen.id!r} derives the same id twice; put {{n}} in it")
@@ -783,8 +880,16 @@ class _Expansion:
             fees = {kind: fees[int(rng.random() * len(fees))] for kind, fees in gen.certificates.items() if fees}
             muni = Municipality(f"{code5}{check}", i in takes_part, None, None, hours, fees)
             rules = self._rules(node_id, site, None, templates, [], i == 0)
-            node = NodeStruct(node_id, "municipality", site, _ip(start + i), netns_address=_netns_ip(start + i), port=merged["port"],
-                              allow=rules, municipality=muni)
+            node = NodeStruct(
+                node_id,
+                "municipality",
+                site,
+                _ip(start + i),
+                netns_address=_netns_ip(start + i),
+                port=merged["port"],
+                allow=rules,
+                municipality=muni,
+            )
             self.out.members[node_id] = node
             self._add_index(node_id, "municipality", site, None, None)
             if i:
@@ -795,10 +900,21 @@ class _Expansion:
                     self.out.member_paths[("nodes", node_id, "allow", r)] = templates[r][1]
             for c, center in enumerate(gen.center):
                 line_id = f"lgwan-{site.removeprefix('lgwan-')}" + (f"-{c + 1}" if c else "")
-                self.out.member_lines.append(LineStruct(line_id, center, node_id, "lgwan", gen.impair if gen.impair != no_imp else self.line_impair.get("lgwan", no_imp)))
+                self.out.member_lines.append(
+                    LineStruct(
+                        line_id,
+                        center,
+                        node_id,
+                        "lgwan",
+                        gen.impair if gen.impair != no_imp else self.line_impair.get("lgwan", no_imp),
+                    )
+                )
                 self.out.member_line_paths.append(path)
 
-def expand(data: dict[str, Any], file: str, report: Report, convert: Convert, line_of: Callable[[FieldPath], int]) -> Expanded:
+
+def expand(
+    data: dict[str, Any], file: str, report: Report, convert: Convert, line_of: Callable[[FieldPath], int]
+) -> Expanded:
     """The compact file `data` written out: explicit nodes raw for the loader, group members built."""
     return _Expansion(data, file, report, convert, line_of).run()
 

@@ -184,7 +184,9 @@ class _Document:
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
-                self.problems.append(Problem(self.file, line, field_path(path) or "document", "keys must be plain strings"))
+                self.problems.append(
+                    Problem(self.file, line, field_path(path) or "document", "keys must be plain strings")
+                )
                 continue
             key = key_node.value  # as written: a key is a name, never a number or a boolean
             if key in mapping:
@@ -279,7 +281,9 @@ def _limits(doc: _Document, raw: Any) -> dict[str, Limits]:
     out = {"defaults": defaults}
     for scope, fields in raw.items():
         if scope not in LIMIT_SCOPES:
-            doc.report(("limits", scope), f"unknown node kind; expected defaults or one of {', '.join(LIMIT_SCOPES[1:])}")
+            doc.report(
+                ("limits", scope), f"unknown node kind; expected defaults or one of {', '.join(LIMIT_SCOPES[1:])}"
+            )
         elif scope != "defaults" and (own := _convert(doc, fields or {}, Limits, ("limits", scope))) is not None:
             out[scope] = msgspec.structs.replace(defaults, **{k: getattr(own, k) for k in fields or {}})
     return out
@@ -428,7 +432,9 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
 
     if node.kind in _FORWARDING_KINDS:
         if node.upstream is None:
-            doc.report(path + ("upstream",), f"a {node.kind} needs an upstream: the next hop towards the issuance center")
+            doc.report(
+                path + ("upstream",), f"a {node.kind} needs an upstream: the next hop towards the issuance center"
+            )
         if node.upstreams and node.upstream != node.upstreams[0]:
             doc.report(path + ("upstream",), f"upstream {node.upstream} is not the first of upstreams; leave it out")
         if len(set(node.hops)) != len(node.hops):
@@ -527,11 +533,16 @@ def _check_participation(doc: _Document, muni: Municipality, path: FieldPath) ->
         except ValueError:
             doc.report(path + (name,), f"{value!r} is not a date (YYYY-MM-DD)")
     if len(days) == 2 and days["participating_until"] < days["participating_from"]:
-        doc.report(path + ("participating_until",), f"{muni.participating_until} is before participating_from {muni.participating_from}")
+        doc.report(
+            path + ("participating_until",),
+            f"{muni.participating_until} is before participating_from {muni.participating_from}",
+        )
     fee = muni.certificates.get("vaccination")
     if fee is not None and fee != VACCINATION_FEE:
-        doc.report(path + ("certificates", "vaccination"),
-                   f"the vaccination certificate costs {VACCINATION_FEE} yen per copy (seed 000 §13), got {fee}")
+        doc.report(
+            path + ("certificates", "vaccination"),
+            f"the vaccination certificate costs {VACCINATION_FEE} yen per copy (seed 000 §13), got {fee}",
+        )
 
 
 def _check_hours(doc: _Document, hours: Hours, path: FieldPath) -> bool:
@@ -579,8 +590,11 @@ def _check_meaning(doc: _Document, parsed: _Parsed) -> None:
             continue
         path = ("nodes", node.id, "municipality")
         if muni.code in codes and topo.nodes[codes[muni.code]].municipality != muni:
-            doc.report(path + ("code",), f"duplicate municipality code {muni.code!r}, already {codes[muni.code]}'s "
-                       "(several document servers of one municipality carry the same municipality data)")
+            doc.report(
+                path + ("code",),
+                f"duplicate municipality code {muni.code!r}, already {codes[muni.code]}'s "
+                "(several document servers of one municipality carry the same municipality data)",
+            )
         codes.setdefault(muni.code, node.id)
         hours, service = muni.hours, topo.service_hours
         if service_ok and _HHMM.fullmatch(hours.open) and _HHMM.fullmatch(hours.close):

@@ -47,6 +47,7 @@ TlsVersion = Literal["1.2", "1.3"]
 
 VACCINATION_FEE = 120  # yen per copy, fixed by seed 000 §13; the file format refuses any other
 
+
 class Impairment(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """tc netem settings for one line (netns mode). Strings as tc takes them: '20ms', '0.1%', '10mbit'."""
 
@@ -105,7 +106,9 @@ class Municipality(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hours: Hours = Hours()
     # certificate type -> fee per copy in yen
     certificates: dict[str, int] = {}
-    name: str | None = None  # what residents call it, e.g. 高松市; reports, the graph, settlement and the kiosk screen show it
+    name: str | None = (
+        None  # what residents call it, e.g. 高松市; reports, the graph, settlement and the kiosk screen show it
+    )
 
     @property
     def display(self) -> str:

@@ -57,13 +57,21 @@ def part(topo: Topology, patterns: list[str]) -> tuple[Topology, list[str]]:
     if "issuance-center" in kinds:
         sites.update(n.site for n in topo.of_kind("ocsp"))
         if "municipality" not in kinds:
-            first = next((n for n in topo.of_kind("municipality") if n.municipality and n.municipality.participating), None)
+            first = next(
+                (n for n in topo.of_kind("municipality") if n.municipality and n.municipality.participating), None
+            )
             if first is not None:
                 sites.add(first.site)
     nodes = {i: n for i, n in topo.nodes.items() if n.site in sites}
     added = sorted(sites - set(named))
-    notes = [f"{len(named):,} site(s) named, {len(added):,} added for the way up: {', '.join(added[:8])}"
-             + (", …" if len(added) > 8 else "")] if added else []
+    notes = (
+        [
+            f"{len(named):,} site(s) named, {len(added):,} added for the way up: {', '.join(added[:8])}"
+            + (", …" if len(added) > 8 else "")
+        ]
+        if added
+        else []
+    )
     return _restricted(topo, nodes), notes
 
 
@@ -90,5 +98,6 @@ def _netns_addresses(nodes: dict) -> dict:
     try:
         return {i: msgspec.structs.replace(n, netns_address=next(fresh)) for i, n in nodes.items()}
     except (StopIteration, RuntimeError):
-        raise PartError(f"a part of {len(nodes):,} nodes does not fit {NETNS_POOL} (about 128,000 addresses); "
-                        "choose fewer sites") from None
+        raise PartError(
+            f"a part of {len(nodes):,} nodes does not fit {NETNS_POOL} (about 128,000 addresses); choose fewer sites"
+        ) from None
