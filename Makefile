@@ -4,18 +4,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := nftables iproute2 iptables haproxy nghttp2-client nghttp2-server curl openssl golang-go testssl.sh nmap fonts-ipaexfont-mincho poppler-utils
 
-.PHONY: run test lint setup system clean
+.PHONY: run test lint docs setup system clean
 
 run: setup
 	$(BIN)/konbini demo
 
-test: setup lint
+test: setup lint docs
 	$(BIN)/pytest -q
 
 # The rules made mechanical: lint and format (ruff).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The docs site (docs/, mkdocs.yml) built strictly: a broken link or anchor fails, as a test would.
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet
 
 setup: system $(VENV)/.installed
 
@@ -41,4 +45,4 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .konbini *.egg-info
+	rm -rf $(VENV) .konbini *.egg-info site
