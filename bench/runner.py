@@ -5,7 +5,7 @@ Process layout (so nothing shares an event loop with the generator):
   whole run, at a fixed emulated time (20:30 JST: muni-a open, muni-b closed);
 - the *front* process is either konbini's relays (store routers, EC routers, DMZ relays) or
   HAProxy on the same addresses; each phase starts a fresh one and records its CPU and memory;
-- the load generator's worker processes (`kiosk_emu.loadgen.run_load`).
+- the load generator's worker processes (`kiosk_emu.load.generator.run_load`).
 Phases run back to back per scenario: konbini, then (with --baseline haproxy) HAProxy.
 
 With `--netns` (root) the whole topology instead runs in netns mode for the whole run (namespaces

@@ -36,7 +36,7 @@ class AppCheck:
     refused: bool
     detail: str
     requirements: tuple[str, ...]
-    denial: str  # the reason the server counts when it refuses (gateway/server.py `denials`)
+    denial: str  # the reason the server counts when it refuses (gateway/node/server.py `denials`)
 
 
 # check -> (source node, destination node, requirements, expected denial reason)

@@ -6,7 +6,7 @@ source's namespace (allowed => SYN-ACK, forbidden => nothing), each allowed conn
 line once more through the sender's own stack (its output chain), allowed pairs on other ports,
 over UDP and ICMP (nothing), spoofed sources from neighbouring namespaces (nothing) and
 addresses outside the topology (nothing); each namespace's interfaces and routes (no route
-out). App level, both modes: `topology.appcheck`. Any difference makes the check fail.
+out). App level, both modes: `topology.check.app`. Any difference makes the check fail.
 Every result names the requirement IDs it is evidence for (DESIGN §2).
 """
 
@@ -426,7 +426,7 @@ def _namespace(plan: NetPlan, site: str) -> str:
 def run_probes(
     plan: NetPlan, probes: list[Probe], timeout: float = PROBE_TIMEOUT
 ) -> tuple[dict[int, str], dict[str, dict]]:
-    """Start one `topology.probe` per namespace, release them together, gather what they saw."""
+    """Start one `topology.check.probe` per namespace, release them together, gather what they saw."""
     with ProbeAgents(plan) as agents:
         return agents.run(probes, timeout)
 

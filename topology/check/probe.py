@@ -4,7 +4,7 @@ Run as `ip netns exec konbini-SITE python -m topology.check.probe`. Protocol on 
 stdin line 1: the job (JSON, below); stdout "ready" once the capture socket is open; stdin "go";
 then the frames are sent, replies are watched for `timeout` seconds, and one JSON line with the
 result is printed; then the next job, until stdin is closed. The frames are built by scapy in
-the parent (`topology.policycheck`), so this child imports nothing heavy and twenty of them
+the parent (`topology.check.policy`), so this child imports nothing heavy and twenty of them
 start in a blink.
 
 Frames for a veth leave through AF_PACKET sockets, below this namespace's own nftables output

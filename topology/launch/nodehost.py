@@ -1,7 +1,7 @@
 """Run some server nodes of a topology in this process (netns mode: one per namespace, or several
 namespaces' nodes in one process for a large part).
 
-Started by `topology.netns.start_nodehosts` as
+Started by `topology.launch.netns.start_nodehosts` as
 `ip netns exec konbini-SITE python -m topology.launch.nodehost --topology F --state DIR --mode netns --nodes a,b`.
 Prints "ready" on stdout once every listener is bound; stops when stdin reaches EOF (the
 launcher closed the pipe or died) or on SIGTERM. No other control channel.

@@ -1,6 +1,6 @@
 """The network-namespace layout of a topology, as data: which namespaces, veths, addresses and
-host routes netns mode builds. Pure: `topology.netns` turns it into `ip`/`nft`/`tc` commands,
-`topology.nft` into rulesets and `topology.policycheck` into probes, so all three agree.
+host routes netns mode builds. Pure: `topology.launch.netns` turns it into `ip`/`nft`/`tc` commands,
+`topology.policy.nft` into rulesets and `topology.check.policy` into probes, so all three agree.
 
 One namespace per site (the nodes of a site share it and talk over its `lo`); one veth pair
 per line whose two ends stand on different sites. A namespace gets a /32 host route only to

@@ -1,6 +1,6 @@
 """The topology file's shape: nodes, lines and per-hop allow-lists, as typed structs.
 
-The file is YAML; `topology.load` parses it, keeps line numbers for error messages and
+The file is YAML; `topology.spec.load` parses it, keeps line numbers for error messages and
 builds these structs. Everything downstream (launcher, policy compiler, kiosk) reads only
 these structs, never the raw YAML.
 """
