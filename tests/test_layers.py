@@ -7,6 +7,7 @@ module-level import nor a lazy one hidden in a function can quietly run against 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -179,6 +180,24 @@ def test_the_contract_catches_an_upward_import(tmp_path, monkeypatch):
     imports = _imports("topology.spec.fake")
     assert ("gateway.nodes.relay", 1, False) in imports and ("topology.cli.main", 4, True) in imports
     assert _layer(_project("gateway.nodes.relay")) < _layer("topology.spec.fake")
+
+
+def _documented_layers() -> tuple[tuple[str, ...], ...]:
+    """The rooms column of docs/architecture.md's layer table, as dotted module prefixes."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = text.split("## The layers, top to bottom", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) > 1 and cells[0].isdigit():
+            rooms = re.findall(r"`([^`]+)`", cells[1])
+            layers.append(tuple(r.strip("/").removesuffix(".py").replace("/", ".") for r in rooms))
+    return tuple(layers)
+
+
+def test_the_documented_layer_table_is_the_contract():
+    """docs/architecture.md's table is the one copy a reader sees: it lists exactly these layers."""
+    assert _documented_layers() == LAYERS
 
 
 def test_a_bench_relay_process_imports_no_crypto_and_no_center_code():
