@@ -1,4 +1,4 @@
-"""Hostile HTTP/2 peers at a store router (README "Hostile peers"): each attack is closed within
+"""Hostile HTTP/2 peers at a store router (docs/hostile.md): each attack is closed within
 its bound, counted as a denial by reason, and another kiosk's issuance through the same router
 completes meanwhile. The attacker is kiosk-a1-2 (allowed address, its own certificate) speaking
 hand-made frames; the well-behaved kiosk is kiosk-a1-1."""

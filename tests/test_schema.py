@@ -1,5 +1,5 @@
 """`konbini schema` describes the files konbini ships and reads: every shipped topology validates
-against it, and so does the compact shorthand the README shows (`from: {kind: …}`, one role)."""
+against it, and so does the compact shorthand docs/topology.md shows (`from: {kind: …}`, one role)."""
 
 from __future__ import annotations
 

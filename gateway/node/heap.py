@@ -3,10 +3,9 @@
 A relay's reads and writes take buffers of up to 256 KiB for an instant (h2trio's READ_SIZE and
 WRITE_SIZE, TLS records joined for one write). glibc serves the first from mmap, but the first
 free raises its mmap threshold to that size, so every later one comes from the heap, and the
-pages they leave free between long-lived objects stay in the process: in the soak bench a relay's
-RSS crept up ~1 MiB a minute while Python's and malloc's bytes in use stayed flat (tracemalloc,
-mallinfo2), and one `malloc_trim(0)` gave back 3.9 MiB. A trim is one pass over the free chunks,
-nothing per request. Not glibc (musl, macOS): there is no `malloc_trim`, and nothing is done.
+pages they leave free between long-lived objects stay in the process: a relay's RSS crept up in
+the soak bench while the bytes in use stayed flat (docs/performance.md). A trim is one pass over
+the free chunks, nothing per request. Not glibc (musl, macOS): there is no `malloc_trim`, and nothing is done.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ class NodeMetrics:
     """The counters one node keeps; the node's code increments them where the event happens.
 
     Made at the node's first use of them (a connection, a scrape), not at start: a registry of
-    fifteen series costs ~0.4 ms, a quarter of a national file's start, for nodes most of which
-    are never dialled. Until then no attribute but the node's names exists; the first lookup of
+    fifteen series was a quarter of a national file's start (docs/performance.md), for nodes most
+    of which are never dialled. Until then no attribute but the node's names exists; the first lookup of
     any other builds them all (`__getattr__` is only called for names not found)."""
 
     def __init__(self, node_id: str, kind: str) -> None:
@@ -107,7 +107,7 @@ class NodeMetrics:
 
     def labelled(self, family, label: str):
         """`family.labels(label)`, looked up once: `labels` builds a key tuple and takes the
-        family's lock on every call, about 3 % of a relay's Python time when done per request."""
+        family's lock on every call, too much to do per request (docs/performance.md)."""
         try:
             return self._children[family, label]
         except KeyError:

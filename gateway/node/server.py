@@ -99,8 +99,8 @@ class NodeContext:
 
     def check_tls_files(self) -> None:
         """At start, instead of making the contexts: are this node's certificate and key there?
-        A context is made at the node's first connection (`server_tls`): `load_cert_chain` costs
-        ~3 ms of OpenSSL 3 key decoding, most of a large topology's start, for nodes most of which
+        A context is made at the node's first connection (`server_tls`): `load_cert_chain`'s key
+        decoding was most of a large topology's start (docs/national.md), for nodes most of which
         are never dialled. A missing file is still a start error, naming the node."""
         for path in self.pki.node_paths(self.node.id):
             if not os.path.isfile(path):

@@ -498,8 +498,8 @@ class IssuanceCenter(App):
     def _forget_finished(self, now: float) -> None:
         """Drop from memory the issuances finished more than FINISHED_TTL ago; a later notice or
         correction finds them in the ledger (`_known_issuance`). Keeping every issuance grew the
-        center's RSS by ~0.8 KB an issuance for as long as it ran (the soak bench's origin: +16 %
-        in 10 minutes). `_finished` is in finishing order, so each call costs what it drops."""
+        center's RSS for as long as it ran (docs/soak.md). `_finished` is in finishing order, so
+        each call costs what it drops."""
         cutoff = now - FINISHED_TTL
         while self._finished:
             iid, at = next(iter(self._finished.items()))

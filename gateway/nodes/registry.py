@@ -3,7 +3,7 @@
 Every factory takes the same `NodeEnv`, so the launcher builds any server node with one call
 and a new kind is one line here (and a module beside this one). Each factory imports its own
 module when called: a process serving relays only never loads the center's code or its holiday
-calendar (4 MiB of a relay process at start, measured).
+calendar (docs/performance.md).
 """
 
 from __future__ import annotations

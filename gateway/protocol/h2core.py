@@ -52,8 +52,8 @@ Headers = list[tuple[bytes, bytes]]
 
 # Between our own hops we raise the frame size and the connection window to cut per-frame
 # overhead (DESIGN §3). The stream window stays near HTTP/2's default: a process serving three
-# relay hops holds up to one window per stream and hop (relay-1m: 200 streams, peak RSS 94 MiB
-# with 64 KiB, 124 MiB with 128 KiB, the same throughput).
+# relay hops holds up to one window per stream and hop, and a wider window bought memory, not
+# throughput (docs/performance.md).
 MAX_FRAME_SIZE = 64 * 1024
 STREAM_WINDOW = 64 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -328,7 +328,7 @@ class H2Driver:
 def _hex_prefix(data) -> str:
     """hyperframe's `_raw_data_repr`, same text, without hexlifying the whole payload first: h2
     formats every frame it receives for a trace log that is off (h2 4.4 `_receive_frame`), and
-    on 64 KiB DATA frames that hexlify was 3 % of a relay's CPU (py-spy, relay-64k)."""
+    on 64 KiB DATA frames that hexlify showed in a relay's profile (docs/performance.md)."""
     if not data:
         return "None"
     r = binascii.hexlify(bytes(data[:11])).decode("ascii")
@@ -341,8 +341,7 @@ hyperframe.frame._raw_data_repr = _hex_prefix
 def _deferred(frame):
     """Stands in for `repr` in h2.connection, whose one use is `trace("Received frame: %s",
     repr(frame))` on every frame received: the frame goes to the logger as it is, so a logger
-    that logs formats it (same text) and the usual no-op one costs nothing (6 % of a request's
-    h2 work, `python -m bench.h2cost`)."""
+    that logs formats it (same text) and the usual no-op one costs nothing (docs/performance.md)."""
     return frame
 
 
@@ -351,8 +350,8 @@ h2.connection.repr = _deferred
 
 class _Silent:
     """hpack's module logger when its debug level is off: hpack calls `log.debug` with arguments
-    four times per header field, and each call still walks logging's level checks (4 % of a
-    request's h2 work)."""
+    four times per header field, and each call still walks logging's level checks
+    (docs/performance.md)."""
 
     @staticmethod
     def debug(*args, **kwargs) -> None:
@@ -374,7 +373,7 @@ class ResetRecords(h2.utilities.SizeLimitDict):
     For a stream that ended normally, or one not remembered, a late HEADERS is a connection error
     either way and late DATA, WINDOW_UPDATE or RST_STREAM are handled without the record; so
     remembering normal ends (nearly every request) costs ~100 bytes a request per connection end,
-    for nothing: the soak bench's relays grew ~20 % in 10 minutes from these alone."""
+    for nothing: the soak bench's relays grew from these alone (docs/soak.md)."""
 
     def __setitem__(self, stream_id: int, closed_by) -> None:
         if closed_by in RESET_ENDS:
@@ -383,8 +382,8 @@ class ResetRecords(h2.utilities.SizeLimitDict):
 
 class _Connection(h2.connection.H2Connection):
     """h2 remembers how every closed stream ended, up to 65,536 per connection: on a long-lived
-    kiosk or relay connection, memory growing with every request for hours (the soak bench saw
-    +30 % RSS in 10 minutes). Here only resets are remembered (`ResetRecords`), the last
+    kiosk or relay connection, memory growing with every request for hours (docs/soak.md).
+    Here only resets are remembered (`ResetRecords`), the last
     2 × MAX_CONCURRENT_STREAMS of them: a late frame on a reset stream older than that closes the
     connection instead of being refused alone."""
 

@@ -25,13 +25,13 @@ LEAN = os.environ.get("KONBINI_TLS_STREAM", "lean") != "trio"
 RECEIVE_SIZE = 256 * 1024
 # Bytes given to (or taken from) the TLS object's memory BIOs at a time. OpenSSL's memory BIO
 # keeps the capacity of its largest fill for the connection's life: fed whole 256 KiB reads and
-# writes, each of a relay's connections could keep about half a MiB there. With the shared
-# receive buffer below, relay-1m's larger relay process peaked at 122 MiB instead of 132-135.
+# writes, each of a relay's connections could keep about half a MiB there (with the shared
+# receive buffer below: docs/performance.md, relay memory).
 FEED = 64 * 1024
 RECORD = 16 * 1024  # TLS's largest plaintext record: what one SSLObject.read can return
 # Where every connection's socket reads land before they are copied out at their size: a
 # SSLObject.read or a recv asked for 256 KiB allocates 256 KiB and shrinks it to what came, and
-# those shrunk blocks left a relay's heap 40 MiB free-but-kept at relay-1m (mallinfo2).
+# those shrunk blocks left a relay's heap fragmented (docs/performance.md, relay memory).
 _RECEIVE_BUFFER = bytearray(RECEIVE_SIZE)
 _RECEIVE_VIEW = memoryview(_RECEIVE_BUFFER)
 

@@ -30,9 +30,7 @@ from topology.policy.nft import compile_ruleset
 from topology.spec.model import Impairment
 from topology.spec.part import PartError, part
 
-NETNS_NODE_LIMIT = (
-    20_000  # a namespace per site; past this, `up --netns` asks for --sites (README "Netns mode on a large file")
-)
+NETNS_NODE_LIMIT = 20_000  # a namespace per site; past this, `up --netns` asks for --sites (docs/national.md)
 
 
 def _plan(topo, tag):

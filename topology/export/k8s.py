@@ -43,7 +43,7 @@ NODE_MODE = "cluster"
 # Resource figures per kind: (cpu request, memory request, memory limit). Measured here: one node
 # per `topology.launch.nodehost` process, default topology, Python 3.11, idle after "ready":
 # 52-53 MiB RSS for every kind (ec-router, issuance-center, ocsp, municipality, store-controller),
-# under half a second of CPU to start. Under load the README's bench: a relay peaks at 123 MiB at
+# under half a second of CPU to start. Under load (docs/performance.md): a relay peaks at 123 MiB at
 # relay-1m with 200 streams, and an issuance costs ~15 ms CPU across all hops (~100/s on 2 cores).
 # The center, OCSP and municipality under load were not measured on their own: their limits are
 # the relay's peak, a guess. Kiosk jobs run `konbini issue`, one Python process like a node.
@@ -57,7 +57,7 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
 }
 KIOSK_ISSUANCES = 10  # completions of each kiosk's load Job, one issuance per pod
 # Past this many store-side nodes the export groups them (netpol.Subjects): policies by kind and
-# operator, and no store-side workloads (README "Kubernetes export": the national figures).
+# operator, and no store-side workloads (docs/kubernetes.md: the national figures).
 AUTO_GROUP_AT = 1000
 
 

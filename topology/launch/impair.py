@@ -47,7 +47,7 @@ from topology.spec.model import Impairment, Topology
 
 RUN_ROOT = Path("/run/konbini/impair")  # netns runs, by namespace prefix (the state dir may differ per command)
 APPLY_TIMEOUT = 1.0  # `link set` returns once the daemon runs the new config, at most this later
-READ_RATE = 10_000  # line directions a second the daemon reads its config at, at least (national: 117,008 in 6 s on 2 busy cores)
+READ_RATE = 10_000  # line directions a second the daemon reads its config at, at least (docs/performance.md)
 DAEMON_MARK = b"topology.launch.impaird"
 log = logging.getLogger("konbini.impair")
 
@@ -80,7 +80,7 @@ def _in(namespace: str | None, cmd: list[str]) -> list[str]:
 
 
 QUEUE_TRIES = 3  # loopback runs starting together may pick one queue number; the one that loses the bind moves on
-APPLY_WORKERS = 8  # namespaces configured at once: 1,006 one after another took 42 s
+APPLY_WORKERS = 8  # namespaces configured at once: one after another was too slow (docs/national.md)
 
 
 def kernel_has_netem(namespace: str | None) -> bool:

@@ -321,8 +321,8 @@ GROUP_ABOVE = 64  # namespaces with servers; more share node processes (`process
 
 def processes_for(namespaces: int, asked: int | None = None) -> int:
     """How many node processes serve `namespaces` namespaces: `asked` (`up --netns --processes`),
-    else one each up to GROUP_ABOVE, else two a core. A process per namespace costs 8-19 MiB
-    (measured on national parts of 99 to 999 stores), so a 1,000-store part needed 19 GiB."""
+    else one each up to GROUP_ABOVE, else two a core: a process per namespace costs too much
+    memory for a large part (docs/national.md)."""
     if asked is not None:
         return max(1, min(asked, namespaces))
     return namespaces if namespaces <= GROUP_ABOVE else min(namespaces, 2 * (os.cpu_count() or 1))
@@ -343,7 +343,7 @@ def start_nodehosts(
     once every one said "ready".
     `topo`: serve this in-memory topology (e.g. the bench's, with extra kiosks), else `plan.topo`.
     The children inherit it and its PKI, made once here: a child that loaded them itself took a
-    second or more each (a national state directory's PKI index alone, 0.85 s). Each compiles the
+    second or more each (docs/performance.md). Each compiles the
     allow-lists of its own nodes.
     `pki`: the caller's, already ensured for `topo`."""
     topo = topo if topo is not None else plan.topo

@@ -54,6 +54,5 @@ def in_namespace(namespace: str | None):
 def in_namespace_argv(namespace: str) -> list[str]:
     """The argv prefix that runs a command in /run/netns/NAMESPACE: the network namespace only.
     `ip netns exec` also makes a mount namespace and mounts sysfs again, which ip, nft, iptables
-    and /proc/sys/net do not need (measured no faster for it: 1,006 namespaces configured in
-    26.9 s against 27.5 s; it is the smaller tool)."""
+    and /proc/sys/net do not need (no faster for it, docs/performance.md; it is the smaller tool)."""
     return ["nsenter", f"--net=/run/netns/{namespace}"]

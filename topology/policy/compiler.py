@@ -272,8 +272,8 @@ def reachability(topo: Topology) -> list[Reach]:
 
 def allowed_reachability(topo: Topology) -> list[Reach]:
     """The allowed entries of `reachability`, in its order, without walking every pair: from each
-    server's allow entries (a part of 999 national stores has 7.2 million pairs, 15 s to list, and
-    6,149 allowed ones, which the kernel rulesets need)."""
+    server's allow entries (a national part has millions of pairs and a few thousand allowed ones,
+    which the kernel rulesets need; docs/national.md)."""
     position = {node_id: i for i, node_id in enumerate(topo.nodes)}
     out: list[Reach] = []
     for dst in _servers(topo):

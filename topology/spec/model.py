@@ -158,7 +158,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """What one node grants a single peer before it closes the connection (README "Hostile peers").
+    """What one node grants a single peer before it closes the connection (docs/hostile.md).
 
     Floods are counted per connection over `flood_window` seconds; one more than the `max_*` in a
     window closes it with GOAWAY ENHANCE_YOUR_CALM. Timeouts are in seconds.
