@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from markdown.extensions.toc import slugify
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gateway", "topology", "kiosk_emu", "bench")
@@ -157,6 +158,43 @@ def test_docs_readmes_and_topology_files_name_modules_that_exist():
 
 def test_docstrings_and_comments_name_modules_that_exist():
     assert stale_mentions(_code_texts()) == []
+
+
+# [text](target): a link in Markdown; images too
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def broken_links(page: Path) -> list[str]:
+    """Relative links of `page` whose file, or whose heading anchor, is not there.
+
+    mkdocs checks the links between docs/ pages (`make docs`); the README is outside its tree."""
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+\s+(.+?)\s*$", file.read_text(encoding="utf-8"), re.MULTILINE)
+            if anchor not in {slugify(h, "-") for h in headings}:
+                broken.append(target)
+    return broken
+
+
+def test_the_readme_links_to_pages_and_headings_that_exist():
+    assert broken_links(ROOT / "README.md") == []
+
+
+def test_a_link_to_a_missing_heading_is_caught(tmp_path):
+    (tmp_path / "page.md").write_text("# A page\n\n## Netns mode on a large file: `--sites`\n", encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "[ok](page.md#netns-mode-on-a-large-file-sites) [no](page.md#national-peak) [gone](other.md)\n",
+        encoding="utf-8",
+    )
+    assert broken_links(readme) == ["page.md#national-peak", "other.md"]
 
 
 @pytest.mark.parametrize(
