@@ -498,6 +498,14 @@ def test_compose_networks_mirror_the_lines(tmp_path):
         assert service["read_only"] and service["user"] == "10001:10001"
 
 
+def test_compose_containers_find_their_identities_as_files_in_the_read_only_pki(tmp_path, capsys):
+    """A container mounts pki/ read-only, so it cannot write its files out of nodes.db itself."""
+    assert main(["export", "compose", "--out", str(tmp_path / "compose.yaml"), "--state", str(tmp_path / "st")]) == 0
+    doc = yaml.safe_load((tmp_path / "compose.yaml").read_text())
+    nodes = tmp_path / "st" / "pki" / "nodes"
+    assert all((nodes / f"{name}.pem").is_file() and (nodes / f"{name}.key").is_file() for name in doc["services"])
+
+
 # -- grouped (the national topology) ----------------------------------------------------------
 
 

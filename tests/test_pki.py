@@ -122,10 +122,24 @@ def test_node_certificates_authenticate_both_ends_of_a_tls13_connection(pki: PKI
 
 def test_private_keys_are_readable_by_owner_only(pki: PKI) -> None:
     pki.principal_paths("operator")
-    keys = list((pki.state_dir / "pki").rglob("*.key"))
-    assert len(keys) >= 7  # 2 CAs, OCSP signer, 3 nodes, operator
+    for node_id in NODES:
+        pki.node_paths(node_id)
+    keys = [*(pki.state_dir / "pki").rglob("*.key"), pki.dir / "nodes.db"]
+    assert len(keys) >= 8  # 2 CAs, OCSP signer, 3 nodes, operator, the node store
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+
+
+def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(tmp_path: Path) -> None:
+    """A national file's 250,000 identities as pairs of files took 2 GB and most of a start."""
+    pki = PKI.ensure(tmp_path, topology())
+    assert list((pki.dir / "nodes").iterdir()) == []
+    assert sorted(pki.store.current(pki.network_ca.extensions.get_extension_for_class(
+        x509.SubjectKeyIdentifier).value.digest.hex(), 0)) == sorted(NODES)
+    assert pki.has_identity("kiosk-1") and not pki.has_identity("nobody")
+    cert_path, key_path = pki.node_paths("kiosk-1")
+    assert sorted(p.name for p in (pki.dir / "nodes").iterdir()) == ["kiosk-1.key", "kiosk-1.pem"]
+    ssl.create_default_context().load_cert_chain(cert_path, key_path)  # a matching pair, as ssl reads it
 
 
 def test_ensure_again_loads_without_generating_anything(fresh_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,17 +151,17 @@ def test_ensure_again_loads_without_generating_anything(fresh_copy: Path, monkey
 
 
 def test_node_added_later_gets_a_certificate_and_the_others_stay(fresh_copy: Path) -> None:
-    keys_before = {p.name: p.read_bytes() for p in (fresh_copy / "pki" / "nodes").glob("*")}
+    before = PKI.ensure(fresh_copy, topology())
+    identities_before = {node_id: before.store.identity(node_id) for node_id in NODES}
     new = Node(id="store-controller-1", kind="store-controller", site="store-1", address="127.10.1.3", port=8444)
     pki = PKI.ensure(fresh_copy, topology(**{new.id: new}))
     cert = load(pki.node_paths(new.id)[0])
     cert.verify_directly_issued_by(pki.network_ca)
-    after = {p.name: p.read_bytes() for p in (fresh_copy / "pki" / "nodes").glob("*")}
-    assert {name: after[name] for name in keys_before} == keys_before
+    assert {node_id: pki.store.identity(node_id) for node_id in NODES} == identities_before
 
 
 def test_changed_address_reissues_the_certificate_for_the_same_key(fresh_copy: Path) -> None:
-    key_before = (fresh_copy / "pki" / "nodes" / "kiosk-1.key").read_bytes()
+    key_before = PKI.ensure(fresh_copy, topology()).node_paths("kiosk-1")[1].read_bytes()  # written out, then moved
     moved = Node(id="kiosk-1", kind="kiosk", site="store-1", address="127.10.1.9")
     pki = PKI.ensure(fresh_copy, topology(**{"kiosk-1": moved}))
     cert_path, key_path = pki.node_paths("kiosk-1")

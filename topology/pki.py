@@ -9,11 +9,12 @@ and issues only what is missing (a node added to the topology, a principal asked
       network-ca.pem  .key        ECDSA P-256, trust anchor of every TLS hop (SEC-SN-2)
       jpki-ca.pem     .key        RSA-2048, issues card authentication certificates (SEC-KI-1)
       ocsp-signer.pem .key        ECDSA P-256, delegated OCSP signer issued by the JPKI CA
-      nodes/<node id>.pem .key    one identity per topology node (CN, DNS and IP SANs)
-      nodes.manifest.json         what nodes/ holds (IP SANs, notAfter): `ensure` reads it, not 250,000 files
+      nodes.db                    one identity per topology node (CN, DNS and IP SANs), ECDSA P-256:
+                                  certificate and key as DER in one SQLite row (topology/nodestore.py)
+      nodes/<node id>.pem .key    written from nodes.db when a process first needs them (`node_paths`)
       principals/<name>.pem .key  people, not nodes: "operator", "store-staff", "monitoring"
 
-Private keys are PKCS#8 PEM, mode 0600, written atomically (temporary file + rename), so a
+Private keys are PKCS#8 (PEM files, DER in nodes.db), mode 0600, written atomically (temporary file + rename), so a
 crash never leaves half a key behind.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import json
 import multiprocessing
 import os
 import re
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from topology.nodestore import forget_extracted
 from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
 
@@ -229,25 +230,17 @@ class PKI(NodeFiles):
         _issue_leaf(self.network_ca, self.network_ca_key, base, name, role, ips)
 
     def _ensure_nodes(self, topology: Topology) -> None:
-        """Every node's certificate current, at national size too (250,000 nodes): checked against
-        the manifest instead of parsing every file, and what is missing or stale issued in bulk."""
-        manifest = NodeManifest.read(self.dir, self.network_ca)
-        stale = [
-            (node.id, _node_ips(node))
-            for node in topology.nodes.values()
-            if not manifest.current(node.id, _node_ips(node))
-        ]
-        if not stale:
+        """Every node's identity current in `nodes.db`, at national size too (250,000 nodes): one
+        query says which are, and what is missing or stale is issued in bulk, in parallel."""
+        renew_at = (datetime.now(UTC) + _RENEW_BEFORE).timestamp()
+        have = self.store.current(_aki(self.network_ca).key_identifier.hex(), renew_at)
+        todo = [(node.id, ips) for node in topology.nodes.values() if have.get(node.id) != (ips := _node_ips(node))]
+        if not todo:
             return
-        todo = []
-        for node_id, ips in stale:  # files the manifest does not vouch for (an older state dir): read them
-            not_after = _current_leaf_on_disk(self.dir / "nodes" / node_id, self.network_ca, node_id, ips)
-            if not_after is None:
-                todo.append((node_id, ips))
-            else:
-                manifest.add(node_id, ips, not_after)
-        manifest.update(issue_node_leaves(self.network_ca, self.network_ca_key, self.dir / "nodes", todo))
-        manifest.write()
+        keys = self.store.keys(node_id for node_id, _ in todo)  # a moved node keeps its key
+        rows = issue_node_leaves(self.network_ca, self.network_ca_key, [(i, ips, keys.get(i)) for i, ips in todo])
+        forget_extracted(self.dir / "nodes", (node_id for node_id, _ in todo))  # files written from the old rows
+        self.store.put(_aki(self.network_ca).key_identifier.hex(), rows)
 
     def _ensure_ocsp_signer(self) -> None:
         base = self.dir / "ocsp-signer"
@@ -309,17 +302,15 @@ def verify_card_certificate(
     return None
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
-    """Replace `path` with `data` in one step: readers see the old or the new file, never a part.
-    `durable=False` skips the fsync (bulk files that can be made again, e.g. a national PKI)."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` in one step: readers see the old or the new file, never a part."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -378,105 +369,49 @@ def _ensure_ca(
 
 # -- node certificates in bulk -------------------------------------------------------------
 
-MANIFEST = "nodes.manifest.json"  # in pki/, beside nodes/: a change inside nodes/ makes it older
 _BULK_CHUNK = 2000  # leaves per worker task; below one chunk everything is issued in this process
+_Leaf = tuple[str, list[str], float, bytes, bytes]  # a nodes.db row: id, IP SANs, notAfter, cert DER, key DER
 
 
-class NodeManifest:
-    """What nodes/ holds, as written by the last `ensure`: node id -> (its IP SANs, notAfter), for
-    the CA it names. Trusted only while nodes/ has not changed since (mtime): a file removed or
-    replaced by hand makes every entry be checked against the files again."""
-
-    def __init__(self, pki_dir: Path, ca_id: str, entries: dict[str, list], fresh: bool) -> None:
-        self.path = pki_dir / MANIFEST
-        self.ca_id = ca_id
-        self.entries = entries
-        self._fresh = fresh  # entries may be trusted without looking at the files
-        self._renew_at = (datetime.now(UTC) + _RENEW_BEFORE).timestamp()
-
-    @classmethod
-    def read(cls, pki_dir: Path, ca: x509.Certificate) -> NodeManifest:
-        ca_id = _aki(ca).key_identifier.hex()
-        path = pki_dir / MANIFEST
-        try:
-            data = json.loads(path.read_bytes())
-            fresh = data.get("ca") == ca_id and path.stat().st_mtime >= (pki_dir / "nodes").stat().st_mtime
-            return cls(pki_dir, ca_id, dict(data.get("nodes", {})) if fresh else {}, fresh)
-        except (OSError, ValueError):
-            return cls(pki_dir, ca_id, {}, False)
-
-    def current(self, node_id: str, ips: list[str]) -> bool:
-        entry = self.entries.get(node_id)
-        return entry is not None and entry[0] == ips and entry[1] > self._renew_at
-
-    def add(self, node_id: str, ips: list[str], not_after: float) -> None:
-        self.entries[node_id] = [ips, not_after]
-
-    def update(self, issued: dict[str, list]) -> None:
-        self.entries.update(issued)
-
-    def write(self) -> None:
-        """After the leaves are on disk (one `sync` for all of them, not an fsync per file)."""
-        os.sync()
-        write_atomic(self.path, json.dumps({"ca": self.ca_id, "nodes": self.entries}, separators=(",", ":")).encode())
-
-
-def issue_node_leaves(
-    ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]
-) -> dict[str, list]:
-    """Issue `todo` (node id, IP SANs) leaves; over one chunk, in one process per core (a leaf
-    costs ~0.2 ms of Python, so 250,000 take ~50 s on one core). Returns their manifest entries."""
+def issue_node_leaves(ca: x509.Certificate, ca_key, todo: list[tuple[str, list[str], bytes | None]]) -> list[_Leaf]:
+    """Issue `todo` (node id, IP SANs, key DER to keep or None) leaves; over one chunk, in one
+    process per core. Returns their `nodes.db` rows."""
     chunks = [todo[i : i + _BULK_CHUNK] for i in range(0, len(todo), _BULK_CHUNK)]
     if len(chunks) <= 1:
-        return _issue_chunk(ca, ca_key, nodes_dir, todo)
-    issued: dict[str, list] = {}
+        return _issue_chunk(ca, ca_key, todo)
+    issued: list[_Leaf] = []
     ca_pem, key_pem = ca.public_bytes(serialization.Encoding.PEM), _key_pem(ca_key)
     fork = multiprocessing.get_context("fork")  # the children need no imports; nothing of trio runs in them
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=fork) as pool:
-        for part in pool.map(_issue_chunk_pem, [(ca_pem, key_pem, nodes_dir, chunk) for chunk in chunks]):
-            issued.update(part)
+        for part in pool.map(_issue_chunk_pem, [(ca_pem, key_pem, chunk) for chunk in chunks]):
+            issued.extend(part)
     return issued
 
 
-def _issue_chunk_pem(job: tuple[bytes, bytes, Path, list[tuple[str, list[str]]]]) -> dict[str, list]:
-    ca_pem, key_pem, nodes_dir, todo = job
-    return _issue_chunk(x509.load_pem_x509_certificate(ca_pem), load_private_key(key_pem), nodes_dir, todo)
+def _issue_chunk_pem(job: tuple[bytes, bytes, list[tuple[str, list[str], bytes | None]]]) -> list[_Leaf]:
+    ca_pem, key_pem, todo = job
+    return _issue_chunk(x509.load_pem_x509_certificate(ca_pem), load_private_key(key_pem), todo)
 
 
-def _issue_chunk(ca: x509.Certificate, ca_key, nodes_dir: Path, todo: list[tuple[str, list[str]]]) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for node_id, ips in todo:
-        cert = _issue_leaf(
-            ca, ca_key, nodes_dir / node_id, node_id, "node", [ipaddress.ip_address(a) for a in ips], durable=False
-        )
-        out[node_id] = [ips, cert.not_valid_after_utc.timestamp()]
+def _issue_chunk(ca: x509.Certificate, ca_key, todo: list[tuple[str, list[str], bytes | None]]) -> list[_Leaf]:
+    out: list[_Leaf] = []
+    for node_id, ips, key_der in todo:
+        key = serialization.load_der_private_key(key_der, None) if key_der is not None else None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            key = ec.generate_private_key(ec.SECP256R1())
+        cert = _leaf_certificate(ca, ca_key, key, node_id, "node", [ipaddress.ip_address(a) for a in ips])
+        out.append((node_id, ips, cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.DER),
+                    key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
     return out
 
 
 def _node_ips(node) -> list[str]:
-    """A node certificate's IP SANs, as the manifest keeps them: both addresses, sorted."""
+    """A node certificate's IP SANs, as nodes.db keeps them: both addresses, sorted."""
     return sorted({node.address, node.address_in("netns")})
 
 
-def _current_leaf_on_disk(base: Path, ca: x509.Certificate, name: str, ips: list[str]) -> float | None:
-    """notAfter of the leaf at `base` if it is current for `name` and `ips`, else None."""
-    cert_path = base.with_suffix(".pem")
-    if not (cert_path.exists() and base.with_suffix(".key").exists()):
-        return None
-    try:
-        cert = _load_cert(cert_path)
-    except ValueError:  # empty or torn (a crash before the sync): issue it again
-        return None
-    if not _leaf_is_current(cert, ca, name, [ipaddress.ip_address(a) for a in ips]):
-        return None
-    return cert.not_valid_after_utc.timestamp()
-
-
-def _issue_leaf(
-    ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list, *, durable: bool = True
-) -> x509.Certificate:
-    """Issue the leaf at `base` (.pem, .key). `durable=False`: no fsync per file; the bulk caller
-    syncs once before the manifest vouches for them."""
+def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list) -> x509.Certificate:
+    """Issue the leaf at `base` (.pem, .key): a principal's, which people and tools read as files."""
     cert_path, key_path = base.with_suffix(".pem"), base.with_suffix(".key")
     # Reuse an existing key: the certificate is written after the key, so a crash between
     # the two leaves a key whose next certificate still matches it.
@@ -486,7 +421,13 @@ def _issue_leaf(
         key = None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         key = ec.generate_private_key(ec.SECP256R1())
-        write_atomic(key_path, _key_pem(key), 0o600, durable)
+        write_atomic(key_path, _key_pem(key), 0o600)
+    cert = _leaf_certificate(ca, ca_key, key, name, role, ips)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return cert
+
+
+def _leaf_certificate(ca: x509.Certificate, ca_key, key: ec.EllipticCurvePrivateKey, name: str, role: str, ips: list) -> x509.Certificate:
     now = datetime.now(UTC)
     # Nodes are TLS servers and clients (relays are both); principals only ever connect.
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -517,7 +458,6 @@ def _issue_leaf(
         .add_extension(_aki(ca), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, durable)
     return cert
 
 

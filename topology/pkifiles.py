@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from topology.nodestore import NodeStore
+
 NETWORK_CA_PEM = "network-ca.pem"  # under STATE/pki: the trust anchor of every TLS hop (both classes read it here)
 
 
@@ -28,12 +30,28 @@ class NodeFiles:
     def dir(self) -> Path:
         return self.state_dir / "pki"
 
+    @property
+    def store(self) -> NodeStore:
+        if (store := self.__dict__.get("_store")) is None:
+            store = NodeStore(self.dir)
+            object.__setattr__(self, "_store", store)  # PKIFiles is frozen; the store is a cache
+        return store
+
     def node_paths(self, node_id: str) -> tuple[Path, Path]:
-        """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`."""
+        """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`:
+        written from `nodes.db` on first use, or as mounted (a pod's Secret has the files only)."""
         cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
-        if node_id not in self.node_ids or not cert.exists():
+        if node_id not in self.node_ids or not (
+            (cert.exists() and key.exists()) or self.store.extract(node_id, cert, key)
+        ):
             raise PKIError(f"no certificate for node {node_id!r} in {self.dir}; is it in the topology file?")
         return cert, key
+
+    def has_identity(self, node_id: str) -> bool:
+        """Whether `node_paths` can give this node's files, without writing them (a start checks
+        every node; only the dialled ones need files)."""
+        cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
+        return node_id in self.node_ids and (self.store.has(node_id) or (cert.exists() and key.exists()))
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,11 @@ class NodeContext:
         """At start, instead of making the contexts: are this node's certificate and key there?
         A context is made at the node's first connection (`server_tls`): `load_cert_chain`'s key
         decoding was most of a large topology's start (docs/national.md), for nodes most of which
-        are never dialled. A missing file is still a start error, naming the node."""
-        for path in self.pki.node_paths(self.node.id):
-            if not os.path.isfile(path):
-                raise NodeStartError(
-                    f"{self.node.id}: its certificate or key {path} is missing (a state dir made for another topology?)"
-                )
+        are never dialled. A node without an identity is still a start error, naming the node."""
+        if not self.pki.has_identity(self.node.id):
+            raise NodeStartError(
+                f"{self.node.id}: no certificate or key for it in {self.pki.dir} (a state dir made for another topology?)"
+            )
 
     def server_tls(self, alpn: str = "h2") -> ssl.SSLContext:
         if (ctx := self._tls.get(alpn)) is None:

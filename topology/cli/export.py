@@ -72,6 +72,9 @@ def cmd_export_k8s(args) -> int:
 def cmd_export_compose(args) -> int:
     topo = load(args.file)
     pki = _pki(args, topo)
+    for node in topo.nodes.values():  # the containers mount pki/ read-only: their files written out now
+        if node.is_server or node.kind == "kiosk":
+            pki.node_paths(node.id)
     try:
         doc = export_compose(topo, args.image, str(Path(topo.source).resolve()), str(pki.dir.resolve()))
     except ExportError as exc:

@@ -101,12 +101,14 @@ def pki_files(pki: PKI, node: Node) -> dict[str, bytes]:
     per kind the JPKI CA (the center verifies cards; OCSP signs responses and the CRL; a kiosk
     issues its emulated cards, test PKI only, and checks the center's signature on every document
     against the center's certificate: INT-1, kiosk_emu/kiosk.py)."""
-    paths = ["network-ca.pem", f"nodes/{node.id}.pem", f"nodes/{node.id}.key"]
+    cert, key = pki.node_paths(node.id)  # written from nodes.db; a pod reads the files (PKI.load)
+    paths = ["network-ca.pem", f"nodes/{cert.name}", f"nodes/{key.name}"]
     if node.kind == "issuance-center":
         paths += ["jpki-ca.pem"]
     elif node.kind == "ocsp":
         paths += ["jpki-ca.pem", "jpki-ca.key", "ocsp-signer.pem", "ocsp-signer.key"]
     elif node.kind == "kiosk":
+        pki.node_paths("issuance-center")
         paths += ["jpki-ca.pem", "jpki-ca.key", "nodes/issuance-center.pem"]  # a certificate, never the key
     return {p: (pki.dir / p).read_bytes() for p in paths}
 
