@@ -41,9 +41,9 @@ class NodeFiles:
         """(certificate PEM, key PEM) of a topology node, for `ssl.SSLContext.load_cert_chain`:
         written from `nodes.db` on first use, or as mounted (a pod's Secret has the files only)."""
         cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
-        if node_id not in self.node_ids or not (
-            (cert.exists() and key.exists()) or self.store.extract(node_id, cert, key)
-        ):
+        # The certificate alone is enough: extraction writes it after the key, and a kiosk's Secret
+        # holds the center's certificate without its key.
+        if node_id not in self.node_ids or not (cert.exists() or self.store.extract(node_id, cert, key)):
             raise PKIError(f"no certificate for node {node_id!r} in {self.dir}; is it in the topology file?")
         return cert, key
 
