@@ -50,6 +50,7 @@ from kiosk_emu.flow import KioskFlow, State, Status
 from kiosk_emu.latency import add_server_timing
 from kiosk_emu.load.h2asyncio import AsyncioH2, connect_h2
 from topology.netns.enter import enter_namespace
+from topology.pkifiles import PKIFiles
 
 LOWEST_US = 1
 HIGHEST_US = 120_000_000  # 120 s
@@ -389,17 +390,17 @@ class _Worker:
 
     def load_identities(self) -> None:
         state = Path(self.spec.state_dir)
-        nodes = state / "pki" / "nodes"
-        center_key = tuple(
-            x509.load_pem_x509_certificate((nodes / f"{c}.pem").read_bytes()).public_key() for c in self.spec.centers
-        )
+        # the node store writes a kiosk's files on first use; they are not all on disk
+        pki = PKIFiles(state, frozenset(self.spec.centers) | {ks.id for ks in self.spec.kiosks})
+        center_key = tuple(x509.load_pem_x509_certificate(pki.node_paths(c)[0].read_bytes()).public_key()
+                           for c in self.spec.centers)
         cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
         cards.dir = state / "cards"
         if self.spec.fleet:
             ca = Path(self.spec.ca_path)
 
             def make_ctx(ks: KioskSpec):
-                return client_context(nodes / f"{ks.id}.pem", nodes / f"{ks.id}.key", ca)
+                return client_context(*pki.node_paths(ks.id), ca)
 
             for ks in self.spec.kiosks:
                 k = _Kiosk(ks, None, None, center_key)
@@ -410,7 +411,7 @@ class _Worker:
                 card.on_counter_change = None
                 self.card_pool.append(card)
         for ks in () if self.spec.fleet else self.spec.kiosks:
-            ctx = client_context(nodes / f"{ks.id}.pem", nodes / f"{ks.id}.key", Path(self.spec.ca_path))
+            ctx = client_context(*pki.node_paths(ks.id), Path(self.spec.ca_path))
             card = cards.load(ks.card)
             card.on_counter_change = None  # counters live in memory here; wrong PINs are reset below
             self.kiosks.append(_Kiosk(ks, ctx, card, center_key))
