@@ -167,7 +167,9 @@ async def test_a_bad_query_is_answered_400_not_a_crash(net):
     assert status == b"400" and b"bad-request" in body
 
 
-async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(topo, state, tmp_path):
+async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(
+    topo, state, tmp_path
+):
     """Start only checks that the node has an identity in the PKI (a large topology's start went
     mostly to OpenSSL key decoding, then to files, for nodes never dialled); the context and the
     files `ssl` reads are made when a peer connects."""

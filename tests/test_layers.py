@@ -26,7 +26,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gateway.node", "gateway.transport"),  # a node's deny-early listener; TLS and upstreams
     ("gateway.protocol", "gateway.business"),  # HTTP/2 core and messages; the business domain
     ("topology.export",),  # manifests for other engines (Kubernetes, compose); reads the PKI's files
-    ("topology.pki", "topology.pkifiles", "topology.nodestore"),  # the test PKI; where its files are; its node identities
+    (
+        "topology.pki",
+        "topology.pkifiles",
+        "topology.nodestore",
+    ),  # the test PKI; where its files are; its node identities
     ("topology.spec", "topology.policy", "topology.netns"),  # the file format, the policy compiler, the netns plan
 )
 # The model: no event loop, no sockets, no processes (topology.netns.enter is a single setns call).

@@ -134,8 +134,11 @@ def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(t
     """A national file's 250,000 identities as pairs of files took 2 GB and most of a start."""
     pki = PKI.ensure(tmp_path, topology())
     assert list((pki.dir / "nodes").iterdir()) == []
-    assert sorted(pki.store.current(pki.network_ca.extensions.get_extension_for_class(
-        x509.SubjectKeyIdentifier).value.digest.hex(), 0)) == sorted(NODES)
+    assert sorted(
+        pki.store.current(
+            pki.network_ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex(), 0
+        )
+    ) == sorted(NODES)
     assert pki.has_identity("kiosk-1") and not pki.has_identity("nobody")
     cert_path, key_path = pki.node_paths("kiosk-1")
     assert sorted(p.name for p in (pki.dir / "nodes").iterdir()) == ["kiosk-1.key", "kiosk-1.pem"]

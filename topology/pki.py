@@ -400,8 +400,17 @@ def _issue_chunk(ca: x509.Certificate, ca_key, todo: list[tuple[str, list[str], 
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             key = ec.generate_private_key(ec.SECP256R1())
         cert = _leaf_certificate(ca, ca_key, key, node_id, "node", [ipaddress.ip_address(a) for a in ips])
-        out.append((node_id, ips, cert.not_valid_after_utc.timestamp(), cert.public_bytes(serialization.Encoding.DER),
-                    key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
+        out.append(
+            (
+                node_id,
+                ips,
+                cert.not_valid_after_utc.timestamp(),
+                cert.public_bytes(serialization.Encoding.DER),
+                key.private_bytes(
+                    serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+            )
+        )
     return out
 
 
@@ -427,7 +436,9 @@ def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, 
     return cert
 
 
-def _leaf_certificate(ca: x509.Certificate, ca_key, key: ec.EllipticCurvePrivateKey, name: str, role: str, ips: list) -> x509.Certificate:
+def _leaf_certificate(
+    ca: x509.Certificate, ca_key, key: ec.EllipticCurvePrivateKey, name: str, role: str, ips: list
+) -> x509.Certificate:
     now = datetime.now(UTC)
     # Nodes are TLS servers and clients (relays are both); principals only ever connect.
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -392,8 +392,9 @@ class _Worker:
         state = Path(self.spec.state_dir)
         # the node store writes a kiosk's files on first use; they are not all on disk
         pki = PKIFiles(state, frozenset(self.spec.centers) | {ks.id for ks in self.spec.kiosks})
-        center_key = tuple(x509.load_pem_x509_certificate(pki.node_paths(c)[0].read_bytes()).public_key()
-                           for c in self.spec.centers)
+        center_key = tuple(
+            x509.load_pem_x509_certificate(pki.node_paths(c)[0].read_bytes()).public_key() for c in self.spec.centers
+        )
         cards = CardStore.__new__(CardStore)  # read-only use: load() needs only the directory
         cards.dir = state / "cards"
         if self.spec.fleet:
