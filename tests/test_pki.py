@@ -6,16 +6,18 @@ import ipaddress
 import shutil
 import ssl
 import stat
+import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.business.clock import JST
+from topology.leafstamp import LeafStamp
 from topology.pki import PKI, PKIError
 from topology.spec.model import Node, Topology
 
@@ -245,3 +247,57 @@ def test_recreated_network_ca_reissues_node_and_principal_certificates(fresh_cop
 
 def test_no_temporary_files_are_left_behind(pki: PKI) -> None:
     assert not list((pki.state_dir / "pki").rglob("*.tmp"))
+
+
+def test_a_stamped_node_certificate_is_the_one_the_builder_makes(pki: PKI, tmp_path: Path) -> None:
+    """Bulk node leaves are stamped from a template (topology/leafstamp.py): each must be,
+    field for field, what `x509.CertificateBuilder` makes, and openssl must verify it."""
+    ca_key = pki.network_ca_key
+    now = datetime.now().astimezone()
+
+    def build(name: str, ips: list[str], key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "konbini test PKI"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "node"),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        sans = [x509.DNSName(name), *(x509.IPAddress(ipaddress.ip_address(a)) for a in ips)]
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(pki.network_ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+    template = build("template", [], ec.generate_private_key(ec.SECP256R1()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    ips = ["127.10.9.1", "198.18.9.1", "::1"]
+    stamped = x509.load_der_x509_certificate(LeafStamp(template, ca_key, "node").issue("store-router-9", ips, key))
+    made = build("store-router-9", ips, key)
+
+    stamped.verify_directly_issued_by(pki.network_ca)
+    assert stamped.subject == made.subject and stamped.issuer == made.issuer
+    assert stamped.public_key() == made.public_key()
+    assert (stamped.not_valid_before_utc, stamped.not_valid_after_utc) == (
+        made.not_valid_before_utc,
+        made.not_valid_after_utc,
+    )
+    assert list(stamped.extensions) == list(made.extensions)
+    assert 0 < stamped.serial_number < 2**159 and stamped.serial_number != made.serial_number
+    (tmp_path / "leaf.pem").write_bytes(stamped.public_bytes(serialization.Encoding.PEM))
+    openssl = subprocess.run(
+        ["openssl", "verify", "-purpose", "sslserver", "-CAfile", str(pki.network_ca_path), str(tmp_path / "leaf.pem")],
+        capture_output=True,
+        text=True,
+    )
+    assert openssl.returncode == 0, openssl.stderr

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from topology.leafstamp import LeafStamp
 from topology.nodestore import forget_extracted
 from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
 from topology.spec.model import Topology
@@ -394,23 +395,17 @@ def _issue_chunk_pem(job: tuple[bytes, bytes, list[tuple[str, list[str], bytes |
 
 
 def _issue_chunk(ca: x509.Certificate, ca_key, todo: list[tuple[str, list[str], bytes | None]]) -> list[_Leaf]:
+    template = _leaf_certificate(ca, ca_key, ec.generate_private_key(ec.SECP256R1()), "template", "node", [])
+    stamp, not_after = LeafStamp(template, ca_key, "node"), template.not_valid_after_utc.timestamp()
     out: list[_Leaf] = []
     for node_id, ips, key_der in todo:
         key = serialization.load_der_private_key(key_der, None) if key_der is not None else None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             key = ec.generate_private_key(ec.SECP256R1())
-        cert = _leaf_certificate(ca, ca_key, key, node_id, "node", [ipaddress.ip_address(a) for a in ips])
-        out.append(
-            (
-                node_id,
-                ips,
-                cert.not_valid_after_utc.timestamp(),
-                cert.public_bytes(serialization.Encoding.DER),
-                key.private_bytes(
-                    serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
-            )
+        pkcs8 = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
+        out.append((node_id, ips, not_after, stamp.issue(node_id, ips, key), pkcs8))
     return out
 
 
