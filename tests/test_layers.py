@@ -30,7 +30,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "topology.pki",
         "topology.pkifiles",
         "topology.nodestore",
-    ),  # the test PKI; where its files are; its node identities
+        "topology.leafstamp",
+    ),  # the test PKI; where its files are; its node identities; their certificates in bulk
     ("topology.spec", "topology.policy", "topology.netns"),  # the file format, the policy compiler, the netns plan
 )
 # The model: no event loop, no sockets, no processes (topology.netns.enter is a single setns call).
