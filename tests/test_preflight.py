@@ -61,6 +61,21 @@ def test_the_national_file_names_open_files_and_the_ports_behind_its_largest_ope
     assert notes == []
 
 
+def test_up_spreads_a_large_file_over_the_processes_it_needs_by_default(monkeypatch, topo):
+    """`konbini up national.yaml` with no --processes: enough processes that each one's share of
+    listeners fits the hard open-files limit, at least one a core; a small file stays in one."""
+    national = load_topology(NATIONAL)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 20_000))
+    monkeypatch.setattr(preflight.os, "cpu_count", lambda: 2)
+    n = preflight.processes_for(national)
+    assert n == 20  # 359,750 listeners over 20,000 - 512 x 2 - 256 descriptors each
+    needs, _ = preflight.check(national, processes=n, raise_soft=False)
+    assert next(x for x in needs if x.limit.startswith("open files")).needed <= 20_000
+    monkeypatch.setattr(preflight.os, "cpu_count", lambda: 64)
+    assert preflight.processes_for(national) == 64  # a core each when the limit asks for fewer
+    assert preflight.processes_for(topo) == 1
+
+
 def _default_need(topo) -> int:
     """Descriptors `up` needs for the default topology: 60 listeners + 512 connections x 2 + 256."""
     return preflight.listeners(topo) + preflight.CONNECTION_FDS * 512 + preflight.FD_RESERVE

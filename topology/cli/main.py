@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         "--processes",
         type=int,
         help="loopback mode: spread the nodes over this many processes (cores; open-file limits per "
-        "process; default 1); netns mode: serve the namespaces from this many (default: one each up "
+        "process; default 1 for a small file, else one a core or as many as the open-files limit needs); netns mode: serve the namespaces from this many (default: one each up "
         "to 64 namespaces, else two a core)",
     )
     node.add_restart_option(u)
@@ -84,7 +84,9 @@ def parser() -> argparse.ArgumentParser:
         default=PLANNED_CONNECTIONS,
         help="concurrent connections to plan for (default %(default)s)",
     )
-    pf.add_argument("--processes", type=int, default=1, help="as `konbini up --processes`: the limits per process")
+    pf.add_argument(
+        "--processes", type=int, help="as `konbini up --processes` (and its default): the limits per process"
+    )
     pf.set_defaults(func=cmd_preflight)
 
     i = sub.add_parser("issue", help="run one issuance through the topology")

@@ -44,7 +44,8 @@ def run_preflight(
 def cmd_preflight(args) -> int:
     topo = load(args.file)
     console = Console()
-    needs, notes = preflight.check(topo, connections=args.connections, processes=args.processes, raise_soft=False)
+    processes = args.processes or preflight.processes_for(topo, connections=args.connections)
+    needs, notes = preflight.check(topo, connections=args.connections, processes=processes, raise_soft=False)
     for need in needs:
         console.print(("[green]ok[/]   " if need.ok else "[red]LOW[/]  ") + need.line(), soft_wrap=True)
     stop = preflight.refusals(needs)
@@ -70,7 +71,13 @@ def cmd_up(args) -> int:
     topo = load(args.file)
     console = Console()
     processes = getattr(args, "processes", None)
-    processes = 1 if processes is None else processes
+    if processes is None:
+        processes = preflight.processes_for(topo)
+        if processes > 1:
+            console.print(
+                f"{len(topo.nodes):,} nodes, {preflight.listeners(topo):,} listeners: spread over "
+                f"{processes} processes (the cores, and the open-files limit per process); --processes N to choose"
+            )
     if processes < 1:
         raise UserError(f"--processes must be at least 1, not {processes}")
     run_preflight(topo, console, processes=processes, enforce=not getattr(args, "no_preflight", False))

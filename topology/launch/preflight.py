@@ -117,6 +117,23 @@ def _mem_available() -> int | None:
     return None
 
 
+# A file with more listeners than this starts in one process per core: its start is mostly
+# binding sockets and building servers, which the processes do side by side.
+SPREAD_ABOVE = 20_000
+
+
+def processes_for(topo: Topology, *, connections: int = 512) -> int:
+    """`konbini up`'s default `--processes` in loopback mode: one for a small file; for a large
+    one, one a core, or more where one process's hard open-files limit cannot hold its share
+    (national.yaml under a hard limit of 20,000: 20)."""
+    n_listen = listeners(topo)
+    if n_listen <= SPREAD_ABOVE:
+        return 1
+    room = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - CONNECTION_FDS * connections - FD_RESERVE
+    by_limit = -(-n_listen // room) if room > 0 else 1
+    return max(by_limit, os.cpu_count() or 1)
+
+
 def check(
     topo: Topology, *, connections: int = 512, processes: int = 1, raise_soft: bool = True
 ) -> tuple[list[Need], list[str]]:
