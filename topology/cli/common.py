@@ -14,7 +14,8 @@ from pathlib import Path
 
 from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeStartError
-from topology.spec.load import DEFAULT_TOPOLOGY, TopologyError, load_topology
+from topology.spec.cache import load_cached
+from topology.spec.load import DEFAULT_TOPOLOGY, TopologyError
 from topology.spec.model import Topology
 
 
@@ -28,7 +29,7 @@ def default_topology_path() -> str:
 
 def load(path: str | None) -> Topology:
     try:
-        return load_topology(path or default_topology_path())
+        return load_cached(path or default_topology_path())
     except TopologyError as exc:
         raise UserError(f"bad topology file:\n{exc}") from None
 
