@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.business.certificate import resident_named
+from gateway.business.refusal import Refusal
 from gateway.protocol.h2core import Headers, header
 from gateway.protocol.messages import (
     AuthOk,
@@ -91,12 +92,12 @@ class Status(StrEnum):
 
 HEAD = 4096  # bytes of a document kept to read whose certificate it is (its metadata comes first)
 
-KIOSK_MESSAGES = {
-    "pin-wrong": "The PIN is wrong. {tries} left.",
-    "pin-locked": "The PIN is locked. Please ask your municipality to unlock it.",
-    "misdelivered": "This document could not be printed. Please ask staff; nothing was charged.",
-    "cancelled": "The request was cancelled. Nothing was charged.",
-    "misprint": "The printer failed. Your fee has been refunded; every copy is stamped 返金済・無効 (void).",
+# What the screen says when a request ends other than issued or refused (a refusal's words are
+# its Refusal's).
+SCREENS = {
+    Status.MISDELIVERED: "This document could not be printed. Please ask staff; nothing was charged.",
+    Status.CANCELLED: "The request was cancelled. Nothing was charged.",
+    Status.REFUNDED: "The printer failed. Your fee has been refunded; every copy is stamped 返金済・無効 (void).",
 }
 
 
@@ -110,7 +111,7 @@ class FlowError(Exception):
 @dataclass
 class Outcome:
     status: Status = Status.PENDING
-    reason: str | None = None
+    reason: str | None = None  # a Refusal when refused; a cancel's or a misdelivery's own word otherwise
     message: str | None = None
     tries_left: int | None = None
     issuance_id: str | None = None
@@ -168,13 +169,16 @@ class KioskFlow:
         latency.split(ttfb_ms, total_ms, headers, self.hop_kinds, self.outcome.split)
         self.outcome.requests_ms += total_ms
 
-    def refuse(self, reason: str, message: str | None = None, tries_left: int | None = None) -> None:
+    def refuse(self, reason: Refusal | str, message: str | None = None, tries_left: int | None = None) -> None:
+        """Refused, for a reason this konbini knows (a Refusal) or one it does not (an HTTP status, a
+        newer center's reason). The screen shows the center's message; for the kiosk's own refusals
+        their screen text; else the reason itself."""
         self._go("refused")
         o = self.outcome
-        o.status, o.reason, o.tries_left = Status.REFUSED, reason, tries_left
-        o.message = message or KIOSK_MESSAGES.get(reason, reason).format(
-            tries_left=tries_left, tries=f"{tries_left} {'try' if tries_left == 1 else 'tries'}"
-        )
+        o.status, o.reason, o.tries_left = Status.REFUSED, Refusal.read(reason) or reason, tries_left
+        if message is None and isinstance(o.reason, Refusal) and o.reason.message is None:
+            message = o.reason.screen.format(tries=f"{tries_left} {'try' if tries_left == 1 else 'tries'}")
+        o.message = message or reason
 
     def cancel(self, why: str = "cancelled") -> None:
         """A timeout or cancel before payment ends the whole request: nothing is printed or charged.
@@ -182,7 +186,7 @@ class KioskFlow:
         if not self.finished:
             self._go("cancelled")
             self.outcome.status, self.outcome.reason = Status.CANCELLED, why
-            self.outcome.message = KIOSK_MESSAGES["cancelled"]
+            self.outcome.message = SCREENS[Status.CANCELLED]
 
     def _refusal_from(self, status: int, body: bytes) -> None:
         try:
@@ -206,10 +210,10 @@ class KioskFlow:
         try:
             signature = self.card.sign_challenge(self.pin, base64.b64decode(ch.challenge))
         except WrongPin as exc:
-            self.refuse("pin-wrong", tries_left=exc.tries_left)
+            self.refuse(Refusal.PIN_WRONG, tries_left=exc.tries_left)
             return None
         except PinLocked:
-            self.refuse("pin-locked", tries_left=0)
+            self.refuse(Refusal.PIN_LOCKED, tries_left=0)
             return None
         auth = AuthRequest(base64.b64encode(self.card.certificate_der).decode(), base64.b64encode(signature).decode())
         return "POST", f"/v1/session/{ch.session}/auth", msgspec.json.encode(auth)
@@ -220,7 +224,7 @@ class KioskFlow:
             return None
         ok = msgspec.json.decode(body, type=AuthOk)
         if ok.card != self.card.fingerprint:
-            self.refuse("card-mismatch")
+            self.refuse(Refusal.CARD_MISMATCH)
             return None
         self._go("authenticated")
         return "POST", f"/v1/session/{self.session}/issue", msgspec.json.encode(self.request)
@@ -251,7 +255,7 @@ class KioskFlow:
         else:
             self._go("document-rejected")
             o = self.outcome
-            o.status, o.reason, o.message = Status.MISDELIVERED, problem, KIOSK_MESSAGES["misdelivered"]
+            o.status, o.reason, o.message = Status.MISDELIVERED, problem, SCREENS[Status.MISDELIVERED]
         return problem
 
     def _check_binding(self, trailers: Headers | None) -> str | None:
@@ -309,7 +313,7 @@ class KioskFlow:
         """The printer failed: the fee is refunded and the notice says so (BIZ-4)."""
         self._go("misprinted")
         o = self.outcome
-        o.refunded, o.reason, o.message = True, "misprint", KIOSK_MESSAGES["misprint"]
+        o.refunded, o.reason, o.message = True, "misprint", SCREENS[Status.REFUNDED]
         return self.refund_notice(now)
 
     def notice_queued(self) -> None:

@@ -267,3 +267,15 @@ def test_decide_passes_business_refusals_through_and_leaves_the_session_usable(t
     verdict = decide(s, IssueRequest(muni, "residence-record"), at, topo.service_hours, topo.municipalities())
     assert isinstance(verdict, Refuse) and (verdict.status, verdict.reason) == (403, reason)
     assert s.can(SessionEvent.ISSUE)
+
+
+def test_a_misprint_notice_refunds_the_issuance_and_a_repeat_keeps_the_first_notices_word():
+    """The center's memory says what the ledger says (LedgerDB.record_notice): refunded for a
+    misprint's notice, and a repeated notice, of either kind, changes nothing."""
+    iss = issuance_in(IssuanceState.SENT)
+    assert iss.fire(IssuanceEvent.REFUND) is IssuanceState.REFUNDED and iss.delivered and iss.finished
+    for event in (IssuanceEvent.NOTICE, IssuanceEvent.REFUND, IssuanceEvent.CANCEL):
+        assert iss.fire(event) is IssuanceState.REFUNDED
+    iss = issuance_in(IssuanceState.COMPLETED)
+    assert iss.fire(IssuanceEvent.REFUND) is IssuanceState.COMPLETED
+    assert not issuance_in(IssuanceState.STREAMING).can(IssuanceEvent.REFUND)  # nothing delivered, nothing refunded

@@ -22,6 +22,7 @@ from gateway.business.ledger import (
     UnknownIssuance,
     ledger_path,
 )
+from gateway.business.session import IssuanceState
 from tests.forked import at_once
 
 AT = datetime(2026, 11, 24, 10, 0, tzinfo=JST)
@@ -265,3 +266,39 @@ def test_a_ledger_from_before_the_state_times_is_migrated_and_its_unfinished_row
     assert db.version == len(MIGRATIONS) and db.issuance("i-old").changed is None
     with db.transaction():
         assert db.expire_stale(AT, created_before=AT.replace(hour=0), sent_before=AT.replace(hour=0)) == ["i-old"]
+
+
+# -- one vocabulary: the ledger's states are the center's IssuanceState --------------------------
+
+
+def test_an_old_ledgers_stored_states_read_as_the_centers_issuance_states(tmp_path):
+    """Rows written by an older konbini (every state spelling it stored) read back as IssuanceState
+    members, unfinished ones counted under them, without a migration: the spellings are the values."""
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for version, script in enumerate(MIGRATIONS, start=1):
+        conn.executescript(script)
+        conn.execute("INSERT INTO schema_version VALUES (?, datetime('now'))", (version,))
+    stored = ("created", "sent", "completed", "refunded", "cancelled", "expired")
+    for state in stored:
+        conn.execute(
+            "INSERT INTO issuances (id, session, kiosk, operator, municipality, cert_type, copies, fee, month, state)"
+            " VALUES (?, 's', 'k', 'a', '131016', 'residence-record', 1, 200, '2026-11', ?)",
+            (f"i-{state}", state),
+        )
+    conn.close()
+    db = LedgerDB(path)
+    assert {db.issuance(f"i-{state}").state for state in stored} == set(IssuanceState)
+    assert db.issuance("i-created").state is IssuanceState.STREAMING
+    assert db.issuance("i-refunded").state is IssuanceState.REFUNDED
+    assert all(isinstance(state, IssuanceState) for state in db.unfinished())
+
+
+def test_a_state_no_issuance_has_never_enters_the_ledger():
+    db = LedgerDB(MEMORY)
+    with db.transaction():
+        db.create_issuance(rec("i1"), AT)
+    with pytest.raises(ValueError), db.transaction():
+        db.set_state("i1", "delivered", AT)
+    assert db.issuance("i1").state is IssuanceState.STREAMING and db.count("delivered") == 0

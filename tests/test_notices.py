@@ -10,6 +10,7 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.business.ledger import VOID_STAMP, LedgerDB
+from gateway.business.session import IssuanceState
 from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import CorrectionNotice, IssueRequest
@@ -154,3 +155,12 @@ def test_a_held_refund_notice_waits_for_the_print_and_goes_out_if_the_kiosk_died
     ]
     box.confirm("iss-2", "/v1/notice", b"printed")  # too late: a released refund is not overwritten
     assert dict((p.issuance_id, p.body) for p in restarted.due(float("inf")))["iss-2"] == b"refund"
+
+
+async def test_a_misprinted_issuance_is_refunded_in_the_centers_memory_as_in_the_ledger(net):
+    card = net.cards.ensure_pool(7)[6]
+    printer = Printer(fault=lambda iid, copy_no: copy_no == 1)
+    r = await issue_at(net, "kiosk-a1-1", card, "1234", IssueRequest(MUNI_A, "residence-record"), printer=printer)
+    assert (r.status, r.refunded) == ("refunded", True)
+    in_memory = net.app("issuance-center").issuances[r.issuance_id].state
+    assert in_memory is ledger_of(net).issuance(r.issuance_id).state is IssuanceState.REFUNDED

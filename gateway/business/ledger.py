@@ -23,13 +23,16 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
+
+from gateway.business.session import ISSUANCE_NOTICED, IssuanceState
 
 GENESIS = "0" * 64
 MEMORY = ":memory:"
@@ -100,7 +103,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX issuances_unfinished ON issuances(state, changed);
     """,
 )
-UNFINISHED = ("created", "sent")  # every other state is final: completed, refunded, cancelled, expired
+# The issuances' states are the center's IssuanceState, stored as their values (which never change
+# spelling, so every ledger file reads). Every state but these is final.
+UNFINISHED = (IssuanceState.STREAMING, IssuanceState.SENT)
 
 _ENTRY_FIELDS = (
     "seq",
@@ -149,7 +154,7 @@ class IssuanceRecord:
     copies: int
     fee: int
     month: str
-    state: str = "created"
+    state: IssuanceState = IssuanceState.STREAMING
     card: str | None = None  # the card's opaque id (its certificate's subject), never personal data
     changed: str | None = None  # when the state last changed (the clock's ISO text)
 
@@ -175,7 +180,7 @@ class LedgerDB:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._last_hash, self._fixed = GENESIS, set()
+        self._last_hash, self._fixed = GENESIS, set[str]()
         self._shared = False  # a file other processes may write: the chain head is read at each transaction
         if self.path != MEMORY:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +252,21 @@ class LedgerDB:
             )
         return current
 
-    def transaction(self):
-        return _Transaction(self)
+    @contextmanager
+    def transaction(self) -> Iterator[LedgerDB]:
+        """One write transaction: committed when the block ends, rolled back (the chain's head and
+        the fixed months with it) when it raises."""
+        last, fixed = self._last_hash, set(self._fixed)
+        self.conn.execute("BEGIN IMMEDIATE")
+        if self._shared:
+            self._reload()  # another writer may have committed since our last transaction
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._last_hash, self._fixed = last, fixed
+            raise
+        self.conn.execute("COMMIT")
 
     # -- appending facts ---------------------------------------------------------------------
 
@@ -265,7 +283,7 @@ class LedgerDB:
         cert_type: str | None = None,
         copies: int = 0,
         amount: int = 0,
-        detail: dict | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> int:
         """Append one chained fact; call inside a transaction."""
         if month is not None and month in self._fixed:
@@ -284,7 +302,7 @@ class LedgerDB:
             "amount": amount,
             "detail": json.dumps(detail or {}, ensure_ascii=False, sort_keys=True),
         }
-        seq = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM entries").fetchone()[0]
+        seq: int = self.conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM entries").fetchone()[0]
         row["seq"] = seq
         digest = chain_hash(self._last_hash, row)
         self.conn.execute(
@@ -324,22 +342,25 @@ class LedgerDB:
                 rec.copies,
                 rec.fee,
                 rec.month,
-                "created",
+                IssuanceState.STREAMING.value,
                 rec.card,
                 _iso(at),
             ),
         )
 
-    def set_state(self, issuance_id: str, state: str, at: datetime | str) -> None:
+    def set_state(self, issuance_id: str, state: IssuanceState, at: datetime | str) -> None:
         """created -> sent | cancelled | expired, sent -> expired; each change is a fact too. An
         issuance already noticed keeps its state: with several center workers, the worker that
         delivered may commit its "sent" after another worker recorded the kiosk's notice (a notice
         retried on a new connection)."""
+        state = IssuanceState(state)  # a spelling no state has never enters the ledger
         rec = self.issuance(issuance_id)
-        if rec.state in ("completed", "refunded"):
+        if rec.state in ISSUANCE_NOTICED:
             return
-        self._fact(state, rec, at)
-        self.conn.execute("UPDATE issuances SET state = ?, changed = ? WHERE id = ?", (state, _iso(at), issuance_id))
+        self._fact(state.value, rec, at)
+        self.conn.execute(
+            "UPDATE issuances SET state = ?, changed = ? WHERE id = ?", (state.value, _iso(at), issuance_id)
+        )
 
     def expire_stale(self, at: datetime, created_before: datetime, sent_before: datetime) -> list[str]:
         """Every issuance still `created` (its document was streaming) since before `created_before`,
@@ -350,23 +371,22 @@ class LedgerDB:
         stale = [
             r[0]
             for r in self.conn.execute(
-                "SELECT id FROM issuances WHERE ((state = 'created' AND coalesce(changed, '') < ?)"
-                " OR (state = 'sent' AND coalesce(changed, '') < ?)) AND month NOT IN (SELECT month FROM months)",
-                (_iso(created_before), _iso(sent_before)),
+                "SELECT id FROM issuances WHERE ((state = ? AND coalesce(changed, '') < ?)"
+                " OR (state = ? AND coalesce(changed, '') < ?)) AND month NOT IN (SELECT month FROM months)",
+                (IssuanceState.STREAMING.value, _iso(created_before), IssuanceState.SENT.value, _iso(sent_before)),
             )
         ]
         for iid in stale:
-            self.set_state(iid, "expired", at)
+            self.set_state(iid, IssuanceState.EXPIRED, at)
         return stale
 
-    def unfinished(self) -> dict[str, int]:
+    def unfinished(self) -> dict[IssuanceState, int]:
         """How many issuances are in each unfinished state."""
-        return dict(
-            self.conn.execute(
-                f"SELECT state, count(*) FROM issuances WHERE state IN ({', '.join('?' * len(UNFINISHED))}) GROUP BY state",
-                UNFINISHED,
-            ).fetchall()
+        rows = self.conn.execute(
+            f"SELECT state, count(*) FROM issuances WHERE state IN ({', '.join('?' * len(UNFINISHED))}) GROUP BY state",
+            [state.value for state in UNFINISHED],
         )
+        return {IssuanceState(state): n for state, n in rows}
 
     def record_notice(
         self, issuance_id: str, at: datetime | str, copies: int, fee: int, refunded: bool = False
@@ -389,7 +409,7 @@ class LedgerDB:
             self._fact("refund", rec, at, amount=-fee, detail={"reason": "misprint", "stamp": VOID_STAMP})
         self.conn.execute(
             "UPDATE issuances SET state = ?, changed = ? WHERE id = ?",
-            ("refunded" if refunded else "completed", at_s, issuance_id),
+            ((IssuanceState.REFUNDED if refunded else IssuanceState.COMPLETED).value, at_s, issuance_id),
         )
         return True
 
@@ -402,7 +422,7 @@ class LedgerDB:
             raise UnknownIssuance(f"issuance {issuance_id} has no completion notice yet; nothing to correct")
         return self._fact("correction", rec, at, copies=copies, amount=fee, detail={"reason": reason})
 
-    def fix_month(self, month: str, at: datetime | str, report: dict) -> None:
+    def fix_month(self, month: str, at: datetime | str, report: dict[str, Any]) -> None:
         if month in self._fixed:
             raise MonthFixed(month, "fixing it again")
         self.append("month-fixed", at, detail={"month": month})
@@ -428,7 +448,7 @@ class LedgerDB:
         row = self.conn.execute("SELECT * FROM issuances WHERE id = ?", (issuance_id,)).fetchone()
         if row is None:
             raise UnknownIssuance(f"issuance {issuance_id} is not in the ledger")
-        return IssuanceRecord(**dict(row))
+        return IssuanceRecord(**{**dict(row), "state": IssuanceState(row["state"])})
 
     def find_issuance(self, issuance_id: str) -> IssuanceRecord | None:
         try:
@@ -437,14 +457,15 @@ class LedgerDB:
             return None
 
     def entries(self, month: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM entries", ()
+        sql, args = "SELECT * FROM entries", list[str]()
         if month is not None:
-            sql, args = sql + " WHERE month = ?", (month,)
+            sql, args = sql + " WHERE month = ?", [month]
         return [dict(r) for r in self.conn.execute(sql + " ORDER BY seq", args)]
 
-    def fixed_report(self, month: str) -> dict | None:
+    def fixed_report(self, month: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT report FROM months WHERE month = ?", (month,)).fetchone()
-        return json.loads(row[0]) if row else None
+        report: dict[str, Any] | None = json.loads(row[0]) if row else None
+        return report
 
     def outages(self) -> list[tuple[str, datetime, datetime]]:
         return [
@@ -453,7 +474,8 @@ class LedgerDB:
         ]
 
     def count(self, kind: str) -> int:
-        return self.conn.execute("SELECT count(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
+        n: int = self.conn.execute("SELECT count(*) FROM entries WHERE kind = ?", (kind,)).fetchone()[0]
+        return n
 
     def verify(self) -> int:
         """Walk the hash chain; the number of rows when intact, else LedgerTampered naming the first bad row."""
@@ -490,29 +512,10 @@ class LedgerDB:
                 op.error = op.error or LedgerError(f"ledger {self.path}: commit failed ({exc})")
 
 
-class _Transaction:
-    def __init__(self, db: LedgerDB) -> None:
-        self.db = db
-
-    def __enter__(self) -> LedgerDB:
-        self._last, self._fixed = self.db._last_hash, set(self.db._fixed)
-        self.db.conn.execute("BEGIN IMMEDIATE")
-        if self.db._shared:
-            self.db._reload()  # another writer may have committed since our last transaction
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.db.conn.execute("COMMIT")
-        else:
-            self.db.conn.execute("ROLLBACK")
-            self.db._last_hash, self.db._fixed = self._last, self._fixed
-
-
 @dataclass(eq=False)
 class _Op:
     fn: Callable[..., Any]
-    args: tuple
+    args: tuple[Any, ...]
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -532,7 +535,7 @@ class Ledger:
     def open(cls, path: str | Path) -> Ledger:
         return cls(LedgerDB(path))
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The one writer: take what is waiting, commit it as one batch, wake the callers."""
         task_status.started()
         async for first in self._recv:

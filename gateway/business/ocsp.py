@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from enum import Enum
 from functools import lru_cache
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.business.refusal import Refusal
 from topology.pki import REVOCATION_REASONS
 
 Revocations = Callable[[], Mapping[int, tuple[datetime, str]]]
@@ -125,7 +128,7 @@ def check_response(
     issuer: x509.Certificate,
     now: datetime,
     skew: timedelta = DEFAULT_SKEW,
-) -> str | None:
+) -> Refusal | None:
     """None if the response proves `cert` good at `now`; else "card-revoked", "ocsp-unknown" or "ocsp-invalid".
 
     "ocsp-invalid" covers everything that makes the response unusable as proof: unparsable, not
@@ -141,30 +144,30 @@ def verdict(
     issuer: x509.Certificate,
     now: datetime,
     skew: timedelta = DEFAULT_SKEW,
-) -> tuple[str | None, datetime | None]:
+) -> tuple[Refusal | None, datetime | None]:
     """`check_response`'s answer and, for a good or revoked certificate, the response's nextUpdate:
     until then the answer may be relied on (RFC 6960 §2.4, §4.2.2.1)."""
     try:
         response = ocsp.load_der_ocsp_response(response_der)
         if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return "ocsp-invalid", None
+            return Refusal.OCSP_INVALID, None
         signer = _authorised_signer(response, issuer, now)
         if signer is None or not _signature_valid(signer.public_key(), response):
-            return "ocsp-invalid", None
+            return Refusal.OCSP_INVALID, None
         single = next((s for s in response.responses if _answers_for(s, cert, issuer)), None)
         if single is None:
-            return "ocsp-invalid", None
+            return Refusal.OCSP_INVALID, None
         next_update = single.next_update_utc
         if single.this_update_utc > now + skew or next_update is None or now > next_update:
-            return "ocsp-invalid", None
+            return Refusal.OCSP_INVALID, None
         status = single.certificate_status
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        return "ocsp-invalid", None
+        return Refusal.OCSP_INVALID, None
     if status == ocsp.OCSPCertStatus.GOOD:
         return None, next_update
     if status == ocsp.OCSPCertStatus.REVOKED:
-        return "card-revoked", next_update
-    return "ocsp-unknown", None
+        return Refusal.CARD_REVOKED, next_update
+    return Refusal.OCSP_UNKNOWN, None
 
 
 def revocation_reason(response_der: bytes) -> x509.ReasonFlags | None:
@@ -173,7 +176,11 @@ def revocation_reason(response_der: bytes) -> x509.ReasonFlags | None:
     return single.revocation_reason if single is not None else None
 
 
-MISS = object()  # OcspCache.get: nothing to rely on, ask the responder
+class Miss(Enum):
+    MISS = "miss"  # OcspCache.get: nothing to rely on, ask the responder
+
+
+MISS = Miss.MISS
 
 
 class OcspCache:
@@ -184,10 +191,10 @@ class OcspCache:
 
     def __init__(self, limit: int = 100_000) -> None:
         self.limit = limit
-        self._answers: dict[int, tuple[str | None, datetime]] = {}
+        self._answers: dict[int, tuple[Refusal | None, datetime]] = {}
         self.hits = 0
 
-    def get(self, serial: int, now: datetime) -> str | None | object:
+    def get(self, serial: int, now: datetime) -> Refusal | None | Literal[Miss.MISS]:
         answer = self._answers.get(serial)
         if answer is None:
             return MISS
@@ -197,7 +204,7 @@ class OcspCache:
         self.hits += 1
         return answer[0]
 
-    def put(self, serial: int, problem: str | None, until: datetime | None) -> None:
+    def put(self, serial: int, problem: Refusal | None, until: datetime | None) -> None:
         if until is None:  # nothing definitive (invalid, unknown): ask again next time
             return
         self._answers.pop(serial, None)

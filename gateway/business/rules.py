@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta
 
 from gateway.business.clock import JST
+from gateway.business.refusal import Refusal
 from gateway.business.settlement import year_end_closure
 from topology.spec.model import Hours, Municipality
 
@@ -18,7 +19,9 @@ VACCINATION = "vaccination"
 # The vaccination certificate service runs every day (000 §14); the general service closes Dec 29 - Jan 3.
 CLOSURE_EXEMPT = frozenset({VACCINATION})
 
-Refusal = tuple[str, dict[str, str]]
+Refused = tuple[Refusal, dict[str, str]]  # why, and the fields of its message
+# refusals that a later hour or day may lift
+TIMELY = frozenset({Refusal.OUTSIDE_HOURS, Refusal.MUNICIPALITY_NOT_PARTICIPATING})
 
 
 def participates(muni: Municipality, day: date) -> bool:
@@ -41,23 +44,23 @@ def within(now: datetime, open_: str, close: str) -> bool:
     return open_ <= hm < close
 
 
-def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type: str, copies: int) -> Refusal | None:
+def refusal(now: datetime, service: Hours, muni: Municipality | None, cert_type: str, copies: int) -> Refused | None:
     """None when the request may go ahead at `now`, else (reason, message fields)."""
     now = now.astimezone(JST)
     if muni is None:
-        return "municipality-unknown", {}
+        return Refusal.MUNICIPALITY_UNKNOWN, {}
     named = {"municipality": muni.name or "Your municipality"}  # the kiosk screen names it where the file does
     if not participates(muni, now.date()):
-        return "municipality-not-participating", named
+        return Refusal.MUNICIPALITY_NOT_PARTICIPATING, named
     open_, close = window(service, muni.hours)
     if cert_type not in CLOSURE_EXEMPT and year_end_closure(now.date()):
-        return "outside-hours", {"hours": "closed Dec 29 - Jan 3"}
+        return Refusal.OUTSIDE_HOURS, {"hours": "closed Dec 29 - Jan 3"}
     if not within(now, open_, close):
-        return "outside-hours", {"hours": f"{open_}–{close}"}
+        return Refusal.OUTSIDE_HOURS, {"hours": f"{open_}–{close}"}
     if cert_type not in muni.certificates:
-        return "certificate-type-not-offered", named
+        return Refusal.CERTIFICATE_TYPE_NOT_OFFERED, named
     if not 1 <= copies <= MAX_COPIES:
-        return "copies-out-of-range", {"max_copies": str(MAX_COPIES)}
+        return Refusal.COPIES_OUT_OF_RANGE, {"max_copies": str(MAX_COPIES)}
     return None
 
 
@@ -68,8 +71,10 @@ def next_open(now: datetime, service: Hours, muni: Municipality, cert_type: str,
     opening = max(time(10), time.fromisoformat(window(service, muni.hours)[0]))
     for day in range(days + 1):
         at = datetime.combine(now.date() + timedelta(days=day), opening, JST)
-        refused = refusal(at, service, muni, cert_type, 1) if at > now else ("past", {})
-        if refused is None or refused[0] not in ("past", "outside-hours", "municipality-not-participating"):
+        if at <= now:
+            continue
+        refused = refusal(at, service, muni, cert_type, 1)
+        if refused is None or refused[0] not in TIMELY:
             return at
     return None
 

@@ -18,9 +18,10 @@ a clock, the ledger or the network. Two rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 
 class SessionState(StrEnum):
@@ -42,9 +43,13 @@ class SessionEvent(Enum):
 
 
 class IssuanceState(StrEnum):
-    STREAMING = "streaming"  # recorded in the ledger; the document is on its way
+    """One vocabulary for the center's memory and the ledger's rows: the values are what the
+    ledger stores (gateway/business/ledger.py), so they never change spelling."""
+
+    STREAMING = "created"  # recorded in the ledger ("created" there); the document is on its way
     SENT = "sent"  # delivered with its signed binding
     COMPLETED = "completed"  # the kiosk's completion notice is in
+    REFUNDED = "refunded"  # the notice is in, saying the print failed and the fee went back (BIZ-4)
     CANCELLED = "cancelled"  # cancelled whole; never delivered
     EXPIRED = "expired"  # delivered, but no completion notice came within the center's bound
 
@@ -52,6 +57,7 @@ class IssuanceState(StrEnum):
 class IssuanceEvent(Enum):
     SEAL = "seal"
     NOTICE = "notice"  # a completion notice (a repeat is a duplicate, acknowledged again)
+    REFUND = "refund"  # a completion notice of a misprint, refunded
     CANCEL = "cancel"
     EXPIRE = "expire"  # the center stops waiting for the notice (a late one still reaches the ledger)
 
@@ -83,17 +89,24 @@ SESSION_FINAL = frozenset({SS.DONE, SS.CLOSED})
 ISSUANCE_TRANSITIONS: dict[tuple[IssuanceState, IssuanceEvent], IssuanceState] = {
     (IS.STREAMING, IE.SEAL): IS.SENT,
     (IS.SENT, IE.NOTICE): IS.COMPLETED,
+    (IS.SENT, IE.REFUND): IS.REFUNDED,
+    # a repeated notice is a duplicate: the first one settled the issuance, as in the ledger
     (IS.COMPLETED, IE.NOTICE): IS.COMPLETED,
+    (IS.COMPLETED, IE.REFUND): IS.COMPLETED,
+    (IS.REFUNDED, IE.NOTICE): IS.REFUNDED,
+    (IS.REFUNDED, IE.REFUND): IS.REFUNDED,
     # rule 2: before delivery a cancel cancels whole; a delivered document cannot be called back
     (IS.STREAMING, IE.CANCEL): IS.CANCELLED,
     (IS.SENT, IE.CANCEL): IS.SENT,
     (IS.COMPLETED, IE.CANCEL): IS.COMPLETED,
+    (IS.REFUNDED, IE.CANCEL): IS.REFUNDED,
     (IS.CANCELLED, IE.CANCEL): IS.CANCELLED,
     (IS.SENT, IE.EXPIRE): IS.EXPIRED,
     (IS.EXPIRED, IE.CANCEL): IS.EXPIRED,
 }
-ISSUANCE_DELIVERED = frozenset({IS.SENT, IS.COMPLETED, IS.EXPIRED})
-ISSUANCE_FINAL = frozenset({IS.COMPLETED, IS.CANCELLED, IS.EXPIRED})
+ISSUANCE_DELIVERED = frozenset({IS.SENT, IS.COMPLETED, IS.REFUNDED, IS.EXPIRED})
+ISSUANCE_FINAL = frozenset({IS.COMPLETED, IS.REFUNDED, IS.CANCELLED, IS.EXPIRED})
+ISSUANCE_NOTICED = frozenset({IS.COMPLETED, IS.REFUNDED})  # settled by a notice: the ledger keeps that state
 
 
 class LifecycleError(Exception):
@@ -105,31 +118,35 @@ class LifecycleError(Exception):
         super().__init__(f"{role}: event {event.name} not allowed in state {state.name}")
 
 
-class _Lifecycle:
+StateT = TypeVar("StateT", bound=Enum)
+EventT = TypeVar("EventT", bound=Enum)
+
+
+class _Lifecycle(Generic[StateT, EventT]):
     """What Session and Issuance share: a state, a table, and the one way to move."""
 
     ROLE: ClassVar[str]
-    TABLE: ClassVar[dict]
-    state: Enum
+    TABLE: ClassVar[Mapping[tuple[Any, Any], Any]]  # (StateT, EventT) -> StateT; a ClassVar cannot say so
+    state: StateT
 
-    def can(self, event: Enum) -> bool:
+    def can(self, event: EventT) -> bool:
         return (self.state, event) in self.TABLE
 
-    def require(self, event: Enum) -> None:
+    def require(self, event: EventT) -> None:
         """Raise LifecycleError unless `event` is allowed now (checks before an irreversible step)."""
         if (self.state, event) not in self.TABLE:
             raise LifecycleError(self.ROLE, self.state, event)
 
-    def fire(self, event: Enum):
+    def fire(self, event: EventT) -> StateT:
         self.require(event)
         self.state = self.TABLE[self.state, event]
         return self.state
 
 
 @dataclass
-class Session(_Lifecycle):
+class Session(_Lifecycle[SessionState, SessionEvent]):
     ROLE: ClassVar[str] = "session"
-    TABLE: ClassVar[dict] = SESSION_TRANSITIONS
+    TABLE: ClassVar[Mapping[tuple[Any, Any], Any]] = SESSION_TRANSITIONS
 
     id: str
     kiosk: str
@@ -146,9 +163,9 @@ class Session(_Lifecycle):
 
 
 @dataclass
-class Issuance(_Lifecycle):
+class Issuance(_Lifecycle[IssuanceState, IssuanceEvent]):
     ROLE: ClassVar[str] = "issuance"
-    TABLE: ClassVar[dict] = ISSUANCE_TRANSITIONS
+    TABLE: ClassVar[Mapping[tuple[Any, Any], Any]] = ISSUANCE_TRANSITIONS
 
     id: str
     session: str

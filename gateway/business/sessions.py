@@ -90,9 +90,10 @@ class SharedSessions:
         self.conn.close()
 
     def __len__(self) -> int:
-        return self.conn.execute(
+        n: int = self.conn.execute(
             "SELECT count(*) FROM kiosk_sessions WHERE created >= ?", (time.monotonic() - self.ttl,)
         ).fetchone()[0]
+        return n
 
     def add(self, s: Session) -> None:
         with self.conn:
@@ -118,7 +119,7 @@ class SharedSessions:
         and leaves `s` as it was."""
         old = s.state
         s.require(event)
-        new = s.TABLE[old, event]
+        new: SessionState = s.TABLE[old, event]
         if event is SessionEvent.CANCEL:
             self.conn.execute(
                 "UPDATE kiosk_sessions SET state = ? WHERE id = ? AND state NOT IN (?, ?)",

@@ -15,6 +15,7 @@ holidays and their own Dec 31-Jan 3 ("bank" category).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
@@ -76,13 +77,13 @@ def bank_holiday(d: date) -> bool:
     return d.weekday() >= 5 or d in _bank(d.year)
 
 
-def _back(d: date, holiday) -> date:
+def _back(d: date, holiday: Callable[[date], bool]) -> date:
     while holiday(d):
         d -= timedelta(days=1)
     return d
 
 
-def _forward(d: date, holiday) -> date:
+def _forward(d: date, holiday: Callable[[date], bool]) -> date:
     while holiday(d):
         d += timedelta(days=1)
     return d

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from gateway.business.clock import JST
 from gateway.business.settlement import month_end, parse_month
@@ -55,7 +56,7 @@ def complete_outages(per_scope: dict[str, Iterable[Interval]], scopes: Iterable[
     return merge((together or []) + list(per_scope.get("service", ())))
 
 
-def availability(month: str, outages: Iterable[Interval]) -> dict:
+def availability(month: str, outages: Iterable[Interval]) -> dict[str, Any]:
     y, m = parse_month(month)
     start, end = datetime(y, m, 1, tzinfo=JST), month_end(month)
     counted, ignored = [], 0

@@ -366,7 +366,7 @@ class IssuanceCenter(App):
                 problem = await self._check_revocation(cert, now)
                 timings.append(timing("ocsp", t_ocsp))
             else:
-                problem = known  # type: ignore[assignment]  # relied on until its nextUpdate: no OCSP hop
+                problem = known  # relied on until its nextUpdate: no OCSP hop
         if problem is not None and is_smartphone(cert):
             problem = SMARTPHONE_PROBLEMS.get(problem, problem)
         if problem is not None:
@@ -522,7 +522,7 @@ class IssuanceCenter(App):
             iss = self.issuances.pop(iid, None)
             if iss is not None and iss.can(IssuanceEvent.EXPIRE):
                 iss.fire(IssuanceEvent.EXPIRE)
-                self.ledger.submit(LedgerDB.set_state, iid, iss.state.value, self.ctx.clock.now())
+                self.ledger.submit(LedgerDB.set_state, iid, iss.state, self.ctx.clock.now())
                 n += 1
         self.expired += n
         return n
@@ -657,7 +657,7 @@ class IssuanceCenter(App):
         iss.fire(IssuanceEvent.SEAL)
         self._awaited[iss.id] = time.monotonic()
         self.metrics.issuances.labels(iss.cert_type).inc()
-        self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
+        self.ledger.submit(LedgerDB.set_state, iss.id, iss.state, self.ctx.clock.now())
 
     def _cancel(self, s: Session, iss: Issuance) -> None:
         """The one way a request ends early: the session closes, an undelivered issuance is cancelled
@@ -665,7 +665,7 @@ class IssuanceCenter(App):
         self.sessions.fire(s, SessionEvent.CANCEL)
         was = iss.state
         if iss.fire(IssuanceEvent.CANCEL) is not was:  # a delivered document stays delivered
-            self.ledger.submit(LedgerDB.set_state, iss.id, iss.state.value, self.ctx.clock.now())
+            self.ledger.submit(LedgerDB.set_state, iss.id, iss.state, self.ctx.clock.now())
             self._finish(iss)
 
     # -- after delivery: notices, corrections, misdeliveries --------------------------------
@@ -683,7 +683,8 @@ class IssuanceCenter(App):
 
     async def _notice(self, stream: Stream, notice: CompletionNotice, t0: float) -> None:
         iss = await self._known_issuance(notice.issuance_id, notice.session, stream)
-        if iss is None or (isinstance(iss, Issuance) and not iss.can(IssuanceEvent.NOTICE)):
+        settles = IssuanceEvent.REFUND if notice.refunded else IssuanceEvent.NOTICE
+        if iss is None or (isinstance(iss, Issuance) and not iss.can(settles)):
             await self._refuse(stream, 404, "session-unknown", t0)  # nothing delivered, nothing to notice
             return
         if (notice.copies, notice.fee) != (iss.copies, iss.fee):
@@ -703,7 +704,7 @@ class IssuanceCenter(App):
         self.metrics.notices.labels("new" if new else "duplicate").inc()
         if isinstance(iss, Issuance):
             iss.notices += 1
-            iss.fire(IssuanceEvent.NOTICE)
+            iss.fire(settles)
             self._awaited.pop(iss.id, None)
             self._finish(iss)
         await send_json(stream, 200, NoticeAck("acknowledged", iss.id, not new), [timing(self.ctx.node.id, t0, stream)])

@@ -13,6 +13,7 @@ import trio
 
 from gateway.business.certificate import certificate, certificate_font, document_chunks
 from gateway.business.pdf import Font
+from gateway.business.refusal import Refusal
 from gateway.node.server import App, NodeContext, Peer
 from gateway.protocol.h2trio import Stream
 from gateway.protocol.http import BadRequest, decode, method_path, refuse, timing
@@ -51,12 +52,12 @@ class MunicipalityServer(App):
         t0 = time.perf_counter()
         method, path = method_path(stream.headers)
         if (method, path) != ("POST", "/v1/document"):
-            await refuse(stream, 404, "bad-request", "unknown endpoint")
+            await refuse(stream, 404, Refusal.BAD_REQUEST, "unknown endpoint")
             return
         try:
             req = decode(await stream.read_body(4096), DocumentRequest)
         except BadRequest:
-            await refuse(stream, 400, "bad-request", "bad document request")
+            await refuse(stream, 400, Refusal.BAD_REQUEST, "bad document request")
             return
         muni = self.ctx.node.municipality
         page = certificate(

@@ -15,6 +15,7 @@ import trio
 from rich.console import Console
 
 from gateway.business.clock import JST, Clock
+from gateway.business.refusal import Refusal
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import DEFAULT_PIN
 from kiosk_emu.kiosk import IssuanceResult, issue_at
@@ -31,7 +32,7 @@ CONCURRENT = 20
 @dataclass
 class Step:
     title: str
-    expect: str  # "issued" or a refusal reason
+    expect: str  # "issued" or a Refusal
     result: IssuanceResult | None = None
 
     @property
@@ -73,30 +74,30 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
                 DEFAULT_PIN,
                 IssueRequest(b, "seal-registration", 2),
             ),
-            (Step("wrong PIN", "pin-wrong"), kiosks[1], pool[2], "9999", IssueRequest(a, "residence-record")),
+            (Step("wrong PIN", Refusal.PIN_WRONG), kiosks[1], pool[2], "9999", IssueRequest(a, "residence-record")),
             (
-                Step("municipality not participating", "municipality-not-participating"),
+                Step("municipality not participating", Refusal.MUNICIPALITY_NOT_PARTICIPATING),
                 kiosks[2],
                 pool[0],
                 DEFAULT_PIN,
                 IssueRequest(c, "residence-record"),
             ),
             (
-                Step("certificate type not offered", "certificate-type-not-offered"),
+                Step("certificate type not offered", Refusal.CERTIFICATE_TYPE_NOT_OFFERED),
                 kiosks[3],
                 pool[0],
                 DEFAULT_PIN,
                 IssueRequest(b, "family-register"),
             ),
             (
-                Step("revoked card", "card-revoked"),
+                Step("revoked card", Refusal.CARD_REVOKED),
                 kiosks[4],
                 revoked,
                 DEFAULT_PIN,
                 IssueRequest(a, "residence-record"),
             ),
             (
-                Step("expired card", "card-expired"),
+                Step("expired card", Refusal.CARD_EXPIRED),
                 kiosks[5],
                 expired,
                 DEFAULT_PIN,
@@ -108,7 +109,7 @@ async def _demo(topo: Topology, state: Path, console: Console) -> tuple[list[Ste
             step.result = await issue_at(running, kiosk, card, pin, req)
             steps.append(step)
         clock.set(EVENING)
-        evening = Step("20:30, municipality open 08:30–19:00", "outside-hours")
+        evening = Step("20:30, municipality open 08:30–19:00", Refusal.OUTSIDE_HOURS)
         evening.result = await issue_at(running, kiosks[0], pool[0], DEFAULT_PIN, IssueRequest(b, "residence-record"))
         steps.append(evening)
         clock.set(DEMO_TIME)

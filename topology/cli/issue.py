@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from gateway.business import rules
+from gateway.business.refusal import Refusal
 from gateway.node.cluster import CLUSTER
 from gateway.node.server import NodeStartError
 from gateway.nodes.issuance import DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE
@@ -192,10 +193,10 @@ def cmd_issue(args) -> int:
         print(f"{line} latency={result.latency_ms:.1f} ms")
         if result.message and result.status != "issued":
             print(f"kiosk screen: {result.message}")
-        if result.reason == "certificate-type-not-offered" and (node := topo.municipalities().get(muni or "")):
+        if result.reason == Refusal.CERTIFICATE_TYPE_NOT_OFFERED and (node := topo.municipalities().get(muni or "")):
             print(f"municipality {muni} offers: {', '.join(node.municipality.certificates)}")
         if save is not None and save.exists():
             print(f"printed certificate saved to {save}")
-        if result.reason == "outside-hours":
+        if result.reason == Refusal.OUTSIDE_HOURS:
             print(outside_hours_hint(topo, muni, args.cert, clock, args.up))
     return 0 if result.status == "issued" else 1
