@@ -30,7 +30,7 @@ from gateway.business.session import (
     SessionEvent,
     SessionState,
 )
-from gateway.nodes.issuance import Go, Refuse, decide, seal
+from gateway.nodes.center.issuing import Go, Refuse, decide, seal
 from gateway.protocol.messages import Binding, IssueRequest
 from tests.conftest import TEST_TIME
 

@@ -135,13 +135,13 @@ async def test_the_printed_certificate_names_the_card_holder_read_by_pypdf_alone
 async def test_a_center_that_fetches_another_residents_certificate_is_caught_by_the_kiosk(net, monkeypatch, tmp_path):
     """A center that mixes up cards signs its mistake (the binding is valid): the kiosk reads the
     name on the paper, refuses it before payment, prints nothing and reports the misdelivery."""
-    import gateway.nodes.issuance
+    import gateway.nodes.center.issuing
     from gateway.protocol.messages import DocumentRequest, IssueRequest
     from kiosk_emu.device.printer import Printer
     from kiosk_emu.kiosk import issue_at
 
     monkeypatch.setattr(
-        gateway.nodes.issuance,
+        gateway.nodes.center.issuing,
         "DocumentRequest",
         lambda iid, cert_type, size, card: DocumentRequest(iid, cert_type, size, "someone-else"),
     )

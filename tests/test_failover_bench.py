@@ -21,7 +21,9 @@ import trio.testing
 
 from bench.runner import Bench, BenchError, BenchOptions, run_bench
 from bench.topology import with_port
-from gateway.nodes.issuance import ATTEMPT_TIMEOUT, PROBE_INTERVAL, UPSTREAM_TIMEOUT, DocumentServers, IssuanceCenter
+from gateway.nodes.center.answering import UPSTREAM_TIMEOUT
+from gateway.nodes.center.issuing import ATTEMPT_TIMEOUT, PROBE_INTERVAL, DocumentServers
+from gateway.nodes.issuance import IssuanceCenter
 from gateway.nodes.relay import CONNECT_TIMEOUT, Relay
 from gateway.nodes.relay import PROBE_INTERVAL as RELAY_PROBE_INTERVAL
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology

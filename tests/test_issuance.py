@@ -13,7 +13,7 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import gateway.nodes.issuance
+import gateway.nodes.center.issuing
 from gateway.business import ocsp
 from gateway.business.certificate import certificate, certificate_font, document_chunks
 from gateway.business.clock import Clock
@@ -90,9 +90,9 @@ async def test_200_concurrent_issuances_each_print_exactly_their_own_document(ne
 async def test_document_bound_to_another_session_is_refused_and_reported(net, monkeypatch):
     # The Kawasaki failure: a later request overwrote an earlier one. Emulate a center that binds
     # the document to someone else's session; the kiosk must refuse it, erase it and report it.
-    real = gateway.nodes.issuance.Binding
+    real = gateway.nodes.center.issuing.Binding
     monkeypatch.setattr(
-        gateway.nodes.issuance, "Binding", lambda iid, session, *rest: real(iid, "someone-elses-session", *rest)
+        gateway.nodes.center.issuing, "Binding", lambda iid, session, *rest: real(iid, "someone-elses-session", *rest)
     )
     r = await issue_at(net, "kiosk-a2-1", pool(net, 1)[0], "1234", IssueRequest(MUNI_A, "residence-record"))
     assert (r.status, r.reason) == ("misdelivered", "bound-to-another-session")

@@ -12,7 +12,7 @@ import trio.testing
 
 from gateway.business.clock import Clock
 from gateway.business.ledger import IssuanceRecord, LedgerDB, ledger_path
-from gateway.nodes import issuance as center_module
+from gateway.nodes.center import issuing as center_module
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.kiosk import Kiosk, issue_at
 from tests.conftest import TEST_TIME

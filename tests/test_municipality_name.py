@@ -12,7 +12,7 @@ from pathlib import Path
 from gateway.business.clock import JST
 from gateway.business.session import Session
 from gateway.business.settlement import municipality_totals, report
-from gateway.nodes.issuance import MESSAGES, Refuse, decide
+from gateway.nodes.center.issuing import Refuse, decide
 from gateway.protocol.messages import IssueRequest
 from tests.test_settlement import _ledger
 from topology.spec.load import DEFAULT_TOPOLOGY, check_file, load_topology
@@ -32,7 +32,7 @@ def screen(topo, code: str, cert: str) -> str:
     session.can = lambda event: True  # an authenticated session; only the business rules decide here
     decision = decide(session, IssueRequest(code, cert), NOON, topo.service_hours, topo.municipalities())
     assert isinstance(decision, Refuse)
-    return MESSAGES[decision.reason].format(**decision.fields)
+    return decision.reason.says(**decision.fields)
 
 
 def test_the_kiosk_screen_names_the_municipality():

@@ -25,7 +25,7 @@ import h2.errors
 import trio
 
 import gateway.node.heap
-import gateway.nodes.issuance
+import gateway.nodes.center.issuing
 from gateway.business.clock import Clock
 from gateway.protocol.h2core import H2Core, ResetRecords
 from gateway.protocol.http import request_headers
@@ -125,7 +125,7 @@ def test_a_reset_stream_is_still_remembered_and_a_late_frame_on_it_keeps_the_con
 async def test_the_center_forgets_finished_issuances_and_the_ledger_still_answers_for_them(net, monkeypatch):
     # The center used to keep every issuance in memory for as long as it ran (~0.8 KB each: the
     # soak bench's origin grew +16 % in 10 minutes). Finished ones now go after FINISHED_TTL.
-    monkeypatch.setattr(gateway.nodes.issuance, "FINISHED_TTL", 0.0)  # forgotten at the next issuance
+    monkeypatch.setattr(gateway.nodes.center.issuing, "FINISHED_TTL", 0.0)  # forgotten at the next issuance
     center = net.app("issuance-center")
     cards = net.cards.ensure_pool(4)
     results = [

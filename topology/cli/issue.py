@@ -13,7 +13,7 @@ from gateway.business import rules
 from gateway.business.refusal import Refusal
 from gateway.node.cluster import CLUSTER
 from gateway.node.server import NodeStartError
-from gateway.nodes.issuance import DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE
+from gateway.nodes.center.issuing import DEFAULT_DOCUMENT_SIZE, MAX_DOCUMENT_SIZE
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import DEFAULT_PIN, Card, CardError, CardStore
 from kiosk_emu.device.printer import Printer
