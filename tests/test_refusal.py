@@ -35,6 +35,7 @@ def test_a_refusal_is_its_wire_spelling_and_carries_the_centers_and_the_kiosks_w
     assert Refusal.OUTSIDE_HOURS == "outside-hours" and Refusal.read("outside-hours") is Refusal.OUTSIDE_HOURS
     assert msgspec.json.encode({"reason": Refusal.CARD_REVOKED}) == b'{"reason":"card-revoked"}'
     assert f"{Refusal.MONTH_FIXED}" == "month-fixed"
+    assert f"{Status.REFUSED}:{Refusal.PIN_WRONG}" == "refused:pin-wrong"  # the load generator's count key
     assert Refusal.OUTSIDE_HOURS.says(hours="08:30–19:00") == (
         "The service is not available now. Hours: 08:30–19:00 (Japan time)."
     )
