@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.business.certificate import resident_named
-from gateway.protocol.h2core import Headers, header
 from gateway.protocol.messages import (
     AuthOk,
     AuthRequest,
@@ -37,6 +36,7 @@ from gateway.protocol.messages import (
     IssueRequest,
     MisdeliveryReport,
 )
+from gateway.protocol.streams import Headers, header
 from kiosk_emu import latency
 from kiosk_emu.card import Card, PinLocked, WrongPin
 from kiosk_emu.latency import add_server_timing

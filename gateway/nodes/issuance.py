@@ -62,8 +62,9 @@ from gateway.business.session import (
 from gateway.business.sessions import LocalSessions, SessionMoved, SharedSessions
 from gateway.node.server import App, NodeContext, Peer
 from gateway.nodes.bench_origin import serve_bench
-from gateway.protocol.h2core import Headers, header
-from gateway.protocol.h2trio import Stream, StreamReset, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import LinkError
+from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import (
     BadRequest,
     decode,
@@ -86,6 +87,7 @@ from gateway.protocol.messages import (
     MisdeliveryReport,
     NoticeAck,
 )
+from gateway.protocol.streams import Headers, header
 from gateway.transport.outliers import Outliers
 from gateway.transport.upstream import Upstream
 from topology.pki import card_id_of, is_smartphone, verify_card_certificate
@@ -109,9 +111,9 @@ PROBE = msgspec.json.encode(DocumentRequest("probe", "residence-record", 0, "pro
 DEFAULT_DOCUMENT_SIZE = 64 * 1024
 MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
 # Any of these while the municipality's document is requested or streamed cancels the issuance whole.
-UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
+UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, LinkError)
 # Any of these from one document server passes over it to the next.
-DOCUMENT_SERVER_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset, trio.BrokenResourceError)
+DOCUMENT_SERVER_FAILURES = (trio.TooSlowError, ConnectionError, LinkError)
 
 # A smartphone credential (seed 002) refused for its own certificate says so: the resident may still
 # hold a good card.
@@ -410,7 +412,7 @@ class IssuanceCenter(App):
                     answer = await st.read_body(64 * 1024)
                 finally:
                     conn.release(st)
-        except (trio.TooSlowError, StreamReset, OSError, ConnectionError) as exc:
+        except UPSTREAM_FAILURES as exc:
             log.warning("ocsp unavailable: %s", type(exc).__name__)
             return "ocsp-unavailable"
         if header(headers, b":status") != b"200":
