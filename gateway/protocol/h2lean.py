@@ -15,15 +15,15 @@ and do those parts of RFC 9113 themselves:
 
 The server core also guards itself, as h2 with `validate_inbound_headers` did and more cheaply:
 the client preface and a SETTINGS first, client stream ids odd and rising, request header fields
-(`fieldrules`; content-length against the body here), SETTINGSettingCode.MAX_CONCURRENT_STREAMS, decoded header lists bounded while decoding
-(an HPACK bomb stops at the limit), header blocks bounded in bytes and frames (CONTINUATION
-flood), and per-connection counters of what costs us work and the peer nothing (RST_STREAM,
-PING, SETTINGS, empty DATA; `Limits`).
+(`fieldrules`; content-length against the body here), SETTINGS_MAX_CONCURRENT_STREAMS, decoded
+header lists bounded while decoding (an HPACK bomb stops at the limit), header blocks bounded in
+bytes and frames (CONTINUATION flood), and per-connection counters of what costs us work and the
+peer nothing (RST_STREAM, PING, SETTINGS, empty DATA; `Limits`).
 
-Anything malformed (a frame over our SETTINGSettingCode.MAX_FRAME_SIZE, a bad SETTINGS value, a header
+Anything malformed (a frame over our SETTINGS_MAX_FRAME_SIZE, a bad SETTINGS value, a header
 block that does not decode, a frame on a stream that was never opened, data beyond a window)
-closes the connection with GOAWAY and raises ConnectionClosed; a relay then
-resets every request crossing it (INT-1). Not done: server push (refused; a PUSH_PROMISE is a
+closes the connection with GOAWAY and raises ConnectionClosed; a relay then resets every request
+crossing it (INT-1). Not done: server push (refused; a PUSH_PROMISE is a
 protocol error), priorities (ignored).
 """
 
@@ -538,7 +538,7 @@ class LeanCore:
         return state
 
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
-        """As much of data as the windows allow, in frames of the peer's SETTINGSettingCode.MAX_FRAME_SIZE;
+        """As much of data as the windows allow, in frames of the peer's SETTINGS_MAX_FRAME_SIZE;
         returns the count taken (END_STREAM only with the last byte).
 
         Taking only one frame per call and then waiting for a window event stalls any peer that
@@ -751,7 +751,7 @@ class LeanServerCore(LeanCore):
                 len(self._state) >= self.max_inbound
                 and sum(not s.closed for s in self._state.values()) >= self.max_inbound
             ):
-                raise Violation(REFUSED_STREAM, "beyond SETTINGSettingCode.MAX_CONCURRENT_STREAMS", "too-many-streams")
+                raise Violation(REFUSED_STREAM, "beyond SETTINGS_MAX_CONCURRENT_STREAMS", "too-many-streams")
             state = self._state[sid] = _Flow(self.initial_window)
             state.expected, state.remote_ended = expected, end
             st = self.streams[sid] = StreamState(sid, headers=headers, ended=end)

@@ -35,7 +35,7 @@ log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
 # The writer takes at most this much per write: while a slow socket drains it, what waits behind
-# stays in h2's buffer once, not also in a plaintext and a ciphertext copy of the whole queue.
+# stays in the core's buffer once, not also in a plaintext and a ciphertext copy of the whole queue.
 WRITE_SIZE = 256 * 1024
 # After closing on a hostile peer: how long its bytes are read and dropped (raw TCP, no TLS work)
 # so that closing with unread input does not reset the connection and lose our GOAWAY.
@@ -221,7 +221,7 @@ class TrioH2(H2Driver):
         """One read from the peer, plus every TLS record already received behind it.
 
         trio's SSLStream hands out one TLS record (at most 16 KiB) per call, and each call is a
-        trip through the scheduler, h2's frame buffer and our wakes: a 64 KiB response took five.
+        trip through the scheduler, the frame buffer and our wakes: a 64 KiB response took five.
         The records already in the SSL object's buffer are decrypted here in one go, without
         I/O; whatever error a record holds is left for trio's next read to raise properly."""
         data = bytes(await self.transport.receive_some(READ_SIZE))  # as it is when it is bytes already
