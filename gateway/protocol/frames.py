@@ -2,7 +2,7 @@
 frame header, and the settings konbini asks of its peers.
 
 The codes are declared once here as IntEnums, equal to hyperframe's frame types and h2's
-`ErrorCodes` and `SettingCodes` (tests/test_frames.py asserts it), so the product does not import
+`ErrorCodes` and `SettingCodes` (tests/test_h2_path.py asserts it), so the product does not import
 h2 at run time. The module-level names are the members themselves: an IntEnum compares and hashes
 as its int, so the core's hot paths read them as plain numbers.
 """

@@ -1,4 +1,4 @@
-"""Small request/response helpers over `gateway.protocol.h2trio.Stream`: JSON bodies, refusals, timing."""
+"""Small request/response helpers over `gateway.protocol.driver.Stream`: JSON bodies, refusals, timing."""
 
 from __future__ import annotations
 
