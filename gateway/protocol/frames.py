@@ -3,8 +3,7 @@ frame header, and the settings konbini asks of its peers.
 
 The codes are declared once here as IntEnums, equal to hyperframe's frame types and h2's
 `ErrorCodes` and `SettingCodes` (tests/test_h2_path.py asserts it), so the product does not import
-h2 at run time. The module-level names are the members themselves: an IntEnum compares and hashes
-as its int, so the core's hot paths read them as plain numbers.
+h2 at run time; the module-level names are the same numbers as plain ints.
 """
 
 from __future__ import annotations
@@ -59,33 +58,20 @@ class SettingCode(IntEnum):
     ENABLE_CONNECT_PROTOCOL = 0x8
 
 
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = (
-    FrameType.DATA,
-    FrameType.HEADERS,
-    FrameType.PRIORITY,
-    FrameType.RST_STREAM,
-    FrameType.SETTINGS,
-)
-PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    FrameType.PUSH_PROMISE,
-    FrameType.PING,
-    FrameType.GOAWAY,
-    FrameType.WINDOW_UPDATE,
-    FrameType.CONTINUATION,
-)
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = (
-    ErrorCode.NO_ERROR,
-    ErrorCode.PROTOCOL_ERROR,
-    ErrorCode.INTERNAL_ERROR,
-    ErrorCode.FLOW_CONTROL_ERROR,
-)
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = (
-    ErrorCode.STREAM_CLOSED,
-    ErrorCode.FRAME_SIZE_ERROR,
-    ErrorCode.REFUSED_STREAM,
-    ErrorCode.CANCEL,
-)
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = ErrorCode.COMPRESSION_ERROR, ErrorCode.ENHANCE_YOUR_CALM
+# The same numbers as plain ints, for the cores' hot paths: comparing an int with an IntEnum
+# member takes twice as long as with an int.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = (int(t) for t in list(FrameType)[:5])
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (int(t) for t in list(FrameType)[5:])
+NO_ERROR = int(ErrorCode.NO_ERROR)
+PROTOCOL_ERROR = int(ErrorCode.PROTOCOL_ERROR)
+INTERNAL_ERROR = int(ErrorCode.INTERNAL_ERROR)
+FLOW_CONTROL_ERROR = int(ErrorCode.FLOW_CONTROL_ERROR)
+STREAM_CLOSED = int(ErrorCode.STREAM_CLOSED)
+FRAME_SIZE_ERROR = int(ErrorCode.FRAME_SIZE_ERROR)
+REFUSED_STREAM = int(ErrorCode.REFUSED_STREAM)
+CANCEL = int(ErrorCode.CANCEL)
+COMPRESSION_ERROR = int(ErrorCode.COMPRESSION_ERROR)
+ENHANCE_YOUR_CALM = int(ErrorCode.ENHANCE_YOUR_CALM)
 # flags (RFC 9113 §6): END_STREAM and ACK share a bit, on different frame types
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 
