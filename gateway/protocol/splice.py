@@ -297,9 +297,8 @@ class Splice:
         if self.uploading:
             due = min(due, min(p.due for p in self.uploading))
         if self.stalls and self.slow_read is not None:
-            due = min(
-                due, min(p.stalled_since or 0.0 for p in self.stalls) + self.slow_read
-            )  # a stalled pair has its time
+            stalled = min(p.stalled_since or 0.0 for p in self.stalls)  # a stalled pair has its time
+            due = min(due, stalled + self.slow_read)
         return due
 
     def overdue(self, now: float) -> list[StreamState]:
