@@ -6,30 +6,25 @@ relay hop is h2 and the splice, measured the same way before and after a change.
 `exchange`: one request and its response between a client core and a server core (both sides'
 work). `relay hop`: the same request through a spliced relay hop (`gateway.protocol.splice`):
 the relay's downstream server core, its upstream client core and the splice between them; only
-the relay's calls are timed. Each runs on h2's cores (`H2Core`) and on the lean ones
-(`gateway.protocol.h2lean`, what konbini runs), and the hop also with a lean upstream only. Each figure is the lowest of K runs of N requests (the least
-disturbed by the rest of a shared machine), with the median beside it.
+the relay's calls are timed. Every core is konbini's (`gateway.protocol.h2lean`). Each figure is
+the lowest of K runs of N requests (the least disturbed by the rest of a shared machine), with the
+median beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
-import logging
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
-import h2.connection
-import hpack.hpack
-
-from gateway.protocol.h2core import STREAM_WINDOW, H2Core, Headers
+from gateway.protocol.frames import STREAM_WINDOW
 from gateway.protocol.h2lean import LeanClientCore, LeanServerCore
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
+from gateway.protocol.streams import Headers
 from topology.spec.model import Limits
 
 REQUEST = request_headers("GET", "/bench/blob?size=0", "store-router-a1", [(b"user-agent", b"konbini-kiosk")])
@@ -39,23 +34,15 @@ def _response(size: int) -> Headers:
     return [(b":status", b"200"), (b"content-length", str(size).encode()), (b"server-timing", b"origin;dur=0.100")]
 
 
-def _handshake(client: H2Core, server: H2Core) -> None:
+def _handshake(client: LeanClientCore, server: LeanServerCore) -> None:
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())
     server.receive_data(client.data_to_send())
 
 
-def _client(lean: bool):
-    return LeanClientCore() if lean else H2Core(client_side=True)
-
-
-def _server(lean: bool):
-    return LeanServerCore(limits=Limits()) if lean else H2Core(client_side=False, limits=Limits())
-
-
-def exchange(n: int, size: int, lean: bool = False) -> float:
-    """Seconds of CPU for n request/response exchanges between two cores (`lean`: h2lean's)."""
-    client, server = _client(lean), _server(lean)
+def exchange(n: int, size: int) -> float:
+    """Seconds of CPU for n request/response exchanges between two cores."""
+    client, server = LeanClientCore(), LeanServerCore(limits=Limits())
     _handshake(client, server)
     body = b"k" * size
     t = time.process_time()
@@ -73,11 +60,10 @@ def exchange(n: int, size: int, lean: bool = False) -> float:
     return time.process_time() - t
 
 
-def relay_hop(n: int, size: int, lean_up: bool = False, lean_down: bool = False) -> float:
-    """Seconds of CPU the relay spends (its two cores and the splice) on n requests; `lean_up`,
-    `lean_down`: that side's core is h2lean's instead of h2's. The kiosk and the origin are h2's."""
-    kiosk, down = H2Core(client_side=True), _server(lean_down)
-    up, origin = _client(lean_up), H2Core(client_side=False, limits=Limits())
+def relay_hop(n: int, size: int) -> float:
+    """Seconds of CPU the relay spends (its two cores and the splice) on n requests."""
+    kiosk, down = LeanClientCore(), LeanServerCore(limits=Limits())
+    up, origin = LeanClientCore(), LeanServerCore(limits=Limits())
     _handshake(kiosk, down)
     _handshake(up, origin)
 
@@ -121,29 +107,15 @@ def relay_hop(n: int, size: int, lean_up: bool = False, lean_down: bool = False)
     return spent
 
 
-@contextmanager
-def stock_h2():
-    """h2 and hpack as shipped: every received frame formatted, hpack's debug calls made
-    (what `gateway.protocol.h2core` switches off), for a before/after in one run."""
-    saved = h2.connection.repr, hpack.hpack.log
-    h2.connection.repr, hpack.hpack.log = builtins.repr, logging.getLogger(hpack.hpack.__name__)
-    try:
-        yield
-    finally:
-        h2.connection.repr, hpack.hpack.log = saved
-
-
-def measure(variants: dict[str, tuple], n: int, repeat: int, size: int) -> dict[str, dict]:
-    """Each variant (name: (function, context manager factory)) run `repeat` times, the variants
-    taking turns, so a machine that slows down for a while slows every variant alike."""
+def measure(variants: dict[str, Callable[[int, int], float]], n: int, repeat: int, size: int) -> dict[str, dict]:
+    """Each variant (name: function) run `repeat` times, the variants taking turns, so a machine
+    that slows down for a while slows every variant alike."""
     runs: dict[str, list[float]] = {name: [] for name in variants}
-    for fn, ctx in variants.values():
-        with ctx():
-            fn(max(100, n // 10), size)  # warm up caches and the HPACK tables
+    for fn in variants.values():
+        fn(max(100, n // 10), size)  # warm up caches and the HPACK tables
     for _ in range(repeat):
-        for name, (fn, ctx) in variants.items():
-            with ctx():
-                runs[name].append(fn(n, size) / n * 1e6)
+        for name, fn in variants.items():
+            runs[name].append(fn(n, size) / n * 1e6)
     return {
         name: {
             "us_per_request_min": round(min(r), 1),
@@ -159,22 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     ap.add_argument("--repeat", type=int, default=7, help="runs; the lowest is reported (default 7)")
     ap.add_argument("--size", type=int, default=0, help="response body bytes (default 0)")
-    ap.add_argument(
-        "--stock-h2", action="store_true", help="also measure with h2 and hpack as shipped (before/after in one run)"
-    )
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     if not 0 <= args.size <= STREAM_WINDOW:
         ap.error(f"--size: 0 to {STREAM_WINDOW} bytes (one stream window: the origin sends the body in one pass)")
-    variants = {
-        "exchange": (exchange, nullcontext),
-        "exchange_lean": (partial(exchange, lean=True), nullcontext),
-        "relay_hop": (relay_hop, nullcontext),
-        "relay_hop_lean_upstream": (partial(relay_hop, lean_up=True), nullcontext),
-        "relay_hop_lean": (partial(relay_hop, lean_up=True, lean_down=True), nullcontext),
-    }
-    if args.stock_h2:
-        variants |= {"exchange_stock_h2": (exchange, stock_h2), "relay_hop_stock_h2": (relay_hop, stock_h2)}
+    variants: dict[str, Callable[[int, int], float]] = {"exchange": exchange, "relay_hop": relay_hop}
     result: dict = {"size": args.size, **measure(variants, args.requests, args.repeat, args.size)}
     for name in variants:
         r = result[name]

@@ -4,7 +4,7 @@ Theory of operation: `FlowDriver.run` walks a flow up to a verified document ove
 connection — session, card authentication, the streamed document, or the misdelivery report —
 and `FlowDriver.settle` takes it from there: pay → print → completion notice → erase. Every
 request goes through `exchange`. Both are written against what the Trio kiosk's `TrioH2` and the
-load generator's `AsyncioH2` share (`H2Driver.open_stream`/`release`, `StreamHandle` for the
+load generator's `AsyncioH2` share (`H2Driver.open_stream`/`release`, `Stream` for the
 stream), so a change to the request order is made here once. Three rules:
 1. what differs between the kiosks is their devices (`KioskDevices`: a spool on disk, a
    printer, a durable outbox; the load generator has none), never the order of the steps;
@@ -23,8 +23,9 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
-from gateway.protocol.h2core import H2Driver, header
+from gateway.protocol.driver import H2Driver
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from kiosk_emu.flow import KioskFlow, State
 
 SpoolWriter = Callable[[bytes], object]

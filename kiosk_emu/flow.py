@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.business.certificate import resident_named
 from gateway.business.refusal import Refusal
-from gateway.protocol.h2core import Headers, header
 from gateway.protocol.messages import (
     AuthOk,
     AuthRequest,
@@ -38,6 +37,7 @@ from gateway.protocol.messages import (
     IssueRequest,
     MisdeliveryReport,
 )
+from gateway.protocol.streams import Headers, header
 from kiosk_emu import latency
 from kiosk_emu.card import Card, PinLocked, WrongPin
 from kiosk_emu.latency import add_server_timing

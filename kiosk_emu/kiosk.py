@@ -24,8 +24,8 @@ from cryptography import x509
 
 from gateway.node.server import NodeContext
 from gateway.nodes.heartbeat import deliver
-from gateway.protocol.h2core import ConnectionClosed
-from gateway.protocol.h2trio import StreamReset, TrioH2
+from gateway.protocol.errors import ConnectionClosed, LinkError, StreamReset
+from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import Card
 from kiosk_emu.device.outbox import Outbox
@@ -184,7 +184,7 @@ class Kiosk:
             try:
                 status, answer = await exchange(conn, self.router.id, "POST", path, body, flow)
                 reason = f"http-{status}"
-            except (StreamReset, ConnectionClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except LinkError as exc:
                 reason = type(exc).__name__
         if status == 200:
             await self._outbox(self.outbox.acked, issuance_id)

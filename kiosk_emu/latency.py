@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.protocol.h2core import Headers
+from gateway.protocol.streams import Headers
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.server import NodeContext
-from gateway.protocol.h2core import ConnectionClosed
+from gateway.protocol.errors import ConnectionClosed
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.card import CardStore
 from kiosk_emu.device.printer import Printer

@@ -32,8 +32,9 @@ from gateway.node.cluster import (
     scrape_allowlist,
 )
 from gateway.node.server import NodeContext, connect_h2
-from gateway.protocol.h2core import ConnectionClosed, StreamReset, header
+from gateway.protocol.errors import ConnectionClosed, StreamReset
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from topology.export.k8s import STATE, TOPOLOGY_PATH, KubeOptions, export_k8s, pki_files
 from topology.export.netpol import NODE_LABEL
 from topology.pki import PKI

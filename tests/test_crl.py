@@ -7,8 +7,8 @@ from datetime import timedelta
 import trio
 from cryptography import x509
 
-from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from tests.conftest import TEST_TIME
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import trio
 
 from gateway.nodes.relay import Relay
+from gateway.protocol.errors import LinkDown
 from tests.test_expand import SMALL
 from topology.spec.load import load_topology
 
@@ -26,7 +27,7 @@ def _relay(topo, node_id, down: set[str]):
     async def connect(node):
         dialled.append(node.id)
         if node.id in down:
-            raise ConnectionRefusedError(111, "refused")
+            raise LinkDown("ConnectionRefusedError: refused")  # as connect_h2 raises a refused dial
         return f"conn-to-{node.id}"
 
     relay = Relay(SimpleNamespace(topo=topo, node=topo.node(node_id), connect=connect))

@@ -12,9 +12,9 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.server import NodeContext
-from gateway.protocol.h2core import header
 from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from tests.conftest import TEST_TIME
 from topology.pki import PKI
 from topology.spec.load import DEFAULT_TOPOLOGY

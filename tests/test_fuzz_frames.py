@@ -8,7 +8,7 @@ After all cases the fuzzed node holds no connection. More cases for a longer run
 
     KONBINI_FUZZ_CASES=5000 .venv/bin/pytest tests/test_fuzz_frames.py -q
 
-Every finding becomes a regression test in tests/test_hostile.py or tests/test_h2core.py.
+Every finding becomes a regression test in tests/test_hostile.py or tests/test_h2core.py (the cores against h2).
 """
 
 from __future__ import annotations

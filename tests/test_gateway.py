@@ -13,9 +13,10 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node.server import NodeContext, NodeStartError, connect_h2
-from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, header
+from gateway.protocol.frames import MAX_FRAME_SIZE, STREAM_WINDOW
 from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from gateway.transport.tls import client_context
 from kiosk_emu.kiosk import Kiosk
 from topology.pki import PKI

@@ -1,4 +1,4 @@
-"""The sans-IO HTTP/2 core, fed bytes by a plain `h2` peer (no sockets), and its Trio driver over
+"""The sans-IO HTTP/2 cores (`gateway.protocol.h2lean`), fed bytes by a plain `h2` peer (no sockets), and its Trio driver over
 memory streams: flow control acknowledged after forwarding, padding credit, outbound DATA cut to
 the window in one call, and a broken peer closing the connection with every stream reset (INT-1)."""
 
@@ -13,19 +13,13 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.protocol.h2core import (
-    CONNECTION_WINDOW,
-    MAX_HEADER_LIST_SIZE,
-    PENDING,
-    STREAM_WINDOW,
-    ConnectionClosed,
-    H2Core,
-    StreamReset,
-    StreamState,
-    header,
-)
-from gateway.protocol.h2trio import Stream, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import ConnectionClosed, StreamReset
+from gateway.protocol.frames import CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW
+from gateway.protocol.h2lean import LeanClientCore, LeanCore, LeanServerCore
+from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import PENDING, StreamState, header
 
 REQUEST = request_headers("POST", "/v1/issue", "store-router-a1")
 RESPONSE = [(b":status", b"200")]
@@ -34,12 +28,12 @@ DATA_ON_STREAM_0 = b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello"  # forbidden by 
 
 
 class Peer:
-    """The other end of an H2Core: a plain `h2` connection, wired to it by hand."""
+    """The other end of a core: a plain `h2` connection, wired to it by hand."""
 
-    def __init__(self, core: H2Core, settings: dict[int, int] | None = None, connection_window: int = 0) -> None:
+    def __init__(self, core: LeanCore, settings: dict[int, int] | None = None, connection_window: int = 0) -> None:
         self.core = core
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=not core.conn.config.client_side, header_encoding=None)
+            h2.config.H2Configuration(client_side=not isinstance(core, LeanClientCore), header_encoding=None)
         )
         self.h2.initiate_connection()
         if settings:
@@ -83,7 +77,7 @@ def inbound_stream(peer: Peer) -> StreamState:
     """A stream whose body the peer is about to send to the core (a request to a server core,
     a response to a client core)."""
     core = peer.core
-    if core.conn.config.client_side:
+    if isinstance(core, LeanClientCore):
         st = core.send_request(REQUEST, end_stream=True)
         peer.exchange()
         peer.h2.send_headers(st.id, RESPONSE)
@@ -99,7 +93,7 @@ def inbound_stream(peer: Peer) -> StreamState:
 def outbound_stream(peer: Peer) -> StreamState:
     """A stream whose body the core is about to send (a request body, or a response body)."""
     core = peer.core
-    if core.conn.config.client_side:
+    if isinstance(core, LeanClientCore):
         st = core.send_request(REQUEST, end_stream=False)
     else:
         peer.h2.send_headers(peer.h2.get_next_available_stream_id(), REQUEST, end_stream=True)
@@ -110,7 +104,7 @@ def outbound_stream(peer: Peer) -> StreamState:
     return st
 
 
-def drain(core: H2Core, st: StreamState) -> bytes:
+def drain(core: LeanCore, st: StreamState) -> bytes:
     """Everything buffered on the stream, taken the consumer's way (nothing acked)."""
     parts = []
     while (data := core.take_chunk(st)) is not None:
@@ -118,17 +112,34 @@ def drain(core: H2Core, st: StreamState) -> bytes:
     return b"".join(parts)
 
 
-def record_acks(core: H2Core) -> list[tuple[int, int]]:
-    """(stream id, bytes) for every acknowledgement the core hands to h2."""
+def core_for(client_side: bool) -> LeanCore:
+    return LeanClientCore() if client_side else LeanServerCore()
+
+
+def record_acks(core: LeanCore) -> list[tuple[int, int]]:
+    """(stream id, bytes) for every acknowledgement the core is given."""
     acks: list[tuple[int, int]] = []
-    real = core.conn.acknowledge_received_data
+    real = core.ack
 
-    def spy(nbytes: int, stream_id: int) -> None:
+    def spy(stream_id: int, nbytes: int) -> None:
         acks.append((stream_id, nbytes))
-        real(nbytes, stream_id)
+        real(stream_id, nbytes)
 
-    core.conn.acknowledge_received_data = spy
+    core.ack = spy  # type: ignore[method-assign]
     return acks
+
+
+def record_credit(core: LeanCore) -> list[int]:
+    """Bytes of every credit the core gives back to the connection's window."""
+    credit: list[int] = []
+    real = core._return_connection
+
+    def spy(nbytes: int) -> None:
+        credit.append(nbytes)
+        real(nbytes)
+
+    core._return_connection = spy  # type: ignore[method-assign]
+    return credit
 
 
 def assert_goaway(peer: Peer, code: int) -> None:
@@ -144,7 +155,7 @@ def assert_goaway(peer: Peer, code: int) -> None:
 
 @BOTH_SIDES
 def test_inbound_data_reopens_the_window_only_when_acked_not_on_receipt(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
     body = bytes(range(256)) * (STREAM_WINDOW * 25 // 32 // 256)  # 78 % of the window: past h2's half-window threshold
@@ -166,7 +177,7 @@ def test_inbound_data_reopens_the_window_only_when_acked_not_on_receipt(client_s
 
 @BOTH_SIDES
 def test_padding_is_credited_when_the_chunk_is_taken_and_only_the_data_waits_for_ack(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
     acks = record_acks(core)
@@ -190,7 +201,7 @@ def test_padding_is_credited_when_the_chunk_is_taken_and_only_the_data_waits_for
 
 @BOTH_SIDES
 def test_reset_twice_sends_one_rst_stream_and_keeps_the_first_code(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
     core.reset(st.id, h2.errors.ErrorCodes.CANCEL)
@@ -206,7 +217,7 @@ def test_reset_twice_sends_one_rst_stream_and_keeps_the_first_code(client_side):
 
 @BOTH_SIDES
 def test_reset_of_a_finished_or_unknown_stream_is_harmless(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
     if client_side:  # the request was sent whole; the response ends too
@@ -234,7 +245,7 @@ def test_reset_of_a_finished_or_unknown_stream_is_harmless(client_side):
 @BOTH_SIDES
 @pytest.mark.parametrize("how", ["local-close", "peer-goaway"])
 def test_reset_after_the_connection_closed_is_harmless(client_side, how):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     st = inbound_stream(peer)
     peer.h2.send_data(st.id, b"partial")
@@ -263,7 +274,7 @@ def test_reset_after_the_connection_closed_is_harmless(client_side, how):
 
 @BOTH_SIDES
 def test_oversized_headers_close_the_connection_with_enhance_your_calm(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     open_st = inbound_stream(peer)  # a stream in flight when the bad block arrives
     big = [(b"x-big", b"a" * (MAX_HEADER_LIST_SIZE + 1))]
@@ -284,7 +295,7 @@ def test_oversized_headers_close_the_connection_with_enhance_your_calm(client_si
 
 @BOTH_SIDES
 def test_protocol_error_closes_with_protocol_error_and_resets_every_open_stream(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     streams = [inbound_stream(peer) for _ in range(3)]
     peer.h2.send_data(streams[0].id, b"half a body")
@@ -323,14 +334,14 @@ def test_protocol_error_closes_with_protocol_error_and_resets_every_open_stream(
 def test_send_data_fills_the_whole_window_in_16k_frames_in_one_call(
     client_side, stream_window, connection_window, size
 ):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     settings = {
         h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384,
         h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
     }
     peer = Peer(core, settings, connection_window)
     st = outbound_stream(peer)
-    window = core.conn.local_flow_control_window(st.id)
+    window = core.sendable(st.id)
     assert window == min(stream_window, 65535 + connection_window)
     body = bytes(range(251)) * (size // 251 + 1)
     body = body[:size]
@@ -349,7 +360,7 @@ def test_send_data_fills_the_whole_window_in_16k_frames_in_one_call(
 
 @BOTH_SIDES
 def test_send_data_resumes_when_the_window_reopens(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core, {h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384})
     st = outbound_stream(peer)
     body = b"z" * 100_000
@@ -371,7 +382,7 @@ def test_send_data_resumes_when_the_window_reopens(client_side):
 
 
 def test_forget_acks_unread_data_so_the_connection_window_recovers():
-    core = H2Core(client_side=False)
+    core = LeanServerCore()
     peer = Peer(core)
     per_stream = STREAM_WINDOW * 29 // 32  # most of a stream's window
     count = -(-CONNECTION_WINDOW // 2 // per_stream)  # past h2's half-window threshold for the connection
@@ -388,15 +399,15 @@ def test_forget_acks_unread_data_so_the_connection_window_recovers():
     peer.exchange()
     assert peer.h2.outbound_flow_control_window == CONNECTION_WINDOW
     # more DATA for a forgotten stream is acknowledged on arrival, never buffered
-    acks = record_acks(core)
+    credit = record_credit(core)
     peer.h2.send_data(streams[0].id, b"late")
     peer.exchange()
-    assert acks == [(streams[0].id, 4)] and not streams[0].chunks
+    assert credit == [4] and not streams[0].chunks
 
 
 @BOTH_SIDES
 def test_resetting_streams_with_unread_data_gives_their_bytes_back_to_the_connection_window(client_side):
-    core = H2Core(client_side=client_side)
+    core = core_for(client_side)
     peer = Peer(core)
     per_stream = STREAM_WINDOW * 29 // 32  # most of a stream's window
     count = -(-CONNECTION_WINDOW // 2 // per_stream)
@@ -485,7 +496,7 @@ async def test_trio_server_takes_a_steady_upload_longer_than_headers_timeout(aut
     """headers_timeout bounds one frame's arrival: a body written 1,000 B every 60 ms, never on a
     frame boundary, for three times the timeout, is taken whole (it used to be closed as
     slow-headers once the first partial frame was `headers_timeout` old)."""
-    from gateway.protocol.h2lean import DATA, END_STREAM, frame
+    from gateway.protocol.frames import DATA, END_STREAM, frame
     from topology.spec.model import Limits
 
     client_end, server_end = trio.testing.memory_stream_pair()

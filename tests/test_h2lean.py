@@ -13,8 +13,9 @@ import random
 import h2.settings
 import pytest
 
-from gateway.protocol.h2core import STREAM_WINDOW, ConnectionClosed
-from gateway.protocol.h2lean import CONTINUATION, GOAWAY, PING, LeanClientCore, frame
+from gateway.protocol.errors import ConnectionClosed
+from gateway.protocol.frames import CONTINUATION, GOAWAY, PING, STREAM_WINDOW, frame
+from gateway.protocol.h2lean import LeanClientCore
 from tests.h2peer import H2Peer, pieces
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/v1/x"), (b":authority", b"center")]

@@ -19,7 +19,7 @@ import trio
 import trio.lowlevel
 
 from gateway.business.clock import Clock
-from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW
+from gateway.protocol.frames import MAX_FRAME_SIZE, STREAM_WINDOW
 from gateway.protocol.messages import IssueRequest
 from gateway.transport.tls import client_context
 from kiosk_emu.kiosk import issue_at

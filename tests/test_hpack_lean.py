@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol.h2lean import FieldDecoder, FieldEncoder
+from gateway.protocol.fieldcodec import FieldDecoder, FieldEncoder
 
 names = st.sampled_from(
     [

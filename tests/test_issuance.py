@@ -17,9 +17,9 @@ import gateway.nodes.center.issuing
 from gateway.business import ocsp
 from gateway.business.certificate import certificate, certificate_font, document_chunks
 from gateway.business.clock import Clock
-from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import AuthRequest, Binding, IssueRequest
+from gateway.protocol.streams import header
 from kiosk_emu.flow import KioskFlow, State
 from kiosk_emu.kiosk import Kiosk, issue_at
 from tests.conftest import POOL, TEST_TIME

@@ -11,9 +11,9 @@ import trio
 from gateway.business.clock import Clock
 from gateway.business.ledger import VOID_STAMP, LedgerDB
 from gateway.business.session import IssuanceState
-from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import CorrectionNotice, IssueRequest
+from gateway.protocol.streams import header
 from kiosk_emu.device.outbox import Outbox
 from kiosk_emu.device.printer import Printer
 from kiosk_emu.kiosk import Kiosk, issue_at

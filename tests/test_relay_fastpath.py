@@ -20,9 +20,10 @@ import trio
 import trio.testing
 
 from gateway.business.clock import Clock
-from gateway.protocol.h2core import header
-from gateway.protocol.h2trio import Stream, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from gateway.transport.tls import client_context, server_context
 from tests.conftest import TEST_TIME
 from topology.launch.loopback import run_topology

@@ -3,17 +3,17 @@ bytes moved between them by hand. Each test names what the splice must keep true
 
 from __future__ import annotations
 
-import h2.errors
 import pytest
 
 from bench.h2cost import relay_hop
-from gateway.protocol.h2core import MAX_FRAME_SIZE, STREAM_WINDOW, H2Core, Headers
+from gateway.protocol.frames import CANCEL, CONNECTION_WINDOW, INTERNAL_ERROR, MAX_FRAME_SIZE, STREAM_WINDOW
+from gateway.protocol.h2lean import LeanClientCore, LeanServerCore
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
+from gateway.protocol.streams import Headers
 from topology.spec.model import Limits
 
 KiB, MiB = 1024, 1 << 20
-CANCEL = h2.errors.ErrorCodes.CANCEL
 
 
 class Hop:
@@ -21,8 +21,8 @@ class Hop:
 
     def __init__(self, slow_read: float | None = None, response_timeout: float = 30.0, room=None) -> None:
         self.now = 0.0
-        self.kiosk, self.down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
-        self.up, self.origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
+        self.kiosk, self.down = LeanClientCore(), LeanServerCore(limits=Limits())
+        self.up, self.origin = LeanClientCore(), LeanServerCore(limits=Limits())
         self.held: list[int] = []
         self.stalls = 0
         self.splice = Splice(
@@ -79,7 +79,7 @@ class Hop:
         return st
 
 
-def _drain(core: H2Core, st) -> bytes:
+def _drain(core: LeanClientCore, st) -> bytes:
     out = []
     while (chunk := core.take_chunk(st)) is not None:
         out.append(chunk)
@@ -134,7 +134,7 @@ def test_a_kiosk_reset_cancels_the_stream_upstream_and_gives_back_every_byte_of_
     origin_st = hop.requests[0]
     hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
     for _ in range(2):  # the kiosk does not read: its window fills, then the relay holds the next chunk
-        hop.origin.send_data(origin_st.id, b"d" * hop.origin.conn.local_flow_control_window(origin_st.id))
+        hop.origin.send_data(origin_st.id, b"d" * hop.origin.sendable(origin_st.id))
         hop.pump()
     assert hop.splice.by_down[ks.id].response is not None  # still crossing, a chunk in hand
     hop.kiosk.reset(ks.id, CANCEL)
@@ -143,14 +143,13 @@ def test_a_kiosk_reset_cancels_the_stream_upstream_and_gives_back_every_byte_of_
     assert not hop.splice.by_down
     # every byte the relay received from the origin was acked, the chunk in hand too (h2 sends the
     # connection's WINDOW_UPDATE in batches, so the relay's own count is the one to look at)
-    inbound = hop.up.conn._inbound_flow_control_window_manager
-    assert inbound._bytes_processed == inbound.max_window_size - inbound.current_window_size > 0
+    assert hop.up._processed == CONNECTION_WINDOW - hop.up.recv_window > 0
 
 
 def test_an_origin_reset_reaches_the_kiosk():
     hop = Hop()
     ks = hop.get()
-    hop.origin.reset(hop.requests[0].id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    hop.origin.reset(hop.requests[0].id, INTERNAL_ERROR)
     hop.pump()
     assert ks.reset_code == CANCEL and not hop.splice.by_down
 
@@ -171,7 +170,7 @@ def test_a_kiosk_keeping_its_window_shut_is_reported_after_slow_read():
     hop.get()
     origin_st = hop.requests[0]
     hop.origin.send_headers(origin_st.id, [(b":status", b"200")])
-    hop.origin.send_data(origin_st.id, b"x" * (hop.origin.conn.local_flow_control_window(origin_st.id)))
+    hop.origin.send_data(origin_st.id, b"x" * (hop.origin.sendable(origin_st.id)))
     hop.pump()  # the kiosk's 128 KiB stream window is full; the relay has the origin's 128 KiB in hand
     hop.origin.send_data(origin_st.id, b"y")
     hop.pump()
@@ -218,8 +217,8 @@ def test_the_h2cost_bench_takes_every_request_across_the_hop():
 
 
 def test_a_request_beyond_the_upstreams_stream_limit_is_not_opened():
-    kiosk, down = H2Core(client_side=True), H2Core(client_side=False, limits=Limits())
-    up, origin = H2Core(client_side=True), H2Core(client_side=False, limits=Limits(max_concurrent_streams=1))
+    kiosk, down = LeanClientCore(), LeanServerCore(limits=Limits())
+    up, origin = LeanClientCore(), LeanServerCore(limits=Limits(max_concurrent_streams=1))
     for client, server in ((kiosk, down), (up, origin)):
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())

@@ -14,8 +14,8 @@ import trio
 import uvloop
 
 from gateway.node.server import connect_h2
-from gateway.protocol.h2core import header
 from gateway.protocol.http import request_headers
+from gateway.protocol.streams import header
 from gateway.transport.resumption import SessionCache, sessions_of
 from gateway.transport.tls import TICKET_LIFETIME, peer_identity, server_context
 from kiosk_emu.kiosk import Kiosk

@@ -27,9 +27,11 @@ from gateway.node.metrics import (
     http_response,
     read_request_head,
 )
-from gateway.protocol.h2core import Headers
-from gateway.protocol.h2trio import Handler, LingeringSocket, Stream, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import TRANSPORT_ERRORS, LinkDown, link_errors
+from gateway.protocol.h2trio import Handler, LingeringSocket, TrioH2
 from gateway.protocol.http import method_path, refuse
+from gateway.protocol.streams import Headers
 from gateway.transport.resumption import sessions_of
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
@@ -140,26 +142,28 @@ async def connect_h2(
     address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None, netns: str | None = None
 ) -> TrioH2:
     """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2.
-    `netns`: the namespace to make the socket in (`NodeContext.netns`)."""
-    if netns is None:
-        tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
-    else:
-        tcp = await _open_tcp_in(netns, address, port, local_address)
-    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
-    sessions = sessions_of(ctx)
-    if (session := sessions.offer(expect_id)) is not None:
-        tls.session = session  # resumed if the server still takes its ticket; else a full handshake
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await tls.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(tcp)
-        raise
+    `netns`: the namespace to make the socket in (`NodeContext.netns`). A refusal or failure of
+    TCP or TLS raises LinkDown."""
+    with link_errors():
+        if netns is None:
+            tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
+        else:
+            tcp = await _open_tcp_in(netns, address, port, local_address)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
+        sessions = sessions_of(ctx)
+        if (session := sessions.offer(expect_id)) is not None:
+            tls.session = session  # resumed if the server still takes its ticket; else a full handshake
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
     sessions.remember(expect_id, tls)
     if tls.selected_alpn_protocol() != "h2":
         await trio.aclose_forcefully(tls)
-        raise ConnectionError(f"{expect_id} did not agree to h2")
+        raise LinkDown(f"{expect_id} did not agree to h2")
     return TrioH2(tls, client_side=True, peer=expect_id)
 
 
@@ -339,7 +343,7 @@ class NodeServer:
             self.metrics.tls_handshakes.labels("timeout").inc()
             self.deny("handshake-timeout", ip)  # slow handshake: TCP open, TLS never finished
             return
-        except (trio.BrokenResourceError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             self.metrics.tls_handshakes.labels("failed").inc()
             await _send_alert(tls, tcp)
             cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
@@ -428,7 +432,7 @@ class NodeServer:
                         answer = http_response(200, self.metrics.exposition(), CONTENT_TYPE)
                     await tls.send_all(answer)
                     await tls.aclose()  # close_notify: the client reads the whole answer, then EOF
-                except (trio.BrokenResourceError, OSError):
+                except TRANSPORT_ERRORS:
                     self.deny("tls-handshake", ip)
             if late.cancelled_caught:
                 self.deny("handshake-timeout", ip)
@@ -446,5 +450,5 @@ async def _send_alert(tls: trio.SSLStream, tcp: trio.SocketStream) -> None:
         with trio.move_on_after(1):
             try:
                 await tcp.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except TRANSPORT_ERRORS:
                 pass

@@ -8,7 +8,7 @@ in the `bench-received` response header, so upload paths are measurable too.
 
 from __future__ import annotations
 
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import BadRequest, query, timing
 
 MAX_SIZE = 64 * 1024 * 1024  # the same cap as a document

@@ -40,10 +40,10 @@ from gateway.nodes.bench_origin import serve_bench
 from gateway.nodes.center.authentication import SESSION_TTL, CardAuthentication
 from gateway.nodes.center.issuing import DocumentServers
 from gateway.nodes.center.notices import Notices
-from gateway.protocol.h2core import header
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import BadRequest, decode, method_path
 from gateway.protocol.messages import AuthRequest, CompletionNotice, CorrectionNotice, IssueRequest, MisdeliveryReport
+from gateway.protocol.streams import header
 from gateway.transport.upstream import Upstream
 
 log = logging.getLogger("konbini.center")

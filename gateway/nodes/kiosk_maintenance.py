@@ -28,9 +28,9 @@ from pathlib import Path
 import trio
 
 from gateway.node.server import App, NodeContext, Peer
-from gateway.protocol.h2core import header
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import method_path, refuse, send_json
+from gateway.protocol.streams import header
 
 log = logging.getLogger("konbini.kiosk-maintenance")
 

@@ -15,7 +15,7 @@ from gateway.business.certificate import certificate, certificate_font, document
 from gateway.business.pdf import Font
 from gateway.business.refusal import Refusal
 from gateway.node.server import App, NodeContext, Peer
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import BadRequest, decode, method_path, refuse, timing
 from gateway.protocol.messages import DocumentRequest
 from topology.spec.model import Node

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from gateway.business.ocsp import CRL_VALIDITY, OcspResponder, build_crl
 from gateway.node.server import App, NodeContext, Peer
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import method_path, refuse, timing
 
 

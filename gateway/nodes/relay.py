@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
 import time
 from collections.abc import Callable
 from functools import partial
 
-import h2.errors
 import trio
 
 from gateway.node.server import App, NodeContext, NodeServer, Peer
-from gateway.protocol.h2core import Headers, StreamState, header_list_size
-from gateway.protocol.h2trio import Handler, Stream, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import LinkError
+from gateway.protocol.frames import REFUSED_STREAM
+from gateway.protocol.h2trio import Handler, TrioH2
 from gateway.protocol.http import refuse, timing
 from gateway.protocol.splice import Pair, Splice
+from gateway.protocol.streams import Headers, StreamState, header_list_size
 from gateway.transport.keepalive import Keepalive, Verdict
 from gateway.transport.outliers import Outliers
 
@@ -147,7 +148,7 @@ class Relay(App):
             return self._too_large
         if splice.open(st, headers, read_at) is None:
             # upstream is at its concurrent-stream limit: refused unprocessed, so the peer may retry
-            conn.core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            conn.core.reset(st.id, REFUSED_STREAM)
             conn.core.forget(st.id)
             return None
         if continues and not st.ended:
@@ -225,7 +226,7 @@ class Relay(App):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):  # a hop that drops SYNs must not hold the failover for minutes
                     up = await self.ctx.connect(hop)
-            except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError) as exc:
+            except (LinkError, trio.TooSlowError) as exc:
                 log.warning("node=%s upstream=%s unreachable: %s", self.ctx.node.id, hop.id, exc)
                 self.metrics.upstream_failures.labels("unreachable").inc()
                 self._set_aside(i)
@@ -255,7 +256,7 @@ class Relay(App):
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     probe = await self.ctx.connect(hop)
-            except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError, ConnectionError):
+            except (LinkError, trio.TooSlowError):
                 continue
             await trio.aclose_forcefully(probe.transport)
             self.outliers.answered(i)

@@ -27,7 +27,7 @@ import trio
 
 from gateway.node.server import App, NodeContext, Peer
 from gateway.nodes.heartbeat import SILENCE_LIMIT, HeartbeatMonitor, notify_fault, watch
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import method_path, refuse, send_json
 
 log = logging.getLogger("konbini.store-controller")

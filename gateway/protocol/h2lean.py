@@ -1,269 +1,103 @@
-"""Lean HTTP/2 cores for konbini's connections, both ends: frames by hand, HPACK by hpack.
+"""konbini's HTTP/2 cores, both ends: frames by hand, HPACK in `fieldcodec`.
 
 Theory of operation. h2's general state machine builds an event object per frame, walks every
 stream's state machine and validates headers in layers of generators; on a relay that was most
 of a hop's CPU. konbini's connections need far less of it: a client connection only opens
 requests, sends bodies and reads responses; a server connection only takes requests and answers
-them. These cores speak `H2Core`'s interface (what `Splice`, `TrioH2` and the load generator
-call) and do those parts of RFC 9113 themselves:
+them. These cores speak `interfaces.Core` (what `Splice`, `TrioH2` and the load generator call)
+and do those parts of RFC 9113 themselves:
 
 - the preface and SETTINGS, PING and SETTINGS acks;
 - both directions' flow control: our windows are returned as the consumer acks, as h2's
   WindowManager does (once half a window was consumed, or sooner when it is shut), and DATA
   beyond a window is a FLOW_CONTROL_ERROR;
-- HEADERS/CONTINUATION in and out through hpack's Encoder and Decoder, RST_STREAM, GOAWAY.
+- HEADERS/CONTINUATION in and out through `fieldcodec`, RST_STREAM, GOAWAY.
 
 The server core also guards itself, as h2 with `validate_inbound_headers` did and more cheaply:
 the client preface and a SETTINGS first, client stream ids odd and rising, request header fields
-(characters, pseudo-headers, connection-specific fields, :authority/Host, content-length
-against the body), SETTINGS_MAX_CONCURRENT_STREAMS, decoded header lists bounded while decoding
-(an HPACK bomb stops at the limit), header blocks bounded in bytes and frames (CONTINUATION
-flood), and per-connection counters of what costs us work and the peer nothing (RST_STREAM,
-PING, SETTINGS, empty DATA; `Limits`).
+(`fieldrules`; content-length against the body here), SETTINGS_MAX_CONCURRENT_STREAMS, decoded
+header lists bounded while decoding (an HPACK bomb stops at the limit), header blocks bounded in
+bytes and frames (CONTINUATION flood), and per-connection counters of what costs us work and the
+peer nothing (RST_STREAM, PING, SETTINGS, empty DATA; `Limits`).
 
 Anything malformed (a frame over our SETTINGS_MAX_FRAME_SIZE, a bad SETTINGS value, a header
 block that does not decode, a frame on a stream that was never opened, data beyond a window)
-closes the connection with GOAWAY and raises ConnectionClosed, as H2Core does; a relay then
-resets every request crossing it (INT-1). Not done: server push (refused; a PUSH_PROMISE is a
+closes the connection with GOAWAY and raises ConnectionClosed; a relay then resets every request
+crossing it (INT-1). Not done: server push (refused; a PUSH_PROMISE is a
 protocol error), priorities (ignored).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
 
-import hpack
 import hpack.exceptions
-import hpack.table
-from hpack.huffman_table import decode_huffman
 
-from gateway.protocol.h2core import (
+from gateway.protocol.errors import ConnectionClosed, StreamReset, Violation
+from gateway.protocol.fieldcodec import FieldDecoder, FieldEncoder
+from gateway.protocol.fieldrules import check_field, request_fields
+from gateway.protocol.frames import (
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
     CONNECTION_WINDOW,
+    CONTINUATION,
+    DATA,
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_HEAD,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
     MAX_CONCURRENT_STREAMS,
+    MAX_CONTINUATIONS,
     MAX_FRAME_SIZE,
+    MAX_HEADER_BLOCK,
     MAX_HEADER_LIST_SIZE,
+    MAX_WINDOW,
+    NO_ERROR,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    STREAM_CLOSED,
     STREAM_WINDOW,
-    ConnectionClosed,
-    CoreBase,
-    Flood,
-    H2Core,
-    Headers,
-    StreamState,
+    U32,
+    WINDOW_UPDATE,
+    SettingCode,
+    frame,
 )
+from gateway.protocol.streams import PENDING, Chunk, Headers, StreamState
 from topology.spec.model import Limits
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = (
-    0x0,
-    0x1,
-    0x3,
-    0x5,
-    0x6,
-    0x7,
-    0x8,
-)
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
-(
-    S_HEADER_TABLE_SIZE,
-    S_ENABLE_PUSH,
-    S_MAX_CONCURRENT_STREAMS,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_FRAME_SIZE,
-    S_MAX_HEADER_LIST_SIZE,
-) = range(1, 7)
-MAX_WINDOW = 2**31 - 1
-MAX_HEADER_BLOCK = 2 * MAX_HEADER_LIST_SIZE + 4096  # compressed, CONTINUATIONs included (as H2Core)
-MAX_CONTINUATIONS = 64  # frames in one header block (h2's CONTINUATION_BACKLOG)
 
-_head = struct.Struct(">HBBBL")  # a frame header: 24-bit length as (16, 8), type, flags, stream id
-_u32 = struct.Struct(">L")
-_setting = struct.Struct(">HL")
+class Flood:
+    """At most `limit` events per `window` seconds (a fixed window: cheap, and a burst of twice
+    the limit across a window boundary is still bounded)."""
 
-# RFC 9113 §8.2.1: a name is visible ASCII without uppercase or ':' (bar a pseudo-header's
-# first); a value has no NUL, CR or LF and no whitespace at either end.
-_NAME = re.compile(rb":?[!-9;-@\[-~]+\Z")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
-_CONNECTION_FIELDS = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+    __slots__ = ("limit", "window", "start", "count")
 
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window, self.start, self.count = limit, window, float("-inf"), 0
 
-def frame(kind: int, flags: int, stream_id: int, payload: bytes | memoryview = b"") -> bytes:
-    n = len(payload)
-    return _head.pack(n >> 8, n & 0xFF, kind, flags, stream_id) + bytes(payload)
-
-
-def _integer(value: int, prefix_bits: int, first: int) -> bytes:
-    """An HPACK integer (RFC 7541 §5.1) in a field's first byte's low `prefix_bits` and on."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 127) | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
-_STATIC_NAMES: dict[bytes, int] = {}
-for _i, _field in enumerate(hpack.table.HeaderTable.STATIC_TABLE, 1):
-    _STATIC_FIELDS.setdefault(_field, _i)
-    _STATIC_NAMES.setdefault(_field[0], _i)
-_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
-
-
-def _encode_field(name: bytes, value: bytes) -> bytes:
-    index = _STATIC_FIELDS.get((name, value))
-    if index is not None:
-        return _integer(index, 7, 0x80)  # indexed, from the static table
-    name_index = _STATIC_NAMES.get(name, 0)  # literal without (or never) indexing, RFC 7541 §6.2.2-3
-    out = _integer(name_index, 4, 0x10 if name in _NEVER_INDEXED else 0x00)
-    if not name_index:
-        out += _integer(len(name), 7, 0) + name
-    return out + _integer(len(value), 7, 0) + value
-
-
-class FieldEncoder:
-    """HPACK with the static table only: every field is a fully indexed static entry or a literal
-    that is never added to the dynamic table, without Huffman coding.
-
-    So a field always encodes to the same bytes, whatever went before on the connection, and
-    the bytes are cached process-wide: encoding a header list is a dict lookup per field.
-    hpack's Encoder searched its dynamic table field by field in Python, a tenth of a relay's CPU
-    (py-spy, relay-small); between hops on one machine, the bytes the dynamic table and Huffman
-    would save cost more CPU than they save. A peer that changes SETTINGS_HEADER_TABLE_SIZE is
-    sent a dynamic table size update to 0 at the start of the next block (RFC 7541 §4.2):
-    our table is empty whatever its limit."""
-
-    CACHE = 4096  # fields remembered (their bytes); the cache starts over when full
-
-    _cache: dict[tuple[bytes, bytes], bytes] = {}
-
-    def __init__(self) -> None:
-        self.table_update = False
-
-    def encode(self, headers: Headers) -> bytes:
-        cache = FieldEncoder._cache
-        parts = [b"\x20"] if self.table_update else []
-        self.table_update = False
-        for field in headers:
-            encoded = cache.get(field)
-            if encoded is None:
-                encoded = _encode_field(field[0], field[1])
-                if len(cache) >= self.CACHE:
-                    cache.clear()
-                cache[field] = encoded
-            parts.append(encoded)
-        return b"".join(parts)
-
-
-class FieldDecoder:
-    """HPACK decoding (RFC 7541) with the dynamic table, Huffman strings through hpack's decoder,
-    and the header list bounded while decoding: a block that inflates past `max_header_list_size`
-    (an HPACK bomb) stops there with OversizedHeaderListError. hpack's Decoder built a tuple
-    subclass per field and checked each through several layers; this is one loop."""
-
-    def __init__(self, max_header_list_size: int, max_table_size: int = 4096) -> None:
-        self.limit = max_header_list_size
-        self.max_allowed = max_table_size  # our SETTINGS_HEADER_TABLE_SIZE (the protocol's default)
-        self.max_size = max_table_size
-        self.size = 0
-        self.table: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is table[0]
-
-    def _field(self, index: int) -> tuple[bytes, bytes]:
-        if 0 < index <= _STATIC_COUNT:
-            return _STATIC_TABLE[index - 1]
-        if _STATIC_COUNT < index <= _STATIC_COUNT + len(self.table):
-            return self.table[index - _STATIC_COUNT - 1]
-        raise hpack.exceptions.InvalidTableIndexError(f"index {index}")
-
-    def _add(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value) + 32
-        self._evict(self.max_size - size)
-        if size <= self.max_size:
-            self.table.appendleft((name, value))
-            self.size += size
-
-    def _evict(self, room: int) -> None:
-        table = self.table
-        while self.size > room and table:
-            name, value = table.pop()
-            self.size -= len(name) + len(value) + 32
-
-    def decode(self, data: bytes) -> Headers:
-        headers: Headers = []
-        pos, end, inflated = 0, len(data), 0
-        while pos < end:
-            first = data[pos]
-            if first & 0x80:  # indexed
-                index, pos = _read_integer(data, pos, 7)
-                field = self._field(index)
-            elif first & 0x20 and not first & 0x40:  # dynamic table size update: only before the first field
-                size, pos = _read_integer(data, pos, 5)
-                if headers or size > self.max_allowed:
-                    raise hpack.exceptions.InvalidTableSizeError(f"table size update to {size}")
-                self.max_size = size
-                self._evict(size)
-                continue
-            else:  # a literal: with incremental indexing (01), without (0000) or never indexed (0001)
-                indexing = first & 0x40
-                index, pos = _read_integer(data, pos, 6 if indexing else 4)
-                if index:
-                    name = self._field(index)[0]
-                else:
-                    name, pos = _read_string(data, pos)
-                value, pos = _read_string(data, pos)
-                field = (name, value)
-                if indexing:
-                    self._add(name, value)
-            inflated += len(field[0]) + len(field[1]) + 32
-            if inflated > self.limit:
-                raise hpack.exceptions.OversizedHeaderListError(f"header list beyond {self.limit} bytes")
-            headers.append(field)
-        return headers
-
-
-_STATIC_TABLE = hpack.table.HeaderTable.STATIC_TABLE
-_STATIC_COUNT = len(_STATIC_TABLE)
-
-
-def _read_integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
-    limit = (1 << prefix_bits) - 1
-    value = data[pos] & limit
-    pos += 1
-    if value < limit:
-        return value, pos
-    shift = 0
-    while True:
-        if pos >= len(data) or shift > 28:
-            raise hpack.exceptions.HPACKDecodingError("integer cut short or too large")
-        byte = data[pos]
-        pos += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
-    if pos >= len(data):
-        raise hpack.exceptions.HPACKDecodingError("string cut short")
-    huffman = data[pos] & 0x80
-    length, pos = _read_integer(data, pos, 7)
-    stop = pos + length
-    if stop > len(data):
-        raise hpack.exceptions.HPACKDecodingError("string cut short")
-    raw = data[pos:stop]
-    return (decode_huffman(raw) if huffman else raw), stop
+    def over(self, now: float) -> bool:
+        if now - self.start >= self.window:
+            self.start, self.count = now, 0
+        self.count += 1
+        return self.count > self.limit
 
 
 def _update_due(processed: int, recv_window: int, window: int) -> bool:
@@ -316,10 +150,12 @@ class _Output:
         return b"".join(out)
 
 
-class _Stream:
+class _Flow:
     """The protocol's state of one stream: our send window, whether each side ended it or it was
     reset, our receive window with the bytes acked since our last WINDOW_UPDATE for it, and the
-    request body's declared and received length (server side)."""
+    request body's declared and received length (server side). Kept apart from the stream's
+    `StreamState`, which the splice and the drivers read and change: what only the core may
+    change stays where only the core reaches it."""
 
     __slots__ = ("window", "ended", "reset", "remote_ended", "recv_window", "processed", "expected", "received")
 
@@ -338,14 +174,7 @@ class _Stream:
         return self.reset or (self.ended and self.remote_ended)
 
 
-class _Violation(Exception):
-    def __init__(self, code: int, what: str, reason: str = "protocol-error") -> None:
-        super().__init__(what)
-        self.code = code
-        self.reason = reason
-
-
-class LeanCore(CoreBase):
+class LeanCore:
     """What both lean cores share: the frame reader, flow control both ways, DATA, header blocks
     out, resets and closing. A subclass says what a complete header block means (`_on_headers`),
     which streams are idle (`_idle`), and counts floods if it wants (`_flood`)."""
@@ -362,7 +191,7 @@ class LeanCore(CoreBase):
         self._out = _Output()
         self._in = b""  # the start of a frame not yet whole
         self.units_received = 0  # frames and header blocks (counted once, at their end) received whole
-        self._state: dict[int, _Stream] = {}
+        self._state: dict[int, _Flow] = {}
         self._encoder = FieldEncoder()
         self._decoder = FieldDecoder(max_header_list_size)
         self._block: bytearray | None = None  # a header block waiting for its CONTINUATIONs
@@ -370,16 +199,53 @@ class LeanCore(CoreBase):
         self._block_flags = 0
         self._block_frames = 0
         # the peer's settings, as RFC 9113 has them until its SETTINGS arrive
-        self.max_frame_size = 16384
-        self.initial_window = 65535
+        self.max_frame_size = DEFAULT_FRAME_SIZE
+        self.initial_window = DEFAULT_WINDOW
         self.max_streams = MAX_CONCURRENT_STREAMS  # streams we may open (client)
         # the header list the peer takes: what we take ourselves until its SETTINGS say (no value: no limit)
         self.peer_max_header_list: int | None = max_header_list_size
-        self.send_window = 65535  # connection level
+        self.send_window = DEFAULT_WINDOW  # connection level
         self.recv_window = CONNECTION_WINDOW
         self._processed = 0  # connection-level bytes acked since the last WINDOW_UPDATE
-        self._out += frame(SETTINGS, 0, 0, b"".join(_setting.pack(k, v) for k, v in settings.items()))
-        self._out += frame(WINDOW_UPDATE, 0, 0, _u32.pack(CONNECTION_WINDOW - 65535))
+        self._out += frame(SETTINGS, 0, 0, b"".join(SETTING.pack(k, v) for k, v in settings.items()))
+        self._out += frame(WINDOW_UPDATE, 0, 0, U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
+
+    def take_chunk(self, st: StreamState) -> bytes | None:
+        """Next inbound chunk of a stream, or None when none is buffered. Does not ack."""
+        if not st.chunks:
+            return None
+        data, flow_len = st.chunks.popleft()
+        st.buffered -= len(data)
+        if flow_len > len(data):  # padding counts against the window but never reaches the consumer
+            self.ack(st.id, flow_len - len(data))
+        return data
+
+    def next_chunk(self, st: StreamState) -> Chunk:
+        """The consumer's next step on a stream: a chunk (not yet acked), None at the body's
+        end, or PENDING; raises StreamReset once the stream was reset and nothing is left."""
+        data = self.take_chunk(st)
+        if data is not None:
+            return data
+        if st.reset_code is not None:
+            raise StreamReset(st.id, st.reset_code)
+        return None if st.ended else PENDING
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConnectionClosed(self.close_reason or "closed")
+
+    def _close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            for st in self.streams.values():
+                if st.reset_code is None and not st.ended:
+                    st.reset_code = CANCEL
+
+    def lose(self, reason: str) -> None:
+        """The transport under the connection is gone (EOF, a failed write): closed without a
+        GOAWAY, every unfinished stream reset."""
+        self._close(reason)
 
     # -- inbound -------------------------------------------------------------------------------
 
@@ -406,10 +272,10 @@ class LeanCore(CoreBase):
             pos, end = 0, len(buf)
             with memoryview(buf) as view:
                 while end - pos >= 9:
-                    hi, lo, kind, flags, sid = _head.unpack_from(buf, pos)
+                    hi, lo, kind, flags, sid = FRAME_HEAD.unpack_from(buf, pos)
                     length = (hi << 8) | lo
                     if length > MAX_FRAME_SIZE:
-                        raise _Violation(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                        raise Violation(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                     if end - pos - 9 < length:
                         break
                     payload = view[pos + 9 : pos + 9 + length].tobytes()  # one copy; no view outlives the loop
@@ -419,7 +285,7 @@ class LeanCore(CoreBase):
                         self.units_received += 1
                     if self.closed:  # GOAWAY
                         break
-        except _Violation as exc:
+        except Violation as exc:
             self.abort(exc.reason, exc.code)
             raise ConnectionClosed(exc.reason) from exc
         self._in = bytes(buf[pos:]) if pos < end else b""
@@ -430,46 +296,46 @@ class LeanCore(CoreBase):
         done = len(PREFACE) - self._preface_left
         n = min(len(data), self._preface_left)
         if data[:n] != PREFACE[done : done + n]:
-            raise _Violation(PROTOCOL_ERROR, "not the HTTP/2 client preface")
+            raise Violation(PROTOCOL_ERROR, "not the HTTP/2 client preface")
         self._preface_left -= n
         return data[n:]
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes, woken: set[int]) -> None:
         if self._block is not None and kind != CONTINUATION:
-            raise _Violation(PROTOCOL_ERROR, "a header block interrupted")
+            raise Violation(PROTOCOL_ERROR, "a header block interrupted")
         if not self.preface_received and kind != SETTINGS:
-            raise _Violation(PROTOCOL_ERROR, "the first frame is not SETTINGS")
+            raise Violation(PROTOCOL_ERROR, "the first frame is not SETTINGS")
         if kind == DATA:
             self._data(flags, sid, payload, woken)
         elif kind == HEADERS:
             if sid == 0:
-                raise _Violation(PROTOCOL_ERROR, "HEADERS on stream 0")
+                raise Violation(PROTOCOL_ERROR, "HEADERS on stream 0")
             block = self._unpad(flags, payload)
             if flags & PRIORITY_FLAG:
                 if len(block) < 5:
-                    raise _Violation(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                    raise Violation(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
                 block = block[5:]
             self._block, self._block_stream, self._block_flags, self._block_frames = bytearray(block), sid, flags, 0
             if flags & END_HEADERS:
                 self._headers(woken)
         elif kind == CONTINUATION:
             if self._block is None or sid != self._block_stream:
-                raise _Violation(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+                raise Violation(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
             self._block += payload
             self._block_frames += 1
             if flags & END_HEADERS:  # decoding stops at the header list limit, whatever the block's size
                 self._headers(woken)
             elif len(self._block) > MAX_HEADER_BLOCK or self._block_frames > MAX_CONTINUATIONS:
-                raise _Violation(ENHANCE_YOUR_CALM, "a header block that does not end", "continuation-flood")
+                raise Violation(ENHANCE_YOUR_CALM, "a header block that does not end", "continuation-flood")
         elif kind == RST_STREAM:
             if len(payload) != 4:
-                raise _Violation(FRAME_SIZE_ERROR, "bad RST_STREAM")
+                raise Violation(FRAME_SIZE_ERROR, "bad RST_STREAM")
             if sid == 0 or self._idle(sid):
-                raise _Violation(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+                raise Violation(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             self._flood(RST_STREAM)
             st = self.streams.get(sid)
             if st is not None and st.reset_code is None and not (st.ended and self._done_sending(sid)):
-                st.reset_code = _u32.unpack(payload)[0]
+                st.reset_code = U32.unpack(payload)[0]
                 woken.add(sid)
             state = self._state.get(sid)
             if state is not None:
@@ -478,7 +344,7 @@ class LeanCore(CoreBase):
             self._settings(flags, sid, payload, woken)
         elif kind == PING:
             if len(payload) != 8 or sid != 0:
-                raise _Violation(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING")
+                raise Violation(FRAME_SIZE_ERROR if len(payload) != 8 else PROTOCOL_ERROR, "bad PING")
             self._flood(PING)
             if not flags & ACK:
                 self._out += frame(PING, ACK, 0, payload)
@@ -489,10 +355,10 @@ class LeanCore(CoreBase):
         elif kind == WINDOW_UPDATE:
             self._window_update(sid, payload, woken)
         elif kind == PUSH_PROMISE:
-            raise _Violation(PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
+            raise Violation(PROTOCOL_ERROR, "PUSH_PROMISE (push is off)")
         elif kind == PRIORITY:  # ignored, once it is well-formed
             if len(payload) != 5 or sid == 0:
-                raise _Violation(FRAME_SIZE_ERROR if len(payload) != 5 else PROTOCOL_ERROR, "bad PRIORITY")
+                raise Violation(FRAME_SIZE_ERROR if len(payload) != 5 else PROTOCOL_ERROR, "bad PRIORITY")
         # unknown frame types are ignored (RFC 9113 §5.5)
 
     def _done_sending(self, sid: int) -> bool:
@@ -511,53 +377,53 @@ class LeanCore(CoreBase):
         if not flags & PADDED:
             return payload
         if not payload or payload[0] >= len(payload):
-            raise _Violation(PROTOCOL_ERROR, "padding longer than the frame")
+            raise Violation(PROTOCOL_ERROR, "padding longer than the frame")
         return payload[1 : len(payload) - payload[0]]
 
     def _window_update(self, sid: int, payload: bytes, woken: set[int]) -> None:
         if len(payload) != 4:
-            raise _Violation(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
-        inc = _u32.unpack(payload)[0] & 0x7FFFFFFF
+            raise Violation(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
+        inc = U32.unpack(payload)[0] & 0x7FFFFFFF
         if inc == 0:
-            raise _Violation(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            raise Violation(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
         if sid == 0:
             if self.send_window + inc > MAX_WINDOW:
-                raise _Violation(FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
+                raise Violation(FLOW_CONTROL_ERROR, "connection window beyond 2^31-1")
             self.send_window += inc
             woken.add(0)
             return
         state = self._state.get(sid)
         if state is None:
             if self._idle(sid):
-                raise _Violation(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+                raise Violation(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
             return  # a stream we are done with
         if state.window + inc > MAX_WINDOW:
-            raise _Violation(FLOW_CONTROL_ERROR, "stream window beyond 2^31-1")
+            raise Violation(FLOW_CONTROL_ERROR, "stream window beyond 2^31-1")
         state.window += inc
         woken.add(sid)
 
     def _data(self, flags: int, sid: int, payload: bytes, woken: set[int]) -> None:
         n = len(payload)
         if sid == 0:
-            raise _Violation(PROTOCOL_ERROR, "DATA on stream 0")
+            raise Violation(PROTOCOL_ERROR, "DATA on stream 0")
         if n > self.recv_window:
-            raise _Violation(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+            raise Violation(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self.recv_window -= n
         state = self._state.get(sid)
         if state is None:
             if self._idle(sid):
-                raise _Violation(PROTOCOL_ERROR, "DATA on an idle stream")
+                raise Violation(PROTOCOL_ERROR, "DATA on an idle stream")
             self._return_connection(n)  # a stream we are done with: nobody will read it
             return
         if n > state.recv_window:
-            raise _Violation(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+            raise Violation(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
         state.recv_window -= n
         st = self.streams.get(sid)
         if st is None or st.reset_code is not None or state.reset:
             self._return_connection(n)  # crossed our RST_STREAM: give the window back now
             return
         if state.remote_ended:
-            raise _Violation(STREAM_CLOSED, "DATA after END_STREAM")
+            raise Violation(STREAM_CLOSED, "DATA after END_STREAM")
         data = self._unpad(flags, payload)
         end = flags & END_STREAM
         if not data and not end:
@@ -565,7 +431,7 @@ class LeanCore(CoreBase):
         if state.expected >= 0:
             state.received += len(data)
             if state.received > state.expected or (end and state.received != state.expected):
-                raise _Violation(PROTOCOL_ERROR, "body length differs from content-length")
+                raise Violation(PROTOCOL_ERROR, "body length differs from content-length")
         if data:
             st.chunks.append((data, n))
             st.buffered += len(data)
@@ -577,13 +443,14 @@ class LeanCore(CoreBase):
 
     def _headers(self, woken: set[int]) -> None:
         block, sid, flags = self._block, self._block_stream, self._block_flags
+        assert block is not None  # called once a block's END_HEADERS came
         self._block = None
         try:  # decoded even for a stream we forgot: the HPACK table must stay in step
             headers = self._decoder.decode(bytes(block))
         except hpack.exceptions.OversizedHeaderListError:
-            raise _Violation(ENHANCE_YOUR_CALM, "header list too large", "oversized-headers") from None
+            raise Violation(ENHANCE_YOUR_CALM, "header list too large", "oversized-headers") from None
         except (hpack.exceptions.HPACKError, ValueError, IndexError) as exc:
-            raise _Violation(COMPRESSION_ERROR, f"header block: {exc}") from None
+            raise Violation(COMPRESSION_ERROR, f"header block: {exc}") from None
         self._on_headers(sid, flags, headers, woken)
 
     def _on_headers(self, sid: int, flags: int, headers: Headers, woken: set[int]) -> None:
@@ -591,9 +458,9 @@ class LeanCore(CoreBase):
 
     def _settings(self, flags: int, sid: int, payload: bytes, woken: set[int]) -> None:
         if sid != 0:
-            raise _Violation(PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise Violation(PROTOCOL_ERROR, "SETTINGS on a stream")
         if len(payload) % 6 or (flags & ACK and payload):
-            raise _Violation(FRAME_SIZE_ERROR, "bad SETTINGS")
+            raise Violation(FRAME_SIZE_ERROR, "bad SETTINGS")
         if flags & ACK:
             return
         self._flood(SETTINGS)
@@ -602,27 +469,27 @@ class LeanCore(CoreBase):
             self._settings_seen = True
             self.peer_max_header_list = None  # RFC 9113: unlimited unless the peer's SETTINGS say otherwise
         for off in range(0, len(payload), 6):
-            key, value = _setting.unpack_from(payload, off)
-            if key == S_HEADER_TABLE_SIZE:
+            key, value = SETTING.unpack_from(payload, off)
+            if key == SettingCode.HEADER_TABLE_SIZE:
                 self._encoder.table_update = True
-            elif key == S_ENABLE_PUSH:
+            elif key == SettingCode.ENABLE_PUSH:
                 if value > 1:
-                    raise _Violation(PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1")
-            elif key == S_MAX_CONCURRENT_STREAMS:
+                    raise Violation(PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1")
+            elif key == SettingCode.MAX_CONCURRENT_STREAMS:
                 self.max_streams = value
-            elif key == S_MAX_HEADER_LIST_SIZE:
+            elif key == SettingCode.MAX_HEADER_LIST_SIZE:
                 self.peer_max_header_list = value
-            elif key == S_INITIAL_WINDOW_SIZE:
+            elif key == SettingCode.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise _Violation(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise Violation(FLOW_CONTROL_ERROR, "initial window too large")
                 delta, self.initial_window = value - self.initial_window, value
                 for state in self._state.values():
                     state.window += delta
                     if state.window > MAX_WINDOW:
-                        raise _Violation(FLOW_CONTROL_ERROR, "a stream window beyond 2^31-1")
-            elif key == S_MAX_FRAME_SIZE:
-                if not 16384 <= value <= 2**24 - 1:
-                    raise _Violation(PROTOCOL_ERROR, "bad max frame size")
+                        raise Violation(FLOW_CONTROL_ERROR, "a stream window beyond 2^31-1")
+            elif key == SettingCode.MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
+                    raise Violation(PROTOCOL_ERROR, "bad max frame size")
                 self.max_frame_size = value
         self._out += frame(SETTINGS, ACK, 0)
         woken.add(0)
@@ -638,14 +505,14 @@ class LeanCore(CoreBase):
             return  # nothing more comes on it
         state.processed += nbytes
         if _update_due(state.processed, state.recv_window, STREAM_WINDOW):
-            self._out += frame(WINDOW_UPDATE, 0, stream_id, _u32.pack(state.processed))
+            self._out += frame(WINDOW_UPDATE, 0, stream_id, U32.pack(state.processed))
             state.recv_window += state.processed
             state.processed = 0
 
     def _return_connection(self, nbytes: int) -> None:
         self._processed += nbytes
         if _update_due(self._processed, self.recv_window, CONNECTION_WINDOW):
-            self._out += frame(WINDOW_UPDATE, 0, 0, _u32.pack(self._processed))
+            self._out += frame(WINDOW_UPDATE, 0, 0, U32.pack(self._processed))
             self.recv_window += self._processed
             self._processed = 0
 
@@ -661,7 +528,7 @@ class LeanCore(CoreBase):
             part, rest = rest[:size], rest[size:]
             self._out += frame(CONTINUATION, 0 if rest else END_HEADERS, sid, part)
 
-    def _sending(self, stream_id: int) -> _Stream:
+    def _sending(self, stream_id: int) -> _Flow:
         """The stream's state, if we may still send on it (else as h2's StreamClosedError: the
         splice resets the pair, a handler ends)."""
         self._check_open()
@@ -683,7 +550,7 @@ class LeanCore(CoreBase):
         size, out = self.max_frame_size, self._out
         for start in range(0, n, size):
             stop = min(start + size, n)
-            out += _head.pack(
+            out += FRAME_HEAD.pack(
                 (stop - start) >> 8,
                 (stop - start) & 0xFF,
                 DATA,
@@ -698,6 +565,13 @@ class LeanCore(CoreBase):
         if end_stream and n == len(data):
             state.ended = True
         return n
+
+    def sendable(self, stream_id: int) -> int:
+        """Bytes the windows let us send on the stream now (0 once we may send nothing more)."""
+        state = self._state.get(stream_id)
+        if self.closed or state is None or state.ended or state.reset:
+            return 0
+        return max(0, min(self.send_window, state.window))
 
     def end_stream(self, stream_id: int, trailers: Headers | None = None) -> None:
         state = self._sending(stream_id)
@@ -723,7 +597,7 @@ class LeanCore(CoreBase):
         closed = state.closed  # a stream closed both ways needs no reset
         state.reset = True
         if not closed:
-            self._out += frame(RST_STREAM, 0, stream_id, _u32.pack(code))
+            self._out += frame(RST_STREAM, 0, stream_id, U32.pack(code))
 
     def forget(self, stream_id: int) -> None:
         st = self.streams.pop(stream_id, None)
@@ -736,7 +610,7 @@ class LeanCore(CoreBase):
 
     def abort(self, reason: str, code: int = PROTOCOL_ERROR) -> None:
         if not self.closed:
-            self._out += frame(GOAWAY, 0, 0, _u32.pack(self._last_stream()) + _u32.pack(code))
+            self._out += frame(GOAWAY, 0, 0, U32.pack(self._last_stream()) + U32.pack(code))
             self._close(reason)
 
     def ping(self, opaque: bytes = bytes(8)) -> None:
@@ -746,7 +620,7 @@ class LeanCore(CoreBase):
 
     def close(self, code: int = NO_ERROR) -> None:
         if not self.closed:
-            self._out += frame(GOAWAY, 0, 0, _u32.pack(self._last_stream()) + _u32.pack(code))
+            self._out += frame(GOAWAY, 0, 0, U32.pack(self._last_stream()) + U32.pack(code))
             self._close("local-close")
 
     def _last_stream(self) -> int:
@@ -761,17 +635,17 @@ class LeanCore(CoreBase):
 
 
 class LeanClientCore(LeanCore):
-    """`H2Core(client_side=True)`'s interface, without h2: opens requests, reads responses."""
+    """The client side: opens requests, reads responses."""
 
     def __init__(self, *, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
         super().__init__(
             max_header_list_size,
             {
-                S_ENABLE_PUSH: 0,
-                S_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                S_MAX_HEADER_LIST_SIZE: max_header_list_size,
+                SettingCode.ENABLE_PUSH: 0,
+                SettingCode.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                SettingCode.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCode.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                SettingCode.MAX_HEADER_LIST_SIZE: max_header_list_size,
             },
         )
         self._out.prepend(PREFACE)
@@ -808,17 +682,18 @@ class LeanClientCore(LeanCore):
         self._header_block(sid, headers, end_stream)
         st = StreamState(sid)
         self.streams[sid] = st
-        state = self._state[sid] = _Stream(self.initial_window)
+        state = self._state[sid] = _Flow(self.initial_window)
         state.ended = end_stream
         return st
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+        self._check_open()
         raise NotImplementedError("a client core sends requests (send_request), not responses")
 
 
 class LeanServerCore(LeanCore):
-    """`H2Core(client_side=False, limits=...)`'s interface, without h2: takes requests (in
-    `new_requests`), answers them, and guards itself against its peer."""
+    """The server side: takes requests (in `new_requests`), answers them, and guards itself
+    against its peer (`Limits`)."""
 
     preface_received = False  # until the client's preface and first SETTINGS
 
@@ -828,11 +703,11 @@ class LeanServerCore(LeanCore):
         super().__init__(
             lim.max_header_list_size,
             {
-                S_MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
-                S_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                S_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                S_MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
-                S_ENABLE_PUSH: 0,
+                SettingCode.MAX_CONCURRENT_STREAMS: lim.max_concurrent_streams,
+                SettingCode.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCode.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                SettingCode.MAX_HEADER_LIST_SIZE: lim.max_header_list_size,
+                SettingCode.ENABLE_PUSH: 0,
             },
         )
         self._preface_left = len(PREFACE)
@@ -852,7 +727,7 @@ class LeanServerCore(LeanCore):
     def _flood(self, kind: int) -> None:
         flood = self.floods.get(kind)
         if flood is not None and flood[0].over(self.clock()):
-            raise _Violation(ENHANCE_YOUR_CALM, flood[1], flood[1])
+            raise Violation(ENHANCE_YOUR_CALM, flood[1], flood[1])
 
     def _idle(self, sid: int) -> bool:
         return sid % 2 == 0 or sid > self._highest_in
@@ -865,40 +740,47 @@ class LeanServerCore(LeanCore):
         state = self._state.get(sid)
         if state is None:
             if sid % 2 == 0:
-                raise _Violation(PROTOCOL_ERROR, "a client opened an even stream")
+                raise Violation(PROTOCOL_ERROR, "a client opened an even stream")
             if sid <= self._highest_in:
                 return  # a stream we are done with (trailers that crossed our reset)
             self._highest_in = sid
-            expected = _request_fields(headers)
+            expected = request_fields(headers)
             if end and expected > 0:
-                raise _Violation(PROTOCOL_ERROR, "content-length without a body")
+                raise Violation(PROTOCOL_ERROR, "content-length without a body")
             if (
                 len(self._state) >= self.max_inbound
                 and sum(not s.closed for s in self._state.values()) >= self.max_inbound
             ):
-                raise _Violation(REFUSED_STREAM, "beyond SETTINGS_MAX_CONCURRENT_STREAMS", "too-many-streams")
-            state = self._state[sid] = _Stream(self.initial_window)
+                raise Violation(REFUSED_STREAM, "beyond SETTINGS_MAX_CONCURRENT_STREAMS", "too-many-streams")
+            state = self._state[sid] = _Flow(self.initial_window)
             state.expected, state.remote_ended = expected, end
             st = self.streams[sid] = StreamState(sid, headers=headers, ended=end)
             self.new_requests.append(st)
             woken.add(sid)
             return
-        st = self.streams.get(sid)
-        if st is None or st.reset_code is not None or state.reset:
+        known = self.streams.get(sid)
+        if known is None or known.reset_code is not None or state.reset:
             return  # trailers that crossed our reset
         if state.remote_ended:
-            raise _Violation(STREAM_CLOSED, "HEADERS after END_STREAM")
+            raise Violation(STREAM_CLOSED, "HEADERS after END_STREAM")
         if not end:
-            raise _Violation(PROTOCOL_ERROR, "trailers without END_STREAM")
+            raise Violation(PROTOCOL_ERROR, "trailers without END_STREAM")
         for name, value in headers:
             if name[:1] == b":":
-                raise _Violation(PROTOCOL_ERROR, "a pseudo-header in trailers")
-            _check_field(name, value)
+                raise Violation(PROTOCOL_ERROR, "a pseudo-header in trailers")
+            check_field(name, value)
         if state.expected >= 0 and state.received != state.expected:
-            raise _Violation(PROTOCOL_ERROR, "body length differs from content-length")
-        st.trailers = headers
-        st.ended = state.remote_ended = True
+            raise Violation(PROTOCOL_ERROR, "body length differs from content-length")
+        known.trailers = headers
+        known.ended = state.remote_ended = True
         woken.add(sid)
+
+    def can_open_stream(self) -> bool:
+        return False  # a server opens no streams (push is off)
+
+    def send_request(self, headers: Headers, end_stream: bool) -> StreamState:
+        self._check_open()
+        raise NotImplementedError("a server core answers requests (send_headers), it opens none")
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
         """The response's HEADERS (or trailers, with end_stream)."""
@@ -906,74 +788,3 @@ class LeanServerCore(LeanCore):
         self._header_block(stream_id, headers, end_stream)
         if end_stream:
             state.ended = True
-
-
-def _check_field(name: bytes, value: bytes) -> None:
-    if not _NAME.match(name):
-        raise _Violation(PROTOCOL_ERROR, f"bad header name {name[:40]!r}")
-    if value and _BAD_VALUE.search(value):
-        raise _Violation(PROTOCOL_ERROR, f"bad value for {name[:40]!r}")
-    if name in _CONNECTION_FIELDS:
-        raise _Violation(PROTOCOL_ERROR, f"connection-specific field {name!r}")
-    if name == b"te" and value.lower() != b"trailers":
-        raise _Violation(PROTOCOL_ERROR, "te other than trailers")
-
-
-def _request_fields(headers: Headers) -> int:
-    """Check a request's header list as RFC 9113 §8.2-8.3 has it; its content-length, or -1."""
-    pseudo: set[bytes] = set()
-    regular = False
-    method = authority = host = None
-    length = -1
-    for name, value in headers:
-        _check_field(name, value)
-        if name[0] == 0x3A:  # ':'
-            if regular or name in pseudo or name not in _REQUEST_PSEUDO:
-                raise _Violation(PROTOCOL_ERROR, f"pseudo-header {name!r} repeated, late or unknown")
-            pseudo.add(name)
-            if name == b":method":
-                method = value
-            elif name == b":authority":
-                authority = value
-            elif name == b":path" and not value:
-                raise _Violation(PROTOCOL_ERROR, "empty :path")
-        else:
-            regular = True
-            if name == b"host":
-                if host is not None:
-                    raise _Violation(PROTOCOL_ERROR, "two Host fields")
-                host = value
-            elif name == b"content-length":
-                if not value.isdigit() or (length >= 0 and int(value) != length):
-                    raise _Violation(PROTOCOL_ERROR, "bad content-length")
-                length = int(value)
-    if method is None:
-        raise _Violation(PROTOCOL_ERROR, "no :method")
-    if method == b"CONNECT" and b":protocol" not in pseudo:
-        if b":scheme" in pseudo or b":path" in pseudo:
-            raise _Violation(PROTOCOL_ERROR, "CONNECT with :scheme or :path")
-    elif b":scheme" not in pseudo or b":path" not in pseudo:
-        raise _Violation(PROTOCOL_ERROR, "no :scheme or :path")
-    elif b":protocol" in pseudo and method != b"CONNECT":
-        raise _Violation(PROTOCOL_ERROR, ":protocol outside CONNECT")
-    if authority is None and host is None:
-        raise _Violation(PROTOCOL_ERROR, "neither :authority nor Host")
-    if authority is not None and host is not None and authority != host:
-        raise _Violation(PROTOCOL_ERROR, ":authority and Host differ")
-    return length
-
-
-# Every connection konbini opens or serves uses a lean core; KONBINI_CLIENT_CORE=h2 and
-# KONBINI_SERVER_CORE=h2 go back to h2's for a before/after in back-to-back runs.
-LEAN_CLIENTS = os.environ.get("KONBINI_CLIENT_CORE", "lean") != "h2"
-LEAN_SERVERS = os.environ.get("KONBINI_SERVER_CORE", "lean") != "h2"
-
-
-def client_core() -> LeanClientCore | H2Core:
-    return LeanClientCore() if LEAN_CLIENTS else H2Core(client_side=True)
-
-
-def server_core(limits: Limits | None = None, clock: Callable[[], float] = time.monotonic) -> LeanServerCore | H2Core:
-    if LEAN_SERVERS:
-        return LeanServerCore(limits=limits, clock=clock)
-    return H2Core(client_side=False, limits=limits, clock=clock)

@@ -1,4 +1,4 @@
-"""Trio driver for `gateway.protocol.h2core`: one reader task, one writer task, a cancel scope per stream.
+"""Trio driver for the HTTP/2 cores (`gateway.protocol.h2lean`): one reader task, one writer task, a cancel scope per stream.
 
 The reader feeds bytes into the core and wakes the tasks whose streams changed. The writer
 sends whatever the core has queued, so many streams' frames go out in one write. A request
@@ -16,32 +16,26 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-import h2.errors
 import trio
 
-from gateway.protocol.h2core import (
-    ConnectionClosed,
-    H2Core,
-    H2Driver,
-    Headers,
-    StreamHandle,
-    StreamReset,
-    StreamState,
-)
-from gateway.protocol.h2lean import client_core, server_core
-from gateway.protocol.tlsrecords import lean_tls
+from gateway.protocol.driver import H2Driver, Stream
+from gateway.protocol.errors import TRANSPORT_ERRORS, ConnectionClosed, StreamReset
+from gateway.protocol.frames import CANCEL, ENHANCE_YOUR_CALM, INTERNAL_ERROR, NO_ERROR, REFUSED_STREAM
+from gateway.protocol.h2lean import LeanClientCore, LeanServerCore
+from gateway.protocol.interfaces import Core
+from gateway.protocol.streams import StreamState
+from gateway.protocol.tlsrecords import TLSRecords, lean_tls
 from topology.spec.model import Limits
 
 log = logging.getLogger("konbini.h2")
 
 READ_SIZE = 256 * 1024
 # The writer takes at most this much per write: while a slow socket drains it, what waits behind
-# stays in h2's buffer once, not also in a plaintext and a ciphertext copy of the whole queue.
+# stays in the core's buffer once, not also in a plaintext and a ciphertext copy of the whole queue.
 WRITE_SIZE = 256 * 1024
 # After closing on a hostile peer: how long its bytes are read and dropped (raw TCP, no TLS work)
 # so that closing with unread input does not reset the connection and lose our GOAWAY.
@@ -73,7 +67,6 @@ class _ReaderPass:
             conn._write_direct()
 
 
-DIRECT_WRITES = os.environ.get("KONBINI_DIRECT_WRITES", "1") != "0"
 _PASS = _ReaderPass()
 
 
@@ -87,7 +80,7 @@ class LingeringSocket(trio.abc.Stream):
         self.tcp = tcp
         self.linger = False
 
-    async def send_all(self, data) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.tcp.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -105,31 +98,9 @@ class LingeringSocket(trio.abc.Stream):
                     await self.tcp.send_eof()
                     while await self.tcp.receive_some(READ_SIZE):
                         pass
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except TRANSPORT_ERRORS:
                     pass
         await self.tcp.aclose()
-
-
-class Stream(StreamHandle):
-    """One HTTP/2 stream seen from a Trio task."""
-
-    __slots__ = ("cancel_scope", "sent_headers")
-
-    def __init__(self, conn: TrioH2, st: StreamState) -> None:
-        super().__init__(conn, st)
-        self.cancel_scope: trio.CancelScope | None = None
-        self.sent_headers = False
-
-    def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
-        self._raise_if_reset()
-        self.conn.core.send_headers(self.st.id, headers, end_stream)
-        self.sent_headers = True
-        self.conn.flush()
-
-    def end(self, trailers: Headers | None = None) -> None:
-        self._raise_if_reset()
-        self.conn.core.end_stream(self.st.id, trailers)
-        self.conn.flush()
 
 
 Handler = Callable[[Stream], Awaitable[None]]
@@ -140,7 +111,6 @@ TakeRequest = Callable[[StreamState], "Handler | None"]
 class TrioH2(H2Driver):
     """An HTTP/2 connection over any Trio stream (here: a mutual-TLS SSLStream)."""
 
-    stream_class = Stream
     new_event = staticmethod(trio.Event)
 
     now = staticmethod(trio.current_time)
@@ -153,17 +123,18 @@ class TrioH2(H2Driver):
         peer: str = "?",
         limits: Limits | None = None,
         on_end: Callable[[str | None], None] | None = None,
-        core: H2Core | None = None,
+        core: Core | None = None,
     ) -> None:
-        """`core`: another core with H2Core's interface; by default the lean one for the side (`h2lean`)."""
+        """`core`: by default a new lean core for the side (`h2lean`)."""
         if core is None:
-            core = client_core() if client_side else server_core(limits, trio.current_time)
+            core = LeanClientCore() if client_side else LeanServerCore(limits=limits, clock=trio.current_time)
         super().__init__(core)
         self.limits = limits  # None: no timeouts (our own client connections)
         self.transport = lean_tls(transport)  # TLS 1.3 after the handshake: records without SSLStream's machinery
         self.peer = peer
         self._output = trio.Event()
         self._handlers: dict[int, Stream] = {}
+        self._scopes: dict[int, trio.CancelScope] = {}  # a handler task's, once it runs
         self._reader_scope = trio.CancelScope()  # the writer ends reading once our GOAWAY is out
         self.closed = trio.Event()
         self._writes_blocked = False
@@ -177,7 +148,7 @@ class TrioH2(H2Driver):
         self.on_drained: Callable[[], None] | None = None  # after each write: room for more (the splice's budget)
         self._writing = 0  # bytes of the write under way
         self._in_write = False  # the writer task is inside a write (the reader must not write then)
-        self._direct = DIRECT_WRITES and hasattr(self.transport, "send_now") and self.transport.can_send_now
+        self._direct = isinstance(self.transport, TLSRecords) and self.transport.can_send_now
 
     def flush(self) -> None:
         if _PASS.active and self._direct:
@@ -188,14 +159,16 @@ class TrioH2(H2Driver):
     def _write_direct(self) -> None:
         """At the end of a reader pass: write what is queued from here, if the writer is idle;
         what the socket does not take at once goes to the writer task."""
-        if self._in_write or self.transport.unsent:  # a write under way, or the socket was full last time
+        tls = self.transport
+        assert isinstance(tls, TLSRecords)  # only such a transport is `_direct`
+        if self._in_write or tls.unsent:  # a write under way, or the socket was full last time
             self._output.set()
             return
         data = self.core.data_to_send(WRITE_SIZE)
         try:
-            whole = self.transport.send_now(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.core._close("write-failed")
+            whole = tls.send_now(data)
+        except TRANSPORT_ERRORS:
+            self.core.lose("write-failed")
             self.wake({0})
             self._output.set()  # the writer ends the connection
             return
@@ -207,7 +180,12 @@ class TrioH2(H2Driver):
     @property
     def unsent(self) -> int:
         """Bytes queued for the peer or being written, not yet taken by the kernel."""
-        return self.core.pending_output + self._writing + getattr(self.transport, "unsent", 0)
+        return self.core.pending_output + self._writing + self._transport_unsent
+
+    @property
+    def _transport_unsent(self) -> int:
+        """Ciphertext a direct write left in the transport (`TLSRecords.send_now`)."""
+        return self.transport.unsent if isinstance(self.transport, TLSRecords) else 0
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -223,9 +201,8 @@ class TrioH2(H2Driver):
                         await self._reader(nursery, handler)
                 finally:
                     self.wake({0})
-                    for s in list(self._handlers.values()):
-                        if s.cancel_scope is not None:
-                            s.cancel_scope.cancel()
+                    for scope in list(self._scopes.values()):
+                        scope.cancel()
                     self.flush()  # the writer sends the GOAWAY, then ends
         finally:
             self.closed.set()
@@ -237,17 +214,17 @@ class TrioH2(H2Driver):
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
                     await self.transport.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except TRANSPORT_ERRORS:
                     pass
 
     async def _receive(self) -> bytes:
         """One read from the peer, plus every TLS record already received behind it.
 
         trio's SSLStream hands out one TLS record (at most 16 KiB) per call, and each call is a
-        trip through the scheduler, h2's frame buffer and our wakes: a 64 KiB response took five.
+        trip through the scheduler, the frame buffer and our wakes: a 64 KiB response took five.
         The records already in the SSL object's buffer are decrypted here in one go, without
         I/O; whatever error a record holds is left for trio's next read to raise properly."""
-        data = await self.transport.receive_some(READ_SIZE)
+        data = bytes(await self.transport.receive_some(READ_SIZE))  # as it is when it is bytes already
         # trio's SSLObject (private, hence getattr). Only an SSLStream has it: `TLSRecords` (TLS 1.3,
         # the usual transport) already returns every whole record of a read from receive_some.
         tls = getattr(self.transport, "_ssl_object", None)
@@ -274,7 +251,7 @@ class TrioH2(H2Driver):
             with trio.move_on_at(deadline):
                 return await self._receive()
             return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except TRANSPORT_ERRORS:
             return b""
 
     def _read_deadline(self, started: float, last_read: float, partial_since: float | None) -> tuple[float, str]:
@@ -294,9 +271,7 @@ class TrioH2(H2Driver):
         """Close for what the peer did: GOAWAY (ENHANCE_YOUR_CALM, or NO_ERROR when idle), every stream ends."""
         if not self.core.closed:
             log.info("closing connection from %s: %s", self.peer, reason)
-            self.core.abort(
-                reason, h2.errors.ErrorCodes.NO_ERROR if reason == "idle" else h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-            )
+            self.core.abort(reason, NO_ERROR if reason == "idle" else ENHANCE_YOUR_CALM)
         self.wake({0})
         self.flush()
 
@@ -360,7 +335,7 @@ class TrioH2(H2Driver):
         while core.new_requests:
             st = core.new_requests.popleft()
             if handler is None:  # a client does not take requests
-                core.reset(st.id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                core.reset(st.id, REFUSED_STREAM)
                 continue
             if st.reset_code is not None:  # opened and cancelled in one read (Rapid Reset): no task for it
                 core.forget(st.id)
@@ -370,11 +345,11 @@ class TrioH2(H2Driver):
             if run is not None:
                 self.serve(st, run)
         for sid in woken:
-            st = core.streams.get(sid)
-            if st is not None and st.reset_code is not None:
-                s = self._handlers.get(sid)
-                if s is not None and s.cancel_scope is not None:
-                    s.cancel_scope.cancel()  # the peer cancelled: cancel the whole request
+            state = core.streams.get(sid)
+            if state is not None and state.reset_code is not None:
+                scope = self._scopes.get(sid)
+                if scope is not None:
+                    scope.cancel()  # the peer cancelled: cancel the whole request
         if self.on_events is not None:
             self.on_events(woken)
         self.wake(woken)
@@ -387,13 +362,13 @@ class TrioH2(H2Driver):
             self._output = trio.Event()
             # loop: what was queued while the last write was under way (our GOAWAY, say) goes too
             # (and what a direct write from a reader pass left in the transport)
-            while (data := self.core.data_to_send(WRITE_SIZE)) or getattr(self.transport, "unsent", 0):
+            while (data := self.core.data_to_send(WRITE_SIZE)) or self._transport_unsent:
                 self._writing = len(data)
                 self._in_write = True
                 try:
                     sent = await self._write(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self.core._close("write-failed")
+                except TRANSPORT_ERRORS:
+                    self.core.lose("write-failed")
                     self.wake({0})
                     return
                 finally:
@@ -401,7 +376,7 @@ class TrioH2(H2Driver):
                     self._in_write = False
                 if not sent:  # the peer stopped reading TCP: nothing more can reach it
                     log.info("closing connection from %s: slow-read (writes blocked)", self.peer)
-                    self.core._close("slow-read")
+                    self.core.lose("slow-read")
                     self._writes_blocked = True
                     self.wake({0})
                     self._reader_scope.cancel()
@@ -425,16 +400,17 @@ class TrioH2(H2Driver):
 
     async def _serve_stream(self, handler: Handler, stream: Stream) -> None:
         with trio.CancelScope() as scope:
-            stream.cancel_scope = scope
+            self._scopes[stream.id] = scope
             try:
                 await handler(stream)
             except* (StreamReset, ConnectionClosed):
                 pass  # the peer or the connection ended the request: nothing left to answer
             except* Exception:
                 log.exception("handler failed on stream %d from %s", stream.id, self.peer)
-                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                stream.reset(INTERNAL_ERROR)
         if scope.cancelled_caught and not self.core.closed:
-            stream.reset(h2.errors.ErrorCodes.CANCEL)
+            stream.reset(CANCEL)
         self._handlers.pop(stream.id, None)
+        self._scopes.pop(stream.id, None)
         self.core.forget(stream.id)
         self._stream_done()

@@ -1,14 +1,15 @@
-"""Small request/response helpers over `gateway.protocol.h2trio.Stream`: JSON bodies, refusals, timing."""
+"""Small request/response helpers over `gateway.protocol.driver.Stream`: JSON bodies, refusals, timing."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import TypeVar
 
 import msgspec
 
-from gateway.protocol.h2core import Headers, header
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
+from gateway.protocol.streams import Headers, header
 
 JSON = b"application/json"
 T = TypeVar("T")
@@ -32,7 +33,7 @@ def query(headers: Headers | None) -> dict[str, str]:
     return out
 
 
-def request_headers(method: str, path: str, authority: str, extra: Headers = ()) -> Headers:
+def request_headers(method: str, path: str, authority: str, extra: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
     return [
         (b":method", method.encode()),
         (b":scheme", b"https"),
@@ -64,7 +65,7 @@ def timing(
     return (b"server-timing", entry.encode())
 
 
-async def send_json(stream: Stream, status: int, body: object, extra: Headers = ()) -> None:
+async def send_json(stream: Stream, status: int, body: object, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
     data = msgspec.json.encode(body)
     stream.send_headers(
         [
@@ -77,7 +78,9 @@ async def send_json(stream: Stream, status: int, body: object, extra: Headers = 
     await stream.send_data(data, end_stream=True)
 
 
-async def refuse(stream: Stream, status: int, reason: str, message: str, extra: Headers = ()) -> None:
+async def refuse(
+    stream: Stream, status: int, reason: str, message: str, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
     """A refusal every hop and the kiosk understand: reason code + the kiosk's screen message."""
     await send_json(
         stream,

@@ -22,7 +22,7 @@ through, and one that stalls (or that the next hop stops taking) is still cut of
 
 Time is the caller's: `overdue(now)` hands back the requests whose answer is late (the driver
 answers them 504), `stalled(now)` says a downstream peer has kept its window shut on a waiting
-response past `slow_read` (the driver closes it, as for any slow reader). Like `H2Core`, this
+response past `slow_read` (the driver closes it, as for any slow reader). Like the cores, this
 never touches a socket; drivers flush both connections after every call.
 """
 
@@ -34,14 +34,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import h2.errors
-import h2.exceptions
+from gateway.protocol.errors import ConnectionClosed
+from gateway.protocol.frames import CANCEL
+from gateway.protocol.interfaces import Core
+from gateway.protocol.streams import Headers, StreamState
 
-from gateway.protocol.h2core import ConnectionClosed, H2Core, Headers, StreamState
-
-CANCEL = h2.errors.ErrorCodes.CANCEL
 # What a send on a stream or connection the peer just ended raises: the pair is reset whole.
-GONE = (ConnectionClosed, h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError)
+GONE = ConnectionClosed
 
 
 @dataclass(eq=False, slots=True)
@@ -72,8 +71,8 @@ class Splice:
 
     def __init__(
         self,
-        down: H2Core,
-        up: H2Core,
+        down: Core,
+        up: Core,
         *,
         stamp: Callable[[Pair, Headers], Headers],
         observe: Observe | None = None,
@@ -141,7 +140,7 @@ class Splice:
     # -- what either reader received -------------------------------------------------------
 
     def down_events(self, woken: set[int]) -> None:
-        """After the downstream core took bytes: `woken` as `H2Core.receive_data` returned it."""
+        """After the downstream core took bytes: `woken` as `Core.receive_data` returned it."""
         self._each(self.by_down, woken)
 
     def up_events(self, woken: set[int]) -> None:
@@ -153,9 +152,8 @@ class Splice:
                 self._service(pair)
             return
         for sid in woken:
-            pair = pairs.get(sid)
-            if pair is not None:
-                self._service(pair)
+            if (woke := pairs.get(sid)) is not None:
+                self._service(woke)
 
     def _service(self, pair: Pair) -> None:
         down, up = pair.down, pair.up
@@ -213,9 +211,9 @@ class Splice:
 
     def _move(
         self,
-        src: H2Core,
+        src: Core,
         sst: StreamState,
-        dst: H2Core,
+        dst: Core,
         did: int,
         pending: memoryview | None,
         direction: str,
@@ -299,7 +297,8 @@ class Splice:
         if self.uploading:
             due = min(due, min(p.due for p in self.uploading))
         if self.stalls and self.slow_read is not None:
-            due = min(due, min(p.stalled_since for p in self.stalls) + self.slow_read)  # type: ignore[operator]
+            stalled = min(p.stalled_since or 0.0 for p in self.stalls)  # a stalled pair has its time
+            due = min(due, stalled + self.slow_read)
         return due
 
     def overdue(self, now: float) -> list[StreamState]:

@@ -9,19 +9,18 @@ the certificate and the hostname) the same SSLObject and memory BIOs are driven 
 a read decrypts what the BIO holds or receives more from the socket; a write encrypts and sends
 what the BIO then holds, including anything a read left there (a KeyUpdate answer).
 
-Anything other than TLS 1.3 keeps trio's SSLStream (`lean_tls`); KONBINI_TLS_STREAM=trio keeps it
-always, for a before/after. Closing goes through the SSLStream (close_notify, then the socket).
+Anything other than TLS 1.3 keeps trio's SSLStream (`lean_tls`). Closing goes through the
+SSLStream (close_notify, then the socket). The SSLStream's private fields read here are pinned
+by pyproject.toml's trio range and checked by tests/test_trio_internals.py.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 
 import trio
 
-LEAN = os.environ.get("KONBINI_TLS_STREAM", "lean") != "trio"
 RECEIVE_SIZE = 256 * 1024
 # Bytes given to (or taken from) the TLS object's memory BIOs at a time. OpenSSL's memory BIO
 # keeps the capacity of its largest fill for the connection's life: fed whole 256 KiB reads and
@@ -40,7 +39,7 @@ class TLSRecords(trio.abc.Stream):
     """An established TLS 1.3 session of `tls` (a trio.SSLStream that finished its handshake),
     for one reader task and one writer task."""
 
-    def __init__(self, tls: trio.SSLStream) -> None:
+    def __init__(self, tls: trio.SSLStream[trio.abc.Stream]) -> None:
         self.tls = tls
         self.transport_stream = tls.transport_stream
         self._ssl = tls._ssl_object  # noqa: SLF001 (trio keeps them private; no public way in)
@@ -90,6 +89,7 @@ class TLSRecords(trio.abc.Stream):
         out = self._ciphertext(data)
         if not out:
             return True
+        assert self._raw is not None, "send_now needs a socket (can_send_now)"
         try:
             sent = self._raw.send(out)
         except BlockingIOError:
@@ -143,7 +143,7 @@ class TLSRecords(trio.abc.Stream):
         out at their size (trio's recv allocates the whole 256 KiB and shrinks it to what came)."""
         raw = self._raw
         if raw is None:
-            return await self.transport_stream.receive_some(RECEIVE_SIZE)
+            return bytes(await self.transport_stream.receive_some(RECEIVE_SIZE))
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
@@ -176,7 +176,7 @@ class TLSRecords(trio.abc.Stream):
 
 def lean_tls(stream: trio.abc.Stream) -> trio.abc.Stream:
     """`stream` as TLSRecords when it is an established TLS 1.3 SSLStream; else as it is."""
-    if LEAN and isinstance(stream, trio.SSLStream):
+    if isinstance(stream, trio.SSLStream):
         obj = getattr(stream, "_ssl_object", None)
         if obj is not None and obj.version() == "TLSv1.3" and not stream._outgoing.pending:  # noqa: SLF001
             return TLSRecords(stream)

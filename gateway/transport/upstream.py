@@ -9,8 +9,10 @@ from __future__ import annotations
 import trio
 
 from gateway.node.server import NodeContext
-from gateway.protocol.h2core import ConnectionClosed, Headers
-from gateway.protocol.h2trio import Stream, TrioH2
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import ConnectionClosed
+from gateway.protocol.h2trio import TrioH2
+from gateway.protocol.streams import Headers
 from topology.spec.model import Node
 
 

@@ -39,7 +39,7 @@ from cryptography import x509
 from hdrh.histogram import HdrHistogram
 
 from gateway.business.clock import JST
-from gateway.protocol.h2core import ConnectionClosed, StreamReset
+from gateway.protocol.errors import LinkDown, LinkError, StreamReset
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from gateway.transport.tls import client_context
@@ -462,8 +462,8 @@ class _Worker:
             else:
                 case = self._case()
                 outcome, nbytes, hops, split = await self._issue(k, case, card)
-        except (ConnectionClosed, OSError, ConnectionError) as exc:
-            outcome = f"error:{type(exc).__name__}"
+        except LinkError as exc:  # a refused connection is named by what refused it
+            outcome = f"error:{type(exc.__cause__ if isinstance(exc, LinkDown) and exc.__cause__ else exc).__name__}"
         except TimeoutError:
             outcome = "error:timeout"
         except Exception as exc:  # noqa: BLE001 - a bug in a flow must not stop the run; it is counted

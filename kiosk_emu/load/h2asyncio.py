@@ -1,4 +1,4 @@
-"""asyncio (uvloop) driver for `gateway.protocol.h2core`, client side: the load generator's kiosks.
+"""asyncio (uvloop) driver for the HTTP/2 client core (`gateway.protocol.h2lean`): the load generator's kiosks.
 
 Mirror of `gateway.protocol.h2trio` with an asyncio Protocol instead of reader/writer tasks:
 `data_received` feeds the core and wakes the streams it names; output is flushed once per
@@ -13,45 +13,22 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-import h2.errors
-
-from gateway.protocol.h2core import (
-    ConnectionClosed,
-    H2Driver,
-    StreamHandle,
-    header,
-)
-from gateway.protocol.h2lean import client_core
+from gateway.protocol.driver import H2Driver
+from gateway.protocol.errors import ConnectionClosed, LinkDown, link_errors
+from gateway.protocol.frames import REFUSED_STREAM
+from gateway.protocol.h2lean import LeanClientCore
 from gateway.transport.resumption import OfferingContext, sessions_of
 
 HANDSHAKE_TIMEOUT = 5.0
 
 
-class Stream(StreamHandle):
-    """One HTTP/2 stream seen from an asyncio task."""
-
-    __slots__ = ()
-
-    @property
-    def status(self) -> int:
-        return int(header(self.st.headers, b":status") or 0)
-
-    async def drain_body(self) -> int:
-        """Read and discard the body; returns its size (relay benchmarks)."""
-        n = 0
-        while (chunk := await self.receive_chunk()) is not None:
-            n += len(chunk)
-        return n
-
-
 class AsyncioH2(H2Driver, asyncio.Protocol):
     """An HTTP/2 client connection over an asyncio TLS transport."""
 
-    stream_class = Stream
     new_event = staticmethod(asyncio.Event)
 
     def __init__(self, peer: str = "?") -> None:
-        super().__init__(client_core())  # gateway/protocol/h2lean.py
+        super().__init__(LeanClientCore())
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -72,7 +49,7 @@ class AsyncioH2(H2Driver, asyncio.Protocol):
             self._lost()
             return
         while self.core.new_requests:  # a client takes no requests
-            self.core.reset(self.core.new_requests.popleft().id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.core.reset(self.core.new_requests.popleft().id, REFUSED_STREAM)
         self.wake(woken)
         self._flush()
         if self.core.closed:
@@ -86,7 +63,7 @@ class AsyncioH2(H2Driver, asyncio.Protocol):
         self._lost()
 
     def _lost(self) -> None:
-        self.core._close("eof")
+        self.core.lose("eof")
         self.wake({0})
         if not self.closed.done():
             self.closed.set_result(None)
@@ -114,24 +91,26 @@ class AsyncioH2(H2Driver, asyncio.Protocol):
 async def connect_h2(
     address: str, port: int, expect_id: str, ctx: ssl.SSLContext, *, local_address: str | None = None
 ) -> AsyncioH2:
-    """TCP from our own address (the allow-lists check it), TLS naming the expected node, HTTP/2."""
+    """TCP from our own address (the allow-lists check it), TLS naming the expected node, HTTP/2.
+    A refusal or failure of TCP or TLS raises LinkDown."""
     loop = asyncio.get_running_loop()
     sessions = sessions_of(ctx)
-    transport, proto = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: AsyncioH2(expect_id),
-            address,
-            port,
-            ssl=OfferingContext(ctx, sessions.offer(expect_id)),  # resumed if the router still takes the ticket
-            server_hostname=expect_id,
-            local_addr=(local_address, 0) if local_address else None,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-        ),
-        HANDSHAKE_TIMEOUT + 1,
-    )
+    with link_errors():
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: AsyncioH2(expect_id),
+                address,
+                port,
+                ssl=OfferingContext(ctx, sessions.offer(expect_id)),  # resumed if the router still takes the ticket
+                server_hostname=expect_id,
+                local_addr=(local_address, 0) if local_address else None,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            ),
+            HANDSHAKE_TIMEOUT + 1,
+        )
     sslobj = transport.get_extra_info("ssl_object")
     if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
         transport.close()
-        raise ConnectionError(f"{expect_id} did not agree to h2")
+        raise LinkDown(f"{expect_id} did not agree to h2")
     sessions.remember(expect_id, sslobj)
     return proto

@@ -42,10 +42,10 @@ from gateway.business import rules
 from gateway.business.clock import JST, Clock
 from gateway.node.server import NodeContext, NodeServer, connect_h2
 from gateway.nodes.kiosk_maintenance import password_path
-from gateway.protocol.h2core import header
 from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
+from gateway.protocol.streams import header
 from gateway.transport.tls import client_context
 from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.kiosk import Kiosk, issue_at

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from gateway.node.server import NodeContext
+from gateway.protocol.errors import TRANSPORT_ERRORS
 from topology.pki import PKI
 from topology.spec.load import load_topology
 from topology.spec.model import Topology
@@ -108,7 +109,7 @@ async def run_check(topo: Topology, pki: PKI, mode: str, check: str) -> AppCheck
             await trio.aclose_forcefully(tls)
     except trio.TooSlowError:
         result.refused, result.detail = True, "no answer at all (dropped)"
-    except (OSError, trio.BrokenResourceError, ssl.SSLError, ConnectionError) as exc:
+    except TRANSPORT_ERRORS as exc:
         result.refused, result.detail = (
             True,
             f"refused: {type(exc).__name__} {getattr(exc, 'strerror', None) or exc}"[:160],

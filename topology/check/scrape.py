@@ -42,7 +42,7 @@ def scrape(pki: PKI, node_id: str, address: str, source: str, timeout: float = S
                 answer = b""
                 while data := tls.recv(65536):
                     answer += data
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError is one
         raise ScrapeError(f"scrape of {node_id} at {address}:{METRICS_PORT} from {source} failed: {exc}") from None
     head, _, body = answer.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):

@@ -143,7 +143,7 @@ def cmd_issue(args) -> int:
                 result = await kiosk.issue(conn, card, args.pin or DEFAULT_PIN, req)
                 running.cards.save(card)
                 conn.close()
-        except (OSError, trio.BrokenResourceError, BaseExceptionGroup) as exc:
+        except (OSError, BaseExceptionGroup) as exc:  # LinkDown is an OSError too
             if _certificate_refused(exc):
                 raise UserError(
                     f"{where} does not trust the PKI in {sdir / 'pki'}, made for another state directory; "

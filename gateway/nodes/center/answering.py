@@ -6,12 +6,17 @@ import base64
 from collections import Counter
 from collections.abc import Iterable
 
+import trio
+
 from gateway.business.refusal import Refusal
 from gateway.node.server import App, NodeContext
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import LinkError
 from gateway.protocol.http import refuse, timing
 
 UPSTREAM_TIMEOUT = 10.0  # OCSP and municipality must answer within this, or the request is cancelled whole
+# Any of these while an upstream (OCSP, a municipality) is asked or read cancels the request whole.
+UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, LinkError)
 
 
 def b64(data: bytes) -> str:

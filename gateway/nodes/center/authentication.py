@@ -22,11 +22,11 @@ from gateway.business import ocsp
 from gateway.business.refusal import Refusal
 from gateway.business.session import Session, SessionEvent
 from gateway.business.sessions import LocalSessions, SharedSessions
-from gateway.nodes.center.answering import UPSTREAM_TIMEOUT, Answering, b64
-from gateway.protocol.h2core import header
-from gateway.protocol.h2trio import Stream, StreamReset
+from gateway.nodes.center.answering import UPSTREAM_FAILURES, UPSTREAM_TIMEOUT, Answering, b64
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import request_headers, send_json, timing
 from gateway.protocol.messages import AuthOk, AuthRequest, Challenge
+from gateway.protocol.streams import header
 from gateway.transport.upstream import Upstream
 from topology.pki import card_id_of, is_smartphone, verify_card_certificate
 
@@ -128,7 +128,7 @@ class CardAuthentication(Answering):
                     answer = await st.read_body(64 * 1024)
                 finally:
                     conn.release(st)
-        except (trio.TooSlowError, StreamReset, OSError, ConnectionError) as exc:
+        except UPSTREAM_FAILURES as exc:
             log.warning("ocsp unavailable: %s", type(exc).__name__)
             return Refusal.OCSP_UNAVAILABLE
         if header(headers, b":status") != b"200":

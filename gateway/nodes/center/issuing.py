@@ -36,11 +36,13 @@ from gateway.business.session import (
     SessionState,
 )
 from gateway.business.sessions import LocalSessions, SharedSessions
-from gateway.nodes.center.answering import UPSTREAM_TIMEOUT, Answering, b64
-from gateway.protocol.h2core import Headers, header
-from gateway.protocol.h2trio import Stream, StreamReset, TrioH2
+from gateway.nodes.center.answering import UPSTREAM_FAILURES, UPSTREAM_TIMEOUT, Answering, b64
+from gateway.protocol.driver import Stream
+from gateway.protocol.errors import LinkError
+from gateway.protocol.h2trio import TrioH2
 from gateway.protocol.http import request_headers, timing
 from gateway.protocol.messages import Binding, DocumentRequest, IssueRequest
+from gateway.protocol.streams import Headers, header
 from gateway.transport.outliers import Outliers
 from gateway.transport.upstream import Upstream
 from topology.spec.model import Hours, Node
@@ -60,10 +62,8 @@ PROBE_INTERVAL = 1.0  # seconds between probes of a set-aside document server
 PROBE = msgspec.json.encode(DocumentRequest("probe", "residence-record", 0, "probe"))
 DEFAULT_DOCUMENT_SIZE = 64 * 1024
 MAX_DOCUMENT_SIZE = 64 * 1024 * 1024
-# Any of these while the municipality's document is requested or streamed cancels the issuance whole.
-UPSTREAM_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset)
 # Any of these from one document server passes over it to the next.
-DOCUMENT_SERVER_FAILURES = (trio.TooSlowError, ConnectionError, OSError, StreamReset, trio.BrokenResourceError)
+DOCUMENT_SERVER_FAILURES = (trio.TooSlowError, ConnectionError, LinkError)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from gateway.business.ledger import IssuanceRecord, LedgerDB, LedgerError, Month
 from gateway.business.refusal import Refusal
 from gateway.business.session import Issuance, IssuanceEvent, IssuanceState, Session
 from gateway.nodes.center.issuing import IssuanceFlow
-from gateway.protocol.h2core import header
-from gateway.protocol.h2trio import Stream
+from gateway.protocol.driver import Stream
 from gateway.protocol.http import send_json, timing
 from gateway.protocol.messages import CompletionNotice, CorrectionAck, CorrectionNotice, MisdeliveryReport, NoticeAck
+from gateway.protocol.streams import header
 
 log = logging.getLogger("konbini.center")
 
