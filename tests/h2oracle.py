@@ -92,6 +92,13 @@ class Outcome:
     detail: str = field(default="", compare=False)  # the rule it said was broken, for the allow-list and the reader
     culprit: bytes = field(default=b"", compare=False)  # the chunk that ended the connection
 
+    def settle(self) -> Outcome:
+        """Once the connection ended with an error, the windows it left mean nothing (konbini may have
+        applied half a SETTINGS frame)."""
+        if self.error is not None:
+            self.send_window, self.stream_windows = 0, {}
+        return self
+
     def summary(self) -> str:
         if self.error is not None:
             return f"GOAWAY {self.error}"
@@ -145,7 +152,7 @@ def run_konbini(core: Core, chunks: list[bytes]) -> Outcome:
             out.stream_windows[sid] = state.window
     out.send_window = core.send_window
     out.max_frame_size = core.max_frame_size
-    return out
+    return out.settle()
 
 
 def run_h2(conn: h2.connection.H2Connection, chunks: list[bytes]) -> Outcome:
@@ -171,7 +178,7 @@ def run_h2(conn: h2.connection.H2Connection, chunks: list[bytes]) -> Outcome:
         if sending and view.reset is None and sid not in out.resets_sent:
             out.stream_windows[sid] = stream.outbound_flow_control_window
     out.max_frame_size = conn.max_outbound_frame_size
-    return out
+    return out.settle()
 
 
 def _record(out: Outcome, ev: h2.events.Event) -> None:

@@ -160,6 +160,15 @@ DIFFERENCES: dict[str, Difference] = {
         " h2 lets it through",
         lambda k, r: k.error == E.PROTOCOL_ERROR and k.detail == "content-length without a body",
     ),
+    "content-length-checked-at-trailers": Difference(
+        "a body that differs from its content-length is malformed however the stream ends (RFC 9113 §8.1.1); h2"
+        " checks it only when DATA ends the stream, not trailers",
+        lambda k, r: (
+            k.error == E.PROTOCOL_ERROR
+            and k.detail == "body length differs from content-length"
+            and _kind(k.culprit) == HEADERS
+        ),
+    ),
     "stream-error-as-connection-error": Difference(
         "konbini ends the connection on a stream error (RFC 9113 §5.4.1 allows it), h2 resets the stream;"
         " the code is the same",
@@ -685,6 +694,11 @@ EXAMPLES: dict[str, tuple[str, list[bytes]] | tuple[str, list[bytes], Limits]] =
         [SERVER_START, *(frame(HEADERS, END_HEADERS, sid, _block(GET)) for sid in (1, 3, 5))],
         Limits(max_concurrent_streams=2),
     ),
+    "content-length-checked-at-trailers": (
+        "server",
+        [SERVER_START, frame(HEADERS, END_HEADERS, 1, _block([*REQUEST, (b"content-length", b"5")]))]
+        + [frame(DATA, 0, 1, b"xy"), frame(HEADERS, END_HEADERS | END_STREAM, 1, _block([(b"x-t", b"1")]))],
+    ),
     "content-length-without-a-body": (
         "server",
         [SERVER_START, frame(HEADERS, END_HEADERS | END_STREAM, 1, _block([*GET, (b"content-length", b"5")]))],
@@ -770,6 +784,12 @@ FOUND: dict[str, tuple[str, list[bytes], int]] = {
     "enable-push-from-a-server": (
         "client",
         [frame(SETTINGS, 0, 0, struct.pack(">HL", 2, 1))],
+        E.PROTOCOL_ERROR,
+    ),
+    "trailers-without-end-stream": (
+        "client",
+        [frame(SETTINGS, 0, 0), frame(HEADERS, END_HEADERS, 3, _block(RESPONSE))]
+        + [frame(HEADERS, END_HEADERS, 3, _block([(b"x-t", b"1")]))],
         E.PROTOCOL_ERROR,
     ),
     "headers-after-end-stream": (

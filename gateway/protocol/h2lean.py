@@ -805,6 +805,8 @@ class LeanClientCore(LeanCore):
                     raise _Violation(PROTOCOL_ERROR, "an informational response ending the stream")
                 return
             st.headers = headers
+        elif not flags & END_STREAM:
+            raise _Violation(PROTOCOL_ERROR, "trailers without END_STREAM")
         else:
             st.trailers = headers
         if flags & END_STREAM:
