@@ -181,6 +181,7 @@ class LeanCore:
 
     preface_received = True
     _preface_left = 0  # server: bytes of the client preface still to come
+    _peer_is_server = False  # a server may not send ENABLE_PUSH 1 (RFC 9113 §6.5.2)
     _settings_seen = False
 
     def __init__(self, max_header_list_size: int, settings: dict[int, int]) -> None:
@@ -314,6 +315,7 @@ class LeanCore:
             if flags & PRIORITY_FLAG:
                 if len(block) < 5:
                     raise Violation(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                _check_dependency(sid, block)
                 block = block[5:]
             self._block, self._block_stream, self._block_flags, self._block_frames = bytearray(block), sid, flags, 0
             if flags & END_HEADERS:
@@ -349,6 +351,8 @@ class LeanCore:
             if not flags & ACK:
                 self._out += frame(PING, ACK, 0, payload)
         elif kind == GOAWAY:
+            if len(payload) < 8 or sid != 0:
+                raise Violation(FRAME_SIZE_ERROR if len(payload) < 8 else PROTOCOL_ERROR, "bad GOAWAY")
             self._close("goaway")
             woken.update(self.streams)
             woken.add(0)
@@ -359,6 +363,7 @@ class LeanCore:
         elif kind == PRIORITY:  # ignored, once it is well-formed
             if len(payload) != 5 or sid == 0:
                 raise Violation(FRAME_SIZE_ERROR if len(payload) != 5 else PROTOCOL_ERROR, "bad PRIORITY")
+            _check_dependency(sid, payload)
         # unknown frame types are ignored (RFC 9113 §5.5)
 
     def _done_sending(self, sid: int) -> bool:
@@ -424,6 +429,8 @@ class LeanCore:
             return
         if state.remote_ended:
             raise Violation(STREAM_CLOSED, "DATA after END_STREAM")
+        if st.headers is None:  # a response's DATA before its HEADERS (a request's stream begins with them)
+            raise Violation(PROTOCOL_ERROR, "DATA before HEADERS")
         data = self._unpad(flags, payload)
         end = flags & END_STREAM
         if not data and not end:
@@ -473,8 +480,8 @@ class LeanCore:
             if key == SettingCode.HEADER_TABLE_SIZE:
                 self._encoder.table_update = True
             elif key == SettingCode.ENABLE_PUSH:
-                if value > 1:
-                    raise Violation(PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1")
+                if value > 1 or (value and self._peer_is_server):
+                    raise Violation(PROTOCOL_ERROR, "ENABLE_PUSH neither 0 nor 1, or from a server")
             elif key == SettingCode.MAX_CONCURRENT_STREAMS:
                 self.max_streams = value
             elif key == SettingCode.MAX_HEADER_LIST_SIZE:
@@ -637,6 +644,8 @@ class LeanCore:
 class LeanClientCore(LeanCore):
     """The client side: opens requests, reads responses."""
 
+    _peer_is_server = True
+
     def __init__(self, *, max_header_list_size: int = MAX_HEADER_LIST_SIZE) -> None:
         super().__init__(
             max_header_list_size,
@@ -656,18 +665,26 @@ class LeanClientCore(LeanCore):
 
     def _on_headers(self, sid: int, flags: int, headers: Headers, woken: set[int]) -> None:
         st = self.streams.get(sid)
+        if st is None and self._idle(sid):
+            raise Violation(PROTOCOL_ERROR, "HEADERS on a stream we did not open")
         if st is None or st.reset_code is not None:
             return
+        state = self._state.get(sid)
+        if state is not None and state.remote_ended:
+            raise Violation(STREAM_CLOSED, "HEADERS after END_STREAM")
         if st.headers is None:
             status = next((v for k, v in headers if k == b":status"), b"")
             if status.startswith(b"1"):  # informational: the response proper follows
+                if flags & END_STREAM:
+                    raise Violation(PROTOCOL_ERROR, "an informational response ending the stream")
                 return
             st.headers = headers
+        elif not flags & END_STREAM:
+            raise Violation(PROTOCOL_ERROR, "trailers without END_STREAM")
         else:
             st.trailers = headers
         if flags & END_STREAM:
             st.ended = True
-            state = self._state.get(sid)
             if state is not None:
                 state.remote_ended = True
         woken.add(sid)
@@ -788,3 +805,9 @@ class LeanServerCore(LeanCore):
         self._header_block(stream_id, headers, end_stream)
         if end_stream:
             state.ended = True
+
+
+def _check_dependency(sid: int, priority: bytes) -> None:
+    """Priorities are ignored, but a stream depending on itself is still an error (RFC 9113 §5.3.1)."""
+    if U32.unpack_from(priority)[0] & 0x7FFFFFFF == sid:
+        raise Violation(PROTOCOL_ERROR, "a stream depending on itself")
