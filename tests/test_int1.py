@@ -45,6 +45,15 @@ CAUGHT = (AssertionError, ConnectionClosed)
 STAMP = (b"server-timing", b"relay;dur=0.1")
 
 
+def carried(splice: Splice, pair: Pair) -> tuple[object, dict[int, Pair]]:
+    """The core of the upstream connection that carries `pair`, and that connection's pairs by
+    upstream stream id: the splice's own (paired relays) or the pair's carrier's (pooled)."""
+    carrier = getattr(pair, "carrier", None)
+    if carrier is not None:
+        return carrier.core, carrier.pairs
+    return splice.up, splice.by_up
+
+
 def caught(check, *args) -> bool:
     """Whether `check` found the wrong delivery it looks for."""
     try:
@@ -225,7 +234,7 @@ def check_a_cancelled_request_through_the_relay_leaves_the_next_its_own_response
     assert b.headers == [(b":status", b"200"), (b"konbini-issuance-id", b"iss-B"), STAMP], b.headers
     assert drain(hop.kiosk, b) == b"%PDF resident B"
     assert b.trailers == [(b"konbini-binding", b"bind-B")]
-    assert not hop.splice.by_down and not hop.splice.by_up
+    assert not hop.splice.by_down
 
 
 def test_a_cancelled_request_through_the_relay_leaves_the_next_its_own_response():
@@ -247,13 +256,14 @@ def test_the_relay_cancel_check_catches_a_splice_that_pairs_by_position(monkeypa
             return
         real_service(self, pair)
 
-    def open_(self, st, headers, read_at):
-        pair = real_open(self, st, headers, read_at)
+    def open_(self, st, headers, read_at, *rest):
+        pair = real_open(self, st, headers, read_at, *rest)
         if pair is not None and spare:
-            self.by_up.pop(pair.up.id, None)
-            self.up.reset(pair.up.id)
+            core, pairs = carried(self, pair)
+            pairs.pop(pair.up.id, None)
+            core.reset(pair.up.id)
             pair.up = spare.pop(0)
-            self.by_up[pair.up.id] = pair
+            pairs[pair.up.id] = pair
         return pair
 
     monkeypatch.setattr(Splice, "_service", service)
@@ -512,7 +522,7 @@ def check_one_failing_stream_leaves_the_others_whole() -> None:
         assert st.reset_code is None and st.ended, i
         assert bytes(got[i]) == body_of(i), (i, len(got[i]))
         assert st.trailers == [(b"konbini-binding", f"bind-{i}".encode())], i
-    assert not hop.splice.by_down and not hop.splice.by_up
+    assert not hop.splice.by_down
 
 
 def test_one_failing_stream_leaves_the_others_whole():
