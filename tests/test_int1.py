@@ -191,6 +191,8 @@ def check_a_cancelled_requests_late_response_never_reaches_the_next_request(clie
 
 
 def test_a_cancelled_requests_late_response_never_reaches_the_next_request():
+    """Checked: fails on a client core that gives the cancelled stream's id to the next request
+    (the next test): B reads A's headers."""
     check_a_cancelled_requests_late_response_never_reaches_the_next_request()
 
 
@@ -238,6 +240,8 @@ def check_a_cancelled_request_through_the_relay_leaves_the_next_its_own_response
 
 
 def test_a_cancelled_request_through_the_relay_leaves_the_next_its_own_response():
+    """Checked: fails on a splice that hands a cancelled request's upstream stream to the next
+    request (the next test): B reads `iss-A`."""
     check_a_cancelled_request_through_the_relay_leaves_the_next_its_own_response()
 
 
@@ -360,6 +364,8 @@ DRIFT = [
 
 @pytest.mark.parametrize("check", DRIFT, ids=["client-core", "server-core", "relay"])
 def test_header_blocks_on_reset_streams_are_decoded_so_later_streams_read_their_own_headers(check):
+    """Checked: each fails on a core that skips header blocks of reset streams (the next test):
+    B reads A's `konbini-issuance-id` (client core), `konbini-card` (server core), `iss-A` (relay)."""
     check()
 
 
@@ -421,6 +427,8 @@ def check_no_header_value_carries_over_between_streams_through_the_relay() -> No
 
 
 def test_no_header_value_carries_over_between_streams_on_a_connection():
+    """Checked: fails on an encoder caching bytes by name (every `:path` is the first one's) and
+    on a decoder filling fields in from the previous block (the next test)."""
     check_no_header_value_carries_over_between_streams_through_the_relay()
 
 
@@ -513,19 +521,21 @@ def check_one_failing_stream_leaves_the_others_whole() -> None:
     for i, st in sent.items():
         if st.reset_code is None:
             got[i] += drain(hop.kiosk, st)
-    assert [st.id for st in hop.late] == [sent[silent].id]
-    assert origin[silent].reset_code is not None  # cancelled at the origin too
     for i, st in sent.items():
         if i in (silent, reset_by_origin, cancelled_by_kiosk):
             assert i == silent or st.reset_code is not None, i
             continue
-        assert st.reset_code is None and st.ended, i
+        assert st.reset_code is None and st.ended, f"stream {i} reset or cut at {len(got[i])} bytes"
         assert bytes(got[i]) == body_of(i), (i, len(got[i]))
         assert st.trailers == [(b"konbini-binding", f"bind-{i}".encode())], i
+    assert [st.id for st in hop.late] == [sent[silent].id]
+    assert origin[silent].reset_code is not None  # cancelled at the origin too
     assert not hop.splice.by_down
 
 
 def test_one_failing_stream_leaves_the_others_whole():
+    """Checked: fails on a splice that resets every request on a stream's reset (the next test):
+    "stream 0 reset or cut at 32768 bytes"."""
     check_one_failing_stream_leaves_the_others_whole()
 
 

@@ -121,6 +121,9 @@ def check_kills_leave_each_issuance_whole_or_failed(state: Path, topo_file: Path
 
 @pytest.mark.parametrize("mode", RELAY_MODES)
 def test_a_relay_or_the_center_killed_leaves_each_issuance_whole_or_failed(tmp_path, mode) -> None:
+    """Checked: fails on relays that end a cut document as whole (the next test): kiosks report
+    documents "misdelivered" (caught in every run of this configuration; with 512 KiB documents
+    one run in two missed it, so the documents are 1 MiB and the center is killed three times)."""
     print("\nkill run:", check_kills_leave_each_issuance_whole_or_failed(*lab_files(tmp_path, mode)))
 
 

@@ -209,6 +209,8 @@ async def check_a_cancel_mid_document_is_whole_at_every_hop(net: Running, tmp: P
 
 
 async def test_a_cancel_mid_document_cancels_the_whole_request_at_every_hop(shared, state, tmp_path):
+    """Checked: fails on a relay that lets go of its own half only, and on a center that closes
+    the session only (the next test): "the center's issuance cancelled: not within" the bound."""
     cards = CardStore(state, shared.pki, clock=lambda: TEST_TIME).ensure_pool(200)[180:182]
     await check_a_cancel_mid_document_is_whole_at_every_hop(shared, tmp_path, cards)
 
@@ -281,6 +283,8 @@ async def check_simultaneous_requests_from_several_stores_each_get_their_own(
 
 
 async def test_requests_from_several_stores_within_a_second_each_get_their_own_document(shared, state, tmp_path):
+    """Checked: fails on one document slot per municipality (the next test): a kiosk refuses
+    the paper, "misdelivered: resident-mismatch"."""
     cards = CardStore(state, shared.pki, clock=lambda: TEST_TIME).ensure_pool(200)[184:192]
     await check_simultaneous_requests_from_several_stores_each_get_their_own(shared, tmp_path, cards)
 
@@ -360,6 +364,7 @@ async def check_a_municipality_on_two_document_servers_gives_each_their_own(net:
 
 
 async def test_a_municipality_on_two_document_servers_gives_each_resident_their_own(takamatsu, tmp_path):
+    """Checked: fails on the single-slot program (the next test): "misdelivered: resident-mismatch"."""
     await check_a_municipality_on_two_document_servers_gives_each_their_own(takamatsu, tmp_path)
 
 
@@ -417,6 +422,8 @@ async def check_one_failing_issuance_leaves_the_others_whole(net: Running, tmp: 
 
 
 async def test_one_failing_issuance_leaves_the_others_on_the_shared_connection_whole(shared, state, tmp_path):
+    """Checked: fails on a release that closes the shared connection (the next test): another
+    resident's issuance ends "cancelled: stream-reset"."""
     cards = CardStore(state, shared.pki, clock=lambda: TEST_TIME).ensure_pool(210)[196:202]
     await check_one_failing_issuance_leaves_the_others_whole(shared, tmp_path, cards)
 
