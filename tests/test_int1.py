@@ -23,6 +23,7 @@ import hpack
 import pytest
 
 from gateway.protocol import h2lean
+from gateway.protocol import splice as splice_module
 from gateway.protocol.h2core import ConnectionClosed, H2Core, Headers, StreamState
 from gateway.protocol.h2lean import (
     END_HEADERS,
@@ -552,3 +553,125 @@ def test_the_whole_streams_check_catches_a_splice_that_takes_a_stream_error_for_
 
     monkeypatch.setattr(Splice, "_service", service)
     assert caught(check_one_failing_stream_leaves_the_others_whole)
+
+
+# -- pooled relays: many clients' streams on one upstream connection ---------------------------------
+
+Carrier = getattr(splice_module, "Carrier", None)  # a pooled relay's shared upstream connection (issue 31 item 1)
+pooled_only = pytest.mark.skipif(Carrier is None, reason="relays pair only")
+
+
+class PooledHop:
+    """Two kiosks' connections → [down | splice] each → one carrier (a pooled upstream connection)
+    → origin: the splices share the carrier as a pooled relay's do."""
+
+    def __init__(self) -> None:
+        self.kiosks = [H2Core(client_side=True) for _ in range(2)]
+        self.downs = [LeanServerCore(limits=Limits()) for _ in range(2)]
+        self.up, self.origin = LeanClientCore(), H2Core(client_side=False, limits=Limits())
+        self.carrier = Carrier(self.up)
+        self.splices = [Splice(down, None, stamp=Hop.stamp, clock=lambda: 0.0) for down in self.downs]
+        self.requests: dict[bytes, StreamState] = {}  # what reached the origin, by path
+        self.pump()
+
+    def pump(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for kiosk, down, splice in zip(self.kiosks, self.downs, self.splices, strict=True):
+                if not down.closed and (data := kiosk.data_to_send()):
+                    woken = down.receive_data(data)
+                    while down.new_requests:
+                        st = down.new_requests.popleft()
+                        assert splice.open(st, st.headers or [], 0.0, self.carrier) is not None
+                    splice.down_events(woken)
+                    moved = True
+                if (data := down.data_to_send()) and not kiosk.closed:
+                    kiosk.receive_data(data)
+                    moved = True
+            if data := self.up.data_to_send():
+                self.origin.receive_data(data)
+                while self.origin.new_requests:
+                    st = self.origin.new_requests.popleft()
+                    self.requests[dict(st.headers)[b":path"]] = st
+                moved = True
+            if data := self.origin.data_to_send():
+                self.carrier.events(self.up.receive_data(data))
+                moved = True
+
+
+def check_a_dying_client_connection_leaves_the_others_on_the_carrier_whole() -> None:
+    """Kiosks 0 and 1 each download three documents over one carrier, interleaved, each request
+    with its own kiosk field (kiosk 0's with a field kiosk 1's lack). Midway kiosk 0's connection
+    dies (its splice closes, as a relay's does at a connection's end): its three streams are reset
+    at the origin; kiosk 1's three arrive whole, with their own headers, body and trailers."""
+    hop = PooledHop()
+    sent: dict[tuple[int, int], StreamState] = {}
+    for n in range(3):
+        for k, kiosk in enumerate(hop.kiosks):
+            extra = [(b"x-only-kiosk-0", b"secret-0")] if k == 0 else []
+            headers = request_headers(
+                "GET", f"/doc/{k}/{n}", "center", [(b"konbini-kiosk", f"kiosk-{k}".encode()), *extra]
+            )
+            sent[k, n] = kiosk.send_request(headers, end_stream=True)
+    hop.pump()
+    for k, n in sent:
+        got = hop.requests[f"/doc/{k}/{n}".encode()].headers
+        assert (b"konbini-kiosk", f"kiosk-{k}".encode()) in got and ((b"x-only-kiosk-0", b"secret-0") in got) == (
+            k == 0
+        )
+    origin = {key: hop.requests[f"/doc/{key[0]}/{key[1]}".encode()] for key in sent}
+    bodies = {key: bytes([65 + 3 * key[0] + key[1]]) * BODY for key in sent}
+    offset = dict.fromkeys(sent, 0)
+    got = {key: bytearray() for key in sent}
+    for key, ost in origin.items():
+        hop.origin.send_headers(ost.id, [(b":status", b"200"), (b"konbini-issuance-id", f"iss-{key}".encode())])
+    rounds = 0
+    while any(offset[key] < BODY for key in sent if key[0] == 1):
+        rounds += 1
+        assert rounds < 1000, "the downloads stopped moving"
+        if rounds == 3:  # kiosk 0's connection dies
+            hop.splices[0].close()
+            hop.downs[0].close()
+        for key, ost in origin.items():
+            if offset[key] >= BODY or ost.reset_code is not None:
+                continue
+            offset[key] += hop.origin.send_data(ost.id, memoryview(bodies[key])[offset[key] :][:16384])
+            if offset[key] >= BODY:
+                hop.origin.end_stream(ost.id, [(b"konbini-binding", f"bind-{key}".encode())])
+        hop.pump()
+        for (k, n), st in sent.items():
+            if k == 1 and st.reset_code is None:
+                got[k, n] += drain(hop.kiosks[1], st)
+        hop.pump()
+    for n in range(3):
+        st = sent[1, n]
+        assert st.reset_code is None and st.ended, f"kiosk 1's stream {n} reset or cut at {len(got[1, n])} bytes"
+        assert st.headers == [(b":status", b"200"), (b"konbini-issuance-id", f"iss-{(1, n)}".encode()), STAMP]
+        assert bytes(got[1, n]) == bodies[1, n] and st.trailers == [(b"konbini-binding", f"bind-{(1, n)}".encode())]
+        assert origin[0, n].reset_code is not None, f"kiosk 0's stream {n} still runs at the origin"
+    assert not hop.carrier.pairs
+
+
+@pooled_only
+def test_a_dying_client_connection_leaves_the_others_on_a_pooled_connection_whole():
+    """Checked: fails on a splice whose close resets every request on the carriers it used, as a
+    paired relay's may (the next test): "kiosk 1's stream 0 reset or cut"."""
+    check_a_dying_client_connection_leaves_the_others_on_the_carrier_whole()
+
+
+@pooled_only
+def test_the_pooled_check_catches_a_close_that_resets_the_whole_carrier(monkeypatch):
+    """Broken variant: a downstream connection's end resets every request on the upstream
+    connections its requests used, other clients' included (the paired relay's rule, kept when
+    the upstream became shared)."""
+
+    def close(self) -> None:
+        for carrier in {pair.carrier for pair in self.by_down.values()}:
+            for pair in list(carrier.pairs.values()):
+                carrier.core.reset(pair.up.id)
+                pair.splice.down.reset(pair.down.id)
+                pair.splice._finish(pair)
+
+    monkeypatch.setattr(Splice, "close", close)
+    assert caught(check_a_dying_client_connection_leaves_the_others_on_the_carrier_whole)
