@@ -12,25 +12,43 @@ from __future__ import annotations
 
 import sys
 
+from gateway.protocol import splice
 from gateway.protocol.splice import Splice
+
+Carrier = getattr(splice, "Carrier", None)  # pooled relays' shared upstream connection, where relays pool
+
+
+def _end_as_whole(pairs, down_of) -> None:
+    """End each answered, unfinished response downstream as if it were complete."""
+    for pair in pairs:
+        if pair.answered and not pair.response_done:
+            try:
+                down_of(pair).end_stream(pair.down.id)
+            except Exception:  # noqa: BLE001 (a stream the peer already closed: the real close resets it)
+                continue
+            pair.response_done = True
 
 
 def relay_ending_cut_documents() -> None:
     """Broken variant: a relay whose next hop died ends the responses already under way as if
-    they were complete (END_STREAM), instead of resetting them: the kiosk gets a cut document."""
+    they were complete (END_STREAM), instead of resetting them: the kiosk gets a cut document.
+    Paired relays end a connection's pairs in `Splice.close`; pooled ones (where they exist) a
+    dead carrier's in `Carrier.close`."""
     real = Splice.close
 
     def close(self) -> None:
-        for pair in list(self.by_down.values()):
-            if pair.answered and not pair.response_done:
-                try:
-                    self.down.end_stream(pair.down.id)
-                except Exception:  # noqa: BLE001 (a stream the peer already closed: the real close resets it)
-                    continue
-                pair.response_done = True
+        _end_as_whole(list(self.by_down.values()), lambda pair: self.down)
         real(self)
 
     Splice.close = close
+    if Carrier is not None:
+        real_carrier = Carrier.close
+
+        def carrier_close(self):
+            _end_as_whole(list(self.pairs.values()), lambda pair: pair.splice.down)
+            return real_carrier(self)
+
+        Carrier.close = carrier_close
 
 
 BROKEN = {"relay-ending-cut-documents": relay_ending_cut_documents}

@@ -127,6 +127,7 @@ def test_a_relay_or_the_center_killed_leaves_each_issuance_whole_or_failed(tmp_p
     print("\nkill run:", check_kills_leave_each_issuance_whole_or_failed(*lab_files(tmp_path, mode)))
 
 
-def test_the_kill_check_catches_relays_that_end_a_cut_document_as_whole(tmp_path) -> None:
+@pytest.mark.parametrize("mode", RELAY_MODES)
+def test_the_kill_check_catches_relays_that_end_a_cut_document_as_whole(tmp_path, mode) -> None:
     with pytest.raises(AssertionError, match="not whole"):
-        check_kills_leave_each_issuance_whole_or_failed(*lab_files(tmp_path, "paired"), "relay-ending-cut-documents")
+        check_kills_leave_each_issuance_whole_or_failed(*lab_files(tmp_path, mode), "relay-ending-cut-documents")
