@@ -38,7 +38,7 @@ from gateway.business.ledger import LedgerDB
 from gateway.business.session import IssuanceState, SessionState
 from gateway.node.server import App
 from gateway.nodes.issuance import IssuanceCenter
-from gateway.protocol.h2core import H2Driver
+from gateway.protocol.driver import H2Driver
 from gateway.protocol.messages import IssueRequest
 from gateway.protocol.splice import Splice
 from kiosk_emu.card import Card, CardStore
