@@ -105,7 +105,7 @@ def test_a_response_crosses_the_hop_with_its_body_trailers_and_this_hops_timing(
     assert (b"server-timing", b"relay;dur=0.1") in ks.headers
     assert bytes(received) == body
     assert ks.trailers == [(b"konbini-binding", b"sig")] and ks.ended
-    assert not hop.splice.by_down and not hop.splice.by_up  # the pair left the splice
+    assert not hop.splice.by_down and not hop.splice.carrier.pairs  # the pair left the splice
 
 
 def test_an_upload_larger_than_the_windows_reaches_the_origin_whole_and_the_hop_holds_one_window():
