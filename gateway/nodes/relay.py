@@ -287,7 +287,7 @@ class Relay(App):
                 up = await self._try_hop(i)
                 if up is not None:
                     keepalive = Keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT) if len(self.hops) > 1 else None
-                    member = Member(self.hops[i].id, Carrier(up.core), up, keepalive=keepalive)
+                    member = Member(self.hops[i].id, Carrier(up.core), up, trio.CancelScope(), keepalive=keepalive)
                     break
         finally:
             pool.dialled(member, trio.current_time())
@@ -346,9 +346,8 @@ class Relay(App):
         """Run one pooled connection until it ends; then it leaves the pool and every request it
         carried is reset downstream, and no other (rule 4)."""
         assert self.pool is not None
-        scope = member.scope = trio.CancelScope()
         try:
-            with scope:
+            with member.scope:
                 await member.conn.run()
         finally:
             self.pool.lost(member)
