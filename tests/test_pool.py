@@ -5,6 +5,7 @@ of the code (named in the test)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import h2.errors
@@ -21,6 +22,7 @@ from gateway.protocol.splice import Carrier, Pair, Splice
 from gateway.transport.pool import Member, UpstreamPool
 from kiosk_emu.kiosk import Kiosk
 from tests.conftest import TEST_TIME
+from topology.cli.expand import write_expanded
 from topology.launch.loopback import run_topology
 from topology.spec.expand import json_schema
 from topology.spec.load import DEFAULT_TOPOLOGY, check_file, load_topology, read_yaml
@@ -273,6 +275,20 @@ def test_the_file_sets_the_way_per_relay_kind_and_a_node_overrides_its_kind(tmp_
     assert topo.upstream_connections_for(topo.node("dmz-relay-a")) == UpstreamConnections(streams=7)
     schema = jsonschema.Draft202012Validator(json_schema())
     assert [e.message for e in schema.iter_errors(read_yaml(path))] == []
+
+
+def test_konbini_expand_writes_the_files_upstream_connections_out(tmp_path):
+    def change(data):
+        data["upstream_connections"] = {"dmz-relay": {"mode": "paired"}}
+        data["nodes"]["ec-router-b"]["upstream_connections"] = {"streams": 3}
+
+    topo = load_topology(_variant(tmp_path, change))
+    out = io.StringIO()
+    write_expanded(topo, out)
+    (tmp_path / "expanded.yaml").write_text(out.getvalue())
+    again = load_topology(tmp_path / "expanded.yaml")
+    assert again.upstream_connections == topo.upstream_connections
+    assert again.node("ec-router-b").upstream_connections == UpstreamConnections(streams=3)
 
 
 def test_upstream_connections_on_a_node_that_relays_nothing_or_for_an_unknown_kind_is_a_problem(tmp_path):
