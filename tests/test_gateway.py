@@ -24,6 +24,12 @@ from topology.pki import PKI
 REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError)
 
 
+@pytest.fixture
+def net(relay_net):
+    """Every test here runs with the EC routers and DMZ relays pooled, then paired."""
+    return relay_net
+
+
 @pytest.mark.parametrize("target", ["issuance-center", "dmz-relay-a", "ec-router-a"])
 async def test_kiosk_connecting_around_its_store_router_is_refused(net, target):
     ctx = net.context("kiosk-a1-1")

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
+
 from topology.launch import preflight
 from topology.policy.monitoring import METRICS_PORT
 from topology.spec.load import load_topology
+from topology.spec.model import UpstreamConnections
 
 NATIONAL = Path(__file__).resolve().parent.parent / "topology" / "national.yaml"
 
@@ -54,11 +57,17 @@ def test_the_national_file_names_open_files_and_the_ports_behind_its_largest_ope
     files = by["open files"]
     assert not files.ok and files.needed > 220_000 and "ulimit -n" in files.line()
     ports = next(n for n in needs if n.limit.startswith("ephemeral ports"))
-    # operator a: 21,000 stores with 1-2 kiosks, every kiosk's connection paired at ec-router-a
-    assert "ec-router-a" in ports.limit and 21_000 < ports.needed < 42_000
+    # the EC routers pool their upstreams (their default): a handful of connections per next hop
+    assert ports.ok and ports.needed == UpstreamConnections().connections
     assert not ports.blocking  # a peak figure: reported, never a reason to refuse `up`
     assert files in preflight.refusals(needs) and ports not in preflight.refusals(needs)
     assert notes == []
+    # paired, operator a's 21,000 stores with 1-2 kiosks each pair every kiosk's connection at ec-router-a
+    paired = UpstreamConnections(mode="paired")
+    national = msgspec.structs.replace(national, upstream_connections={"ec-router": paired, "dmz-relay": paired})
+    needs, _ = preflight.check(national, raise_soft=False)
+    ports = next(n for n in needs if n.limit.startswith("ephemeral ports"))
+    assert "ec-router-a" in ports.limit and 21_000 < ports.needed < 42_000 and not ports.ok
 
 
 def test_up_spreads_a_large_file_over_the_processes_it_needs_by_default(monkeypatch, topo):

@@ -34,6 +34,12 @@ KiB, MiB = 1024, 1 << 20
 TLS_RECORD = 16 * KiB
 
 
+@pytest.fixture
+def net(relay_net):
+    """Every test here runs with the EC routers and DMZ relays pooled, then paired."""
+    return relay_net
+
+
 def _hyperframe_text(data: bytes | None) -> str:
     """hyperframe 6.1's own `_raw_data_repr`, kept here as the reference."""
     if not data:

@@ -9,15 +9,24 @@ from bench.h2cost import relay_hop
 from gateway.protocol.frames import CANCEL, CONNECTION_WINDOW, INTERNAL_ERROR, MAX_FRAME_SIZE, STREAM_WINDOW
 from gateway.protocol.h2lean import LeanClientCore, LeanServerCore
 from gateway.protocol.http import request_headers
-from gateway.protocol.splice import Pair, Splice
+from gateway.protocol.splice import Carrier, Pair, Splice
 from gateway.protocol.streams import Headers
 from topology.spec.model import Limits
 
 KiB, MiB = 1024, 1 << 20
 
 
+@pytest.fixture(autouse=True, params=["paired", "pooled"])
+def way(request, monkeypatch):
+    """Every test runs with the upstream connection the downstream one's own (paired) and with
+    it a carrier the splice is handed per request (pooled)."""
+    monkeypatch.setattr(Hop, "pooled", request.param == "pooled")
+
+
 class Hop:
     """kiosk → [down | splice | up] → origin, on a clock the test sets."""
+
+    pooled = False
 
     def __init__(self, slow_read: float | None = None, response_timeout: float = 30.0, room=None) -> None:
         self.now = 0.0
@@ -27,7 +36,7 @@ class Hop:
         self.stalls = 0
         self.splice = Splice(
             self.down,
-            self.up,
+            None if self.pooled else self.up,
             stamp=self.stamp,
             observe=lambda d, n, held: self.held.append(held),
             on_stall=self._stalled,
@@ -36,6 +45,7 @@ class Hop:
             slow_read=slow_read,
             room=room,
         )
+        self.carrier = Carrier(self.up) if self.pooled else self.splice.carrier
         self.requests: list = []  # what reached the origin
         self.pump()
 
@@ -54,7 +64,7 @@ class Hop:
                 woken = self.down.receive_data(data)
                 while self.down.new_requests:
                     st = self.down.new_requests.popleft()
-                    assert self.splice.open(st, st.headers or [], 0.0) is not None
+                    assert self.splice.open(st, st.headers or [], 0.0, self.carrier) is not None
                 self.splice.down_events(woken)
                 moved = True
             if data := self.down.data_to_send():
@@ -66,7 +76,7 @@ class Hop:
                     self.requests.append(self.origin.new_requests.popleft())
                 moved = True
             if data := self.origin.data_to_send():
-                self.splice.up_events(self.up.receive_data(data))
+                self.carrier.events(self.up.receive_data(data))
                 moved = True
             if not moved:
                 return
@@ -105,7 +115,7 @@ def test_a_response_crosses_the_hop_with_its_body_trailers_and_this_hops_timing(
     assert (b"server-timing", b"relay;dur=0.1") in ks.headers
     assert bytes(received) == body
     assert ks.trailers == [(b"konbini-binding", b"sig")] and ks.ended
-    assert not hop.splice.by_down and not hop.splice.by_up  # the pair left the splice
+    assert not hop.splice.by_down and not hop.carrier.pairs  # the pair left the splice
 
 
 def test_an_upload_larger_than_the_windows_reaches_the_origin_whole_and_the_hop_holds_one_window():

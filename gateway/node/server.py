@@ -28,11 +28,11 @@ from gateway.node.metrics import (
     read_request_head,
 )
 from gateway.protocol.driver import Stream
-from gateway.protocol.errors import TRANSPORT_ERRORS, LinkDown, link_errors
+from gateway.protocol.errors import TRANSPORT_ERRORS
 from gateway.protocol.h2trio import Handler, LingeringSocket, TrioH2
 from gateway.protocol.http import method_path, refuse
 from gateway.protocol.streams import Headers
-from gateway.transport.resumption import sessions_of
+from gateway.transport.dial import connect_h2
 from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
 from topology.netns.enter import in_namespace
@@ -41,7 +41,6 @@ from topology.spec.model import Limits, Node, Topology
 
 log = logging.getLogger("konbini.node")
 
-HANDSHAKE_TIMEOUT = 5.0  # as a client; as a server, the node's `Limits.handshake_timeout`
 # close reasons that are no one's fault, so not denials
 ORDINARY_CLOSE = (None, "eof", "goaway", "local-close", "write-failed", "idle")
 
@@ -136,54 +135,6 @@ class NodeContext:
             local_address=local,
             netns=self.netns,
         )
-
-
-async def connect_h2(
-    address: str, port: int, expect_id: str, ctx, *, local_address: str | None = None, netns: str | None = None
-) -> TrioH2:
-    """TCP from our own address (the allow-lists check it), TLS with the expected node id, HTTP/2.
-    `netns`: the namespace to make the socket in (`NodeContext.netns`). A refusal or failure of
-    TCP or TLS raises LinkDown."""
-    with link_errors():
-        if netns is None:
-            tcp = await trio.open_tcp_stream(address, port, local_address=local_address)
-        else:
-            tcp = await _open_tcp_in(netns, address, port, local_address)
-        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = trio.SSLStream(tcp, ctx, server_hostname=expect_id)
-        sessions = sessions_of(ctx)
-        if (session := sessions.offer(expect_id)) is not None:
-            tls.session = session  # resumed if the server still takes its ticket; else a full handshake
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(tcp)
-            raise
-    sessions.remember(expect_id, tls)
-    if tls.selected_alpn_protocol() != "h2":
-        await trio.aclose_forcefully(tls)
-        raise LinkDown(f"{expect_id} did not agree to h2")
-    return TrioH2(tls, client_side=True, peer=expect_id)
-
-
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux; as trio.open_tcp_stream
-
-
-async def _open_tcp_in(netns: str, address: str, port: int, local_address: str | None) -> trio.SocketStream:
-    """`trio.open_tcp_stream` to one literal address, the socket made in namespace `netns`."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with in_namespace(netns):
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        if local_address is not None:
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            await sock.bind((local_address, 0))
-        await sock.connect((address, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})

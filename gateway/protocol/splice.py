@@ -1,20 +1,25 @@
-"""The relay fast path: two HTTP/2 connections spliced stream by stream, inside their readers.
+"""The relay fast path: HTTP/2 connections spliced stream by stream, inside their readers.
 
-Theory of operation: a relay pairs each downstream connection (one it serves) with its own
-upstream connection (one it opened). A request's HEADERS open a stream upstream at once, in
-the downstream reader; after that, whatever either reader receives for a paired stream is moved
+Theory of operation: a relay joins each request's downstream stream (on a connection it serves)
+to an upstream stream (on a connection it opened, a `Carrier`). Paired, each downstream
+connection has a carrier of its own; pooled, many downstream connections share a few carriers
+(`gateway.transport.pool` picks one per request). A request's HEADERS open a stream upstream at
+once, in the downstream reader; after that, whatever either reader receives for a pair is moved
 to the other side before that reader reads again: the response HEADERS (stamped with this hop's
 server-timing), DATA as far as the other side's windows allow, trailers, the end, a reset. There
 is no task, event or cancel scope per request: on a relay, the per-request scheduling cost more
 CPU than the frames themselves (py-spy, relay-64k), and a reset now crosses the hop in the same
 pass that read it.
 
-Two rules:
+Three rules:
 1. a chunk is acknowledged to its sender only once the other side took it; what the other
    side's windows do not take waits in this core's buffer (the sender is then out of window),
    so a stream holds at most one receive window here, whatever the body's size;
 2. a reset on either side, a response that does not start in time, or the end of either
-   connection resets the stream on the other side too: a request is cancelled whole (INT-1).
+   connection resets the stream on the other side too: a request is cancelled whole (INT-1);
+3. a connection's end touches its own pairs only: a downstream connection that dies resets its
+   streams on a shared carrier and no other, a carrier that dies resets exactly the downstream
+   streams it carried.
 
 The response timeout runs from the end of the request: while its body is still coming, it runs
 from the body's last progress instead, so an upload of any length at any steady pace goes
@@ -23,7 +28,7 @@ through, and one that stalls (or that the next hop stops taking) is still cut of
 Time is the caller's: `overdue(now)` hands back the requests whose answer is late (the driver
 answers them 504), `stalled(now)` says a downstream peer has kept its window shut on a waiting
 response past `slow_read` (the driver closes it, as for any slow reader). Like the cores, this
-never touches a socket; drivers flush both connections after every call.
+never touches a socket; drivers flush the connections after every call.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ GONE = ConnectionClosed
 class Pair:
     """One request as it crosses this hop: its downstream and upstream stream."""
 
+    splice: Splice  # its downstream connection's side
+    carrier: Carrier  # the upstream connection that carries it
     down: StreamState
     up: StreamState
     opened: float  # time.perf_counter() when the HEADERS went upstream
@@ -66,13 +73,51 @@ class Pair:
 Observe = Callable[[str, int, int], None]
 
 
+class Carrier:
+    """One upstream connection as the splice sees it: the pairs whose upstream stream it carries,
+    from one downstream connection (paired) or many (pooled)."""
+
+    __slots__ = ("core", "pairs")
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.pairs: dict[int, Pair] = {}  # by upstream stream id
+
+    def events(self, woken: set[int]) -> set[Splice]:
+        """After the upstream core took bytes: `woken` as `Core.receive_data` returned it.
+        Returns the splices whose downstream connection has something to send now."""
+        pairs = self.pairs
+        touched: set[Splice] = set()
+        if 0 in woken:  # a connection window or the settings changed: every stream may move
+            for pair in list(pairs.values()):
+                touched.add(pair.splice)
+                pair.splice._service(pair)
+            return touched
+        for sid in woken:
+            if (woke := pairs.get(sid)) is not None:
+                touched.add(woke.splice)
+                woke.splice._service(woke)
+        return touched
+
+    def close(self) -> set[Splice]:
+        """The upstream connection is gone: the downstream stream of every pair it carried is
+        reset, and no other. Returns the splices touched."""
+        touched: set[Splice] = set()
+        for pair in list(self.pairs.values()):
+            touched.add(pair.splice)
+            pair.splice.down.reset(pair.down.id, CANCEL)
+            pair.splice._finish(pair)
+        return touched
+
+
 class Splice:
-    """The streams of one downstream connection and its upstream connection, paired."""
+    """The streams of one downstream connection, each paired with a stream on a carrier: its own
+    one (paired) or the one `open` is given (pooled)."""
 
     def __init__(
         self,
         down: Core,
-        up: Core,
+        up: Core | None = None,
         *,
         stamp: Callable[[Pair, Headers], Headers],
         observe: Observe | None = None,
@@ -82,8 +127,11 @@ class Splice:
         response_timeout: float = 30.0,
         slow_read: float | None = None,
         room: Callable[[], int] | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
-        self.down, self.up = down, up
+        self.down = down
+        self.flush = flush  # the driver's: write what the downstream core queued (pooled carriers call it)
+        self.carrier = Carrier(up) if up is not None else None  # paired: this connection's own upstream
         self.stamp, self.observe, self.on_done, self.on_stall = stamp, observe, on_done, on_stall
         self.clock = clock
         self.response_timeout = response_timeout
@@ -93,24 +141,28 @@ class Splice:
         self.room = room
         self.roomless: set[Pair] = set()
         self.by_down: dict[int, Pair] = {}
-        self.by_up: dict[int, Pair] = {}
         self.unanswered: deque[Pair] = deque()  # requests whole, in the order of their `due` (one timeout for all)
         self.uploading: set[Pair] = set()  # requests whose body is still coming: `due` moves with it
         self.stalls: set[Pair] = set()
 
     # -- requests in -------------------------------------------------------------------------
 
-    def open(self, st: StreamState, headers: Headers, read_at: float) -> Pair | None:
-        """Forward a request's HEADERS (and whatever of its body is here) upstream. `read_at`:
-        time.perf_counter() when this hop began on the request (its own time runs from there).
-        None when upstream cannot take another stream now (the caller refuses it)."""
-        up = self.up
+    def open(self, st: StreamState, headers: Headers, read_at: float, carrier: Carrier | None = None) -> Pair | None:
+        """Forward a request's HEADERS (and whatever of its body is here) upstream, on `carrier`
+        (pooled) or this connection's own. `read_at`: time.perf_counter() when this hop began on
+        the request (its own time runs from there). None when that upstream cannot take another
+        stream now (the caller refuses it)."""
+        carrier = carrier or self.carrier
+        assert carrier is not None, "a pooled splice is told its carrier"
+        up = carrier.core
         if up.closed or not up.can_open_stream():
             return None
         end = st.body_ends_here
         ust = up.send_request(headers, end)
         now = time.perf_counter()
         pair = Pair(
+            self,
+            carrier,
             st,
             ust,
             opened=now,
@@ -120,7 +172,7 @@ class Splice:
             request_done=end,
         )
         self.by_down[st.id] = pair
-        self.by_up[ust.id] = pair
+        carrier.pairs[ust.id] = pair
         if end:
             self._await_response(pair)
         else:
@@ -141,12 +193,7 @@ class Splice:
 
     def down_events(self, woken: set[int]) -> None:
         """After the downstream core took bytes: `woken` as `Core.receive_data` returned it."""
-        self._each(self.by_down, woken)
-
-    def up_events(self, woken: set[int]) -> None:
-        self._each(self.by_up, woken)
-
-    def _each(self, pairs: dict[int, Pair], woken: set[int]) -> None:
+        pairs = self.by_down
         if 0 in woken:  # a connection window or the settings changed: every stream may move
             for pair in list(pairs.values()):
                 self._service(pair)
@@ -155,17 +202,23 @@ class Splice:
             if (woke := pairs.get(sid)) is not None:
                 self._service(woke)
 
+    def up_events(self, woken: set[int]) -> None:
+        """Paired: after this connection's own upstream core took bytes."""
+        assert self.carrier is not None
+        self.carrier.events(woken)
+
     def _service(self, pair: Pair) -> None:
         down, up = pair.down, pair.up
+        ucore = pair.carrier.core
         try:
             if down.reset_code is not None:  # the peer cancelled: so does the next hop
-                self.up.reset(up.id, CANCEL)
+                ucore.reset(up.id, CANCEL)
             elif up.reset_code is not None:  # the next hop cancelled or died: tell the peer
                 self.down.reset(down.id, CANCEL)
             else:
                 if not pair.request_done:
                     pair.request, pair.request_done, moved = self._move(
-                        self.down, down, self.up, up.id, pair.request, "request"
+                        self.down, down, ucore, up.id, pair.request, "request"
                     )
                     if pair.request_done:
                         self._await_response(pair)
@@ -176,7 +229,7 @@ class Splice:
                 if not (pair.request_done and pair.response_done):
                     return
         except GONE:
-            self.up.reset(up.id, CANCEL)
+            ucore.reset(up.id, CANCEL)
             self.down.reset(down.id, CANCEL)
         self._finish(pair)
 
@@ -193,7 +246,7 @@ class Splice:
                 return
         budget = None if self.room is None else self.room()
         pair.response, pair.response_done, moved = self._move(
-            self.up, ust, self.down, pair.down.id, pair.response, "response", budget
+            pair.carrier.core, ust, self.down, pair.down.id, pair.response, "response", budget
         )
         if pair.response is not None and budget is not None and budget - moved <= 0:
             self.roomless.add(pair)  # our own queue is full, not the peer's window: `drained` goes on
@@ -265,7 +318,7 @@ class Splice:
             return
         self._leave(pair)
         self.down.forget(pair.down.id)
-        self.up.forget(pair.up.id)
+        pair.carrier.core.forget(pair.up.id)
 
     def _leave(self, pair: Pair) -> None:
         """The pair leaves the splice. A chunk it held half-sent was taken from its sender's
@@ -273,7 +326,7 @@ class Splice:
         connection's window for good (about 230 cancelled downloads stalled a kiosk's connection)."""
         pair.over = True
         self.by_down.pop(pair.down.id, None)
-        self.by_up.pop(pair.up.id, None)
+        pair.carrier.pairs.pop(pair.up.id, None)
         self.stalls.discard(pair)
         self.roomless.discard(pair)
         self.uploading.discard(pair)
@@ -281,7 +334,7 @@ class Splice:
             self.down.ack(pair.down.id, len(pair.request))
             pair.request = None
         if pair.response is not None:
-            self.up.ack(pair.up.id, len(pair.response))
+            pair.carrier.core.ack(pair.up.id, len(pair.response))
             pair.response = None
         if self.on_done is not None:
             self.on_done(pair)
@@ -320,8 +373,8 @@ class Splice:
 
     def _cut(self, pair: Pair, late: list[StreamState]) -> None:
         self._leave(pair)
-        self.up.reset(pair.up.id, CANCEL)
-        self.up.forget(pair.up.id)
+        pair.carrier.core.reset(pair.up.id, CANCEL)
+        pair.carrier.core.forget(pair.up.id)
         late.append(pair.down)
 
     def stalled(self, now: float) -> bool:
@@ -331,8 +384,10 @@ class Splice:
         return any(p.stalled_since is not None and now - p.stalled_since >= self.slow_read for p in self.stalls)
 
     def close(self) -> None:
-        """One side is gone: every request still crossing is reset on both."""
+        """The downstream connection (or, paired, its upstream) is gone: every request of this
+        connection still crossing is reset on both sides; other connections' pairs on a shared
+        carrier are not touched."""
         for pair in list(self.by_down.values()):
-            self.up.reset(pair.up.id, CANCEL)
+            pair.carrier.core.reset(pair.up.id, CANCEL)
             self.down.reset(pair.down.id, CANCEL)
             self._finish(pair)

@@ -14,12 +14,11 @@ import asyncio
 import ssl
 
 from gateway.protocol.driver import H2Driver
-from gateway.protocol.errors import ConnectionClosed, LinkDown, link_errors
+from gateway.protocol.errors import ConnectionClosed, link_errors
 from gateway.protocol.frames import REFUSED_STREAM
 from gateway.protocol.h2lean import LeanClientCore
-from gateway.transport.resumption import OfferingContext, sessions_of
-
-HANDSHAKE_TIMEOUT = 5.0
+from gateway.transport.dial import HANDSHAKE_TIMEOUT, agreed, offer
+from gateway.transport.resumption import OfferingContext
 
 
 class AsyncioH2(H2Driver, asyncio.Protocol):
@@ -91,17 +90,17 @@ class AsyncioH2(H2Driver, asyncio.Protocol):
 async def connect_h2(
     address: str, port: int, expect_id: str, ctx: ssl.SSLContext, *, local_address: str | None = None
 ) -> AsyncioH2:
-    """TCP from our own address (the allow-lists check it), TLS naming the expected node, HTTP/2.
-    A refusal or failure of TCP or TLS raises LinkDown."""
+    """TCP from our own address (the allow-lists check it), TLS naming the expected node, HTTP/2:
+    `gateway.transport.dial.connect_h2` on asyncio, with its checks (`offer`, `agreed`). A refusal
+    or failure of TCP or TLS raises LinkDown."""
     loop = asyncio.get_running_loop()
-    sessions = sessions_of(ctx)
     with link_errors():
         transport, proto = await asyncio.wait_for(
             loop.create_connection(
                 lambda: AsyncioH2(expect_id),
                 address,
                 port,
-                ssl=OfferingContext(ctx, sessions.offer(expect_id)),  # resumed if the router still takes the ticket
+                ssl=OfferingContext(ctx, offer(ctx, expect_id)),  # resumed if the router still takes the ticket
                 server_hostname=expect_id,
                 local_addr=(local_address, 0) if local_address else None,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -109,8 +108,9 @@ async def connect_h2(
             HANDSHAKE_TIMEOUT + 1,
         )
     sslobj = transport.get_extra_info("ssl_object")
-    if sslobj is None or sslobj.selected_alpn_protocol() != "h2":
+    try:
+        agreed(ctx, expect_id, sslobj, sslobj.selected_alpn_protocol() if sslobj is not None else None)
+    except ConnectionError:
         transport.close()
-        raise LinkDown(f"{expect_id} did not agree to h2")
-    sessions.remember(expect_id, sslobj)
+        raise
     return proto

@@ -50,6 +50,8 @@ def write_expanded(topo: Topology, out: TextIO) -> None:
         head["ocsp_cache"] = True
     if topo.limits:
         head["limits"] = msgspec.to_builtins(topo.limits)
+    if topo.upstream_connections:
+        head["upstream_connections"] = msgspec.to_builtins(topo.upstream_connections)
     out.write(f"# expanded from {topo.source}: {len(topo.nodes)} nodes, {len(topo.lines)} lines\n")
     for key, value in head.items():
         out.write(f"{key}: {_enc.encode(value).decode()}\n")

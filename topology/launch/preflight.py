@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from topology.spec.model import Topology
+from topology.spec.model import RELAY_KINDS, Node, Topology
 
 FD_RESERVE = 256  # the interpreter, logs, the ledger, the PKI files being read
 CONNECTION_FDS = 2  # loopback: both ends of a connection are in this one process
@@ -71,25 +71,54 @@ def listeners(topo: Topology, metrics: bool = True) -> int:
     return n
 
 
-def upstream_fanout(topo: Topology) -> tuple[str, int]:
-    """The relay with the most kiosks behind it, and how many. A relay pairs each downstream
-    connection with an upstream connection of its own from its one address to its next hop,
-    so with every kiosk connected that many connections share one (source address, next hop)
-    pair, and with it the ephemeral port range."""
-    behind: Counter[str] = Counter()
+def upstream_connections(topo: Topology) -> Counter[tuple[str, str]]:
+    """(relay, next hop) -> the connections from the relay's one address to that hop with every
+    kiosk connected at once, the shape of the file's `upstream_connections` taken into account:
+    a paired relay opens one per downstream connection (all to its first hop under "failover",
+    spread under "balance"), a pooled one at most its `connections` per hop."""
+    into: Counter[str] = Counter()  # downstream connections into each relay
     for node in topo.nodes.values():
-        if node.kind != "kiosk":
+        if node.kind == "kiosk" and node.upstream:
+            into[node.upstream] += 1
+    out: Counter[tuple[str, str]] = Counter()
+    for relay in _store_side_first(topo):
+        n, hops = into[relay.id], relay.hops
+        if not n or not hops:
             continue
-        seen: set[str] = set()
-        hop = topo.nodes.get(node.upstream) if node.upstream else None
-        while hop is not None and hop.id not in seen and hop.upstream is not None:
-            seen.add(hop.id)
-            behind[hop.id] += 1
-            hop = topo.nodes.get(hop.upstream)
-    if not behind:
-        return "", 0
-    relay, count = behind.most_common(1)[0]
-    return relay, count
+        way = topo.upstream_connections_for(relay)
+        balance = relay.upstream_policy == "balance"
+        for hop in hops if balance else hops[:1]:  # failover: the first hop takes them all
+            share = -(-n // len(hops)) if balance else n
+            out[relay.id, hop] = min(way.connections, share) if way.mode == "pooled" else share
+            into[hop] += out[relay.id, hop]
+    return out
+
+
+def _store_side_first(topo: Topology) -> list[Node]:
+    """The relays, each after every relay whose next hop it is (Kahn's order over the hops)."""
+    relays = {n.id: n for n in topo.nodes.values() if n.kind in RELAY_KINDS}
+    feeding: Counter[str] = Counter(hop for r in relays.values() for hop in r.hops if hop in relays)
+    ready = [r for r in relays.values() if not feeding[r.id]]
+    order = []
+    while ready:
+        relay = ready.pop()
+        order.append(relay)
+        for hop in relay.hops:
+            if hop in relays:
+                feeding[hop] -= 1
+                if not feeding[hop]:
+                    ready.append(relays[hop])
+    return order
+
+
+def upstream_fanout(topo: Topology) -> tuple[str, str, int]:
+    """The relay and next hop with the most connections between them at peak (`upstream_connections`),
+    and how many: they share one (source address, next hop) pair, and with it the ephemeral port range."""
+    counts = upstream_connections(topo)
+    if not counts:
+        return "", "", 0
+    (relay, hop), count = counts.most_common(1)[0]
+    return relay, hop, count
 
 
 def _read_int(path: str) -> int | None:
@@ -194,19 +223,38 @@ def check(
             f"`sysctl -w fs.file-max={2 * (n_listen + fds)}`",
         ),
     ]
-    relay, fan = upstream_fanout(topo)
+    relay, hop, fan = upstream_fanout(topo)
     if relay:
+        way = topo.upstream_connections_for(topo.node(relay))
         needs.append(
             Need(
-                f"ephemeral ports per source address ({relay} to its next hop)",
+                f"ephemeral ports per source address ({relay} to {hop})",
                 fan,
                 _port_range(),
                 "ports",
-                '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, or fewer kiosks connected at once',
-                f"{fan:,} kiosks behind it, each connection paired with an upstream one",
+                '`sysctl -w net.ipv4.ip_local_port_range="1024 65535"`, fewer kiosks connected at once, '
+                f"or `upstream_connections: {{{topo.node(relay).kind}: {{mode: pooled}}}}`",
+                (
+                    f"pooled: at most {way.connections} connections per next hop"
+                    if way.mode == "pooled"
+                    else "each downstream connection paired with an upstream one"
+                ),
                 blocking=False,
             )
         )
+    kiosks = sum(1 for n in topo.nodes.values() if n.kind == "kiosk")
+    peak = kiosks + sum(upstream_connections(topo).values())
+    needs.append(
+        Need(
+            "open files with every kiosk connected (all processes)",
+            n_listen + CONNECTION_FDS * peak + FD_RESERVE * processes,
+            soft * processes,
+            "descriptors",
+            f"`ulimit -n` of {-(-(n_listen + CONNECTION_FDS * peak) // processes) + FD_RESERVE:,} per process",
+            f"{kiosks:,} kiosk connections + {peak - kiosks:,} relay upstream connections, x {CONNECTION_FDS}",
+            blocking=False,
+        )
+    )
     mem = BASE_RSS * processes + MODEL_PER_NODE * len(topo.nodes) + RSS_PER_LISTENER * n_listen
     needs.append(
         Need(

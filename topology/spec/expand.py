@@ -45,7 +45,9 @@ from topology.spec.model import (
     LineKind,
     Municipality,
     NodeKind,
+    RelayKind,
     TlsVersion,
+    UpstreamConnections,
     UpstreamPolicy,
 )
 from topology.spec.model import AdminRule as AdminStruct
@@ -98,6 +100,7 @@ class ExplicitNode(NodeFields, forbid_unknown_fields=True, frozen=True, omit_def
     netns_address: str | None = None
     admin_port: int | None = None
     admin: tuple[AdminRule, ...] = ()
+    upstream_connections: UpstreamConnections | None = None
 
 
 class LineFields(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -185,6 +188,7 @@ class CompactTopology(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     state_dir: str = ".konbini"
     ledger: str | None = None
     limits: dict[str, Limits] = {}
+    upstream_connections: dict[RelayKind, UpstreamConnections] = {}
     tls_min_version: TlsVersion = "1.3"
     ocsp_cache: bool = False
     defaults: NodeFields = NodeFields()

@@ -36,6 +36,7 @@ from topology.spec.model import (
     Node,
     TlsVersion,
     Topology,
+    UpstreamConnections,
     field_path,
 )
 
@@ -289,6 +290,23 @@ def _limits(doc: _Document, raw: Any) -> dict[str, Limits]:
     return out
 
 
+def _upstream_connections(doc: _Document, raw: Any) -> dict[str, UpstreamConnections]:
+    """`upstream_connections: {<relay kind>: {mode: pooled|paired, ...}}`: how each kind's relays connect."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        doc.report(("upstream_connections",), f"expected a mapping of relay kind -> settings, got {_kind(raw)}")
+        return {}
+    out = {}
+    for kind, fields in raw.items():
+        where = ("upstream_connections", kind)
+        if kind not in RELAY_KINDS:
+            doc.report(where, f"not a relay kind; expected one of {', '.join(sorted(RELAY_KINDS))}")
+        elif (own := _convert(doc, fields or {}, UpstreamConnections, where)) is not None:
+            out[kind] = own
+    return out
+
+
 @dataclass
 class _Parsed:
     topo: Topology
@@ -319,6 +337,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
     ledger = _convert(doc, data.get("ledger"), str | None, ("ledger",))
     hours = _convert(doc, data.get("service_hours", {}), Hours, ("service_hours",))
     limits = _limits(doc, data.get("limits"))
+    upstream_connections = _upstream_connections(doc, data.get("upstream_connections"))
     tls_min = _convert(doc, data.get("tls_min_version", "1.3"), TlsVersion, ("tls_min_version",))
     ocsp_cache = _convert(doc, data.get("ocsp_cache", False), bool, ("ocsp_cache",))
 
@@ -366,6 +385,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         ledger=ledger or None,
         source=source,
         limits=limits,
+        upstream_connections=upstream_connections,
         tls_min_version=tls_min or "1.3",
         ocsp_cache=bool(ocsp_cache),
         rule_origins=expanded.origins if expanded is not None else {},
@@ -449,6 +469,8 @@ def _check_node(doc: _Document, parsed: _Parsed, node: Node, joined: set[frozens
                 doc.report(at, f"upstream {hop} is not joined to {node.id} by a line")
     elif node.hops:
         doc.report(path + ("upstream",), f"a {node.kind} forwards nothing; remove the upstream")
+    if node.upstream_connections is not None and node.kind not in RELAY_KINDS:
+        doc.report(path + ("upstream_connections",), f"a {node.kind} relays nothing; remove upstream_connections")
 
     if node.allow and not node.is_server:
         doc.report(path + ("allow",), f"a {node.kind} does not listen; it cannot have an allow-list")

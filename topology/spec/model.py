@@ -30,7 +30,8 @@ SERVER_KINDS = frozenset(
     {"store-router", "store-controller", "ec-router", "dmz-relay", "issuance-center", "ocsp", "municipality"}
 )
 # Kinds that forward every allowed request to their `upstream`.
-RELAY_KINDS = frozenset({"store-router", "ec-router", "dmz-relay"})
+RelayKind = Literal["store-router", "ec-router", "dmz-relay"]
+RELAY_KINDS = frozenset(RelayKind.__args__)
 # Kinds with an administration (store controller) or maintenance (kiosk) surface on `admin_port`.
 ADMIN_KINDS = frozenset({"store-controller", "kiosk"})
 # The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
@@ -40,6 +41,10 @@ CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
 # How a node with several upstreams uses them: the first that answers ("failover", in the
 # order given) or spread connections over all of them ("balance").
 UpstreamPolicy = Literal["failover", "balance"]
+
+# How a relay connects to its next hops: one upstream connection per downstream connection
+# ("paired"), or many downstream connections' streams multiplexed over a few ("pooled").
+UpstreamMode = Literal["paired", "pooled"]
 
 LineKind = Literal["lan", "wifi", "closed-line", "dmz", "dedicated-line", "lgwan"]
 
@@ -132,6 +137,7 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     admin_port: int | None = None  # store controllers and kiosks: the administration / maintenance surface
     admin: tuple[AdminRule, ...] = ()  # who may use it; empty: no one
     municipality: Municipality | None = None
+    upstream_connections: UpstreamConnections | None = None  # relays: None takes the file's, or the kind's default
 
     @property
     def is_server(self) -> bool:
@@ -179,6 +185,27 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_empty_data: Count = 100  # DATA frames with no payload and no END_STREAM
 
 
+class UpstreamConnections(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How a relay connects to its next hops (docs/pooling.md). Pooled: streams of every downstream
+    connection share up to `connections` connections per next hop, each carrying at most `streams`
+    at once (or fewer, if the next hop's max_concurrent_streams says so); one with no stream for
+    `idle_timeout` seconds is closed."""
+
+    mode: UpstreamMode = "pooled"
+    streams: Count = 100
+    connections: Count = 8
+    idle_timeout: Seconds = 60.0
+
+
+# Each relay kind's way unless the file says otherwise: a store router pairs (a store's few kiosks
+# gain nothing from sharing), the EC routers and DMZ relays pool, as Envoy and HAProxy do.
+UPSTREAM_DEFAULTS = {
+    "store-router": UpstreamConnections(mode="paired"),
+    "ec-router": UpstreamConnections(),
+    "dmz-relay": UpstreamConnections(),
+}
+
+
 LIMIT_SCOPES = ("defaults", *NodeKind.__args__)  # keys of the topology's `limits:` mapping
 
 
@@ -191,6 +218,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
     ledger: str | None = None  # SQLite file; None: <state_dir>/ledger.sqlite; ":memory:" for comparison runs
     source: str = "<memory>"  # the file it was loaded from
     limits: dict[str, Limits] = {}  # "defaults" and node kinds, each already merged over the defaults
+    upstream_connections: dict[str, UpstreamConnections] = {}  # relay kind -> how its nodes connect upstream
     tls_min_version: TlsVersion = "1.3"  # SEC-SN-2: TLS 1.3 only, unless a topology asks for a 1.2 floor
     # the issuance center relies on a card's OCSP answer until the response's nextUpdate (10 minutes)
     # instead of asking at every issuance: cheaper, and a revocation is seen up to that much later
@@ -200,6 +228,14 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
 
     def limits_for(self, kind: str) -> Limits:
         return self.limits.get(kind) or self.limits.get("defaults") or Limits()
+
+    def upstream_connections_for(self, node: Node) -> UpstreamConnections:
+        """The node's own `upstream_connections`, else the file's for its kind, else the kind's default."""
+        return (
+            node.upstream_connections
+            or self.upstream_connections.get(node.kind)
+            or UPSTREAM_DEFAULTS.get(node.kind, UpstreamConnections(mode="paired"))
+        )
 
     def node(self, node_id: str) -> Node:
         return self.nodes[node_id]
