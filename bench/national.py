@@ -9,7 +9,7 @@ evening peak at 18:00-19:00 with ~9.7 % of the day), stated in the report next t
 What runs: the issuance path only (every store router, the EC routers, DMZ relays, the centers,
 OCSP and the municipalities), spread over `processes` forked nodehosts (topology/launch/spread.py);
 store controllers and the kiosks' maintenance endpoints are not on the path and stay down. The
-load generator is in fleet mode (kiosk_emu/load/generator.py): every kiosk of the file can be
+load generator is in fleet mode (kiosk_emu/load/worker.py): every kiosk of the file can be
 drawn, dials its store router at its first customer and keeps the line while it is among the most
 recently used. The nodes' clock stands at the peak hour (18:30 JST) for every phase, so every
 municipality's own hours are those of the peak; the residents ask for a residence record of a
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,8 @@ from bench.scenarios import DOC_64K
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
 from kiosk_emu.card import CardStore
-from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, Workload, run_load
+from kiosk_emu.load.run import LoadError, LoadProgress, run_load
+from kiosk_emu.load.spec import KioskSpec, LoadSpec, Workload
 from topology.launch import spread
 from topology.launch.netns import NetnsError, stop_nodehosts
 from topology.pki import PKI
@@ -87,7 +89,8 @@ class NationalOptions:
     processes: int = 12
     workers: int = 1
     max_open: int = 2000
-    progress: bool = True
+    progress: LoadProgress | None = None  # each phase's run (the CLI's bar)
+    say: Callable[[str], None] | None = None  # one line per step (the CLI prints them)
     notes: list[str] = field(default_factory=list)
 
 
@@ -197,6 +200,10 @@ def phase_summary(result: dict, phase: dict) -> dict:
     return out
 
 
+def _quiet(line: str) -> None:
+    pass
+
+
 def run_national_peak(opts: NationalOptions) -> dict:
     topo = opts.topology
     if opts.processes < 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
@@ -209,15 +216,15 @@ def run_national_peak(opts: NationalOptions) -> dict:
     _raise_open_files()
     sdir = opts.state_dir.resolve()
     sdir.mkdir(parents=True, exist_ok=True)
-    say = print if opts.progress else (lambda *a, **k: None)
+    say = opts.say or _quiet
     t0 = time.perf_counter()
-    say(f"PKI for {len(topo.nodes):,} nodes in {sdir / 'pki'} (made once, then reused) ...", flush=True)
+    say(f"PKI for {len(topo.nodes):,} nodes in {sdir / 'pki'} (made once, then reused) ...")
     pki = PKI.ensure(sdir, topo)
     pki_s = time.perf_counter() - t0
     cards = CardStore(sdir, pki, Clock(at).now)
     pool = [c.card_id for c in cards.ensure_pool(CARDS)]
     servers = sum(1 for n in topo.nodes.values() if n.is_server and n.kind in ISSUANCE_PATH)
-    say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...", flush=True)
+    say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...")
     t1 = time.perf_counter()
     try:
         hosts = spread.start(
@@ -288,7 +295,7 @@ def run_national_peak(opts: NationalOptions) -> dict:
                 raise NationalBenchError(str(exc)) from None
             row = phase_summary(result, phase)
             report["phases"].append(row)
-            say(phase_line(row), flush=True)
+            say(phase_line(row))
             if result.get("partial"):
                 report["partial"] = True
                 break

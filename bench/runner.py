@@ -5,7 +5,7 @@ Process layout (so nothing shares an event loop with the generator):
   whole run, at a fixed emulated time (20:30 JST: muni-a open, muni-b closed);
 - the *front* process is either konbini's relays (store routers, EC routers, DMZ relays) or
   HAProxy on the same addresses; each phase starts a fresh one and records its CPU and memory;
-- the load generator's worker processes (`kiosk_emu.load.generator.run_load`).
+- the load generator's worker processes (`kiosk_emu.load.run.run_load`).
 Phases run back to back per scenario: konbini, then (with --baseline haproxy) HAProxy.
 
 With `--netns` (root) the whole topology instead runs in netns mode for the whole run (namespaces
@@ -51,7 +51,8 @@ from gateway.business.rules import window, within
 from gateway.business.session import DELIVERY_TIMEOUT, NOTICE_TTL
 from kiosk_emu.card import CardError, CardStore
 from kiosk_emu.latency import with_relay_waits
-from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, run_load
+from kiosk_emu.load.run import LoadError, LoadProgress, run_load
+from kiosk_emu.load.spec import KioskSpec, LoadSpec
 from kiosk_emu.smartphone import SmartphoneStore
 from topology.launch import netns
 from topology.launch.impair import Impairments
@@ -362,7 +363,7 @@ class BenchOptions:
     sweep_steps: int = 8
     sweep_factor: float = 1.5
     h2load: bool = False
-    progress: bool = True
+    progress: LoadProgress | None = None  # each run's progress (the CLI's bar); None: shown nowhere
     seed: int = 1
     netns: bool = False  # run the topology in netns mode (root); the kiosks' workers join their namespaces
     netns_tag: str = "bench"  # namespaces konbini-<tag>-<site>

@@ -42,7 +42,6 @@ def options(tmp: Path, scenarios: list[str], **kw) -> BenchOptions:
         warmup_s=0.2,
         kiosks=4,
         workers=1,
-        progress=False,
         sweep_steps=2,
     )
     base.update(kw)

@@ -11,6 +11,7 @@ from bench.national import NationalBenchError, NationalOptions, run_national_pea
 from bench.runner import PHASES, BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
+from topology.cli.progress import RichProgress, say
 from topology.cli.render import show
 from topology.spec.load import DEFAULT_TOPOLOGY
 
@@ -147,7 +148,7 @@ def cmd_bench(args) -> int:
         relay_processes=args.relay_processes,
         center_processes=args.center_processes,
         center_workers=args.center_workers,
-        progress=not args.no_progress,
+        progress=None if args.no_progress else RichProgress(),
         netns=args.netns,
         netns_tag=args.tag,
         lines=_lines(args.line),
@@ -265,7 +266,8 @@ def cmd_national(args) -> int:
         processes=args.processes,
         workers=args.workers,
         max_open=args.max_open,
-        progress=not args.no_progress,
+        progress=None if args.no_progress else RichProgress(),
+        say=None if args.no_progress else say,
     )
     try:
         report = run_national_peak(opts)
