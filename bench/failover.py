@@ -86,7 +86,7 @@ def targets(topo: Topology) -> Targets:
 
 
 class FaultSchedule:
-    """Kills, restarts, hangs and continues `procs` (node id -> bench.runner.NodeProcess) on a
+    """Kills, restarts, hangs and continues `procs` (node id -> bench.processes.NodeProcess) on a
     thread per node while the load runs, at fractions of the measured window; every event is timed
     from the window's start."""
 

@@ -233,9 +233,7 @@ def run_national_peak(opts: NationalOptions) -> dict:
             opts.processes,
             clock=at.isoformat(),
             kinds=ISSUANCE_PATH,
-            progress=lambda done, total: say(
-                f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)", flush=True
-            ),
+            progress=lambda done, total: say(f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)"),
         )
     except NetnsError as exc:
         raise NationalBenchError(str(exc)) from None

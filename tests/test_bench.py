@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import BenchError, BenchOptions, run_bench, unfinished_issuances
+from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
+from bench.soak import unfinished_issuances
 from bench.topology import with_kiosks, with_port
 from gateway.business.clock import JST
 from gateway.business.ledger import IssuanceRecord, LedgerDB

@@ -11,6 +11,8 @@ from kiosk_emu.load.histogram import new_histogram, record_ms
 
 
 class WorkerStats:
+    """What one worker counted: outcomes, bytes, and latency overall, per hop, per second, per group."""
+
     def __init__(self, hop_kinds: dict[str, str]) -> None:
         self.hop_kinds = hop_kinds
         self.arrivals = 0
