@@ -63,6 +63,14 @@ class BenchOptions:
 
 
 def validate(opts: BenchOptions) -> None:
+    """BenchError, one line, for the first option that cannot run: the load, then the processes,
+    then the tools and modes the run needs."""
+    validate_load(opts)
+    validate_processes(opts)
+    validate_tools_and_modes(opts)
+
+
+def validate_load(opts: BenchOptions) -> None:
     unknown = [s for s in opts.scenarios if s not in SCENARIOS]
     if unknown:
         raise BenchError(f"unknown scenario {unknown[0]!r}; one of: {', '.join(SCENARIOS)}")
@@ -76,11 +84,9 @@ def validate(opts: BenchOptions) -> None:
         raise BenchError("--kiosks and --workers must be >= 1")
     if opts.baseline not in (None, "haproxy"):
         raise BenchError(f"unknown baseline {opts.baseline!r}; only 'haproxy' is supported")
-    if opts.baseline == "haproxy" or opts.h2load:
-        try:
-            haproxy_binary()
-        except HAProxyError as exc:
-            raise BenchError(str(exc)) from None
+
+
+def validate_processes(opts: BenchOptions) -> None:
     if opts.relay_processes not in ("operator", "hop"):
         raise BenchError(f"--relay-processes {opts.relay_processes!r}: one of operator, hop")
     if opts.center_processes not in ("one", "role"):
@@ -93,6 +99,14 @@ def validate(opts: BenchOptions) -> None:
         raise BenchError(
             "--center-workers is for loopback mode with --center-processes one (each worker serves the whole center side)"
         )
+
+
+def validate_tools_and_modes(opts: BenchOptions) -> None:
+    if opts.baseline == "haproxy" or opts.h2load:
+        try:
+            haproxy_binary()
+        except HAProxyError as exc:
+            raise BenchError(str(exc)) from None
     if opts.cross_check:
         if opts.netns:
             raise BenchError("--cross-check runs in loopback mode (the compiled client has no namespace support)")

@@ -296,6 +296,11 @@ def md_summary(report: BenchReport) -> list[str]:
         ],
         rows,
     )
+    return out + md_by_credential(report)
+
+
+def md_by_credential(report: BenchReport) -> list[str]:
+    """A table of its own for the smartphone credential, where a phase held one up."""
     by_credential = [
         [
             name,
@@ -314,7 +319,7 @@ def md_summary(report: BenchReport) -> list[str]:
         for cred, c in (_v(r.by_credential) or {}).items()
     ]
     if any(row[2] == "smartphone" for row in by_credential):  # a line of its own for the smartphone credential
-        out += [
+        return [
             "",
             "By credential (card, or the smartphone credential of seed 002):",
             "",
@@ -334,7 +339,7 @@ def md_summary(report: BenchReport) -> list[str]:
                 by_credential,
             ),
         ]
-    return out
+    return []
 
 
 def md_split(report: BenchReport) -> list[str]:
@@ -453,60 +458,66 @@ def md_failover(report: BenchReport) -> list[str]:
             fo = _v(r.failover)
             if not fo:
                 continue
-            watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
-            marks: dict[int, list[str]] = {}
-            for ev in fo["events"]:
-                marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
-            rows = [
-                [
-                    row["second"],
-                    row["ok"],
-                    row["failed"],
-                    row["reasons"] or "",
-                    *[row["via"].get(w, 0) for w in watched],
-                    "; ".join(marks.get(row["second"], [])),
-                ]
-                for row in fo["per_second"]
-            ]
-            muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
-            out += [
-                f"**{name} {phase}**: {_v(r.rate)}/s open loop, {_v(r.ok)} issued, misdelivered "
-                f"{_v(r.misdelivered)}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
-                f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
-                "warm-up, issuances counted in the second they ended.",
-                "",
-                *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows),
-                "",
-            ]
-            frows = [
-                [
-                    f["fault"],
-                    f["node"],
-                    f["at_s"],
-                    f["until_s"],
-                    f["pid_gone"] if f["fault"] == "kill" else "-",
-                    f["failures"] or "none",
-                    f["time_to_pass_over_s"],
-                    f["ok_while_down"],
-                    f"{f['ok_while_down_via_survivor']} via {f['survivor']}",
-                ]
-                for f in fo["faults"]
-            ]
-            out += _table(
-                [
-                    "fault (kill: SIGKILL, hang: SIGSTOP)",
-                    "node",
-                    "at s",
-                    "ended at s",
-                    "pid gone",
-                    "failures by reason",
-                    "time to pass over s",
-                    "started while down, issued",
-                    "served by the survivor",
-                ],
-                frows,
-            )
-            out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
+            out += md_failover_run(name, phase, r, fo)
+    return out
+
+
+def md_failover_run(name: str, phase: str, r: PhaseResult, fo: dict) -> list[str]:
+    """One failover run: its table per second, then its faults."""
+    watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
+    marks: dict[int, list[str]] = {}
+    for ev in fo["events"]:
+        marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
+    rows = [
+        [
+            row["second"],
+            row["ok"],
+            row["failed"],
+            row["reasons"] or "",
+            *[row["via"].get(w, 0) for w in watched],
+            "; ".join(marks.get(row["second"], [])),
+        ]
+        for row in fo["per_second"]
+    ]
+    muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
+    out = [
+        f"**{name} {phase}**: {_v(r.rate)}/s open loop, {_v(r.ok)} issued, misdelivered "
+        f"{_v(r.misdelivered)}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
+        f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
+        "warm-up, issuances counted in the second they ended.",
+        "",
+        *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows),
+        "",
+    ]
+    frows = [
+        [
+            f["fault"],
+            f["node"],
+            f["at_s"],
+            f["until_s"],
+            f["pid_gone"] if f["fault"] == "kill" else "-",
+            f["failures"] or "none",
+            f["time_to_pass_over_s"],
+            f["ok_while_down"],
+            f"{f['ok_while_down_via_survivor']} via {f['survivor']}",
+        ]
+        for f in fo["faults"]
+    ]
+    out += _table(
+        [
+            "fault (kill: SIGKILL, hang: SIGSTOP)",
+            "node",
+            "at s",
+            "ended at s",
+            "pid gone",
+            "failures by reason",
+            "time to pass over s",
+            "started while down, issued",
+            "served by the survivor",
+        ],
+        frows,
+    )
+    out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
     return out
 
 

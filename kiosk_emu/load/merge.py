@@ -30,6 +30,27 @@ def merge_groups(results: list[dict], breakdown: str = "groups") -> dict[str, di
     return out
 
 
+def merge_timeline(results: list[dict]) -> list[dict]:
+    """Count, p50 and p99 per second of the run, over the workers."""
+    timeline = []
+    for s in sorted({int(s) for r in results for s in r["timeline"]}):
+        p = percentiles(merge([r["timeline"].get(str(s), "") for r in results], 2))
+        timeline.append({"second": s, "count": p["count"], "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"]})
+    return timeline
+
+
+def generator_load(results: list[dict]) -> dict:
+    """Each worker's CPU and memory, and whether one was busy enough to limit the run."""
+    workers = [
+        {k: r[k] for k in ("worker", "kiosks", "cpu_s", "wall_s", "cpu_fraction", "max_rss_kib")} for r in results
+    ]
+    return {
+        "workers": workers,
+        "cpu_fraction_max": round(max((w["cpu_fraction"] for w in workers), default=0.0), 3),
+        "generator_saturated": any(w["cpu_fraction"] > SATURATED for w in workers),
+    }
+
+
 def merge_results(results: list[dict], spec: LoadSpec) -> dict:
     """Add up the workers' counts and histograms into one scenario result."""
     lat = merge([r["latency"] for r in results])
@@ -41,12 +62,6 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
     split_n = sum(r.get("split_n", 0) for r in results)
     parts = sorted({p for r in results for p in r.get("split", {})})
     split = {p: round(sum(r["split"].get(p, 0.0) for r in results) / split_n, 3) for p in parts} if split_n else {}
-    seconds = sorted({int(s) for r in results for s in r["timeline"]})
-    timeline = []
-    for s in seconds:
-        h = merge([r["timeline"].get(str(s), "") for r in results], 2)
-        p = percentiles(h)
-        timeline.append({"second": s, "count": p["count"], "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"]})
     measured_s = max((r["measured_s"] for r in results), default=0.0)
     arrivals = sum(r["arrivals"] for r in results)
     dropped = sum(r["dropped"] for r in results)
@@ -56,9 +71,6 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
     ok = outcomes.get("ok", 0)
     answered = ok + sum(refused.values())
     nbytes = sum(r["bytes"] for r in results)
-    workers = [
-        {k: r[k] for k in ("worker", "kiosks", "cpu_s", "wall_s", "cpu_fraction", "max_rss_kib")} for r in results
-    ]
     return {
         "scenario": spec.workload.name,
         "mode": "open" if spec.rate else "closed",
@@ -87,12 +99,8 @@ def merge_results(results: list[dict], spec: LoadSpec) -> dict:
         "latency_split_total_ms": round(sum(r.get("split_total_ms", 0.0) for r in results) / split_n, 3)
         if split_n
         else None,
-        "timeline": timeline,
-        "generator": {
-            "workers": workers,
-            "cpu_fraction_max": round(max((w["cpu_fraction"] for w in workers), default=0.0), 3),
-            "generator_saturated": any(w["cpu_fraction"] > SATURATED for w in workers),
-        },
+        "timeline": merge_timeline(results),
+        "generator": generator_load(results),
         "partial": any(r.get("partial") for r in results),
         "connections_opened": sum(r.get("connects", 0) for r in results),
         "misdelivery_reasons": dict(sum((Counter(r.get("misdelivery", {})) for r in results), Counter())),

@@ -62,18 +62,7 @@ def run_load(
     results: dict[int, dict] = {}
     interrupted = False
     try:
-        ready = 0
-        deadline = time.monotonic() + 120
-        while ready < workers:
-            try:
-                kind, wid, payload = out.get(timeout=0.5)
-            except queue_mod.Empty:
-                if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
-                    raise LoadError("a load-generator worker did not start (see the log above)") from None
-                continue
-            if kind == "error":
-                raise LoadError(payload)
-            ready += kind == "ready"
+        wait_ready(out, procs)
         go_at.value = time.time() + 0.1
         go.set()
         if on_go is not None:
@@ -93,6 +82,23 @@ def run_load(
     merged = merge_results(list(results.values()), spec)
     merged["partial"] = interrupted or merged["partial"] or len(results) < workers
     return merged
+
+
+def wait_ready(out, procs) -> None:
+    """Until every worker has connected its kiosks; LoadError with the first one's error, or if
+    one dies or they take over two minutes."""
+    ready = 0
+    deadline = time.monotonic() + 120
+    while ready < len(procs):
+        try:
+            kind, _, payload = out.get(timeout=0.5)
+        except queue_mod.Empty:
+            if time.monotonic() > deadline or any(not p.is_alive() for p in procs):
+                raise LoadError("a load-generator worker did not start (see the log above)") from None
+            continue
+        if kind == "error":
+            raise LoadError(payload)
+        ready += kind == "ready"
 
 
 def worker_shares(kiosks: list[KioskSpec], workers: int) -> list[list[KioskSpec]]:

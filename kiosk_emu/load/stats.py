@@ -7,7 +7,7 @@ from collections import Counter
 
 from hdrh.histogram import HdrHistogram
 
-from kiosk_emu.load.histogram import new_histogram, record_ms
+from kiosk_emu.load.histogram import encode, new_histogram, record_ms
 
 
 class WorkerStats:
@@ -68,3 +68,22 @@ class WorkerStats:
             if h is None:
                 h = self.hops[label] = new_histogram()
             record_ms(h, hop_ms)
+
+    def encoded(self) -> dict:
+        """The counts, and the histograms encoded, as a worker sends them to the coordinator."""
+        return {
+            "arrivals": self.arrivals,
+            "dropped": self.dropped,
+            "outcomes": dict(self.outcomes),
+            "bytes": self.bytes,
+            "latency": encode(self.latency),
+            "hops": {k: encode(h) for k, h in self.hops.items()},
+            "split": self.split,
+            "split_n": self.split_n,
+            "split_total_ms": self.split_total_ms,
+            "timeline": {str(sec): encode(h) for sec, h in self.timeline.items()},
+            "connects": self.connects,
+            "misdelivery": dict(self.misdelivery),
+            "groups": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in self.groups.items()},
+            "credentials": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in self.credentials.items()},
+        }

@@ -36,7 +36,6 @@ from kiosk_emu.card import DEFAULT_PIN, CardStore
 from kiosk_emu.driver import FlowDriver
 from kiosk_emu.flow import KioskFlow, State, Status
 from kiosk_emu.load.arrivals import latency_ms, piecewise_arrivals, poisson_arrivals
-from kiosk_emu.load.histogram import encode
 from kiosk_emu.load.kiosk import LoadKiosk, Paperless, relay_request
 from kiosk_emu.load.spec import EXPECTED, KioskSpec, LoadSpec
 from kiosk_emu.load.stats import WorkerStats
@@ -341,19 +340,8 @@ class Worker:
         cpu = time.process_time() - cpu0
         wall = time.perf_counter() - wall0
         ticker.cancel()
-        s = self.stats
-        return {
+        return self.stats.encoded() | {
             "worker": self.wid,
-            "arrivals": s.arrivals,
-            "dropped": s.dropped,
-            "outcomes": dict(s.outcomes),
-            "bytes": s.bytes,
-            "latency": encode(s.latency),
-            "hops": {k: encode(h) for k, h in s.hops.items()},
-            "split": s.split,
-            "split_n": s.split_n,
-            "split_total_ms": s.split_total_ms,
-            "timeline": {str(sec): encode(h) for sec, h in s.timeline.items()},
             "measured_s": max(0.0, measured_end - self.t_warm),
             "cpu_s": cpu,
             "wall_s": wall,
@@ -362,10 +350,6 @@ class Worker:
             "partial": self.stop.is_set(),
             "kiosks": len(self.kiosks),
             "trace": self.trace or [],
-            "connects": s.connects,
-            "misdelivery": dict(s.misdelivery),
-            "groups": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.groups.items()},
-            "credentials": {g: {"outcomes": dict(c), "latency": encode(h)} for g, (c, h) in s.credentials.items()},
         }
 
     def close(self) -> None:

@@ -56,6 +56,18 @@ def add_parser(sub) -> None:
         help="also drive relay-small/relay-64k/relay-1m with the compiled Go client against konbini's and "
         "HAProxy's relays; the report shows its ratios beside the generator's (needs golang-go, haproxy)",
     )
+    add_process_options(b)
+    add_national_options(b)
+    b.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either",
+    )
+    b.set_defaults(func=cmd_bench)
+
+
+def add_process_options(b) -> None:
+    """Where the servers run and what they write: processes, netns, lines, the state and report folders."""
     b.add_argument(
         "--relay-processes",
         choices=["operator", "hop"],
@@ -93,6 +105,10 @@ def add_parser(sub) -> None:
         metavar="KIND=DELAY",
         help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)",
     )
+
+
+def add_national_options(b) -> None:
+    """national-peak's own options."""
     b.add_argument(
         "--levels",
         default="1,10,100",
@@ -113,12 +129,6 @@ def add_parser(sub) -> None:
         default=2000,
         help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)",
     )
-    b.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either",
-    )
-    b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
@@ -280,7 +290,23 @@ def cmd_national(args) -> int:
         report = run_national_peak(opts)
     except NationalBenchError as exc:
         raise UserError(str(exc)) from None
-    rows = []
+    rows = national_rows(report)
+    console = Console()
+    show(
+        console,
+        f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
+        + (" (partial)" if report["partial"] else ""),
+        ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
+        rows,
+    )
+    console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
+    misdelivered = sum(r["misdelivered"] for r in report["phases"])
+    return 1 if misdelivered or report["partial"] else 0
+
+
+def national_rows(report: dict) -> list[tuple[str, ...]]:
+    """Per phase: one row per operator, then the phase over all of them."""
+    rows: list[tuple[str, ...]] = []
     for r in report["phases"]:
         for g, v in r["by_group"].items():
             rows.append(
@@ -309,17 +335,7 @@ def cmd_national(args) -> int:
                 str(r["misdelivered"]),
             )
         )
-    console = Console()
-    show(
-        console,
-        f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
-        + (" (partial)" if report["partial"] else ""),
-        ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
-        rows,
-    )
-    console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
-    misdelivered = sum(r["misdelivered"] for r in report["phases"])
-    return 1 if misdelivered or report["partial"] else 0
+    return rows
 
 
 def failover_lines(label: str, fo: dict) -> list[str]:
