@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+
+from bench.costs import CostProcess, CostWindow
 
 SCENARIOS = ("relay-small", "relay-64k", "relay-1m")
 AGREE = 0.25  # ratios within 25 % of each other agree; further apart, the report says which to believe
@@ -123,3 +127,35 @@ def compare(generator: float | None, client: float | None) -> dict:
     if generator is None or client is None or not client:
         return {"generator": generator, "compiled_client": client, "agree": None}
     return {"generator": generator, "compiled_client": client, "agree": abs(generator - client) / client <= AGREE}
+
+
+def run(
+    cmd: list[str],
+    duration: float,
+    front: Callable[[str], object],
+    cost_processes: Callable[[object], list[CostProcess]],
+    phase: str,
+) -> dict:
+    """One run of the compiled client against `phase`'s relays (`front(phase)`, started and
+    stopped here), with its CPU in the cost model beside theirs."""
+    server = front(phase)
+    server.start()
+    try:
+        window = CostWindow(cost_processes(server))
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        window.begin()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        except subprocess.TimeoutExpired:
+            raise CrossCheckError(f"the compiled client did not finish within {duration + 60:.0f} s") from None
+        window.finish()
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        server.stop()
+    if done.returncode != 0:
+        raise CrossCheckError(f"the compiled client failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    result = parse(done.stdout)
+    client_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    client = CostProcess("compiled client", "client", 0)
+    result["costs"] = window.model(int(result.get("ok", 0)), extra=[(client, client_cpu)])
+    return result

@@ -86,7 +86,7 @@ def targets(topo: Topology) -> Targets:
 
 
 class FaultSchedule:
-    """Kills, restarts, hangs and continues `procs` (node id -> bench.runner.NodeProcess) on a
+    """Kills, restarts, hangs and continues `procs` (node id -> bench.processes.NodeProcess) on a
     thread per node while the load runs, at fractions of the measured window; every event is timed
     from the window's start."""
 
@@ -184,18 +184,10 @@ class FaultSchedule:
             thread.join(60)
 
 
-def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> dict:
-    """The run seen through its issuances: per second (by end time) completions, failures by reason
-    and which watched servers served; per stretch between events the same counts. Per fault (a kill
-    until its restart, a hang until its continue): the failures ending in that time, by reason; the
-    issuances started in it and who served them; the time to pass over: from the fault until the
-    first issuance that started during it completed through the survivor, no earlier than the last
-    of those failures (None: nothing passed over)."""
+def per_second_counts(trace: list, duration_s: float) -> list[dict]:
+    """Per second of the run (by end time): completions and whom they went through, failures by reason."""
     seconds = math.ceil(duration_s) + 6  # the last issuances end after the window (the grace period)
     per_second = [{"second": s, "ok": 0, "failed": 0, "reasons": Counter(), "via": Counter()} for s in range(seconds)]
-    # an unexpected answer is "error:expected-ok-got-refused:X" to the generator; here it is its reason
-    trace = [(start, end, outcome.removeprefix("error:expected-ok-got-"), via) for start, end, outcome, via in trace]
-    events = sorted(events, key=lambda e: e["at_s"])
     for _start, end, outcome, via in trace:
         row = per_second[min(max(0, int(end)), seconds - 1)]
         if outcome == "ok":
@@ -206,6 +198,11 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
             row["reasons"][outcome] += 1
     while per_second and not (per_second[-1]["ok"] or per_second[-1]["failed"]):
         per_second.pop()
+    return per_second
+
+
+def stretches_between(trace: list, events: list[dict]) -> list[dict]:
+    """The same counts per stretch between one event and the next."""
     marks = sorted((e["at_s"], f"{e['event']} {e['node']}") for e in events)
     stretches = []
     bounds = [0.0, *[m[0] for m in marks], math.inf]
@@ -222,46 +219,61 @@ def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> d
                 "via": dict(Counter(v for r in inside if r[2] == "ok" for v in r[3])),
             }
         )
-    faults = []
-    for start in (e for e in events if e["event"] in ENDS):
-        end = next(
-            (
-                e
-                for e in events
-                if e["event"] == ENDS[start["event"]] and e["node"] == start["node"] and e["at_s"] >= start["at_s"]
-            ),
-            None,
-        )
-        k0, k1 = start["at_s"], end["at_s"] if end else math.inf
-        node = start["node"]
-        survivor = next(p[1 - p.index(node)] for p in (t.relays, t.servers) if node in p)
-        failures = [r for r in trace if k0 <= r[1] < k1 and r[2] != "ok"]
-        last_failure = max((r[1] for r in failures), default=k0)
-        ok = [r for r in trace if r[2] == "ok"]
-        passed_over = min(
-            (r[1] for r in ok if k0 <= r[0] < k1 and survivor in r[3] and r[1] >= last_failure), default=None
-        )
-        started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the fault ends (a slow machine)
-        faults.append(
-            {
-                "fault": start["event"],
-                "node": node,
-                "survivor": survivor,
-                "pid": start["pid"],
-                "at_s": k0,
-                "until_s": end["at_s"] if end else None,
-                "pid_gone": start.get("pid_gone"),
-                "up_again_at_s": end.get("up_at_s") if end else None,
-                "failures": dict(Counter(r[2] for r in failures)),
-                # from the fault until the first issuance started during it completes through the survivor
-                "time_to_pass_over_s": round(passed_over - k0, 3) if passed_over is not None else None,
-                "ok_before_via_faulty": sum(1 for r in ok if r[0] < k0 and node in r[3]),
-                "ok_while_down": len(started_down),
-                "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
-                # ended before the fault ended: the node was dead or stopped then, so this must be 0
-                "ok_while_down_via_faulty": sum(1 for r in started_down if r[1] < k1 and node in r[3]),
-            }
-        )
+    return stretches
+
+
+def fault_effects(start: dict, events: list[dict], trace: list, t: Targets) -> dict:
+    """One fault, from `start` (a kill or a hang) until its end: its failures, who served meanwhile,
+    and the time to pass over to the survivor."""
+    end = next(
+        (
+            e
+            for e in events
+            if e["event"] == ENDS[start["event"]] and e["node"] == start["node"] and e["at_s"] >= start["at_s"]
+        ),
+        None,
+    )
+    k0, k1 = start["at_s"], end["at_s"] if end else math.inf
+    node = start["node"]
+    survivor = next(p[1 - p.index(node)] for p in (t.relays, t.servers) if node in p)
+    failures = [r for r in trace if k0 <= r[1] < k1 and r[2] != "ok"]
+    last_failure = max((r[1] for r in failures), default=k0)
+    ok = [r for r in trace if r[2] == "ok"]
+    passed_over = min((r[1] for r in ok if k0 <= r[0] < k1 and survivor in r[3] and r[1] >= last_failure), default=None)
+    started_down = [r for r in ok if k0 <= r[0] < k1]  # they may end after the fault ends (a slow machine)
+    return {
+        "fault": start["event"],
+        "node": node,
+        "survivor": survivor,
+        "pid": start["pid"],
+        "at_s": k0,
+        "until_s": end["at_s"] if end else None,
+        "pid_gone": start.get("pid_gone"),
+        "up_again_at_s": end.get("up_at_s") if end else None,
+        "failures": dict(Counter(r[2] for r in failures)),
+        # from the fault until the first issuance started during it completes through the survivor
+        "time_to_pass_over_s": round(passed_over - k0, 3) if passed_over is not None else None,
+        "ok_before_via_faulty": sum(1 for r in ok if r[0] < k0 and node in r[3]),
+        "ok_while_down": len(started_down),
+        "ok_while_down_via_survivor": sum(1 for r in started_down if survivor in r[3]),
+        # ended before the fault ended: the node was dead or stopped then, so this must be 0
+        "ok_while_down_via_faulty": sum(1 for r in started_down if r[1] < k1 and node in r[3]),
+    }
+
+
+def analyse(trace: list, events: list[dict], t: Targets, duration_s: float) -> dict:
+    """The run seen through its issuances: per second (by end time) completions, failures by reason
+    and which watched servers served; per stretch between events the same counts. Per fault (a kill
+    until its restart, a hang until its continue): the failures ending in that time, by reason; the
+    issuances started in it and who served them; the time to pass over: from the fault until the
+    first issuance that started during it completed through the survivor, no earlier than the last
+    of those failures (None: nothing passed over)."""
+    # an unexpected answer is "error:expected-ok-got-refused:X" to the generator; here it is its reason
+    trace = [(start, end, outcome.removeprefix("error:expected-ok-got-"), via) for start, end, outcome, via in trace]
+    events = sorted(events, key=lambda e: e["at_s"])
+    per_second = per_second_counts(trace, duration_s)
+    stretches = stretches_between(trace, events)
+    faults = [fault_effects(start, events, trace, t) for start in events if start["event"] in ENDS]
     return {
         "targets": {
             "operator": t.operator,

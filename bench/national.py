@@ -9,7 +9,7 @@ evening peak at 18:00-19:00 with ~9.7 % of the day), stated in the report next t
 What runs: the issuance path only (every store router, the EC routers, DMZ relays, the centers,
 OCSP and the municipalities), spread over `processes` forked nodehosts (topology/launch/spread.py);
 store controllers and the kiosks' maintenance endpoints are not on the path and stay down. The
-load generator is in fleet mode (kiosk_emu/load/generator.py): every kiosk of the file can be
+load generator is in fleet mode (kiosk_emu/load/worker.py): every kiosk of the file can be
 drawn, dials its store router at its first customer and keeps the line while it is among the most
 recently used. The nodes' clock stands at the peak hour (18:30 JST) for every phase, so every
 municipality's own hours are those of the peak; the residents ask for a residence record of a
@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from bench.scenarios import DOC_64K
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
 from kiosk_emu.card import CardStore
-from kiosk_emu.load.generator import KioskSpec, LoadError, LoadSpec, Workload, run_load
+from kiosk_emu.load.run import LoadError, LoadProgress, run_load
+from kiosk_emu.load.spec import KioskSpec, LoadSpec, Workload
 from topology.launch import spread
 from topology.launch.netns import NetnsError, stop_nodehosts
 from topology.pki import PKI
@@ -87,7 +89,8 @@ class NationalOptions:
     processes: int = 12
     workers: int = 1
     max_open: int = 2000
-    progress: bool = True
+    progress: LoadProgress | None = None  # each phase's run (the CLI's bar)
+    say: Callable[[str], None] | None = None  # one line per step (the CLI prints them)
     notes: list[str] = field(default_factory=list)
 
 
@@ -197,53 +200,19 @@ def phase_summary(result: dict, phase: dict) -> dict:
     return out
 
 
-def run_national_peak(opts: NationalOptions) -> dict:
-    topo = opts.topology
-    if opts.processes < 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
-        raise NationalBenchError("--processes, --workers and --duration must be > 0, --hour-s >= 0")
-    if any(level <= 0 for level in opts.levels):
-        raise NationalBenchError("--levels are multiples of the peak rate: each must be > 0")
-    kiosks = fleet(topo)
-    at = clock_start()
-    munis = open_municipalities(topo, at)
-    _raise_open_files()
-    sdir = opts.state_dir.resolve()
-    sdir.mkdir(parents=True, exist_ok=True)
-    say = print if opts.progress else (lambda *a, **k: None)
-    t0 = time.perf_counter()
-    say(f"PKI for {len(topo.nodes):,} nodes in {sdir / 'pki'} (made once, then reused) ...", flush=True)
-    pki = PKI.ensure(sdir, topo)
-    pki_s = time.perf_counter() - t0
-    cards = CardStore(sdir, pki, Clock(at).now)
-    pool = [c.card_id for c in cards.ensure_pool(CARDS)]
-    servers = sum(1 for n in topo.nodes.values() if n.is_server and n.kind in ISSUANCE_PATH)
-    say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...", flush=True)
-    t1 = time.perf_counter()
-    try:
-        hosts = spread.start(
-            topo,
-            sdir,
-            opts.processes,
-            clock=at.isoformat(),
-            kinds=ISSUANCE_PATH,
-            progress=lambda done, total: say(
-                f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)", flush=True
-            ),
-        )
-    except NetnsError as exc:
-        raise NationalBenchError(str(exc)) from None
-    up_s = time.perf_counter() - t1
-    report = {
+def _quiet(line: str) -> None:
+    pass
+
+
+def report_head(opts: NationalOptions, kiosks: list[KioskSpec], munis: list[str], at: datetime) -> dict:
+    """national-peak.json's facts about the file and the model, before any phase ran."""
+    return {
         "bench": "national-peak",
-        "topology": topo.source,
-        "stores": len(topo.of_kind("store-router")),
+        "topology": opts.topology.source,
+        "stores": len(opts.topology.of_kind("store-router")),
         "kiosks": len(kiosks),
         "operators": sorted({k.group for k in kiosks}),
         "municipalities_open": len(munis),
-        "servers_up": servers,
-        "processes": len(hosts),
-        "pki_s": round(pki_s, 1),
-        "up_s": round(up_s, 1),
         "clock": at.isoformat(),
         "issuances_per_year": ISSUANCES_PER_YEAR,
         "mean_rate": round(MEAN_RATE, 4),
@@ -259,43 +228,98 @@ def run_national_peak(opts: NationalOptions) -> dict:
             "lines are not impaired; store controllers and kiosk maintenance endpoints are not started",
         ],
     }
+
+
+def prepare_state(topo: Topology, sdir: Path, at: datetime, say: Callable[[str], None]) -> tuple[PKI, list[str], float]:
+    """The PKI (made once, then reused), the residents' cards, and the seconds the PKI took."""
+    t0 = time.perf_counter()
+    say(f"PKI for {len(topo.nodes):,} nodes in {sdir / 'pki'} (made once, then reused) ...")
+    pki = PKI.ensure(sdir, topo)
+    pki_s = time.perf_counter() - t0
+    cards = CardStore(sdir, pki, Clock(at).now)
+    return pki, [c.card_id for c in cards.ensure_pool(CARDS)], pki_s
+
+
+def check_options(opts: NationalOptions) -> None:
+    if opts.processes < 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
+        raise NationalBenchError("--processes, --workers and --duration must be > 0, --hour-s >= 0")
+    if any(level <= 0 for level in opts.levels):
+        raise NationalBenchError("--levels are multiples of the peak rate: each must be > 0")
+
+
+def run_national_peak(opts: NationalOptions) -> dict:
+    """The file's issuance path up, each phase's load over every kiosk, the reports written."""
+    check_options(opts)
+    topo = opts.topology
+    kiosks = fleet(topo)
+    at = clock_start()
+    munis = open_municipalities(topo, at)
+    _raise_open_files()
+    sdir = opts.state_dir.resolve()
+    sdir.mkdir(parents=True, exist_ok=True)
+    say = opts.say or _quiet
+    pki, pool, pki_s = prepare_state(topo, sdir, at, say)
+    servers = sum(1 for n in topo.nodes.values() if n.is_server and n.kind in ISSUANCE_PATH)
+    say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...")
+    t1 = time.perf_counter()
+    try:
+        hosts = spread.start(
+            topo,
+            sdir,
+            opts.processes,
+            clock=at.isoformat(),
+            kinds=ISSUANCE_PATH,
+            progress=lambda done, total: say(f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)"),
+        )
+    except NetnsError as exc:
+        raise NationalBenchError(str(exc)) from None
+    up_s = time.perf_counter() - t1
+    report = report_head(opts, kiosks, munis, at) | {
+        "servers_up": servers,
+        "processes": len(hosts),
+        "pki_s": round(pki_s, 1),
+        "up_s": round(up_s, 1),
+    }
     hop_kinds = {n.id: n.kind for n in topo.nodes.values() if n.is_server}  # the same for every phase
     centers = tuple(sorted(n.id for n in topo.of_kind("issuance-center")))
+    base = LoadSpec(
+        workload=Workload("national-peak", "issuance", size=DOC_64K),
+        state_dir=str(sdir),
+        kiosks=kiosks,
+        ca_path=str(pki.network_ca_path),
+        warmup_s=opts.warmup_s,
+        open_muni=munis[0],
+        closed_muni=munis[0],
+        clock_start=at.isoformat(),
+        hop_kinds=hop_kinds,
+        centers=centers,
+        fleet=True,
+        cards=tuple(pool),
+        munis=tuple(munis),
+        max_open=opts.max_open,
+    )  # each phase: its rate, duration and segments
     try:
-        for phase in phases(opts):
-            spec = LoadSpec(
-                workload=Workload("national-peak", "issuance", size=DOC_64K),
-                state_dir=str(sdir),
-                kiosks=kiosks,
-                ca_path=str(pki.network_ca_path),
-                rate=phase["rate"],
-                duration_s=phase["duration_s"],
-                warmup_s=opts.warmup_s,
-                open_muni=munis[0],
-                closed_muni=munis[0],
-                clock_start=at.isoformat(),
-                hop_kinds=hop_kinds,
-                centers=centers,
-                fleet=True,
-                cards=tuple(pool),
-                munis=tuple(munis),
-                max_open=opts.max_open,
-                segments=phase["segments"],
-            )
-            try:
-                result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")
-            except LoadError as exc:
-                raise NationalBenchError(str(exc)) from None
-            row = phase_summary(result, phase)
-            report["phases"].append(row)
-            say(phase_line(row), flush=True)
-            if result.get("partial"):
-                report["partial"] = True
-                break
+        run_phases(opts, base, report, say)
     finally:
         stop_nodehosts(hosts)
     write_national(report, opts.out_dir)
     return report
+
+
+def run_phases(opts: NationalOptions, base: LoadSpec, report: dict, say: Callable[[str], None]) -> None:
+    """Each phase's load over the fleet, one line said per phase; a partial one ends the run."""
+    for phase in phases(opts):
+        spec = replace(base, rate=phase["rate"], duration_s=phase["duration_s"], segments=phase["segments"])
+        try:
+            result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")
+        except LoadError as exc:
+            raise NationalBenchError(str(exc)) from None
+        row = phase_summary(result, phase)
+        report["phases"].append(row)
+        say(phase_line(row))
+        if result.get("partial"):
+            report["partial"] = True
+            break
 
 
 def phase_line(row: dict) -> str:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from pathlib import Path
+
+import msgspec
+from msgspec import UNSET
+
+from bench.results import BenchReport, PhaseResult, ScenarioEntry
 
 SUMMARY = ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "dropped", "misdelivered")
 
@@ -15,16 +19,16 @@ SUMMARY = ("throughput_rps", "bytes_per_s", "p50_ms", "p90_ms", "p99_ms", "p999_
 SPLIT_PNG = "latency-split.png"
 
 
-def write_reports(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_reports(report: BenchReport, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(r.get("latency_split") for e in report.get("scenarios", {}).values() for _, r in _phases(e)):
+    if any(_v(r.latency_split) for e in report.scenarios.values() for _, r in e.phases()):
         try:
             plot_split_png(report, out_dir / SPLIT_PNG)
-            report["split_plot"] = SPLIT_PNG
+            report.split_plot = SPLIT_PNG
         except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
-            report.setdefault("notes", []).append(f"latency split plot failed: {exc!r}")
+            report.notes.append(f"latency split plot failed: {exc!r}")
     j = out_dir / "report.json"
-    j.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    j.write_bytes(msgspec.json.format(msgspec.json.encode(report, enc_hook=str), indent=1))
     h = out_dir / "report.html"
     h.write_text(render_html(report))
     (out_dir / "report.md").write_text(render_markdown(report))
@@ -62,17 +66,18 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _phases(entry: dict) -> list[tuple[str, dict]]:
-    return [(p, entry[p]) for p in ("konbini", "lines", "haproxy") if isinstance(entry.get(p), dict)]
+def _v(value, default=None):
+    """A result's value, `default` where the phase has no such key (UNSET)."""
+    return default if value is UNSET else value
 
 
-def plot_percentiles(name: str, entry: dict) -> str:
+def plot_percentiles(name: str, entry: ScenarioEntry) -> str:
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms"]
     fig, ax = _figure()
-    phases = _phases(entry)
+    phases = entry.phases()
     width = 0.8 / max(1, len(phases))
     for i, (phase, r) in enumerate(phases):
-        vals = [r.get(k) or 0 for k in keys]
+        vals = [_v(getattr(r, k)) or 0 for k in keys]
         ax.bar([x + i * width for x in range(len(keys))], vals, width, label=phase)
     ax.set_xticks([x + width * (len(phases) - 1) / 2 for x in range(len(keys))], ["p50", "p90", "p99", "p99.9"])
     ax.set_ylabel("ms")
@@ -81,10 +86,10 @@ def plot_percentiles(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
-def plot_timeline(name: str, entry: dict) -> str:
+def plot_timeline(name: str, entry: ScenarioEntry) -> str:
     fig, ax = _figure()
-    for phase, r in _phases(entry):
-        tl = r.get("timeline") or []
+    for phase, r in entry.phases():
+        tl = _v(r.timeline) or []
         xs = [t["second"] for t in tl]
         ax.plot(xs, [t["p50_ms"] for t in tl], label=f"{phase} p50")
         ax.plot(xs, [t["p99_ms"] for t in tl], linestyle="--", label=f"{phase} p99")
@@ -95,11 +100,11 @@ def plot_timeline(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
-def plot_hops(name: str, entry: dict) -> str:
+def plot_hops(name: str, entry: ScenarioEntry) -> str:
     fig, ax = _figure()
     rows = []
-    for phase, r in _phases(entry):
-        for hop, p in (r.get("hops") or {}).items():
+    for phase, r in entry.phases():
+        for hop, p in (_v(r.hops) or {}).items():
             rows.append((f"{phase}:{hop}", p.get("p50_ms") or 0, p.get("p99_ms") or 0))
     ys = range(len(rows))
     ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], 0.4, label="p50")
@@ -111,12 +116,12 @@ def plot_hops(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
-def plot_sweep(name: str, entry: dict) -> str:
+def plot_sweep(name: str, entry: ScenarioEntry) -> str:
     fig, ax = _figure()
     target = None
-    for phase, r in _phases(entry):
-        steps = r.get("steps") or []
-        target = r.get("p99_target_ms")
+    for phase, r in entry.phases():
+        steps = _v(r.steps) or []
+        target = _v(r.p99_target_ms)
         ax.plot([s["rate"] for s in steps], [s["p99_ms"] or 0 for s in steps], marker="o", label=f"{phase} p99")
         ax.plot(
             [s["rate"] for s in steps],
@@ -134,11 +139,11 @@ def plot_sweep(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
-def plot_soak(name: str, entry: dict) -> str:
+def plot_soak(name: str, entry: ScenarioEntry) -> str:
     """RSS (left) and open descriptors (right) of every node process over the soak."""
     fig, (rss, fds) = _figure(ncols=2)
-    for phase, r in _phases(entry):
-        for proc, p in ((r.get("soak") or {}).get("processes") or {}).items():
+    for phase, r in entry.phases():
+        for proc, p in ((_v(r.soak) or {}).get("processes") or {}).items():
             series = p.get("series") or []
             xs = [x["s"] for x in series]
             rss.plot(xs, [x["rss_mib"] for x in series], label=f"{phase}:{proc}")
@@ -153,14 +158,14 @@ def plot_soak(name: str, entry: dict) -> str:
     return _svg(fig)
 
 
-def plot_split(name: str, entry: dict) -> str:
+def plot_split(name: str, entry: ScenarioEntry) -> str:
     """The mean latency split into its parts, one stacked bar per phase: the parts add up to the mean latency."""
     fig, ax = _figure()
-    phases = [(p, r) for p, r in _phases(entry) if r.get("latency_split")]
-    parts = sorted({k for _, r in phases for k in r["latency_split"]})
+    phases = [(p, r) for p, r in entry.phases() if _v(r.latency_split)]
+    parts = sorted({k for _, r in phases for k in r.latency_split})
     bottoms = [0.0] * len(phases)
     for part in parts:
-        vals = [max(0.0, r["latency_split"].get(part, 0.0)) for _, r in phases]
+        vals = [max(0.0, r.latency_split.get(part, 0.0)) for _, r in phases]
         ax.bar(range(len(phases)), vals, 0.6, bottom=bottoms, label=part)
         bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
     ax.set_xticks(range(len(phases)), [p for p, _ in phases])
@@ -187,14 +192,12 @@ def part_rank(part: str) -> tuple[float, str]:
     return (float(CHAIN.index(kind)) if kind in CHAIN else 50.0, part)
 
 
-def split_parts(report: dict) -> list[str]:
-    parts = {
-        k for e in report.get("scenarios", {}).values() for _, r in _phases(e) for k in (r.get("latency_split") or {})
-    }
+def split_parts(report: BenchReport) -> list[str]:
+    parts = {k for e in report.scenarios.values() for _, r in e.phases() for k in (_v(r.latency_split) or {})}
     return sorted(parts, key=part_rank)
 
 
-def plot_split_png(report: dict, path: Path) -> None:
+def plot_split_png(report: BenchReport, path: Path) -> None:
     """One stacked bar per scenario and phase (konbini, lines, haproxy side by side), a colour per
     part of the latency split; the bar's height is the mean latency (the parts add up to it)."""
     import matplotlib
@@ -203,10 +206,10 @@ def plot_split_png(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = [
-        (name, phase, r["latency_split"])
-        for name, e in report.get("scenarios", {}).items()
-        for phase, r in _phases(e)
-        if r.get("latency_split")
+        (name, phase, r.latency_split)
+        for name, e in report.scenarios.items()
+        for phase, r in e.phases()
+        if _v(r.latency_split)
     ]
     parts = split_parts(report)
     colours = plt.get_cmap("tab20").colors
@@ -255,28 +258,28 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     ]
 
 
-def md_summary(report: dict) -> list[str]:
+def md_summary(report: BenchReport) -> list[str]:
     rows = []
-    for name, e in report.get("scenarios", {}).items():
-        for phase, r in _phases(e):
-            gen = r.get("generator") or {}
+    for name, e in report.scenarios.items():
+        for phase, r in e.phases():
+            gen = _v(r.generator) or {}
             rows.append(
                 [
                     name,
                     phase,
-                    r.get("throughput_rps"),
-                    r.get("p50_ms"),
-                    r.get("p99_ms"),
-                    r.get("dropped"),
-                    sum((r.get("errors") or {}).values()),
-                    r.get("misdelivered"),
+                    _v(r.throughput_rps),
+                    _v(r.p50_ms),
+                    _v(r.p99_ms),
+                    _v(r.dropped),
+                    sum((_v(r.errors) or {}).values()),
+                    _v(r.misdelivered),
                     gen.get("cpu_fraction_max"),
-                    (r.get("servers") or {}).get("relay_max_process_peak_rss_mib"),
+                    (_v(r.servers) or {}).get("relay_max_process_peak_rss_mib"),
                 ]
             )
-        if "ratios" in e:
+        if e.ratios is not UNSET:
             rows.append(
-                [name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e["ratios"].items()], "", "", "", "", "", ""][:10]
+                [name, "konbini ÷ HAProxy", *[f"{k} {v}" for k, v in e.ratios.items()], "", "", "", "", "", ""][:10]
             )
     out = _table(
         [
@@ -293,6 +296,11 @@ def md_summary(report: dict) -> list[str]:
         ],
         rows,
     )
+    return out + md_by_credential(report)
+
+
+def md_by_credential(report: BenchReport) -> list[str]:
+    """A table of its own for the smartphone credential, where a phase held one up."""
     by_credential = [
         [
             name,
@@ -306,12 +314,12 @@ def md_summary(report: dict) -> list[str]:
             c.get("p50_ms"),
             c.get("p99_ms"),
         ]
-        for name, e in report.get("scenarios", {}).items()
-        for phase, r in _phases(e)
-        for cred, c in (r.get("by_credential") or {}).items()
+        for name, e in report.scenarios.items()
+        for phase, r in e.phases()
+        for cred, c in (_v(r.by_credential) or {}).items()
     ]
     if any(row[2] == "smartphone" for row in by_credential):  # a line of its own for the smartphone credential
-        out += [
+        return [
             "",
             "By credential (card, or the smartphone credential of seed 002):",
             "",
@@ -331,37 +339,37 @@ def md_summary(report: dict) -> list[str]:
                 by_credential,
             ),
         ]
-    return out
+    return []
 
 
-def md_split(report: dict) -> list[str]:
+def md_split(report: BenchReport) -> list[str]:
     """Per scenario: the mean ms of every part, one column per phase, and the total they add up to."""
     out = []
-    for name, e in report.get("scenarios", {}).items():
-        phases = [(p, r) for p, r in _phases(e) if r.get("latency_split")]
+    for name, e in report.scenarios.items():
+        phases = [(p, r) for p, r in e.phases() if _v(r.latency_split)]
         if not phases:
             continue
-        parts = sorted({k for _, r in phases for k in r["latency_split"]}, key=part_rank)
-        rows = [[part, *[r["latency_split"].get(part) for _, r in phases]] for part in parts]
-        rows.append(["**total (mean latency)**", *[r.get("latency_split_total_ms") for _, r in phases]])
-        rows.append(["p50 / p99 ms", *[f"{_md(r.get('p50_ms'))} / {_md(r.get('p99_ms'))}" for _, r in phases]])
+        parts = sorted({k for _, r in phases for k in r.latency_split}, key=part_rank)
+        rows = [[part, *[r.latency_split.get(part) for _, r in phases]] for part in parts]
+        rows.append(["**total (mean latency)**", *[_v(r.latency_split_total_ms) for _, r in phases]])
+        rows.append(["p50 / p99 ms", *[f"{_md(_v(r.p50_ms))} / {_md(_v(r.p99_ms))}" for _, r in phases]])
         out += [f"**{name}** (mean ms per request)", "", *_table(["part", *[p for p, _ in phases]], rows), ""]
         for phase, r in phases:
-            if r.get("haproxy_timers"):
+            if _v(r.haproxy_timers):
                 out.append(
                     f"{phase}: HAProxy's hops come from its log timers (%Tw+%Tc+%Tr, one request in "
-                    f"{r['haproxy_timers'].get('log_sample')} logged); a hop's own work and the line in front of it "
+                    f"{r.haproxy_timers.get('log_sample')} logged); a hop's own work and the line in front of it "
                     "are one part there, because HAProxy does not log when it read a request from its socket."
                 )
                 out.append("")
     return out
 
 
-def md_costs(report: dict) -> list[str]:
+def md_costs(report: BenchReport) -> list[str]:
     rows, notes = [], []
-    for name, e in report.get("scenarios", {}).items():
-        for phase, r in _phases(e):
-            c = r.get("costs")
+    for name, e in report.scenarios.items():
+        for phase, r in e.phases():
+            c = _v(r.costs)
             if not c:
                 continue
             for p in c["processes"]:
@@ -387,8 +395,8 @@ def md_costs(report: dict) -> list[str]:
     ]
 
 
-def md_cross_check(report: dict) -> list[str]:
-    cc = report.get("cross_check")
+def md_cross_check(report: BenchReport) -> list[str]:
+    cc = _v(report.cross_check)
     if not cc:
         return []
     rows = []
@@ -440,70 +448,76 @@ def md_cross_check(report: dict) -> list[str]:
     return out
 
 
-def md_failover(report: dict) -> list[str]:
+def md_failover(report: BenchReport) -> list[str]:
     """The failover runs: per second completions, failures (by reason) and who served, the kills,
     restarts, hangs and continues at their second; then per fault its failures by reason and time
     to pass over."""
     out = []
-    for name, e in report.get("scenarios", {}).items():
-        for phase, r in _phases(e):
-            fo = r.get("failover")
+    for name, e in report.scenarios.items():
+        for phase, r in e.phases():
+            fo = _v(r.failover)
             if not fo:
                 continue
-            watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
-            marks: dict[int, list[str]] = {}
-            for ev in fo["events"]:
-                marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
-            rows = [
-                [
-                    row["second"],
-                    row["ok"],
-                    row["failed"],
-                    row["reasons"] or "",
-                    *[row["via"].get(w, 0) for w in watched],
-                    "; ".join(marks.get(row["second"], [])),
-                ]
-                for row in fo["per_second"]
-            ]
-            muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
-            out += [
-                f"**{name} {phase}**: {r.get('rate')}/s open loop, {r.get('ok')} issued, misdelivered "
-                f"{r.get('misdelivered')}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
-                f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
-                "warm-up, issuances counted in the second they ended.",
-                "",
-                *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows),
-                "",
-            ]
-            frows = [
-                [
-                    f["fault"],
-                    f["node"],
-                    f["at_s"],
-                    f["until_s"],
-                    f["pid_gone"] if f["fault"] == "kill" else "-",
-                    f["failures"] or "none",
-                    f["time_to_pass_over_s"],
-                    f["ok_while_down"],
-                    f"{f['ok_while_down_via_survivor']} via {f['survivor']}",
-                ]
-                for f in fo["faults"]
-            ]
-            out += _table(
-                [
-                    "fault (kill: SIGKILL, hang: SIGSTOP)",
-                    "node",
-                    "at s",
-                    "ended at s",
-                    "pid gone",
-                    "failures by reason",
-                    "time to pass over s",
-                    "started while down, issued",
-                    "served by the survivor",
-                ],
-                frows,
-            )
-            out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
+            out += md_failover_run(name, phase, r, fo)
+    return out
+
+
+def md_failover_run(name: str, phase: str, r: PhaseResult, fo: dict) -> list[str]:
+    """One failover run: its table per second, then its faults."""
+    watched = [*fo["targets"]["relays"], *fo["targets"]["servers"]]
+    marks: dict[int, list[str]] = {}
+    for ev in fo["events"]:
+        marks.setdefault(int(ev["at_s"]), []).append(f"{ev['event']} {ev['node']} at {ev['at_s']:.1f} s")
+    rows = [
+        [
+            row["second"],
+            row["ok"],
+            row["failed"],
+            row["reasons"] or "",
+            *[row["via"].get(w, 0) for w in watched],
+            "; ".join(marks.get(row["second"], [])),
+        ]
+        for row in fo["per_second"]
+    ]
+    muni = fo["targets"].get("municipality_name") or fo["targets"]["municipality"]
+    out = [
+        f"**{name} {phase}**: {_v(r.rate)}/s open loop, {_v(r.ok)} issued, misdelivered "
+        f"{_v(r.misdelivered)}; failover {'passed' if fo['ok'] else 'FAILED'}; {muni}'s document servers "
+        f"{' and '.join(fo['targets']['servers'])}. Seconds from the end of "
+        "warm-up, issuances counted in the second they ended.",
+        "",
+        *_table(["s", "ok", "failed", "failures by reason", *[f"ok via {w}" for w in watched], "event"], rows),
+        "",
+    ]
+    frows = [
+        [
+            f["fault"],
+            f["node"],
+            f["at_s"],
+            f["until_s"],
+            f["pid_gone"] if f["fault"] == "kill" else "-",
+            f["failures"] or "none",
+            f["time_to_pass_over_s"],
+            f["ok_while_down"],
+            f"{f['ok_while_down_via_survivor']} via {f['survivor']}",
+        ]
+        for f in fo["faults"]
+    ]
+    out += _table(
+        [
+            "fault (kill: SIGKILL, hang: SIGSTOP)",
+            "node",
+            "at s",
+            "ended at s",
+            "pid gone",
+            "failures by reason",
+            "time to pass over s",
+            "started while down, issued",
+            "served by the survivor",
+        ],
+        frows,
+    )
+    out += ["", *[f"- fault schedule error: {err}" for err in fo.get("errors", [])], ""]
     return out
 
 
@@ -518,10 +532,10 @@ def _soak_issuances(soak: dict) -> str:
     )
 
 
-def plot_failover(name: str, r: dict) -> str:
+def plot_failover(name: str, r: PhaseResult) -> str:
     """Completions and failures per second, the faults and their ends as vertical lines."""
     fig, ax = _figure()
-    fo = r["failover"]
+    fo = r.failover
     xs = [row["second"] for row in fo["per_second"]]
     ax.bar(xs, [row["ok"] for row in fo["per_second"]], 0.8, label="ok")
     ax.bar(
@@ -541,22 +555,22 @@ def plot_failover(name: str, r: dict) -> str:
     return _svg(fig)
 
 
-def render_markdown(report: dict) -> str:
-    o = report.get("options", {})
+def render_markdown(report: BenchReport) -> str:
+    o = report.options
     out = [
-        f"# konbini bench{' (partial: interrupted)' if report.get('partial') else ''}",
+        f"# konbini bench{' (partial: interrupted)' if report.partial else ''}",
         "",
-        f"{report.get('created', '')} · {report.get('mode', 'loopback')} · {o.get('kiosks')} kiosks · "
-        f"{o.get('workers')} generator worker(s) · {report.get('machine', {}).get('cpus')} CPUs · "
+        f"{report.created} · {report.mode} · {o.get('kiosks')} kiosks · "
+        f"{o.get('workers')} generator worker(s) · {report.machine.get('cpus')} CPUs · "
         f"scenarios {' '.join(o.get('scenarios') or [])}",
         "",
     ]
-    out += [f"- {n}" for n in report.get("notes", [])]
+    out += [f"- {n}" for n in report.notes]
     out += ["", "## Summary", "", *md_summary(report), ""]
     if split := md_split(report):
         out += ["## Where the time goes (latency split)", "", *split]
-        if report.get("split_plot"):
-            out += [f"![latency split]({report['split_plot']})", ""]
+        if _v(report.split_plot):
+            out += [f"![latency split]({report.split_plot})", ""]
     if costs := md_costs(report):
         out += ["## Cost model (CPU per completed request, measured window)", "", *costs, ""]
     if cc := md_cross_check(report):
@@ -566,11 +580,11 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def html_costs(entry_name: str, entry: dict) -> list[str]:
+def html_costs(entry_name: str, entry: ScenarioEntry) -> list[str]:
     """The cost model of a scenario's phases as a table, and its notes."""
     out = []
-    for phase, r in _phases(entry):
-        c = r.get("costs")
+    for phase, r in entry.phases():
+        c = _v(r.costs)
         if not c or not c.get("processes"):
             continue
         out.append(
@@ -592,78 +606,105 @@ def html_costs(entry_name: str, entry: dict) -> list[str]:
     return out
 
 
-def render_html(report: dict) -> str:
-    o = report.get("options", {})
+def render_html(report: BenchReport) -> str:
+    """report.html: the summary table, each scenario's plots and costs, the cross-checks."""
+    parts = html_head(report) + html_summary(report)
+    for name, entry in report.scenarios.items():
+        parts += html_scenario(name, entry)
+    parts += html_cross_checks(report)
+    parts.append("<p>JSON twin: report.json</p></body></html>")
+    return "\n".join(parts)
+
+
+def html_head(report: BenchReport) -> list[str]:
+    o = report.options
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>konbini bench</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}.plots{display:flex;flex-wrap:wrap;gap:1em}"
         ".plots svg{width:460px;height:auto}</style></head><body>",
-        f"<h1>konbini bench{' (partial: interrupted)' if report.get('partial') else ''}</h1>",
-        f"<p>{html.escape(report.get('created', ''))} · {o.get('kiosks')} kiosks · {o.get('workers')} generator worker(s) · "
+        f"<h1>konbini bench{' (partial: interrupted)' if report.partial else ''}</h1>",
+        f"<p>{html.escape(report.created)} · {o.get('kiosks')} kiosks · {o.get('workers')} generator worker(s) · "
         f"baseline: {html.escape(str(o.get('baseline')))} · emulated time {html.escape(str(o.get('emulated_time')))} · "
-        f"{report.get('machine', {}).get('cpus')} CPUs</p>",
+        f"{report.machine.get('cpus')} CPUs</p>",
     ]
-    for note in report.get("notes", []):
+    for note in report.notes:
         parts.append(f"<p><em>{html.escape(note)}</em></p>")
+    return parts
+
+
+def html_summary(report: BenchReport) -> list[str]:
+    """One row per phase, and konbini ÷ HAProxy under a scenario where both ran."""
+    parts: list[str] = []
     parts.append(
         "<table><tr><th>scenario</th><th>phase</th><th>mode</th>"
         + "".join(f"<th>{k}</th>" for k in SUMMARY)
         + "<th>errors</th><th>refused</th><th>gen cpu</th><th>saturated</th><th>relay cpu cores</th><th>largest relay process peak RSS MiB</th></tr>"
     )
-    for name, entry in report.get("scenarios", {}).items():
-        for phase, r in _phases(entry):
-            mode = f"{r.get('mode', 'sweep')} " + (
-                f"{r['rate']:g}/s" if r.get("rate") else f"c={r.get('concurrency')}" if r.get("concurrency") else ""
+    for name, entry in report.scenarios.items():
+        for phase, r in entry.phases():
+            mode = f"{_v(r.mode, 'sweep')} " + (
+                f"{r.rate:g}/s" if _v(r.rate) else f"c={_v(r.concurrency)}" if _v(r.concurrency) else ""
             )
-            gen = r.get("generator", {})
-            srv = r.get("servers", {})
+            gen = _v(r.generator, {})
+            srv = _v(r.servers, {})
             parts.append(
                 f"<tr><td>{html.escape(name)}</td><td>{phase}</td><td>{html.escape(mode)}</td>"
-                + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in SUMMARY)
-                + f"<td>{_fmt(r.get('errors'))}</td><td>{_fmt(r.get('refused'))}</td><td>{_fmt(gen.get('cpu_fraction_max'))}</td>"
+                + "".join(f"<td>{_fmt(_v(getattr(r, k)))}</td>" for k in SUMMARY)
+                + f"<td>{_fmt(_v(r.errors))}</td><td>{_fmt(_v(r.refused))}</td><td>{_fmt(gen.get('cpu_fraction_max'))}</td>"
                 f"<td>{_fmt(gen.get('generator_saturated'))}</td><td>{_fmt(srv.get('relay_cpu_cores'))}</td><td>{_fmt(srv.get('relay_max_process_peak_rss_mib'))}</td></tr>"
             )
-        if "ratios" in entry:
+        if entry.ratios is not UNSET:
             parts.append(
                 f"<tr><td>{html.escape(name)}</td><td colspan='{len(SUMMARY) + 8}' style='text-align:left'>konbini ÷ HAProxy: "
-                + html.escape(", ".join(f"{k} {v}" for k, v in entry["ratios"].items()))
+                + html.escape(", ".join(f"{k} {v}" for k, v in entry.ratios.items()))
                 + "</td></tr>"
             )
     parts.append("</table>")
-    for name, entry in report.get("scenarios", {}).items():
-        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(entry.get('what', ''))}</p><div class='plots'>")
-        try:
-            if any("steps" in r for _, r in _phases(entry)):
-                parts.append(plot_sweep(name, entry))
-                for phase, r in _phases(entry):
-                    parts.append(
-                        f"<p>{phase}: highest rate with p99 &lt; {r.get('p99_target_ms')} ms: <b>{_fmt(r.get('best_rate'))}</b> req/s</p>"
-                    )
-            else:
-                parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
-                if any(r.get("latency_split") for _, r in _phases(entry)):
-                    parts.append(plot_split(name, entry))
-            for phase, r in _phases(entry):
-                if r.get("failover"):
-                    parts.append(plot_failover(f"{name} {phase}", r))
-                if soak := r.get("soak"):
-                    parts.append(plot_soak(name, entry))
-                    worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
-                    parts.append(
-                        f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
-                        f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
-                        f"misdelivered {soak['misdelivered']}{_soak_issuances(soak)}</p>"
-                    )
-        except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
-            parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
-        parts.append("</div>")
-        parts += html_costs(name, entry)
-    if report.get("split_plot"):
+    return parts
+
+
+def html_scenario(name: str, entry: ScenarioEntry) -> list[str]:
+    """A scenario's plots (sweep, or percentiles, timeline, hops and split), failover and soak, and costs."""
+    parts: list[str] = []
+    parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(entry.what)}</p><div class='plots'>")
+    try:
+        if any(r.is_sweep for _, r in entry.phases()):
+            parts.append(plot_sweep(name, entry))
+            for phase, r in entry.phases():
+                parts.append(
+                    f"<p>{phase}: highest rate with p99 &lt; {_v(r.p99_target_ms)} ms: <b>{_fmt(_v(r.best_rate))}</b> req/s</p>"
+                )
+        else:
+            parts += [plot_percentiles(name, entry), plot_timeline(name, entry), plot_hops(name, entry)]
+            if any(_v(r.latency_split) for _, r in entry.phases()):
+                parts.append(plot_split(name, entry))
+        for phase, r in entry.phases():
+            if _v(r.failover):
+                parts.append(plot_failover(f"{name} {phase}", r))
+            if soak := _v(r.soak):
+                parts.append(plot_soak(name, entry))
+                worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
+                parts.append(
+                    f"<p>{phase} soak: <b>{'passed' if soak['ok'] else 'FAILED'}</b>; largest RSS growth from 20 % "
+                    f"to 90 % of the run: {worst:+.2f} % (limit {soak['rss_growth_limit_pct']} %); errors {soak['errors']}, "
+                    f"misdelivered {soak['misdelivered']}{_soak_issuances(soak)}</p>"
+                )
+    except Exception as exc:  # noqa: BLE001 - a plot must not cost the report
+        parts.append(f"<p>plot failed: {html.escape(repr(exc))}</p>")
+    parts.append("</div>")
+    parts += html_costs(name, entry)
+    return parts
+
+
+def html_cross_checks(report: BenchReport) -> list[str]:
+    """The latency-split picture, the compiled client's and h2load's cross-checks, where they ran."""
+    parts: list[str] = []
+    if _v(report.split_plot):
         parts.append(
-            f"<h2>Where the time goes</h2><img src='{html.escape(report['split_plot'])}' alt='latency split' style='max-width:100%'>"
+            f"<h2>Where the time goes</h2><img src='{html.escape(report.split_plot)}' alt='latency split' style='max-width:100%'>"
         )
-    if cc := report.get("cross_check"):
+    if cc := _v(report.cross_check):
         parts.append(
             f"<h2>Cross-check: {html.escape(cc['client'])}</h2><table><tr><th>scenario</th><th>konbini req/s</th>"
             "<th>HAProxy req/s</th><th>ratio (compiled client)</th><th>ratio (konbini generator)</th><th>agree</th></tr>"
@@ -675,8 +716,8 @@ def render_html(report: dict) -> str:
                 f"<td>{_fmt(r['compiled_client'])}</td><td>{_fmt(r['generator'])}</td><td>{_fmt(r['agree'])}</td></tr>"
             )
         parts.append("</table>")
-    if "h2load" in report:
-        h = report["h2load"]
+    if report.h2load is not UNSET:
+        h = report.h2load
         parts.append(
             f"<h2>h2load cross-check</h2><p>{html.escape(h.get('note', ''))}</p><table><tr><th>phase</th><th>size</th><th>req/s</th><th>bytes/s</th><th>mean ms</th><th>failed</th></tr>"
         )
@@ -685,5 +726,4 @@ def render_html(report: dict) -> str:
                 f"<tr><td>{r['phase']}</td><td>{r['size']}</td><td>{_fmt(r.get('rps'))}</td><td>{_fmt(r.get('bytes_per_s'))}</td><td>{_fmt(r.get('mean_ms'))}</td><td>{_fmt(r.get('failed'))}</td></tr>"
             )
         parts.append("</table>")
-    parts.append("<p>JSON twin: report.json</p></body></html>")
-    return "\n".join(parts)
+    return parts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiosk_emu.load.generator import Workload
+from kiosk_emu.load.spec import Workload
 
 DOC_64K = 64 * 1024
 

@@ -1,7 +1,7 @@
 """The body of a bench server process: some nodes of a topology, served until the parent stops it.
 
 Run as `python -m bench.serve FD` (relays only) or `python -m bench.serve_any FD` (anything
-else) by `bench.runner.NodeProcess`: a fresh interpreter that imports that module and what its
+else) by `bench.processes.NodeProcess`: a fresh interpreter that imports that module and what its
 nodes need, nothing else. (A multiprocessing "spawn" child re-imports the parent's main module,
 here the whole `konbini` CLI with the load generator, HAProxy, reports and the netns launcher:
 megabytes of RSS in every relay process that serves none of them.) Relays need only the paths of

@@ -96,13 +96,15 @@ class CardExists(CardError):
 
 
 @dataclass(frozen=True)
-class _PinHash:
+class PinHash:
+    """A PIN as the card keeps it: salted PBKDF2, compared in constant time."""
+
     salt: bytes
     digest: bytes
     rounds: int = _PBKDF2_ROUNDS
 
     @classmethod
-    def of(cls, pin: str) -> _PinHash:
+    def of(cls, pin: str) -> PinHash:
         salt = secrets.token_bytes(16)
         return cls(salt, _pbkdf2(pin, salt, _PBKDF2_ROUNDS))
 
@@ -116,7 +118,7 @@ class Card:
     profile: CardProfile
     key: rsa.RSAPrivateKey = field(repr=False)
     certificate: x509.Certificate = field(repr=False)
-    pin_hash: _PinHash = field(repr=False)
+    pin_hash: PinHash = field(repr=False)
     tries_left: int
     # Set by the CardStore: persists the counter the moment it changes, as the chip would.
     on_counter_change: Callable[[Card], None] | None = field(default=None, repr=False, compare=False)
@@ -204,7 +206,7 @@ class CardStore:
             profile=profile,
             key=key,
             certificate=self._certificate(key, card_id, expired, legacy, not_before),
-            pin_hash=_PinHash.of(pin),
+            pin_hash=PinHash.of(pin),
             tries_left=profile.max_tries,
             on_counter_change=self.save,
         )
@@ -228,7 +230,7 @@ class CardStore:
             profile=CardProfile(data["profile"]),
             key=key,
             certificate=x509.load_pem_x509_certificate(data["certificate"].encode()),
-            pin_hash=_PinHash(bytes.fromhex(pin["salt"]), bytes.fromhex(pin["digest"]), pin["rounds"]),
+            pin_hash=PinHash(bytes.fromhex(pin["salt"]), bytes.fromhex(pin["digest"]), pin["rounds"]),
             tries_left=data["tries_left"],
             on_counter_change=self.save,
         )
@@ -267,7 +269,7 @@ class CardStore:
         """The counter procedure for a forgotten PIN (004 §10.1): set a new one, counter full."""
         card = self.load(card_id)
         card.profile.check_pin_format(pin)
-        card.pin_hash = _PinHash.of(pin)
+        card.pin_hash = PinHash.of(pin)
         card.tries_left = card.profile.max_tries
         self.save(card)
         return card
@@ -286,7 +288,7 @@ class CardStore:
             card = self.load(card_id)
             changed = False
             if card.profile is not CardProfile.MYNUMBER_AUTH or not card.pin_hash.matches(pin):
-                card.profile, card.pin_hash, changed = CardProfile.MYNUMBER_AUTH, _PinHash.of(pin), True
+                card.profile, card.pin_hash, changed = CardProfile.MYNUMBER_AUTH, PinHash.of(pin), True
             if card.tries_left != card.profile.max_tries:
                 card.tries_left, changed = card.profile.max_tries, True
             if card.serial in revoked or verify_card_certificate(card.certificate, self.pki.jpki_ca, now) is not None:

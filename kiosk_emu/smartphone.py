@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kiosk_emu.card import DEFAULT_PIN, Card, CardError, CardStore, _PinHash
+from kiosk_emu.card import DEFAULT_PIN, Card, CardError, CardStore, PinHash
 from topology.pki import file_lock, verify_card_certificate, write_atomic
 
 
@@ -60,7 +60,7 @@ class SmartphoneStore:
             parent.profile,
             key,
             self._certificate(key, phone_id, card_id, now),
-            _PinHash.of(pin),
+            PinHash.of(pin),
             parent.profile.max_tries,
             on_counter_change=self.cards.save,
         )

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.runner import BenchError, BenchOptions, run_bench, unfinished_issuances
+from bench.runner import BenchError, BenchOptions, run_bench
 from bench.scenarios import SCENARIOS
+from bench.soak import unfinished_issuances
 from bench.topology import with_kiosks, with_port
 from gateway.business.clock import JST
 from gateway.business.ledger import IssuanceRecord, LedgerDB
@@ -42,7 +43,6 @@ def options(tmp: Path, scenarios: list[str], **kw) -> BenchOptions:
         warmup_s=0.2,
         kiosks=4,
         workers=1,
-        progress=False,
         sweep_steps=2,
     )
     base.update(kw)

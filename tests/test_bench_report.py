@@ -17,6 +17,7 @@ from bench import crosscheck
 from bench.baselines.haproxy import TIMERS_TAG, hop_timers
 from bench.costs import CostProcess, cost_model
 from bench.report import write_reports
+from bench.results import as_report
 from kiosk_emu.latency import with_relay_waits
 from topology.spec.load import DEFAULT_TOPOLOGY
 
@@ -131,7 +132,7 @@ def test_report_md_and_the_stacked_split_png_are_written(tmp_path) -> None:
             },
         },
     }
-    write_reports(report, tmp_path)
+    write_reports(as_report(report), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert (tmp_path / "latency-split.png").read_bytes()[:4] == b"\x89PNG"
     assert "| line kiosk→store-router | 3.0 | 3.0 |" in md

@@ -47,7 +47,6 @@ def failover_run(tmp: Path, topo, duration_s: float) -> dict:
         duration_s=duration_s,
         warmup_s=1.0,
         kiosks=24,
-        progress=False,
     )
     report = run_bench(opts)
     report["_dir"] = str(tmp / "out")
@@ -168,9 +167,7 @@ def test_with_one_upstream_the_same_kill_stops_every_issuance_until_the_restart(
 
 def test_the_failover_bench_needs_a_redundant_topology_in_loopback_mode(tmp_path) -> None:
     def opts(topo, **kw):
-        return BenchOptions(
-            scenarios=["failover"], topology=topo, state_dir=tmp_path, out_dir=tmp_path, progress=False, **kw
-        )
+        return BenchOptions(scenarios=["failover"], topology=topo, state_dir=tmp_path, out_dir=tmp_path, **kw)
 
     with pytest.raises(BenchError, match="two DMZ relays and a municipality with two document servers"):
         Bench(opts(load_topology(DEFAULT_TOPOLOGY)))

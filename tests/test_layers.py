@@ -227,3 +227,89 @@ def test_a_bench_relay_process_imports_no_crypto_and_no_center_code():
         "topology.cli.main",
     }
     assert heavy & loaded == set()
+
+
+# Modules run as programs (`python -m`), which parse their own arguments and print their answer.
+AGENTS = {
+    # run inside a namespace by the CLI, which reads their one line of JSON back
+    "topology.check.annex",
+    "topology.check.app",
+    "topology.check.probe",
+    "topology.check.scrape",
+    # a namespace's node host and the line-impairment daemon, forked or spawned by the netns launcher
+    "topology.launch.nodehost",
+    "topology.launch.impaird",
+    # micro-benchmarks run by hand (`python -m bench.h2cost`), each printing its own table
+    "bench.h2cost",
+    "bench.ledger_throughput",
+    "bench.ocsp_cost",
+    "bench.tls_resume",
+}
+USER_IO = {"argparse", "rich"}  # what parses arguments or draws on a terminal; `print` is the third
+
+
+def _where(module: str) -> Path:
+    path = MODULES[module]
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _user_io(module: str) -> list[str]:
+    """Where `module` imports argparse or rich, or calls print."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    out = [
+        f"{_where(module)}:{line}: import {name}" for name, line, _ in _imports(module) if name.split(".")[0] in USER_IO
+    ]
+    out += [  # a call, or print handed on (`say = print`)
+        f"{_where(module)}:{node.lineno}: print"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name) and node.id == "print"
+    ]
+    return out
+
+
+def test_only_the_cli_and_named_agents_parse_arguments_or_print():
+    found = []
+    for module in MODULES:
+        if module == "topology.cli" or module.startswith("topology.cli.") or module in AGENTS:
+            continue
+        found += _user_io(module)
+    assert found == []
+
+
+def test_every_named_agent_exists_and_runs_as_a_program():
+    for module in AGENTS:
+        assert module in MODULES, f"{module} is named in AGENTS but does not exist"
+        assert "__main__" in MODULES[module].read_text(encoding="utf-8"), f"{module} is not run with python -m"
+
+
+def _private_imports(module: str) -> list[str]:
+    """`from project.module import _name`: a name its module keeps to itself, used elsewhere."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    return [
+        f"{_where(module)}:{node.lineno}: from {node.module} import {a.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _project(node.module)
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    ]
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = [line for module in MODULES for line in _private_imports(module)]
+    assert found == []
+
+
+def test_the_user_io_and_private_name_checks_can_fail(tmp_path, monkeypatch):
+    """Both checks see what they forbid: argparse, rich and print in the model, a private import."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(
+        "import argparse\nfrom rich.console import Console\nfrom topology.spec.model import _private\n\n"
+        "def f():\n    print('x')\n"
+    )
+    monkeypatch.setitem(MODULES, "topology.spec.fake", fake)
+    assert [x.rsplit(": ", 1)[1] for x in _user_io("topology.spec.fake")] == [
+        "import argparse",
+        "import rich.console",
+        "print",
+    ]
+    assert _private_imports("topology.spec.fake") == [f"{fake}:3: from topology.spec.model import _private"]

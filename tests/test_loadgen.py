@@ -9,20 +9,11 @@ import statistics
 
 import pytest
 
-from kiosk_emu.load.generator import (
-    KioskSpec,
-    LoadSpec,
-    Workload,
-    _Worker,
-    encode,
-    latency_ms,
-    merge,
-    merge_results,
-    new_histogram,
-    percentiles,
-    poisson_arrivals,
-    record_ms,
-)
+from kiosk_emu.load.arrivals import latency_ms, poisson_arrivals
+from kiosk_emu.load.histogram import encode, merge, new_histogram, percentiles, record_ms
+from kiosk_emu.load.merge import merge_results
+from kiosk_emu.load.spec import KioskSpec, LoadSpec, Workload
+from kiosk_emu.load.worker import Worker
 
 
 def test_poisson_arrivals_have_the_asked_rate_and_stay_in_the_window() -> None:
@@ -88,8 +79,8 @@ def _spec(**kw) -> LoadSpec:
 
 
 def test_arrivals_without_a_free_kiosk_are_dropped_not_delayed() -> None:
-    async def main() -> _Worker:
-        w = _Worker(0, 1, _spec(rate=500.0, duration_s=0.2, warmup_s=0.0))
+    async def main() -> Worker:
+        w = Worker(0, 1, _spec(rate=500.0, duration_s=0.2, warmup_s=0.0))
         loop = asyncio.get_running_loop()
         w.t_warm = loop.time()
         w.t_end = w.t_warm + 0.2
@@ -157,7 +148,7 @@ def test_closed_loop_streams_spread_evenly_over_the_kiosk_connections() -> None:
     kiosks = [_CountingKiosk(i) for i in range(24)]
 
     async def main() -> None:
-        w = _Worker(0, 1, _spec(concurrency=200, duration_s=0.3, warmup_s=0.0))
+        w = Worker(0, 1, _spec(concurrency=200, duration_s=0.3, warmup_s=0.0))
         w.kiosks = kiosks
         await w.connect_all()
         loop = asyncio.get_running_loop()

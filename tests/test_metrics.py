@@ -9,7 +9,9 @@ import ssl
 
 import pytest
 import trio
+from trio.testing import memory_stream_pair
 
+from gateway.node.metrics import read_request_head
 from gateway.protocol.http import request_headers
 from gateway.protocol.messages import IssueRequest
 from kiosk_emu.kiosk import issue_at
@@ -208,3 +210,22 @@ def test_a_nodes_metrics_are_made_at_first_use_and_keep_collectors_registered_be
     assert sample(text, "konbini_test_app_state") == 7.0
     with pytest.raises(AttributeError):
         _ = m.no_such_series  # a typo is still an error, not a silent new series
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GET /metrics HTTP/1.1\r\nhost: n\r\n\r\n", ("GET", "/metrics")),
+        (b"GET /metrics HTTP/1.1\nhost: n\n\n", ("GET", "/metrics")),  # bare LF, as h11 reads it
+        (b"GET /metrics\r\n\r\n", None),  # no HTTP version
+        (b"GET /metrics HTTP/1.1\r\n\r\n", None),  # HTTP/1.1 without host
+        (b"GET /metrics HTTP/1.1\r\nx: " + b"y" * 9000 + b"\r\n\r\n", None),  # over REQUEST_HEAD_LIMIT
+    ],
+)
+async def test_the_scrape_port_reads_a_request_head_as_h11_does(head, expected):
+    """The scrape port's request reader (gateway/node/metrics.py), over an in-memory stream left open
+    after the head: it answers from the head alone, and what is not a request is None."""
+    client, server = memory_stream_pair()
+    await client.send_all(head)
+    with trio.fail_after(5):  # a bound on a hang, not a timing: the head is all there is
+        assert await read_request_head(server) == expected

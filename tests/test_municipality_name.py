@@ -72,6 +72,7 @@ def test_settle_shows_the_municipality_by_name(tmp_path: Path):
 def test_the_failover_report_names_the_municipality_whose_server_it_kills():
     from bench.failover import targets
     from bench.report import md_failover
+    from bench.results import as_report
 
     t = targets(load_topology(DEFAULT_TOPOLOGY.parent / "redundant.yaml"))
     assert (t.municipality, t.municipality_name) == ("372013", "高松市")
@@ -89,6 +90,10 @@ def test_the_failover_report_names_the_municipality_whose_server_it_kills():
         },
     }
     text = "\n".join(
-        md_failover({"scenarios": {"failover": {"konbini": {"rate": 20, "ok": 0, "misdelivered": 0, "failover": fo}}}})
+        md_failover(
+            as_report(
+                {"scenarios": {"failover": {"konbini": {"rate": 20, "ok": 0, "misdelivered": 0, "failover": fo}}}}
+            )
+        )
     )
     assert "高松市's document servers muni-takamatsu-1 and muni-takamatsu-2" in text

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.national import DAY_PROFILE, ISSUANCES_PER_YEAR, PEAK_HOUR, hour_rate, peak_rate
-from kiosk_emu.load.generator import piecewise_arrivals
+from kiosk_emu.load.arrivals import piecewise_arrivals
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIONAL = ROOT / "topology" / "national.yaml"

@@ -424,7 +424,6 @@ def test_bench_runs_in_netns_mode_and_tears_down(tmp_path, topo) -> None:
         duration_s=1.5,
         warmup_s=0.3,
         kiosks=8,
-        progress=False,
         netns=True,
         netns_tag=tag,
     )

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from topology.cli.check import check_main
 from topology.spec.load import (
     DEFAULT_TOPOLOGY,
     Problem,
     TopologyError,
     check_file,
-    check_main,
     load_topology,
 )
 from topology.spec.model import derive_netns_address

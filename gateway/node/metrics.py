@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import h11
 import trio
 from prometheus_client import (
     CollectorRegistry,
@@ -157,19 +158,17 @@ class ImpairmentStatus:
 
 
 async def read_request_head(stream: trio.abc.Stream) -> tuple[str, str] | None:
-    """An HTTP/1.1 request's method and target, once its head is in; None if it is not one."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        if len(head) > REQUEST_HEAD_LIMIT:
-            return None
-        data = await stream.receive_some(4096)
-        if not data:
-            return None
-        head += data
-    parts = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+    """An HTTP/1.1 request's method and target, once h11 has its head; None if it is not one
+    (malformed, over REQUEST_HEAD_LIMIT, or the peer closed first)."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=REQUEST_HEAD_LIMIT)
+    try:
+        while (event := conn.next_event()) is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(4096))
+    except h11.RemoteProtocolError:
         return None
-    return parts[0].decode("ascii", "replace"), parts[1].decode("ascii", "replace")
+    if not isinstance(event, h11.Request):
+        return None
+    return event.method.decode("ascii", "replace"), event.target.decode("ascii", "replace")
 
 
 def http_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:

@@ -1,1 +1,6 @@
-"""The load generator: uvloop worker processes over the shared HTTP/2 core."""
+"""The load generator: many kiosks over uvloop worker processes, open or closed loop, HDR histograms.
+
+`spec` says what to run; `run` spawns the workers (`worker`, each with its `kiosk`s over
+`h2asyncio`, counting into `stats`, arrivals from `arrivals`), starts them together and
+adds their encoded `histogram`s up (`merge`).
+"""

@@ -37,10 +37,10 @@ from topology.check.policy import (
     PROBE_TIMEOUT,
     AgentError,
     ProbeAgents,
-    _namespace,
     compare,
     plan_probes,
     renumber,
+    site_namespace,
 )
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.policy.compiler import (
@@ -224,7 +224,7 @@ def _accept_rules(site: str, listing: str) -> list[NftRule]:
 def _listing(plan: NetPlan, site: str) -> tuple[str, list[NftRule]]:
     """The namespace's policy table as loaded now: as nft prints it (handles and counters left out,
     for comparison) and its accept rules with their handles."""
-    text = _nft(_namespace(plan, site), "-a", "list", "table", "inet", TABLE)
+    text = _nft(site_namespace(plan, site), "-a", "list", "table", "inet", TABLE)
     return _HANDLE.sub("", _COUNTER.sub("counter", text)), _accept_rules(site, text)
 
 
@@ -261,7 +261,7 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
         )
     rows = []
     for site in sites:
-        ns = _namespace(plan, site)
+        ns = site_namespace(plan, site)
         watched = [p for p in probes if p.expect_answer and site in p.watch]
         unmutated, rules = _listing(plan, site)
         for i in range(len(rules)):

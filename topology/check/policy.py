@@ -50,8 +50,8 @@ from topology.launch.loopback import run_topology
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (
-    _allow_violation,
     admin_reachability,
+    allow_violation,
     compile_admin_allowlists,
     compile_allowlists,
     reachability,
@@ -145,7 +145,7 @@ class Result:
 def _pair_reqs(src: Node, dst: Node, allowed: bool) -> tuple[str, ...]:
     if allowed:
         return _ALLOWED_REQS.get(dst.kind, ("SEC-EC-2",))
-    broken = _allow_violation(src, dst)
+    broken = allow_violation(src, dst)
     reqs = [broken[0]] if broken else []
     if src.kind in ("kiosk", "store-router", "store-controller", "wifi") and dst.kind in (
         "issuance-center",
@@ -417,7 +417,8 @@ def _macs(plan: NetPlan, site: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _namespace(plan: NetPlan, site: str) -> str:
+def site_namespace(plan: NetPlan, site: str) -> str:
+    """The namespace a site's probes run in (the monitoring site's is apart from the sites')."""
     if site == MONITORING_SITE and plan.monitoring is not None:
         return plan.monitoring.namespace
     return plan.namespace(site)
@@ -466,7 +467,7 @@ class ProbeAgents:
     def _agent(self, site: str) -> subprocess.Popen:
         if site not in self.procs:
             self.procs[site] = subprocess.Popen(
-                ["ip", "netns", "exec", _namespace(self.plan, site), sys.executable, "-m", "topology.check.probe"],
+                ["ip", "netns", "exec", site_namespace(self.plan, site), sys.executable, "-m", "topology.check.probe"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -485,7 +486,7 @@ class ProbeAgents:
         proc.kill()
         err = proc.stderr.read().strip()[-300:]
         self.close()
-        raise AgentError(f"probe in {_namespace(self.plan, site)} failed ({state}): {err}")
+        raise AgentError(f"probe in {site_namespace(self.plan, site)} failed ({state}): {err}")
 
     def run(
         self, probes: list[Probe], timeout: float = PROBE_TIMEOUT, only_used: bool = False
@@ -520,7 +521,7 @@ class ProbeAgents:
         for s in jobs:  # every capture socket is open before any frame is sent
             if (line := self._line(s, 30)) != "ready":
                 self.close()
-                raise AgentError(f"probe in {_namespace(plan, s)} said {line[:200]!r} instead of ready")
+                raise AgentError(f"probe in {site_namespace(plan, s)} said {line[:200]!r} instead of ready")
         for s in jobs:
             self.procs[s].stdin.write("go\n")
             self.procs[s].stdin.flush()

@@ -1,5 +1,5 @@
-"""One Prometheus scrape of a node, as the monitoring principal: HTTP/1.1 over mutual TLS to the
-node's metrics port, from the monitoring address (topology/policy/monitoring.py).
+"""One Prometheus scrape of a node, as the monitoring principal: HTTP/1.1 (h11) over mutual TLS
+to the node's metrics port, from the monitoring address (topology/policy/monitoring.py).
 
 In netns mode only the monitoring namespace holds that address, so `scrape_in_namespace` runs
 `ip netns exec <prefix>monitoring python -m topology.check.scrape …` and reads the text back;
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h11
 from prometheus_client.parser import text_string_to_metric_families
 
 from topology.pki import PKI
@@ -38,16 +39,33 @@ def scrape(pki: PKI, node_id: str, address: str, source: str, timeout: float = S
     try:
         with socket.create_connection((address, METRICS_PORT), timeout=timeout, source_address=(source, 0)) as tcp:
             with ctx.wrap_socket(tcp, server_hostname=node_id) as tls:
-                tls.sendall(f"GET /metrics HTTP/1.1\r\nhost: {node_id}\r\naccept: text/plain\r\n\r\n".encode())
-                answer = b""
-                while data := tls.recv(65536):
-                    answer += data
-    except OSError as exc:  # ssl.SSLError is one
+                status, body = exchange(tls, node_id)
+    except (OSError, h11.ProtocolError) as exc:
         raise ScrapeError(f"scrape of {node_id} at {address}:{METRICS_PORT} from {source} failed: {exc}") from None
-    head, _, body = answer.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise ScrapeError(f"scrape of {node_id} answered {head[:40]!r}")
+    if status != 200:
+        raise ScrapeError(f"scrape of {node_id} answered HTTP {status}")
     return body.decode()
+
+
+def exchange(tls: ssl.SSLSocket, node_id: str) -> tuple[int, bytes]:
+    """One `GET /metrics` over h11: the status and the whole body, read to the message's end (its
+    length or last chunk), not to the connection's close, so a node that keeps it open is no hang."""
+    conn = h11.Connection(h11.CLIENT)
+    tls.sendall(
+        conn.send(h11.Request(method="GET", target="/metrics", headers=[("host", node_id), ("accept", "text/plain")]))
+    )
+    tls.sendall(conn.send(h11.EndOfMessage()))
+    status, body = 0, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(tls.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, body
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from msgspec import UNSET
 from rich.console import Console
 
 from bench.national import NationalBenchError, NationalOptions, run_national_peak
-from bench.runner import PHASES, BenchError, BenchOptions, run_bench
+from bench.options import BenchError, BenchOptions
+from bench.results import BenchReport, PhaseResult, as_report
+from bench.runner import run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
+from topology.cli.progress import RichProgress, say
 from topology.cli.render import show
 from topology.spec.load import DEFAULT_TOPOLOGY
 
@@ -52,6 +56,18 @@ def add_parser(sub) -> None:
         help="also drive relay-small/relay-64k/relay-1m with the compiled Go client against konbini's and "
         "HAProxy's relays; the report shows its ratios beside the generator's (needs golang-go, haproxy)",
     )
+    add_process_options(b)
+    add_national_options(b)
+    b.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either",
+    )
+    b.set_defaults(func=cmd_bench)
+
+
+def add_process_options(b) -> None:
+    """Where the servers run and what they write: processes, netns, lines, the state and report folders."""
     b.add_argument(
         "--relay-processes",
         choices=["operator", "hop"],
@@ -89,6 +105,10 @@ def add_parser(sub) -> None:
         metavar="KIND=DELAY",
         help="repeat konbini's phase with every line of KIND delayed, e.g. closed-line=20ms (root; repeatable)",
     )
+
+
+def add_national_options(b) -> None:
+    """national-peak's own options."""
     b.add_argument(
         "--levels",
         default="1,10,100",
@@ -109,27 +129,37 @@ def add_parser(sub) -> None:
         default=2000,
         help=f"{NATIONAL}: kiosk connections kept open per load worker (default 2000)",
     )
-    b.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no live progress bar per run (for logs and pipes); national-peak: no step-by-step lines either",
-    )
-    b.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
     if NATIONAL in args.scenarios:
         return cmd_national(args)
+    opts = bench_options(args)
+    try:
+        report = as_report(run_bench(opts))
+    except BenchError as exc:
+        raise UserError(str(exc)) from None
+    show_report(report, opts.out_dir)
+    failed = any(r.misdelivered for entry in report.scenarios.values() for _, r in entry.phases())
+    checks_failed = any(
+        check and not check.get("ok", True)
+        for entry in report.scenarios.values()
+        for _, r in entry.phases()
+        for check in (r.soak, r.failover)
+    )
+    return 1 if failed or checks_failed or report.partial else 0
+
+
+def bench_options(args) -> BenchOptions:
     scenarios = args.scenarios or ["relay-small", "relay-64k", "issuance"]
     chosen = [SCENARIOS[s] for s in scenarios if s in SCENARIOS]  # an unknown name is the runner's error
     own = next((str(DEFAULT_TOPOLOGY.parent / sc.topology) for sc in chosen if sc.topology), None)
-    topo = load(args.topology or own)
     duration = (
         args.duration if args.duration is not None else max((sc.duration_s or 10.0 for sc in chosen), default=10.0)
     )
-    opts = BenchOptions(
+    return BenchOptions(
         scenarios=scenarios,
-        topology=topo,
+        topology=load(args.topology or own),
         state_dir=Path(args.state or DEFAULT_STATE),
         out_dir=Path(args.out),
         rate=args.rate,
@@ -147,84 +177,39 @@ def cmd_bench(args) -> int:
         relay_processes=args.relay_processes,
         center_processes=args.center_processes,
         center_workers=args.center_workers,
-        progress=not args.no_progress,
+        progress=None if args.no_progress else RichProgress(),
         netns=args.netns,
         netns_tag=args.tag,
         lines=_lines(args.line),
     )
-    try:
-        report = run_bench(opts)
-    except BenchError as exc:
-        raise UserError(str(exc)) from None
-    rows, soaks, failovers = [], [], []
-    for name, entry in report["scenarios"].items():
-        for phase in PHASES:
-            r = entry.get(phase)
-            if not r:
-                continue
-            ratio = entry.get("ratios", {}) if phase == "haproxy" else {}
-            gen = r.get("generator", {})
-            rows.append(
-                (
-                    f"{name} {phase}",
-                    f"{r.get('throughput_rps', 0):.1f}",
-                    f"{(r.get('bytes_per_s') or 0) / 1e6:.1f}",
-                    _ms(r.get("p50_ms")),
-                    _ms(r.get("p99_ms")),
-                    str(r.get("dropped", 0)),
-                    str(sum((r.get("errors") or {}).values())),
-                    str(r.get("misdelivered", 0)),
-                    f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}"
-                    if gen
-                    else "-",
-                    " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
-                )
-            )
-            if split := r.get("latency_split"):
-                top = sorted(split.items(), key=lambda kv: -abs(kv[1]))
-                soaks.append(
-                    f"{name} {phase} where the time goes (mean ms, adds up to {r.get('latency_split_total_ms')}): "
-                    + ", ".join(f"{k} {v:.1f}" for k, v in top)
-                )
-            if costs := r.get("costs"):
-                soaks.append(f"{name} {phase} CPU µs per request: " + cost_line(costs))
-            if soak := r.get("soak"):
-                worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
-                fds = ", ".join(
-                    f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items()
-                )
-                soaks.append(
-                    f"{name} {phase} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
-                    f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
-                    f"errors {soak['errors']}, misdelivered {soak['misdelivered']}"
-                    + (
-                        f"; issuances not in a final state at the end {iss['unfinished']}, past their bound "
-                        f"{iss['past_bound']}"
-                        if (iss := soak.get("issuances"))
-                        else ""
-                    )
-                )
-            if fo := r.get("failover"):
-                failovers += failover_lines(f"{name} {phase}", fo)
-            if r.get("best_rate") is not None or "steps" in r:
-                rows.append((f"{name} {phase}", f"best {r.get('best_rate')}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
+
+
+def show_report(report: BenchReport, out_dir: Path) -> None:
+    """The summary table, then each phase's notes (where the time goes, costs, soak, failover), the
+    cross-check's ratios and where the reports are."""
+    rows, notes, failovers = [], [], []
+    for name, entry in report.scenarios.items():
+        for phase, r in entry.phases():
+            label = f"{name} {phase}"
+            rows.append(phase_row(label, r, (entry.ratios or {}) if phase == "haproxy" else {}))
+            notes += phase_notes(label, r)
+            if r.failover:
+                failovers += failover_lines(label, r.failover)
+            if _given(r.best_rate) is not None or r.is_sweep:
+                rows.append((label, f"best {_given(r.best_rate)}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
     console = Console()
-    title = (
-        "konbini bench"
-        + (" (netns)" if report.get("mode") == "netns" else "")
-        + (" (partial)" if report["partial"] else "")
-    )
+    title = "konbini bench" + (" (netns)" if report.mode == "netns" else "") + (" (partial)" if report.partial else "")
     show(
         console,
         title,
         ("scenario", "req/s", "MB/s", "p50 ms", "p99 ms", "dropped", "errors", "misdelivered", "gen cpu", "ratio"),
         rows,
     )
-    for line in soaks:
+    for line in notes:
         console.print(line, markup=False, highlight=False)
     for line in failovers:  # a table of its own: one line a second, not wrapped
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    for name, entry in (report.get("cross_check") or {}).get("scenarios", {}).items():
+    for name, entry in (report.cross_check or {}).get("scenarios", {}).items():
         ratios = entry["ratios"]
         console.print(
             f"cross-check {name}: konbini ÷ HAProxy with the compiled client {ratios['compiled_client']}, "
@@ -233,17 +218,50 @@ def cmd_bench(args) -> int:
             markup=False,
             highlight=False,
         )
-    console.print(
-        f"reports: {opts.out_dir / 'report.json'}, {opts.out_dir / 'report.html'} and {opts.out_dir / 'report.md'}"
+    console.print(f"reports: {out_dir / 'report.json'}, {out_dir / 'report.html'} and {out_dir / 'report.md'}")
+
+
+def phase_row(label: str, r: PhaseResult, ratio: dict) -> tuple[str, ...]:
+    gen = r.generator or {}
+    return (
+        label,
+        f"{r.throughput_rps or 0:.1f}",
+        f"{(r.bytes_per_s or 0) / 1e6:.1f}",
+        _ms(_given(r.p50_ms)),
+        _ms(_given(r.p99_ms)),
+        str(r.dropped or 0),
+        str(sum((r.errors or {}).values())),
+        str(r.misdelivered or 0),
+        f"{gen.get('cpu_fraction_max', 0):.0%}{' SAT' if gen.get('generator_saturated') else ''}" if gen else "-",
+        " ".join(f"{k}={v}" for k, v in ratio.items()) or "-",
     )
-    failed = any((entry.get(p) or {}).get("misdelivered") for entry in report["scenarios"].values() for p in PHASES)
-    soak_failed = any(
-        not (entry.get(p) or {}).get(check, {"ok": True})["ok"]
-        for entry in report["scenarios"].values()
-        for p in PHASES
-        for check in ("soak", "failover")
-    )
-    return 1 if failed or soak_failed or report["partial"] else 0
+
+
+def phase_notes(label: str, r: PhaseResult) -> list[str]:
+    """Where a phase's time goes, its CPU per request, and its soak's verdict."""
+    out = []
+    if split := r.latency_split:
+        top = sorted(split.items(), key=lambda kv: -abs(kv[1]))
+        out.append(
+            f"{label} where the time goes (mean ms, adds up to {_given(r.latency_split_total_ms)}): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in top)
+        )
+    if costs := r.costs:
+        out.append(f"{label} CPU µs per request: " + cost_line(costs))
+    if soak := r.soak:
+        worst = max((p.get("rss_growth_pct", 0) for p in soak["processes"].values()), default=0)
+        fds = ", ".join(f"{n} {p.get('fds_at_20pct')}->{p.get('fds_at_90pct')}" for n, p in soak["processes"].items())
+        out.append(
+            f"{label} soak {'passed' if soak['ok'] else 'FAILED'}: largest RSS growth from 20 % to 90 % of the run "
+            f"{worst:+.2f} % (limit {soak['rss_growth_limit_pct']:g} %); open descriptors {fds}; "
+            f"errors {soak['errors']}, misdelivered {soak['misdelivered']}"
+            + (
+                f"; issuances not in a final state at the end {iss['unfinished']}, past their bound {iss['past_bound']}"
+                if (iss := soak.get("issuances"))
+                else ""
+            )
+        )
+    return out
 
 
 def cmd_national(args) -> int:
@@ -265,13 +283,30 @@ def cmd_national(args) -> int:
         processes=args.processes,
         workers=args.workers,
         max_open=args.max_open,
-        progress=not args.no_progress,
+        progress=None if args.no_progress else RichProgress(),
+        say=None if args.no_progress else say,
     )
     try:
         report = run_national_peak(opts)
     except NationalBenchError as exc:
         raise UserError(str(exc)) from None
-    rows = []
+    rows = national_rows(report)
+    console = Console()
+    show(
+        console,
+        f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
+        + (" (partial)" if report["partial"] else ""),
+        ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
+        rows,
+    )
+    console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
+    misdelivered = sum(r["misdelivered"] for r in report["phases"])
+    return 1 if misdelivered or report["partial"] else 0
+
+
+def national_rows(report: dict) -> list[tuple[str, ...]]:
+    """Per phase: one row per operator, then the phase over all of them."""
+    rows: list[tuple[str, ...]] = []
     for r in report["phases"]:
         for g, v in r["by_group"].items():
             rows.append(
@@ -300,17 +335,7 @@ def cmd_national(args) -> int:
                 str(r["misdelivered"]),
             )
         )
-    console = Console()
-    show(
-        console,
-        f"konbini bench {NATIONAL}: {report['stores']:,} stores, {report['kiosks']:,} kiosks, up in {report['up_s']} s"
-        + (" (partial)" if report["partial"] else ""),
-        ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
-        rows,
-    )
-    console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
-    misdelivered = sum(r["misdelivered"] for r in report["phases"])
-    return 1 if misdelivered or report["partial"] else 0
+    return rows
 
 
 def failover_lines(label: str, fo: dict) -> list[str]:
@@ -356,6 +381,11 @@ def cost_line(costs: dict) -> str:
         f"{p['name']} {p['us_per_request']:,.0f}" for p in costs["processes"] if p.get("us_per_request") is not None
     )
     return (procs or "no requests completed") + "".join(f"; NOTE {n}" for n in costs.get("notes", []))
+
+
+def _given(v):
+    """A result's value, None where the phase has no such key."""
+    return None if v is UNSET else v
 
 
 def _ms(v) -> str:

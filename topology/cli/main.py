@@ -15,11 +15,11 @@ from kiosk_emu.card import DEFAULT_PIN
 from topology.cli import bench, business, export, graph, netns, node
 from topology.cli import expand as expand_cmd
 from topology.cli.card import cmd_card
+from topology.cli.check import check_main
 from topology.cli.common import default_topology_path, load, settle_options, share_options, user_error
 from topology.cli.demo import run_demo
 from topology.cli.issue import cmd_issue
 from topology.cli.up import PLANNED_CONNECTIONS, cmd_preflight, cmd_up
-from topology.spec.load import check_main
 
 # -- check -----------------------------------------------------------------------------------
 

@@ -378,7 +378,7 @@ def _who(node: Node) -> str:
     return node.id if node.kind in node.id else f"{node.kind} {node.id}"
 
 
-def _allow_violation(src: Node, dst: Node) -> tuple[str, str] | None:
+def allow_violation(src: Node, dst: Node) -> tuple[str, str] | None:
     """The requirement broken by letting `src` connect to `dst`, the most specific one first."""
     if src.kind == "wifi":
         return "SEC-ST-4", f"in-store Wi-Fi {src.id} must reach nothing, yet {_who(dst)} allows it"
@@ -435,7 +435,7 @@ def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list
                 src = topo.nodes.get(source_id)
                 if src is None or src.id == dst.id:
                     continue
-                broken = _allow_violation(src, dst)
+                broken = allow_violation(src, dst)
                 if broken:
                     found.append(
                         Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1])

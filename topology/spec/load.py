@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -23,7 +22,6 @@ import yaml
 
 from topology.policy import compiler as policy
 from topology.spec import expand as compact
-from topology.spec.evidence import unshowable
 from topology.spec.model import (
     ADMIN_KINDS,
     LIMIT_SCOPES,
@@ -91,19 +89,9 @@ def read_yaml(path: str | Path) -> Any:
     return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-def check_main(path: str) -> int:
-    """`konbini check FILE`: one line per problem on stderr and exit 2, as every command that
-    loads a bad file; or a summary on stdout."""
-    topo, problems = _load(Path(path))
-    if problems or topo is None:
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        return 2
-    rules = sum(len(n.allow) for n in topo.nodes.values())
-    print(f"OK: {topo.name}: {len(topo.nodes)} nodes, {len(topo.lines)} lines, {rules} allow rules")
-    for requirement, why in unshowable(topo):  # valid, but `policy check` will report these NOT RUN
-        print(f"cannot show {requirement} live: {why}")
-    return 0
+def load_checked(path: str | Path) -> tuple[Topology | None, list[Problem]]:
+    """The file's topology (None when it has a problem) and every problem in it, in line order."""
+    return _load(Path(path))
 
 
 # ---------------------------------------------------------------------------------------------
