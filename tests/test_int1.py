@@ -22,24 +22,16 @@ from __future__ import annotations
 import hpack
 import pytest
 
-from gateway.protocol import h2lean
+from gateway.protocol import fieldcodec
 from gateway.protocol import splice as splice_module
-from gateway.protocol.h2core import ConnectionClosed, H2Core, Headers, StreamState
-from gateway.protocol.h2lean import (
-    END_HEADERS,
-    END_STREAM,
-    HEADERS,
-    PREFACE,
-    SETTINGS,
-    FieldDecoder,
-    FieldEncoder,
-    LeanClientCore,
-    LeanCore,
-    LeanServerCore,
-    frame,
-)
+from gateway.protocol.errors import ConnectionClosed
+from gateway.protocol.fieldcodec import FieldDecoder, FieldEncoder
+from gateway.protocol.frames import END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
+from gateway.protocol.h2lean import LeanClientCore, LeanCore, LeanServerCore
 from gateway.protocol.http import request_headers
 from gateway.protocol.splice import Pair, Splice
+from gateway.protocol.streams import Headers, StreamState
+from tests.h2peer import H2End
 from topology.spec.model import Limits
 
 CAUGHT = (AssertionError, ConnectionClosed)
@@ -98,13 +90,13 @@ class Wire:
 
 class Hop:
     """kiosk → [down | splice | up] → origin: a relay's two lean cores spliced as `Relay` splices
-    them; the kiosk and the origin are h2's cores, whose HPACK encoders index every field they may
-    (the lean encoder never does), so the relay's decoders keep a dynamic table on both sides."""
+    them; the kiosk and the origin are h2 itself (`H2End`), whose HPACK encoder indexes every field
+    it may (the lean encoder never does), so the relay's decoders keep a dynamic table on both sides."""
 
     def __init__(self, response_timeout: float = 30.0) -> None:
         self.now = 0.0
-        self.kiosk, self.down = H2Core(client_side=True), LeanServerCore(limits=Limits())
-        self.up, self.origin = LeanClientCore(), H2Core(client_side=False, limits=Limits())
+        self.kiosk, self.down = H2End(client_side=True), LeanServerCore(limits=Limits())
+        self.up, self.origin = LeanClientCore(), H2End(client_side=False)
         self.splice = Splice(
             self.down, self.up, stamp=self.stamp, clock=lambda: self.now, response_timeout=response_timeout
         )
@@ -436,7 +428,7 @@ def test_no_header_value_carries_over_between_streams_on_a_connection():
 def encoder_caching_by_name(monkeypatch) -> None:
     """Broken variant: the encoder's byte cache keyed by the field's name (values of one name
     "rarely change"): the first stream's value is what every later stream sends."""
-    real = h2lean._encode_field
+    real = fieldcodec._encode_field
     cache: dict[bytes, bytes] = {}
 
     def encode(self, headers):
@@ -566,9 +558,9 @@ class PooledHop:
     → origin: the splices share the carrier as a pooled relay's do."""
 
     def __init__(self) -> None:
-        self.kiosks = [H2Core(client_side=True) for _ in range(2)]
+        self.kiosks = [H2End(client_side=True) for _ in range(2)]
         self.downs = [LeanServerCore(limits=Limits()) for _ in range(2)]
-        self.up, self.origin = LeanClientCore(), H2Core(client_side=False, limits=Limits())
+        self.up, self.origin = LeanClientCore(), H2End(client_side=False)
         self.carrier = Carrier(self.up)
         self.splices = [Splice(down, None, stamp=Hop.stamp, clock=lambda: 0.0) for down in self.downs]
         self.requests: dict[bytes, StreamState] = {}  # what reached the origin, by path
