@@ -58,6 +58,7 @@ from topology.launch.impair import Impairments
 from topology.launch.netns import NetnsError, require_root
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
+from topology.spec.kinds import RELAY_CHAIN  # the relay kinds from the kiosk's router inwards
 from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Impairment, Topology
 
 log = logging.getLogger("konbini.bench")
@@ -65,7 +66,6 @@ log = logging.getLogger("konbini.bench")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-RELAY_CHAIN = ("store-router", "ec-router", "dmz-relay")  # the relay kinds from the kiosk's router inwards
 PHASES = ("konbini", "lines", "haproxy")  # konbini's relays; the same with the lines impaired; HAProxy's relays
 BENCH_PHONE = "bench-phone"  # the smartphone credential the "smartphone" case holds up (made from the first pool card)
 

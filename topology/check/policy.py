@@ -50,14 +50,15 @@ from topology.launch.loopback import run_topology
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.pki import PKI
 from topology.policy.compiler import (
-    _allow_violation,
     admin_reachability,
+    allow_violation,
     compile_admin_allowlists,
     compile_allowlists,
     reachability,
 )
 from topology.policy.monitoring import METRICS_PORT
 from topology.policy.nft import allowed_flows
+from topology.spec.kinds import KINDS, Side
 from topology.spec.model import Node, Topology
 
 PROBE_TIMEOUT = 0.5  # seconds to wait for replies after the last frame is sent
@@ -89,17 +90,6 @@ OUT_OF_SCOPE = {
     "emulation can show them, so they are audited on site, not by konbini",
 }
 NETNS_ONLY = ("SEC-EC-2 kernel filtering", "SEC-SN-1 no route out / spoofing", "SEC-ST-4 Wi-Fi blocked in the kernel")
-
-# the requirement an *allowed* connection to a node of this kind is evidence for
-_ALLOWED_REQS = {
-    "ec-router": ("SEC-EC-1",),
-    "dmz-relay": ("SEC-EC-2", "SEC-EC-3"),
-    "issuance-center": ("SEC-EC-2", "SEC-EC-3"),
-    "store-router": ("SEC-ST-2",),
-    "store-controller": ("SEC-ST-2",),
-    "ocsp": ("SEC-EC-3",),
-    "municipality": ("SEC-EC-3",),
-}
 
 
 @dataclass
@@ -144,17 +134,12 @@ class Result:
 
 def _pair_reqs(src: Node, dst: Node, allowed: bool) -> tuple[str, ...]:
     if allowed:
-        return _ALLOWED_REQS.get(dst.kind, ("SEC-EC-2",))
-    broken = _allow_violation(src, dst)
+        return KINDS[dst.kind].evidence
+    broken = allow_violation(src, dst)
     reqs = [broken[0]] if broken else []
-    if src.kind in ("kiosk", "store-router", "store-controller", "wifi") and dst.kind in (
-        "issuance-center",
-        "ocsp",
-        "municipality",
-    ):
+    if KINDS[src.kind].side == Side.STORE and KINDS[dst.kind].side == Side.CENTER:
         reqs.append("SEC-SN-3")
-    if dst.kind == "ec-router":
-        reqs.append("SEC-EC-1")
+    reqs += KINDS[dst.kind].denial_evidence
     return tuple(dict.fromkeys(reqs or ["SEC-SN-1"]))
 
 
@@ -336,7 +321,7 @@ def plan_probes(topo: Topology, plan: NetPlan) -> list[Probe]:
     for f in allowed_flows(topo, plan):
         if f.src_site != f.dst_site:
             reqs = (
-                _ALLOWED_REQS.get(topo.node(f.dst).kind, ("SEC-EC-2",))
+                KINDS[topo.node(f.dst).kind].evidence
                 if f.surface == "line"
                 else ("SEC-ST-3/KI-6",)
                 if f.surface == "admin"

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from topology.spec.kinds import NodeKind
 from topology.spec.model import (
     SERVER_KINDS,
     AdminRule,
@@ -44,7 +45,6 @@ from topology.spec.model import (
     Limits,
     LineKind,
     Municipality,
-    NodeKind,
     TlsVersion,
     UpstreamPolicy,
 )

@@ -24,10 +24,10 @@ import yaml
 from topology.policy import compiler as policy
 from topology.spec import expand as compact
 from topology.spec.evidence import unshowable
+from topology.spec.kinds import KINDS
 from topology.spec.model import (
     ADMIN_KINDS,
     LIMIT_SCOPES,
-    RELAY_KINDS,
     VACCINATION_FEE,
     Hours,
     Limits,
@@ -48,7 +48,7 @@ _NETNS = ipaddress.IPv4Network("198.18.0.0/15")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # also a TLS identity and a netns name part
 _HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]")
 _TOP_FIELDS = {f.encode_name for f in msgspec.structs.fields(Topology)} - {"source", "rule_origins"}
-_FORWARDING_KINDS = RELAY_KINDS | {"kiosk"}
+_FORWARDING_KINDS = frozenset(k.name for k in KINDS.values() if k.upstream is not None)
 
 
 @dataclass(frozen=True)

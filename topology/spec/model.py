@@ -13,29 +13,16 @@ from typing import Annotated, Literal
 
 import msgspec
 
-NodeKind = Literal[
-    "kiosk",
-    "store-router",
-    "store-controller",
-    "wifi",
-    "ec-router",
-    "dmz-relay",
-    "issuance-center",
-    "ocsp",
-    "municipality",
-]
+from topology.spec.kinds import KINDS, NodeKind, Side, kind_names
 
-# Kinds that listen (run a server); the others only open connections.
-SERVER_KINDS = frozenset(
-    {"store-router", "store-controller", "ec-router", "dmz-relay", "issuance-center", "ocsp", "municipality"}
-)
-# Kinds that forward every allowed request to their `upstream`.
-RELAY_KINDS = frozenset({"store-router", "ec-router", "dmz-relay"})
-# Kinds with an administration (store controller) or maintenance (kiosk) surface on `admin_port`.
-ADMIN_KINDS = frozenset({"store-controller", "kiosk"})
+# Views of the kind table (topology/spec/kinds.py) that the loader and the compiler ask most.
+SERVER_KINDS = kind_names(listens=True)  # they listen (run a server); the others only open connections
+RELAY_KINDS = kind_names(relays=True)  # they forward every allowed request to their `upstream`
+# an administration (store controller) or maintenance (kiosk) surface on `admin_port`
+ADMIN_KINDS = frozenset(k.name for k in KINDS.values() if k.admin_principal is not None)
 # The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
-STORE_KINDS = frozenset({"kiosk", "store-router", "store-controller", "wifi"})
-CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
+STORE_KINDS = kind_names(side=Side.STORE)
+CENTER_KINDS = kind_names(side=Side.CENTER)
 
 # How a node with several upstreams uses them: the first that answers ("failover", in the
 # order given) or spread connections over all of them ("balance").
@@ -179,7 +166,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_empty_data: Count = 100  # DATA frames with no payload and no END_STREAM
 
 
-LIMIT_SCOPES = ("defaults", *NodeKind.__args__)  # keys of the topology's `limits:` mapping
+LIMIT_SCOPES = ("defaults", *KINDS)  # keys of the topology's `limits:` mapping
 
 
 class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=True):
