@@ -17,6 +17,7 @@ from pathlib import Path
 
 from topology.check import outside
 from topology.check import policy as policycheck
+from topology.check import report as policyreport
 from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.expand import write_expanded
@@ -237,11 +238,11 @@ def cmd_policy_check(args) -> int:
         extra = outside.run_outside_tools(topo, plan, sdir)
     report = policycheck.check(topo, sdir, netns=args.netns, plan=plan, timeout=args.timeout, extra=extra)
     if args.report:
-        md, js = policycheck.write_report(report, Path(args.report))
+        md, js = policyreport.write_report(report, Path(args.report))
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     else:
-        print(policycheck.render_markdown(report), end="")
+        print(policyreport.render_markdown(report), end="")
         if args.report:
             print(f"report: {md} and {js}")
     return 0 if report["ok"] else 1
