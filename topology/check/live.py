@@ -35,7 +35,7 @@ from topology.launch.clockfile import read_clock, running_clock
 from topology.launch.loopback import run_topology
 from topology.netns.plan import NetPlan
 from topology.pki import PKI
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 
 def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], str | None]:
@@ -48,7 +48,7 @@ def app_checks_loopback(topo: Topology, state_dir: Path) -> tuple[list[dict], st
         for name in CHECKS:
             server = running.servers.get(topo.of_kind(CHECKS[name][1])[0].id) if running else None
             before = server.denials[CHECKS[name][3]] if server else 0
-            res = asdict(await run_check(topo, pki, "loopback", name))
+            res = asdict(await run_check(topo, pki, Mode.LOOPBACK, name))
             if server is not None:
                 with trio.move_on_after(2):
                     while server.denials[CHECKS[name][3]] == before:
@@ -102,7 +102,7 @@ def annex_checks_live(topo: Topology, state_dir: Path) -> tuple[list[dict], str 
         pki = PKI.ensure(state_dir, topo)
         skip = _closed_checks(topo, now)
         annex = await run_annex_checks(
-            RemoteRun(topo, state_dir, pki, CardStore(state_dir, pki, now.now), now, mode="loopback"), skip=skip
+            RemoteRun(topo, state_dir, pki, CardStore(state_dir, pki, now.now), now, mode=Mode.LOOPBACK), skip=skip
         )
         note = f"checked against the running topology ({start_error}), at its time {now.now():%Y-%m-%d %H:%M} JST"
         return annex, note
@@ -279,7 +279,7 @@ def app_checks_netns(topo: Topology, plan: NetPlan, state_dir: Path) -> list[dic
                 "--state",
                 str(state_dir),
                 "--mode",
-                "netns",
+                Mode.NETNS,
                 name,
             ],
             stdout=subprocess.PIPE,

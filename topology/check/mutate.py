@@ -44,7 +44,7 @@ from topology.policy.compiler import (
     reachability,
 )
 from topology.policy.nft import TABLE, compile_rulesets
-from topology.spec.model import AdminRule, AllowRule, Topology
+from topology.spec.model import AdminRule, AllowRule, Mode, Topology
 
 
 @dataclass
@@ -125,7 +125,7 @@ def mutants(topo: Topology):
 
 
 def run_mutations(
-    topo: Topology, mode: str = "loopback", plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT
+    topo: Topology, mode: Mode = Mode.LOOPBACK, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT
 ) -> dict:
     """Every mutant through the check; the score is caught / total (100 % required). With `plan`
     (netns mode, the topology running) the nftables mutants too, live."""

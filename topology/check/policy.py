@@ -21,7 +21,7 @@ from topology.check.probes import PROBE_TIMEOUT, plan_probes
 from topology.check.report import NETNS_ONLY, OUT_OF_SCOPE, requirement_summary, requirements
 from topology.netns.plan import NetPlan
 from topology.policy.compiler import compile_admin_allowlists, compile_allowlists
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 
 def annex_note_is_failure(annex: list[dict], note: str | None) -> bool:
@@ -56,7 +56,7 @@ def check(
     annex, annex_note = (
         annex_checks_netns(topo, plan, state_dir) if netns and plan else annex_checks_live(topo, state_dir)
     )
-    mode = "netns" if netns else "loopback"
+    mode = Mode.NETNS if netns else Mode.LOOPBACK
     matrix = check_matrix(topo, compile_allowlists(topo, mode), compile_admin_allowlists(topo, mode), mode)
     evidence = list(extra or ())
     summary, tools = requirement_summary(results, app, [*annex, *evidence])

@@ -13,6 +13,7 @@ from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
 from topology.cli.render import show
 from topology.spec.load import DEFAULT_TOPOLOGY
+from topology.spec.model import Mode
 
 DEFAULT_STATE = ".konbini-bench"
 NATIONAL = "national-peak"
@@ -211,7 +212,7 @@ def cmd_bench(args) -> int:
     console = Console()
     title = (
         "konbini bench"
-        + (" (netns)" if report.get("mode") == "netns" else "")
+        + (" (netns)" if report.get("mode") == Mode.NETNS else "")
         + (" (partial)" if report["partial"] else "")
     )
     show(

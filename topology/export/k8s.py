@@ -31,7 +31,7 @@ from topology.export.netpol import (
 from topology.pki import PKI
 from topology.policy.monitoring import METRICS_PATH, METRICS_PORT, MONITORING_PRINCIPAL
 from topology.spec.kinds import KINDS
-from topology.spec.model import STORE_KINDS, Node, Topology
+from topology.spec.model import STORE_KINDS, Mode, Node, Topology
 
 _RUN_AS = 10001  # the image's non-root user (Containerfile)
 TOPOLOGY_PATH = "/etc/konbini/topology.yaml"
@@ -39,7 +39,7 @@ STATE = "/state"
 # A pod holds no topology address: cluster mode binds all, dials upstreams by Service name, checks
 # peers by certificate (the address half is the NetworkPolicy's) and reads the PKI Secret read-only
 # from STATE/pki (gateway/node/cluster.py).
-NODE_MODE = "cluster"
+NODE_MODE = Mode.CLUSTER.value  # a plain str: the manifests are YAML
 
 KIOSK_ISSUANCES = 10  # completions of each kiosk's load Job, one issuance per pod
 # Past this many store-side nodes the export groups them (netpol.Subjects): policies by kind and

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from topology.spec.kinds import KINDS, Side
-from topology.spec.model import AllowRule, Node, Topology, field_path
+from topology.spec.model import AllowRule, Mode, Node, Topology, field_path
 
 # "METHOD /path", a trailing `*` matching any suffix.
 _REQUEST_PATTERN = re.compile(r"(GET|POST|PUT|DELETE|HEAD) (/[^\s*]*)(\*?)")
@@ -89,7 +89,7 @@ class AllowList:
 
     __slots__ = ("node_id", "port", "sources", "_by_address", "_by_identity", "_requests")
 
-    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+    def __init__(self, node: Node, topo: Topology, mode: Mode) -> None:
         if node.port is None:
             raise ValueError(f"server node {node.id!r} has no port")
         self.node_id = node.id
@@ -140,8 +140,8 @@ class AllowList:
         return f"AllowList({self.node_id!r}, sources={sorted(self.sources)})"
 
 
-def compile_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AllowList]:
-    """One `AllowList` per server node (of the ids `only`, if given); `mode` "netns" uses the
+def compile_allowlists(topo: Topology, mode: Mode = Mode.LOOPBACK, only=None) -> dict[str, AllowList]:
+    """One `AllowList` per server node (of the ids `only`, if given); `mode` netns uses the
     namespace addresses."""
     nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)
     return {node.id: AllowList(node, topo, mode) for node in nodes if node.is_server}
@@ -159,7 +159,7 @@ class AdminAllowList:
 
     __slots__ = ("node_id", "port", "consoles", "_nodes", "_by_address", "_principals", "_requests")
 
-    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+    def __init__(self, node: Node, topo: Topology, mode: Mode) -> None:
         if node.admin_port is None:
             raise ValueError(f"node {node.id!r} has no admin_port")
         self.node_id = node.id
@@ -215,7 +215,7 @@ class AdminAllowList:
         )
 
 
-def compile_admin_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AdminAllowList]:
+def compile_admin_allowlists(topo: Topology, mode: Mode = Mode.LOOPBACK, only=None) -> dict[str, AdminAllowList]:
     """One `AdminAllowList` per node with an `admin_port` (store controllers, kiosks); `only`: of
     these node ids only (a process serving some nodes of a large topology)."""
     nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 import yaml
@@ -32,6 +32,7 @@ from topology.spec.model import (
     Hours,
     Limits,
     Line,
+    Mode,
     Municipality,
     Node,
     TlsVersion,
@@ -207,7 +208,13 @@ _MSGSPEC_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 _T = TypeVar("_T")
 
 
-def _convert(doc: _Document, value: Any, type_: type[_T], path: FieldPath) -> _T | None:
+@overload
+def _convert(doc: _Document, value: Any, type_: type[_T], path: FieldPath) -> _T | None: ...
+@overload
+def _convert(doc: _Document, value: Any, type_: Any, path: FieldPath) -> Any: ...  # a union or a Literal
+
+
+def _convert(doc: _Document, value: Any, type_: Any, path: FieldPath) -> Any:
     try:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as e:
@@ -333,7 +340,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         if node is None:
             continue
         if node.netns_address is None and _ipv4(node.address) is not None:
-            node = msgspec.structs.replace(node, netns_address=node.address_in("netns"))
+            node = msgspec.structs.replace(node, netns_address=node.address_in(Mode.NETNS))
             derived.add(node_id)
         nodes[node_id] = node
     declared = set(raw_nodes)

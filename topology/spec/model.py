@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from enum import StrEnum
 from typing import Annotated, Literal
 
 import msgspec
@@ -23,6 +24,15 @@ ADMIN_KINDS = frozenset(k.name for k in KINDS.values() if k.admin_principal is n
 # The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
 STORE_KINDS = kind_names(side=Side.STORE)
 CENTER_KINDS = kind_names(side=Side.CENTER)
+
+
+class Mode(StrEnum):
+    """Where a topology runs, spelt as the CLI and the files spell it (DESIGN §4)."""
+
+    LOOPBACK = "loopback"  # every node on its own 127.x.y.z address; the app enforces the allow-lists
+    NETNS = "netns"  # one namespace per site, veth lines, nftables in each (root)
+    CLUSTER = "cluster"  # a Kubernetes pod: binds all, dials Services by name (gateway/node/cluster.py)
+
 
 # How a node with several upstreams uses them: the first that answers ("failover", in the
 # order given) or spread connections over all of them ("balance").
@@ -131,13 +141,13 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return self.upstreams
         return (self.upstream,) if self.upstream is not None else ()
 
-    def address_in(self, mode: str) -> str:
-        """The node's address in `mode`: "loopback" or "netns" (derived when the file gives none)."""
-        if mode == "loopback":
+    def address_in(self, mode: Mode) -> str:
+        """The node's address in `mode`: loopback or netns (derived when the file gives none)."""
+        if mode == Mode.LOOPBACK:
             return self.address
-        if mode == "netns":
+        if mode == Mode.NETNS:
             return self.netns_address or derive_netns_address(self.address)
-        raise ValueError(f"unknown mode {mode!r}; expected 'loopback' or 'netns'")
+        raise ValueError(f"unknown mode {str(mode)!r}; expected 'loopback' or 'netns'")
 
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -202,7 +212,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
         """Address (loopback or netns) -> node, built once: a linear scan per lookup does not scale."""
         index: dict[str, Node] = {}
         for n in reversed(list(self.nodes.values())):  # the first node in file order wins, as the scan found
-            index[n.address_in("netns")] = n
+            index[n.address_in(Mode.NETNS)] = n
             index[n.address] = n
         return index
 
