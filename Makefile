@@ -12,10 +12,11 @@ run: setup
 test: setup lint docs
 	$(BIN)/pytest -q
 
-# The rules made mechanical: lint and format (ruff).
+# The rules made mechanical: lint and format (ruff), types (mypy, strict on pyproject's [tool.mypy] files).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The docs site (docs/, mkdocs.yml) built strictly: a broken link or anchor fails, as a test would
 # (not --quiet: it hides the warnings from the strict count too).

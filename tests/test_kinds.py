@@ -55,13 +55,13 @@ def test_every_listening_kind_has_an_app_and_a_workload():
 
 
 def _node(node_id: str, kind: str, **kw) -> Node:
-    return Node(id=node_id, kind=kind, site="s", address="127.0.0.1", **kw)  # type: ignore[arg-type]
+    return Node(id=node_id, kind=kind, site="s", address="127.0.0.1", **kw)
 
 
 def test_a_new_kind_is_audited_from_its_entry_alone(monkeypatch):
     """A kind the compiler never heard of: its entry says who it accepts, and the audit follows."""
     vrs = Kind(
-        name="vrs-gateway",  # type: ignore[arg-type]
+        name="vrs-gateway",
         side=Side.CENTER,
         listens=True,
         accepts=Accepts(("issuance-center",), "SEC-EC-3", "the issuance center"),
