@@ -19,7 +19,7 @@ Every result: requirement, check, expected, observed, ok, the tool that observed
 Netns mode runs the same checks as `ip netns exec <store namespace> python -m topology.check.annex`
 against the nodehosts (`RemoteRun`): every check starts from the store's namespace, where the
 kiosks and the store console live. The servers' counters are in other processes there; the
-caller reads them through the monitoring namespace's scrape (topology/check/policy.py).
+caller reads them through the monitoring namespace's scrape (topology/check/live.py).
 """
 
 from __future__ import annotations
