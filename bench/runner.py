@@ -45,7 +45,7 @@ from topology.launch.impair import Impairments
 from topology.launch.netns import NetnsError
 from topology.netns.plan import PlanError, build_plan
 from topology.pki import PKI
-from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Impairment
+from topology.spec.model import CENTER_KINDS, RELAY_KINDS, Impairment, Mode
 
 log = logging.getLogger("konbini.bench")
 
@@ -63,7 +63,7 @@ class Bench:
         self.topo, self.kiosk_ids = with_kiosks(opts.topology, need)
         self.clock_start = bench_clock_start()
         self.origin: NodeProcess | None = None
-        self.mode = "netns" if opts.netns else "loopback"
+        self.mode = Mode.NETNS if opts.netns else Mode.LOOPBACK
         self.plan = None  # netns mode: the NetPlan once its namespaces exist
         self.hosts: list = []  # netns mode: the nodehosts
         self.failover: Targets | None = None  # the failover scenario: the servers it kills, each alone in a process
@@ -235,7 +235,7 @@ class Bench:
             for line in self.topo.lines
             if line.kind in (self.opts.lines or {})
         }
-        return Impairments(self.topo, "loopback", state_dir=self.opts.state_dir, overrides=overrides)
+        return Impairments(self.topo, Mode.LOOPBACK, state_dir=self.opts.state_dir, overrides=overrides)
 
     def _front(self, phase: str):
         relays = [n for n in self.topo.nodes.values() if n.kind in RELAY_KINDS]
@@ -276,7 +276,9 @@ class Bench:
             r = self.topo.node(k.upstream or "")
             if self.plan is not None:
                 ns = self.plan.namespace(k.site)
-                kiosks.append(KioskSpec(kid, k.address_in("netns"), r.id, r.address_in("netns"), r.port or 0, card, ns))
+                kiosks.append(
+                    KioskSpec(kid, k.address_in(Mode.NETNS), r.id, r.address_in(Mode.NETNS), r.port or 0, card, ns)
+                )
             else:
                 kiosks.append(KioskSpec(kid, k.address, r.id, r.address, r.port or 0, card))
         hop_kinds = {n.id: n.kind for n in self.topo.nodes.values()}

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from topology.check import policy as policycheck
+from topology.check import agents, live, observed
+from topology.check.probes import plan_probes
 from topology.check.scrape import sample, scrape_in_namespace
 from topology.launch import netns
 from topology.netns.plan import MONITORING_SITE, build_plan
+from topology.policy.compiler import reachability
 from topology.policy.nft import compile_ruleset
 
 ROOT = os.geteuid() == 0 and shutil.which("ip") and shutil.which("nft")
@@ -79,9 +81,9 @@ def netns_up(tmp_path_factory, topo):
 @pytest.fixture(scope="module")
 def probed(netns_up, topo):
     plan, _ = netns_up
-    probes = policycheck.plan_probes(topo, plan)
-    answered, sites = policycheck.run_probes(plan, probes)
-    return {r.id: r for r in policycheck.compare(probes, answered)}, probes, sites
+    probes = plan_probes(topo, plan)
+    answered, sites = agents.run_probes(plan, probes)
+    return {r.id: r for r in observed.compare(probes, answered)}, probes, sites
 
 
 def results(probed, **match):
@@ -142,7 +144,7 @@ def test_not_root_names_the_commands_needing_root(monkeypatch) -> None:
 
 
 def test_loopback_policy_check_shows_app_level_refusals(topo, state) -> None:
-    app, note = policycheck.app_checks_loopback(topo, state)
+    app, note = live.app_checks_loopback(topo, state)
     assert {a["check"] for a in app} == {"plaintext", "no-cert", "kiosk-direct"}
     for a in app:
         assert a["refused"], a
@@ -189,7 +191,7 @@ def test_netns_annex_checks_at_night_issue_at_an_open_hour_and_say_so(tmp_path_f
     running = netns_running(topo, f"n{os.getpid()}", tmp_path_factory.mktemp("konbini-night"), NIGHT)
     plan, state = next(running)
     try:
-        annex, note = policycheck.annex_checks_netns(topo, plan, state)
+        annex, note = live.annex_checks_netns(topo, plan, state)
     finally:
         running.close()  # Ctrl-C and `konbini down`
     assert annex and all(c["ok"] for c in annex), [c for c in annex if not c["ok"]]
@@ -240,7 +242,7 @@ def test_spoofed_source_is_dropped(probed) -> None:
 @needs_root
 def test_every_allowed_line_is_reachable_on_exactly_its_port(probed, topo) -> None:
     allowed = [r for r in results(probed, kind="tcp-pair") if r.expected == "syn-ack"]
-    assert len(allowed) == sum(r.allowed for r in policycheck.reachability(topo))
+    assert len(allowed) == sum(r.allowed for r in reachability(topo))
     assert all(r.observed == "syn-ack" for r in allowed), [r for r in allowed if not r.ok]
     for kind in ("other-port", "udp", "icmp"):
         assert all(r.observed == "nothing" for r in results(probed, kind=kind)), kind
@@ -252,7 +254,7 @@ def test_no_namespace_has_a_route_out(probed, netns_up) -> None:
     plan, _ = netns_up
     _, _, sites = probed
     assert set(sites) == {*plan.sites, MONITORING_SITE}
-    for rows in policycheck.surroundings_results(plan, sites, 0):
+    for rows in observed.surroundings_results(plan, sites, 0):
         assert rows.ok, rows
     assert all(r.observed == "nothing" for r in results(probed, kind="outside"))
 

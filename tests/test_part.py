@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from topology.check.policy import SOURCE_PORTS, plan_probes
+from topology.check.probes import SOURCE_PORTS, plan_probes
 from topology.netns.plan import build_plan
 from topology.policy.compiler import reachability
 from topology.spec.load import load_topology

@@ -46,7 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from topology.leafstamp import LeafStamp
 from topology.nodestore import forget_extracted
 from topology.pkifiles import NETWORK_CA_PEM, NodeFiles, PKIError  # noqa: F401 - PKIError is this module's too
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 
 def card_id_of(cert: x509.Certificate) -> str:
@@ -411,7 +411,7 @@ def _issue_chunk(ca: x509.Certificate, ca_key, todo: list[tuple[str, list[str], 
 
 def _node_ips(node) -> list[str]:
     """A node certificate's IP SANs, as nodes.db keeps them: both addresses, sorted."""
-    return sorted({node.address, node.address_in("netns")})
+    return sorted({node.address, node.address_in(Mode.NETNS)})
 
 
 def _issue_leaf(ca: x509.Certificate, ca_key, base: Path, name: str, role: str, ips: list) -> x509.Certificate:

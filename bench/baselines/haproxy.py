@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kiosk_emu.latency import with_relay_waits
 from topology.policy.compiler import parse_request_pattern
+from topology.spec.kinds import RELAY_CHAIN  # the relay kinds from the kiosk's router inwards
 from topology.spec.model import RELAY_KINDS, Topology
 
 
@@ -57,7 +58,6 @@ def relay_nodes(topo: Topology):
     return [n for n in topo.nodes.values() if n.kind in RELAY_KINDS]
 
 
-RELAY_CHAIN = ("store-router", "ec-router", "dmz-relay")  # the relay kinds from the kiosk's router inwards
 LOG_SAMPLE = 10  # log one request in ten: the timers' means, at a tenth of the logging cost
 TIMERS_TAG = "konbini-timers"
 # accept time (s.ms), frontend (= relay node id), then HAProxy's timers in ms and the status

@@ -23,13 +23,13 @@ from topology.policy.compiler import (
     compile_allowlists,
 )
 from topology.policy.monitoring import MetricsAllowList
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
-CLUSTER = "cluster"
+CLUSTER = Mode.CLUSTER
 BIND_ALL = "0.0.0.0"
 # The topology addresses the wrapped lists are compiled with; in cluster mode they only pair each
 # identity with "its" address inside the compiled lists, and are never compared with a socket's.
-POLICY_MODE = "loopback"
+POLICY_MODE = Mode.LOOPBACK
 BY_NETWORK_POLICY = Decision(True, rule="networkpolicy")  # what check_address answers in cluster mode
 
 
@@ -60,7 +60,7 @@ class ByCertificate:
         return f"ByCertificate({self.inner!r})"
 
 
-def node_allowlists(topo: Topology, mode: str, only=None) -> dict[str, AllowList | ByCertificate]:
+def node_allowlists(topo: Topology, mode: Mode, only=None) -> dict[str, AllowList | ByCertificate]:
     """Every server node's allow-list for `mode` (of the ids `only`, if given); in cluster mode
     checked by certificate."""
     if mode != CLUSTER:
@@ -71,7 +71,7 @@ def node_allowlists(topo: Topology, mode: str, only=None) -> dict[str, AllowList
     }
 
 
-def scrape_allowlist(topo: Topology, mode: str) -> MetricsAllowList | ByCertificate:
+def scrape_allowlist(topo: Topology, mode: Mode) -> MetricsAllowList | ByCertificate:
     """The metrics port's checks: in cluster mode the monitoring certificate from any pod NetworkPolicy lets in."""
     if mode != CLUSTER:
         return MetricsAllowList(topo, mode)

@@ -37,7 +37,7 @@ from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
 from topology.netns.enter import in_namespace
 from topology.policy.compiler import AllowList
-from topology.spec.model import Limits, Node, Topology
+from topology.spec.model import Limits, Mode, Node, Topology
 
 log = logging.getLogger("konbini.node")
 
@@ -65,7 +65,7 @@ class NodeContext:
     topo: Topology
     node: Node
     pki: object  # topology.pki.PKI (duck-typed to keep gateway free of key generation)
-    mode: str = "loopback"
+    mode: Mode = Mode.LOOPBACK
     clock: Clock = field(default_factory=Clock)
     bind: str | None = None  # cluster mode: the address to listen on instead of all
     # netns mode, a process serving several namespaces: the one this node's sockets are made in

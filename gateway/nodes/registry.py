@@ -1,7 +1,7 @@
 """Node kind -> the App that serves it, as containerlab keeps one `nodes/<kind>` per kind.
 
 Every factory takes the same `NodeEnv`, so the launcher builds any server node with one call
-and a new kind is one line here (and a module beside this one). Each factory imports its own
+and a new kind is its entry in topology/spec/kinds.py, one line here and a module beside this one. Each factory imports its own
 module when called: a process serving relays only never loads the center's code or its holiday
 calendar (docs/performance.md).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from gateway.node.server import App, NodeContext
-from topology.spec.model import RELAY_KINDS
+from topology.spec.kinds import KINDS
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _store_controller(ctx: NodeContext, env: NodeEnv) -> App:
 
 
 FACTORIES: dict[str, Factory] = {
-    **{kind: _relay for kind in RELAY_KINDS},
+    **{kind.name: _relay for kind in KINDS.values() if kind.relays},
     "issuance-center": _issuance_center,
     "municipality": _municipality,
     "ocsp": _ocsp,

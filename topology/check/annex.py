@@ -19,7 +19,7 @@ Every result: requirement, check, expected, observed, ok, the tool that observed
 Netns mode runs the same checks as `ip netns exec <store namespace> python -m topology.check.annex`
 against the nodehosts (`RemoteRun`): every check starts from the store's namespace, where the
 kiosks and the store console live. The servers' counters are in other processes there; the
-caller reads them through the monitoring namespace's scrape (topology/check/policy.py).
+caller reads them through the monitoring namespace's scrape (topology/check/live.py).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from topology.spec.evidence import (
     monitored_store,
 )
 from topology.spec.load import load_topology
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 TOOL = "konbini annex (h2 + mTLS client, topology/check/annex.py)"
 SHORT_SILENCE_LIMIT = 1.5  # seconds: the bound the SEC-KI-8 check sets, instead of waiting 30 s
@@ -523,7 +523,7 @@ class RemoteRun:
     pki: PKI
     cards: CardStore
     clock: Clock
-    mode: str = "netns"
+    mode: Mode = Mode.NETNS
     servers: dict = field(default_factory=dict)
     admin_servers: dict = field(default_factory=dict)
 

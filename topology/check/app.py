@@ -24,7 +24,7 @@ from gateway.node.server import NodeContext
 from gateway.protocol.errors import TRANSPORT_ERRORS
 from topology.pki import PKI
 from topology.spec.load import load_topology
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 CHECK_TIMEOUT = 7.0  # longer than the server's 5 s handshake timeout
 
@@ -70,7 +70,7 @@ async def _read_until_closed(stream, limit: int = 4096) -> bytes:
     return data
 
 
-async def run_check(topo: Topology, pki: PKI, mode: str, check: str) -> AppCheck:
+async def run_check(topo: Topology, pki: PKI, mode: Mode, check: str) -> AppCheck:
     src_id, dst_id = pick(topo, check)
     src, dst = topo.node(src_id), topo.node(dst_id)
     ctx = NodeContext(topo, src, pki, mode)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m topology.check.app")
     p.add_argument("--topology", required=True)
     p.add_argument("--state", required=True)
-    p.add_argument("--mode", default="netns")
+    p.add_argument("--mode", type=Mode, choices=list(Mode), default=Mode.NETNS)
     p.add_argument("check", choices=sorted(CHECKS))
     args = p.parse_args(argv)
     topo = load_topology(args.topology)

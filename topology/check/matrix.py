@@ -21,7 +21,7 @@ from topology.policy.compiler import (
     principal_matrix,
     reachability,
 )
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 PRINCIPALS = ("operator", "store-staff", "maintenance", "monitoring")
 STRAY_REQUEST = ("DELETE", "/konbini-mutation-probe")  # allowed nowhere
@@ -64,7 +64,7 @@ def _session(lists, dst: str, port: int, address: str, identity: str, requests: 
 
 
 def check_matrix(
-    topo: Topology, lists: dict[str, AllowList], admin: dict[str, AdminAllowList], mode: str = "loopback"
+    topo: Topology, lists: dict[str, AllowList], admin: dict[str, AdminAllowList], mode: Mode = Mode.LOOPBACK
 ) -> list[MatrixResult]:
     """Expected from `topo` (the file), observed from `lists`/`admin` (the compiled policy)."""
     out: list[MatrixResult] = []

@@ -32,16 +32,10 @@ from dataclasses import asdict, dataclass
 
 import msgspec
 
+from topology.check.agents import AgentError, ProbeAgents, namespace_of
 from topology.check.matrix import PRINCIPALS, check_matrix
-from topology.check.policy import (
-    PROBE_TIMEOUT,
-    AgentError,
-    ProbeAgents,
-    compare,
-    plan_probes,
-    renumber,
-    site_namespace,
-)
+from topology.check.observed import compare
+from topology.check.probes import PROBE_TIMEOUT, plan_probes, renumber
 from topology.netns.plan import MONITORING_SITE, NetPlan
 from topology.policy.compiler import (
     annex_violations,
@@ -50,7 +44,7 @@ from topology.policy.compiler import (
     reachability,
 )
 from topology.policy.nft import TABLE, compile_rulesets
-from topology.spec.model import AdminRule, AllowRule, Topology
+from topology.spec.model import AdminRule, AllowRule, Mode, Topology
 
 
 @dataclass
@@ -131,7 +125,7 @@ def mutants(topo: Topology):
 
 
 def run_mutations(
-    topo: Topology, mode: str = "loopback", plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT
+    topo: Topology, mode: Mode = Mode.LOOPBACK, plan: NetPlan | None = None, timeout: float = PROBE_TIMEOUT
 ) -> dict:
     """Every mutant through the check; the score is caught / total (100 % required). With `plan`
     (netns mode, the topology running) the nftables mutants too, live."""
@@ -224,7 +218,7 @@ def _accept_rules(site: str, listing: str) -> list[NftRule]:
 def _listing(plan: NetPlan, site: str) -> tuple[str, list[NftRule]]:
     """The namespace's policy table as loaded now: as nft prints it (handles and counters left out,
     for comparison) and its accept rules with their handles."""
-    text = _nft(site_namespace(plan, site), "-a", "list", "table", "inet", TABLE)
+    text = _nft(namespace_of(plan, site), "-a", "list", "table", "inet", TABLE)
     return _HANDLE.sub("", _COUNTER.sub("counter", text)), _accept_rules(site, text)
 
 
@@ -261,7 +255,7 @@ def _nft_mutations(topo: Topology, plan: NetPlan, agents: ProbeAgents, timeout: 
         )
     rows = []
     for site in sites:
-        ns = site_namespace(plan, site)
+        ns = namespace_of(plan, site)
         watched = [p for p in probes if p.expect_answer and site in p.watch]
         unmutated, rules = _listing(plan, site)
         for i in range(len(rules)):

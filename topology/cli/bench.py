@@ -17,6 +17,7 @@ from topology.cli.common import UserError, load
 from topology.cli.progress import RichProgress, say
 from topology.cli.render import show
 from topology.spec.load import DEFAULT_TOPOLOGY
+from topology.spec.model import Mode
 
 DEFAULT_STATE = ".konbini-bench"
 NATIONAL = "national-peak"
@@ -198,7 +199,9 @@ def show_report(report: BenchReport, out_dir: Path) -> None:
             if _given(r.best_rate) is not None or r.is_sweep:
                 rows.append((label, f"best {_given(r.best_rate)}/s", "-", "-", "-", "-", "-", "-", "-", "-"))
     console = Console()
-    title = "konbini bench" + (" (netns)" if report.mode == "netns" else "") + (" (partial)" if report.partial else "")
+    title = (
+        "konbini bench" + (" (netns)" if report.mode == Mode.NETNS else "") + (" (partial)" if report.partial else "")
+    )
     show(
         console,
         title,

@@ -26,6 +26,7 @@ from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
 from topology.launch.netns import running_part
 from topology.pki import PKI, PKIError
+from topology.spec.model import Mode
 
 
 def pick_kiosk(topo, kiosk: str | None, store: str | None) -> str:
@@ -98,11 +99,13 @@ def smartphone(cards: CardStore, phone_id: str, card: Card) -> Card:
 def cmd_issue(args) -> int:
     topo = load(args.topology)
     sdir = state_dir(args, topo)
-    mode = "netns" if getattr(args, "netns", False) else CLUSTER if getattr(args, "cluster", False) else "loopback"
-    if mode == "netns":
+    mode = (
+        Mode.NETNS if getattr(args, "netns", False) else CLUSTER if getattr(args, "cluster", False) else Mode.LOOPBACK
+    )
+    if mode == Mode.NETNS:
         topo = running_part(topo, sdir)  # `up --netns --sites`: its stores, municipalities and addresses
     kiosk_id = pick_kiosk(topo, args.kiosk, args.store)
-    if mode == "netns":
+    if mode == Mode.NETNS:
         if args.up:
             raise UserError("--up and --netns do not mix; start `konbini up --netns` first")
         enter_kiosk_namespace(topo, kiosk_id, getattr(args, "tag", None))
@@ -169,7 +172,7 @@ def cmd_issue(args) -> int:
         return await once(Running(topo, sdir, pki, CardStore(sdir, pki, clock.now), clock, mode))
 
     # --up launches the topology as `konbini up` does: with the file's line impairments (root)
-    lines = Impairments(topo, "loopback", state_dir=sdir) if args.up else None
+    lines = Impairments(topo, Mode.LOOPBACK, state_dir=sdir) if args.up else None
     if lines is not None:
         try:
             notes = lines.start()

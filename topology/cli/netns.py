@@ -17,6 +17,7 @@ from pathlib import Path
 
 from topology.check import outside
 from topology.check import policy as policycheck
+from topology.check import report as policyreport
 from topology.check.mutate import run_mutations
 from topology.cli.common import UserError, load, state_dir
 from topology.cli.expand import write_expanded
@@ -27,7 +28,7 @@ from topology.netns.impair import ImpairError, Shape
 from topology.netns.plan import PlanError, build_plan, namespace_prefix
 from topology.pki import PKI
 from topology.policy.nft import compile_ruleset
-from topology.spec.model import Impairment
+from topology.spec.model import Impairment, Mode
 from topology.spec.part import PartError, part
 
 NETNS_NODE_LIMIT = 20_000  # a namespace per site; past this, `up --netns` asks for --sites (docs/national.md)
@@ -90,19 +91,19 @@ def cmd_up_netns(args) -> int:
     hosts, supervisor = [], None
     try:
         warnings = netns.apply_impairments(plan, sdir)
-        lines = impair.Impairments(topo, "netns", plan, sdir)
+        lines = impair.Impairments(topo, Mode.NETNS, plan, sdir)
         hosts = netns.start_nodehosts(
             plan, topo.source, sdir, args.clock, args.clock_speed, pki=pki, processes=processes
         )
         up_s = time.perf_counter() - t0
-        supervisor = supervise(hosts, netns.net_dir(sdir) / "processes", args, "netns", console)
+        supervisor = supervise(hosts, netns.net_dir(sdir) / "processes", args, Mode.NETNS, console)
         show_nodes(
             console,
             topo,
             f"konbini topology {topo.name!r} (netns, {len(plan.sites):,} namespaces {plan.prefix}SITE)",
             {n for n in topo.nodes if topo.nodes[n].is_server},
             processes=[(h.job[0], h.pid, h.job[2]) for h in hosts],
-            address=lambda node: node.address_in("netns"),
+            address=lambda node: node.address_in(Mode.NETNS),
         )
         for w in warnings:
             console.print(f"[yellow]lines[/] {w}")
@@ -237,11 +238,11 @@ def cmd_policy_check(args) -> int:
         extra = outside.run_outside_tools(topo, plan, sdir)
     report = policycheck.check(topo, sdir, netns=args.netns, plan=plan, timeout=args.timeout, extra=extra)
     if args.report:
-        md, js = policycheck.write_report(report, Path(args.report))
+        md, js = policyreport.write_report(report, Path(args.report))
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     else:
-        print(policycheck.render_markdown(report), end="")
+        print(policyreport.render_markdown(report), end="")
         if args.report:
             print(f"report: {md} and {js}")
     return 0 if report["ok"] else 1
@@ -255,7 +256,7 @@ def cmd_policy_mutate(args) -> int:
     )
     topo = plan.topo if plan is not None else topo
     try:
-        result = run_mutations(topo, "netns" if args.netns else "loopback", plan, args.timeout)
+        result = run_mutations(topo, Mode.NETNS if args.netns else Mode.LOOPBACK, plan, args.timeout)
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     if args.report:
@@ -291,20 +292,20 @@ def _running_lines(args) -> impair.Impairments:
     only run there is) or loopback (--loopback, or the state directory's run)."""
     topo = load(args.topology)
     sdir = state_dir(args, topo)
-    netns_run = impair.run_dir("netns", namespace_prefix(args.tag)) / "state.json"
-    loop_run = impair.run_dir("loopback", state_dir=sdir) / "state.json"
+    netns_run = impair.run_dir(Mode.NETNS, namespace_prefix(args.tag)) / "state.json"
+    loop_run = impair.run_dir(Mode.LOOPBACK, state_dir=sdir) / "state.json"
     if args.netns or args.tag:
-        mode = "netns"
+        mode = Mode.NETNS
     elif args.loopback:
-        mode = "loopback"
+        mode = Mode.LOOPBACK
     elif netns_run.exists() and loop_run.exists():
         raise UserError("a netns and a loopback topology are both running; say --netns or --loopback")
     else:
-        mode = "netns" if netns_run.exists() else "loopback"
+        mode = Mode.NETNS if netns_run.exists() else Mode.LOOPBACK
     if os.geteuid() != 0:
         raise UserError("`konbini link` needs root (line impairments are kernel rules); run it with sudo")
     plan = (
-        _plan(netns.running_part(topo, sdir), args.tag) if mode == "netns" else None
+        _plan(netns.running_part(topo, sdir), args.tag) if mode == Mode.NETNS else None
     )  # a part's lines, as `up --sites` ran them
     return impair.Impairments.attach(plan.topo if plan else topo, mode, plan, sdir)
 
@@ -412,7 +413,7 @@ def cmd_link_show(args) -> int:
 def enter_kiosk_namespace(topo, kiosk_id: str, tag: str | None) -> None:
     """Re-run this `konbini issue` inside the kiosk's namespace unless we are already there
     (its netns address is bindable here). Returns only when already inside."""
-    addr = topo.node(kiosk_id).address_in("netns")
+    addr = topo.node(kiosk_id).address_in(Mode.NETNS)
     s = socket.socket()
     try:
         s.bind((addr, 0))

@@ -16,11 +16,12 @@ from topology.cli.common import UserError, load, state_dir
 from topology.cli.render import show
 from topology.launch.netns import net_dir
 from topology.launch.supervisor import ACTIONS, POLICIES, RestartPolicy, Supervisor, ask, launcher_pid
+from topology.spec.model import Mode
 
 ANSWER_TIMEOUT = 120.0  # a restart waits for the process to be ready: seconds, minutes for a large part
 
 
-def supervise(hosts, run_dir: Path, args, mode: str, console: Console) -> Supervisor:
+def supervise(hosts, run_dir: Path, args, mode: Mode, console: Console) -> Supervisor:
     """`up`'s supervisor over its node processes: `--restart`'s policy, `konbini node`'s requests,
     every event printed as it happens."""
     policy = RestartPolicy(getattr(args, "restart", None) or POLICIES[0])
@@ -32,10 +33,10 @@ def supervise(hosts, run_dir: Path, args, mode: str, console: Console) -> Superv
 def _run_dir(args) -> Path:
     """The supervised run these arguments name: --netns, --loopback, or the only one running."""
     sdir = state_dir(args, load(args.topology))
-    runs = {"loopback": sdir / "processes", "netns": net_dir(sdir) / "processes"}
+    runs = {Mode.LOOPBACK: sdir / "processes", Mode.NETNS: net_dir(sdir) / "processes"}
     live = {mode: d for mode, d in runs.items() if launcher_pid(d) is not None}
     if args.netns or args.loopback:
-        mode = "netns" if args.netns else "loopback"
+        mode = Mode.NETNS if args.netns else Mode.LOOPBACK
         if mode not in live:
             raise UserError(
                 f"no {mode} topology with node processes runs on state {sdir} "

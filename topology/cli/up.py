@@ -19,6 +19,7 @@ from topology.launch.impair import Impairments, LineError
 from topology.launch.loopback import Running, run_topology
 from topology.launch.netns import NetnsError, stop_nodehosts
 from topology.policy.monitoring import METRICS_PORT, monitoring_address
+from topology.spec.model import Mode
 
 PLANNED_CONNECTIONS = 512  # concurrent connections `up` plans for (a bench's in-flight requests x hops)
 
@@ -82,7 +83,7 @@ def cmd_up(args) -> int:
         raise UserError(f"--processes must be at least 1, not {processes}")
     run_preflight(topo, console, processes=processes, enforce=not getattr(args, "no_preflight", False))
     clock = Clock.parse(args.clock, args.clock_speed)
-    lines = Impairments(topo, "loopback", state_dir=state_dir(args, topo))  # root: per address pair on lo
+    lines = Impairments(topo, Mode.LOOPBACK, state_dir=state_dir(args, topo))  # root: per address pair on lo
     try:
         notes = lines.start()
     except LineError as exc:
@@ -145,7 +146,7 @@ def _up_spread(args, topo, console: Console, processes: int, notes: list[str]) -
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    supervisor = supervise(hosts, sdir / "processes", args, "loopback", console)
+    supervisor = supervise(hosts, sdir / "processes", args, Mode.LOOPBACK, console)
     try:
         ready_s = time.perf_counter() - t0
         show_nodes(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from topology.export.k8s import NODE_MODE, STATE, TOPOLOGY_PATH, check_name
 from topology.export.netpol import impairment_text, node_labels
+from topology.spec.kinds import KINDS
 from topology.spec.model import Topology
 
 
@@ -25,7 +26,7 @@ def export_compose(topo: Topology, image: str, topology_file: str, pki_dir: str)
             joined[end].append(line.id)
     services: dict[str, dict] = {}
     for node in sorted(topo.nodes.values(), key=lambda n: n.id):
-        if not (node.is_server or node.kind == "kiosk"):
+        if KINDS[node.kind].workload is None:  # runs nothing (in-store Wi-Fi): a network member only
             continue
         check_name("node id", node.id)
         if node.is_server:

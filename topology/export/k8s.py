@@ -30,7 +30,8 @@ from topology.export.netpol import (
 )
 from topology.pki import PKI
 from topology.policy.monitoring import METRICS_PATH, METRICS_PORT, MONITORING_PRINCIPAL
-from topology.spec.model import RELAY_KINDS, STORE_KINDS, Node, Topology
+from topology.spec.kinds import KINDS
+from topology.spec.model import STORE_KINDS, Mode, Node, Topology
 
 _RUN_AS = 10001  # the image's non-root user (Containerfile)
 TOPOLOGY_PATH = "/etc/konbini/topology.yaml"
@@ -38,23 +39,8 @@ STATE = "/state"
 # A pod holds no topology address: cluster mode binds all, dials upstreams by Service name, checks
 # peers by certificate (the address half is the NetworkPolicy's) and reads the PKI Secret read-only
 # from STATE/pki (gateway/node/cluster.py).
-NODE_MODE = "cluster"
+NODE_MODE = Mode.CLUSTER.value  # a plain str: the manifests are YAML
 
-# Resource figures per kind: (cpu request, memory request, memory limit). Measured here: one node
-# per `topology.launch.nodehost` process, default topology, Python 3.11, idle after "ready":
-# 52-53 MiB RSS for every kind (ec-router, issuance-center, ocsp, municipality, store-controller),
-# under half a second of CPU to start. Under load (docs/performance.md): a relay peaks at 123 MiB at
-# relay-1m with 200 streams, and an issuance costs ~15 ms CPU across all hops (~100/s on 2 cores).
-# The center, OCSP and municipality under load were not measured on their own: their limits are
-# the relay's peak, a guess. Kiosk jobs run `konbini issue`, one Python process like a node.
-RESOURCES: dict[str, tuple[str, str, str]] = {
-    **{kind: ("100m", "64Mi", "192Mi") for kind in RELAY_KINDS},
-    "issuance-center": ("200m", "96Mi", "192Mi"),
-    "ocsp": ("50m", "64Mi", "128Mi"),
-    "municipality": ("50m", "64Mi", "128Mi"),
-    "store-controller": ("50m", "64Mi", "128Mi"),
-    "kiosk": ("100m", "64Mi", "128Mi"),
-}
 KIOSK_ISSUANCES = 10  # completions of each kiosk's load Job, one issuance per pod
 # Past this many store-side nodes the export groups them (netpol.Subjects): policies by kind and
 # operator, and no store-side workloads (docs/kubernetes.md: the national figures).
@@ -102,14 +88,11 @@ def pki_files(pki: PKI, node: Node) -> dict[str, bytes]:
     issues its emulated cards, test PKI only, and checks the center's signature on every document
     against the center's certificate: INT-1, kiosk_emu/kiosk.py)."""
     cert, key = pki.node_paths(node.id)  # written from nodes.db; a pod reads the files (PKI.load)
-    paths = ["network-ca.pem", f"nodes/{cert.name}", f"nodes/{key.name}"]
-    if node.kind == "issuance-center":
-        paths += ["jpki-ca.pem"]
-    elif node.kind == "ocsp":
-        paths += ["jpki-ca.pem", "jpki-ca.key", "ocsp-signer.pem", "ocsp-signer.key"]
-    elif node.kind == "kiosk":
-        pki.node_paths("issuance-center")
-        paths += ["jpki-ca.pem", "jpki-ca.key", "nodes/issuance-center.pem"]  # a certificate, never the key
+    extra = KINDS[node.kind].pki_files
+    for path in extra:
+        if path.startswith("nodes/"):  # another node's certificate (a kiosk's: the center's), written on first use
+            pki.node_paths(path.removeprefix("nodes/").removesuffix(".pem"))
+    paths = ["network-ca.pem", f"nodes/{cert.name}", f"nodes/{key.name}", *extra]
     return {p: (pki.dir / p).read_bytes() for p in paths}
 
 
@@ -132,8 +115,11 @@ def _secret(node: Node, files: dict[str, bytes], namespace: str) -> dict:
 
 
 def _resources(kind: str) -> dict:
-    cpu, memory, limit = RESOURCES[kind]
-    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": limit}}
+    """The kind's figures (topology/spec/kinds.py): per-process RSS measured idle and under the bench."""
+    r = KINDS[kind].resources
+    if r is None:
+        raise ExportError(f"a {kind} runs no workload")
+    return {"requests": {"cpu": r.cpu, "memory": r.memory}, "limits": {"memory": r.memory_limit}}
 
 
 def _pod_spec(
@@ -217,8 +203,8 @@ def _nodehost(node: Node) -> list[str]:
 
 
 def _workload(node: Node, files: list[str], opts: KubeOptions, impair: Impairments) -> dict:
-    """A StatefulSet for the issuance center (its ledger must outlive the pod), else a Deployment."""
-    stateful = node.kind == "issuance-center"
+    """The kind's workload: a StatefulSet where its state must outlive the pod (the center's ledger)."""
+    stateful = KINDS[node.kind].workload == "StatefulSet"
     template = {
         "metadata": _template_meta(node, impair),
         "spec": _pod_spec(node, files, _nodehost(node), opts, "Always", state_claim=stateful),
@@ -342,7 +328,7 @@ def exported_nodes(topo: Topology, opts: KubeOptions) -> list[Node]:
         (
             n
             for n in topo.nodes.values()
-            if (n.is_server or n.kind == "kiosk") and not (store_side and n.kind in STORE_KINDS)
+            if KINDS[n.kind].workload is not None and not (store_side and n.kind in STORE_KINDS)
         ),
         key=lambda n: n.id,
     )

@@ -43,7 +43,7 @@ from topology.netns.impair import (
 )
 from topology.netns.plan import NetPlan
 from topology.policy.nft import compile_impair_ruleset, compile_queue_rules, impair_names
-from topology.spec.model import Impairment, Topology
+from topology.spec.model import Impairment, Mode, Topology
 
 RUN_ROOT = Path("/run/konbini/impair")  # netns runs, by namespace prefix (the state dir may differ per command)
 APPLY_TIMEOUT = 1.0  # `link set` returns once the daemon runs the new config, at most this later
@@ -56,8 +56,8 @@ class LineError(Exception):
     """Impairments cannot be applied or changed (one line for the user)."""
 
 
-def run_dir(mode: str, prefix: str | None = None, state_dir: Path | None = None) -> Path:
-    if mode == "netns":
+def run_dir(mode: Mode, prefix: str | None = None, state_dir: Path | None = None) -> Path:
+    if mode == Mode.NETNS:
         return RUN_ROOT / (prefix or "konbini-").rstrip("-")
     return Path(state_dir or ".konbini").resolve() / "impair"
 
@@ -153,7 +153,7 @@ class Impairments:
     def __init__(
         self,
         topo: Topology,
-        mode: str,
+        mode: Mode,
         plan: NetPlan | None = None,
         state_dir: Path | None = None,
         overrides: dict[str, Impairment] | None = None,
@@ -174,7 +174,7 @@ class Impairments:
 
     @classmethod
     def attach(
-        cls, topo: Topology, mode: str, plan: NetPlan | None = None, state_dir: Path | None = None
+        cls, topo: Topology, mode: Mode, plan: NetPlan | None = None, state_dir: Path | None = None
     ) -> Impairments:
         """The impairments of a running topology (for `konbini link …`)."""
         run = cls(topo, mode, plan, state_dir)
@@ -220,7 +220,7 @@ class Impairments:
     def _daemon_config(self, lines: list[LineImpairment]) -> None:
         queues = [q for li in lines for q in li.daemon_queues()]
         on_exit = (
-            loopback_cleanup(self.table, self.chain) if self.mode == "loopback" else []
+            loopback_cleanup(self.table, self.chain) if self.mode == Mode.LOOPBACK else []
         )  # netns: the namespaces take them along
         _write_json(self.config, {"queues": queues, "on_exit": on_exit})
 
@@ -286,7 +286,7 @@ class Impairments:
         self.stop_stale()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._queued_namespaces: set[str | None] = set()
-        taken = taken_queues() if self.mode == "loopback" else set()  # other runs may share this lo
+        taken = taken_queues() if self.mode == Mode.LOOPBACK else set()  # other runs may share this lo
         self.queue = self._free_queue(taken)
         if self.plan is not None and os.environ.get("KONBINI_IMPAIR") != "daemon":
             self.netem = kernel_has_netem(self.plan.namespace(next(iter(self.plan.sites))))
@@ -321,7 +321,7 @@ class Impairments:
         return self.notes(lines)
 
     def _free_queue(self, taken: set[int]) -> int:
-        if self.mode != "loopback":
+        if self.mode != Mode.LOOPBACK:
             return self.queue  # the run's own namespaces
         try:
             return free_queue(taken)
@@ -340,7 +340,7 @@ class Impairments:
             "netem on the veth ends (the kernel has sch_netem), the daemon for lines on one lo"
             if self.netem
             else "delay/jitter: NFQUEUE + impairment daemon on the receiving side; loss: nft numgen; "
-            + ("rate: tbf on the veth ends" if self.mode == "netns" else "rate: the daemon's clock")
+            + ("rate: tbf on the veth ends" if self.mode == Mode.NETNS else "rate: the daemon's clock")
         )
         return [f"{len(impaired)} lines impaired ({how}); `konbini link show` for counters"]
 
@@ -419,7 +419,7 @@ class Impairments:
         if not self.started:
             return
         stop_run(self.dir)
-        if self.mode == "loopback" and os.geteuid() == 0:
+        if self.mode == Mode.LOOPBACK and os.geteuid() == 0:
             for cmd in loopback_cleanup(self.table, self.chain):  # also when the supervisor was gone already
                 subprocess.run(cmd, capture_output=True, check=False)
         proc = getattr(self, "_proc", None)

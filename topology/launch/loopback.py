@@ -18,7 +18,7 @@ from gateway.node.cluster import CLUSTER
 from kiosk_emu.card import CardStore
 from topology.launch.servers import Running, run_servers
 from topology.pki import PKI
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 __all__ = ["Running", "run_topology"]
 
@@ -27,7 +27,7 @@ async def run_topology(
     topo: Topology,
     state_dir: Path,
     *,
-    mode: str = "loopback",
+    mode: Mode = Mode.LOOPBACK,
     clock: Clock | None = None,
     only: list[str] | None = None,
     bind: str | None = None,

@@ -30,7 +30,7 @@ from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
 from topology.pki import PKI
 from topology.policy.nft import compile_rulesets
 from topology.spec.load import TopologyError, load_topology
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 ROOT_COMMANDS = "`konbini up --netns`, `konbini down`, `konbini policy check --netns`, `konbini link set` and `konbini issue --netns`"
 READY_TIMEOUT = 30.0
@@ -135,7 +135,7 @@ def apply_impairments(plan: NetPlan, state_dir: Path | None = None) -> list[str]
     tbf; netem where the kernel has it), the daemon supervised until `teardown`. Returns notes:
     what carries the impairments, or why they are not applied (that must not stop the topology)."""
     try:
-        return impair.Impairments(plan.topo, "netns", plan, state_dir).start()
+        return impair.Impairments(plan.topo, Mode.NETNS, plan, state_dir).start()
     except (impair.LineError, ImpairError) as exc:
         return [f"line impairments not applied: {exc}"]
 
@@ -366,7 +366,7 @@ def start_nodehosts(
 
     return fork_nodehosts(
         jobs,
-        "netns",
+        Mode.NETNS,
         topo_file,
         state_dir,
         net_dir(state_dir) / "logs",
@@ -382,7 +382,7 @@ def start_nodehosts(
 
 def fork_nodehosts(
     jobs,
-    mode: str,
+    mode: Mode,
     topo_file: str,
     state_dir: Path,
     log_dir: Path,

@@ -21,6 +21,7 @@ from gateway.node.server import NodeStartError
 from topology.launch.loopback import run_topology
 from topology.pki import PKIError
 from topology.spec.load import TopologyError, load_topology
+from topology.spec.model import Mode
 
 
 async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None, topo=None, pki=None, namespaces=None) ->
     p.add_argument("--state", required=True)
     p.add_argument(
         "--mode",
-        default="netns",
-        choices=["loopback", "netns", "cluster"],
+        type=Mode,
+        default=Mode.NETNS,
+        choices=list(Mode),
         help="cluster: a Kubernetes pod (bind all, dial Service names, read-only PKI under STATE/pki)",
     )
     p.add_argument("--bind", help="cluster mode: listen on this address instead of all (tests on one loopback)")

@@ -25,7 +25,7 @@ from gateway.nodes.admin_server import AdminServer, admin_context
 from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
 from topology.launch.clockfile import write_running_clock
 from topology.policy.compiler import compile_admin_allowlists
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 if TYPE_CHECKING:
     from kiosk_emu.card import CardStore
@@ -40,7 +40,7 @@ class Running:
     pki: PKI | PKIFiles
     cards: CardStore | None  # None in a process serving relays only
     clock: Clock
-    mode: str
+    mode: Mode
     servers: dict[str, NodeServer] = field(default_factory=dict)
     admin_servers: dict[str, NodeServer] = field(default_factory=dict)  # admin API / maintenance endpoints, by node
     ready_s: float = 0.0
@@ -69,7 +69,7 @@ async def run_servers(
     cards: CardStore | None,
     clock: Clock,
     *,
-    mode: str = "loopback",
+    mode: Mode = Mode.LOOPBACK,
     only: list[str] | None = None,
     bind: str | None = None,
     namespaces: dict[str, str] | None = None,

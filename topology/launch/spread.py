@@ -19,7 +19,7 @@ from pathlib import Path
 
 from topology.launch.netns import Nodehost, fork_nodehosts
 from topology.pki import PKI
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Topology
 
 READY_TIMEOUT = 1800.0  # a national file starts for minutes; a process that exits is reported at once
 
@@ -70,7 +70,7 @@ def start(
     jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
     return fork_nodehosts(
         jobs,
-        "loopback",
+        Mode.LOOPBACK,
         topo.source or "-",
         state_dir,
         state_dir / "processes",

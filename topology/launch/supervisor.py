@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from topology.launch.netns import NetnsError, Nodehost
+from topology.spec.model import Mode
 
 ACTIONS = ("kill", "stop", "start", "restart")
 POLICIES = ("on-failure", "no")
@@ -92,7 +93,7 @@ class Supervisor:
     """The launcher's view of its nodehosts; `tick()` from its wait loop, `hosts` to stop them all."""
 
     def __init__(
-        self, hosts: list[Nodehost], run_dir: Path, policy: RestartPolicy, mode: str, say: Callable[[str], None]
+        self, hosts: list[Nodehost], run_dir: Path, policy: RestartPolicy, mode: Mode, say: Callable[[str], None]
     ) -> None:
         self.slots = {h.job[0]: Slot(h, time.time()) for h in hosts}
         self.serving = {n: name for name, slot in self.slots.items() for n in slot.nodes}

@@ -27,11 +27,11 @@ import re
 from dataclasses import dataclass
 
 from topology.netns.plan import NetPlan
-from topology.spec.model import Impairment, Topology
+from topology.spec.model import Impairment, Mode, Topology
 
 QUEUE_BASE = {
-    "netns": 100,
-    "loopback": 2000,
+    Mode.NETNS: 100,
+    Mode.LOOPBACK: 2000,
 }  # the run's NFQUEUE number; loopback runs on one lo take the next free one
 QUEUE_LIMIT = 65535  # NFQUEUE numbers are 16 bits (the netlink header's res_id)
 RATE_LIMIT_S = 0.1  # a rate-limited line queues at most 100 ms of serialisation, then tail-drops
@@ -225,7 +225,7 @@ def impairments(topo: Topology, overrides: dict[str, Impairment] | None = None) 
 
 def plan_impairments(
     topo: Topology,
-    mode: str,
+    mode: Mode,
     impairs: dict[str, Impairment],
     plan: NetPlan | None = None,
     netem: bool = False,
@@ -233,7 +233,7 @@ def plan_impairments(
 ) -> list[LineImpairment]:
     """Every line of the topology with what carries its impairment (lines without one too).
     `queue`: the run's NFQUEUE number (default: the mode's base)."""
-    if mode == "netns" and plan is None:
+    if mode == Mode.NETNS and plan is None:
         raise ValueError("netns mode needs the NetPlan")
     queue = QUEUE_BASE[mode] if queue is None else queue
     veths = {v.line: v for v in plan.veths} if plan else {}
@@ -264,7 +264,7 @@ def plan_impairments(
     return out
 
 
-def free_queue(taken: set[int], mode: str = "loopback") -> int:
+def free_queue(taken: set[int], mode: Mode = Mode.LOOPBACK) -> int:
     """The lowest queue number from the mode's base up that no other run holds (bound, or named by a rule)."""
     for num in range(QUEUE_BASE[mode], QUEUE_LIMIT + 1):
         if num not in taken:

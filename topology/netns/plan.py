@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from topology.policy.monitoring import monitoring_address
-from topology.spec.model import Impairment, Topology
+from topology.spec.model import Impairment, Mode, Topology
 
 NS_PREFIX = "konbini-"
 MONITORING_SITE = "monitoring"  # the monitoring namespace's name after the prefix; no topology site may take it
@@ -110,7 +110,7 @@ class NetPlan:
         return self.sites[site].namespace
 
     def address(self, node_id: str) -> str:
-        return self.topo.nodes[node_id].address_in("netns")
+        return self.topo.nodes[node_id].address_in(Mode.NETNS)
 
     def local_addresses(self, site: str) -> list[str]:
         return [self.address(n) for n in self.sites[site].nodes]
@@ -199,7 +199,7 @@ def build_plan(topo: Topology, tag: str | None = None) -> NetPlan:
 def _monitoring(topo: Topology, prefix: str, sites: dict[str, Site], used: dict[str, set[str]]) -> Monitoring:
     if MONITORING_SITE in sites:
         raise PlanError(f"site {MONITORING_SITE!r} is reserved for netns mode's monitoring namespace; rename it")
-    address = monitoring_address("netns")
+    address = monitoring_address(Mode.NETNS)
     holder = topo.by_address(address)
     if holder is not None:
         raise PlanError(f"node {holder.id!r} holds {address}, the monitoring principal's netns address; move it")

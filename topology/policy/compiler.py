@@ -16,14 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from topology.spec.model import (
-    CENTER_KINDS,
-    STORE_KINDS,
-    AllowRule,
-    Node,
-    Topology,
-    field_path,
-)
+from topology.spec.kinds import KINDS, Side
+from topology.spec.model import AllowRule, Mode, Node, Topology, field_path
 
 # "METHOD /path", a trailing `*` matching any suffix.
 _REQUEST_PATTERN = re.compile(r"(GET|POST|PUT|DELETE|HEAD) (/[^\s*]*)(\*?)")
@@ -95,7 +89,7 @@ class AllowList:
 
     __slots__ = ("node_id", "port", "sources", "_by_address", "_by_identity", "_requests")
 
-    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+    def __init__(self, node: Node, topo: Topology, mode: Mode) -> None:
         if node.port is None:
             raise ValueError(f"server node {node.id!r} has no port")
         self.node_id = node.id
@@ -146,8 +140,8 @@ class AllowList:
         return f"AllowList({self.node_id!r}, sources={sorted(self.sources)})"
 
 
-def compile_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AllowList]:
-    """One `AllowList` per server node (of the ids `only`, if given); `mode` "netns" uses the
+def compile_allowlists(topo: Topology, mode: Mode = Mode.LOOPBACK, only=None) -> dict[str, AllowList]:
+    """One `AllowList` per server node (of the ids `only`, if given); `mode` netns uses the
     namespace addresses."""
     nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)
     return {node.id: AllowList(node, topo, mode) for node in nodes if node.is_server}
@@ -165,7 +159,7 @@ class AdminAllowList:
 
     __slots__ = ("node_id", "port", "consoles", "_nodes", "_by_address", "_principals", "_requests")
 
-    def __init__(self, node: Node, topo: Topology, mode: str) -> None:
+    def __init__(self, node: Node, topo: Topology, mode: Mode) -> None:
         if node.admin_port is None:
             raise ValueError(f"node {node.id!r} has no admin_port")
         self.node_id = node.id
@@ -221,7 +215,7 @@ class AdminAllowList:
         )
 
 
-def compile_admin_allowlists(topo: Topology, mode: str = "loopback", only=None) -> dict[str, AdminAllowList]:
+def compile_admin_allowlists(topo: Topology, mode: Mode = Mode.LOOPBACK, only=None) -> dict[str, AdminAllowList]:
     """One `AdminAllowList` per node with an `admin_port` (store controllers, kiosks); `only`: of
     these node ids only (a process serving some nodes of a large topology)."""
     nodes = topo.nodes.values() if only is None else (topo.nodes[i] for i in only)
@@ -363,61 +357,54 @@ class Violation:
     message: str
 
 
-# The hop each forwarding kind must hand traffic to, so every store connection passes the
-# EC router and the DMZ relay (SEC-SN-3, SEC-EC-3).
-_UPSTREAM_KIND = {
-    "kiosk": ("store-router", "SEC-SN-3"),
-    "store-router": ("ec-router", "SEC-SN-3"),
-    "ec-router": ("dmz-relay", "SEC-EC-3"),
-    "dmz-relay": ("issuance-center", "SEC-EC-3"),
-}
-
-
 def _who(node: Node) -> str:
     """How messages name a node: "kiosk-a1-1" as is, "municipality muni-a" with the kind its id lacks."""
     return node.id if node.kind in node.id else f"{node.kind} {node.id}"
 
 
+def _side(node: Node) -> Side:
+    return KINDS[node.kind].side
+
+
 def allow_violation(src: Node, dst: Node) -> tuple[str, str] | None:
     """The requirement broken by letting `src` connect to `dst`, the most specific one first."""
-    if src.kind == "wifi":
-        return "SEC-ST-4", f"in-store Wi-Fi {src.id} must reach nothing, yet {_who(dst)} allows it"
-    if src.kind in STORE_KINDS and dst.kind in CENTER_KINDS:
+    isolated = KINDS[src.kind]
+    if isolated.reaches_nothing:
+        return isolated.reaches_nothing, f"{isolated.title} {src.id} must reach nothing, yet {_who(dst)} allows it"
+    if _side(src) == Side.STORE and _side(dst) == Side.CENTER:
         return "SEC-SN-3", f"store-side {_who(src)} must not reach {_who(dst)}; stores go through the EC center"
-    if src.kind in CENTER_KINDS and dst.kind in STORE_KINDS:
+    if _side(src) == Side.CENTER and _side(dst) == Side.STORE:
         return "SEC-EC-2", f"{_who(src)} must not reach store-side {_who(dst)}"
-    if dst.kind == "ec-router" and not (src.kind == "store-router" and src.operator == dst.operator):
-        return "SEC-EC-1", f"{dst.id} accepts only its operator's store routers, not {_who(src)}"
-    if dst.kind == "store-router" and not (src.kind in ("kiosk", "store-controller") and src.site == dst.site):
-        return "SEC-ST-2", f"{dst.id} accepts only its own store's kiosks and controller, not {_who(src)}"
-    if dst.kind == "dmz-relay" and not (src.kind == "ec-router" and src.operator == dst.operator):
-        return "SEC-EC-3", f"{dst.id} accepts only its operator's ec-router, not {_who(src)}"
-    if dst.kind == "issuance-center" and src.kind != "dmz-relay":
-        return "SEC-EC-3", f"{_who(dst)} accepts only DMZ relays, not {_who(src)}"
-    if dst.kind in ("ocsp", "municipality") and src.kind != "issuance-center":
-        return "SEC-EC-3", f"{_who(dst)} accepts only the issuance center, not {_who(src)}"
+    accepts = KINDS[dst.kind].accepts
+    if accepts is not None and not (
+        src.kind in accepts.kinds and (accepts.same is None or getattr(src, accepts.same) == getattr(dst, accepts.same))
+    ):
+        # a relay's id names its kind; the center side's may not
+        name = dst.id if KINDS[dst.kind].relays else _who(dst)
+        return accepts.rule, f"{name} accepts only {accepts.says}, not {_who(src)}"
     return None
 
 
-# Who may use which surface: the operator administers the store controller (SEC-ST-3), maintenance
-# staff maintain kiosks (SEC-KI-4); store staff use neither (SEC-ST-3/KI-6).
-ADMIN_PRINCIPALS = {"store-controller": ("operator", "SEC-ST-3/KI-6"), "kiosk": ("maintenance", "SEC-KI-4")}
-
-
 def _admin_violation(dst: Node, principal: str) -> tuple[str, str] | None:
-    want = ADMIN_PRINCIPALS.get(dst.kind)
-    if want is not None and principal != want[0]:
-        rule = "SEC-ST-3/KI-6" if principal == "store-staff" else want[1]
-        return rule, f"only the {want[0]} principal may use {_who(dst)}'s admin surface, not {principal!r}"
+    """Who may use which surface: the operator administers the store controller (SEC-ST-3), maintenance
+    staff maintain kiosks (SEC-KI-4); store staff use neither (SEC-ST-3/KI-6)."""
+    kind = KINDS[dst.kind]
+    if kind.admin_principal is not None and principal != kind.admin_principal:
+        rule = "SEC-ST-3/KI-6" if principal == "store-staff" else kind.admin_rule or "SEC-ST-3/KI-6"
+        return rule, f"only the {kind.admin_principal} principal may use {_who(dst)}'s admin surface, not {principal!r}"
     return None
 
 
 def _line_violation(a: Node, b: Node) -> tuple[str, str] | None:
     for x, y in ((a, b), (b, a)):
-        if x.kind in STORE_KINDS and y.kind in CENTER_KINDS:
+        if _side(x) == Side.STORE and _side(y) == Side.CENTER:
             return "SEC-SN-3", f"line joins store-side {_who(x)} to {_who(y)}; stores go through the EC center"
-        if x.kind == "wifi" and y.kind != "store-router":
-            return "SEC-ST-4", f"in-store Wi-Fi {x.id} may be joined only to its store router, not {_who(y)}"
+        only = KINDS[x.kind].lines_only_to
+        if only is not None and y.kind not in only:
+            return (
+                KINDS[x.kind].reaches_nothing or "SEC-SN-1",
+                f"{KINDS[x.kind].title} {x.id} may be joined only to its {' or '.join(only).replace('-', ' ')}, not {_who(y)}",
+            )
     return None
 
 
@@ -440,8 +427,8 @@ def annex_violations(topo: Topology, skip: frozenset[str] = frozenset()) -> list
                     found.append(
                         Violation(broken[0], ("nodes", dst.id, "allow", index, "from", source_index), broken[1])
                     )
-        if dst.kind in _UPSTREAM_KIND:
-            want, rule_id = _UPSTREAM_KIND[dst.kind]
+        want, rule_id = KINDS[dst.kind].upstream, KINDS[dst.kind].upstream_rule
+        if want is not None and rule_id is not None:
             for hop_index, hop in enumerate(dst.hops):
                 if hop not in topo.nodes or topo.nodes[hop].kind == want:
                     continue

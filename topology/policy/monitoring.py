@@ -19,7 +19,7 @@ from topology.policy.compiler import (
     Decision,
     Reach,
 )
-from topology.spec.model import Topology, derive_netns_address
+from topology.spec.model import Mode, Topology, derive_netns_address
 
 METRICS_PORT = 9464  # the same on every node: each node has its own address in every mode
 MONITORING_PRINCIPAL = "monitoring"  # the client certificate's CN (topology/pki.py PRINCIPALS)
@@ -30,12 +30,12 @@ RULE = "monitoring"  # what an allowing decision names: this module, not a line 
 ALLOW = Decision(True, rule=RULE)
 
 
-def monitoring_address(mode: str) -> str:
-    if mode == "loopback":
+def monitoring_address(mode: Mode) -> str:
+    if mode == Mode.LOOPBACK:
         return MONITORING_ADDRESS
-    if mode == "netns":
+    if mode == Mode.NETNS:
         return derive_netns_address(MONITORING_ADDRESS)
-    raise ValueError(f"unknown mode {mode!r}; expected 'loopback' or 'netns'")
+    raise ValueError(f"unknown mode {str(mode)!r}; expected 'loopback' or 'netns'")
 
 
 class MetricsAllowList:
@@ -43,7 +43,7 @@ class MetricsAllowList:
 
     __slots__ = ("address", "port")
 
-    def __init__(self, topo: Topology, mode: str) -> None:
+    def __init__(self, topo: Topology, mode: Mode) -> None:
         self.address = monitoring_address(mode)
         self.port = METRICS_PORT
         # the address index, not a scan: every server builds one of these (a scan made `up` O(n²))

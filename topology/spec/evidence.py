@@ -40,9 +40,9 @@ def monitored_store(topo: Topology) -> tuple[str, str, str]:
 def evidence_site(topo: Topology) -> str:
     """The store every check starts from: the first with every admin surface, else the first whose
     controller has an admin API, else the first kiosk's; the checks that need no surface run anywhere."""
-    for find in (lambda: first_store(topo)[0], lambda: monitored_store(topo)[0]):
+    for find in (first_store, monitored_store):
         try:
-            return topo.node(find()).site
+            return topo.node(find(topo)[0]).site
         except NotCheckable:
             pass
     kiosks = topo.of_kind("kiosk")
@@ -54,7 +54,8 @@ def evidence_site(topo: Topology) -> str:
 def evidence_municipality(topo: Topology) -> str:
     """The municipality the issuing checks ask: the first that takes part and offers a residence record."""
     for code, node in topo.municipalities().items():
-        if node.municipality.participating and EVIDENCE_CERTIFICATE in node.municipality.certificates:
+        m = node.municipality
+        if m is not None and m.participating and EVIDENCE_CERTIFICATE in m.certificates:
             return code
     raise NotCheckable(f"no participating municipality offers a {EVIDENCE_CERTIFICATE} to issue")
 

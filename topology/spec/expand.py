@@ -32,10 +32,11 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 
+from topology.spec.kinds import NodeKind
 from topology.spec.model import (
     SERVER_KINDS,
     AdminRule,
@@ -44,7 +45,6 @@ from topology.spec.model import (
     Limits,
     LineKind,
     Municipality,
-    NodeKind,
     RelayKind,
     TlsVersion,
     UpstreamConnections,
@@ -321,10 +321,10 @@ class _Expansion:
         if not isinstance(raw, dict):
             self.report(path, "expected a mapping of node fields")
             return {}
-        raw = {**raw, "allow": _normalize_allow(raw["allow"])} if "allow" in raw else dict(raw)
-        if self.convert(raw, NodeFields, path) is None:
+        fields: dict[str, Any] = {**raw, "allow": _normalize_allow(raw["allow"])} if "allow" in raw else dict(raw)
+        if self.convert(fields, NodeFields, path) is None:
             return {}
-        return raw
+        return fields
 
     def run(self) -> Expanded:
         d = self.data
@@ -431,10 +431,11 @@ class _Expansion:
         kind = raw.get("kind")
         merged: dict[str, Any] = {}
         taken: dict[str, FieldPath] = {}
-        for level, where in (
+        levels: tuple[tuple[dict[str, Any], FieldPath], ...] = (
             (self.defaults, ("defaults",)),
-            (self.kinds.get(kind, {}) if isinstance(kind, str) else {}, ("kinds", kind)),
-        ):
+            (self.kinds.get(kind, {}), ("kinds", kind)) if isinstance(kind, str) else ({}, ()),
+        )
+        for level, where in levels:
             for key in _INHERITED:
                 if key in level and key not in raw:
                     if key in ("port", "allow") and kind not in SERVER_KINDS:
@@ -548,15 +549,15 @@ class _Expansion:
                 if m := _MEMBER_ID.fullmatch(node_id):
                     where = f"derived id {node_id!r} is already taken by the node on line {self.line_of(('nodes', node_id))}"
                     claimed.setdefault(m["kiosk"] or m["member"], []).append((where, int(m["k"] or 0)))
-        for m, count in zip(members, kiosks, strict=True):
-            for where, k in claimed.get(m, ()):
+        for member, count in zip(members, kiosks, strict=True):
+            for where, k in claimed.get(member, ()):
                 if k <= count:  # kiosk-<m>-<k> clashes only when the member has k kiosks
                     self.report(("groups", name, "range"), where)
                     return False
         line = self.line_of(("groups", name, "range"))
-        for m in members:
-            claimed.setdefault(m, []).append(
-                (f"derived id 'store-router-{m}' is already taken by group {name} (line {line})", 0)
+        for member in members:
+            claimed.setdefault(member, []).append(
+                (f"derived id 'store-router-{member}' is already taken by group {name} (line {line})", 0)
             )
         return True
 
@@ -565,7 +566,7 @@ class _Expansion:
         merged: dict[str, Any] = {}
         where: dict[str, FieldPath] = {}
         levels = [(self.defaults, ("defaults",)), (self.kinds.get(kind, {}), ("kinds", kind))]
-        own = group.kinds.get(kind)
+        own = group.kinds.get(cast(NodeKind, kind))
         if own is not None:
             levels.append((msgspec.to_builtins(own), ("groups", self._current, "kinds", kind)))
         for level, path in levels:

@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 import yaml
 
 from topology.policy import compiler as policy
 from topology.spec import expand as compact
+from topology.spec.kinds import KINDS
 from topology.spec.model import (
     ADMIN_KINDS,
     LIMIT_SCOPES,
@@ -30,6 +31,7 @@ from topology.spec.model import (
     Hours,
     Limits,
     Line,
+    Mode,
     Municipality,
     Node,
     TlsVersion,
@@ -47,7 +49,7 @@ _NETNS = ipaddress.IPv4Network("198.18.0.0/15")
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # also a TLS identity and a netns name part
 _HHMM = re.compile(r"(?:[01][0-9]|2[0-3]):[0-5][0-9]")
 _TOP_FIELDS = {f.encode_name for f in msgspec.structs.fields(Topology)} - {"source", "rule_origins"}
-_FORWARDING_KINDS = RELAY_KINDS | {"kiosk"}
+_FORWARDING_KINDS = frozenset(k.name for k in KINDS.values() if k.upstream is not None)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,13 @@ _MSGSPEC_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 _T = TypeVar("_T")
 
 
-def _convert(doc: _Document, value: Any, type_: type[_T], path: FieldPath) -> _T | None:
+@overload
+def _convert(doc: _Document, value: Any, type_: type[_T], path: FieldPath) -> _T | None: ...
+@overload
+def _convert(doc: _Document, value: Any, type_: Any, path: FieldPath) -> Any: ...  # a union or a Literal
+
+
+def _convert(doc: _Document, value: Any, type_: Any, path: FieldPath) -> Any:
     try:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as e:
@@ -340,7 +348,7 @@ def _parse(doc: _Document, data: Any, source: str) -> _Parsed | None:
         if node is None:
             continue
         if node.netns_address is None and _ipv4(node.address) is not None:
-            node = msgspec.structs.replace(node, netns_address=node.address_in("netns"))
+            node = msgspec.structs.replace(node, netns_address=node.address_in(Mode.NETNS))
             derived.add(node_id)
         nodes[node_id] = node
     declared = set(raw_nodes)

@@ -9,34 +9,33 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
-NodeKind = Literal[
-    "kiosk",
-    "store-router",
-    "store-controller",
-    "wifi",
-    "ec-router",
-    "dmz-relay",
-    "issuance-center",
-    "ocsp",
-    "municipality",
-]
+from topology.spec.kinds import KINDS, NodeKind, Side, kind_names
 
-# Kinds that listen (run a server); the others only open connections.
-SERVER_KINDS = frozenset(
-    {"store-router", "store-controller", "ec-router", "dmz-relay", "issuance-center", "ocsp", "municipality"}
-)
-# Kinds that forward every allowed request to their `upstream`.
+# Views of the kind table (topology/spec/kinds.py) that the loader and the compiler ask most.
+SERVER_KINDS = kind_names(listens=True)  # they listen (run a server); the others only open connections
+RELAY_KINDS = kind_names(relays=True)  # they forward every allowed request to their `upstream`
+# The relay kinds as a type, for the keys of a file's `upstream_connections:` (msgspec checks them).
 RelayKind = Literal["store-router", "ec-router", "dmz-relay"]
-RELAY_KINDS = frozenset(RelayKind.__args__)
-# Kinds with an administration (store controller) or maintenance (kiosk) surface on `admin_port`.
-ADMIN_KINDS = frozenset({"store-controller", "kiosk"})
+assert frozenset(get_args(RelayKind)) == RELAY_KINDS, "a relay kind in the table is a RelayKind too"
+# an administration (store controller) or maintenance (kiosk) surface on `admin_port`
+ADMIN_KINDS = frozenset(k.name for k in KINDS.values() if k.admin_principal is not None)
 # The store side of the closed network (SEC-SN-3, SEC-ST-*) and the center side (SEC-EC-2).
-STORE_KINDS = frozenset({"kiosk", "store-router", "store-controller", "wifi"})
-CENTER_KINDS = frozenset({"issuance-center", "ocsp", "municipality"})
+STORE_KINDS = kind_names(side=Side.STORE)
+CENTER_KINDS = kind_names(side=Side.CENTER)
+
+
+class Mode(StrEnum):
+    """Where a topology runs, spelt as the CLI and the files spell it (DESIGN §4)."""
+
+    LOOPBACK = "loopback"  # every node on its own 127.x.y.z address; the app enforces the allow-lists
+    NETNS = "netns"  # one namespace per site, veth lines, nftables in each (root)
+    CLUSTER = "cluster"  # a Kubernetes pod: binds all, dials Services by name (gateway/node/cluster.py)
+
 
 # How a node with several upstreams uses them: the first that answers ("failover", in the
 # order given) or spread connections over all of them ("balance").
@@ -150,13 +149,13 @@ class Node(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return self.upstreams
         return (self.upstream,) if self.upstream is not None else ()
 
-    def address_in(self, mode: str) -> str:
-        """The node's address in `mode`: "loopback" or "netns" (derived when the file gives none)."""
-        if mode == "loopback":
+    def address_in(self, mode: Mode) -> str:
+        """The node's address in `mode`: loopback or netns (derived when the file gives none)."""
+        if mode == Mode.LOOPBACK:
             return self.address
-        if mode == "netns":
+        if mode == Mode.NETNS:
             return self.netns_address or derive_netns_address(self.address)
-        raise ValueError(f"unknown mode {mode!r}; expected 'loopback' or 'netns'")
+        raise ValueError(f"unknown mode {str(mode)!r}; expected 'loopback' or 'netns'")
 
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -206,7 +205,7 @@ UPSTREAM_DEFAULTS = {
 }
 
 
-LIMIT_SCOPES = ("defaults", *NodeKind.__args__)  # keys of the topology's `limits:` mapping
+LIMIT_SCOPES = ("defaults", *KINDS)  # keys of the topology's `limits:` mapping
 
 
 class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=True):
@@ -251,7 +250,7 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
         """Address (loopback or netns) -> node, built once: a linear scan per lookup does not scale."""
         index: dict[str, Node] = {}
         for n in reversed(list(self.nodes.values())):  # the first node in file order wins, as the scan found
-            index[n.address_in("netns")] = n
+            index[n.address_in(Mode.NETNS)] = n
             index[n.address] = n
         return index
 

@@ -18,7 +18,7 @@ import ipaddress
 import msgspec
 
 from topology.policy.monitoring import monitoring_address
-from topology.spec.model import Topology
+from topology.spec.model import Mode, Node, Topology
 
 NETNS_POOL = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking space, netns mode's
 
@@ -75,7 +75,7 @@ def part(topo: Topology, patterns: list[str]) -> tuple[Topology, list[str]]:
     return _restricted(topo, nodes), notes
 
 
-def _restricted(topo: Topology, nodes: dict) -> Topology:
+def _restricted(topo: Topology, nodes: dict[str, Node]) -> Topology:
     """`topo` with only `nodes`: lines between two of them, allow and admin entries naming only them."""
     kept = {}
     for node_id, node in nodes.items():
@@ -86,14 +86,14 @@ def _restricted(topo: Topology, nodes: dict) -> Topology:
     return msgspec.structs.replace(topo, nodes=_netns_addresses(kept), lines=lines)
 
 
-def _netns_addresses(nodes: dict) -> dict:
+def _netns_addresses(nodes: dict[str, Node]) -> dict[str, Node]:
     """Netns addresses of a large file repeat (127.18.0.1 and 127.64.0.1 both derive 198.18.0.1):
     where two nodes of the part share one, the part's nodes are numbered afresh in file order,
     198.18.0.1 upwards (no .0 or .255, not the monitoring principal's); else they keep the file's."""
-    addresses = [n.address_in("netns") for n in nodes.values()]
+    addresses = [n.address_in(Mode.NETNS) for n in nodes.values()]
     if len(set(addresses)) == len(addresses):
         return nodes
-    taken = {monitoring_address("netns")}
+    taken = {monitoring_address(Mode.NETNS)}
     fresh = (str(a) for a in NETNS_POOL.hosts() if a.packed[3] not in (0, 255) and str(a) not in taken)
     try:
         return {i: msgspec.structs.replace(n, netns_address=next(fresh)) for i, n in nodes.items()}
