@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import get_args
 
-from bench import runner
+from bench.baselines import haproxy
 from gateway.nodes.registry import FACTORIES
 from topology.export import k8s
 from topology.policy import compiler
@@ -43,7 +43,7 @@ def test_model_views_are_the_table_read_by_fact():
 
 def test_hop_order_follows_each_kinds_upstream():
     assert kinds.ISSUANCE_PATH == ("kiosk", "store-router", "ec-router", "dmz-relay", "issuance-center")
-    assert RELAY_CHAIN == runner.RELAY_CHAIN == ("store-router", "ec-router", "dmz-relay")
+    assert RELAY_CHAIN == haproxy.RELAY_CHAIN == ("store-router", "ec-router", "dmz-relay")
 
 
 def test_every_listening_kind_has_an_app_and_a_workload():
