@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.business.clock import JST
+from topology import pki as pki_module
 from topology.leafstamp import LeafStamp
 from topology.pki import PKI, PKIError
 from topology.spec.model import Node, Topology
@@ -132,8 +133,11 @@ def test_private_keys_are_readable_by_owner_only(pki: PKI) -> None:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
 
 
-def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(tmp_path: Path) -> None:
+def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A national file's 250,000 identities as pairs of files took 2 GB and most of a start."""
+    monkeypatch.setattr(pki_module, "FILES_UP_TO", 2)  # this topology as a large one
     pki = PKI.ensure(tmp_path, topology())
     assert list((pki.dir / "nodes").iterdir()) == []
     assert sorted(
@@ -145,6 +149,13 @@ def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(t
     cert_path, key_path = pki.node_paths("kiosk-1")
     assert sorted(p.name for p in (pki.dir / "nodes").iterdir()) == ["kiosk-1.key", "kiosk-1.pem"]
     ssl.create_default_context().load_cert_chain(cert_path, key_path)  # a matching pair, as ssl reads it
+
+
+def test_a_small_topologys_node_files_are_written_for_curl_and_openssl(pki: PKI) -> None:
+    """`curl --cert STATE/pki/nodes/kiosk-a1-1.pem` (docs/tls.md) works on a fresh state."""
+    assert sorted(p.name for p in (pki.dir / "nodes").iterdir()) == sorted(
+        f"{n}{suffix}" for n in NODES for suffix in (".key", ".pem")
+    )
 
 
 def test_ensure_again_loads_without_generating_anything(fresh_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,6 +84,9 @@ _ERA_START = datetime(2000, 1, 1, tzinfo=UTC)
 _ERA_END = datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC)
 _LEAF_DAYS = 10 * 365
 _RENEW_BEFORE = timedelta(days=30)
+# Up to this many nodes, every node's PEM files are written at once (a national file's are
+# written when a process first needs them).
+FILES_UP_TO = 2_000
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RSA = bytes.fromhex("06092a864886f70d01010b")  # DER OID 1.2.840.113549.1.1.11
@@ -236,12 +239,14 @@ class PKI(NodeFiles):
         renew_at = (datetime.now(UTC) + _RENEW_BEFORE).timestamp()
         have = self.store.current(_aki(self.network_ca).key_identifier.hex(), renew_at)
         todo = [(node.id, ips) for node in topology.nodes.values() if have.get(node.id) != (ips := _node_ips(node))]
-        if not todo:
-            return
-        keys = self.store.keys(node_id for node_id, _ in todo)  # a moved node keeps its key
-        rows = issue_node_leaves(self.network_ca, self.network_ca_key, [(i, ips, keys.get(i)) for i, ips in todo])
-        forget_extracted(self.dir / "nodes", (node_id for node_id, _ in todo))  # files written from the old rows
-        self.store.put(_aki(self.network_ca).key_identifier.hex(), rows)
+        if todo:
+            keys = self.store.keys(node_id for node_id, _ in todo)  # a moved node keeps its key
+            rows = issue_node_leaves(self.network_ca, self.network_ca_key, [(i, ips, keys.get(i)) for i, ips in todo])
+            forget_extracted(self.dir / "nodes", (node_id for node_id, _ in todo))  # files written from the old rows
+            self.store.put(_aki(self.network_ca).key_identifier.hex(), rows)
+        if len(topology.nodes) <= FILES_UP_TO:  # curl, openssl and the docs' examples read a node's files
+            for node_id in topology.nodes:
+                self.node_paths(node_id)  # written once: a file already there is left as it is
 
     def _ensure_ocsp_signer(self) -> None:
         base = self.dir / "ocsp-signer"
