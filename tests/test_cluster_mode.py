@@ -32,7 +32,7 @@ from gateway.node.cluster import (
     scrape_allowlist,
 )
 from gateway.node.server import NodeContext, connect_h2
-from gateway.protocol.errors import ConnectionClosed, StreamReset
+from gateway.protocol.errors import ConnectionClosed, LinkDown, StreamReset
 from gateway.protocol.http import request_headers
 from gateway.protocol.streams import header
 from topology.export.k8s import STATE, TOPOLOGY_PATH, KubeOptions, export_k8s, pki_files
@@ -249,9 +249,7 @@ def test_cluster_mode_nodes_dial_upstreams_by_service_name_and_refuse_the_wrong_
             got = await _bench_get(issuer, 200_000)
             await _refused_as(issuer, "kiosk-a1-1", "ec-router-a")  # a kiosk skipping its store router
             await _refused_as(issuer, "ec-router-b", "dmz-relay-a")  # another operator's EC router
-            with pytest.raises(
-                trio.BrokenResourceError
-            ) as wrong_name:  # a name the server's certificate does not carry
+            with pytest.raises(LinkDown) as wrong_name:  # a name the server's certificate does not carry
                 await connect_h2(
                     CHAIN["ec-router-a"], 8443, "dmz-relay-a", _client_tls(issuer, "store-router-a1", "h2")
                 )

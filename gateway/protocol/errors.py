@@ -55,11 +55,13 @@ TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 @contextlib.contextmanager
 def link_errors() -> Iterator[None]:
-    """Raise a transport's failure inside the block as `LinkDown` (the original as its cause); a
-    TimeoutError (an OSError too) stays itself: it is the caller's deadline, not the link's."""
+    """Raise a transport's failure inside the block as `LinkDown` (the original as its cause: for a
+    TLS stream trio broke, the TLS error it broke on, such as a certificate that names another
+    node); a TimeoutError (an OSError too) stays itself: it is the caller's deadline, not the link's."""
     try:
         yield
     except TimeoutError:
         raise
     except TRANSPORT_ERRORS as exc:
-        raise LinkDown(f"{type(exc).__name__}: {exc}") from exc
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None else exc
+        raise LinkDown(f"{type(cause).__name__}: {cause}") from cause

@@ -6,7 +6,7 @@ networks add no per-port filtering and no impairments (those stay netns mode's `
 
 from __future__ import annotations
 
-from topology.export.k8s import NODE_MODE, STATE, TOPOLOGY_PATH, check_name
+from topology.export.k8s import STATE, TOPOLOGY_PATH, check_name, issue_command, nodehost_command
 from topology.export.netpol import impairment_text, node_labels
 from topology.spec.kinds import KINDS
 from topology.spec.model import Topology
@@ -29,35 +29,7 @@ def export_compose(topo: Topology, image: str, topology_file: str, pki_dir: str)
         if KINDS[node.kind].workload is None:  # runs nothing (in-store Wi-Fi): a network member only
             continue
         check_name("node id", node.id)
-        if node.is_server:
-            command = [
-                "python",
-                "-m",
-                "topology.launch.nodehost",
-                "--topology",
-                TOPOLOGY_PATH,
-                "--state",
-                STATE,
-                "--mode",
-                NODE_MODE,
-                "--nodes",
-                node.id,
-            ]
-        else:
-            command = [
-                "konbini",
-                "issue",
-                "--topology",
-                TOPOLOGY_PATH,
-                "--state",
-                STATE,
-                "--kiosk",
-                node.id,
-                "--store",
-                node.site,
-                "--cluster",
-                "--json",
-            ]
+        command = nodehost_command(node) if node.is_server else issue_command(node)
         service: dict = {
             "image": image,
             "command": command,

@@ -186,7 +186,8 @@ def _pod_spec(
     }
 
 
-def _nodehost(node: Node) -> list[str]:
+def nodehost_command(node: Node) -> list[str]:
+    """A server node's process in a container (both exports run it so)."""
     return [
         "python",
         "-m",
@@ -207,7 +208,7 @@ def _workload(node: Node, files: list[str], opts: KubeOptions, impair: Impairmen
     stateful = KINDS[node.kind].workload == "StatefulSet"
     template = {
         "metadata": _template_meta(node, impair),
-        "spec": _pod_spec(node, files, _nodehost(node), opts, "Always", state_claim=stateful),
+        "spec": _pod_spec(node, files, nodehost_command(node), opts, "Always", state_claim=stateful),
     }
     spec: dict = {"replicas": 1, "selector": selector(node.id), "template": template}
     if stateful:
@@ -269,10 +270,9 @@ def _service(node: Node, topo: Topology, namespace: str) -> dict:
     }
 
 
-def _kiosk_job(node: Node, files: list[str], opts: KubeOptions, impair: Impairments) -> dict:
-    """One kiosk's load: `konbini issue` from this kiosk, KIOSK_ISSUANCES times, one pod after another
-    (a pod carries one node's labels, so each kiosk is its own Job and its own policy peer)."""
-    command = [
+def issue_command(node: Node) -> list[str]:
+    """A kiosk's issuance in a container (both exports run it so)."""
+    return [
         "konbini",
         "issue",
         "--topology",
@@ -286,6 +286,12 @@ def _kiosk_job(node: Node, files: list[str], opts: KubeOptions, impair: Impairme
         "--cluster",
         "--json",
     ]
+
+
+def _kiosk_job(node: Node, files: list[str], opts: KubeOptions, impair: Impairments) -> dict:
+    """One kiosk's load: `konbini issue` from this kiosk, KIOSK_ISSUANCES times, one pod after another
+    (a pod carries one node's labels, so each kiosk is its own Job and its own policy peer)."""
+    command = issue_command(node)
     template = {"metadata": _template_meta(node, impair), "spec": _pod_spec(node, files, command, opts, "Never", False)}
     return {
         "apiVersion": "batch/v1",
