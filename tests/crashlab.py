@@ -74,9 +74,17 @@ def _free(addresses: list[str], port: int = 8443) -> bool:
     return True
 
 
-def write_shifted_topology(path: Path) -> int:
-    """The default topology on 127.<octet>.x.x (an octet no other run uses now); returns the octet."""
-    text = DEFAULT_TOPOLOGY.read_text(encoding="utf-8")
+# The relays as the crash tests were written for: each kiosk connection with its own chain, so a
+# kiosk whose chain broke reconnects before its next attempt. Pooled relays keep the kiosk's
+# connection and answer at once while a killed hop restarts, so the kiosks' attempts run out
+# before the seeded kill points; tests/test_int1_kill.py kills pooled relays and the center.
+PAIRED = "upstream_connections:\n  ec-router: {mode: paired}\n  dmz-relay: {mode: paired}\n"
+
+
+def write_shifted_topology(path: Path, *, paired: bool = False) -> int:
+    """The default topology on 127.<octet>.x.x (an octet no other run uses now), its relays
+    `paired` if asked; returns the octet."""
+    text = DEFAULT_TOPOLOGY.read_text(encoding="utf-8") + (PAIRED if paired else "")
     base = load_topology(DEFAULT_TOPOLOGY)
     start = 100 + os.getpid() % 100
     for i in range(100):
