@@ -19,6 +19,7 @@ from gateway.protocol.http import request_headers
 from gateway.protocol.streams import header
 from gateway.transport.tls import client_context
 from kiosk_emu.kiosk import Kiosk
+from topology import pki as pki_module
 from topology.pki import PKI
 
 REFUSED = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError)
@@ -175,13 +176,14 @@ async def test_a_bad_query_is_answered_400_not_a_crash(net):
 
 
 async def test_a_node_makes_its_tls_context_at_its_first_connection_and_a_missing_key_stops_its_start(
-    topo, state, tmp_path
+    topo, state, tmp_path, monkeypatch
 ):
     """Start only checks that the node has an identity in the PKI (a large topology's start went
     mostly to OpenSSL key decoding, then to files, for nodes never dialled); the context and the
     files `ssl` reads are made when a peer connects."""
     copy = tmp_path / "state"
     shutil.copytree(state / "pki", copy / "pki", ignore=shutil.ignore_patterns("store-router-a1.*"))
+    monkeypatch.setattr(pki_module, "FILES_UP_TO", 0)  # as a national file's: no node's files written at ensure
     pki = PKI.ensure(copy, topo)
     ctx = NodeContext(topo, topo.node("store-router-a1"), pki, "loopback", Clock())
     ctx.check_tls_files()
