@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -65,16 +66,21 @@ class RoleWindow(CostWindow):
         self.pids = [p.pid for p in known]
         self.hs_start: dict | None = None
         self.hs_end: dict | None = None
+        self._ends = threading.Lock()
 
     def begin(self) -> None:
-        if self.hs_start is None:
-            self.hs_start = read_tallies(self.state_dir, self.pids)
-        super().begin()
+        with self._ends:
+            if not self.start:
+                self.hs_start = read_tallies(self.state_dir, self.pids)
+                super().begin()
 
     def finish(self) -> None:
-        if self.start and not self.end:
-            super().finish()
-            self.hs_end = read_tallies(self.state_dir, self.pids)
+        """Once, whether from the timer or the run's end (both may call it at the same moment: two
+        readers would delete each other's tally files)."""
+        with self._ends:
+            if self.start and not self.end:
+                super().finish()
+                self.hs_end = read_tallies(self.state_dir, self.pids)
 
     def handshakes(self) -> dict[str, dict[str, int]] | None:
         """Handshakes by kind within the window; None where a tally was not read."""
