@@ -151,7 +151,7 @@ def phases(opts: NationalOptions) -> list[dict]:
         for level in opts.levels:
             out.append(
                 {
-                    "name": f"peak x{level:g}" + (f" on {cores}" if cores else ""),
+                    "name": f"peak x{level:g}" + (f" on {cores} core{'s' if cores > 1 else ''}" if cores else ""),
                     "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)"
                     + (f", the run pinned to {cores} core(s)" if cores else ""),
                     "segments": (),

@@ -207,3 +207,20 @@ def test_pinning_moves_every_thread_of_the_processes_onto_the_cores() -> None:
         os.sched_setaffinity(0, allowed)
     with pytest.raises(PinningError):
         cores_for(len(allowed) + 1)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--cores", "two"], ["--cores 'two'", "counts of cores"]),
+        (["--cores", "64"], ["--cores", "64 core(s) asked for"]),
+        (["--processes", "3"], ["--processes must be >= 6", "one node kind a process"]),
+    ],
+)
+def test_national_peak_refuses_bad_cores_and_too_few_processes_in_one_line(tmp_path, extra, words) -> None:
+    topo = mini_national(tmp_path / "mini.yaml")
+    cmd = [sys.executable, "-m", "topology.cli", "bench", "national-peak", "--topology", str(topo), *extra]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in out and out.strip().startswith("konbini:"), out
+    assert all(w in out for w in words), out
