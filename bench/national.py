@@ -7,18 +7,21 @@ How a day's issuances spread over its hours is not in the sources; DAY_PROFILE i
 evening peak at 18:00-19:00 with ~9.7 % of the day), stated in the report next to the numbers.
 
 What runs: the issuance path only (every store router, the EC routers, DMZ relays, the centers,
-OCSP and the municipalities), spread over `processes` forked nodehosts (topology/launch/spread.py);
-store controllers and the kiosks' maintenance endpoints are not on the path and stay down. The
+OCSP and the municipalities), spread over `processes` forked nodehosts (topology/launch/spread.py),
+each serving one node kind so that its CPU is that role's (bench/roles.py); store controllers and the kiosks' maintenance endpoints are not on the path and stay down. The
 load generator is in fleet mode (kiosk_emu/load/worker.py): every kiosk of the file can be
 drawn, dials its store router at its first customer and keeps the line while it is among the most
 recently used. The nodes' clock stands at the peak hour (18:30 JST) for every phase, so every
 municipality's own hours are those of the peak; the residents ask for a residence record of a
 participating municipality open then, drawn uniformly. Lines are not impaired (loopback mode).
+With `cores`, the run is pinned to that many cores (bench/pinning.py) and each level runs once per
+count: from 1 and 2, bench/scaling.py estimates the rate on more.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -26,6 +29,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from bench import scaling
+from bench.pinning import PinningError, cores_for, pin
+from bench.roles import ROLES, RoleWindow, node_processes, role_costs, role_table
 from bench.scenarios import DOC_64K
 from gateway.business.clock import JST, Clock
 from gateway.business.rules import window, within
@@ -89,6 +95,7 @@ class NationalOptions:
     processes: int = 12
     workers: int = 1
     max_open: int = 2000
+    cores: tuple[int, ...] = ()  # pin the run to each count of cores in turn, every level once per count
     progress: LoadProgress | None = None  # each phase's run (the CLI's bar)
     say: Callable[[str], None] | None = None  # one line per step (the CLI prints them)
     notes: list[str] = field(default_factory=list)
@@ -140,17 +147,22 @@ def phases(opts: NationalOptions) -> list[dict]:
                 "duration_s": opts.hour_s * len(hours),
             }
         )
-    for level in opts.levels:
-        out.append(
-            {
-                "name": f"peak x{level:g}",
-                "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)",
-                "segments": (),
-                "rate": peak_rate() * level,
-                "duration_s": opts.duration_s,
-                "level": level,
-            }
-        )
+    for cores in opts.cores or (None,):
+        for level in opts.levels:
+            out.append(
+                {
+                    "name": f"peak x{level:g}" + (f" on {cores} core{'s' if cores > 1 else ''}" if cores else ""),
+                    "what": f"{level:g} x the peak hour's rate ({PEAK_HOUR}:00-{PEAK_HOUR + 1}:00 JST)"
+                    + (f", the run pinned to {cores} core(s)" if cores else ""),
+                    "segments": (),
+                    "rate": peak_rate() * level,
+                    "duration_s": opts.duration_s,
+                    "level": level,
+                    "cores": cores,
+                }
+            )
+    if opts.cores and out and out[0]["name"] == "day":
+        out[0]["cores"] = opts.cores[0]
     return out
 
 
@@ -186,6 +198,7 @@ def phase_summary(result: dict, phase: dict) -> dict:
         "partial",
     )
     out = {"name": phase["name"], "what": phase["what"], "offered_rps": round(phase["rate"], 3)}
+    out |= {"level": phase.get("level"), "cores": phase.get("cores")}
     out |= {k: result.get(k) for k in keep}
     out["generator"] = result.get("generator", {})
     if phase.get("hours"):  # the day: issuances per emulated hour, from the per-second timeline
@@ -241,8 +254,16 @@ def prepare_state(topo: Topology, sdir: Path, at: datetime, say: Callable[[str],
 
 
 def check_options(opts: NationalOptions) -> None:
-    if opts.processes < 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
-        raise NationalBenchError("--processes, --workers and --duration must be > 0, --hour-s >= 0")
+    if opts.processes < len(ROLES) - 1 or opts.workers < 1 or opts.duration_s <= 0 or opts.hour_s < 0:
+        raise NationalBenchError(
+            f"--processes must be >= {len(ROLES) - 1} (one node kind a process), --workers and --duration > 0, "
+            "--hour-s >= 0"
+        )
+    try:
+        for k in opts.cores:
+            cores_for(k)
+    except PinningError as exc:
+        raise NationalBenchError(f"--cores: {exc}") from None
     if any(level <= 0 for level in opts.levels):
         raise NationalBenchError("--levels are multiples of the peak rate: each must be > 0")
 
@@ -259,6 +280,8 @@ def run_national_peak(opts: NationalOptions) -> dict:
     sdir.mkdir(parents=True, exist_ok=True)
     say = opts.say or _quiet
     pki, pool, pki_s = prepare_state(topo, sdir, at, say)
+    if opts.cores:  # the start too: the node processes inherit it
+        pin([], cores_for(opts.cores[0]))
     servers = sum(1 for n in topo.nodes.values() if n.is_server and n.kind in ISSUANCE_PATH)
     say(f"starting the issuance path: {servers:,} servers in {opts.processes} processes ...")
     t1 = time.perf_counter()
@@ -269,9 +292,10 @@ def run_national_peak(opts: NationalOptions) -> dict:
             opts.processes,
             clock=at.isoformat(),
             kinds=ISSUANCE_PATH,
+            by_kind=True,
             progress=lambda done, total: say(f"  {done}/{total} processes ready ({time.perf_counter() - t1:.1f} s)"),
         )
-    except NetnsError as exc:
+    except (NetnsError, ValueError) as exc:
         raise NationalBenchError(str(exc)) from None
     up_s = time.perf_counter() - t1
     report = report_head(opts, kiosks, munis, at) | {
@@ -279,6 +303,8 @@ def run_national_peak(opts: NationalOptions) -> dict:
         "processes": len(hosts),
         "pki_s": round(pki_s, 1),
         "up_s": round(up_s, 1),
+        "spread": "one node kind a process: " + ", ".join(h.site for h in hosts),
+        "cores_available": len(os.sched_getaffinity(0) if not opts.cores else cores_for(max(opts.cores))),
     }
     hop_kinds = {n.id: n.kind for n in topo.nodes.values() if n.is_server}  # the same for every phase
     centers = tuple(sorted(n.id for n in topo.of_kind("issuance-center")))
@@ -299,22 +325,38 @@ def run_national_peak(opts: NationalOptions) -> dict:
         max_open=opts.max_open,
     )  # each phase: its rate, duration and segments
     try:
-        run_phases(opts, base, report, say)
+        run_phases(opts, base, report, say, hosts)
     finally:
         stop_nodehosts(hosts)
+    report["scaling"] = scaling.estimate(report["phases"])
     write_national(report, opts.out_dir)
     return report
 
 
-def run_phases(opts: NationalOptions, base: LoadSpec, report: dict, say: Callable[[str], None]) -> None:
-    """Each phase's load over the fleet, one line said per phase; a partial one ends the run."""
+def run_phases(opts: NationalOptions, base: LoadSpec, report: dict, say: Callable[[str], None], hosts) -> None:
+    """Each phase's load over the fleet, its cost per role over the measured window, one line said
+    per phase; a partial one ends the run."""
     for phase in phases(opts):
+        if phase.get("cores"):
+            pin([h.pid for h in hosts], cores_for(phase["cores"]))
         spec = replace(base, rate=phase["rate"], duration_s=phase["duration_s"], segments=phase["segments"])
+        window = RoleWindow(node_processes(hosts), Path(base.state_dir))
+
+        def on_go(go: float, window=window, spec=spec) -> None:  # the CPU window is the measured window
+            window.arm(go + spec.warmup_s, go + spec.warmup_s + spec.duration_s)
+
         try:
-            result = run_load(spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}")
+            result = run_load(
+                spec, opts.workers, progress=opts.progress, label=f"national-peak {phase['name']}", on_go=on_go
+            )
         except LoadError as exc:
             raise NationalBenchError(str(exc)) from None
+        finally:
+            window.close()
         row = phase_summary(result, phase)
+        row["costs"] = window.model(result["ok"], cpus=phase.get("cores"))
+        row["roles"] = role_costs(row["costs"], window.handshakes(), result["ok"])
+        row["load_average"] = [round(x, 1) for x in os.getloadavg()]
         report["phases"].append(row)
         say(phase_line(row))
         if result.get("partial"):
@@ -327,8 +369,22 @@ def phase_line(row: dict) -> str:
     return (
         f"{row['name']}: offered {row['offered_rps']:g}/s, {row['ok']} issued of {row['arrivals']} "
         f"({row['dropped']} dropped), p50 {_ms(row['p50_ms'])} p99 {_ms(row['p99_ms'])} ms, misdelivered "
-        f"{row['misdelivered']}; per operator: {ops}"
+        f"{row['misdelivered']}; per operator: {ops}{cost_line(row.get('roles'))}"
     )
+
+
+def cost_line(c: dict | None) -> str:
+    """ "; cost …" for a phase's line: µs per issuance in all and by role, handshakes per issuance."""
+    if not c or not c.get("issued"):
+        return ""
+    roles = ", ".join(f"{r} {v:,.0f}" for r, v in c["us_per_issuance"].items())
+    hs = c.get("handshakes")
+    hs_text = (
+        f"; handshakes per issuance {hs['full_per_issuance']:g} full, {hs['resumed_per_issuance']:g} resumed"
+        if hs
+        else ""
+    )
+    return f"; CPU {c['total_us_per_issuance']:,.0f} µs per issuance ({roles}){hs_text}"
 
 
 def _ms(v) -> str:
@@ -381,6 +437,17 @@ def write_national(report: dict, out_dir: Path) -> tuple[Path, Path]:
             "|---|---|---|",
         ]
         lines += [f"| {h['hour']:02d} | {h['offered_per_s']} | {h['completed']} |" for h in day["per_hour"]]
+    lines += [
+        "",
+        "Cost per role over each phase's measured window (µs of CPU per issuance; each node process serves "
+        "one kind) and TLS handshakes per issuance (full, resumed; every hop's server side):",
+        "",
+        *role_table(report["phases"]),
+        "",
+        "Core scaling:",
+        "",
+        *scaling.describe(report.get("scaling")),
+    ]
     lines += ["", *[f"- {n}" for n in report["notes"]], ""]
     md.write_text("\n".join(lines))
     return js, md

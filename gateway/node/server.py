@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node import handshakes
 from gateway.node.cluster import BIND_ALL, CLUSTER, scrape_allowlist
 from gateway.node.metrics import (
     CONTENT_TYPE,
@@ -303,6 +304,7 @@ class NodeServer:
             self.deny("alpn" if alpn else "tls-handshake", ip)
             return
         self.metrics.tls_handshakes.labels("ok").inc()
+        handshakes.count(self.ctx.node.kind, tls.session_reused)
         if tls.session_reused:  # the identity is the one the ticket's full handshake verified
             self.resumed += 1
             self.metrics.tls_resumed.inc()

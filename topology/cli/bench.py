@@ -8,9 +8,11 @@ from pathlib import Path
 from msgspec import UNSET
 from rich.console import Console
 
+from bench import scaling
 from bench.national import NationalBenchError, NationalOptions, run_national_peak
 from bench.options import BenchError, BenchOptions
 from bench.results import BenchReport, PhaseResult, as_report
+from bench.roles import ROLES
 from bench.runner import run_bench
 from bench.scenarios import SCENARIOS
 from topology.cli.common import UserError, load
@@ -123,6 +125,11 @@ def add_national_options(b) -> None:
     )
     b.add_argument(
         "--processes", type=int, default=12, help=f"{NATIONAL}: node processes for the issuance path (default 12)"
+    )
+    b.add_argument(
+        "--cores",
+        help=f"{NATIONAL}: pin the run to this many cores, each level once per count, e.g. 2,1 "
+        "(with 1 and 2: the rate on 4, 8 and 16 cores estimated)",
     )
     b.add_argument(
         "--max-open",
@@ -274,6 +281,10 @@ def cmd_national(args) -> int:
         levels = tuple(float(x) for x in args.levels.split(",") if x.strip())
     except ValueError:
         raise UserError(f"--levels {args.levels!r}: give multiples of the peak rate, e.g. 1,10,100") from None
+    try:
+        cores = tuple(int(x) for x in (args.cores or "").split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--cores {args.cores!r}: give counts of cores, e.g. 2,1") from None
     topo = load(args.topology or str(DEFAULT_TOPOLOGY.parent / "national.yaml"))
     opts = NationalOptions(
         topology=topo,
@@ -286,6 +297,7 @@ def cmd_national(args) -> int:
         processes=args.processes,
         workers=args.workers,
         max_open=args.max_open,
+        cores=cores,
         progress=None if args.no_progress else RichProgress(),
         say=None if args.no_progress else say,
     )
@@ -302,9 +314,42 @@ def cmd_national(args) -> int:
         ("phase", "operator", "offered/s", "issued", "refused", "errors", "p50 ms", "p99 ms", "misdelivered"),
         rows,
     )
+    show(
+        console,
+        "cost per issuance: µs of CPU by role (one node kind a process), TLS handshakes",
+        ("phase", "cores", *(r.replace("issuance-", "") for r in ROLES), "total", "full hs", "resumed hs"),
+        national_cost_rows(report),
+    )
+    for line in scaling.describe(report.get("scaling")):
+        if line and not line.startswith("|"):
+            console.print(line)
+    for k, rate in ((report.get("scaling") or {}).get("rate") or {}).items():
+        console.print(f"  estimated on {k} cores: {rate:g} issuances/s")
     console.print(f"reports: {opts.out_dir / 'national-peak.json'} and {opts.out_dir / 'national-peak.md'}")
     misdelivered = sum(r["misdelivered"] for r in report["phases"])
     return 1 if misdelivered or report["partial"] else 0
+
+
+def national_cost_rows(report: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for r in report["phases"]:
+        c = r.get("roles") or {}
+        us, hs = c.get("us_per_issuance", {}), c.get("handshakes") or {}
+        rows.append(
+            (
+                r["name"],
+                str(r.get("cores") or "all"),
+                *(_num(us.get(role)) for role in ROLES),
+                _num(c.get("total_us_per_issuance")),
+                _num(hs.get("full_per_issuance"), 2),
+                _num(hs.get("resumed_per_issuance"), 2),
+            )
+        )
+    return rows
+
+
+def _num(v, digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
 
 
 def national_rows(report: dict) -> list[tuple[str, ...]]:

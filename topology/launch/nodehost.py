@@ -4,7 +4,8 @@ namespaces' nodes in one process for a large part).
 Started by `topology.launch.netns.start_nodehosts` as
 `ip netns exec konbini-SITE python -m topology.launch.nodehost --topology F --state DIR --mode netns --nodes a,b`.
 Prints "ready" on stdout once every listener is bound; stops when stdin reaches EOF (the
-launcher closed the pipe or died) or on SIGTERM. No other control channel.
+launcher closed the pipe or died) or on SIGTERM. SIGUSR1 writes the process's TLS handshake tally
+(gateway/node/handshakes.py) for a bench; no other control channel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import trio
 
 from gateway.business.clock import Clock
+from gateway.node import handshakes
 from gateway.node.server import NodeStartError
 from topology.launch.loopback import run_topology
 from topology.pki import PKIError
@@ -31,6 +33,7 @@ async def _serve(args, topo=None, pki=None, namespaces=None) -> None:
     if unknown:
         raise NodeStartError(f"unknown node {unknown[0]!r}")
     clock = Clock.parse(args.clock, args.clock_speed)
+    handshakes.dump_on_signal(handshakes.tally_path(Path(args.state), os.getpid()))  # a bench's per-phase count
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: run_topology(

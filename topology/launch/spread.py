@@ -9,7 +9,8 @@ The parent loads the topology and makes the PKI once, then forks: the children i
 (copy on write) instead of each doing it again, and each compiles the allow-lists of its own
 nodes (held by the parent, every child's resident size counted all of them again). A site's nodes
 stay in one process (a store's router, controller and kiosks' maintenance endpoints); sites
-go to the least loaded process, largest first, counted in listeners.
+go to the least loaded process, largest first, counted in listeners. A bench that wants each
+process's CPU to be one node kind's spreads by kind instead (`by_kind`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,36 @@ def partition(topo: Topology, processes: int, kinds: frozenset[str] | None = Non
     return [p for p in parts if p]
 
 
+def partition_by_kind(topo: Topology, processes: int, kinds: frozenset[str]) -> list[tuple[str, list[str]]]:
+    """(kind, node ids) per process, each process serving nodes of one kind only, so that its CPU is
+    that kind's (a bench's cost per role). Every kind gets a process; the rest go one at a time to
+    the kind with the most listeners a process, and each kind's share is balanced as `partition`."""
+    by_kind: dict[str, list[str]] = {}
+    for ids in hosted(topo, kinds).values():
+        for i in ids:
+            by_kind.setdefault(topo.nodes[i].kind, []).append(i)
+    if processes < len(by_kind):
+        raise ValueError(
+            f"{processes} processes for {len(by_kind)} node kinds: one kind a process needs {len(by_kind)}"
+        )
+    weight = {k: _weight(topo, ids) for k, ids in by_kind.items()}
+    share = dict.fromkeys(by_kind, 1)
+    for _ in range(processes - len(by_kind)):
+        k = max(share, key=lambda k: (weight[k] / share[k], k))
+        share[k] += 1
+    out = []
+    for kind in sorted(by_kind):
+        sub = {i: topo.nodes[i] for i in by_kind[kind]}
+        heap = [(0, n) for n in range(min(share[kind], len(sub)))]
+        parts: list[list[str]] = [[] for _ in heap]
+        for i in sorted(sub, key=lambda i: -_weight(topo, [i])):
+            load, n = heapq.heappop(heap)
+            parts[n].append(i)
+            heapq.heappush(heap, (load + _weight(topo, [i]), n))
+        out += [(kind, p) for p in parts if p]
+    return out
+
+
 def start(
     topo: Topology,
     state_dir: Path,
@@ -62,12 +93,17 @@ def start(
     clock_speed: float = 1.0,
     progress=None,
     kinds: frozenset[str] | None = None,
+    by_kind: bool = False,
 ) -> list[Nodehost]:
     """Fork `processes` loopback nodehosts over the topology (its servers of `kinds` only, if
-    given); returns once each said "ready"."""
+    given); returns once each said "ready". `by_kind`: each process serves one node kind (named
+    `KIND-N`; needs `kinds`), else whole sites each (`process-N`)."""
     state_dir = Path(state_dir).resolve()
     pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
-    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
+    if by_kind:
+        jobs = [(f"{kind}-{i}", None, ids) for i, (kind, ids) in enumerate(partition_by_kind(topo, processes, kinds))]
+    else:
+        jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
     return fork_nodehosts(
         jobs,
         Mode.LOOPBACK,
