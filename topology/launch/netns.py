@@ -407,6 +407,8 @@ def fork_nodehosts(
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
+    if topo is not None:
+        topo.build_indexes()
     # The model is objects the children only read (millions at national size):
     # out of the collector's reach, no child's collection walks them or writes to their pages
     gc.collect()
