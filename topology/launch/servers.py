@@ -25,7 +25,7 @@ from gateway.node.server import App, NodeContext, NodeServer, check_identities
 from gateway.nodes.admin_server import AdminServer, admin_context
 from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
 from topology.launch.clockfile import write_running_clock
-from topology.policy.compiler import compile_admin_allowlists
+from topology.policy.compiler import admin_allowlists_on_first_check
 from topology.spec.model import Mode, Topology
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ async def run_servers(
     # (each touch copies an inherited page; each allow-list costs a pass over its entries)
     chosen = list(topo.nodes.values()) if only is None else [topo.nodes[i] for i in only]
     allow = node_allowlists(topo, mode, [n.id for n in chosen])
-    admin_allow = compile_admin_allowlists(topo, mode, [n.id for n in chosen]) if mode != CLUSTER else {}
+    admin_allow = admin_allowlists_on_first_check(topo, mode, [n.id for n in chosen]) if mode != CLUSTER else {}
     check_identities(pki, [n.id for n in chosen if n.is_server or n.id in admin_allow])
     scrape_allow = scrape_allowlist(topo, mode)  # the same for every node
     acceptor = Acceptor()  # every listener of this process, in one task (gateway/node/acceptor.py)
