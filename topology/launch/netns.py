@@ -24,6 +24,7 @@ from pathlib import Path
 
 from topology.launch import impair, nodehost
 from topology.launch.clockfile import write_clock
+from topology.launch.servers import before_fork
 from topology.netns.enter import enter_namespace, in_namespace_argv
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
@@ -408,7 +409,7 @@ def fork_nodehosts(
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
     if topo is not None:
-        topo.build_indexes()
+        before_fork(topo, state_dir, [i for _, _, ids in jobs for i in ids])
     # The model is objects the children only read (millions at national size):
     # out of the collector's reach, no child's collection walks them or writes to their pages
     gc.collect()
