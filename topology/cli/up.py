@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import time
 
@@ -70,6 +71,9 @@ def cmd_up(args) -> int:
             "(loopback mode runs the whole file: `--processes N` for a large one)"
         )
     topo = load(args.file)
+    # The model is read, never changed, from here on: out of the collector's reach, no collection
+    # walks its objects again (national: a million, 1.4 s a full collection, three before the fork)
+    gc.freeze()
     console = Console()
     processes = getattr(args, "processes", None)
     if processes is None:
