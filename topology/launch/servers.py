@@ -23,7 +23,7 @@ from gateway.node.cluster import CLUSTER, node_allowlists, scrape_allowlist
 from gateway.node.heap import give_back_forever
 from gateway.node.server import App, NodeContext, NodeServer, check_identities
 from gateway.nodes.admin_server import AdminServer, admin_context
-from gateway.nodes.registry import NodeEnv, make_admin_app, make_app
+from gateway.nodes.registry import NodeEnv, make_admin_app, make_app, make_shared
 from topology.launch.clockfile import write_running_clock
 from topology.policy.compiler import admin_allowlists_on_first_check
 from topology.spec.model import Mode, Topology
@@ -64,10 +64,7 @@ def before_fork(topo: Topology, state_dir: Path, node_ids: list[str]) -> None:
     before it forks them, so that they inherit it: the topology's lookups by address and kind, and
     the municipalities' font (fontTools and the cut: 0.5 s in each of a national file's 20)."""
     topo.build_indexes()
-    if any(topo.nodes[i].kind == "municipality" for i in node_ids):
-        from gateway.nodes.municipality import municipalities_font  # the center side's code, where it runs
-
-        municipalities_font(topo, state_dir)
+    make_shared(topo, state_dir, {topo.nodes[i].kind for i in node_ids})
 
 
 def _no_revocations() -> dict:
