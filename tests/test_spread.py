@@ -3,6 +3,7 @@ balanced by listeners, and the topology works across them as in one process."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from gateway.business import pdf
 from gateway.nodes.municipality import municipalities_font
 from tests.test_expand import SMALL
 from topology.launch import spread
-from topology.launch.netns import NODEHOST_COMM
+from topology.launch.netns import NODEHOST_COMM, stop_nodehosts
 from topology.launch.servers import before_fork
 from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
@@ -76,6 +77,23 @@ def _children(pid: int) -> list[int]:
     """The nodehosts `pid` forked (not, as root, the impairment daemon it also starts)."""
     kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return [k for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == NODEHOST_COMM.decode()]
+
+
+def test_the_launchers_own_work_runs_while_the_node_processes_start(state):
+    """National: the line impairments took 7 s of one core before any node process started (the
+    other core idle); `up` now sets them up once the processes are forked, before they are ready."""
+    topo = load_topology(DEFAULT_TOPOLOGY)
+    seen: list[set[int]] = []
+    me = os.getpid()
+    kids = Path(f"/proc/{me}/task/{me}/children")  # by pid: a child names itself (comm) a moment later
+    try:
+        hosts = spread.start(topo, state, 2, meanwhile=lambda: seen.append({int(p) for p in kids.read_text().split()}))
+        try:
+            assert seen == [{h.pid for h in hosts}]
+        finally:
+            stop_nodehosts(hosts)
+    finally:
+        gc.unfreeze()  # fork_nodehosts froze this (pytest's) process for its children
 
 
 def test_up_with_two_processes_issues_across_them_and_stops_them_all(tmp_path):

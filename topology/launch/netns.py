@@ -397,11 +397,14 @@ def fork_nodehosts(
     namespaces=None,
     siblings: list[Nodehost] = (),
     restart: bool = False,
+    meanwhile=None,
 ) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
     `topo`, `pki`: the parent's, for the children to inherit instead of making again.
-    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up.
+    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up;
+    `meanwhile()` once all are forked, before waiting for them (the parent's own work then runs
+    on a core the children leave, instead of before them).
     `namespaces`: site -> namespace, for children serving several (each enters its job's first).
     `siblings`: nodehosts already running (a restart's), whose pipes each child closes; a restart
     appends to the log, which holds what the last one said before it died."""
@@ -461,6 +464,8 @@ def fork_nodehosts(
             if started is not None:
                 started(host, namespace)
             sel.register(host.ready_fd, selectors.EVENT_READ, host)
+        if meanwhile is not None:
+            meanwhile()
         wait_ready(hosts, sel, log_dir, timeout, progress)
         return hosts
     except BaseException:

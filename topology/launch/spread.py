@@ -62,12 +62,16 @@ def start(
     clock_speed: float = 1.0,
     progress=None,
     kinds: frozenset[str] | None = None,
+    meanwhile=None,
+    parts: list[list[str]] | None = None,
 ) -> list[Nodehost]:
     """Fork `processes` loopback nodehosts over the topology (its servers of `kinds` only, if
-    given); returns once each said "ready"."""
+    given); returns once each said "ready". `meanwhile()`: work of the caller's, done while they
+    start; `parts`: `partition(topo, processes, kinds)` if the caller has it already (0.7 s, national)."""
     state_dir = Path(state_dir).resolve()
     pki = PKI.ensure(state_dir, topo)  # once, here: the children inherit it
-    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(partition(topo, processes, kinds))]
+    parts = partition(topo, processes, kinds) if parts is None else parts
+    jobs = [(f"process-{i}", None, ids) for i, ids in enumerate(parts)]
     return fork_nodehosts(
         jobs,
         Mode.LOOPBACK,
@@ -80,4 +84,5 @@ def start(
         topo,
         pki,
         progress=progress,
+        meanwhile=meanwhile,
     )
