@@ -164,6 +164,7 @@ def test_a_start_asks_the_store_for_its_nodes_identities_a_few_hundred_at_a_time
     asked = [*ids[::-1], "nobody", "node-5"]
     assert store.having(asked) == set(ids)
     assert len(queries) == 3  # 1,202 ids, 500 a query
+    assert store.current("ca", -1.0)["node-7"] == "127.0.0.1"  # as stored: ensure compares it unsplit
 
     files = PKIFiles(tmp_path, frozenset([*ids, "on-disk", "missing"]))
     for suffix in (".pem", ".key"):

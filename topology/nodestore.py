@@ -49,13 +49,13 @@ class NodeStore:
                 self._db.execute(_SCHEMA)
         return self._db
 
-    def current(self, ca_id: str, renew_at: float) -> dict[str, list[str]]:
-        """Node id -> IP SANs of every row issued by `ca_id` and valid past `renew_at`."""
+    def current(self, ca_id: str, renew_at: float) -> dict[str, str]:
+        """Node id -> IP SANs (sorted, space-separated, as stored) of every row issued by `ca_id`
+        and valid past `renew_at`. As stored: splitting 248,000 of them was 1.1 s of every start."""
         db = self._conn()
         if db is None:
             return {}
-        rows = db.execute("SELECT id, ips FROM node WHERE ca = ? AND not_after > ?", (ca_id, renew_at))
-        return {node_id: ips.split() for node_id, ips in rows}
+        return dict(db.execute("SELECT id, ips FROM node WHERE ca = ? AND not_after > ?", (ca_id, renew_at)))
 
     def keys(self, node_ids: Iterable[str]) -> dict[str, bytes]:
         """The stored keys of these nodes (a reissued certificate keeps its node's key)."""
