@@ -22,6 +22,19 @@ def test_password_is_stored_only_as_an_scrypt_hash(tmp_path) -> None:
     assert (tmp_path / "maintenance" / "password").stat().st_mode & 0o077 == 0
 
 
+def test_the_credentials_are_read_once_a_process_and_again_when_their_file_changes(tmp_path) -> None:
+    """A national node process starts 4,000 kiosks' maintenance endpoints: each read the file."""
+    first = MaintenanceCredentials.ensure(tmp_path)
+    assert MaintenanceCredentials.ensure(tmp_path) is first  # not read again
+    path = tmp_path / "maintenance" / "credentials.json"
+    other = MaintenanceCredentials.of("another password")
+    data = {**json.loads(path.read_text()), "salt": other.salt.hex(), "digest": other.digest.hex()}
+    (tmp_path / "new.json").write_text(json.dumps(data))
+    (tmp_path / "new.json").replace(path)  # another inode: replaced, as _create writes it
+    again = MaintenanceCredentials.ensure(tmp_path)
+    assert again.matches("another password") and not first.matches("another password")
+
+
 def test_login_limiter_locks_out_after_the_limit_and_lets_go_after_the_lockout() -> None:
     lim = LoginLimiter(max_failures=3, window=10, lockout=5)
     for t in (0, 1, 2):

@@ -229,6 +229,31 @@ def test_group_members_get_addresses_from_their_pool_block_by_block(tmp_path):
     assert topo.by_address("198.18.0.12").id == "kiosk-s02-2"  # netns address, indexed too
 
 
+class _CountedWalks(dict):
+    """A topology's nodes that count how often something walks them."""
+
+    walks = 0
+
+    def values(self):
+        type(self).walks += 1
+        return super().values()
+
+
+def test_lookups_by_kind_and_address_walk_the_nodes_once_built_before_a_fork():
+    """A national node process looked its 87 municipalities' peers up by kind, 248,000 nodes a
+    walk, and built the address index again in each of 20 processes: the launcher builds both before forking."""
+    topo = load_topology(DEFAULT_TOPOLOGY)
+    topo = msgspec.structs.replace(topo, nodes=_CountedWalks(topo.nodes))
+    topo.build_indexes()
+    built = _CountedWalks.walks
+    kiosks = topo.of_kind("kiosk")
+    assert [n.id for n in kiosks] == [n.id for n in topo.nodes.values() if n.kind == "kiosk"]  # file order
+    kiosks.clear()  # the caller's own list
+    assert topo.of_kind("kiosk") and topo.of_kind("no-such-kind") == []
+    assert topo.by_address(topo.node("ocsp").address).id == "ocsp"
+    assert _CountedWalks.walks == built + 1  # the comparison above, no lookup
+
+
 def test_range_overflowing_its_pool_names_the_range_line(tmp_path):
     text = SMALL.replace('range: "s[01-02]"', 'range: "s[01-03]"')
     problems = check_file(write(tmp_path, text))

@@ -6,6 +6,7 @@ import trio
 
 from gateway.nodes.heartbeat import SILENCE_LIMIT
 from kiosk_emu.kiosk import Kiosk
+from tests.test_acceptor import _tasks
 
 
 async def test_kiosk_heartbeats_reach_its_store_controller(net, monkeypatch):
@@ -40,3 +41,39 @@ async def test_kiosk_heartbeats_reach_its_store_controller(net, monkeypatch):
     assert monitor.due(last + SILENCE_LIMIT - 0.01) == []
     assert monitor.due(last + SILENCE_LIMIT) == ["kiosk-a2-1"]
     assert net.app("store-controller-a1").last_seen == {}  # only its own store's controller hears it
+
+
+async def test_a_store_controller_watches_from_its_stores_first_heartbeat_not_from_its_start(net, monkeypatch):
+    """A national node process has 2,750 store controllers, most never hearing from a kiosk in a
+    run: none has a watching task until its store's first heartbeat, and silence is reported as before."""
+
+    def watchers() -> list[str]:
+        tasks = _tasks(trio.lowlevel.current_root_task())
+        return [t.name for t in tasks if t.name.endswith("StoreController._watch")]
+
+    assert watchers() == []
+    controller = net.app("store-controller-a2")
+    controller.set_silence_limit(0.5)
+    reported, heard = trio.Event(), trio.Event()
+    silent, seen = controller._kiosk_silent, controller.monitor.seen
+
+    async def report(kiosk: str) -> None:
+        await silent(kiosk)
+        reported.set()
+
+    def beat(name: str, now: float) -> bool:
+        heard.set()
+        return seen(name, now)
+
+    monkeypatch.setattr(controller, "_kiosk_silent", report)
+    monkeypatch.setattr(controller.monitor, "seen", beat)
+    kiosk = Kiosk(net.context("kiosk-a2-1"), net.state_dir)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kiosk.run_heartbeat, 60)
+        with trio.fail_after(10):
+            await heard.wait()
+        nursery.cancel_scope.cancel()  # one heartbeat, then silence
+    assert len(watchers()) == 1
+    with trio.fail_after(10):
+        await reported.wait()
+    assert [r["kiosk"] for r in controller.silence_reports] == ["kiosk-a2-1"]

@@ -19,7 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.business.clock import JST
 from topology import pki as pki_module
 from topology.leafstamp import LeafStamp
+from topology.nodestore import NodeStore
 from topology.pki import PKI, PKIError
+from topology.pkifiles import PKIFiles
 from topology.spec.model import Node, Topology
 
 NODES = {
@@ -149,6 +151,25 @@ def test_node_identities_are_rows_of_one_store_written_out_only_when_asked_for(
     cert_path, key_path = pki.node_paths("kiosk-1")
     assert sorted(p.name for p in (pki.dir / "nodes").iterdir()) == ["kiosk-1.key", "kiosk-1.pem"]
     ssl.create_default_context().load_cert_chain(cert_path, key_path)  # a matching pair, as ssl reads it
+
+
+def test_a_start_asks_the_store_for_its_nodes_identities_a_few_hundred_at_a_time(tmp_path: Path) -> None:
+    """A national node process checks 12,000 nodes at start: a query each was a tenth of its start."""
+    (tmp_path / "pki" / "nodes").mkdir(parents=True)
+    store = NodeStore(tmp_path / "pki")
+    ids = [f"node-{i}" for i in range(1_200)]
+    store.put("ca", [(n, ["127.0.0.1"], 0.0, b"cert", b"key") for n in ids])
+    queries: list[str] = []
+    store._conn().set_trace_callback(queries.append)
+    asked = [*ids[::-1], "nobody", "node-5"]
+    assert store.having(asked) == set(ids)
+    assert len(queries) == 3  # 1,202 ids, 500 a query
+    assert store.current("ca", -1.0)["node-7"] == "127.0.0.1"  # as stored: ensure compares it unsplit
+
+    files = PKIFiles(tmp_path, frozenset([*ids, "on-disk", "missing"]))
+    for suffix in (".pem", ".key"):
+        (tmp_path / "pki" / "nodes" / f"on-disk{suffix}").write_text("mounted")  # a pod's Secret: files, no row
+    assert files.without_identity(["node-7", "on-disk", "missing", "stranger"]) == ["missing", "stranger"]
 
 
 def test_a_small_topologys_node_files_are_written_for_curl_and_openssl(pki: PKI) -> None:

@@ -3,6 +3,7 @@ balanced by listeners, and the topology works across them as in one process."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -11,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.business import pdf
+from gateway.nodes.municipality import municipalities_font
 from tests.test_expand import SMALL
 from topology.launch import spread
-from topology.launch.netns import NODEHOST_COMM
-from topology.spec.load import load_topology
+from topology.launch.netns import NODEHOST_COMM, stop_nodehosts
+from topology.launch.servers import before_fork
+from topology.spec.load import DEFAULT_TOPOLOGY, load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_HOURS = "2026-11-25T10:00:00+09:00"
@@ -45,6 +49,19 @@ def test_the_spread_is_balanced_to_within_one_site(tmp_path):
     assert len(spread.partition(topo, 1000)) == len(spread.hosted(topo))  # never an empty process
 
 
+def test_the_launcher_makes_what_every_node_process_would_make_alike_before_it_forks(state):
+    """National: 20 processes each built the address index (0.7 s), and each imported fontTools and
+    read the municipalities' font cut (0.5 s); made once in the parent, the children inherit them."""
+    topo = load_topology(DEFAULT_TOPOLOGY)  # a fresh one: no index built yet
+    munis = [n.id for n in topo.nodes.values() if n.kind == "municipality"]
+    pdf.font.cache_clear()
+    before_fork(topo, state, ["store-router-a1", munis[0]])
+    assert {"_address_index", "_kind_index"} <= set(topo.__dict__)
+    assert pdf.font.cache_info().currsize == 1
+    municipalities_font(topo, state)  # what a municipality's prepare asks for: already made
+    assert pdf.font.cache_info().hits == 1 and pdf.font.cache_info().currsize == 1
+
+
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,6 +77,23 @@ def _children(pid: int) -> list[int]:
     """The nodehosts `pid` forked (not, as root, the impairment daemon it also starts)."""
     kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return [k for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == NODEHOST_COMM.decode()]
+
+
+def test_the_launchers_own_work_runs_while_the_node_processes_start(state):
+    """National: the line impairments took 7 s of one core before any node process started (the
+    other core idle); `up` now sets them up once the processes are forked, before they are ready."""
+    topo = load_topology(DEFAULT_TOPOLOGY)
+    seen: list[set[int]] = []
+    me = os.getpid()
+    kids = Path(f"/proc/{me}/task/{me}/children")  # by pid: a child names itself (comm) a moment later
+    try:
+        hosts = spread.start(topo, state, 2, meanwhile=lambda: seen.append({int(p) for p in kids.read_text().split()}))
+        try:
+            assert seen == [{h.pid for h in hosts}]
+        finally:
+            stop_nodehosts(hosts)
+    finally:
+        gc.unfreeze()  # fork_nodehosts froze this (pytest's) process for its children
 
 
 def test_up_with_two_processes_issues_across_them_and_stops_them_all(tmp_path):

@@ -49,13 +49,13 @@ class NodeStore:
                 self._db.execute(_SCHEMA)
         return self._db
 
-    def current(self, ca_id: str, renew_at: float) -> dict[str, list[str]]:
-        """Node id -> IP SANs of every row issued by `ca_id` and valid past `renew_at`."""
+    def current(self, ca_id: str, renew_at: float) -> dict[str, str]:
+        """Node id -> IP SANs (sorted, space-separated, as stored) of every row issued by `ca_id`
+        and valid past `renew_at`. As stored: splitting 248,000 of them was 1.1 s of every start."""
         db = self._conn()
         if db is None:
             return {}
-        rows = db.execute("SELECT id, ips FROM node WHERE ca = ? AND not_after > ?", (ca_id, renew_at))
-        return {node_id: ips.split() for node_id, ips in rows}
+        return dict(db.execute("SELECT id, ips FROM node WHERE ca = ? AND not_after > ?", (ca_id, renew_at)))
 
     def keys(self, node_ids: Iterable[str]) -> dict[str, bytes]:
         """The stored keys of these nodes (a reissued certificate keeps its node's key)."""
@@ -90,9 +90,18 @@ class NodeStore:
         row = None if db is None else db.execute("SELECT cert, key FROM node WHERE id = ?", (node_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def has(self, node_id: str) -> bool:
+    def having(self, node_ids: list[str]) -> set[str]:
+        """Those of `node_ids` with a row: a query per 500 ids, not one each (a node process checks
+        its thousands of nodes at start)."""
         db = self._conn()
-        return db is not None and db.execute("SELECT 1 FROM node WHERE id = ?", (node_id,)).fetchone() is not None
+        if db is None:
+            return set()
+        found: set[str] = set()
+        for i in range(0, len(node_ids), 500):  # under SQLite's bound on parameters (999 before 3.32)
+            chunk = node_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in db.execute(f"SELECT id FROM node WHERE id IN ({marks})", chunk))
+        return found
 
     def extract(self, node_id: str, cert_path: Path, key_path: Path) -> bool:
         """Write a node's PEM files from its row (the key first, 0600); False when it has none."""

@@ -238,7 +238,9 @@ class PKI(NodeFiles):
         query says which are, and what is missing or stale is issued in bulk, in parallel."""
         renew_at = (datetime.now(UTC) + _RENEW_BEFORE).timestamp()
         have = self.store.current(_aki(self.network_ca).key_identifier.hex(), renew_at)
-        todo = [(node.id, ips) for node in topology.nodes.values() if have.get(node.id) != (ips := _node_ips(node))]
+        todo = [
+            (node.id, ips) for node in topology.nodes.values() if have.get(node.id) != " ".join(ips := _node_ips(node))
+        ]
         if todo:
             keys = self.store.keys(node_id for node_id, _ in todo)  # a moved node keeps its key
             rows = issue_node_leaves(self.network_ca, self.network_ca_key, [(i, ips, keys.get(i)) for i, ips in todo])

@@ -48,10 +48,20 @@ class NodeFiles:
         return cert, key
 
     def has_identity(self, node_id: str) -> bool:
-        """Whether `node_paths` can give this node's files, without writing them (a start checks
-        every node; only the dialled ones need files)."""
-        cert, key = self.dir / "nodes" / f"{node_id}.pem", self.dir / "nodes" / f"{node_id}.key"
-        return node_id in self.node_ids and (self.store.has(node_id) or (cert.exists() and key.exists()))
+        """Whether `node_paths` can give this node's files, without writing them."""
+        return not self.without_identity([node_id])
+
+    def without_identity(self, node_ids: list[str]) -> list[str]:
+        """Those of `node_ids` that `node_paths` cannot give files for, without writing any (a start
+        checks all of its nodes at once; only the dialled ones need files)."""
+        stored = self.store.having(node_ids)
+        nodes = self.dir / "nodes"
+        return [
+            n
+            for n in node_ids
+            if n not in self.node_ids
+            or (n not in stored and not ((nodes / f"{n}.pem").exists() and (nodes / f"{n}.key").exists()))
+        ]
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 from topology.policy.compiler import (
     DENY_IDENTITY,
-    AllowList,
     Decision,
+    OnFirstCheck,
+    allowlists_on_first_check,
     compile_allowlists,
 )
 from topology.policy.monitoring import MetricsAllowList
@@ -60,11 +61,11 @@ class ByCertificate:
         return f"ByCertificate({self.inner!r})"
 
 
-def node_allowlists(topo: Topology, mode: Mode, only=None) -> dict[str, AllowList | ByCertificate]:
-    """Every server node's allow-list for `mode` (of the ids `only`, if given); in cluster mode
-    checked by certificate."""
+def node_allowlists(topo: Topology, mode: Mode, only=None) -> dict[str, OnFirstCheck | ByCertificate]:
+    """Every server node's allow-list for `mode` (of the ids `only`, if given), each compiled at its first check; in
+    cluster mode checked by certificate."""
     if mode != CLUSTER:
-        return compile_allowlists(topo, mode, only)
+        return allowlists_on_first_check(topo, mode, only)
     return {
         node_id: ByCertificate(allow, allow.sources.get)
         for node_id, allow in compile_allowlists(topo, POLICY_MODE, only).items()

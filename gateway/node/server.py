@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import ssl
 from collections import Counter
@@ -20,7 +19,8 @@ import trio
 
 from gateway.business.clock import Clock
 from gateway.node import handshakes
-from gateway.node.cluster import BIND_ALL, CLUSTER, scrape_allowlist
+from gateway.node.acceptor import Acceptor
+from gateway.node.cluster import BIND_ALL, CLUSTER, ByCertificate, scrape_allowlist
 from gateway.node.metrics import (
     CONTENT_TYPE,
     DETACHED,
@@ -38,6 +38,7 @@ from gateway.transport.tls import client_context, peer_identity, server_context
 from topology.export.names import service_name
 from topology.netns.enter import in_namespace
 from topology.policy.compiler import AllowList
+from topology.policy.monitoring import MetricsAllowList
 from topology.spec.model import Limits, Mode, Node, Topology
 
 log = logging.getLogger("konbini.node")
@@ -48,6 +49,19 @@ ORDINARY_CLOSE = (None, "eof", "goaway", "local-close", "write-failed", "idle")
 
 class NodeStartError(Exception):
     """A node cannot start (address taken, no such address); one line for the user."""
+
+
+def check_identities(pki, node_ids: list[str]) -> None:
+    """At start, instead of making the TLS contexts: are these nodes' certificates and keys there?
+    A context is made at a node's first connection (`NodeContext.server_tls`): `load_cert_chain`'s
+    key decoding was most of a large topology's start (docs/national.md), for nodes most of which
+    are never dialled. A node without an identity is still a start error, naming the node. One
+    query for all of a process's nodes: a query each was a tenth of a national node process's start."""
+    missing = pki.without_identity(node_ids)
+    if missing:
+        raise NodeStartError(
+            f"{missing[0]}: no certificate or key for it in {pki.dir} (a state dir made for another topology?)"
+        )
 
 
 @dataclass(frozen=True)
@@ -101,13 +115,8 @@ class NodeContext:
 
     def check_tls_files(self) -> None:
         """At start, instead of making the contexts: are this node's certificate and key there?
-        A context is made at the node's first connection (`server_tls`): `load_cert_chain`'s key
-        decoding was most of a large topology's start (docs/national.md), for nodes most of which
-        are never dialled. A node without an identity is still a start error, naming the node."""
-        if not self.pki.has_identity(self.node.id):
-            raise NodeStartError(
-                f"{self.node.id}: no certificate or key for it in {self.pki.dir} (a state dir made for another topology?)"
-            )
+        (`check_identities`, for this node alone)."""
+        check_identities(self.pki, [self.node.id])
 
     def server_tls(self, alpn: str = "h2") -> ssl.SSLContext:
         if (ctx := self._tls.get(alpn)) is None:
@@ -138,10 +147,6 @@ class NodeContext:
         )
 
 
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_BACKOFF = 0.1  # seconds, as trio.serve_listeners
-
-
 def listening_socket(
     address: str, port: int, backlog: int = 1024, netns: str | None = None, reuse_port: bool = False
 ) -> socket.socket:
@@ -149,40 +154,25 @@ def listening_socket(
     made in namespace `netns` if given; with `reuse_port`, shared with the other processes that
     bind it so (SO_REUSEPORT: the kernel hashes each new connection to one of them)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with in_namespace(netns):
-        sock = socket.create_server((address, port), family=family, backlog=backlog, reuse_port=reuse_port)
-    sock.setblocking(False)
-    return sock
-
-
-async def accept_loop(sock: socket.socket, handler, nursery: trio.Nursery) -> None:
-    """Accept on `sock` for ever, each connection to `handler` in `nursery`; the socket is closed
-    when the loop ends. The loop of `trio.serve_listeners` without the nursery and task it adds
-    per listener and the SocketListener around it: a national file has 223,522 listeners, most
-    never dialled, and that machinery was a third of a node's start. As there, accept() finding
-    no descriptor or memory free (EMFILE, ENFILE, ENOMEM, ENOBUFS) is logged and retried after
-    100 ms: a flood slows the node down instead of cancelling every node in the process."""
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+    if netns is None:
+        sock = socket.socket(family, kind)
+    else:
+        with in_namespace(netns):
+            sock = socket.socket(family, kind)
+    # what socket.create_server does, without its checks per call: a node process binds 18,000
     try:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                conn, _ = sock.accept()
-            except BlockingIOError:
-                continue  # the peer gave up between the wakeup and accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error(
-                    "accept returned %s (%s); retrying in %s s",
-                    errno.errorcode[exc.errno],
-                    os.strerror(exc.errno),
-                    ACCEPT_BACKOFF,
-                )
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
-    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+    except BaseException:
         sock.close()
+        raise
+    return sock
 
 
 class App:
@@ -201,21 +191,31 @@ class App:
 
 
 class NodeServer:
-    def __init__(self, ctx: NodeContext, allowlist: AllowList, app: App) -> None:
+    """`scrape_allow`: the scrape port's checks, the same for every node of a process (the
+    launcher makes them once); made here if not given."""
+
+    def __init__(
+        self, ctx: NodeContext, allowlist: AllowList, app: App, scrape_allow: MetricsAllowList | None = None
+    ) -> None:
         self.ctx = ctx
         self.allow = allowlist
         self.app = app
         self.metrics = app.metrics = NodeMetrics(ctx.node.id, ctx.node.kind)
         if callable(getattr(app, "collect", None)):  # an app with state to read at scrape time
             self.metrics.register(app)
-        self.scrape_allow = scrape_allowlist(ctx.topo, ctx.mode)
+        self._scrape_allow = scrape_allow
         self.denials: Counter[str] = Counter()
         self.connections = 0
         self.resumed = 0  # TLS handshakes that resumed a session (a ticket) instead of a full one
         self.limits = ctx.limits
         self._per_peer: Counter[str] = Counter()  # open connections by peer address
         self._denied = trio.Event()  # set (and renewed) at every denial, for `until_denied`
-        self._sockets: tuple[socket.socket, socket.socket] | None = None  # service, scrape (`bind`)
+
+    @property
+    def scrape_allow(self) -> MetricsAllowList | ByCertificate:
+        if self._scrape_allow is None:
+            self._scrape_allow = scrape_allowlist(self.ctx.topo, self.ctx.mode)
+        return self._scrape_allow
 
     def deny(self, reason: str, peer: str, identity: str | None = None) -> None:
         self.denials[reason] += 1
@@ -229,30 +229,35 @@ class NodeServer:
         while self.denials[reason] < count:
             await self._denied.wait()
 
-    def bind(self) -> None:
-        """Check this node's certificate files and open its two listening sockets, synchronously:
-        a launcher binds node after node without a task round trip each (`NodeStartError` names
-        the node). `serve` binds first if this was not called."""
-        self.ctx.check_tls_files()  # the context itself is made at the first connection
-        self._sockets = (self._listen(self.ctx.node.port), self._listen(self.scrape_allow.port))
+    def bind(self, acceptor: Acceptor) -> None:
+        """Open this node's listening sockets (service, scrape) into `acceptor`, synchronously: a
+        launcher binds node after node without a task round trip each, its identities checked
+        beforehand (`check_identities`); `NodeStartError` names the node."""
+        acceptor.add(self._listen(self.ctx.node.port), self._connection)
+        acceptor.add(self._listen(self.scrape_allow.port), self._scrape)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind (unless `bind` did), report ready, then serve each connection in its own task."""
-        if self._sockets is None:
-            self.bind()
-        service, scrape = self._sockets
+        """This node alone: check its identity, bind, report ready, then serve each connection in its own task."""
+        self.ctx.check_tls_files()  # the context itself is made at the first connection
+        acceptor = Acceptor()
+        try:
+            self.bind(acceptor)
+        except BaseException:
+            acceptor.close()
+            raise
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(accept_loop, scrape, self._scrape, nursery)
             task_status.started()
-            await accept_loop(service, self._connection, nursery)
+            await acceptor.run(nursery)
 
-    def _listen(self, port: int | None) -> socket.socket:
+    def _listen(self, port: int | None, backlog: int = 1024, what: str = "address") -> socket.socket:
         address = self.ctx.address
         try:
-            return listening_socket(address, port or 0, netns=self.ctx.netns, reuse_port=self.ctx.reuse_port)
+            return listening_socket(
+                address, port or 0, backlog=backlog, netns=self.ctx.netns, reuse_port=self.ctx.reuse_port
+            )
         except OSError as exc:
-            what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
-            raise NodeStartError(f"{self.ctx.node.id}: address {address}:{port} {what}") from None
+            why = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise NodeStartError(f"{self.ctx.node.id}: {what} {address}:{port} {why}") from None
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
         """One accepted connection: the peer address before the TLS handshake, the certificate

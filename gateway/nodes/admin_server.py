@@ -8,13 +8,11 @@ request), compiled from the node's `admin:` rules (`compiler.AdminAllowList`), o
 
 from __future__ import annotations
 
-import errno
-
 import msgspec
-import trio
 
+from gateway.node.acceptor import Acceptor
 from gateway.node.metrics import NodeMetrics
-from gateway.node.server import NodeContext, NodeServer, NodeStartError, listening_socket
+from gateway.node.server import NodeContext, NodeServer
 
 
 def admin_context(ctx: NodeContext) -> NodeContext:
@@ -34,20 +32,7 @@ class AdminServer(NodeServer):
         if metrics is not None:
             self.metrics = app.metrics = metrics
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.ctx.check_tls_files()  # the context is made at the first connection
-        try:
-            sock = listening_socket(
-                self.ctx.address,
-                self.ctx.node.port or 0,
-                backlog=64,
-                netns=self.ctx.netns,
-                reuse_port=self.ctx.reuse_port,
-            )
-        except OSError as exc:
-            what = "is taken" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
-            raise NodeStartError(
-                f"{self.ctx.node.id}: admin address {self.ctx.address}:{self.ctx.node.port} {what}"
-            ) from None
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
-        await trio.serve_listeners(self._connection, listeners, task_status=task_status)
+    def bind(self, acceptor: Acceptor) -> None:
+        """The admin port only (its scrape is the main server's), with a small backlog: a console
+        or two, never a flood."""
+        acceptor.add(self._listen(self.ctx.node.port, backlog=64, what="admin address"), self._connection)

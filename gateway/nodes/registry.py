@@ -16,6 +16,7 @@ import trio
 
 from gateway.node.server import App, NodeContext
 from topology.spec.kinds import KINDS
+from topology.spec.model import Topology
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ def make_admin_app(ctx: NodeContext, env: NodeEnv, main: App | None) -> App:
     except KeyError:
         raise ValueError(f"no admin surface for node kind {ctx.node.kind}") from None
     return factory(ctx, env, main)
+
+
+def make_shared(topo: Topology, state_dir: Path, kinds: set[str]) -> None:
+    """What the node processes serving nodes of `kinds` would each make alike, made here once:
+    a launcher calls it before it forks them, and they inherit it (the municipalities' font)."""
+    if "municipality" in kinds:
+        from gateway.nodes.municipality import municipalities_font
+
+        municipalities_font(topo, state_dir)
 
 
 def make_app(ctx: NodeContext, env: NodeEnv) -> App:

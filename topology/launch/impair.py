@@ -141,9 +141,11 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict, indent: int | None = 1) -> None:
+    """`indent` None: on one line, by json's C encoder (an indent takes its Python one, 2 s for the
+    daemon config of national.yaml's 117,000 line directions)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)
 
 
@@ -204,10 +206,17 @@ class Impairments:
             },
         )
 
-    def lines(self) -> list[LineImpairment]:
+    def lines(self, impaired_only: bool = False) -> list[LineImpairment]:
+        """Every line's plan, or with `impaired_only` the lines with an impairment (all a start applies)."""
         try:
             return plan_impairments(
-                self.topo, self.mode, impairments(self.topo, self.overrides), self.plan, self.netem, self.queue
+                self.topo,
+                self.mode,
+                impairments(self.topo, self.overrides),
+                self.plan,
+                self.netem,
+                self.queue,
+                impaired_only,
             )
         except ImpairError as exc:
             raise LineError(str(exc)) from None
@@ -222,7 +231,7 @@ class Impairments:
         on_exit = (
             loopback_cleanup(self.table, self.chain) if self.mode == Mode.LOOPBACK else []
         )  # netns: the namespaces take them along
-        _write_json(self.config, {"queues": queues, "on_exit": on_exit})
+        _write_json(self.config, {"queues": queues, "on_exit": on_exit}, indent=None)
 
     def _apply_namespace(self, lines: list[LineImpairment], namespace: str | None) -> None:
         nft = compile_impair_ruleset(lines, namespace, self.table, self.queue)
@@ -274,7 +283,7 @@ class Impairments:
     def start(self) -> list[str]:
         """Apply every line's impairment and start the daemon; returns notes for the user."""
         if os.geteuid() != 0:
-            n = sum(1 for li in self.lines() if not li.shape.empty)
+            n = len(self.lines(impaired_only=True))
             return (
                 [
                     f"lines are not impaired: {n} lines declare impairments, applying them needs root "
@@ -290,7 +299,7 @@ class Impairments:
         self.queue = self._free_queue(taken)
         if self.plan is not None and os.environ.get("KONBINI_IMPAIR") != "daemon":
             self.netem = kernel_has_netem(self.plan.namespace(next(iter(self.plan.sites))))
-        lines = self.lines()
+        lines = self.lines(impaired_only=True)
         self._daemon_config(lines)
         self._save()
         self._start_supervisor()
@@ -305,7 +314,7 @@ class Impairments:
             # another run took the number between our look and our bind: the next free one
             taken.add(self.queue)
             self.queue = self._free_queue(taken)
-            lines = self.lines()
+            lines = self.lines(impaired_only=True)
             self._daemon_config(lines)
             self._save()
         else:

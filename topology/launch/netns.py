@@ -24,6 +24,7 @@ from pathlib import Path
 
 from topology.launch import impair, nodehost
 from topology.launch.clockfile import write_clock
+from topology.launch.servers import before_fork
 from topology.netns.enter import enter_namespace, in_namespace_argv
 from topology.netns.impair import ImpairError
 from topology.netns.plan import MONITORING_SITE, NS_PREFIX, NetPlan
@@ -396,17 +397,22 @@ def fork_nodehosts(
     namespaces=None,
     siblings: list[Nodehost] = (),
     restart: bool = False,
+    meanwhile=None,
 ) -> list[Nodehost]:
     """A forked nodehost per job (name, namespace or None, node ids), each logging to
     `log_dir`/NAME.log; returns once every one said "ready", else stops them all and raises.
     `topo`, `pki`: the parent's, for the children to inherit instead of making again.
-    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up.
+    `started(host, namespace)` after each fork; `progress(ready, total)` as they come up;
+    `meanwhile()` once all are forked, before waiting for them (the parent's own work then runs
+    on a core the children leave, instead of before them).
     `namespaces`: site -> namespace, for children serving several (each enters its job's first).
     `siblings`: nodehosts already running (a restart's), whose pipes each child closes; a restart
     appends to the log, which holds what the last one said before it died."""
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts: list[Nodehost] = []
     sel = selectors.DefaultSelector()
+    if topo is not None:
+        before_fork(topo, state_dir, [i for _, _, ids in jobs for i in ids])
     # The model is objects the children only read (millions at national size):
     # out of the collector's reach, no child's collection walks them or writes to their pages
     gc.collect()
@@ -458,6 +464,8 @@ def fork_nodehosts(
             if started is not None:
                 started(host, namespace)
             sel.register(host.ready_fd, selectors.EVENT_READ, host)
+        if meanwhile is not None:
+            meanwhile()
         wait_ready(hosts, sel, log_dir, timeout, progress)
         return hosts
     except BaseException:

@@ -23,6 +23,7 @@ has 110,000 line directions (issue 31).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -115,6 +116,10 @@ class Shape:
 
     @classmethod
     def of(cls, impair: Impairment) -> Shape:
+        return _shape_of(impair)
+
+    @classmethod
+    def _parse(cls, impair: Impairment) -> Shape:
         shape = cls(
             parse_time(impair.delay),
             parse_time(impair.jitter, "jitter"),
@@ -216,6 +221,13 @@ class LineImpairment:
         ]
 
 
+@functools.lru_cache(maxsize=1024)
+def _shape_of(impair: Impairment) -> Shape:
+    """`Shape.of`, parsed once per distinct impairment: a national file has 330,000 lines and a
+    handful of impairments among them."""
+    return Shape._parse(impair)
+
+
 def impairments(topo: Topology, overrides: dict[str, Impairment] | None = None) -> dict[str, Impairment]:
     """Every line's impairment in force: the file's, then any live `link set` change."""
     out = {line.id: line.impair for line in topo.lines}
@@ -230,8 +242,10 @@ def plan_impairments(
     plan: NetPlan | None = None,
     netem: bool = False,
     queue: int | None = None,
+    impaired_only: bool = False,
 ) -> list[LineImpairment]:
-    """Every line of the topology with what carries its impairment (lines without one too).
+    """Every line of the topology with what carries its impairment (lines without one too, unless
+    `impaired_only`: what a start applies, 19,000 of national.yaml's 330,000 lines).
     `queue`: the run's NFQUEUE number (default: the mode's base)."""
     if mode == Mode.NETNS and plan is None:
         raise ValueError("netns mode needs the NetPlan")
@@ -240,6 +254,8 @@ def plan_impairments(
     out = []
     for line in topo.lines:
         shape = Shape.of(impairs.get(line.id, line.impair))
+        if impaired_only and shape.empty:
+            continue
         a, b = topo.node(line.a), topo.node(line.b)
         veth = veths.get(line.id)
         hops = []

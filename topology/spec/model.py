@@ -240,7 +240,22 @@ class Topology(msgspec.Struct, forbid_unknown_fields=True, frozen=True, dict=Tru
         return self.nodes[node_id]
 
     def of_kind(self, kind: str) -> list[Node]:
-        return [n for n in self.nodes.values() if n.kind == kind]
+        """This kind's nodes in file order (a new list: the caller may change it)."""
+        return list(self._kind_index.get(kind, ()))
+
+    @functools.cached_property
+    def _kind_index(self) -> dict[str, list[Node]]:
+        """Kind -> its nodes, built once: each of a national process's 87 municipalities scanned all
+        248,000 nodes at start (35 ms each)."""
+        index: dict[str, list[Node]] = {}
+        for n in self.nodes.values():
+            index.setdefault(n.kind, []).append(n)
+        return index
+
+    def build_indexes(self) -> None:
+        """Build the lookups by address and by kind now: a launcher calls it before forking node
+        processes, which inherit them instead of building them each (0.7 s a process, national)."""
+        _ = self._address_index, self._kind_index
 
     def by_address(self, address: str) -> Node | None:
         return self._address_index.get(address)
