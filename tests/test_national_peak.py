@@ -205,8 +205,8 @@ def test_the_core_scaling_estimate_is_amdahl_fitted_to_one_and_two_cores_and_cap
     unsaturated = estimate([_row(10, 2, 23.5, 23.5, 100), _row(10, 1, 20, 23.5, 100)])
     assert "lower bounds" in unsaturated["notes"][0]
     assert estimate(rows[:2]) is None  # no level on both counts
-    # a level past capacity collapses (x100 on the national file: 0/s on 1 core): the one that issued most is used
-    collapsed = [_row(10, 2, 22.4, 23.5, 100), _row(10, 1, 19.0, 23.5, 100), _row(100, 2, 0.6, 235, 9e5)]
+    # a level past capacity collapses (x100 on the national file: 26.5/s on 2 cores, 0 on 1): not used
+    collapsed = [_row(10, 2, 22.4, 23.5, 100), _row(10, 1, 19.0, 23.5, 100), _row(100, 2, 26.5, 235, 9e5)]
     est = estimate([*collapsed, _row(100, 1, 0.0, 235, 9e5)])
     assert est["level"] == 10 and est["parallel_fraction"] == pytest.approx(2 * (1 - 19 / 22.4), abs=1e-3)
 
