@@ -6,9 +6,9 @@
 
 Big documents keep most of an issuance in its document stream, where a SIGKILL cuts it. Paced
 municipalities keep each document there for a known time, and say "streaming" on stdout once one
-has streamed for a sixteenth of a second: the test kills at that moment, so every kill cuts a document under way
-whatever the machine's load (on loopback a 1 MiB document crosses in milliseconds, and a kill at
-a count of documents printed can fall between documents every time). A broken variant and the
+has streamed for a sixteenth of a second: the test kills at that moment, so every kill cuts a
+document under way whatever the machine's load (on loopback a 1 MiB document crosses in
+milliseconds, and a kill at a count of documents printed can fall between documents every time). A broken variant and the
 pace are applied here, in the child, before the nodes start: a monkeypatch cannot reach across a
 process boundary.
 """
@@ -20,10 +20,7 @@ import sys
 import trio
 
 from gateway.nodes.municipality import MunicipalityServer
-from gateway.protocol import splice
-from gateway.protocol.splice import Splice
-
-Carrier = getattr(splice, "Carrier", None)  # pooled relays' shared upstream connection, where relays pool
+from gateway.protocol.splice import Carrier, Splice
 
 
 def _end_as_whole(pairs, down_of) -> None:
@@ -40,10 +37,10 @@ def _end_as_whole(pairs, down_of) -> None:
 def relay_ending_cut_documents() -> None:
     """Broken variant: a relay whose next hop died ends the responses already under way as if
     they were complete (END_STREAM), instead of resetting them: the kiosk gets a cut document.
-    A relay learns it in one of two places, whichever comes first: a pair's upstream stream
-    found reset (`Splice._service`; a connection's end resets every stream on it), or the
-    connection's end itself (`Splice.close` for paired relays, `Carrier.close` for pooled ones).
-    All three are broken."""
+    A relay learns it where it first sees it: a pair's upstream stream found reset
+    (`Splice._service`; a connection's end resets every stream on it), or the connection's end
+    itself (`Splice.close` for paired relays, `Carrier.close` for pooled ones). All three are
+    broken."""
     real_service, real_close = Splice._service, Splice.close
 
     def service(self, pair) -> None:
@@ -56,14 +53,13 @@ def relay_ending_cut_documents() -> None:
         real_close(self)
 
     Splice._service, Splice.close = service, close
-    if Carrier is not None:
-        real_carrier = Carrier.close
+    real_carrier = Carrier.close
 
-        def carrier_close(self):
-            _end_as_whole(list(self.pairs.values()), lambda pair: pair.splice.down)
-            return real_carrier(self)
+    def carrier_close(self):
+        _end_as_whole(list(self.pairs.values()), lambda pair: pair.splice.down)
+        return real_carrier(self)
 
-        Carrier.close = carrier_close
+    Carrier.close = carrier_close
 
 
 BROKEN = {"relay-ending-cut-documents": relay_ending_cut_documents}
